@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create the virtualenv, install, run the embedded end-to-end demo
+#   make test   - create the virtualenv, install with test extras, run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.twins_tf-installed
+TEST_FLAGS ?=
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m twins_tf.demo --output_dir=demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(TEST_FLAGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

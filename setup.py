@@ -1,0 +1,43 @@
+"""twins_tf: robust fine-tuning with TWINS (Two-WIng NormaliSation) in Keras 3 / TensorFlow.
+
+TensorFlow comes as two wheels that write the same folder, `tensorflow-cpu` and `tensorflow`;
+we depend on exactly one.  The default is the CPU build; on a GPU machine install with
+
+    TWINS_TF_TENSORFLOW=tensorflow[and-cuda] pip install .
+
+tensorflow-datasets 4.9.10 imports `importlib_resources` without declaring it, so we do.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+TENSORFLOW = os.environ.get("TWINS_TF_TENSORFLOW", "tensorflow-cpu")
+
+setup(
+    name="twins_tf",
+    version="0.1.0",
+    description="TWINS robust fine-tuning, AT/TRADES baselines, PGD and AutoAttack in Keras 3.",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["twins_tf", "twins_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"{TENSORFLOW}==2.21.0",
+        "keras==3.15.1",
+        "keras-cv==0.9.0",
+        "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",
+        "absl-py==2.5.1",
+        "scikit-learn==1.9.1",  # the embedded demo's dataset (handwritten digits)
+    ],
+    extras_require={
+        # Reading PyTorch checkpoints (.pt/.pth/.ckpt). safetensors/npz need no torch.
+        "torch": ["torch==2.13.0", "safetensors==0.8.0"],
+        "test": [
+            "torch==2.13.0",
+            "safetensors==0.8.0",
+            "pytest==9.2.0",
+            "parameterized==0.9.0",
+        ],
+    },
+)

@@ -1,0 +1,24 @@
+"""twins_tf: TWINS robust fine-tuning, AT/TRADES baselines, PGD and AutoAttack in Keras 3.
+
+Submodules are imported on first use, so `import twins_tf` stays light and binaries that do
+not need PyTorch or tensorflow-datasets never import them.
+"""
+import importlib
+
+from twins_tf.layers import TwinBatchNormalization
+from twins_tf.twinify import twinify, untwin
+
+__version__ = "0.1.0"
+
+_LAZY_SUBMODULES = ("attacks", "data", "methods", "models", "trainer", "weights")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"twins_tf.{name}")
+    if name == "AdversarialTrainer":
+        return importlib.import_module("twins_tf.trainer").AdversarialTrainer
+    raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")
+
+
+__all__ = ["TwinBatchNormalization", "twinify", "untwin", "AdversarialTrainer", *_LAZY_SUBMODULES]

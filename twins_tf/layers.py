@@ -1,0 +1,239 @@
+"""TwinBatchNormalization: one BatchNorm layer with two parameter sets (spec §1-2).
+
+Keras's BatchNormalization cannot express TWINS: a twin layer normalises the first half of a
+training batch with the *pre-training* population statistics (the Frozen wing) and the second
+half with its own batch statistics (the Adaptive wing), each with its own gamma/beta, so the
+convolutions run once over the whole batch and only the normalisation differs.  Nothing in
+Keras, keras-cv or keras-hub does this, hence our own layer.
+
+Numerics follow PyTorch's BatchNorm2d, which the pre-trained weights come from:
+normalisation uses the biased batch variance, the moving variance is updated with the
+unbiased one (times n/(n-1), n = elements per channel), momentum 0.9 in Keras's convention
+(PyTorch's 0.1), epsilon 1e-5.  Statistics and the affine transform are computed in float32
+under mixed precision, as in Keras's BatchNormalization.
+
+Distribution: the moving statistics are created with `aggregation="mean"`, so under
+`tf.distribute` every replica's EMA update is averaged across replicas and the copies stay
+identical (plain Keras BN keeps per-replica values that drift apart).  `synchronized=True`
+additionally computes the Adaptive wing's batch statistics over all replicas' halves.
+"""
+import keras
+from keras import ops
+
+TWIN = "twin"
+FROZEN = "frozen"
+ADAPTIVE = "adaptive"
+MODES = (TWIN, FROZEN, ADAPTIVE)
+
+
+@keras.saving.register_keras_serializable(package="twins_tf")
+class TwinBatchNormalization(keras.layers.Layer):
+    """Two-wing BatchNorm (TWINS, Liu et al., CVPR 2023).
+
+    Weights:
+      * Adaptive wing: `gamma`, `beta` (trainable), `moving_mean`, `moving_variance`
+        (updated by EMA in training).
+      * Frozen wing: `frozen_gamma`, `frozen_beta` (trainable), `frozen_mean`,
+        `frozen_variance` (non-trainable and never assigned after construction/loading).
+
+    Forward passes:
+      * `training=True`, `mode="twin"` (the default): rows `[0, B/2)` go through the Frozen
+        wing (population statistics), rows `[B/2, B)` through the Adaptive wing (batch
+        statistics of that half, EMA update of its moving statistics).  B must be even.
+      * `training=False`: the whole batch through the Adaptive wing with moving statistics.
+      * `mode="frozen"`: the whole batch through the Frozen wing, training or not (analysis).
+      * `mode="adaptive"`: the whole batch through the Adaptive wing as a plain BN layer.
+    As with Keras BatchNormalization, a layer with `trainable=False` always runs in
+    inference mode.
+
+    Args:
+      axis: the channel axis (-1 for NHWC).
+      momentum: EMA momentum of the moving statistics, Keras convention (0.9 = PyTorch 0.1).
+      epsilon: added to the variance before the square root.
+      synchronized: compute the Adaptive wing's batch statistics across all replicas.
+      mode: one of "twin", "frozen", "adaptive" (see above).
+
+    Example:
+      >>> layer = TwinBatchNormalization()
+      >>> y = layer(keras.random.normal((8, 4, 4, 16)), training=True)
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.9,
+        epsilon=1e-5,
+        synchronized=False,
+        mode=TWIN,
+        gamma_initializer="ones",
+        beta_initializer="zeros",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"{self.name}: mode must be one of {MODES}, got {mode!r}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"{self.name}: momentum must be in [0, 1), got {momentum}.")
+        self.axis = int(axis)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.synchronized = bool(synchronized)
+        self.mode = mode
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._channel_axis = self.axis % rank
+        channels = input_shape[self._channel_axis]
+        if channels is None:
+            raise ValueError(f"{self.name}: the channel axis {self.axis} has unknown size.")
+        self._reduction_axes = [a for a in range(rank) if a != self._channel_axis]
+        self.input_spec = keras.InputSpec(ndim=rank, axes={self._channel_axis: channels})
+        shape = (channels,)
+
+        def weight(name, init, trainable, aggregation="none"):
+            return self.add_weight(
+                name=name,
+                shape=shape,
+                initializer=init,
+                trainable=trainable,
+                autocast=False,  # statistics and affine stay float32 under mixed precision
+                aggregation=aggregation,
+            )
+
+        self.gamma = weight("gamma", self.gamma_initializer, True)
+        self.beta = weight("beta", self.beta_initializer, True)
+        self.moving_mean = weight("moving_mean", self.moving_mean_initializer, False, "mean")
+        self.moving_variance = weight(
+            "moving_variance", self.moving_variance_initializer, False, "mean"
+        )
+        self.frozen_gamma = weight("frozen_gamma", self.gamma_initializer, True)
+        self.frozen_beta = weight("frozen_beta", self.beta_initializer, True)
+        self.frozen_mean = weight("frozen_mean", self.moving_mean_initializer, False)
+        self.frozen_variance = weight("frozen_variance", self.moving_variance_initializer, False)
+
+    # --- the two wings -------------------------------------------------------------------
+    def _normalize(self, x, mean, variance, gamma, beta):
+        return ops.batch_normalization(
+            x, mean, variance, axis=self._channel_axis, offset=beta, scale=gamma,
+            epsilon=self.epsilon,
+        )
+
+    def _frozen_wing(self, x):
+        return self._normalize(
+            x, self.frozen_mean, self.frozen_variance, self.frozen_gamma, self.frozen_beta
+        )
+
+    def _adaptive_wing(self, x, training):
+        if not training:
+            return self._normalize(
+                x, self.moving_mean, self.moving_variance, self.gamma, self.beta
+            )
+        mean, variance = ops.moments(
+            x, axes=self._reduction_axes, synchronized=self.synchronized
+        )
+        count = ops.cast(self._elements_per_channel(x), "float32")
+        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + unbiased * (1.0 - m))
+        return self._normalize(x, mean, variance, self.gamma, self.beta)
+
+    def _elements_per_channel(self, x):
+        shape = ops.shape(x)
+        count = 1
+        for a in self._reduction_axes:
+            count = count * shape[a]
+        if self.synchronized:
+            import tensorflow as tf
+
+            count = count * tf.distribute.get_replica_context().num_replicas_in_sync
+        return count
+
+    # --- forward -------------------------------------------------------------------------
+    def call(self, inputs, training=None, mask=None):
+        del mask  # accepted so the layer drops in wherever a BatchNormalization was
+        x = ops.cast(inputs, "float32")
+        training = bool(training) and self.trainable
+        if self.mode == FROZEN:
+            y = self._frozen_wing(x)
+        elif self.mode == ADAPTIVE or not training:
+            y = self._adaptive_wing(x, training)
+        else:
+            frozen_half, adaptive_half = self._split_batch(x)
+            y = ops.concatenate(
+                [self._frozen_wing(frozen_half), self._adaptive_wing(adaptive_half, True)],
+                axis=0,
+            )
+        return ops.cast(y, self.compute_dtype)
+
+    def _split_batch(self, x):
+        """Rows [0, B/2) and [B/2, B); an odd B is an error, never a silent uneven split."""
+        static_batch = x.shape[0]
+        if static_batch is not None:
+            if static_batch % 2:
+                raise ValueError(self._odd_batch_message(static_batch))
+            half = static_batch // 2
+        else:
+            import tensorflow as tf
+
+            batch = tf.shape(x)[0]
+            # Effective in graph mode; XLA drops Assert ops, which is why the trainer also
+            # checks the per-replica batch size before training starts.
+            with tf.control_dependencies(
+                [tf.debugging.assert_equal(batch % 2, 0, message=self._odd_batch_message("odd"))]
+            ):
+                half = tf.identity(batch // 2)
+        return x[:half], x[half:]
+
+    def _odd_batch_message(self, batch):
+        return (
+            f"TwinBatchNormalization layer '{self.name}' got a training batch of size {batch}: "
+            "a twin layer sends the first half of each (per-replica) batch through the Frozen "
+            "wing and the second half through the Adaptive wing, so the batch must be even. "
+            "Use an even batch size per replica (and drop_remainder=True in tf.data)."
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
+            mode=self.mode,
+            gamma_initializer=keras.initializers.serialize(self.gamma_initializer),
+            beta_initializer=keras.initializers.serialize(self.beta_initializer),
+            moving_mean_initializer=keras.initializers.serialize(self.moving_mean_initializer),
+            moving_variance_initializer=keras.initializers.serialize(
+                self.moving_variance_initializer
+            ),
+        )
+        return config
+
+
+def set_twin_mode(model, mode):
+    """Set `mode` ("twin", "frozen" or "adaptive") on every TwinBatchNormalization in `model`.
+
+    The mode is read when a function is traced, so call this before (re)compiling.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    layers = twin_layers(model)
+    for layer in layers:
+        layer.mode = mode
+    return len(layers)
+
+
+def twin_layers(model):
+    """All TwinBatchNormalization layers of a (possibly nested) Keras model."""
+    return [l for l in model._flatten_layers(include_self=False) if isinstance(l, TwinBatchNormalization)]
