@@ -5,6 +5,7 @@ swapped; the weights are then copied layer by layer (matched by name, which clon
 """
 import keras
 import numpy as np
+from keras.src.models.functional import Functional  # Keras 3 exports no public name
 
 from twins_tf.layers import TwinBatchNormalization
 
@@ -13,17 +14,16 @@ def _iter_layers(model):
     return {layer.name: layer for layer in model._flatten_layers(include_self=False)}
 
 
-def _clone(model, swap):
-    if not isinstance(model, (keras.Sequential, keras.Model)) or (
-        not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False)
-        and model.__class__.__name__ != "Functional"
-    ):
+def _require_graph_model(model):
+    if not isinstance(model, (keras.Sequential, Functional)):
         raise TypeError(
             f"twins_tf can only convert functional or Sequential Keras models; got "
             f"{type(model).__name__}. Subclassed models have no graph to rebuild: build the "
             "model with TwinBatchNormalization directly instead."
         )
 
+
+def _clone(model, swap):
     def clone_layer(layer):
         new = swap(layer)
         if new is not None:
@@ -92,6 +92,10 @@ def twinify(model, momentum=None):
             variable.assign(value)
         return True
 
+    _require_graph_model(model)
+    if not any(type(l) is keras.layers.BatchNormalization
+               for l in model._flatten_layers(include_self=False)):
+        raise ValueError(f"twinify: model '{model.name}' has no BatchNormalization layer to twin.")
     twin = _clone(model, swap)
     _copy_weights(model, twin, copy_one)
     return twin
@@ -123,6 +127,10 @@ def untwin(model):
             old.gamma, old.beta, old.moving_mean, old.moving_variance)])
         return True
 
+    _require_graph_model(model)
+    if not any(isinstance(l, TwinBatchNormalization)
+               for l in model._flatten_layers(include_self=False)):
+        raise ValueError(f"untwin: model '{model.name}' has no TwinBatchNormalization layer.")
     plain = _clone(model, swap)
     _copy_weights(model, plain, copy_one)
     return plain

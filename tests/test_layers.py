@@ -1,0 +1,298 @@
+"""TwinBatchNormalization against a numpy re-implementation of spec §1-2."""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from twins_tf.layers import TwinBatchNormalization, set_twin_mode
+
+EPS = 1e-5
+MOMENTUM = 0.9
+CHANNELS = 3
+WEIGHT_NAMES = (
+    "gamma", "beta", "moving_mean", "moving_variance",
+    "frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance",
+)
+
+
+# --- the numpy reference (spec §1-2) -------------------------------------------------------
+def np_bn(x, mean, var, gamma, beta):
+    return gamma * (x - mean) / np.sqrt(var + EPS) + beta
+
+
+def np_twin_train(x, p):
+    """Returns (output, new moving mean, new moving variance) of one training forward."""
+    half = x.shape[0] // 2
+    frozen = np_bn(x[:half], p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"],
+                   p["frozen_beta"])
+    xa = x[half:].astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, var = xa.mean(axes), xa.var(axes)
+    n = xa.size / xa.shape[-1]
+    adaptive = np_bn(xa, mean, var, p["gamma"], p["beta"])
+    new_mean = MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * mean
+    new_var = MOMENTUM * p["moving_variance"] + (1 - MOMENTUM) * var * n / (n - 1)
+    return np.concatenate([frozen, adaptive]), new_mean, new_var
+
+
+def random_params(rng):
+    p = {name: rng.normal(size=CHANNELS) for name in ("gamma", "beta", "frozen_gamma",
+                                                      "frozen_beta", "moving_mean",
+                                                      "frozen_mean")}
+    p["moving_variance"] = rng.uniform(0.5, 2.0, CHANNELS)
+    p["frozen_variance"] = rng.uniform(0.5, 2.0, CHANNELS)
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def make_layer(params, input_shape=(None, 5, 5, CHANNELS), **kwargs):
+    layer = TwinBatchNormalization(**kwargs)
+    layer.build(input_shape)
+    for name in WEIGHT_NAMES:
+        getattr(layer, name).assign(params[name])
+    return layer
+
+
+def layer_values(layer):
+    return {name: np.asarray(getattr(layer, name)) for name in WEIGHT_NAMES}
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_training_forward_matches_numpy(rng):
+    p = random_params(rng)
+    layer = make_layer(p)
+    x = (rng.normal(size=(8, 5, 5, CHANNELS)) * 2 + 1).astype(np.float32)
+    y = layer(x, training=True)
+    want, want_mean, want_var = np_twin_train(x, p)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
+
+
+def test_many_steps_ema_and_frozen_statistics_untouched(rng):
+    p = random_params(rng)
+    layer = make_layer(p)
+    ref = dict(p)
+    for _ in range(25):
+        x = (rng.normal(size=(6, 5, 5, CHANNELS)) * 3 - 1).astype(np.float32)
+        layer(x, training=True)
+        _, ref["moving_mean"], ref["moving_variance"] = np_twin_train(x, ref)
+    got = layer_values(layer)
+    np.testing.assert_allclose(got["moving_mean"], ref["moving_mean"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["moving_variance"], ref["moving_variance"], rtol=1e-5)
+    for name in ("frozen_mean", "frozen_variance", "frozen_gamma", "frozen_beta"):
+        np.testing.assert_array_equal(got[name], p[name])
+
+
+def test_inference_uses_adaptive_wing_with_moving_statistics(rng):
+    p = random_params(rng)
+    layer = make_layer(p)
+    x = rng.normal(size=(5, 5, 5, CHANNELS)).astype(np.float32)  # odd is fine in inference
+    want = np_bn(x, p["moving_mean"], p["moving_variance"], p["gamma"], p["beta"])
+    np.testing.assert_allclose(layer(x, training=False), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.moving_mean, p["moving_mean"])  # no update
+
+
+def test_frozen_only_mode(rng):
+    p = random_params(rng)
+    layer = make_layer(p, mode="frozen")
+    x = rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32)
+    want = np_bn(x, p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"], p["frozen_beta"])
+    for training in (True, False):
+        np.testing.assert_allclose(layer(x, training=training), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer.moving_mean, p["moving_mean"])
+
+
+def test_set_twin_mode_switches_a_model(rng):
+    p = random_params(rng)
+    inputs = keras.Input((5, 5, CHANNELS))
+    model = keras.Model(inputs, TwinBatchNormalization(name="bn")(inputs))
+    for name in WEIGHT_NAMES:
+        getattr(model.get_layer("bn"), name).assign(p[name])
+    assert set_twin_mode(model, "frozen") == 1
+    x = rng.normal(size=(2, 5, 5, CHANNELS)).astype(np.float32)
+    want = np_bn(x, p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"], p["frozen_beta"])
+    np.testing.assert_allclose(model(x, training=False), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_twin_mode(model, "both")
+
+
+def test_gradients_reach_each_wing_only_from_its_own_half(rng):
+    p = random_params(rng)
+    layer = make_layer(p)
+    x = rng.normal(size=(8, 5, 5, CHANNELS)).astype(np.float32)
+    upstream = rng.normal(size=x.shape).astype(np.float32)
+    variables = [layer.gamma, layer.beta, layer.frozen_gamma, layer.frozen_beta]
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, training=True) * upstream)
+    g_gamma, g_beta, g_fgamma, g_fbeta = [np.asarray(g) for g in tape.gradient(loss, variables)]
+
+    half, axes = 4, (0, 1, 2)
+    xhat_f = (x[:half] - p["frozen_mean"]) / np.sqrt(p["frozen_variance"] + EPS)
+    xa = x[half:].astype(np.float64)
+    xhat_a = (xa - xa.mean(axes)) / np.sqrt(xa.var(axes) + EPS)
+    np.testing.assert_allclose(g_fgamma, (upstream[:half] * xhat_f).sum(axes), rtol=1e-4)
+    np.testing.assert_allclose(g_fbeta, upstream[:half].sum(axes), rtol=1e-4)
+    np.testing.assert_allclose(g_gamma, (upstream[half:] * xhat_a).sum(axes), rtol=1e-4)
+    np.testing.assert_allclose(g_beta, upstream[half:].sum(axes), rtol=1e-4)
+
+    # A loss on the first half only gives the Adaptive wing no gradient, and vice versa.
+    for rows, silent in ((slice(0, half), variables[:2]), (slice(half, None), variables[2:])):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True)[rows] * upstream[rows])
+        for g in tape.gradient(loss, silent):
+            assert g is None or not np.any(np.asarray(g))
+
+
+def test_odd_training_batch_is_a_clear_error(rng):
+    layer = make_layer(random_params(rng), name="stem_bn")
+    x = np.zeros((7, 5, 5, CHANNELS), np.float32)
+    with pytest.raises(ValueError, match=r"'stem_bn' got a training batch of size 7"):
+        layer(x, training=True)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, CHANNELS])])
+    def unknown_batch(x):
+        return layer(x, training=True)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="stem_bn"):
+        unknown_batch(x)
+
+
+def test_channels_first_axis(rng):
+    p = random_params(rng)
+    layer = make_layer(p, input_shape=(None, CHANNELS, 4, 4), axis=1)
+    x = rng.normal(size=(4, CHANNELS, 4, 4)).astype(np.float32)
+    y = layer(x, training=True)
+    want, want_mean, _ = np_twin_train(np.moveaxis(x, 1, -1), p)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y), 1, -1), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+
+
+def small_twin_model(p):
+    inputs = keras.Input((5, 5, CHANNELS))
+    outputs = TwinBatchNormalization(name="bn")(inputs)
+    model = keras.Model(inputs, outputs)
+    for name in WEIGHT_NAMES:
+        getattr(model.get_layer("bn"), name).assign(p[name])
+    return model
+
+
+def test_keras_file_round_trip(rng, tmp_path):
+    p = random_params(rng)
+    model = small_twin_model(p)
+    model.get_layer("bn").mode = "twin"
+    path = os.path.join(tmp_path, "twin.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    layer = loaded.get_layer("bn")
+    assert isinstance(layer, TwinBatchNormalization)
+    assert (layer.momentum, layer.epsilon) == (MOMENTUM, EPS)
+    x = rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+    np.testing.assert_array_equal(loaded(x, training=True), model(x, training=True))
+    np.testing.assert_array_equal(layer.moving_mean, model.get_layer("bn").moving_mean)
+
+
+def test_xla_matches_numpy(rng):
+    p = random_params(rng)
+    layer = make_layer(p)
+    x = rng.normal(size=(8, 5, 5, CHANNELS)).astype(np.float32)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        return layer(x, training=True), layer(x, training=False)
+
+    y_train, y_infer = step(x)
+    want, want_mean, want_var = np_twin_train(x, p)
+    np.testing.assert_allclose(y_train, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
+    want_infer = np_bn(x, want_mean, want_var, p["gamma"], p["beta"])
+    np.testing.assert_allclose(y_infer, want_infer, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_statistics_in_float32(rng, policy):
+    p = random_params(rng)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = make_layer(p)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    x = rng.normal(size=(8, 5, 5, CHANNELS)).astype(np.float32)
+    y = layer(tf.cast(x, layer.compute_dtype), training=True)
+    assert y.dtype == layer.compute_dtype != "float32"
+    for name in WEIGHT_NAMES:
+        assert getattr(layer, name).dtype == "float32"
+    # Input rounding to 16 bits is the only loss of precision before the statistics.
+    x16 = np.asarray(tf.cast(tf.cast(x, layer.compute_dtype), tf.float32))
+    want, want_mean, want_var = np_twin_train(x16, p)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), want, rtol=2e-2, atol=2e-2)
+
+
+def mirrored_step(layer, strategy, x):
+    """Runs one training forward under `strategy`, each replica on its slice of `x`."""
+    per_replica = x.shape[0] // strategy.num_replicas_in_sync
+
+    def value_fn(ctx):
+        i = ctx.replica_id_in_sync_group
+        return tf.constant(x[i * per_replica:(i + 1) * per_replica])
+
+    inputs = strategy.experimental_distribute_values_from_function(value_fn)
+    outputs = strategy.run(lambda t: layer(t, training=True), args=(inputs,))
+    return np.concatenate([np.asarray(o) for o in strategy.experimental_local_results(outputs)])
+
+
+@pytest.mark.parametrize("synchronized", [False, True])
+def test_mirrored_strategy_splits_per_replica_and_keeps_statistics_equal(rng, synchronized):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    p = random_params(rng)
+    with strategy.scope():
+        layer = make_layer(p, synchronized=synchronized)
+    ref = dict(p)
+    for _ in range(3):
+        x = (rng.normal(size=(8, 5, 5, CHANNELS)) * 2 + 0.5).astype(np.float32)
+        y = mirrored_step(layer, strategy, x)
+        replicas = [x[:4], x[4:]]  # each replica: 2 frozen rows, then 2 adaptive rows
+        if synchronized:
+            adaptive = np.concatenate([r[2:] for r in replicas]).astype(np.float64)
+            axes = (0, 1, 2)
+            mean, var = adaptive.mean(axes), adaptive.var(axes)
+            n = adaptive.size / CHANNELS
+            want = np.concatenate([np.concatenate([
+                np_bn(r[:2], p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"],
+                      p["frozen_beta"]),
+                np_bn(r[2:], mean, var, p["gamma"], p["beta"])]) for r in replicas])
+            ref["moving_mean"] = MOMENTUM * ref["moving_mean"] + (1 - MOMENTUM) * mean
+            ref["moving_variance"] = (MOMENTUM * ref["moving_variance"]
+                                      + (1 - MOMENTUM) * var * n / (n - 1))
+        else:
+            # Each replica behaves like the plain call on its own slice; the moving
+            # statistics are the mean of the replicas' EMA updates.
+            results = [np_twin_train(r, ref) for r in replicas]
+            want = np.concatenate([r[0] for r in results])
+            ref["moving_mean"] = np.mean([r[1] for r in results], axis=0)
+            ref["moving_variance"] = np.mean([r[2] for r in results], axis=0)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    for name in ("moving_mean", "moving_variance"):
+        copies = [np.asarray(v) for v in strategy.experimental_local_results(
+            getattr(layer, name).value)]
+        np.testing.assert_array_equal(copies[0], copies[1])
+        np.testing.assert_allclose(copies[0], ref[name], rtol=1e-5, atol=1e-6)
+    for name in ("frozen_mean", "frozen_variance"):
+        np.testing.assert_array_equal(np.asarray(getattr(layer, name)), p[name])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TwinBatchNormalization(mode="left")
+    with pytest.raises(ValueError, match="momentum"):
+        TwinBatchNormalization(momentum=1.5)

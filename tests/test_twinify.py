@@ -1,0 +1,152 @@
+"""twinify / untwin on keras.applications.ResNet50 and a small Sequential model."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import twins_tf
+from twins_tf.layers import TwinBatchNormalization
+
+
+def randomize_batchnorms(model, rng):
+    """Gives every BN non-trivial weights so that copying mistakes show up in outputs."""
+    for layer in model._flatten_layers(include_self=False):
+        if type(layer) is keras.layers.BatchNormalization:
+            c = layer.moving_mean.shape[0]
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
+                rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c),
+            ])
+
+
+def batchnorms(model):
+    return [l for l in model._flatten_layers(include_self=False)
+            if type(l) is keras.layers.BatchNormalization]
+
+
+def check_twin_of(plain, twin):
+    assert not batchnorms(twin)
+    twin_layers = {l.name: l for l in twin._flatten_layers(include_self=False)
+                   if isinstance(l, TwinBatchNormalization)}
+    assert len(twin_layers) == len(batchnorms(plain)) > 0
+    for bn in batchnorms(plain):
+        layer = twin_layers[bn.name]
+        gamma, beta, mean, var = [np.asarray(w) for w in bn.weights]
+        for wing in (("gamma", "beta", "moving_mean", "moving_variance"),
+                     ("frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance")):
+            for name, want in zip(wing, (gamma, beta, mean, var)):
+                np.testing.assert_array_equal(getattr(layer, name), want)
+        assert (layer.epsilon, layer.momentum) == (bn.epsilon, bn.momentum)
+    plain_other = {l.name: l for l in plain._flatten_layers(include_self=False)
+                   if type(l) is not keras.layers.BatchNormalization and l.weights}
+    for name, layer in plain_other.items():
+        for a, b in zip(layer.weights, twin.get_layer(name).weights):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    model = keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3), classes=10)
+    randomize_batchnorms(model, np.random.default_rng(1))
+    return model
+
+
+def test_resnet50_twin_copies_weights_and_matches_inference(resnet50):
+    twin = twins_tf.twinify(resnet50)
+    check_twin_of(resnet50, twin)
+    x = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin(x, training=False), resnet50(x, training=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_resnet50_untwin_keeps_adaptive_wing_after_training(resnet50):
+    twin = twins_tf.twinify(resnet50)
+    rng = np.random.default_rng(3)
+    for layer in twin._flatten_layers(include_self=False):
+        if isinstance(layer, TwinBatchNormalization):  # make the wings differ
+            c = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, c))
+            layer.frozen_beta.assign(rng.normal(0, 0.1, c))
+    x = rng.uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    twin(x, training=True)  # moves the adaptive statistics away from the frozen ones
+    plain = twins_tf.untwin(twin)
+    assert not any(isinstance(l, TwinBatchNormalization)
+                   for l in plain._flatten_layers(include_self=False))
+    for bn in batchnorms(plain):
+        layer = twin.get_layer(bn.name)
+        for got, want in zip(bn.weights, (layer.gamma, layer.beta, layer.moving_mean,
+                                          layer.moving_variance)):
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(plain(x, training=False), twin(x, training=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def small_model(rng):
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(4, 3, use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+        keras.layers.ReLU(),
+        keras.layers.BatchNormalization(center=False),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3),
+    ])
+    randomize_batchnorms_partial(model, rng)
+    return model
+
+
+def randomize_batchnorms_partial(model, rng):
+    for layer in batchnorms(model):
+        layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if "var" in w.name or "gamma" in w.name
+                           else rng.normal(0, 0.3, w.shape) for w in layer.weights])
+
+
+def test_small_sequential_round_trip_and_numpy_reference():
+    rng = np.random.default_rng(4)
+    model = small_model(rng)
+    twin = twins_tf.twinify(model)
+    x = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(twins_tf.untwin(twin)(x), model(x), rtol=1e-5, atol=1e-6)
+
+    # Independent numpy forward of the twin training pass through the first BN.
+    conv = model.layers[0](x).numpy()
+    gamma, beta, mean, var = [np.asarray(w) for w in model.layers[1].weights]
+    half = 3
+    frozen = gamma * (conv[:half] - mean) / np.sqrt(var + 1e-5) + beta
+    adaptive_in = conv[half:].astype(np.float64)
+    mu, v = adaptive_in.mean((0, 1, 2)), adaptive_in.var((0, 1, 2))
+    adaptive = gamma * (adaptive_in - mu) / np.sqrt(v + 1e-5) + beta
+    stem = keras.Model(twin.inputs[0], twin.layers[1].output)
+    np.testing.assert_allclose(stem(x, training=True), np.concatenate([frozen, adaptive]),
+                               rtol=1e-4, atol=1e-5)
+
+    # center=False BN: beta absent in the BN, zeros in both wings.
+    second = twin.layers[3]
+    np.testing.assert_array_equal(second.beta, np.zeros(4))
+    np.testing.assert_array_equal(second.frozen_beta, np.zeros(4))
+
+
+def test_nested_model_inside_functional():
+    rng = np.random.default_rng(5)
+    inner = small_model(rng)
+    inputs = keras.Input((8, 8, 3))
+    outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+    twin = twins_tf.twinify(outer)
+    assert len([l for l in twin._flatten_layers() if isinstance(l, TwinBatchNormalization)]) == 2
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin(x, training=False), outer(x, training=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input():
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="functional or Sequential"):
+        twins_tf.twinify(Subclassed())
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no BatchNormalization"):
+        twins_tf.twinify(plain)
+    with pytest.raises(ValueError, match="no TwinBatchNormalization"):
+        twins_tf.untwin(plain)
