@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.twins_tf-installed
 TEST_FLAGS ?=
+# This machine keeps the CPU build of torch 2.13.0 as a local wheel (PyPI's newest is CUDA).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 .PHONY: demo test bench venv clean
 
@@ -14,7 +16,7 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[test]'
+	$(PIP) install $(FIND_LINKS) -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
