@@ -1,0 +1,222 @@
+"""torchvision-layout ResNets (v1.5) for robust PyTorch checkpoints, with twin or plain BN.
+
+The robust pre-trained models TWINS starts from (Salman et al. 2020) are torchvision ResNets:
+v1.5 (a downsampling bottleneck strides on its 3x3 conv, not its first 1x1), symmetric zero
+padding, BN epsilon 1e-5.  `keras.applications.ResNet50` is v1 and keras-hub's ResNet differs in
+names and padding, and Keras's `padding="same"` pads asymmetrically at stride 2, so none of them
+can take these weights exactly.  This module builds the network layer by layer with explicit
+`ZeroPadding2D` + `padding="valid"` convolutions, which gives PyTorch's numbers.
+
+Layer names follow torchvision's module paths with "." replaced by "_" (Keras layer names
+cannot contain "."), so the weight mapping is mechanical:
+
+    torchvision key                        Keras layer           Keras weight
+    conv1.weight (O, I, kh, kw)            conv1                 kernel (kh, kw, I, O)
+    bn1.weight / bias                      bn1                   gamma / beta
+    bn1.running_mean / running_var         bn1                   moving_mean / moving_variance
+    layer3.1.conv2.weight                  layer3_1_conv2        kernel
+    layer2.0.downsample.0.weight           layer2_0_downsample_0 kernel
+    layer2.0.downsample.1.running_var      layer2_0_downsample_1 moving_variance
+    fc.weight (out, in) / fc.bias          fc                    kernel (in, out) / bias
+
+With `twin=True` every BN is a `TwinBatchNormalization`; a loaded BN goes into both of its
+wings (see `twins_tf.weights`).  Layers without weights carry derived names (`conv1_pad`,
+`layer1_0_relu2`, `layer1_0_add`, ...) that match no torchvision key.
+
+Inside the model, in order (spec §3): nearest-neighbour upsampling by `upsample` (`upsample`
+layer, absent when 1), clamp to [0, 1] and ImageNet mean/std normalisation (`normalize`
+layer), then the network.  The clamp's gradient is 1 on the closed interval [0, 1], as
+`torch.clamp`'s, so attacks see the same gradients for saturated pixels.
+
+Max-pooling: PyTorch pads a max-pool with -inf; we pad with zeros.  The two agree here only
+because the pool follows a ReLU (every value is >= 0 and every window holds at least one real
+value).  Do not reuse `_stem`'s pooling on inputs that can be negative.
+"""
+import math
+
+import keras
+from keras import ops
+
+from twins_tf.layers import TwinBatchNormalization
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BN_MOMENTUM = 0.9  # Keras convention; PyTorch's 0.1
+BN_EPSILON = 1e-5
+
+# arch -> (block kind, blocks per stage, width factor of a bottleneck's inner convs)
+ARCHITECTURES = {
+    "resnet18": ("basic", (2, 2, 2, 2), 1),
+    "resnet34": ("basic", (3, 4, 6, 3), 1),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 1),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 1),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), 1),
+    "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 2),
+}
+_EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+@keras.saving.register_keras_serializable(package="twins_tf")
+class ImageNetNormalization(keras.layers.Layer):
+    """Clamp [0, 1] images to [0, 1], then `(x - mean) / std` with the ImageNet statistics.
+
+    Keras's `Normalization` layer divides by `sqrt(variance)` and has no clamp, so this small
+    layer does both with the exact constants PyTorch uses.
+    """
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, inputs):
+        x = ops.clip(inputs, 0.0, 1.0)
+        mean = ops.convert_to_tensor(self.mean, dtype=x.dtype)
+        std = ops.convert_to_tensor(self.std, dtype=x.dtype)
+        return (x - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+def head_initializer(fan_in):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear default, for kernel and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), upsample=1):
+    """A torchvision-layout ResNet taking [0, 1] NHWC images and returning logits.
+
+    Args:
+      arch: one of `ARCHITECTURES` (resnet18/34/50/101/152, wide_resnet50_2).
+      num_classes: width of the fresh `fc` head.
+      twin: `TwinBatchNormalization` layers if True, Keras `BatchNormalization` otherwise
+        (both momentum 0.9, epsilon 1e-5).
+      input_shape: (height, width, 3) of the images fed to the model, before upsampling;
+        spatial sizes may be None.
+      upsample: integer nearest-neighbour upsampling factor applied inside the model
+        (7 for 32x32 CIFAR images, spec §3).
+
+    Returns:
+      A functional `keras.Model`. Convolutions start from torchvision's initialisation
+      (He normal, fan_out); the head `fc` from U(+-1/sqrt(fan_in)) for kernel and bias, and it
+      computes in float32 under a mixed-precision policy.
+
+    Raises:
+      ValueError: unknown arch, num_classes < 1, upsample < 1, or an input shape that is not
+        (height, width, 3).
+
+    Example:
+      >>> model = build_resnet("resnet18", num_classes=10, upsample=7, input_shape=(32, 32, 3))
+      >>> model(keras.ops.zeros((2, 32, 32, 3))).shape
+      (2, 10)
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHITECTURES)}.")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if int(upsample) != upsample or upsample < 1:
+        raise ValueError(f"upsample must be a positive integer factor, got {upsample!r}.")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, 3) for RGB NHWC images, got {input_shape}."
+        )
+    kind, depths, width_factor = ARCHITECTURES[arch]
+    norm = _norm_factory(twin)
+
+    images = keras.Input(shape=input_shape, name="images")
+    x = images
+    if upsample != 1:
+        x = keras.layers.UpSampling2D(int(upsample), interpolation="nearest", name="upsample")(x)
+    x = ImageNetNormalization(name="normalize")(x)
+    x = _stem(x, norm)
+    block = _basic_block if kind == "basic" else _bottleneck_block
+    for stage, depth in enumerate(depths):
+        planes = 64 * 2**stage
+        for index in range(depth):
+            stride = 2 if (stage > 0 and index == 0) else 1
+            x = block(x, planes, stride, width_factor, norm, f"layer{stage + 1}_{index}")
+    x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    fan_in = 512 * _EXPANSION[kind]
+    logits = keras.layers.Dense(
+        int(num_classes),
+        kernel_initializer=head_initializer(fan_in),
+        bias_initializer=head_initializer(fan_in),
+        dtype="float32",
+        name="fc",
+    )(x)
+    suffix = "_twin" if twin else ""
+    return keras.Model(images, logits, name=f"{arch}{suffix}")
+
+
+def _norm_factory(twin):
+    def norm(name):
+        if twin:
+            return TwinBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+        return keras.layers.BatchNormalization(
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+        )
+
+    return norm
+
+
+def _conv(x, filters, kernel_size, stride, name):
+    """PyTorch Conv2d(padding=kernel_size // 2, bias=False): explicit zero pad + valid conv."""
+    pad = kernel_size // 2
+    if pad:
+        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=stride,
+        padding="valid",
+        use_bias=False,
+        kernel_initializer=keras.initializers.VarianceScaling(
+            2.0, mode="fan_out", distribution="untruncated_normal"
+        ),
+        name=name,
+    )(x)
+
+
+def _stem(x, norm):
+    x = _conv(x, 64, 7, 2, "conv1")
+    x = norm("bn1")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    # Zero padding equals PyTorch's -inf padding only because x >= 0 after the ReLU.
+    x = keras.layers.ZeroPadding2D(1, name="maxpool_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, padding="valid", name="maxpool")(x)
+
+
+def _shortcut(x, out_channels, stride, norm, name):
+    if stride == 1 and x.shape[-1] == out_channels:
+        return x
+    shortcut = _conv(x, out_channels, 1, stride, f"{name}_downsample_0")
+    return norm(f"{name}_downsample_1")(shortcut)
+
+
+def _basic_block(x, planes, stride, width_factor, norm, name):
+    del width_factor  # torchvision has no wide basic block
+    shortcut = _shortcut(x, planes, stride, norm, name)
+    y = _conv(x, planes, 3, stride, f"{name}_conv1")
+    y = keras.layers.ReLU(name=f"{name}_relu1")(norm(f"{name}_bn1")(y))
+    y = norm(f"{name}_bn2")(_conv(y, planes, 3, 1, f"{name}_conv2"))
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_relu2")(y)
+
+
+def _bottleneck_block(x, planes, stride, width_factor, norm, name):
+    width = planes * width_factor
+    out_channels = planes * _EXPANSION["bottleneck"]
+    shortcut = _shortcut(x, out_channels, stride, norm, name)
+    y = _conv(x, width, 1, 1, f"{name}_conv1")
+    y = keras.layers.ReLU(name=f"{name}_relu1")(norm(f"{name}_bn1")(y))
+    y = _conv(y, width, 3, stride, f"{name}_conv2")  # v1.5: the stride sits on the 3x3
+    y = keras.layers.ReLU(name=f"{name}_relu2")(norm(f"{name}_bn2")(y))
+    y = norm(f"{name}_bn3")(_conv(y, out_channels, 1, 1, f"{name}_conv3"))
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_relu3")(y)
