@@ -1,0 +1,689 @@
+"""Datasets: one registry table, offline-safe loading, and tf.data input pipelines (spec §6).
+
+Every dataset twins_tf knows is one row of `DATASETS` (big_vision style): where the images come
+from (tensorflow-datasets, an image folder, or scikit-learn's digits), the train / validation /
+test splits, the number of classes, the input size the model sees, the nearest-neighbour
+upsampling the model applies (spec §3), and the preprocessing kind.  Validation is always
+carved out of the training data (or is the dataset's official validation split), never out of
+the test set: model selection on the test set is one of the reference code's defects (spec §9).
+
+Loading never touches the network.  `tfds.load` on a machine without the prepared data starts
+downloading and retries for minutes before failing; `load_splits` instead checks that
+`<tfds_data_dir>/<name>/<version>/dataset_info.json` exists and otherwise raises
+`DatasetNotFoundError` at once, naming the files to download and where to put them.  Only then
+does it read the prepared files with `builder.as_dataset`, which never downloads.
+
+Pipelines (`make_pipeline`) decode in a parallel map, augment, batch and prefetch:
+
+* "cifar": training: zero-pad 4 pixels, random 32x32 crop, horizontal flip (torchvision
+  `RandomCrop(32, padding=4)` + `RandomHorizontalFlip`); evaluation: the image as is.
+* "imagenet": training: random resized crop (scale 0.08-1, aspect ratio 3/4-4/3) to
+  `image_size` + horizontal flip; evaluation: resize the *shorter side* to
+  `round(image_size / 0.875)` (256 for 224, as torchvision's `Resize(256)`), then a centre crop
+  of `image_size`.  Resizing is bilinear with antialiasing, like PIL's resize that
+  torchvision applies to PIL images.
+* "digits": training: zero-pad `image_size // 8` pixels and random crop, no flip (a flipped
+  digit is a different glyph); evaluation: the image as is.
+
+Randomness is stateless and keyed by (seed, epoch, position in the epoch), so a pipeline's
+output is a pure function of its arguments: a training run resumed at epoch k with
+`start_epoch=k` sees exactly the batches an uninterrupted run sees, and every worker of a
+multi-worker job builds the same stream.  That is why the augmentations are written with
+`tf.image.stateless_*` ops rather than Keras's random preprocessing layers (those draw from a
+stateful `SeedGenerator`, whose draws depend on how tf.data schedules the parallel map) or
+keras-cv's `RandomCropAndResize` (which samples the aspect ratio uniformly, relative to the
+image's own aspect ratio, and clips crops that do not fit instead of re-drawing them, so its
+crops differ from torchvision's `RandomResizedCrop`).
+
+Images come out as float32 in [0, 1], NHWC; labels as int32.
+
+Example:
+  >>> spec = get_dataset_spec("digits_0_4")
+  >>> splits = load_splits(spec)
+  >>> train = make_pipeline(splits.train, spec, training=True, batch_size=32, seed=0)
+  >>> steps = steps_per_epoch(splits.num_examples["train"], 32)
+"""
+import dataclasses
+import math
+import os
+
+import numpy as np
+import tensorflow as tf
+
+CIFAR = "cifar"
+IMAGENET = "imagenet"
+DIGITS = "digits"
+PREPROCESSING_KINDS = (CIFAR, IMAGENET, DIGITS)
+
+TFDS = "tfds"
+FOLDER = "folder"
+SKLEARN_DIGITS = "sklearn_digits"
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# Fixed seed of the deterministic splits of folder and digits datasets.  It is deliberately not
+# the training seed: changing --seed must not move images between train and test.
+SPLIT_SEED = 0
+# The eval resize of "imagenet" preprocessing: shorter side image_size / 0.875 (224 -> 256).
+CENTRE_CROP_FRACTION = 0.875
+RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
+RANDOM_RESIZED_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CIFAR_PADDING = 4
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where twins_tf looked; the message says how to get them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One row of the dataset registry.
+
+    Attributes:
+      name: the registry name (`--dataset`).
+      source: "tfds", "folder" or "sklearn_digits".
+      num_classes: number of classes; None for `folder` (counted from the class folders).
+      image_size: side of the square image the model receives.
+      upsample: nearest-neighbour upsampling factor the model applies to its input (spec §3).
+      preprocessing: "cifar", "imagenet" or "digits" (see the module docstring).
+      tfds_name: the tensorflow-datasets builder name (tfds only).
+      train_split, validation_split, test_split: tfds split strings (tfds only).
+      validation_fraction: share of each class's training images held out for validation
+        (folder and digits datasets).
+      test_fraction: share of each class's images used as test set (digits only).
+      train_per_class: for a folder without train/ and test/ subfolders, the number of images
+        per class drawn (seeded) for training; the rest is the test set (Caltech-256: 60).
+      classes: the digit classes kept, in label order (digits only).
+      description: one line for `--help` and error messages.
+    """
+
+    name: str
+    source: str
+    num_classes: int | None
+    image_size: int
+    upsample: int
+    preprocessing: str
+    tfds_name: str | None = None
+    train_split: str | None = None
+    validation_split: str | None = None
+    test_split: str | None = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    train_per_class: int | None = None
+    classes: tuple | None = None
+    description: str = ""
+
+
+def _tfds(name, num_classes, *, image_size=224, upsample=1, preprocessing=IMAGENET,
+          train="train[:90%]", validation="train[90%:]", test="test", description=""):
+    return DatasetSpec(
+        name=name, source=TFDS, tfds_name=name, num_classes=num_classes, image_size=image_size,
+        upsample=upsample, preprocessing=preprocessing, train_split=train,
+        validation_split=validation, test_split=test, description=description)
+
+
+def _digits(name, classes, description):
+    return DatasetSpec(
+        name=name, source=SKLEARN_DIGITS, num_classes=len(classes), image_size=32, upsample=1,
+        preprocessing=DIGITS, classes=tuple(classes), description=description)
+
+
+DATASETS = {
+    spec.name: spec
+    for spec in (
+        _tfds("cifar10", 10, image_size=32, upsample=7, preprocessing=CIFAR,
+              description="CIFAR-10, 32 px upsampled x7 to 224 inside the model"),
+        _tfds("cifar100", 100, image_size=32, upsample=7, preprocessing=CIFAR,
+              description="CIFAR-100, 32 px upsampled x7 to 224 inside the model"),
+        _tfds("stanford_dogs", 120, description="Stanford Dogs, 12,000 train / 8,580 test"),
+        _tfds("caltech_birds2011", 200, description="CUB-200-2011, 5,994 train / 5,794 test"),
+        _tfds("caltech101", 102, description="Caltech-101 (tfds: 30 train images per class)"),
+        _tfds("oxford_flowers102", 102, validation="validation",
+              description="Oxford Flowers-102 with its official validation split"),
+        _tfds("oxford_iiit_pet", 37, description="Oxford-IIIT Pet"),
+        _tfds("dtd", 47, validation="validation",
+              description="Describable Textures (split 1) with its official validation split"),
+        _tfds("food101", 101, test="validation",
+              description="Food-101; tfds calls the official test images 'validation'"),
+        DatasetSpec(
+            name="caltech256", source=FOLDER, num_classes=257, image_size=224, upsample=1,
+            preprocessing=IMAGENET, train_per_class=60,
+            description="Caltech-256 (257 folders incl. clutter), seeded 60 train images per "
+                        "class, the rest test; --data_dir=.../256_ObjectCategories"),
+        DatasetSpec(
+            name="folder", source=FOLDER, num_classes=None, image_size=224, upsample=1,
+            preprocessing=IMAGENET,
+            description="your images: --data_dir=PATH with train/ and test/ of class folders"),
+        _digits("digits", range(10), "scikit-learn's 8x8 digits 0-9, resized (no download)"),
+        _digits("digits_0_4", range(5), "scikit-learn's digits 0-4 (the demo's source task)"),
+        _digits("digits_5_9", range(5, 10), "scikit-learn's digits 5-9 (the demo's target task)"),
+    )
+}
+ALIASES = {"cub200": "caltech_birds2011"}
+
+
+def get_dataset_spec(name, *, image_size=None, upsample=None):
+    """Returns the registry row for `name`, optionally with another input size.
+
+    Args:
+      name: a key of `DATASETS` or an alias ("cub200").
+      image_size: replaces the registered image size (not allowed for "cifar" preprocessing,
+        whose images are stored at 32 px: change `upsample` instead).
+      upsample: replaces the registered upsampling factor of the model input.
+
+    Returns:
+      A `DatasetSpec`.
+    """
+    key = ALIASES.get(name, name)
+    if key not in DATASETS:
+        known = ", ".join(sorted([*DATASETS, *ALIASES]))
+        raise ValueError(f"Unknown dataset {name!r}; choose one of: {known}.")
+    spec = DATASETS[key]
+    if image_size is not None:
+        if int(image_size) < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+        if spec.preprocessing == CIFAR and int(image_size) != spec.image_size:
+            raise ValueError(
+                f"{spec.name} images are stored at {spec.image_size} px, so image_size cannot "
+                f"be {image_size}; set upsample to enlarge them inside the model instead.")
+        spec = dataclasses.replace(spec, image_size=int(image_size))
+    if upsample is not None:
+        if int(upsample) < 1:
+            raise ValueError(f"upsample must be a positive integer, got {upsample}.")
+        spec = dataclasses.replace(spec, upsample=int(upsample))
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplits:
+    """The three splits of a dataset, before decoding and augmentation.
+
+    Each split yields `(image, label)`: `image` is either encoded bytes (tf.string: JPEG, PNG,
+    ...) or an already decoded float32 HWC image in [0, 1]; `label` is int32.  Feed a split to
+    `make_pipeline` to get batches.
+
+    Attributes:
+      spec: the `DatasetSpec` used.
+      train, validation, test: the splits as `tf.data.Dataset`s.
+      num_examples: {"train": n, "validation": n, "test": n}.
+      num_classes: number of classes (label values are 0 .. num_classes - 1).
+      class_names: the class names in label order, when known.
+    """
+
+    spec: DatasetSpec
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    num_examples: dict
+    num_classes: int
+    class_names: tuple | None = None
+
+    def split(self, name):
+        """Returns the split called "train", "validation" or "test"."""
+        if name not in ("train", "validation", "test"):
+            raise ValueError(f"Unknown split {name!r}; choose train, validation or test.")
+        return getattr(self, name)
+
+
+def default_tfds_data_dir():
+    """`$TFDS_DATA_DIR` if set, else `~/tensorflow_datasets` (tensorflow-datasets' default)."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def load_splits(dataset, *, data_dir=None, tfds_data_dir=None, train_per_class=None):
+    """Loads a registered dataset's train / validation / test splits from local files.
+
+    Args:
+      dataset: a registry name or a `DatasetSpec` (from `get_dataset_spec`).
+      data_dir: the image folder of "folder" and "caltech256".
+      tfds_data_dir: where tensorflow-datasets keeps prepared data (default
+        `default_tfds_data_dir()`).
+      train_per_class: for a folder without train/ and test/ subfolders, the number of
+        training images per class (overrides the registry's; "caltech256" uses 60).
+
+    Returns:
+      A `DatasetSplits`.
+
+    Raises:
+      DatasetNotFoundError: the data is not on disk; the message says how to get it.
+      ValueError: unknown dataset or inconsistent folder contents.
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset_spec(dataset)
+    if spec.source == TFDS:
+        return _load_tfds(spec, tfds_data_dir or default_tfds_data_dir())
+    if spec.source == FOLDER:
+        return _load_folder(spec, data_dir, train_per_class or spec.train_per_class)
+    if spec.source == SKLEARN_DIGITS:
+        return _load_digits(spec)
+    raise ValueError(f"{spec.name}: unknown source {spec.source!r}.")
+
+
+# --- tensorflow-datasets ---------------------------------------------------------------------
+def _missing_tfds_message(spec, builder, root):
+    name, version = spec.tfds_name, str(builder.version)
+    parts = [
+        f"Dataset {spec.name!r} (tfds {name} {version}) is not prepared: no "
+        f"{os.path.join(builder.data_dir, 'dataset_info.json')} (looked in "
+        f"--tfds_data_dir={root})."
+    ]
+    dataset_root = os.path.join(root, name)
+    if tf.io.gfile.isdir(dataset_root):
+        found = sorted(tf.io.gfile.listdir(dataset_root))
+        parts.append(f"Found only {', '.join(f.rstrip('/') for f in found) or 'nothing'} in "
+                     f"{dataset_root}; this tensorflow-datasets reads version {version}.")
+    parts.append(f"With network: `tfds build {name} --data_dir={root}` (or build it elsewhere "
+                 f"and copy {name}/{version}/ into {root}/).")
+    files = {}
+    for url, info in sorted((type(builder).url_infos or {}).items()):
+        if info.filename and info.filename not in files and "drive.google" not in url:
+            files[info.filename] = f"{url} ({info.size})"
+    manual = os.path.join(root, "downloads", "manual")
+    if files:
+        listing = "; ".join(files.values())
+        parts.append(f"Offline: download {listing} into {manual}/ and run `tfds build {name} "
+                     f"--data_dir={root} --manual_dir={manual}`.")
+    return " ".join(parts)
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:  # pragma: no cover - it is an install requirement
+        raise ImportError("tfds datasets need tensorflow-datasets: pip install "
+                          "tensorflow-datasets==4.9.10") from error
+    return tfds
+
+
+def tfds_builder(spec, tfds_data_dir):
+    """Returns the tfds builder of `spec`, raising `DatasetNotFoundError` if not prepared.
+
+    Neither building the builder nor this check touches the network; the check runs before
+    anything that could (`download_and_prepare`, which `tfds.load` calls, is never called).
+    """
+    tfds = _import_tfds()
+    builder = tfds.builder(spec.tfds_name, data_dir=tfds_data_dir)
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        raise DatasetNotFoundError(_missing_tfds_message(spec, builder, tfds_data_dir))
+    return builder
+
+
+def _load_tfds(spec, tfds_data_dir):
+    tfds = _import_tfds()
+    builder = tfds_builder(spec, tfds_data_dir)
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ValueError(f"{spec.name}: tfds {spec.tfds_name} has no 'image'/'label' features.")
+    label_feature = features["label"]
+    if label_feature.num_classes != spec.num_classes:
+        raise ValueError(
+            f"{spec.name}: tfds {spec.tfds_name} {builder.version} has "
+            f"{label_feature.num_classes} classes, the registry says {spec.num_classes}.")
+    # Images are decoded later in the pipeline's parallel map; skip every image-like feature
+    # (segmentation masks included) so tfds does not decode what we never use.
+    decoders = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+                if isinstance(feature, tfds.features.Image)}
+
+    def read(split):
+        ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+
+    names = {"train": spec.train_split, "validation": spec.validation_split,
+             "test": spec.test_split}
+    datasets = {key: read(split) for key, split in names.items()}
+    counts = {key: int(ds.cardinality()) for key, ds in datasets.items()}
+    return DatasetSplits(spec=spec, num_examples=counts, num_classes=spec.num_classes,
+                         class_names=tuple(label_feature.names), **datasets)
+
+
+# --- image folders ---------------------------------------------------------------------------
+def _list_class_folders(root):
+    return sorted(entry.rstrip("/") for entry in tf.io.gfile.listdir(root)
+                  if tf.io.gfile.isdir(os.path.join(root, entry)))
+
+
+def _list_images(folder):
+    return sorted(os.path.join(folder, f) for f in tf.io.gfile.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _scan_folder(root):
+    """{class name: sorted image paths} for every class folder of `root`."""
+    classes = _list_class_folders(root)
+    if not classes:
+        raise ValueError(f"{root} holds no class folders (expected {root}/<class>/<image>).")
+    found = {c: _list_images(os.path.join(root, c)) for c in classes}
+    empty = [c for c, files in found.items() if not files]
+    if empty:
+        raise ValueError(f"{root}: class folder(s) without images ({', '.join(empty[:5])}); "
+                         f"images must end in one of {', '.join(IMAGE_EXTENSIONS)}.")
+    return found
+
+
+def _seeded_permutations(files_by_class):
+    rng = np.random.default_rng(SPLIT_SEED)
+    return {c: [files[i] for i in rng.permutation(len(files))]
+            for c, files in files_by_class.items()}
+
+
+def _hold_out(files_by_class, fraction):
+    """Splits each class's (seeded-shuffled) files into (kept, held out): the last share."""
+    kept, held = {}, {}
+    for c, files in _seeded_permutations(files_by_class).items():
+        n_held = int(round(len(files) * fraction))
+        if n_held >= len(files):
+            raise ValueError(f"class {c!r} has {len(files)} training images, too few to hold "
+                             f"out {fraction:.0%} for validation.")
+        kept[c], held[c] = files[:len(files) - n_held], files[len(files) - n_held:]
+    return kept, held
+
+
+def _folder_dataset(files_by_class, class_index):
+    paths, labels = [], []
+    for c, files in files_by_class.items():
+        paths.extend(files)
+        labels.extend([class_index[c]] * len(files))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
+    return ds.map(lambda path, label: (tf.io.read_file(path), label),
+                  num_parallel_calls=tf.data.AUTOTUNE), len(paths)
+
+
+def _load_folder(spec, data_dir, train_per_class):
+    if not data_dir:
+        raise ValueError(f"--dataset={spec.name} needs --data_dir ({spec.description}).")
+    if not tf.io.gfile.isdir(data_dir):
+        hint = (" Download 256_ObjectCategories.tar from https://data.caltech.edu/records/"
+                "nyv15-4j048 and extract it; pass the extracted folder."
+                if spec.name == "caltech256" else "")
+        raise DatasetNotFoundError(
+            f"--data_dir={data_dir} does not exist ({spec.name}: {spec.description}).{hint}")
+    train_dir, test_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "test")
+    if tf.io.gfile.isdir(train_dir) and tf.io.gfile.isdir(test_dir):
+        train_files, test_files = _scan_folder(train_dir), _scan_folder(test_dir)
+        unknown = sorted(set(test_files) - set(train_files))
+        if unknown:
+            raise ValueError(f"{test_dir} has classes that {train_dir} lacks: "
+                             f"{', '.join(unknown[:5])}.")
+    elif train_per_class:
+        all_files = _scan_folder(data_dir)
+        short = [c for c, f in all_files.items() if len(f) <= train_per_class]
+        if short:
+            raise ValueError(f"{data_dir}: class(es) {', '.join(short[:5])} have at most "
+                             f"{train_per_class} images, none left for the test set.")
+        shuffled = _seeded_permutations(all_files)
+        train_files = {c: f[:train_per_class] for c, f in shuffled.items()}
+        test_files = {c: f[train_per_class:] for c, f in shuffled.items()}
+    else:
+        raise ValueError(f"{data_dir} must hold train/ and test/ subfolders of class folders "
+                         f"(or pass train_per_class to split one folder of class folders).")
+    classes = tuple(sorted(train_files))
+    if spec.num_classes is not None and len(classes) != spec.num_classes:
+        raise ValueError(f"{spec.name} expects {spec.num_classes} class folders, {data_dir} "
+                         f"has {len(classes)}.")
+    class_index = {c: i for i, c in enumerate(classes)}
+    train_files, validation_files = _hold_out(train_files, spec.validation_fraction)
+    datasets, counts = {}, {}
+    for key, files in (("train", train_files), ("validation", validation_files),
+                       ("test", test_files)):
+        datasets[key], counts[key] = _folder_dataset(files, class_index)
+    return DatasetSplits(spec=spec, num_examples=counts, num_classes=len(classes),
+                         class_names=classes, **datasets)
+
+
+# --- scikit-learn digits ---------------------------------------------------------------------
+def digits_arrays(classes, image_size):
+    """scikit-learn's 8x8 digits of `classes`, resized: (images, labels, original digits).
+
+    Images are float32 (n, image_size, image_size, 3) in [0, 1] (the 0-16 grey levels divided
+    by 16, bilinear resize, grey copied to three channels); labels are int32 positions in
+    `classes` (so digits 5-9 become labels 0-4).
+    """
+    from sklearn.datasets import load_digits  # shipped with scikit-learn: no download
+
+    digits = load_digits()
+    keep = np.isin(digits.target, classes)
+    grey = digits.images[keep].astype(np.float32)[..., None] / 16.0
+    images = tf.image.resize(grey, (image_size, image_size), method="bilinear").numpy()
+    images = np.clip(np.repeat(images, 3, axis=-1), 0.0, 1.0).astype(np.float32)
+    position = {c: i for i, c in enumerate(classes)}
+    labels = np.array([position[t] for t in digits.target[keep]], np.int32)
+    return images, labels, digits.target[keep]
+
+
+def _load_digits(spec):
+    images, labels, _ = digits_arrays(spec.classes, spec.image_size)
+    rng = np.random.default_rng(SPLIT_SEED)
+    index = {"train": [], "validation": [], "test": []}
+    for label in range(len(spec.classes)):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = int(round(len(members) * spec.test_fraction))
+        n_validation = int(round(len(members) * spec.validation_fraction))
+        index["test"].extend(members[:n_test])
+        index["validation"].extend(members[n_test:n_test + n_validation])
+        index["train"].extend(members[n_test + n_validation:])
+    datasets, counts = {}, {}
+    for key, rows in index.items():
+        rows = np.sort(np.asarray(rows, np.int64))
+        datasets[key] = tf.data.Dataset.from_tensor_slices((images[rows], labels[rows]))
+        counts[key] = len(rows)
+    return DatasetSplits(spec=spec, num_examples=counts, num_classes=len(spec.classes),
+                         class_names=tuple(str(c) for c in spec.classes), **datasets)
+
+
+# --- augmentation ----------------------------------------------------------------------------
+def to_float_image(image):
+    """Encoded bytes (JPEG/PNG/BMP/GIF), uint8 or float image -> float32 HWC3 in [0, 1]."""
+    if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    if image.dtype != tf.float32:
+        image = tf.image.convert_image_dtype(image, tf.float32)
+    return image
+
+
+def random_resized_crop_window(height, width, seed, *, scale=RANDOM_RESIZED_CROP_SCALE,
+                               ratio=RANDOM_RESIZED_CROP_RATIO, attempts=10):
+    """Samples a crop window exactly as torchvision's `RandomResizedCrop.get_params`.
+
+    Up to `attempts` draws of an area share U(scale) and a log-uniform aspect ratio
+    (width / height) in `ratio`; the first window that fits the image is placed uniformly at
+    random.  If none fits, the largest centred window with an aspect ratio in `ratio`.
+
+    Args:
+      height, width: the image size (scalar int tensors).
+      seed: a shape [2] integer tensor (stateless randomness).
+      scale, ratio, attempts: as torchvision's.
+
+    Returns:
+      (top, left, crop_height, crop_width) as int32 scalars.
+    """
+    h = tf.cast(height, tf.float64)
+    w = tf.cast(width, tf.float64)
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    target_area = h * w * tf.random.stateless_uniform(
+        [attempts], seeds[0], scale[0], scale[1], dtype=tf.float64)
+    aspect = tf.exp(tf.random.stateless_uniform(
+        [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1]), dtype=tf.float64))
+    crop_w = tf.round(tf.sqrt(target_area * aspect))  # round half to even, like Python's
+    crop_h = tf.round(tf.sqrt(target_area / aspect))
+    fits = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
+    first = tf.argmax(tf.cast(fits, tf.int32))
+    in_ratio = w / h
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    found = tf.reduce_any(fits)
+    crop_h = tf.cast(tf.where(found, crop_h[first], fallback_h), tf.int32)
+    crop_w = tf.cast(tf.where(found, crop_w[first], fallback_w), tf.int32)
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    random_top = tf.random.stateless_uniform(
+        [], seeds[2], 0, height - crop_h + 1, dtype=tf.int32)
+    random_left = tf.random.stateless_uniform(
+        [], seeds[3], 0, width - crop_w + 1, dtype=tf.int32)
+    top = tf.where(found, random_top, (height - crop_h) // 2)
+    left = tf.where(found, random_left, (width - crop_w) // 2)
+    return top, left, crop_h, crop_w
+
+
+def _resize(image, height, width):
+    resized = tf.image.resize(image, tf.stack([height, width]), method="bilinear",
+                              antialias=True)
+    return tf.clip_by_value(resized, 0.0, 1.0)
+
+
+def random_resized_crop(image, size, seed):
+    """torchvision-style random resized crop of a float HWC image to (size, size)."""
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = random_resized_crop_window(shape[0], shape[1], seed)
+    crop = image[top:top + crop_h, left:left + crop_w]
+    return _resize(crop, size, size)
+
+
+def resize_shorter_side(image, shorter):
+    """Resizes so the shorter side is `shorter`, the longer `int(shorter * long / short)`
+    (torchvision's `Resize(int)` rule)."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
+    short, long = tf.reduce_min(shape), tf.reduce_max(shape)
+    new_long = tf.cast(tf.floor(shorter * long / short), tf.int32)
+    portrait = shape[0] > shape[1]
+    new_h = tf.where(portrait, new_long, shorter)
+    new_w = tf.where(portrait, shorter, new_long)
+    return _resize(image, new_h, new_w)
+
+
+def centre_crop(image, size):
+    """The central (size, size) window; offsets `round((side - size) / 2)` as torchvision's."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
+    return image[top:top + size, left:left + size]
+
+
+def pad_and_random_crop(image, size, padding, seed):
+    """Zero-pads `padding` pixels on every side, then a random (size, size) crop."""
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, [size, size, 3], seed)
+
+
+def augment(image, spec, seed):
+    """The training augmentation of `spec.preprocessing` on one float HWC image."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    size = spec.image_size
+    if spec.preprocessing == IMAGENET:
+        image = random_resized_crop(image, size, crop_seed)
+    elif spec.preprocessing == CIFAR:
+        image = pad_and_random_crop(tf.ensure_shape(image, [size, size, 3]), size,
+                                    CIFAR_PADDING, crop_seed)
+    elif spec.preprocessing == DIGITS:
+        image = pad_and_random_crop(tf.ensure_shape(image, [size, size, 3]), size,
+                                    max(1, size // 8), crop_seed)
+    else:
+        raise ValueError(f"Unknown preprocessing {spec.preprocessing!r}; choose one of "
+                         f"{PREPROCESSING_KINDS}.")
+    if spec.preprocessing in (IMAGENET, CIFAR):
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+def evaluation_transform(image, spec):
+    """The test-time transform of `spec.preprocessing` on one float HWC image."""
+    size = spec.image_size
+    if spec.preprocessing == IMAGENET:
+        shorter = int(round(size / CENTRE_CROP_FRACTION))
+        image = centre_crop(resize_shorter_side(image, shorter), size)
+    elif spec.preprocessing not in (CIFAR, DIGITS):
+        raise ValueError(f"Unknown preprocessing {spec.preprocessing!r}; choose one of "
+                         f"{PREPROCESSING_KINDS}.")
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+# --- pipelines -------------------------------------------------------------------------------
+def check_batch_size(batch_size, num_replicas, twin):
+    """Raises ValueError unless `batch_size` splits evenly over replicas (and wings).
+
+    Each replica gets `batch_size / num_replicas` examples; a twin model further splits each
+    replica's batch in two halves (spec §2), so twin methods need a multiple of
+    2 x num_replicas.
+    """
+    if batch_size < 1 or num_replicas < 1:
+        raise ValueError(f"batch_size ({batch_size}) and the number of replicas "
+                         f"({num_replicas}) must be positive.")
+    multiple = num_replicas * (2 if twin else 1)
+    if batch_size % multiple:
+        what = (f"2 x {num_replicas} replica(s) = {multiple} (each replica's batch is split "
+                f"into a Frozen and an Adaptive half)" if twin else
+                f"the {num_replicas} replicas")
+        raise ValueError(f"--batch_size={batch_size} must be a multiple of {what}; use e.g. "
+                         f"{max(multiple, batch_size // multiple * multiple)}.")
+
+
+def steps_per_epoch(num_examples, batch_size):
+    """Full batches per epoch of a training pipeline (the last partial batch is dropped)."""
+    steps = num_examples // batch_size
+    if steps < 1:
+        raise ValueError(f"The training split has {num_examples} examples, fewer than one "
+                         f"batch of {batch_size}; lower --batch_size.")
+    return steps
+
+
+def _element_seed(seed, epoch, index):
+    return tf.stack([tf.cast(seed, tf.int64), epoch * (2 ** 32) + index])
+
+
+def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
+                  shuffle_buffer=10_000):
+    """Decoded, augmented, batched and prefetched batches of `(images, labels)`.
+
+    Training (`training=True`): an endless stream of epochs `start_epoch, start_epoch+1, ...`.
+    Epoch e is `ds` shuffled with a seed from (seed, e), augmented with per-example stateless
+    seeds from (seed, e, position), and cut into `steps_per_epoch(n, batch_size)` full batches
+    (`drop_remainder=True`: the remainder of each epoch is dropped, so every batch splits
+    into equal halves).  Pass `steps_per_epoch=` to `fit`.  To resume at epoch k, build the
+    pipeline with `start_epoch=k`: the batches equal those an uninterrupted run sees.
+
+    Evaluation (`training=False`): one pass in order, the test transform, the last batch kept
+    even if smaller.
+
+    Args:
+      ds: a split from `load_splits` (elements `(image, label)`).
+      spec: the `DatasetSpec` (its `image_size` and `preprocessing` are used).
+      training: training or evaluation pipeline.
+      batch_size: the global batch size (split over replicas by tf.distribute).
+      seed: the data seed (shuffling and augmentation).
+      start_epoch: the first epoch of a training stream.
+      shuffle_buffer: shuffle buffer size in examples (holds encoded images).
+
+    Returns:
+      A `tf.data.Dataset` of float32 images (B, S, S, 3) in [0, 1] and int32 labels (B,).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    image_spec = ds.element_spec[0]
+    if image_spec.dtype != tf.string and image_spec.shape.rank != 3:
+        raise ValueError(f"Expected (image, label) elements with HWC images, got "
+                         f"{ds.element_spec}.")
+    seed = int(seed)
+
+    if training:
+        def one_epoch(epoch):
+            shuffled = ds.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch,
+                                  reshuffle_each_iteration=False)
+
+            def transform(index, element):
+                image, label = element
+                image = augment(to_float_image(image), spec, _element_seed(seed, epoch, index))
+                return image, label
+
+            return (shuffled.enumerate()
+                    .map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+                    .batch(batch_size, drop_remainder=True))
+
+        out = tf.data.Dataset.counter(start=int(start_epoch)).flat_map(one_epoch)
+    else:
+        out = ds.map(lambda image, label: (evaluation_transform(to_float_image(image), spec),
+                                           label),
+                     num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    options = tf.data.Options()
+    options.deterministic = True
+    # Every worker builds the same stream and keeps its share of the batches; file-based
+    # sharding does not apply to a stream of epochs.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return out.with_options(options).prefetch(tf.data.AUTOTUNE)
