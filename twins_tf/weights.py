@@ -175,7 +175,7 @@ def _torch_load(path, allow_pickle):
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as e:
-        if not allow_pickle and "weights only load failed" in str(e).lower():
+        if not allow_pickle and _needs_unpickling(e):
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects beyond tensors ({_unsafe_reason(e)}), "
                 "so the safe loader (torch.load weights_only=True) refused it. Unpickling it "
@@ -191,13 +191,26 @@ def _torch_load(path, allow_pickle):
         raise _corrupt(path, e) from None
 
 
+def _needs_unpickling(error):
+    """True if weights_only refused a Python object (not a damaged byte stream)."""
+    text = str(error)
+    return "Weights only load failed" in text and any(
+        marker in text for marker in ("Unsupported global", "Unsupported class", "allowlist")
+    )
+
+
 def _unsafe_reason(error):
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
     return f"it references {match.group(1)}" if match else "it is not tensors-only"
 
 
 def _corrupt(path, error):
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = str(error).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if detail:
+        first_line = detail.group(1).strip()
+    else:
+        first_line = text.splitlines()[0] if text else type(error).__name__
     return CheckpointError(
         f"{path} is corrupt, truncated or not a PyTorch checkpoint ({first_line}); expected a "
         "file written by torch.save."
@@ -465,6 +478,7 @@ def load_torch_state_dict(model, state_dict, *, head=False):
     """
     from twins_tf.layers import TwinBatchNormalization
 
+    arch = infer_arch(model)
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     expected = {}  # torchvision key -> (layer, attribute, transform)
     for layer in _weighted_layers(model).values():
@@ -475,7 +489,7 @@ def load_torch_state_dict(model, state_dict, *, head=False):
     provided = {k for k in state_dict if head or not k.startswith("fc.")}
     missing, unexpected = set(expected) - provided, provided - set(expected)
     if missing or unexpected:
-        raise CheckpointError(_key_mismatch_message(model, state_dict, missing, unexpected))
+        raise CheckpointError(_key_mismatch_message(arch, state_dict, missing, unexpected))
 
     assignments, bad_shapes = [], []
     for key, (layer, attribute, transform) in expected.items():
@@ -505,12 +519,8 @@ def load_torch_state_dict(model, state_dict, *, head=False):
     return sorted(expected)
 
 
-def _key_mismatch_message(model, state_dict, missing, unexpected):
+def _key_mismatch_message(wanted, state_dict, missing, unexpected):
     found = infer_arch_from_state_dict(state_dict)
-    try:
-        wanted = infer_arch(model)
-    except CheckpointError:
-        wanted = model.name
     parts = []
     if found and found != wanted:
         parts.append(f"the checkpoint holds a {found} but the model is a {wanted}")
