@@ -175,7 +175,11 @@ class AdversarialTrainer(keras.Model):
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
         _check_model_kind(self.model, self.method)  # the twin mode is read at trace time
         if self.method.twin and images.shape[0] is not None and images.shape[0] % 2:
-            raise ValueError(_odd_batch_message(images.shape[0], 1))
+            raise ValueError(
+                f"twin methods split each per-replica batch into a Frozen and an Adaptive half; "
+                f"got a per-replica batch of {images.shape[0]}. Use an even per-replica batch "
+                "size and drop_remainder=True in tf.data."
+            )
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
 
         adversarial = None
@@ -199,13 +203,14 @@ class AdversarialTrainer(keras.Model):
 
         variables = self.model.trainable_variables
         gradients = tape.gradient(scaled_loss, variables)
-        decay = self.optimizer.scale_loss(tf.constant(self.weight_decay / replicas, tf.float32))
-        gradients = [
-            (tf.zeros_like(v) if g is None else g) + tf.cast(decay, v.dtype) * v
-            if self.weight_decay else (tf.zeros_like(v) if g is None else g)
-            for g, v in zip(gradients, variables)
-        ]
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        # A variable the loss does not reach (the unused Frozen wing of a twin layer in
+        # "adaptive" mode) is skipped, decay included, as PyTorch's SGD skips grad=None.
+        used = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        if self.weight_decay:
+            # per replica wd/R: the optimizer sums the replicas' gradients
+            decay = self.optimizer.scale_loss(tf.constant(self.weight_decay / replicas))
+            used = [(g + tf.cast(decay, v.dtype) * v, v) for g, v in used]
+        self.optimizer.apply_gradients(used)
 
         self.loss_metric.update_state(loss)
         if logits_nat is not None:

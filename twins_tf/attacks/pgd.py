@@ -19,6 +19,11 @@ Choices, each stated where a user could trip over it:
     the L2 ball (a Gaussian direction, radius `epsilon * U^(1/d)`, d = pixels * channels).  In
     high dimension that radius is almost always close to epsilon: this is what "uniform in
     the ball" means, not a bug.
+  * Random start: `stateless_uniform(shape, seed, -eps, eps)` (L-inf); with `restarts > 1`
+    restart r uses `tf.random.split(seed, restarts)[r]`.  The same seed gives the same start
+    every time *in the same execution mode*: TensorFlow's CPU kernels and XLA implement the
+    stateless generators differently, so a jit-compiled run draws other (equally uniform)
+    numbers than a graph-mode run with the same seed.
   * Float32 by default, even under a mixed-precision policy: the attack follows the *sign* (L-inf)
     or the direction (L2) of a gradient; in bfloat16 (8 bits of mantissa) or float16 many small
     input-gradient entries are rounded to zero or flip sign, so a low-precision attack is a
@@ -131,7 +136,9 @@ class PGD:
         y = tf.reshape(tf.cast(y, tf.int32), [-1])
         if self.random_start and seed is None:
             seed = self._next_seed()
-        seeds = tf.random.split(seed, self.restarts) if self.random_start else [None] * self.restarts
+        seeds = [seed] * self.restarts
+        if self.random_start and self.restarts > 1:
+            seeds = tf.unstack(tf.random.split(tf.cast(seed, tf.int64), self.restarts))
         with _float32_model(model) if self.compute_dtype == "float32" else contextlib.nullcontext():
             best = None
             for restart in range(self.restarts):
