@@ -195,12 +195,14 @@ def _needs_unpickling(error):
     """True if weights_only refused a Python object (not a damaged byte stream)."""
     text = str(error)
     return "Weights only load failed" in text and any(
-        marker in text for marker in ("Unsupported global", "Unsupported class", "allowlist")
+        # torch's messages for a refused Python object (module global, class, reduce call);
+        # other failures ("Unsupported operand", ...) are damaged bytes, not unsafe content.
+        marker in text for marker in ("GLOBAL ", "allowlist", "unrecognized function")
     )
 
 
 def _unsafe_reason(error):
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
     return f"it references {match.group(1)}" if match else "it is not tensors-only"
 
 
