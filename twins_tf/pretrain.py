@@ -1,0 +1,40 @@
+"""`python -m twins_tf.pretrain`: adversarial training from scratch (PGD-AT) of a source model.
+
+    python -m twins_tf.pretrain --dataset=cifar100 --arch=resnet18 --model_dir=runs/source
+    python -m twins_tf.train --dataset=cifar10 --arch=resnet18 \
+        --pretrained=runs/source/best.weights.h5 --model_dir=runs/target
+
+How to make your own robust source model when no robust checkpoint of the architecture or
+domain you need exists (and what the embedded demo does).  It is `python -m twins_tf.train`
+with plain BatchNorm, no `--pretrained`, and from-scratch defaults: method `at` (also `trades`,
+or `clean` for a non-robust baseline), arch resnet18, 100 epochs, lr 0.1 decayed x0.1 at
+epochs 50 and 75, weight decay 5e-4, PGD-10 at 8/255 with step 2/255.  Every flag of
+`train` but `--pretrained`, `--lambda_twins` and `--l2sp_alpha` applies, with the same
+model_dir contract and resumption (see twins_tf.run_config).
+
+`model_dir/best.weights.h5` (best validation PGD accuracy) and `last.weights.h5` are
+`model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through
+`twins_tf.weights.load_pretrained`) loads into a twin or plain model with a fresh head.
+"""
+from absl import app
+
+from twins_tf import run_config, train
+
+BINARY = run_config.PRETRAIN
+
+
+def run(settings, *, verbose="auto"):
+    """Trains (or resumes) the from-scratch run described by `settings`; returns its summary.
+
+    Raises:
+      SetupError: a problem with the inputs, before anything is trained or written.
+    """
+    if settings.get("binary") != BINARY:
+        raise ValueError(f"pretrain.run needs pretrain settings (binary={BINARY!r}); build them "
+                         "with run_config.settings_from_flags(flag_values, 'pretrain').")
+    return train.run(settings, verbose=verbose)
+
+
+if __name__ == "__main__":
+    train.define_main_flags(BINARY)
+    app.run(train.main_for(BINARY))
