@@ -95,16 +95,6 @@ def test_refuses_unsafe_pickles_unless_allowed(tmp_path, net):
     assert marker.exists()  # the file's code ran: exactly why it is opt-in
 
 
-def test_wrong_arch_is_a_one_line_error(tmp_path, net):
-    checkpoint = save_robustness_checkpoint(net, tmp_path / "r18.ckpt")
-    output = tmp_path / "x.weights.h5"
-    line = error_line(
-        run_convert(f"--checkpoint={checkpoint}", "--arch=resnet50", f"--output={output}")
-    )
-    assert "the checkpoint holds a resnet18 but the model is a resnet50" in line
-    assert not output.exists()
-
-
 def test_convert_checkpoint_argument_checks(tmp_path, net):
     checkpoint = save_robustness_checkpoint(net, tmp_path / "r18.ckpt")
     text = tmp_path / "notes.txt"
@@ -115,6 +105,8 @@ def test_convert_checkpoint_argument_checks(tmp_path, net):
         ((checkpoint, "resnet18", tmp_path / "o.weights.h5"), {"num_classes": 10},
          "1000-class head, not the 10 classes"),
         ((text, "resnet18", tmp_path / "o.weights.h5"), {}, "not a checkpoint"),
+        ((checkpoint, "resnet50", tmp_path / "o.weights.h5"), {},
+         "the checkpoint holds a resnet18 but the model is a resnet50"),
     ]
     for args, kwargs, expected in cases:
         with pytest.raises(weights.CheckpointError) as info:
