@@ -355,3 +355,10 @@ def test_lazy_export_tables_count_as_imports(tmp_path):
     path.write_text('_EXPORTS = {"PGD": "pkg.attacks.pgd"}\n"""Mentions pkg.attacks.fab."""\n')
     known = {"pkg.attacks", "pkg.attacks.pgd", "pkg.attacks.fab"}
     assert imported_modules(path, "pkg.attacks", known) == {"pkg.attacks.pgd"}
+
+
+if __name__ == "__main__":
+    # `python tests/test_build_file.py` lists what BUILD lacks, with the stanzas to paste.
+    found = build_problems(REPO_ROOT)
+    print("\n\n".join(found) or "BUILD matches the source tree")
+    raise SystemExit(1 if found else 0)
