@@ -388,6 +388,12 @@ def _folder_dataset(files_by_class, class_index):
                   num_parallel_calls=tf.data.AUTOTUNE), len(paths)
 
 
+def _check_class_count(spec, files_by_class, folder):
+    if spec.num_classes is not None and len(files_by_class) != spec.num_classes:
+        raise ValueError(f"{spec.name} expects {spec.num_classes} class folders, {folder} "
+                         f"has {len(files_by_class)}.")
+
+
 def _load_folder(spec, data_dir, train_per_class):
     if not data_dir:
         raise ValueError(f"--dataset={spec.name} needs --data_dir ({spec.description}).")
@@ -400,12 +406,14 @@ def _load_folder(spec, data_dir, train_per_class):
     train_dir, test_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "test")
     if tf.io.gfile.isdir(train_dir) and tf.io.gfile.isdir(test_dir):
         train_files, test_files = _scan_folder(train_dir), _scan_folder(test_dir)
+        _check_class_count(spec, train_files, train_dir)
         unknown = sorted(set(test_files) - set(train_files))
         if unknown:
             raise ValueError(f"{test_dir} has classes that {train_dir} lacks: "
                              f"{', '.join(unknown[:5])}.")
     elif train_per_class:
         all_files = _scan_folder(data_dir)
+        _check_class_count(spec, all_files, data_dir)
         short = [c for c, f in all_files.items() if len(f) <= train_per_class]
         if short:
             raise ValueError(f"{data_dir}: class(es) {', '.join(short[:5])} have at most "
@@ -417,9 +425,6 @@ def _load_folder(spec, data_dir, train_per_class):
         raise ValueError(f"{data_dir} must hold train/ and test/ subfolders of class folders "
                          f"(or pass train_per_class to split one folder of class folders).")
     classes = tuple(sorted(train_files))
-    if spec.num_classes is not None and len(classes) != spec.num_classes:
-        raise ValueError(f"{spec.name} expects {spec.num_classes} class folders, {data_dir} "
-                         f"has {len(classes)}.")
     class_index = {c: i for i, c in enumerate(classes)}
     train_files, validation_files = _hold_out(train_files, spec.validation_fraction)
     datasets, counts = {}, {}

@@ -1,0 +1,519 @@
+"""Tests of twins_tf.data: the registry, offline loading, splits, augmentation, pipelines.
+
+References are independent of the code under test: tensorflow-datasets' own split arithmetic
+and feature specs (through `tfds.testing.mock_data`), scikit-learn's digits, a numpy
+re-implementation of PIL's antialiased bilinear resize (what torchvision's `Resize` applies to
+PIL images) and of torchvision's `RandomResizedCrop` fallback window, and images written to
+disk by the test itself.
+"""
+import os
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.testing import mocking
+
+from twins_tf import data
+
+TFDS_NAMES = [n for n, s in data.DATASETS.items() if s.source == data.TFDS]
+
+
+# --- references --------------------------------------------------------------------------
+def _pil_bilinear_weights(in_size, out_size):
+    """PIL's ImagingResample coefficients for the bilinear (triangle) filter, as a matrix."""
+    scale = in_size / out_size
+    support_scale = max(scale, 1.0)
+    weights = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        low = max(int(centre - support_scale + 0.5), 0)
+        high = min(int(centre + support_scale + 0.5), in_size)
+        j = np.arange(low, high)
+        w = np.maximum(0.0, 1.0 - np.abs((j + 0.5 - centre) / support_scale))
+        weights[i, low:high] = w / w.sum()
+    return weights
+
+
+def _np_resize(image, out_h, out_w):
+    rows = _pil_bilinear_weights(image.shape[0], out_h)
+    cols = _pil_bilinear_weights(image.shape[1], out_w)
+    return np.einsum("ih,hwc,jw->ijc", rows, image.astype(np.float64), cols, optimize=True)
+
+
+def _np_resize_centre_crop(image, size):
+    """torchvision Resize(round(size / 0.875)) + CenterCrop(size) on a float HWC image."""
+    shorter = int(round(size / 0.875))
+    h, w = image.shape[:2]
+    if h <= w:
+        new_h, new_w = shorter, int(shorter * w / h)
+    else:
+        new_h, new_w = int(shorter * h / w), shorter
+    resized = _np_resize(image, new_h, new_w)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return resized[top:top + size, left:left + size]
+
+
+def _np_fallback_window(height, width, ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params when no random draw fits: the centre crop."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# --- tfds helpers ------------------------------------------------------------------------
+def _split_infos(sizes):
+    return [tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
+                                filename_template=None) for name, n in sizes.items()]
+
+
+def _prepare_fake_tfds(name, root, sizes):
+    """Writes the real dataset_info.json/features.json of `name` (features from tfds's code)."""
+    with tfds.testing.mock_data(data_dir=str(root)):
+        builder = tfds.builder(name, data_dir=str(root))
+        builder.info.set_splits(tfds.core.SplitDict(_split_infos(sizes)))
+        os.makedirs(builder.data_dir)
+        builder.info.write_to_directory(builder.data_dir)
+
+
+_original_random_obj = mocking.RandomFakeGenerator._generate_random_obj
+
+
+def _ordered_boxes(self, feature, tensor_info, rng):
+    """tfds's mock draws BBox corners independently (ymin > ymax happens) and then fails to
+    encode them; order each box's corners so datasets with boxes (Stanford Dogs) mock."""
+    value = _original_random_obj(self, feature, tensor_info, rng)
+    if isinstance(feature, tfds.features.BBoxFeature):
+        value = np.asarray(value)
+        low = np.minimum(value[..., :2], value[..., 2:])
+        high = np.maximum(value[..., :2], value[..., 2:])
+        value = np.concatenate([low, high], axis=-1).astype(value.dtype)
+    return value
+
+
+def _load_mocked(name, root, num_examples, **spec_overrides):
+    """load_splits under mock_data, recording the split strings passed to as_dataset."""
+    calls = []
+    with mock.patch.object(mocking.RandomFakeGenerator, "_generate_random_obj",
+                           _ordered_boxes), \
+            tfds.testing.mock_data(num_examples=num_examples, data_dir=str(root)):
+        mocked_as_dataset = tfds.core.DatasetBuilder.as_dataset
+
+        def spy(self, split=None, **kwargs):
+            calls.append(split)
+            return mocked_as_dataset(self, split=split, **kwargs)
+
+        with mock.patch.object(tfds.core.DatasetBuilder, "as_dataset", spy):
+            spec = data.get_dataset_spec(name, **spec_overrides)
+            splits = data.load_splits(spec, tfds_data_dir=str(root))
+            batches = {
+                "train": list(data.make_pipeline(splits.train, spec, training=True,
+                                                 batch_size=4, seed=1).take(3)),
+                "test": list(data.make_pipeline(splits.test, spec, training=False,
+                                                batch_size=4)),
+                "raw_test": list(splits.test),
+            }
+    return spec, splits, batches, calls
+
+
+# --- registry ----------------------------------------------------------------------------
+def test_registry_rows_are_complete():
+    for name, spec in data.DATASETS.items():
+        assert spec.name == name
+        assert spec.preprocessing in data.PREPROCESSING_KINDS
+        assert spec.source in (data.TFDS, data.FOLDER, data.SKLEARN_DIGITS)
+        if spec.source == data.TFDS:
+            assert spec.train_split and spec.validation_split and spec.test_split
+
+
+@pytest.mark.parametrize("name", TFDS_NAMES)
+def test_registry_matches_tfds_and_validation_never_touches_test(name, tmp_path):
+    spec = data.DATASETS[name]
+    builder = tfds.builder(spec.tfds_name, data_dir=str(tmp_path))  # offline: from code
+    assert builder.info.features["label"].num_classes == spec.num_classes
+    sizes = {"train": 1000, "validation": 300, "test": 500}
+
+    def rows(split):
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
+            {k: s for k, s in zip(sizes, _split_infos(sizes))})
+        return {(i.splitname, r) for i in instructions
+                for r in range(i.from_ or 0, sizes[i.splitname] if i.to is None else i.to)}
+
+    train, validation, test = (rows(spec.train_split), rows(spec.validation_split),
+                               rows(spec.test_split))
+    assert train and validation and test
+    assert not train & validation and not train & test and not validation & test
+    if spec.validation_split.startswith("train"):  # carved from train: together all of it
+        assert train | validation == {("train", r) for r in range(sizes["train"])}
+
+
+def test_unknown_dataset_and_alias():
+    with pytest.raises(ValueError, match="Unknown dataset 'imagenet_a'.*cifar10"):
+        data.get_dataset_spec("imagenet_a")
+    assert data.get_dataset_spec("cub200").tfds_name == "caltech_birds2011"
+    assert data.get_dataset_spec("stanford_dogs", image_size=64).image_size == 64
+    assert data.get_dataset_spec("cifar10", upsample=2).upsample == 2
+    with pytest.raises(ValueError, match="stored at 32 px"):
+        data.get_dataset_spec("cifar10", image_size=64)
+
+
+def test_missing_tfds_data_fails_at_once_with_instructions(tmp_path):
+    other_version = tmp_path / "stanford_dogs" / "0.1.0"
+    other_version.mkdir(parents=True)
+    tfds.builder("stanford_dogs", data_dir=str(tmp_path))  # import and registry warm-up
+    start = time.monotonic()
+    with pytest.raises(data.DatasetNotFoundError) as raised:
+        data.load_splits("stanford_dogs", tfds_data_dir=str(tmp_path))
+    assert time.monotonic() - start < 2.0
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(tmp_path / "stanford_dogs" / "0.2.0" / "dataset_info.json") in message
+    assert "Found only 0.1.0" in message
+    assert f"tfds build stanford_dogs --data_dir={tmp_path}" in message
+    assert "images.tar" in message and "annotation.tar" in message and "lists.tar" in message
+    assert str(tmp_path / "downloads" / "manual") in message
+
+
+# --- tfds datasets through mock_data -----------------------------------------------------
+def test_cifar10_mocked(tmp_path):
+    _prepare_fake_tfds("cifar10", tmp_path, {"train": 50000, "test": 10000})
+    spec, splits, batches, calls = _load_mocked("cifar10", tmp_path, num_examples=10)
+    assert calls == ["train[:90%]", "train[90%:]", "test"]
+    assert splits.num_classes == 10 and len(splits.class_names) == 10
+    assert splits.num_examples == {"train": 10, "validation": 10, "test": 10}
+    for images, labels in batches["train"]:
+        assert images.shape == (4, 32, 32, 3) and images.dtype == tf.float32
+        assert labels.dtype == tf.int32
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        assert np.all((labels.numpy() >= 0) & (labels.numpy() < 10))
+    # Evaluation: no augmentation, the decoded PNG / 255, in order, last batch kept.
+    assert [b[0].shape[0] for b in batches["test"]] == [4, 4, 2]
+    images = np.concatenate([b[0].numpy() for b in batches["test"]])
+    expected = np.stack([tf.io.decode_png(raw).numpy() for raw, _ in batches["raw_test"]])
+    np.testing.assert_allclose(images, expected / 255.0, atol=1e-6)
+    labels = np.concatenate([b[1].numpy() for b in batches["test"]])
+    np.testing.assert_array_equal(labels, [int(l) for _, l in batches["raw_test"]])
+
+
+def test_stanford_dogs_mocked(tmp_path):
+    _prepare_fake_tfds("stanford_dogs", tmp_path, {"train": 12000, "test": 8580})
+    spec, splits, batches, calls = _load_mocked("stanford_dogs", tmp_path, num_examples=6,
+                                                image_size=40)
+    assert calls == ["train[:90%]", "train[90%:]", "test"]
+    assert splits.num_classes == 120 and len(splits.class_names) == 120
+    for images, labels in batches["train"]:
+        assert images.shape == (4, 40, 40, 3) and images.dtype == tf.float32
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        assert np.all(labels.numpy() < 120)
+    assert [b[0].shape for b in batches["test"]] == [(4, 40, 40, 3), (2, 40, 40, 3)]
+    # Mocked images have random sizes (5-49 px): the test transform is torchvision's
+    # Resize(round(40 / 0.875)) + CenterCrop(40).
+    images = np.concatenate([b[0].numpy() for b in batches["test"]])
+    for image, (raw, _) in zip(images, batches["raw_test"]):
+        decoded = tf.io.decode_jpeg(raw, channels=3).numpy() / 255.0
+        np.testing.assert_allclose(image, _np_resize_centre_crop(decoded, 40), atol=2e-5)
+
+
+# --- image folders -----------------------------------------------------------------------
+CLASS_GREY = {"cat": 40, "dog": 120, "emu": 200}
+
+
+def _write_class_images(folder, count, start=0, sizes=((20, 30), (30, 22))):
+    """PNGs of a constant class grey with the image number in pixel (0, 0), channel 0."""
+    for name, grey in CLASS_GREY.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for k in range(start, start + count):
+            h, w = sizes[k % len(sizes)]
+            image = np.full((h, w, 3), grey, np.uint8)
+            image[0, 0, 0] = k
+            (folder / name / f"{k:03d}.png").write_bytes(tf.io.encode_png(image).numpy())
+        (folder / name / "notes.txt").write_text("not an image")
+
+
+def _identities(split):
+    """{(class grey, image number)} of a raw folder split, checking labels match the grey."""
+    found = set()
+    for raw, label in split:
+        image = tf.io.decode_png(raw).numpy()
+        grey = int(image[1, 1, 0])
+        assert sorted(CLASS_GREY.values())[int(label)] == grey
+        found.add((grey, int(image[0, 0, 0])))
+    return found
+
+
+def test_folder_dataset_train_test_subfolders(tmp_path):
+    _write_class_images(tmp_path / "train", 10)
+    _write_class_images(tmp_path / "test", 4, start=100)
+    spec = data.get_dataset_spec("folder", image_size=16)
+    splits = data.load_splits(spec, data_dir=str(tmp_path))
+    assert splits.class_names == ("cat", "dog", "emu") and splits.num_classes == 3
+    assert splits.num_examples == {"train": 27, "validation": 3, "test": 12}
+    train, validation = _identities(splits.train), _identities(splits.validation)
+    test = _identities(splits.test)
+    assert not train & validation
+    assert train | validation == {(g, k) for g in CLASS_GREY.values() for k in range(10)}
+    assert {g for g, _ in validation} == set(CLASS_GREY.values())  # 10% of every class
+    assert test == {(g, k) for g in CLASS_GREY.values() for k in range(100, 104)}
+    batches = list(data.make_pipeline(splits.test, spec, training=False, batch_size=5))
+    images = np.concatenate([b[0].numpy() for b in batches])
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    assert images.shape == (12, 16, 16, 3)
+    greys = np.array(sorted(CLASS_GREY.values()))[labels] / 255.0
+    np.testing.assert_allclose(images[:, 4:, 4:, :], np.broadcast_to(
+        greys[:, None, None, None], (12, 12, 12, 3)), atol=1e-5)
+
+
+def test_folder_dataset_seeded_per_class_split(tmp_path):
+    _write_class_images(tmp_path, 14)
+    first = data.load_splits("folder", data_dir=str(tmp_path), train_per_class=10)
+    again = data.load_splits("folder", data_dir=str(tmp_path), train_per_class=10)
+    assert first.num_examples == {"train": 27, "validation": 3, "test": 12}
+    sets = [(_identities(s.train), _identities(s.validation), _identities(s.test))
+            for s in (first, again)]
+    assert sets[0] == sets[1]  # seeded: the same split every time
+    train, validation, test = sets[0]
+    assert not (train & test) and not (validation & test) and not (train & validation)
+    assert train | validation | test == {(g, k) for g in CLASS_GREY.values() for k in range(14)}
+    for grey in CLASS_GREY.values():
+        assert sum(g == grey for g, _ in test) == 4
+    with pytest.raises(ValueError, match="expects 257 class folders"):
+        data.load_splits("caltech256", data_dir=str(tmp_path))
+
+
+def test_folder_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs --data_dir"):
+        data.load_splits("folder")
+    with pytest.raises(data.DatasetNotFoundError, match="does not exist"):
+        data.load_splits("folder", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(data.DatasetNotFoundError, match="256_ObjectCategories"):
+        data.load_splits("caltech256", data_dir=str(tmp_path / "nowhere"))
+    _write_class_images(tmp_path, 3)
+    with pytest.raises(ValueError, match="train/ and test/"):
+        data.load_splits("folder", data_dir=str(tmp_path))
+
+
+# --- digits ------------------------------------------------------------------------------
+def test_digits_classes_and_splits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    originals = {}
+    for image, target in zip(digits.images, digits.target):
+        originals.setdefault((image / 16.0).astype(np.float32).tobytes(), set()).add(target)
+    spec = data.get_dataset_spec("digits_5_9", image_size=8)
+    splits = data.load_splits(spec)
+    assert splits.num_classes == 5 and splits.class_names == ("5", "6", "7", "8", "9")
+    total = int(np.isin(digits.target, range(5, 10)).sum())
+    assert sum(splits.num_examples.values()) == total
+    seen = []
+    for name in ("train", "validation", "test"):
+        split = list(splits.split(name))
+        assert len(split) == splits.num_examples[name]
+        for image, label in split:
+            image = image.numpy()
+            np.testing.assert_array_equal(image[..., 0], image[..., 2])
+            assert int(label) + 5 in originals[image[..., 0].tobytes()]
+            seen.append(image[..., 0].tobytes())
+    assert len(seen) == len(set(seen)) == total  # every image in exactly one split
+    counts = splits.num_examples
+    assert abs(counts["test"] / total - 0.2) < 0.01 and abs(counts["validation"] / total - 0.1) < 0.01
+    full = data.load_splits("digits")
+    assert sum(full.num_examples.values()) == len(digits.target) == 1797
+
+
+def test_digits_resize_matches_bilinear_reference():
+    images, labels, targets = data.digits_arrays((0, 1, 2), 32)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.isin(digits.target, (0, 1, 2))
+    np.testing.assert_array_equal(targets, digits.target[keep])
+    np.testing.assert_array_equal(labels, digits.target[keep])
+    expected = _np_resize(digits.images[keep][0][..., None] / 16.0, 32, 32)[..., 0]
+    np.testing.assert_allclose(images[0, ..., 1], expected, atol=1e-5)
+    assert images.shape == (int(keep.sum()), 32, 32, 3) and images.dtype == np.float32
+
+
+# --- augmentation ------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(300, 400), (401, 257), (224, 224), (90, 120)])
+def test_evaluation_transform_is_torchvision_resize_and_centre_crop(shape):
+    rng = np.random.default_rng(0)
+    image = rng.random((*shape, 3)).astype(np.float32)
+    spec = data.get_dataset_spec("stanford_dogs")
+    out = data.evaluation_transform(tf.constant(image), spec).numpy()
+    np.testing.assert_allclose(out, _np_resize_centre_crop(image, 224), atol=5e-5)
+
+
+@pytest.mark.parametrize("shape", [(10, 400), (400, 10)])
+def test_random_resized_crop_falls_back_to_torchvision_centre_window(shape):
+    for s in range(5):
+        window = data.random_resized_crop_window(*shape, tf.constant([s, 1]))
+        assert tuple(int(v) for v in window) == _np_fallback_window(*shape)
+
+
+def _np_torchvision_window(height, width, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params, with numpy's random numbers."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+    return _np_fallback_window(height, width, ratio)
+
+
+def test_random_resized_crop_windows_match_torchvision_distribution():
+    from scipy import stats
+
+    height, width, n = 120, 200, 4000
+    windows = tf.data.Dataset.range(n).map(
+        lambda i: tf.stack(data.random_resized_crop_window(height, width, tf.stack([
+            tf.constant(7, tf.int64), i])))).batch(n).get_single_element().numpy()
+    top, left, h, w = windows.T
+    assert np.all(top >= 0) and np.all(left >= 0)
+    assert np.all(top + h <= height) and np.all(left + w <= width)
+    assert len(set(zip(top, left))) > n // 4  # placed at random
+    rng = np.random.default_rng(0)
+    reference = np.array([_np_torchvision_window(height, width, rng) for _ in range(n)])
+    for ours, theirs in ((w * h, reference[:, 3] * reference[:, 2]),  # area
+                         (np.log(w / h), np.log(reference[:, 3] / reference[:, 2])),
+                         (top / np.maximum(height - h, 1),
+                          reference[:, 0] / np.maximum(height - reference[:, 2], 1))):
+        assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+
+
+def test_random_resized_crop_is_window_then_antialiased_resize():
+    image = np.random.default_rng(1).random((60, 90, 3)).astype(np.float32)
+    for s in range(4):
+        seed = tf.constant([3, s])
+        top, left, h, w = (int(v) for v in data.random_resized_crop_window(60, 90, seed))
+        out = data.random_resized_crop(tf.constant(image), 32, seed).numpy()
+        expected = _np_resize(image[top:top + h, left:left + w], 32, 32)
+        np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def _match_window(out, padded, size):
+    for dy in range(padded.shape[0] - size + 1):
+        for dx in range(padded.shape[1] - size + 1):
+            window = padded[dy:dy + size, dx:dx + size]
+            if np.array_equal(out, window):
+                return dy, dx, False
+            if np.array_equal(out, window[:, ::-1]):
+                return dy, dx, True
+    raise AssertionError("output is no (flipped) window of the padded image")
+
+
+@pytest.mark.parametrize("name, padding, flips", [("cifar10", 4, True),
+                                                  ("digits", 2, False)])
+def test_pad_crop_flip_against_numpy(name, padding, flips):
+    spec = data.get_dataset_spec(name, image_size=16 if name == "digits" else None)
+    size = spec.image_size
+    image = (np.arange(size * size * 3, dtype=np.float32).reshape(size, size, 3) + 1) / (
+        size * size * 3)
+    padded = np.pad(image, [(padding, padding), (padding, padding), (0, 0)])
+    found = [_match_window(data.augment(tf.constant(image), spec, tf.constant([5, s])).numpy(),
+                           padded, size) for s in range(150)]
+    offsets = np.array([(dy, dx) for dy, dx, _ in found])
+    assert set(offsets[:, 0]) == set(range(2 * padding + 1)) == set(offsets[:, 1])
+    flipped = np.mean([f for _, _, f in found])
+    if flips:
+        assert 0.3 < flipped < 0.7
+    else:
+        assert flipped == 0.0
+
+
+# --- pipelines ---------------------------------------------------------------------------
+def _indexed_dataset(n, size=16):
+    images = np.random.default_rng(0).random((n, size, size, 3)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32)))
+
+
+def test_training_pipeline_epochs_drop_remainder_and_resume():
+    spec = data.get_dataset_spec("digits", image_size=16)
+    ds = _indexed_dataset(10)
+    assert data.steps_per_epoch(10, 4) == 2
+
+    def stream(seed, start_epoch, batches):
+        pipeline = data.make_pipeline(ds, spec, training=True, batch_size=4, seed=seed,
+                                      start_epoch=start_epoch)
+        return [(x.numpy(), y.numpy()) for x, y in pipeline.take(batches)]
+
+    run = stream(seed=3, start_epoch=0, batches=6)
+    assert all(x.shape == (4, 16, 16, 3) and y.shape == (4,) for x, y in run)
+    epochs = [np.concatenate([run[2 * e][1], run[2 * e + 1][1]]) for e in range(3)]
+    for labels in epochs:
+        assert len(set(labels)) == 8  # 8 distinct examples, the 2 left over dropped
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+    resumed = stream(seed=3, start_epoch=1, batches=4)
+    for (x, y), (rx, ry) in zip(run[2:], resumed):
+        np.testing.assert_array_equal(y, ry)
+        np.testing.assert_array_equal(x, rx)
+    other_seed = stream(seed=4, start_epoch=0, batches=2)
+    assert not np.array_equal(np.concatenate([b[1] for b in other_seed]), epochs[0])
+
+
+def test_evaluation_pipeline_keeps_order_and_last_batch():
+    spec = data.get_dataset_spec("digits", image_size=16)
+    ds = _indexed_dataset(10)
+    batches = list(data.make_pipeline(ds, spec, training=False, batch_size=4))
+    assert [b[1].numpy().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    expected = np.stack([x.numpy() for x, _ in ds])
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in batches]), expected)
+
+
+def test_check_batch_size():
+    data.check_batch_size(128, 1, twin=True)
+    data.check_batch_size(128, 2, twin=True)
+    data.check_batch_size(6, 2, twin=False)
+    with pytest.raises(ValueError, match="multiple of 2 x 2 replica"):
+        data.check_batch_size(6, 2, twin=True)
+    with pytest.raises(ValueError, match="multiple of 2 x 1 replica"):
+        data.check_batch_size(7, 1, twin=True)
+    with pytest.raises(ValueError, match="multiple of the 4 replicas"):
+        data.check_batch_size(6, 4, twin=False)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.steps_per_epoch(3, 4)
+
+
+# --- flagfiles ---------------------------------------------------------------------------
+# Spec §6's table: dataset -> (lr, weight decay, lambda_twins); CIFAR at 32 px upsampled x7.
+SPEC_SETTINGS = {"cifar10": (0.003, 1e-5, 1.0), "cifar100": (0.003, 1e-5, 1.0),
+                 "caltech256": (0.003, 1e-3, 0.4), "caltech_birds2011": (0.003, 1e-3, 0.4),
+                 "stanford_dogs": (0.003, 1e-3, 0.4)}
+FLAGS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "flags")
+
+
+def test_flagfiles_parse_with_the_train_flags_and_follow_the_spec():
+    from absl import flags
+
+    from twins_tf import run_config
+
+    files = sorted(f for f in os.listdir(FLAGS_DIR) if f.endswith(".flags"))
+    datasets = set()
+    for name in files:
+        values = flags.FlagValues()
+        run_config.define_flags(values, "train")
+        values(["train", f"--flagfile={os.path.join(FLAGS_DIR, name)}"])
+        spec = data.get_dataset_spec(values.dataset)
+        datasets.add(spec.name)
+        assert (values.image_size, values.upsample) == (spec.image_size, spec.upsample), name
+        assert values.epochs == 60 and values.batch_size == 128, name
+        assert [int(e) for e in values.lr_decay_epochs] == [30, 50], name
+        assert values.attack_eps == pytest.approx(8 / 255) and values.attack_steps == 10, name
+        assert values.attack_step == pytest.approx(2 / 255) and values.beta == 6.0, name
+        if spec.name in SPEC_SETTINGS:
+            assert (values.lr, values.weight_decay, values.lambda_twins) == pytest.approx(
+                SPEC_SETTINGS[spec.name]), name
+    assert set(SPEC_SETTINGS) <= datasets
+    assert datasets == {n for n, s in data.DATASETS.items()
+                        if s.source == data.TFDS or n == "caltech256"}

@@ -1,0 +1,146 @@
+"""Tests of twins_tf.export: the SavedModel serves what the Keras model infers.
+
+Each test reloads the SavedModel with `tf.saved_model.load` (no Keras involved) and compares
+its serving signature with the Keras model's inference output (`training=False`: Adaptive
+wing, moving statistics), and the probabilities with a numpy softmax of the served logits.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from twins_tf import export
+from twins_tf.layers import set_twin_mode, twin_layers
+from twins_tf.models import build_resnet
+
+
+def _randomise_adaptive_wing(model, seed=0):
+    """Moves every Adaptive wing away from the Frozen one (as training would)."""
+    rng = np.random.default_rng(seed)
+    for layer in twin_layers(model):
+        n = layer.gamma.shape[0]
+        layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+        layer.beta.assign(rng.normal(0, 0.2, n).astype("float32"))
+        layer.moving_mean.assign(rng.normal(0, 0.3, n).astype("float32"))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
+
+
+def _serve(path, images):
+    served = tf.saved_model.load(path)
+    signature = served.signatures["serving_default"]
+    (_, inputs) = signature.structured_input_signature
+    outputs = signature(images=tf.constant(images))
+    return inputs, {k: v.numpy() for k, v in outputs.items()}
+
+
+def _softmax(logits):
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+
+
+def test_twin_resnet_export_serves_the_adaptive_inference(tmp_path):
+    model = build_resnet("resnet18", 5, twin=True, input_shape=(16, 16, 3), upsample=2)
+    _randomise_adaptive_wing(model)
+    images = np.random.default_rng(1).random((6, 16, 16, 3)).astype("float32")
+    expected = model(images, training=False).numpy()
+    set_twin_mode(model, "frozen")
+    frozen = model(images, training=False).numpy()
+    set_twin_mode(model, "twin")
+    assert np.abs(frozen - expected).max() > 1e-2  # the wings really differ
+
+    plain = export.export_saved_model(model, str(tmp_path / "sm"), image_size=16)
+    assert not twin_layers(plain)
+    inputs, out = _serve(str(tmp_path / "sm"), images)
+    assert inputs["images"].shape.as_list() == [None, 16, 16, 3]
+    assert inputs["images"].dtype == tf.float32
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out["probabilities"], _softmax(out["logits"]), atol=1e-6)
+
+
+def test_plain_model_export_and_size_check(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    bn = model.layers[2]
+    bn.moving_mean.assign(np.linspace(-1, 1, 4).astype("float32"))
+    bn.moving_variance.assign(np.linspace(0.5, 2, 4).astype("float32"))
+    images = np.random.default_rng(2).random((5, 8, 8, 3)).astype("float32")
+    export.export_saved_model(model, str(tmp_path / "sm"), image_size=8)
+    _, out = _serve(str(tmp_path / "sm"), images)
+    np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="image_size=16 does not match the model's input 8x8"):
+        export.export_saved_model(model, str(tmp_path / "other"), image_size=16)
+
+
+def _write_run(model_dir, model, settings):
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(settings, f)
+    model.save_weights(os.path.join(model_dir, "best.weights.h5"))
+
+
+def _flag_values(*argv):
+    values = flags.FlagValues()
+    export.define_flags(values)
+    values(["export", *argv])
+    return values
+
+
+RUN_SETTINGS = {"arch": "resnet18", "num_classes": 3, "image_size": 16, "upsample": 1,
+                "twin": True, "dataset": "digits_5_9", "method": "twins_at"}
+
+
+def test_export_binary_from_a_run_directory(tmp_path):
+    model = build_resnet("resnet18", 3, twin=True, input_shape=(16, 16, 3))
+    _randomise_adaptive_wing(model, seed=3)
+    run = str(tmp_path / "run")
+    _write_run(run, model, RUN_SETTINGS)
+    output = str(tmp_path / "exported")
+    result = subprocess.run(
+        [sys.executable, "-m", "twins_tf.export", f"--model_dir={run}", f"--output={output}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "images float32 [N, 16, 16, 3] in [0, 1]" in result.stdout
+    images = np.random.default_rng(4).random((4, 16, 16, 3)).astype("float32")
+    _, out = _serve(output, images)
+    np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(),
+                               atol=1e-4, rtol=1e-4)
+    # A second export to the same place is refused; nothing is overwritten.
+    before = os.path.getmtime(os.path.join(output, "saved_model.pb"))
+    with pytest.raises(SystemExit, match="exists and is not empty; refusing to overwrite"):
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--output={output}"))
+    assert os.path.getmtime(os.path.join(output, "saved_model.pb")) == before
+
+
+def test_export_binary_errors(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        export.main(["export"], _flag_values(f"--model_dir={run}",
+                                             f"--output={tmp_path / 'a'}"))
+    os.makedirs(run)
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(RUN_SETTINGS, f)
+    with pytest.raises(SystemExit, match="No weights file .*best.weights.h5"):
+        export.main(["export"], _flag_values(f"--model_dir={run}",
+                                             f"--output={tmp_path / 'b'}"))
+    other = build_resnet("resnet18", 7, twin=True, input_shape=(16, 16, 3))
+    wrong = os.path.join(run, "other.weights.h5")
+    other.save_weights(wrong)
+    with pytest.raises(SystemExit, match="does not fit the run's resnet18"):
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--weights={wrong}",
+                                             f"--output={tmp_path / 'c'}"))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"arch": "resnet18"}, f)
+    with pytest.raises(SystemExit, match="lacks num_classes, image_size, upsample, twin"):
+        export.main(["export"], _flag_values(f"--model_dir={run}",
+                                             f"--output={tmp_path / 'd'}"))
