@@ -79,6 +79,19 @@ def test_robustness_metadata(tmp_path, net):
     assert meta["dropped_keys"] == 2 + len(net.state_dict()) + bns
 
 
+def test_pytorch_examples_checkpoint_keeps_its_entries_as_metadata(tmp_path, net, expected):
+    """pytorch/examples' ImageNet script saves {'epoch', 'arch', 'state_dict', 'best_acc1', ...}."""
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"epoch": 90, "arch": "resnet50", "state_dict": state, "best_acc1": 76.1,
+                "optimizer": {"state": {}}}, tmp_path / "model_best.pth.tar")
+    checkpoint = weights.read_checkpoint(tmp_path / "model_best.pth.tar")
+    assert_same_state(checkpoint.state_dict, expected)
+    meta = checkpoint.metadata
+    assert meta["format"] == "torch" and meta["container"] == "state_dict"
+    assert meta["arch"] == "resnet18" and meta["file_arch"] == "resnet50"  # the keys decide
+    assert meta["epoch"] == 90 and meta["best_acc1"] == 76.1 and "eps" not in meta
+
+
 def test_eps_from_the_file_wins_over_the_name_and_linf_names_are_in_255ths(tmp_path, net):
     path = save_robustness_checkpoint(net, tmp_path / "r_linf_eps8.0.ckpt", extra={"eps": 0.5})
     assert weights.read_checkpoint(path).metadata["eps"] == 0.5

@@ -38,7 +38,8 @@ def describe(summary):
     """The lines `main` prints about a conversion (see `weights.convert_checkpoint`)."""
     container = f", entry {summary['container']!r}" if summary.get("container") else ""
     lines = [f"format: {summary['format']}{container}"]
-    lines.append(f"arch in file: {summary.get('arch') or 'not a known ResNet layout'}")
+    layout = summary.get("arch") or "not a known ResNet layout"
+    lines.append(f"arch in file: {layout} (from its keys)")
     if "epoch" in summary:
         lines.append(f"epoch: {summary['epoch']}")
     if "eps" in summary:

@@ -64,8 +64,9 @@ class Checkpoint:
       metadata: what else the file says, for reports: "format" (robustness / torch /
         safetensors / npz), "container" ('model', 'state_dict' or None), "epoch" and "eps"
         when present ("eps_source" says whether from the file or its name), "arch" (inferred
-        from the keys, None if unknown), "normalizer_mean"/"normalizer_std" when present,
-        "dropped_keys" (duplicates under `attacker.` and `num_batches_tracked`).
+        from the keys, None if unknown; an 'arch' entry of the file is kept as "file_arch"),
+        "normalizer_mean"/"normalizer_std" when present, "dropped_keys" (duplicates under
+        `attacker.` and `num_batches_tracked`), and the file's other top-level scalars.
     """
 
     state_dict: dict
@@ -123,7 +124,8 @@ def read_checkpoint(path, *, allow_pickle=False):
     metadata["format"] = (
         "robustness" if metadata.pop("had_model_prefix") and kind == "torch" else kind
     )
-    metadata.update(_scalar_metadata(top_level))
+    for key, value in _scalar_metadata(top_level).items():  # e.g. epoch, best_acc1
+        metadata.setdefault("file_arch" if key == "arch" else key, value)
     _add_eps(metadata, top_level, path)
     metadata["arch"] = infer_arch_from_state_dict(state_dict)
     return Checkpoint(state_dict, metadata)
