@@ -10,7 +10,7 @@ TEST_FLAGS ?=
 # This machine keeps the CPU build of torch 2.13.0 as a local wheel (PyPI's newest is CUDA).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean bazel-test
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
+
+# Bazel (Debian's bazel-bootstrap 4.2.3, offline): one target per module, test file and binary.
+# tools/bazel_test.sh apt-installs bazel-bootstrap only when no `bazel` is on PATH.
+BAZEL_FLAGS ?=
+bazel-test: $(STAMP)
+	tools/bazel_test.sh $(BAZEL_FLAGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
