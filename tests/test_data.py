@@ -324,9 +324,18 @@ def test_digits_classes_and_splits():
             seen.append(image[..., 0].tobytes())
     assert len(seen) == len(set(seen)) == total  # every image in exactly one split
     counts = splits.num_examples
-    assert abs(counts["test"] / total - 0.2) < 0.01 and abs(counts["validation"] / total - 0.1) < 0.01
+    assert abs(counts["test"] / total - 0.2) < 0.01
+    assert abs(counts["validation"] / total - 0.1) < 0.01
     full = data.load_splits("digits")
     assert sum(full.num_examples.values()) == len(digits.target) == 1797
+    chosen = data.load_splits(data.get_dataset_spec("digits", classes=(7, 1), image_size=8))
+    for image, label in chosen.test:
+        assert (7, 1)[int(label)] in originals[image.numpy()[..., 0].tobytes()]
+    assert sum(chosen.num_examples.values()) == int(np.isin(digits.target, (1, 7)).sum())
+    with pytest.raises(ValueError, match="distinct digits 0-9"):
+        data.get_dataset_spec("digits", classes=(3, 3))
+    with pytest.raises(ValueError, match="classes= selects digits"):
+        data.get_dataset_spec("cifar10", classes=(1, 2))
 
 
 def test_digits_resize_matches_bilinear_reference():

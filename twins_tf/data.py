@@ -161,7 +161,7 @@ DATASETS = {
 ALIASES = {"cub200": "caltech_birds2011"}
 
 
-def get_dataset_spec(name, *, image_size=None, upsample=None):
+def get_dataset_spec(name, *, image_size=None, upsample=None, classes=None):
     """Returns the registry row for `name`, optionally with another input size.
 
     Args:
@@ -169,6 +169,8 @@ def get_dataset_spec(name, *, image_size=None, upsample=None):
       image_size: replaces the registered image size (not allowed for "cifar" preprocessing,
         whose images are stored at 32 px: change `upsample` instead).
       upsample: replaces the registered upsampling factor of the model input.
+      classes: for the digits datasets, the digits to keep, in label order (e.g. (1, 3, 7)
+        gives labels 0, 1, 2).
 
     Returns:
       A `DatasetSpec`.
@@ -190,6 +192,13 @@ def get_dataset_spec(name, *, image_size=None, upsample=None):
         if int(upsample) < 1:
             raise ValueError(f"upsample must be a positive integer, got {upsample}.")
         spec = dataclasses.replace(spec, upsample=int(upsample))
+    if classes is not None:
+        classes = tuple(int(c) for c in classes)
+        if spec.source != SKLEARN_DIGITS:
+            raise ValueError(f"classes= selects digits; {spec.name} keeps all its classes.")
+        if not classes or len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
+            raise ValueError(f"classes must be distinct digits 0-9, got {classes}.")
+        spec = dataclasses.replace(spec, classes=classes, num_classes=len(classes))
     return spec
 
 

@@ -27,7 +27,7 @@ import sys
 
 import keras
 import tensorflow as tf
-from absl import app, flags
+from absl import app, flags, logging
 
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.twinify import untwin
@@ -147,6 +147,8 @@ def main(argv, flag_values=flags.FLAGS):
     model_dir, output = flag_values.model_dir, flag_values.output
     if not model_dir or not output:
         raise app.UsageError("--model_dir and --output are required.")
+    if "verbosity" in flag_values and not flag_values["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # SavedModel writing logs pages of INFO lines
     if tf.io.gfile.exists(output) and tf.io.gfile.listdir(output):
         sys.exit(f"error: --output={output} exists and is not empty; refusing to overwrite "
                  "it: choose a new directory.")
