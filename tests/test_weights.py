@@ -3,8 +3,6 @@
 The reference for every value is the PyTorch module that wrote the file (its own
 `state_dict()`), or PyTorch's forward pass; nothing is compared with twins_tf's own output.
 """
-import os
-import pickle
 import sys
 
 import keras
@@ -126,9 +124,6 @@ def test_imagenet_normaliser_is_not_reported(tmp_path, net, recwarn):
 
 
 # --- unsafe pickles -----------------------------------------------------------------------------
-MARKER_ENV = "TWINS_TF_TEST_UNPICKLE_MARKER"
-
-
 def _leave_marker(path):
     """What a malicious pickle would do: run code on load."""
     with open(path, "w") as f:

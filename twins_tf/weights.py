@@ -31,8 +31,10 @@ import re
 import warnings
 import zipfile
 
+import keras
 import numpy as np
 
+from twins_tf.layers import TwinBatchNormalization
 from twins_tf.models.resnet import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, build_resnet
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -406,10 +408,6 @@ def infer_arch(model):
 
 def _weighted_layers(model):
     """{layer name: layer} for the layers that carry torchvision weights."""
-    import keras
-
-    from twins_tf.layers import TwinBatchNormalization
-
     kinds = (
         keras.layers.Conv2D, keras.layers.BatchNormalization, TwinBatchNormalization,
         keras.layers.Dense,
@@ -423,8 +421,6 @@ def _weighted_layers(model):
 
 def _torch_keys(layer):
     """torchvision key -> (Keras attribute names, transform) for one layer."""
-    import keras
-
     prefix = layer.name.replace("_", ".")
     if isinstance(layer, keras.layers.Conv2D):
         return {f"{prefix}.weight": ("kernel", lambda w: np.transpose(w, (2, 3, 1, 0)))}
@@ -480,8 +476,6 @@ def load_torch_state_dict(model, state_dict, *, head=False):
       >>> model = build_resnet("resnet50", num_classes=10)
       >>> load_torch_state_dict(model, read_torch_checkpoint("resnet50_linf_eps4.0.ckpt"))
     """
-    from twins_tf.layers import TwinBatchNormalization
-
     arch = infer_arch(model)
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     expected = {}  # torchvision key -> (layer, attribute, transform)
@@ -649,8 +643,6 @@ def _weight_groups(h5file):
 
 
 def _copy_weights(source, target, *, head):
-    from twins_tf.layers import TwinBatchNormalization
-
     source_layers = _weighted_layers(source)
     assignments = []
     for name, layer in _weighted_layers(target).items():
