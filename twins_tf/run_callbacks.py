@@ -43,7 +43,7 @@ def current_learning_rate(optimizer):
 
 
 class MetricsCsv(keras.callbacks.Callback):
-    """One CSV row per epoch: `epoch`, `lr` and every training and validation metric.
+    """One CSV row per epoch: `epoch`, its `lr` and every training and validation metric.
 
     Args:
       path: the CSV file.
@@ -57,9 +57,11 @@ class MetricsCsv(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if self._rows is None:  # first epoch of this process: keep only epochs already done
             self._rows = [row for row in self._read() if int(row["epoch"]) <= epoch]
+        # the schedule changes at epoch boundaries, so the epoch's first lr is its lr
+        self._learning_rate = current_learning_rate(self.model.optimizer)
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, "lr": current_learning_rate(self.model.optimizer)}
+        row = {"epoch": epoch + 1, "lr": self._learning_rate}
         row.update({k: _number(v) for k, v in (logs or {}).items()})
         self._rows.append(row)
         columns = []

@@ -1,0 +1,127 @@
+"""Shared pieces of the binaries' tests: tiny settings, cached runs, subprocess helpers.
+
+A training run costs tens of seconds even at 16 pixels, so the runs several test modules read
+(the tiny PGD-AT source model, a TWINS-AT fine-tuning of it) are made once per session and
+cached here rather than in per-module fixtures.
+"""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+from absl import flags
+
+from twins_tf import run_config
+
+REPO_ROOT = pathlib.Path(__file__).absolute().parent.parent
+
+# ResNet-18 on 16-pixel digits, one PGD step: seconds per epoch on a laptop CPU.
+TINY = ["--arch=resnet18", "--image_size=16", "--batch_size=16", "--attack_steps=1",
+        "--attack_eps=8/255", "--attack_step=4/255", "--max_train_examples=64",
+        "--max_validation_examples=32", "--lr_decay_epochs=", "--seed=7"]
+SOURCE_ARGS = ["--dataset=digits_0_4", *TINY, "--method=at", "--epochs=2", "--lr=0.02",
+               "--weight_decay=5e-4"]
+FINETUNE_ARGS = ["--dataset=digits_5_9", *TINY, "--method=twins_at", "--epochs=2",
+                 "--lr=0.01", "--weight_decay=1e-4", "--lambda_twins=0.5"]
+
+_CACHE = {}
+
+
+def settings(binary, args):
+    """Settings of `python -m twins_tf.<binary> <args>`, parsed as the binary parses them."""
+    flag_values = flags.FlagValues()
+    run_config.define_flags(flag_values, binary)
+    flag_values([binary, *args])
+    return run_config.settings_from_flags(flag_values, binary)
+
+
+def evaluate_settings(args):
+    """Settings of `python -m twins_tf.evaluate <args>`, parsed as the binary parses them."""
+    from twins_tf import evaluate
+
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    flag_values(["evaluate", *args])
+    return evaluate.settings_from_flags(flag_values)
+
+
+def source_run(tmp_path_factory):
+    """model_dir of a finished tiny `pretrain` run (PGD-AT on digits 0-4), made once."""
+    if "source" not in _CACHE:
+        from twins_tf import pretrain
+
+        model_dir = tmp_path_factory.mktemp("source") / "run"
+        pretrain.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={model_dir}"]),
+                     verbose=0)
+        _CACHE["source"] = model_dir
+    return _CACHE["source"]
+
+
+def finetune_run(tmp_path_factory):
+    """model_dir of a finished tiny TWINS-AT `train` run from the source run, made once."""
+    if "finetune" not in _CACHE:
+        from twins_tf import train
+
+        pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+        model_dir = tmp_path_factory.mktemp("finetune") / "run"
+        train.run(settings("train", [*FINETUNE_ARGS, f"--pretrained={pretrained}",
+                                     f"--model_dir={model_dir}"]), verbose=0)
+        _CACHE["finetune"] = model_dir
+    return _CACHE["finetune"]
+
+
+def read_weights(path):
+    """{h5 dataset path: array} of a `.weights.h5` file, read with h5py (not Keras)."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = read_weights(path_a), read_weights(path_b)
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differing, f"{len(differing)} of {len(a)} arrays differ, e.g. {differing[:3]}"
+    assert all(np.all(np.isfinite(v)) for v in a.values() if v.dtype.kind == "f")
+
+
+def binary_command(module, args):
+    return [sys.executable, "-m", f"twins_tf.{module}", *args]
+
+
+def subprocess_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_binary(module, args, *, timeout=300, **env):
+    """Runs `python -m twins_tf.<module> <args>` to completion; returns the CompletedProcess."""
+    return subprocess.run(binary_command(module, args), cwd=REPO_ROOT, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def free_ports(count):
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def file_snapshot(directory):
+    """{relative path: bytes} of every file under `directory` (to show nothing changed)."""
+    directory = pathlib.Path(directory)
+    if not directory.exists():
+        return {}
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
