@@ -1,0 +1,163 @@
+"""`python -m twins_tf.evaluate`: accuracies against an independent reference, report, errors.
+
+The reference evaluation is written here from the formulas (spec §4, §7): the model's argmax
+on clean images, and L-inf PGD by hand (sign steps, projection, clipping) in eager
+TensorFlow, with no twins_tf attack code.
+"""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from binaries_testlib import evaluate_settings, finetune_run, source_run
+from twins_tf import data as data_lib
+from twins_tf import evaluate, run_config
+from twins_tf.models.resnet import build_resnet
+from twins_tf.run_config import SetupError
+
+EXAMPLES = 48
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return source_run(tmp_path_factory)
+
+
+def _test_examples(config, count):
+    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
+    test = data_lib.load_splits(spec).test.take(count)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in test])
+    return np.stack(images), np.array(labels)
+
+
+def _reference_accuracies(model, images, labels, eps, step, steps):
+    """Clean and PGD-`steps` accuracy computed from the formulas (no random start)."""
+    x = tf.constant(images)
+    y = tf.constant(labels)
+    clean = np.mean(np.argmax(model(x, training=False).numpy(), -1) == labels)
+    x_adv = x
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            tape.watch(x_adv)
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+                y, model(x_adv, training=False), from_logits=True))
+        x_adv = x_adv + step * tf.sign(tape.gradient(loss, x_adv))
+        x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
+    robust = np.mean(np.argmax(model(x_adv, training=False).numpy(), -1) == labels)
+    return clean, robust
+
+
+def _model_of_run(model_dir, *, twin):
+    config = run_config.read_config(model_dir)
+    model = build_resnet(config["arch"], config["num_classes"], twin=twin,
+                         input_shape=(config["image_size"], config["image_size"], 3))
+    model.load_weights(model_dir / run_config.BEST_WEIGHTS)
+    return config, model
+
+
+def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
+    report = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={source}", "--attacks=clean,pgd3", f"--max_examples={EXAMPLES}",
+        "--batch_size=20", "--attack_step=2/255"]))
+    config, model = _model_of_run(source, twin=False)
+    images, labels = _test_examples(config, EXAMPLES)
+    clean, robust = _reference_accuracies(model, images, labels, 8 / 255, 2 / 255, 3)
+    results = report["results"]
+    assert results["clean"]["accuracy"] == pytest.approx(clean, abs=1e-9)
+    # one example may sit on a decision boundary where float32 rounding differs
+    assert results["pgd3"]["accuracy"] == pytest.approx(robust, abs=1 / EXAMPLES + 1e-9)
+    assert results["pgd3"]["correct"] == round(results["pgd3"]["accuracy"] * EXAMPLES)
+    assert results["pgd3"]["examples"] == EXAMPLES
+    assert (results["pgd3"]["steps"], results["pgd3"]["restarts"]) == (3, 1)
+    assert results["pgd3"]["random_start"] is False
+    assert report["epsilon"] == pytest.approx(8 / 255)  # the run's, from config.json
+
+    written = json.loads((source / "evaluation_test.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert (written["split"], written["examples"], written["arch"]) == ("test", EXAMPLES,
+                                                                        "resnet18")
+    table = evaluate.format_table(report)
+    assert f"{100 * clean:.2f}%" in table and "pgd3" in table
+    assert "clean: " in capsys.readouterr().out
+
+
+def test_twin_runs_are_evaluated_through_the_adaptive_wing(tmp_path_factory, tmp_path):
+    finetuned = finetune_run(tmp_path_factory)
+    report = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={finetuned}", "--split=validation", "--attacks=clean",
+        f"--output={tmp_path / 'r.json'}"]), log=lambda _: None)
+    config, twin_model = _model_of_run(finetuned, twin=True)
+    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
+    validation = data_lib.load_splits(spec).validation
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in validation])
+    predictions = np.argmax(twin_model(np.stack(images), training=False).numpy(), -1)
+    assert report["results"]["clean"]["accuracy"] == pytest.approx(
+        np.mean(predictions == np.array(labels)), abs=1e-9)
+    assert report["examples"] == len(labels)
+
+
+def test_explicit_weights_without_a_model_dir(source, tmp_path):
+    by_dir = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={source}", "--attacks=clean", "--max_examples=32",
+        f"--output={tmp_path / 'a.json'}"]), log=lambda _: None)
+    by_file = evaluate.evaluate(evaluate_settings([
+        f"--weights={source / 'best.weights.h5'}", "--arch=resnet18", "--dataset=digits_0_4",
+        "--image_size=16", "--attacks=clean", "--max_examples=32"]), log=lambda _: None)
+    assert by_file["results"]["clean"]["accuracy"] == by_dir["results"]["clean"]["accuracy"]
+    assert by_file["model_dir"] is None
+
+
+def test_parses_attack_lists():
+    assert evaluate.parse_attacks(["clean", "pgd10", "PGD50", "autoattack"]) == [
+        ("clean", None), ("pgd10", 10), ("pgd50", 50), ("autoattack", None)]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--attacks=clean,fgsm"], "unknown attack 'fgsm'"),
+    (["--attacks=pgd0"], "unknown attack 'pgd0'"),
+    (["--attacks=clean,clean"], "names an attack twice"),
+    (["--attack_eps=8"], r"--attack_eps=8 is outside \[0, 1\]"),
+    (["--weights=/nonexistent/x.weights.h5"], "weights file not found"),
+    (["--arch=resnet19"], "Unknown arch 'resnet19'"),
+    (["--dataset=nope"], "Unknown dataset 'nope'"),
+])
+def test_bad_input(source, args, match):
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(SetupError, match=match) as error:
+        evaluate.evaluate(evaluate_settings([f"--model_dir={source}", *args]))
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
+    with pytest.raises(SetupError, match="without --model_dir, --weights is required"):
+        evaluate.evaluate(evaluate_settings(["--attacks=clean"]))
+    with pytest.raises(SetupError, match="holds no config.json"):
+        evaluate.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
+
+
+def test_a_weights_file_of_another_arch(source):
+    with pytest.raises(SetupError, match="--weights: .*does not hold resnet34 weights"):
+        evaluate.evaluate(evaluate_settings([
+            f"--weights={source / 'best.weights.h5'}", "--arch=resnet34",
+            "--dataset=digits_0_4", "--attacks=clean"]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("twins_tf.attacks.autoattack") is None,
+                    reason="twins_tf.attacks.autoattack is not in this tree yet")
+def test_autoattack_reports_each_sub_attack(source, tmp_path):
+    report = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={source}", "--attacks=clean,pgd3,autoattack", "--max_examples=16",
+        "--attack_step=2/255", f"--output={tmp_path / 'aa.json'}"]), log=lambda _: None)
+    results = report["results"]
+    after = results["autoattack"]["after_each_attack"]
+    assert after, "no per-attack accuracies"
+    values = list(after.values())
+    assert all(a >= b - 1e-9 for a, b in zip(values, values[1:]))  # attacks only remove points
+    assert results["autoattack"]["accuracy"] == pytest.approx(values[-1])
+    assert results["autoattack"]["accuracy"] <= results["clean"]["accuracy"] + 1e-9
+    assert results["autoattack"]["clean_accuracy"] == pytest.approx(results["clean"]["accuracy"])
+    assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == results[
+        "autoattack"]
