@@ -1,0 +1,151 @@
+"""A small adversarially trained classifier, in Keras and in PyTorch, for the attack tests.
+
+The AutoAttack tests compare our TensorFlow attacks with an independent implementation
+(torchattacks, PyTorch) on the *same* network.  Robust accuracy only means something on a model
+that is somewhat robust, so the network is adversarially trained here (PGD-AT, Madry et al.
+2018) for a few seconds on scikit-learn's `load_digits` (1,797 real 8x8 digits shipped with
+scikit-learn, no download), upsampled to 16x16 and copied to three channels.  The trained Keras
+weights are then copied into an identically defined PyTorch module.
+
+Public helpers (the test modules of the attacks import them):
+  * `robust_digits()`: a cached `Testbed` with the Keras model, its PyTorch twin, the test
+    images (NHWC, float32, [0, 1]) and labels, and the training epsilon `EPSILON`.
+  * `torch_nchw(images)`: NHWC numpy images to an NCHW float32 torch tensor.
+  * `keras_accuracy(model, images, labels)`: accuracy of the Keras model.
+"""
+import dataclasses
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+EPSILON = 0.1  # L-inf training and test radius for the 16x16 digits (pixels in [0, 1])
+L2_EPSILON = 1.0
+IMAGE_SIZE = 16
+NUM_TRAIN = 1400
+
+
+@dataclasses.dataclass
+class Testbed:
+    keras_model: keras.Model
+    torch_model: nn.Module
+    x_test: np.ndarray  # (n, 16, 16, 3) float32 in [0, 1]
+    y_test: np.ndarray  # (n,) int64
+
+
+def digit_images():
+    """All 1,797 digits as (n, 16, 16, 3) float32 images in [0, 1] and int64 labels, shuffled."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)
+    scale = IMAGE_SIZE // 8
+    images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order], digits.target[order].astype(np.int64)
+
+
+def keras_convnet(num_classes=10):
+    """Three 3x3 convs (explicit symmetric padding, as PyTorch pads) and two dense layers."""
+    inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+    x = inputs
+    for filters, stride in ((16, 1), (32, 2), (32, 2)):
+        x = keras.layers.ZeroPadding2D(1)(x)
+        x = keras.layers.Conv2D(filters, 3, strides=stride, activation="relu")(x)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    outputs = keras.layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs)
+
+
+class TorchConvnet(nn.Module):
+    """The PyTorch twin of `keras_convnet` (NCHW input; flattens in NHWC order like Keras)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.convs = nn.ModuleList([
+            nn.Conv2d(3, 16, 3, stride=1, padding=1),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        ])
+        self.dense = nn.Linear(32 * (IMAGE_SIZE // 4) ** 2, 64)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        x = x.permute(0, 2, 3, 1).flatten(1)
+        return self.head(torch.relu(self.dense(x)))
+
+
+def copy_keras_to_torch(model, module):
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    denses = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    with torch.no_grad():
+        for layer, conv in zip(convs, module.convs):
+            kernel, bias = layer.get_weights()
+            conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(bias))
+        for layer, dense in zip(denses, (module.dense, module.head)):
+            kernel, bias = layer.get_weights()
+            dense.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            dense.bias.copy_(torch.from_numpy(bias))
+    return module.eval()
+
+
+def adversarially_train(model, images, labels, *, epsilon, epochs, seed=0):
+    """PGD-AT: 5-step L-inf PGD with a random start, Adam, batch 64."""
+    keras.utils.set_random_seed(seed)
+    optimizer = keras.optimizers.Adam(2e-3)
+    step_size = 2.5 * epsilon / 5
+
+    def pgd(x, y):
+        x_adv = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -epsilon, epsilon), 0., 1.)
+        for _ in range(5):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+                    y, model(x_adv, training=False), from_logits=True))
+            x_adv = x_adv + step_size * tf.sign(tape.gradient(loss, x_adv))
+            x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - epsilon, x + epsilon), 0., 1.)
+        return x_adv
+
+    @tf.function
+    def train_step(x, y):
+        x_adv = pgd(x, y)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                y, model(x_adv, training=True), from_logits=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(images))
+        for start in range(0, len(images) - 63, 64):
+            batch = order[start:start + 64]
+            train_step(tf.constant(images[batch]), tf.constant(labels[batch]))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def robust_digits(epochs=30):
+    images, labels = digit_images()
+    keras.utils.set_random_seed(0)
+    model = keras_convnet()
+    adversarially_train(model, images[:NUM_TRAIN], labels[:NUM_TRAIN], epsilon=EPSILON,
+                        epochs=epochs)
+    module = copy_keras_to_torch(model, TorchConvnet())
+    return Testbed(model, module, images[NUM_TRAIN:], labels[NUM_TRAIN:])
+
+
+def torch_nchw(images):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
+
+
+def keras_accuracy(model, images, labels):
+    logits = model(tf.constant(images), training=False).numpy()
+    return float(np.mean(logits.argmax(-1) == np.asarray(labels)))

@@ -1,0 +1,281 @@
+"""Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble
+of diverse parameter-free attacks"): APGD-CE, APGD-DLR and the targeted APGD-T of AutoAttack.
+
+Why our own: the reference implementation (fra31/auto-attack) is PyTorch and needs PyTorch even
+for Keras models; torchattacks is PyTorch only; the Adversarial Robustness Toolbox runs APGD
+on TensorFlow but eagerly, one Python step at a time, and not the AutoAttack orchestration.
+Here one attack run is a single `tf.function` whose iteration loop is a `tf.while_loop`, so a
+100-step run costs 100 forward/backward passes and no Python overhead.
+
+The algorithm (paper section 3, Algorithm 1), per example:
+  * start at a random point on the epsilon-sphere (L-inf: uniform direction scaled to max-norm
+    epsilon; L2: Gaussian direction scaled to norm epsilon), clipped to [0, 1];
+  * step size eta = 2 * epsilon; the first step is a projected gradient step
+    (L-inf: sign of the gradient, L2: normalised gradient), every later step mixes it with
+    momentum 0.75: x <- P(x + 0.75 (z - x) + 0.25 (x - x_prev)), z = P(x + eta * step);
+  * at checkpoints w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), the step size is halved and the iterate
+    reset to the best point so far when
+      condition 1: the loss increased in at most rho * (w_j - w_{j-1}) of the steps since the
+        last checkpoint (rho = 0.75; "at most" as in the reference code, the paper writes "<"),
+      condition 2: the step size was not halved at the last checkpoint and the best loss has
+        not improved since;
+    the first window counts its first step against the loss at the random start (the
+    reference code compares it with 0);
+  * the attack succeeds on an example as soon as one iterate is misclassified; that iterate is
+    returned.
+
+Losses: cross-entropy ("ce"), the difference of logits ratio
+    DLR(z, y) = -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)
+and its targeted version (APGD-T)
+    DLR_t(z, y, t) = -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2),
+with z_pi1 >= z_pi2 >= ... the sorted logits.  APGD-T runs once per target class, the targets
+being the 2nd, 3rd, ... 10th most likely classes at the clean input, each run only on the
+examples no earlier run fooled.
+"""
+import numpy as np
+import tensorflow as tf
+
+from twins_tf.attacks import _lp
+
+LOSSES = ("ce", "dlr")
+
+
+def checkpoint_schedule(steps):
+    """The iterations after which APGD checks its step size, and the window lengths.
+
+    Args:
+      steps: total number of iterations N.
+
+    Returns:
+      A list of (iteration, window) pairs: the check happens after `iteration` steps
+      (1-based count, w_j = ceil(p_j * N)) and looks back over `window` = w_j - w_{j-1} steps.
+    """
+    # p_j in hundredths keeps the arithmetic exact: ceil(0.41 * 100) must be 41, not 42.
+    p_prev, p_curr = 0, 22
+    schedule, last = [], 0
+    while p_curr <= 100:
+        w = -(-p_curr * steps // 100)
+        if last < w <= steps:
+            schedule.append((w, w - last))
+            last = w
+        p_prev, p_curr = p_curr, p_curr + max(p_curr - p_prev - 3, 6)
+    return schedule
+
+
+def cross_entropy_loss(logits, y):
+    """Per-example cross-entropy."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+
+
+def dlr_loss(logits, y):
+    """Per-example difference-of-logits-ratio loss (untargeted), higher = closer to fooled."""
+    top = tf.sort(logits, axis=-1, direction="DESCENDING")
+    true_logit = tf.gather(logits, y, axis=-1, batch_dims=1)
+    is_true = tf.one_hot(y, tf.shape(logits)[-1], on_value=True, off_value=False)
+    best_other = tf.reduce_max(tf.where(is_true, -np.inf, logits), axis=-1)
+    return -(true_logit - best_other) / (top[:, 0] - top[:, 2] + _lp.TINY)
+
+
+def targeted_dlr_loss(logits, y, target):
+    """Per-example targeted DLR loss of APGD-T, higher = closer to classifying as `target`."""
+    top = tf.sort(logits, axis=-1, direction="DESCENDING")
+    true_logit = tf.gather(logits, y, axis=-1, batch_dims=1)
+    target_logit = tf.gather(logits, target, axis=-1, batch_dims=1)
+    scale = top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _lp.TINY
+    return -(true_logit - target_logit) / scale
+
+
+class APGD:
+    """Auto-PGD against a Keras classifier taking [0, 1] NHWC images and returning logits.
+
+    Args:
+      model: Keras model; called with `training=False`.
+      epsilon: radius of the threat model in [0, 1] pixel units.
+      norm: "linf" or "l2".
+      loss: "ce" (APGD-CE) or "dlr" (APGD-DLR, or APGD-T with `targeted=True`).
+      targeted: run the targeted DLR loss once per target class (APGD-T).
+      steps: iterations per run (100 in AutoAttack).
+      restarts: random restarts per run (AutoAttack "standard": 1).
+      n_target_classes: targets of APGD-T: the 2nd ... (n+1)th most likely classes (9).
+      rho: the condition-1 fraction of checkpoints (0.75).
+      eot_iter: gradients averaged per step (Expectation over Transformation, for randomized
+        models; AutoAttack "rand" uses 20).
+      seed: seed of the random starting points.
+
+    Example:
+      >>> apgd = APGD(model, 8 / 255, loss="ce", steps=100)
+      >>> x_adv = apgd.perturb(images, labels)  # misclassified where the attack succeeded
+    """
+
+    def __init__(self, model, epsilon, *, norm="linf", loss="ce", targeted=False, steps=100,
+                 restarts=1, n_target_classes=9, rho=0.75, eot_iter=1, seed=0):
+        who = "APGD"
+        self.model = model
+        self.epsilon = _lp.check_epsilon(epsilon, who)
+        self.norm = _lp.check_norm(norm, who)
+        if loss not in LOSSES:
+            raise ValueError(f"APGD loss must be one of {LOSSES}, got {loss!r}.")
+        if targeted and loss != "dlr":
+            raise ValueError("APGD targeted=True runs the targeted DLR loss (APGD-T): "
+                             f"pass loss='dlr', got loss={loss!r}.")
+        self.loss = loss
+        self.targeted = bool(targeted)
+        self.steps = _lp.check_positive_int(steps, "steps", who)
+        self.restarts = _lp.check_positive_int(restarts, "restarts", who)
+        self.n_target_classes = _lp.check_positive_int(n_target_classes, "n_target_classes", who)
+        if not 0.0 < rho <= 1.0:
+            raise ValueError(f"APGD rho must be in (0, 1], got {rho}.")
+        self.rho = float(rho)
+        self.eot_iter = _lp.check_positive_int(eot_iter, "eot_iter", who)
+        self.seed = int(seed)
+        schedule = checkpoint_schedule(self.steps)
+        # per 0-based iteration: is it a checkpoint, and over how many steps does it look back
+        self._is_check = np.zeros(self.steps, bool)
+        self._window = np.ones(self.steps, np.float32)
+        for after, window in schedule:
+            self._is_check[after - 1] = True
+            self._window[after - 1] = window
+        self._run_once = tf.function(self._run_once_impl, reduce_retracing=True,
+                                     autograph=False)
+        self._calls = 0
+
+    @property
+    def name(self):
+        if self.targeted:
+            return "apgd-t"
+        return f"apgd-{self.loss}"
+
+    def __repr__(self):
+        return (f"APGD(epsilon={self.epsilon:.6g}, norm={self.norm!r}, loss={self.loss!r}, "
+                f"targeted={self.targeted}, steps={self.steps}, restarts={self.restarts})")
+
+    def perturb(self, x, y, *, seed=None):
+        """Adversarial examples for the clean images `x` with integer labels `y`.
+
+        Args:
+          x: clean images, (batch, height, width, channels), float in [0, 1].
+          y: integer labels, (batch,).
+          seed: optional integer: the random draws of this call derive from it alone
+            (AutoAttack passes one per batch, so a resumed evaluation repeats them);
+            None derives them from the attack's seed and a call counter.
+
+        Returns:
+          float32 tensor like `x`: for every example some run fooled, the misclassified
+          iterate (within epsilon of `x`, in [0, 1]); for the others, `x` itself.
+        """
+        x, y = _lp.check_images_and_labels(x, y, "APGD.perturb")
+        self._calls += 1
+        base = (self.seed, self._calls) if seed is None else (int(seed), 0)
+        logits = _lp.logits_of(self.model, x)
+        num_classes = int(logits.shape[-1])
+        if self.targeted:
+            _lp.check_num_classes(num_classes, max(4, self.n_target_classes + 1), "APGD-T",
+                                  f"the targeted DLR loss with {self.n_target_classes} targets")
+        elif self.loss == "dlr":
+            _lp.check_num_classes(num_classes, 3, "APGD", "the DLR loss")
+        robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y).numpy()
+        x_adv = x.numpy().copy()
+        targets = [None]
+        if self.targeted:
+            order = tf.argsort(logits, axis=-1, direction="DESCENDING").numpy()
+            targets = [order[:, rank - 1] for rank in range(2, self.n_target_classes + 2)]
+        for target_index, target in enumerate(targets):
+            for restart in range(self.restarts):
+                todo = np.flatnonzero(robust)
+                if todo.size == 0:
+                    return tf.constant(x_adv)
+                y_todo = tf.gather(y, todo)
+                t_todo = y_todo if target is None else tf.constant(target[todo], tf.int32)
+                key = _lp.run_seed(*base, target_index, restart)
+                adv, fooled = self._run_once(tf.gather(x, todo), y_todo, t_todo, key)
+                fooled = fooled.numpy()
+                x_adv[todo[fooled]] = adv.numpy()[fooled]
+                robust[todo[fooled]] = False
+        return tf.constant(x_adv)
+
+    # --- one run on a batch -------------------------------------------------------------------
+    def _loss_and_grad(self, x_adv, y, target):
+        grad = tf.zeros_like(x_adv)
+        for _ in range(self.eot_iter):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                logits = _lp.logits_of(self.model, x_adv)
+                if self.loss == "ce":
+                    loss = cross_entropy_loss(logits, y)
+                elif self.targeted:
+                    loss = targeted_dlr_loss(logits, y, target)
+                else:
+                    loss = dlr_loss(logits, y)
+                total = tf.reduce_sum(loss)
+            grad += tape.gradient(total, x_adv)
+        return logits, loss, grad / float(self.eot_iter)
+
+    def _step_direction(self, grad):
+        if self.norm == "linf":
+            return tf.sign(grad)
+        return _lp.normalize(grad, "l2")
+
+    def _random_start(self, x, seed):
+        if self.norm == "linf":
+            t = tf.random.stateless_uniform(tf.shape(x), seed, minval=-1.0, maxval=1.0)
+        else:
+            t = tf.random.stateless_normal(tf.shape(x), seed)
+        return tf.clip_by_value(x + self.epsilon * _lp.normalize(t, self.norm), 0.0, 1.0)
+
+    def _run_once_impl(self, x, y, target, seed):
+        """One APGD run: returns (adversarial iterate or last point, fooled flags)."""
+        eps, norm = self.epsilon, self.norm
+        x_adv = self._random_start(x, seed)
+        logits, loss, grad = self._loss_and_grad(x_adv, y, target)
+        correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
+        batch = tf.shape(x)[0]
+        state = dict(
+            i=tf.constant(0),
+            x_adv=x_adv, x_prev=x_adv, grad=grad,
+            x_best=x_adv, grad_best=grad, loss_best=loss,
+            x_fooled=x_adv, correct=correct,
+            step=tf.fill([batch], 2.0 * eps),
+            loss_prev=loss, increases=tf.zeros([batch]),
+            loss_best_at_check=loss, halved_at_check=tf.ones([batch], tf.bool),
+        )
+        is_check = tf.constant(self._is_check)
+        window = tf.constant(self._window)
+
+        def body(s):
+            s = dict(s)
+            momentum = tf.where(s["i"] > 0, 0.75, 1.0)
+            step = _lp.per_example(s["step"], x)
+            x_cur = s["x_adv"]
+            z = _lp.project(x_cur + step * self._step_direction(s["grad"]), x, eps, norm)
+            x_new = x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - s["x_prev"])
+            x_new = _lp.project(x_new, x, eps, norm)
+            logits, loss, grad = self._loss_and_grad(x_new, y, target)
+            now_correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
+            s["x_fooled"] = tf.where(_lp.per_example(~now_correct, x), x_new, s["x_fooled"])
+            s["correct"] = s["correct"] & now_correct
+            s["increases"] += tf.cast(loss > s["loss_prev"], tf.float32)
+            s["loss_prev"] = loss
+            better = loss > s["loss_best"]
+            s["x_best"] = tf.where(_lp.per_example(better, x), x_new, s["x_best"])
+            s["grad_best"] = tf.where(_lp.per_example(better, x), grad, s["grad_best"])
+            s["loss_best"] = tf.where(better, loss, s["loss_best"])
+            # checkpoint: halve the step and restart from the best point where it stalls
+            check = tf.gather(is_check, s["i"])
+            oscillating = s["increases"] <= self.rho * tf.gather(window, s["i"])
+            stalled = ~s["halved_at_check"] & (s["loss_best_at_check"] >= s["loss_best"])
+            halve = check & (oscillating | stalled)
+            s["halved_at_check"] = tf.where(check, halve, s["halved_at_check"])
+            s["loss_best_at_check"] = tf.where(check, s["loss_best"], s["loss_best_at_check"])
+            s["increases"] = tf.where(check, 0.0, s["increases"])
+            s["step"] = tf.where(halve, s["step"] / 2.0, s["step"])
+            s["x_prev"] = x_cur
+            s["x_adv"] = tf.where(_lp.per_example(halve, x), s["x_best"], x_new)
+            s["grad"] = tf.where(_lp.per_example(halve, x), s["grad_best"], grad)
+            s["i"] = s["i"] + 1
+            return (s,)
+
+        (state,) = tf.while_loop(lambda s: s["i"] < self.steps, body, (state,),
+                                 maximum_iterations=self.steps)
+        return state["x_fooled"], ~state["correct"]
+

@@ -1,0 +1,366 @@
+"""AutoAttack (Croce & Hein 2020): the ensemble robustness claims are judged by (spec §7).
+
+Why our own: the reference (fra31/auto-attack) needs PyTorch, and a GPU in practice, even for
+Keras models; torchattacks is PyTorch only.  This orchestrator runs our TensorFlow attacks
+(`apgd.py`, `fab.py`, `square.py`) in the reference's order, each only on the points every
+earlier attack failed on, batch by batch so that a long evaluation can be resumed.
+
+Versions:
+  * "standard": APGD-CE (100 iterations, no restarts), APGD-T (targeted DLR, 9 target
+    classes, 100 iterations each), FAB-T (9 targets, 100 iterations), Square (5000 queries),
+    for L-inf and L2, as in the reference's `version='standard'`;
+  * "rand" (randomized defences): APGD-CE and APGD-DLR, each averaging 20 gradients per step
+    (EOT).
+
+What is guaranteed, and checked at the end of every batch (a violation raises): every returned
+x_adv lies in the epsilon-ball around its clean image (up to float rounding, 1e-5) and in
+[0, 1]; every point reported non-robust is misclassified at its returned x_adv (or already at
+the clean image).  Each sub-attack's output is projected onto the ball and the box and
+re-classified before it counts, as in the reference.
+
+Resuming: `run(..., state_path=p, save_every=n)` writes the per-example results (and, by
+default, the adversarial images) to the .npz file `p` every n batches; called again with the
+same data, settings and path it skips the batches already done.  The random draws of a batch
+depend only on the seed and the batch's index, so a resumed run gives the same numbers as an
+uninterrupted one.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from twins_tf.attacks import _lp
+from twins_tf.attacks.apgd import APGD
+from twins_tf.attacks.fab import FAB
+from twins_tf.attacks.square import Square
+
+VERSIONS = ("standard", "rand")
+NOT_BROKEN = -1  # `broken_by` of a point no attack fooled
+CLEAN_ERROR = 0  # `broken_by` of a point misclassified without attack
+_BALL_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass
+class AutoAttackResult:
+    """Per-example outcome of an AutoAttack evaluation.
+
+    Attributes:
+      attacks: the sub-attack names, in the order they ran.
+      labels: (n,) int labels.
+      broken_by: (n,) int: -1 robust, 0 misclassified clean, k >= 1 first fooled by
+        attacks[k - 1].
+      x_adv: (n, h, w, c) float32 adversarial images (the clean image for robust and clean-
+        misclassified points), or None when not kept.
+    """
+
+    attacks: tuple
+    labels: np.ndarray
+    broken_by: np.ndarray
+    x_adv: np.ndarray = None
+
+    @property
+    def robust(self):
+        """(n,) bool: correctly classified and not fooled by any sub-attack."""
+        return self.broken_by == NOT_BROKEN
+
+    @property
+    def accuracy(self):
+        """{"clean": ..., "<attack>": robust accuracy after it and all earlier ones, ...}."""
+        n = max(len(self.broken_by), 1)
+        result = {"clean": float(np.sum(self.broken_by != CLEAN_ERROR)) / n}
+        for k, name in enumerate(self.attacks, start=1):
+            survived = (self.broken_by == NOT_BROKEN) | (self.broken_by > k)
+            result[name] = float(np.sum(survived)) / n
+        return result
+
+    @property
+    def robust_accuracy(self):
+        return float(np.mean(self.robust)) if len(self.broken_by) else 0.0
+
+    def summary(self):
+        """One line per stage: the accuracy after it, in percent."""
+        return "\n".join(f"{name:>9}: {100 * acc:6.2f}%" for name, acc in self.accuracy.items())
+
+
+class AutoAttack:
+    """AutoAttack against a Keras classifier taking [0, 1] NHWC images and returning logits.
+
+    Args:
+      epsilon: radius of the threat model in [0, 1] pixel units (8/255 in spec §7).
+      norm: "linf" or "l2".
+      version: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "rand" (APGD-CE, APGD-DLR with
+        EOT 20), as in the reference.
+      seed: seed of every random draw (per batch and sub-attack).
+      apgd_steps, fab_steps, square_queries, n_target_classes, eot_iter: the budgets
+        (100, 100, 5000, 9, 20 in the reference); lower them only for quick checks, and say
+        so when reporting numbers.
+
+    Example:
+      >>> aa = AutoAttack(8 / 255)
+      >>> result = aa.run(model, (x_test, y_test), batch_size=250,
+      ...                 state_path="runs/dogs/autoattack.npz", save_every=5)
+      >>> result.accuracy  # {"clean": ..., "apgd-ce": ..., "apgd-t": ..., "fab-t": ..., ...}
+    """
+
+    def __init__(self, epsilon, *, norm="linf", version="standard", seed=0, apgd_steps=100,
+                 fab_steps=100, square_queries=5000, n_target_classes=9, eot_iter=20):
+        who = "AutoAttack"
+        self.epsilon = _lp.check_epsilon(epsilon, who)
+        self.norm = _lp.check_norm(norm, who)
+        if version not in VERSIONS:
+            raise ValueError(f"AutoAttack version must be one of {VERSIONS}, got {version!r}.")
+        self.version = version
+        self.seed = int(seed)
+        self.apgd_steps = _lp.check_positive_int(apgd_steps, "apgd_steps", who)
+        self.fab_steps = _lp.check_positive_int(fab_steps, "fab_steps", who)
+        self.square_queries = _lp.check_positive_int(square_queries, "square_queries", who)
+        self.n_target_classes = _lp.check_positive_int(n_target_classes, "n_target_classes", who)
+        self.eot_iter = _lp.check_positive_int(eot_iter, "eot_iter", who)
+        self._model = None
+        self._attacks = None
+
+    def __repr__(self):
+        return (f"AutoAttack(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
+                f"version={self.version!r}, seed={self.seed})")
+
+    def get_config(self):
+        return dict(epsilon=self.epsilon, norm=self.norm, version=self.version, seed=self.seed,
+                    apgd_steps=self.apgd_steps, fab_steps=self.fab_steps,
+                    square_queries=self.square_queries,
+                    n_target_classes=self.n_target_classes, eot_iter=self.eot_iter)
+
+    @property
+    def attack_names(self):
+        if self.version == "standard":
+            return ("apgd-ce", "apgd-t", "fab-t", "square")
+        return ("apgd-ce", "apgd-dlr")
+
+    def sub_attacks(self, model):
+        """The configured sub-attacks for `model`, in order (built once per model)."""
+        if self._model is not model:
+            eps, norm, seed = self.epsilon, self.norm, self.seed
+            if self.version == "standard":
+                attacks = [
+                    APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps, seed=seed),
+                    APGD(model, eps, norm=norm, loss="dlr", targeted=True,
+                         steps=self.apgd_steps, n_target_classes=self.n_target_classes,
+                         seed=seed),
+                    FAB(model, eps, norm=norm, targeted=True, steps=self.fab_steps,
+                        n_target_classes=self.n_target_classes, seed=seed),
+                    Square(model, eps, norm=norm, n_queries=self.square_queries, seed=seed),
+                ]
+            else:
+                attacks = [
+                    APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps,
+                         eot_iter=self.eot_iter, seed=seed),
+                    APGD(model, eps, norm=norm, loss="dlr", steps=self.apgd_steps,
+                         eot_iter=self.eot_iter, seed=seed),
+                ]
+            self._model, self._attacks = model, attacks
+        return self._attacks
+
+    # --- one batch ----------------------------------------------------------------------------
+    def perturb(self, model, x, y, *, batch_index=0):
+        """Run the sub-attacks in sequence on one in-memory batch.
+
+        Args:
+          model: Keras classifier on [0, 1] NHWC images, called with `training=False`.
+          x: clean images (batch, h, w, c) in [0, 1].
+          y: integer labels (batch,).
+          batch_index: index of the batch in a larger evaluation (seeds the random draws).
+
+        Returns:
+          (x_adv, broken_by): float32 numpy images and the int8 `broken_by` codes of
+          `AutoAttackResult`.
+        """
+        x, y = _lp.check_images_and_labels(x, y, "AutoAttack")
+        attacks = self.sub_attacks(model)
+        self._check_model(model, x)
+        x_adv = x.numpy().copy()
+        broken_by = np.full(len(x_adv), NOT_BROKEN, np.int8)
+        if not len(x_adv):
+            return x_adv, broken_by
+        broken_by[_lp.predict(model, x).numpy() != y.numpy()] = CLEAN_ERROR
+        for k, attack in enumerate(attacks, start=1):
+            todo = np.flatnonzero(broken_by == NOT_BROKEN)
+            if todo.size == 0:
+                break
+            x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
+            seed = int(_lp.run_seed(self.seed, batch_index, k).numpy()[0])
+            adv = attack.perturb(x_todo, y_todo, seed=seed)
+            adv = _lp.project(adv, x_todo, self.epsilon, self.norm)
+            fooled = (_lp.predict(model, adv) != y_todo).numpy()
+            x_adv[todo[fooled]] = adv.numpy()[fooled]
+            broken_by[todo[fooled]] = k
+        self._verify(model, x, y, x_adv, broken_by)
+        return x_adv, broken_by
+
+    def __call__(self, model, x, y):
+        """x_adv for one in-memory batch (see `perturb`)."""
+        return tf.constant(self.perturb(model, x, y)[0])
+
+    def _check_model(self, model, x):
+        logits = _lp.logits_of(model, x[:2])
+        if logits.shape.rank != 2:
+            raise ValueError(f"AutoAttack needs a model returning logits (batch, classes), got "
+                             f"output shape {logits.shape}.")
+        if self.version == "standard":
+            _lp.check_num_classes(int(logits.shape[-1]), max(4, self.n_target_classes + 1),
+                                  "AutoAttack 'standard'",
+                                  f"APGD-T and FAB-T use {self.n_target_classes} target "
+                                  "classes; lower n_target_classes for fewer classes")
+            again = _lp.logits_of(model, x[:2])
+            if not np.allclose(logits.numpy(), again.numpy(), rtol=1e-4, atol=1e-5):
+                logging.warning("AutoAttack: the model's outputs differ between two identical "
+                                "calls (randomized defence?); use version='rand'.")
+
+    def _verify(self, model, x, y, x_adv, broken_by):
+        """The guarantees of the module docstring, on one batch; raises if one fails."""
+        x_adv_t = tf.constant(x_adv)
+        distance = _lp.lp_norm(x_adv_t - x, self.norm).numpy()
+        if np.any(distance > self.epsilon + _BALL_TOLERANCE):
+            raise RuntimeError(f"AutoAttack produced a perturbation of {self.norm} norm "
+                               f"{distance.max():.6g} > epsilon {self.epsilon:.6g}; please "
+                               "report this bug.")
+        if np.min(x_adv) < 0.0 or np.max(x_adv) > 1.0:
+            raise RuntimeError("AutoAttack produced images outside [0, 1]; please report this "
+                               "bug.")
+        predicted = _lp.predict(model, x_adv_t).numpy()
+        claimed = broken_by != NOT_BROKEN
+        if np.any(predicted[claimed] == y.numpy()[claimed]):
+            raise RuntimeError("AutoAttack: points it reported fooled are classified correctly "
+                               "when re-evaluated; the model is not deterministic (dropout "
+                               "or BN in training mode?); evaluate it in inference mode or "
+                               "use version='rand'.")
+
+    # --- a whole evaluation -------------------------------------------------------------------
+    def run(self, model, data, *, batch_size=250, state_path=None, save_every=10,
+            keep_adversarial=True, verbose=1):
+        """Evaluate `model` on a whole test set, resumably, with a progress bar.
+
+        Args:
+          model: Keras classifier on [0, 1] NHWC images, called with `training=False`.
+          data: (images, labels) arrays, or a `tf.data.Dataset` of (image, label) pairs or
+            batches of them, in a fixed order (no shuffling: resuming skips batches by index).
+          batch_size: examples per batch for arrays and unbatched datasets (a batched dataset
+            keeps its own batches).
+          state_path: .npz file for progress; resumed from when it exists and matches.
+          save_every: batches between saves of the state.
+          keep_adversarial: keep (and save) the adversarial images; False keeps only the
+            per-example results (for large images: 8,580 x 224 x 224 x 3 floats are 5 GB).
+          verbose: 1 shows a progress bar, 0 is silent.
+
+        Returns:
+          An `AutoAttackResult`.
+        """
+        batches, total = self._batches(data, batch_size)
+        fingerprint = self._fingerprint(batch_size)
+        labels, broken, adversarial, done = [], [], [], 0
+        if state_path and os.path.exists(state_path):
+            labels, broken, adversarial, done = self._load(state_path, fingerprint,
+                                                           keep_adversarial)
+            if verbose:
+                logging.info("AutoAttack: resuming from %s after %d batches.", state_path, done)
+        progress = keras.utils.Progbar(total, stateful_metrics=["robust"]) if verbose else None
+        if progress is not None and done:
+            progress.update(done, [("robust", self._robust_so_far(broken))])
+        index = done
+        remaining = batches.skip(done) if isinstance(batches, tf.data.Dataset) else batches[done:]
+        for x, y in remaining:
+            x_adv, broken_by = self.perturb(model, x, y, batch_index=index)
+            labels.append(np.asarray(y).reshape(-1).astype(np.int64))
+            broken.append(broken_by)
+            if keep_adversarial:
+                adversarial.append(x_adv)
+            index += 1
+            if state_path and (index - done) % save_every == 0:
+                self._save(state_path, fingerprint, labels, broken, adversarial, index)
+            if progress is not None:
+                progress.update(index, [("robust", self._robust_so_far(broken))])
+        if state_path and index > done:
+            self._save(state_path, fingerprint, labels, broken, adversarial, index)
+        result = AutoAttackResult(
+            attacks=self.attack_names,
+            labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
+            broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
+            x_adv=np.concatenate(adversarial) if keep_adversarial and adversarial else None)
+        if verbose:
+            logging.info("AutoAttack %s (%s, eps=%.6g) on %d examples:\n%s", self.version,
+                         self.norm, self.epsilon, len(result.labels), result.summary())
+        return result
+
+    @staticmethod
+    def _robust_so_far(broken):
+        return float(np.mean(np.concatenate(broken) == NOT_BROKEN)) if broken else 0.0
+
+    @staticmethod
+    def _batches(data, batch_size):
+        """A list of (x, y) numpy batches, or a batched dataset; and the batch count or None."""
+        batch_size = _lp.check_positive_int(batch_size, "batch_size", "AutoAttack.run")
+        if isinstance(data, tf.data.Dataset):
+            image_spec = data.element_spec[0]
+            if image_spec.shape.rank == 3:
+                data = data.batch(batch_size)
+            elif image_spec.shape.rank != 4:
+                raise ValueError("AutoAttack.run expects a dataset of (image, label) pairs or "
+                                 f"batches, got image shape {image_spec.shape}.")
+            cardinality = int(data.cardinality())
+            return data, (cardinality if cardinality >= 0 else None)
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError("AutoAttack.run expects (images, labels) arrays or a "
+                             "tf.data.Dataset of (image, label) pairs.")
+        images, labels = np.asarray(data[0]), np.asarray(data[1])
+        if len(images) != len(labels):
+            raise ValueError(f"AutoAttack.run got {len(images)} images but {len(labels)} "
+                             "labels.")
+        batches = [(images[i:i + batch_size], labels[i:i + batch_size])
+                   for i in range(0, len(images), batch_size)]
+        return batches, len(batches)
+
+    def _fingerprint(self, batch_size):
+        """The settings a saved state must match to be resumed."""
+        return json.dumps(dict(self.get_config(), batch_size=batch_size), sort_keys=True)
+
+    @staticmethod
+    def _save(path, fingerprint, labels, broken, adversarial, batches_done):
+        arrays = dict(
+            fingerprint=np.array(fingerprint),
+            batches_done=np.array(batches_done),
+            labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
+            broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
+            batch_sizes=np.array([len(b) for b in broken], np.int64),
+        )
+        if adversarial:
+            arrays["x_adv"] = np.concatenate(adversarial)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        temporary = f"{path}.{hashlib.md5(path.encode()).hexdigest()[:8]}.tmp"
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(temporary, path)  # atomic: a kill mid-write leaves the previous state
+
+    @staticmethod
+    def _load(path, fingerprint, keep_adversarial):
+        with np.load(path) as state:
+            saved = str(state["fingerprint"])
+            if saved != fingerprint:
+                raise ValueError(f"AutoAttack state {path} was written with other settings "
+                                 f"({saved}); now {fingerprint}. Delete the file or pass another "
+                                 "state_path.")
+            if keep_adversarial and "x_adv" not in state.files and int(state["batches_done"]):
+                raise ValueError(f"AutoAttack state {path} holds no adversarial images; resume "
+                                 "with keep_adversarial=False or delete the file.")
+            splits = np.cumsum(state["batch_sizes"])[:-1]
+            labels = list(np.split(state["labels"], splits))
+            broken = list(np.split(state["broken_by"], splits))
+            adversarial = (list(np.split(state["x_adv"], splits))
+                           if keep_adversarial and "x_adv" in state.files else [])
+            done = int(state["batches_done"])
+        if done == 0:
+            return [], [], [], 0
+        return labels, broken, adversarial, done

@@ -1,0 +1,314 @@
+"""Square Attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a
+query-efficient black-box adversarial attack via random search"), L-inf and L2.
+
+Why our own: the reference implementations (max-andr/square-attack, fra31/auto-attack,
+torchattacks) are NumPy/PyTorch loops that call the model once per Python iteration.  Here the
+random search runs inside a `tf.while_loop`, one compiled loop per phase of the square-size
+schedule, and every query goes only to the examples not yet fooled.
+
+Random search on the margin loss m(x) = z_y(x) - max_{k != y} z_k(x), per example:
+  * start: L-inf, vertical stripes x + eps * s (one random sign per column and channel); L2, a
+    grid of squares of side h // 5, each a signed "pseudo-Gaussian" bump (below), rescaled to
+    L2 norm eps; clipped to [0, 1].  That start costs one query;
+  * iteration i: side s = round(sqrt(p_i * h * w)) (L2: at least 3 and odd) at a uniformly
+    random position (drawn per example, as in the paper);
+      L-inf: the window is set to x + eps * sign, one random sign per channel, redrawn (up to
+        ten times) while it would leave the image unchanged;
+      L2: the perturbation's mass in the window and in a second random window is moved into a
+        fresh signed bump in the first window, then the whole perturbation is rescaled to
+        norm eps;
+    the candidate is kept if it lowers the margin; an example is done when its margin <= 0;
+  * p_i: p_init = 0.8, halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
+    (the schedule of the paper, for 10,000 iterations; AutoAttack runs 5,000 queries with it
+    unscaled, `rescale_schedule=False`; True stretches it to the query budget).
+The pseudo-Gaussian bump of side s: two halves of concentric rectangles weighted 1/(r + 1)^2
+(r = ring index from the centre), the lower half negated, unit L2 norm, transposed with
+probability 1/2.
+"""
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from twins_tf.attacks import _lp
+
+# (last iteration of the phase, divisor of p_init) of the paper's schedule (10,000 iterations)
+_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
+             (6000, 128), (8000, 256))
+_MAX_SIGN_DRAWS = 10
+
+
+def p_schedule(iteration, p_init, n_queries, rescale=False):
+    """Fraction of pixels p a square covers at `iteration` (0-based)."""
+    if rescale:
+        iteration = int(iteration / n_queries * 10000)
+    for last, divisor in _SCHEDULE:
+        if iteration <= last:
+            return p_init / divisor
+    return p_init / 512
+
+
+def rectangle_rings(rows, cols):
+    """Concentric rectangles around the centre of a rows x cols patch, ring r weighted
+    sum_{k >= r} 1/(k+1)^2, normalised to unit L2 norm."""
+    centre_r, centre_c = rows // 2, cols // 2
+    rings = max(centre_r + 1, centre_c + 1)
+    ring = np.maximum(np.abs(np.arange(rows)[:, None] - centre_r),
+                      np.abs(np.arange(cols)[None, :] - centre_c))
+    weights = 1.0 / (np.arange(rings) + 1.0) ** 2
+    tail = np.cumsum(weights[::-1])[::-1]  # tail[r] = sum_{k >= r} weights[k]
+    patch = tail[ring]
+    return patch / np.sqrt(np.sum(patch ** 2))
+
+
+def bump(side):
+    """The L2 Square attack's pseudo-Gaussian bump of side `side` (unit L2 norm)."""
+    top = side // 2
+    patch = np.zeros([side, side])
+    patch[:top] = rectangle_rings(top, side) if top else 0.0
+    patch[top:] = -rectangle_rings(side - top, side)
+    return (patch / np.sqrt(np.sum(patch ** 2))).astype(np.float32)
+
+
+def _window_mask(height, width, top, left, side):
+    """(n, h, w, 1) boolean mask of the side x side windows at per-example (top, left)."""
+    rows = tf.range(height)[None, :]
+    cols = tf.range(width)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[..., None]
+
+
+def _place(pattern, height, width, top, left, transpose):
+    """Per example, `pattern` (s, s) (or its transpose) placed at (top, left): (n, h, w, 1)."""
+    side = tf.shape(pattern)[0]
+    rows = tf.range(height)[None, :] - top[:, None]  # (n, h)
+    cols = tf.range(width)[None, :] - left[:, None]  # (n, w)
+    r = tf.clip_by_value(rows, 0, side - 1)[:, :, None] + tf.zeros([1, 1, width], tf.int32)
+    c = tf.clip_by_value(cols, 0, side - 1)[:, None, :] + tf.zeros([1, height, 1], tf.int32)
+    flip = transpose[:, None, None]
+    index = tf.stack([tf.where(flip, c, r), tf.where(flip, r, c)], axis=-1)
+    values = tf.gather_nd(pattern, index)
+    return tf.where(_window_mask(height, width, top, left, side)[..., 0], values, 0.0)[..., None]
+
+
+class Square:
+    """Square Attack against a Keras classifier taking [0, 1] NHWC images (logits out).
+
+    Args:
+      model: Keras model; called with `training=False`.  Only its outputs are used.
+      epsilon: radius of the threat model in [0, 1] pixel units.
+      norm: "linf" or "l2".
+      n_queries: model queries per example and restart, the start included (5000).
+      p_init: initial fraction of pixels a square covers (0.8, AutoAttack's value).
+      restarts: independent runs on the examples still robust (1).
+      rescale_schedule: stretch the p schedule (written for 10,000 iterations) to n_queries;
+        AutoAttack does not (False).
+      seed: seed of the random search.
+
+    Example:
+      >>> square = Square(model, 8 / 255, n_queries=5000)
+      >>> x_adv = square.perturb(images, labels)
+    """
+
+    def __init__(self, model, epsilon, *, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
+                 rescale_schedule=False, seed=0):
+        who = "Square"
+        self.model = model
+        self.epsilon = _lp.check_epsilon(epsilon, who)
+        self.norm = _lp.check_norm(norm, who)
+        self.n_queries = _lp.check_positive_int(n_queries, "n_queries", who)
+        if not 0.0 < p_init <= 1.0:
+            raise ValueError(f"Square p_init must be in (0, 1], got {p_init}.")
+        self.p_init = float(p_init)
+        self.restarts = _lp.check_positive_int(restarts, "restarts", who)
+        self.rescale_schedule = bool(rescale_schedule)
+        self.seed = int(seed)
+        self._start = tf.function(self._start_impl, reduce_retracing=True, autograph=False)
+        self._phase = tf.function(self._phase_impl, reduce_retracing=True, autograph=False)
+        self._calls = 0
+
+    name = "square"
+
+    def __repr__(self):
+        return (f"Square(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
+                f"n_queries={self.n_queries}, p_init={self.p_init})")
+
+    def side_length(self, p, height, width):
+        """Side of the square covering a fraction p of the h x w pixels."""
+        side = int(round(math.sqrt(p * height * width)))
+        if self.norm == "linf":
+            return min(max(side, 1), height - 1, width - 1) if min(height, width) > 1 else 1
+        side = max(side, 3)
+        side += 1 - side % 2
+        return min(side, height, width)
+
+    def phases(self, height, width):
+        """The schedule as (first iteration, iterations, side) runs of constant side length."""
+        runs = []
+        for iteration in range(self.n_queries - 1):
+            p = p_schedule(iteration, self.p_init, self.n_queries, self.rescale_schedule)
+            side = self.side_length(p, height, width)
+            if runs and runs[-1][2] == side:
+                runs[-1][1] += 1
+            else:
+                runs.append([iteration, 1, side])
+        return [tuple(run) for run in runs]
+
+    def perturb(self, x, y, *, seed=None):
+        """Adversarial examples for the clean images `x` with integer labels `y`.
+
+        Args:
+          x: clean images, (batch, height, width, channels), float in [0, 1].
+          y: integer labels, (batch,).
+          seed: optional integer: the random draws of this call derive from it alone
+            (AutoAttack passes one per batch, so a resumed evaluation repeats them);
+            None derives them from the attack's seed and a call counter.
+
+        Returns:
+          float32 tensor like `x`: for every example the search fooled, the fooling point
+          (within epsilon, in [0, 1]); elsewhere `x` itself.
+        """
+        x, y = _lp.check_images_and_labels(x, y, "Square.perturb")
+        self._calls += 1
+        base = (self.seed, self._calls) if seed is None else (int(seed), 0)
+        _, height, width, _ = x.shape
+        margin = self._margin(x, y).numpy()
+        robust = margin > 0
+        x_adv = x.numpy().copy()
+        for restart in range(self.restarts):
+            todo = np.flatnonzero(robust)
+            if todo.size == 0:
+                break
+            x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
+            key = _lp.run_seed(*base, restart)
+            x_best, margin_min = self._start(x_todo, y_todo, key)
+            for first, count, side in self.phases(height, width):
+                if not np.any(margin_min.numpy() > 0):
+                    break
+                pattern = tf.constant(bump(side) if self.norm == "l2" else np.zeros([1, 1]),
+                                      tf.float32)
+                x_best, margin_min = self._phase(
+                    x_todo, y_todo, x_best, margin_min, tf.constant(first), tf.constant(count),
+                    tf.constant(side), pattern, key)
+            fooled = margin_min.numpy() <= 0
+            x_adv[todo[fooled]] = x_best.numpy()[fooled]
+            robust[todo[fooled]] = False
+        return tf.constant(x_adv)
+
+    # --- graph pieces -------------------------------------------------------------------------
+    def _margin(self, x, y):
+        logits = _lp.logits_of(self.model, x)
+        true_logit = tf.gather(logits, y, axis=-1, batch_dims=1)
+        is_true = tf.one_hot(y, tf.shape(logits)[-1], on_value=True, off_value=False)
+        return true_logit - tf.reduce_max(tf.where(is_true, -np.inf, logits), axis=-1)
+
+    def _signs(self, shape, seed):
+        return tf.where(tf.random.stateless_uniform(shape, seed) < 0.5, -1.0, 1.0)
+
+    def _start_impl(self, x, y, seed):
+        n, height, width, channels = tf.unstack(tf.shape(x))
+        seeds = tf.random.experimental.stateless_split(seed, 3)
+        if self.norm == "linf":
+            stripes = self._signs([n, 1, width, channels], seeds[0])
+            x_best = tf.clip_by_value(x + self.epsilon * stripes, 0.0, 1.0)
+        else:
+            h, w = x.shape[1], x.shape[2]
+            side = max(h // 5, 1)
+            offset = (h - 5 * side) // 2
+            delta = tf.zeros_like(x)
+            pattern = tf.constant(bump(side))
+            draws = tf.random.experimental.stateless_split(seeds[1], (h // side) * (w // side))
+            draw = 0
+            for row in range(h // side):
+                for col in range(w // side):
+                    top = offset + row * side
+                    left = offset + col * side
+                    pair = tf.random.experimental.stateless_split(draws[draw], 2)
+                    draw += 1
+                    transpose = tf.random.stateless_uniform([n], pair[0]) < 0.5
+                    placed = _place(pattern, h, w, tf.fill([n], top), tf.fill([n], left),
+                                    transpose)
+                    delta += placed * self._signs([n, 1, 1, channels], pair[1])
+            x_best = tf.clip_by_value(x + self.epsilon * _lp.normalize(delta, "l2"), 0.0, 1.0)
+        return x_best, self._margin(x_best, y)
+
+    def _phase_impl(self, x, y, x_best, margin_min, first, count, side, pattern, seed):
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+
+        def body(i, x_best, margin_min):
+            todo = tf.where(margin_min > 0)[:, 0]
+            xs, bests, ys = (tf.gather(x, todo), tf.gather(x_best, todo), tf.gather(y, todo))
+            step_seed = tf.random.experimental.stateless_fold_in(seed, first + i)
+            if self.norm == "linf":
+                candidate = self._linf_candidate(xs, bests, side, step_seed)
+            else:
+                candidate = self._l2_candidate(xs, bests, side, pattern, step_seed)
+            margin = self._margin(candidate, ys)
+            old = tf.gather(margin_min, todo)
+            better = margin < old
+            bests = tf.where(_lp.per_example(better, xs), candidate, bests)
+            index = todo[:, None]
+            x_best = tf.tensor_scatter_nd_update(x_best, index, bests)
+            margin_min = tf.tensor_scatter_nd_update(margin_min, index,
+                                                     tf.where(better, margin, old))
+            return i + 1, x_best, margin_min
+
+        _, x_best, margin_min = tf.while_loop(
+            lambda i, x_best, margin_min: (i < count) & tf.reduce_any(margin_min > 0),
+            body, (tf.constant(0), x_best, margin_min))
+        return x_best, margin_min
+
+    def _positions(self, n, height, width, side, seed):
+        top = tf.random.stateless_uniform([n], seed, 0, height - side + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, 1),
+                                           0, width - side + 1, dtype=tf.int32)
+        return top, left
+
+    def _linf_candidate(self, x, x_best, side, seed):
+        n = tf.shape(x)[0]
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+        seeds = tf.random.experimental.stateless_split(seed, 1 + _MAX_SIGN_DRAWS)
+        top, left = self._positions(n, height, width, side, seeds[0])
+        window = _window_mask(height, width, top, left, side)
+        upper = tf.clip_by_value(x + self.epsilon, 0.0, 1.0)
+        lower = tf.clip_by_value(x - self.epsilon, 0.0, 1.0)
+
+        def window_all(target):  # (n, channels): the channel's window already equals target
+            same = tf.logical_or(~window, tf.abs(x_best - target) < 1e-7)
+            return tf.reduce_all(same, axis=[1, 2])
+
+        all_upper, all_lower = window_all(upper), window_all(lower)
+        # redraw the signs of the examples whose window would not change (the paper's code)
+        signs = self._signs([n, channels], seeds[1])
+        for draw in range(1, _MAX_SIGN_DRAWS):
+            unchanged = tf.reduce_all(tf.where(signs > 0, all_upper, all_lower), axis=1)
+            fresh = self._signs([n, channels], seeds[1 + draw])
+            signs = tf.where(unchanged[:, None], fresh, signs)
+        signs = signs[:, None, None, :]
+        return tf.where(window, tf.where(signs > 0, upper, lower), x_best)
+
+    def _l2_candidate(self, x, x_best, side, pattern, seed):
+        n = tf.shape(x)[0]
+        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+        top, left = self._positions(n, height, width, side, seeds[0])
+        top2, left2 = self._positions(n, height, width, side, seeds[1])
+        window = tf.cast(_window_mask(height, width, top, left, side), tf.float32)
+        window2 = tf.cast(_window_mask(height, width, top2, left2, side), tf.float32)
+        delta = x_best - x
+        norm_window = tf.sqrt(tf.reduce_sum(tf.square(delta * window), [1, 2], keepdims=True))
+        norm_image = _lp.per_example(_lp.lp_norm(delta, "l2"), x)
+        norm_windows = _lp.per_example(
+            _lp.lp_norm(delta * tf.maximum(window, window2), "l2"), x)
+        transpose = tf.random.stateless_uniform([n], seeds[2]) < 0.5
+        fresh = _place(pattern, height, width, top, left, transpose)
+        fresh = fresh * self._signs([n, 1, 1, channels], seeds[3])
+        update = fresh + window * delta / (norm_window + _lp.TINY)
+        budget = tf.sqrt(tf.maximum(self.epsilon ** 2 - tf.square(norm_image), 0.0) / channels
+                         + tf.square(norm_windows))
+        update_norm = tf.sqrt(tf.reduce_sum(tf.square(update), [1, 2], keepdims=True))
+        update = update / (update_norm + _lp.TINY) * budget
+        delta = delta * (1.0 - window2)
+        delta = delta * (1.0 - window) + update * window
+        return tf.clip_by_value(x + self.epsilon * _lp.normalize(delta, "l2"), 0.0, 1.0)
