@@ -237,6 +237,13 @@ def run_demo(output_dir, *, methods=("at", "twins_at"), autoattack="auto", quick
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import tensorflow as tf
+    from absl import logging
+
+    # Seven runs in one process: keep TensorFlow's retracing notes and SavedModel chatter out
+    # of the demo's output (errors still show).
+    logging.set_verbosity(logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
     try:
         run_demo(FLAGS.output_dir, methods=FLAGS.methods, autoattack=FLAGS.autoattack,
                  quick=FLAGS.quick, log=lambda line: print(line, flush=True))

@@ -1,4 +1,4 @@
-"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a trained model.
+r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a trained model.
 
     python -m twins_tf.evaluate --model_dir=runs/dogs --attacks=clean,pgd10,autoattack
     python -m twins_tf.evaluate --weights=robust.weights.h5 --arch=resnet18 --dataset=cifar10 \
@@ -267,10 +267,17 @@ def evaluate(settings, *, log=print):
     """
     import keras
 
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        return _evaluate(resolve(settings), log)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def _evaluate(s, log):
     from twins_tf.attacks.pgd import PGD
 
-    keras.mixed_precision.set_dtype_policy("float32")
-    s = resolve(settings)
     batches, count = load_examples(s)
     model = load_model(s)
     results = {}

@@ -1,4 +1,4 @@
-"""`python -m twins_tf.pretrain`: adversarial training from scratch (PGD-AT) of a source model.
+r"""`python -m twins_tf.pretrain`: adversarial training from scratch (PGD-AT) of a source model.
 
     python -m twins_tf.pretrain --dataset=cifar100 --arch=resnet18 --model_dir=runs/source
     python -m twins_tf.train --dataset=cifar10 --arch=resnet18 \

@@ -1,4 +1,4 @@
-"""`python -m twins_tf.train`: robust fine-tuning (TWINS-AT, TWINS-TRADES, AT, TRADES, L2-SP).
+r"""`python -m twins_tf.train`: robust fine-tuning (TWINS-AT, TWINS-TRADES, AT, TRADES, L2-SP).
 
     python -m twins_tf.train --flagfile=flags/stanford_dogs.flags \
         --pretrained=robust_r50.weights.h5 --model_dir=runs/dogs
@@ -279,15 +279,21 @@ def run(settings, *, verbose="auto"):
     Raises:
       SetupError: a problem with the inputs, before anything is trained or written.
     """
-    prepared = prepare(settings)
-    if prepared.state == "finished":
-        import json
+    import keras
 
-        print(f"{prepared.output_dir} already holds this finished run; nothing to do (use a new "
-              "--model_dir to train again).", flush=True)
-        with open(os.path.join(prepared.output_dir, run_config.SUMMARY_FILE)) as f:
-            return json.load(f)
-    return fit(prepared, verbose=verbose)
+    policy = keras.config.dtype_policy()  # --mixed_precision sets the global policy
+    try:
+        prepared = prepare(settings)
+        if prepared.state == "finished":
+            import json
+
+            print(f"{prepared.output_dir} already holds this finished run; nothing to do (use "
+                  "a new --model_dir to train again).", flush=True)
+            with open(os.path.join(prepared.output_dir, run_config.SUMMARY_FILE)) as f:
+                return json.load(f)
+        return fit(prepared, verbose=verbose)
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 def main_for(binary):
