@@ -188,7 +188,7 @@ class APGD:
                 y_todo = tf.gather(y, todo)
                 t_todo = y_todo if target is None else tf.constant(target[todo], tf.int32)
                 key = _lp.run_seed(*base, target_index, restart)
-                adv, fooled = self._run_once(tf.gather(x, todo), y_todo, t_todo, key)
+                adv, fooled, _, _ = self._run_once(tf.gather(x, todo), y_todo, t_todo, key)
                 fooled = fooled.numpy()
                 x_adv[todo[fooled]] = adv.numpy()[fooled]
                 robust[todo[fooled]] = False
@@ -224,7 +224,12 @@ class APGD:
         return tf.clip_by_value(x + self.epsilon * _lp.normalize(t, self.norm), 0.0, 1.0)
 
     def _run_once_impl(self, x, y, target, seed):
-        """One APGD run: returns (adversarial iterate or last point, fooled flags)."""
+        """One APGD run.
+
+        Returns:
+          (x_fooled, fooled, x_best, loss_best): per example the last misclassified iterate
+          (else the random start), whether there is one, the highest-loss point and its loss.
+        """
         eps, norm = self.epsilon, self.norm
         x_adv = self._random_start(x, seed)
         logits, loss, grad = self._loss_and_grad(x_adv, y, target)
@@ -277,5 +282,5 @@ class APGD:
 
         (state,) = tf.while_loop(lambda s: s["i"] < self.steps, body, (state,),
                                  maximum_iterations=self.steps)
-        return state["x_fooled"], ~state["correct"]
+        return state["x_fooled"], ~state["correct"], state["x_best"], state["loss_best"]
 

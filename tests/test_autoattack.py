@@ -1,0 +1,185 @@
+"""The AutoAttack orchestrator against torchattacks, and its bookkeeping.
+
+* accuracy after each sub-attack and overall against the same sequence run with torchattacks
+  (each attack only on the points still robust) on the same adversarially trained network
+  (`attack_testbed`), never above PGD-10's, with every returned point checked by the PyTorch
+  copy of the network;
+* resuming from a saved state gives the uninterrupted run's results; datasets and arrays give
+  the same results; mismatched states and bad input fail with clear errors.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+import torchattacks
+
+import attack_testbed as tb
+from twins_tf.attacks import PGD, AutoAttack
+from twins_tf.attacks.autoattack import AutoAttackResult
+
+QUICK = dict(apgd_steps=50, fab_steps=30, square_queries=300, n_target_classes=3)
+
+
+def torchattacks_sequence(bed, x, y, norm, eps, apgd_steps, fab_steps, square_queries,
+                          n_target_classes):
+    """AutoAttack's order with torchattacks: returns robust flags after clean and each attack."""
+    model, torch_norm = bed.torch_model, tb.TORCH_NORM[norm]
+    n_classes = n_target_classes + 1  # torchattacks runs n_classes - 1 targets
+    attacks = [
+        torchattacks.APGD(model, norm=torch_norm, eps=eps, steps=apgd_steps, loss="ce", seed=0),
+        torchattacks.APGDT(model, norm=torch_norm, eps=eps, steps=apgd_steps,
+                           n_classes=n_classes, seed=0),
+        torchattacks.FAB(model, norm=torch_norm, eps=eps, steps=fab_steps, multi_targeted=True,
+                         n_classes=n_classes, seed=0),
+        torchattacks.Square(model, norm=torch_norm, eps=eps, n_queries=square_queries,
+                            p_init=0.8, seed=0),
+    ]
+    robust = tb.torch_predict(model, x) == y
+    history = [robust.copy()]
+    with tb.torch_threads(1):
+        for attack in attacks:
+            todo = np.flatnonzero(robust)
+            if todo.size:
+                adv = attack(tb.torch_nchw(x[todo]), torch.from_numpy(y[todo]))
+                adv = adv.detach().numpy().transpose(0, 2, 3, 1)
+                robust[todo[tb.torch_predict(model, adv) != y[todo]]] = False
+            history.append(robust.copy())
+    return [float(np.mean(flags)) for flags in history]
+
+
+def check_result(bed, x, y, result, eps, norm):
+    """Ball, box, and: robust <=> the PyTorch copy classifies x_adv correctly."""
+    delta = (result.x_adv - x).reshape(len(x), -1)
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    assert size.max() <= eps + 1e-5
+    assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
+    predicted = tb.torch_predict(bed.torch_model, result.x_adv)
+    np.testing.assert_array_equal(predicted == y, result.robust)
+    np.testing.assert_array_equal(result.labels, y)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_matches_torchattacks_and_beats_pgd(norm):
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:160], bed.y_test[:160]
+    eps = tb.epsilon(norm)
+    result = AutoAttack(eps, norm=norm, **QUICK).run(bed.keras_model, (x, y), batch_size=80,
+                                                     verbose=0)
+    check_result(bed, x, y, result, eps, norm)
+    ours = list(result.accuracy.values())
+    theirs = torchattacks_sequence(bed, x, y, norm, eps, **QUICK)
+    assert list(result.accuracy) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert ours[0] == pytest.approx(theirs[0])
+    np.testing.assert_allclose(ours, theirs, atol=0.04)
+    assert all(a >= b for a, b in zip(ours, ours[1:]))  # each stage only removes points
+    pgd = PGD(eps, eps / 4, 10, norm=norm)(bed.keras_model, x, y).numpy()
+    pgd_accuracy = float(np.mean(tb.torch_predict(bed.torch_model, pgd) == y))
+    assert result.robust_accuracy <= pgd_accuracy
+    assert result.robust_accuracy < ours[0] - 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_standard_version_matches_torchattacks(norm):
+    bed = tb.robust_digits()
+    x, y = bed.x_test, bed.y_test
+    eps = tb.epsilon(norm)
+    result = AutoAttack(eps, norm=norm).run(bed.keras_model, (x, y), batch_size=200, verbose=0)
+    check_result(bed, x, y, result, eps, norm)
+    theirs = torchattacks_sequence(bed, x, y, norm, eps, apgd_steps=100, fab_steps=100,
+                                   square_queries=5000, n_target_classes=9)
+    np.testing.assert_allclose(list(result.accuracy.values()), theirs, atol=0.02)
+    pgd = PGD(eps, eps / 4, 10, norm=norm)(bed.keras_model, x, y).numpy()
+    assert result.robust_accuracy <= float(np.mean(tb.torch_predict(bed.torch_model, pgd) == y))
+
+
+TINY = dict(apgd_steps=5, fab_steps=5, square_queries=20, n_target_classes=2)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:60], bed.y_test[:60]
+    attack = AutoAttack(tb.epsilon("linf"), **TINY)
+    straight = attack.run(bed.keras_model, (x, y), batch_size=20, verbose=0)
+    state = tmp_path / "aa.npz"
+
+    original = AutoAttack.perturb
+    calls = []
+
+    def counting(self, model, images, labels, *, batch_index=0):
+        calls.append(batch_index)
+        return original(self, model, images, labels, batch_index=batch_index)
+
+    def dies_on_third_batch(self, model, images, labels, *, batch_index=0):
+        if batch_index == 2:
+            raise KeyboardInterrupt  # the job is killed
+        return counting(self, model, images, labels, batch_index=batch_index)
+
+    monkeypatch.setattr(AutoAttack, "perturb", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        AutoAttack(tb.epsilon("linf"), **TINY).run(bed.keras_model, (x, y), batch_size=20,
+                                                   state_path=str(state), save_every=1,
+                                                   verbose=0)
+    with np.load(state) as saved:
+        assert int(saved["batches_done"]) == 2 and len(saved["broken_by"]) == 40
+    calls.clear()
+    monkeypatch.setattr(AutoAttack, "perturb", counting)
+    resumed = AutoAttack(tb.epsilon("linf"), **TINY).run(
+        bed.keras_model, (x, y), batch_size=20, state_path=str(state), verbose=0)
+    assert calls == [2]  # only the missing batch ran
+    np.testing.assert_array_equal(resumed.broken_by, straight.broken_by)
+    np.testing.assert_array_equal(resumed.x_adv, straight.x_adv)
+
+
+def test_dataset_input_matches_arrays():
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:40], bed.y_test[:40]
+    attack = AutoAttack(tb.epsilon("l2"), norm="l2", **TINY)
+    from_arrays = attack.run(bed.keras_model, (x, y), batch_size=16, verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    from_pairs = attack.run(bed.keras_model, dataset, batch_size=16, verbose=0)
+    from_batches = attack.run(bed.keras_model, dataset.batch(16), verbose=0,
+                              keep_adversarial=False)
+    np.testing.assert_array_equal(from_pairs.broken_by, from_arrays.broken_by)
+    np.testing.assert_array_equal(from_pairs.x_adv, from_arrays.x_adv)
+    np.testing.assert_array_equal(from_batches.broken_by, from_arrays.broken_by)
+    assert from_batches.x_adv is None
+
+
+def test_accuracy_bookkeeping_by_hand():
+    result = AutoAttackResult(attacks=("a", "b"), labels=np.zeros(5, np.int64),
+                              broken_by=np.array([-1, 0, 1, 2, -1], np.int8))
+    assert result.accuracy == {"clean": 0.8, "a": 0.6, "b": 0.4}
+    np.testing.assert_array_equal(result.robust, [True, False, False, False, True])
+
+
+def test_mismatched_state_and_bad_input_fail_clearly(tmp_path):
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:8], bed.y_test[:8]
+    state = str(tmp_path / "aa.npz")
+    AutoAttack(0.1, **TINY).run(bed.keras_model, (x, y), batch_size=4, state_path=state,
+                                verbose=0)
+    with pytest.raises(ValueError, match="written with other settings"):
+        AutoAttack(0.2, **TINY).run(bed.keras_model, (x, y), batch_size=4, state_path=state,
+                                    verbose=0)
+    with pytest.raises(ValueError, match="version must be one of"):
+        AutoAttack(0.1, version="plus")
+    with pytest.raises(ValueError, match="images in \\[0, 1\\]"):
+        AutoAttack(0.1, **TINY).run(bed.keras_model, (x * 255, y), verbose=0)
+    with pytest.raises(ValueError, match="lower n_target_classes"):
+        AutoAttack(0.1).perturb(tb.keras_convnet(num_classes=5), x, y % 5)
+
+
+def test_verification_catches_a_false_claim():
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:4], bed.y_test[:4]
+    attack = AutoAttack(tb.epsilon("linf"), **TINY)
+    correct = tb.torch_predict(bed.torch_model, x) == y
+    claims = np.where(correct, 1, 0).astype(np.int8)  # "fooled" but x_adv = x: a lie
+    with pytest.raises(RuntimeError, match="classified correctly"):
+        attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), x.copy(),
+                       claims)
+    far = np.clip(x + 2 * tb.epsilon("linf"), 0, 1)
+    with pytest.raises(RuntimeError, match="> epsilon"):
+        attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), far,
+                       np.full(4, -1, np.int8))
