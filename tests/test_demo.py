@@ -44,7 +44,7 @@ def test_runs_every_step_and_prints_the_table(quick_demo):
                              / "evaluation_test.json").read_text())
         expected = [report["results"][a]["accuracy"] for a in ("clean", "pgd2")]
         np.testing.assert_allclose(cells, expected, atol=5e-5)
-    assert "AutoAttack: not run (--autoattack=off)" in log
+    assert "AutoAttack: not run (--autoattack=on adds it" in log
 
 
 def test_results_json_agrees_with_the_evaluation_reports(quick_demo):

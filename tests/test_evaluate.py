@@ -4,7 +4,6 @@ The reference evaluation is written here from the formulas (spec §4, §7): the 
 on clean images, and L-inf PGD by hand (sign steps, projection, clipping) in eager
 TensorFlow, with no twins_tf attack code.
 """
-import importlib.util
 import json
 
 import numpy as np
@@ -145,19 +144,37 @@ def test_a_weights_file_of_another_arch(source):
             "--dataset=digits_0_4", "--attacks=clean"]))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("twins_tf.attacks.autoattack") is None,
-                    reason="twins_tf.attacks.autoattack is not in this tree yet")
-def test_autoattack_reports_each_sub_attack(source, tmp_path):
-    report = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={source}", "--attacks=clean,pgd3,autoattack", "--max_examples=16",
-        "--attack_step=2/255", f"--output={tmp_path / 'aa.json'}"]), log=lambda _: None)
+def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkeypatch):
+    """The real orchestrator and sub-attacks, with lowered budgets to keep the test short."""
+    from twins_tf.attacks import autoattack
+
+    class QuickAutoAttack(autoattack.AutoAttack):
+        def __init__(self, epsilon, **kwargs):
+            super().__init__(epsilon, apgd_steps=5, fab_steps=5, square_queries=20, **kwargs)
+
+    monkeypatch.setattr(autoattack, "AutoAttack", QuickAutoAttack)
+    args = [f"--weights={source / 'best.weights.h5'}", "--arch=resnet18",
+            "--dataset=digits_0_4", "--image_size=16", "--attacks=clean,autoattack",
+            "--max_examples=24", "--batch_size=8", f"--output={tmp_path / 'aa.json'}"]
+    report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None, progress=False)
     results = report["results"]
-    after = results["autoattack"]["after_each_attack"]
-    assert after, "no per-attack accuracies"
-    values = list(after.values())
-    assert all(a >= b - 1e-9 for a, b in zip(values, values[1:]))  # attacks only remove points
-    assert results["autoattack"]["accuracy"] == pytest.approx(values[-1])
-    assert results["autoattack"]["accuracy"] <= results["clean"]["accuracy"] + 1e-9
-    assert results["autoattack"]["clean_accuracy"] == pytest.approx(results["clean"]["accuracy"])
-    assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == results[
-        "autoattack"]
+    aa = results["autoattack"]
+    assert list(aa["after_each_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    values = list(aa["after_each_attack"].values())
+    assert all(a >= b for a, b in zip(values, values[1:]))  # attacks only remove points
+    assert aa["accuracy"] == pytest.approx(values[-1])
+    assert aa["clean_accuracy"] == pytest.approx(results["clean"]["accuracy"])
+    assert aa["n_target_classes"] == 4 and aa["examples"] == 24  # 5 classes: 4 targets
+    assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == aa
+    state = aa["state"]
+    assert state.startswith(str(tmp_path)) and state.endswith(".npz")
+
+    # Started again with the same weights and data, it reads the finished state.
+    def no_attacks(self, *args, **kwargs):
+        raise AssertionError("the saved AutoAttack state was not resumed")
+
+    monkeypatch.setattr(QuickAutoAttack, "perturb", no_attacks)
+    again = evaluate.evaluate(evaluate_settings([*args[:-1], "--attacks=autoattack",
+                                                 f"--output={tmp_path / 'again.json'}"]),
+                              log=lambda _: None, progress=False)
+    assert again["results"]["autoattack"]["after_each_attack"] == aa["after_each_attack"]

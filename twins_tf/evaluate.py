@@ -15,7 +15,11 @@ Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--at
                random start (spec §7), with R > 1 restarts R random starts and an example
                counts as robust only if no restart fools it;
   autoattack   `twins_tf.attacks.AutoAttack` (`--autoattack_version`, standard: APGD-CE,
-               APGD-T, FAB-T, Square), with the accuracy left after each sub-attack.
+               APGD-T, FAB-T, Square), with the accuracy left after each sub-attack; APGD-T
+               and FAB-T target the reference's 9 classes, or every other class when the
+               dataset has fewer than 10.  Resumable: progress is kept in
+               `autoattack_<split>_<hash>.npz` beside the report, and a second start with
+               the same weights and data continues from it.
 
 Results go to a printed table and a JSON report (`--output`, by default
 `model_dir/evaluation_<split>.json`).  The split is the test split or the validation split
@@ -68,7 +72,10 @@ def define_flags(flag_values):
                                "2/255).", flag_values, None)
     names += ["attack_eps", "attack_step"]
     define("integer", "pgd_restarts", 1, "PGD restarts (> 1 uses random starts).")
-    define("string", "autoattack_version", "standard", "AutoAttack version.")
+    flags.DEFINE_enum("autoattack_version", "standard", ["standard", "rand"],
+                      "AutoAttack version (rand: for randomised defences).",
+                      flag_values=flag_values)
+    names.append("autoattack_version")
     define("integer", "batch_size", 128, "Evaluation batch size.")
     define("integer", "max_examples", None, "Evaluate only the first N examples of the split.")
     define("integer", "seed", 0, "Seed of random starts and AutoAttack.")
@@ -232,35 +239,64 @@ def evaluate_batched(model, batches, attack):
             "examples": total}
 
 
-def run_autoattack(model, batches, settings):
-    """AutoAttack over the split, with per-sub-attack accuracies."""
-    import numpy as np
+def autoattack_targets(num_classes):
+    """Target classes of APGD-T and FAB-T: the reference's 9, or every other class if fewer."""
+    return min(9, num_classes - 1)
 
+
+def autoattack_state_path(settings):
+    """Where a resumable AutoAttack run keeps its progress, or None (no model_dir or output).
+
+    The name holds a hash of the weights file and of the examples evaluated, so a state is
+    only ever resumed for the same model and data (AutoAttack itself checks its settings).
+    """
+    import hashlib
+
+    directory = settings.get("model_dir") or (
+        os.path.dirname(os.path.abspath(settings["output"])) if settings.get("output") else None)
+    if directory is None:
+        return None
+    digest = hashlib.sha1()
+    with open(settings["weights"], "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(json.dumps([settings["dataset"], settings["split"], settings["image_size"],
+                              settings.get("max_examples")]).encode())
+    return os.path.join(directory, f"autoattack_{settings['split']}_{digest.hexdigest()[:12]}.npz")
+
+
+def run_autoattack(model, batches, settings, *, progress=True):
+    """AutoAttack over the batches, resumable; accuracy after each sub-attack.
+
+    The AutoAttack object sees the evaluation batches in their fixed order; its progress is
+    saved every 10 batches to `autoattack_state_path(settings)`, so an interrupted evaluation
+    started again continues where it stopped.
+    """
     from twins_tf.attacks import AutoAttack
 
-    images, labels = [], []
-    for x, y in batches:
-        images.append(x.numpy())
-        labels.append(y.numpy())
-    x, y = np.concatenate(images), np.concatenate(labels)
+    targets = autoattack_targets(settings["num_classes"])
     attack = AutoAttack(settings["attack_eps"], norm="linf",
-                        version=settings["autoattack_version"], seed=settings["seed"])
-    result = attack.run(model, x, y, batch_size=settings["batch_size"])
-    return autoattack_report(result, len(y))
-
-
-def autoattack_report(result, examples):
-    """The JSON entry of an AutoAttack result: final accuracy and accuracy after each attack."""
+                        version=settings["autoattack_version"], seed=settings["seed"],
+                        n_target_classes=targets)
+    state_path = autoattack_state_path(settings)
+    result = attack.run(model, batches, batch_size=settings["batch_size"], state_path=state_path,
+                        keep_adversarial=False, verbose=int(progress))
+    accuracy = result.accuracy
     return {
         "accuracy": float(result.robust_accuracy),
-        "clean_accuracy": float(result.clean_accuracy),
-        "after_each_attack": {name: float(acc) for name, acc in result.accuracy_after.items()},
-        "examples": int(examples),
+        "clean_accuracy": float(accuracy["clean"]),
+        "after_each_attack": {name: float(accuracy[name]) for name in result.attacks},
+        "examples": int(len(result.labels)),
+        "version": settings["autoattack_version"],
+        "n_target_classes": targets,
+        "state": state_path,
     }
 
 
-def evaluate(settings, *, log=print):
+def evaluate(settings, *, log=print, progress=True):
     """Runs the requested attacks; returns the report dict (and writes it to `output`).
+
+    `progress` shows AutoAttack's progress bar.
 
     Raises:
       SetupError: a problem with the inputs, found before any attack runs.
@@ -270,15 +306,18 @@ def evaluate(settings, *, log=print):
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
     try:
-        return _evaluate(resolve(settings), log)
+        return _evaluate(resolve(settings), log, progress)
     finally:
         keras.config.set_dtype_policy(policy)
 
 
-def _evaluate(s, log):
+def _evaluate(s, log, progress):
     from twins_tf.attacks.pgd import PGD
 
     batches, count = load_examples(s)
+    if any(name == AUTOATTACK for name, _ in s["attack_list"]) and s["num_classes"] < 3:
+        raise SetupError(f"AutoAttack's targeted attacks need at least 3 classes; "
+                         f"{s['dataset']} has {s['num_classes']}: drop autoattack from --attacks.")
     model = load_model(s)
     results = {}
     for name, steps in s["attack_list"]:
@@ -286,8 +325,7 @@ def _evaluate(s, log):
         if name == CLEAN:
             results[name] = evaluate_batched(model, batches, None)
         elif name == AUTOATTACK:
-            results[name] = run_autoattack(model, batches, s)
-            results[name]["version"] = s["autoattack_version"]
+            results[name] = run_autoattack(model, batches, s, progress=progress)
         else:
             restarts = s["pgd_restarts"]
             pgd = PGD(s["attack_eps"], s["attack_step"], steps, random_start=restarts > 1,
