@@ -287,6 +287,20 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, pretrained
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
+def test_mixed_bfloat16_run_keeps_float32_weights_and_restores_the_policy(tmp_path, pretrained):
+    import keras
+
+    model_dir = tmp_path / "bf16"
+    summary = train.run(settings("train", _args(pretrained, model_dir, "--epochs=1",
+                                                "--mixed_precision=mixed_bfloat16")), verbose=0)
+    assert keras.config.dtype_policy().name == "float32"
+    assert json.loads((model_dir / "config.json").read_text())["mixed_precision"] == (
+        "mixed_bfloat16")
+    assert np.isfinite(summary["final"]["loss"]) and summary["best_epoch"] == 1
+    saved = read_weights(model_dir / "best.weights.h5")
+    assert {v.dtype for v in saved.values()} == {np.dtype("float32")}
+
+
 # --- the learning-rate schedule ----------------------------------------------------------------
 def test_learning_rate_is_divided_by_ten_from_each_decay_epoch_on():
     schedule = train.learning_rate_schedule(0.3, [2, 4], steps_per_epoch=5)

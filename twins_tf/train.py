@@ -85,10 +85,10 @@ def prepare(settings):
         data_lib.check_batch_size(s["batch_size"], strategy.num_replicas_in_sync, s["twin"])
     except ValueError as error:
         raise SetupError(str(error)) from None
-    if s["strategy"] in ("mirrored", "multi_worker") and s["jit_compile"] == "true" and not (
+    if s["strategy"] == "mirrored" and s["jit_compile"] == "true" and not (
             tf.config.list_logical_devices("GPU")):
-        raise SetupError("--jit_compile=true with --strategy=" + s["strategy"] + " fails inside "
-                         "TensorFlow on CPU devices; use --jit_compile=auto or false.")
+        raise SetupError("--jit_compile=true with --strategy=mirrored over CPU devices fails "
+                         "inside TensorFlow; use --jit_compile=auto or false.")
     output_dir = multi_worker.output_dir(s["model_dir"], strategy)
     spec = data_lib.get_dataset_spec(s["dataset"], image_size=s["image_size"],
                                      upsample=s["upsample"])
@@ -101,6 +101,9 @@ def prepare(settings):
         steps = data_lib.steps_per_epoch(train_examples, s["batch_size"])
     except (ValueError, FileNotFoundError) as error:  # DatasetNotFoundError is one
         raise SetupError(str(error)) from None
+    if output_dir != s["model_dir"]:
+        # A worker refuses exactly when the chief does, rather than waiting for it forever.
+        run_config.check_model_dir(s["model_dir"], s)
     state = run_config.check_model_dir(output_dir, s)
     prepared = PreparedRun(settings=s, output_dir=output_dir, state=state, strategy=strategy,
                            spec=spec, splits=splits, steps_per_epoch=steps,
