@@ -14,9 +14,12 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(FIND_LINKS) -e '.[test]'
+	# torchattacks (test oracle for AutoAttack) pins requests~=2.25 and would downgrade it:
+	# install it alone; its real needs (torch, numpy, scipy, tqdm) are already there.
+	$(PIP) install --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 demo: $(STAMP)

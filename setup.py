@@ -38,6 +38,7 @@ setup(
             "safetensors==0.8.0",
             "pytest==9.2.0",
             "parameterized==0.9.0",
+            "scipy==1.17.1",  # reference projections in the attack tests
         ],
     },
 )

@@ -32,7 +32,7 @@ def torchattacks_sequence(bed, x, y, norm, eps, apgd_steps, fab_steps, square_qu
         torchattacks.FAB(model, norm=torch_norm, eps=eps, steps=fab_steps, multi_targeted=True,
                          n_classes=n_classes, seed=0),
         torchattacks.Square(model, norm=torch_norm, eps=eps, n_queries=square_queries,
-                            p_init=0.8, seed=0),
+                            p_init=0.8, seed=0, resc_schedule=False),
     ]
     robust = tb.torch_predict(model, x) == y
     history = [robust.copy()]

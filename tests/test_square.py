@@ -87,7 +87,8 @@ def test_square_matches_torchattacks(norm):
     ours_acc = square_robust_accuracy(bed, x, y, ours, eps, norm)
     with tb.torch_threads(1):
         attack = torchattacks.Square(bed.torch_model, norm=tb.TORCH_NORM[norm], eps=eps,
-                                     n_queries=500, p_init=0.8, seed=0)
+                                     n_queries=500, p_init=0.8, seed=0,
+                                     resc_schedule=False)
         x_adv = attack(tb.torch_nchw(x), torch.from_numpy(y))
     theirs_acc = float(np.mean(tb.torch_predict(bed.torch_model, x_adv.detach().numpy().transpose(
         0, 2, 3, 1)) == y))
@@ -107,7 +108,8 @@ def test_square_5000_queries_matches_torchattacks(norm):
     ours_acc = square_robust_accuracy(bed, x, y, ours, eps, norm)
     with tb.torch_threads(1):
         attack = torchattacks.Square(bed.torch_model, norm=tb.TORCH_NORM[norm], eps=eps,
-                                     n_queries=5000, p_init=0.8, seed=0)
+                                     n_queries=5000, p_init=0.8, seed=0,
+                                     resc_schedule=False)
         x_adv = attack(tb.torch_nchw(x), torch.from_numpy(y)).detach().numpy()
         x_adv = x_adv.transpose(0, 2, 3, 1)
     theirs_acc = float(np.mean(tb.torch_predict(bed.torch_model, x_adv) == y))

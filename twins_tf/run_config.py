@@ -261,6 +261,8 @@ def check_settings(settings):
     _require(all(e >= 1 for e in decay) and decay == sorted(set(decay)),
              "--lr_decay_epochs must be increasing positive epoch numbers, e.g. 30,50.")
     s["lr_decay_epochs"] = decay
+    if s.get("pretrained"):
+        s["pretrained"] = os.path.abspath(s["pretrained"])  # config.json names the file used
     if not s.get("model_dir"):
         raise SetupError("--model_dir is required: the run writes its config, weights, "
                          "metrics and backup there.")

@@ -321,6 +321,8 @@ class AdversarialTrainer(keras.Model):
             count = len(images)
             if validation_split:
                 count = int(math.ceil(count * (1.0 - validation_split)))
+            if whole:  # Keras's *_on_batch hands every replica the whole batch
+                replicas = 1
             batches = [count] if whole else _numpy_batch_sizes(count, batch_size or 32)
             for batch in batches:
                 if batch % (2 * replicas):
@@ -385,11 +387,15 @@ class AdversarialTrainer(keras.Model):
 
 
 def _unpack(data):
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3):
+        if len(data) == 3 and data[2] is not None:
+            raise ValueError(
+                "AdversarialTrainer does not support sample weights: pass (images, labels)."
+            )
+        return data[0], data[1]
     raise ValueError(
-        "AdversarialTrainer steps take (images, labels) batches; sample weights are not "
-        f"supported (got a batch with {len(data) if isinstance(data, (tuple, list)) else 1} parts)."
+        "AdversarialTrainer steps take (images, labels) batches, got "
+        f"{type(data).__name__} of {len(data) if isinstance(data, (tuple, list)) else 1} part(s)."
     )
 
 

@@ -1,0 +1,593 @@
+"""AdversarialTrainer against a PyTorch implementation of the same steps, written here from spec.
+
+The reference (PyTorch, below) implements spec §1-6 independently: a two-wing BN module,
+PGD in eval mode, the five objectives with their reductions, L2-SP, and
+`torch.optim.SGD(lr, momentum=0.9, weight_decay=wd)` (coupled decay).  Each parity case loads
+the same weights into both frameworks, runs two training steps on the same batches
+(`random_start=False`) and compares the step-1 adversarial examples, the losses, the metrics
+and every weight and moving statistic.  Distribution is compared against a reference that
+simulates the replicas (each replica attacks, normalises and differentiates its own slice;
+gradients and moving statistics are averaged), XLA against the same reference.
+
+A small conv net (conv-BN-ReLU twice, GAP, dense) built identically in both frameworks keeps
+the cases fast; one case runs ResNet-18 loaded through `twins_tf.weights`.
+"""
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_resnet import TorchPixelResNet, torch_resnet
+from twins_tf import AdversarialTrainer
+from twins_tf.attacks import PGD
+from twins_tf.layers import TwinBatchNormalization, set_twin_mode
+
+LR, MOMENTUM, WD = 0.01, 0.9, 1e-3
+EPS, ALPHA, PGD_STEPS = 8 / 255, 2 / 255, 3
+LAMBDA, BETA, L2SP_ALPHA = 0.4, 6.0, 20.0
+CLASSES, SIZE, BATCH = 4, 10, 8
+
+
+# === the PyTorch reference ====================================================================
+class TorchTwinBN(nn.Module):
+    """Spec §1-2: train mode normalises rows [0, B/2) with the frozen population statistics and
+    frozen affine, rows [B/2, B) with their batch statistics (EMA 0.1 of the unbiased variance
+    into the running statistics); eval mode uses the Adaptive wing's running statistics."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.frozen_weight = nn.Parameter(torch.ones(channels))
+        self.frozen_bias = nn.Parameter(torch.zeros(channels))
+        for name in ("running_mean", "frozen_mean"):
+            self.register_buffer(name, torch.zeros(channels))
+        for name in ("running_var", "frozen_var"):
+            self.register_buffer(name, torch.ones(channels))
+
+    @classmethod
+    def from_batchnorm(cls, bn):
+        twin = cls(bn.num_features)
+        with torch.no_grad():
+            for a, f, source in (("weight", "frozen_weight", bn.weight), ("bias", "frozen_bias", bn.bias),
+                                 ("running_mean", "frozen_mean", bn.running_mean),
+                                 ("running_var", "frozen_var", bn.running_var)):
+                getattr(twin, a).copy_(source)
+                getattr(twin, f).copy_(source)
+        return twin
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.1, 1e-5)
+        half = x.shape[0] // 2
+        frozen = F.batch_norm(x[:half], self.frozen_mean, self.frozen_var, self.frozen_weight,
+                              self.frozen_bias, False, 0.1, 1e-5)
+        adaptive = F.batch_norm(x[half:], self.running_mean, self.running_var, self.weight,
+                                self.bias, True, 0.1, 1e-5)
+        return torch.cat([frozen, adaptive])
+
+
+class TorchKerasBN(nn.BatchNorm2d):
+    """Keras BatchNormalization's semantics: like BatchNorm2d, but the moving variance is
+    updated with the *biased* batch variance (Keras documents its EMA this way)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            self.running_mean.mul_(0.9).add_(0.1 * mean)
+            self.running_var.mul_(0.9).add_(0.1 * var)
+        shape = (1, -1, 1, 1)
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * self.weight.view(
+            shape) + self.bias.view(shape)
+
+
+class TorchSmallNet(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1, bias=False)
+        self.bn1 = norm(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, 2, 1, bias=False)
+        self.bn2 = norm(8)
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def torch_pgd(net, x, y, steps=PGD_STEPS):
+    net.eval()
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + ALPHA * grad.sign(), x - EPS), x + EPS)
+        x_adv = x_adv.clamp(0.0, 1.0)
+    return x_adv
+
+
+def _kl_sum(z_nat, z_adv):
+    return F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1), reduction="sum")
+
+
+def torch_objective(method, net, x, x_adv, y, anchors):
+    """Spec §5 in train mode (adversarial forward first); returns (loss, adversarial logits)."""
+    net.train()
+    b, h = len(y), len(y) // 2
+    z_adv = net(x_adv) if method != "clean" else None
+    z_nat = net(x) if method in ("clean", "trades", "twins_trades") else None
+    ce = F.cross_entropy
+    if method == "clean":
+        loss = ce(z_nat, y)
+    elif method in ("at", "l2sp"):
+        loss = ce(z_adv, y)
+    elif method == "trades":
+        loss = ce(z_nat, y) + BETA * _kl_sum(z_nat, z_adv) / b
+    elif method == "twins_at":
+        loss = LAMBDA * ce(z_adv[:h], y[:h]) + ce(z_adv[h:], y[h:])
+    else:  # twins_trades
+        loss = LAMBDA * ce(z_nat[:h], y[:h]) + ce(z_nat[h:], y[h:]) + BETA * (
+            LAMBDA * _kl_sum(z_nat[:h], z_adv[:h]) / b + _kl_sum(z_nat[h:], z_adv[h:]) / b)
+    if method == "l2sp":
+        loss = loss + L2SP_ALPHA / 2 * sum(((p - a) ** 2).sum() for p, a in anchors)
+    return loss, z_adv if z_adv is not None else z_nat
+
+
+def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS):
+    """Reference steps; returns per step: x_adv (NHWC numpy), loss, accuracies, and the state."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    anchors = [(p, p.detach().clone()) for n, p in net.named_parameters()
+               if n.split(".")[-2] != "fc"]  # L2-SP: every pre-trained weight, not the head
+    buffers = [b for n, b in net.named_buffers() if "running" in n]
+    records = []
+    for x_nhwc, y_np in batches:
+        x = torch.tensor(x_nhwc.transpose(0, 3, 1, 2))
+        y = torch.tensor(y_np)
+        optimizer.zero_grad()
+        start = [b.clone() for b in buffers]
+        ends, losses, advs, logits = [], [], [], []
+        for xr, yr in zip(x.chunk(replicas), y.chunk(replicas)):
+            for b, s in zip(buffers, start):
+                b.copy_(s)
+            x_adv = torch_pgd(net, xr, yr, pgd_steps) if method != "clean" else xr
+            loss, z = torch_objective(method, net, xr, x_adv, yr, anchors)
+            (loss / replicas).backward()
+            ends.append([b.clone() for b in buffers])
+            losses.append(loss.item())
+            advs.append(x_adv.detach())
+            logits.append(z.detach())
+        with torch.no_grad():
+            for i, b in enumerate(buffers):  # mean-aggregated moving statistics
+                b.copy_(torch.stack([e[i] for e in ends]).mean(0))
+        optimizer.step()
+        correct = [(z.argmax(1) == yr).float() for z, yr in zip(logits, y.chunk(replicas))]
+        halves = [(c[:len(c) // 2], c[len(c) // 2:]) for c in correct]
+        records.append(dict(
+            x_adv=torch.cat(advs).numpy().transpose(0, 2, 3, 1),
+            loss=float(np.mean(losses)),
+            acc=torch.cat(correct).mean().item(),
+            frozen_acc=torch.cat([f for f, _ in halves]).mean().item(),
+            adaptive_acc=torch.cat([a for _, a in halves]).mean().item(),
+            state=torch_state(net),
+        ))
+    return records
+
+
+# === the two frameworks' state, side by side =================================================
+def _pairs(layer, module):
+    """(Keras variable, torch tensor mapped to Keras layout) for one layer/module pair."""
+    if isinstance(module, nn.Conv2d):
+        return [(layer.kernel, lambda m: m.weight.permute(2, 3, 1, 0))]
+    if isinstance(module, nn.Linear):
+        return [(layer.kernel, lambda m: m.weight.T), (layer.bias, lambda m: m.bias)]
+    pairs = [(layer.gamma, lambda m: m.weight), (layer.beta, lambda m: m.bias),
+             (layer.moving_mean, lambda m: m.running_mean),
+             (layer.moving_variance, lambda m: m.running_var)]
+    if isinstance(module, TorchTwinBN):
+        pairs += [(layer.frozen_gamma, lambda m: m.frozen_weight),
+                  (layer.frozen_beta, lambda m: m.frozen_bias),
+                  (layer.frozen_mean, lambda m: m.frozen_mean),
+                  (layer.frozen_variance, lambda m: m.frozen_var)]
+    return pairs
+
+
+def _modules(net):
+    kinds = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, TorchTwinBN)
+    for name, module in net.named_modules():
+        if isinstance(module, kinds):
+            yield name.removeprefix("net.").replace(".", "_"), module
+
+
+def torch_state(net):
+    """{"<keras layer>/<keras variable>": value in Keras layout} for every tensor of `net`."""
+    class VariableNames:  # stands in for a Keras layer: attribute -> its own name
+        def __getattr__(self, item):
+            return item
+
+    return {f"{name}/{variable_name}": fn(module).detach().numpy().copy()
+            for name, module in _modules(net)
+            for variable_name, fn in _pairs(VariableNames(), module)}
+
+
+def keras_state(model):
+    state = {}
+    for layer in model.layers:
+        for name, _ in _pairs_for_layer(layer):
+            state[f"{layer.name}/{name}"] = np.asarray(getattr(layer, name)).copy()
+    return state
+
+
+def _pairs_for_layer(layer):
+    if isinstance(layer, keras.layers.Conv2D):
+        return [("kernel", None)]
+    if isinstance(layer, keras.layers.Dense):
+        return [("kernel", None), ("bias", None)]
+    if isinstance(layer, (keras.layers.BatchNormalization, TwinBatchNormalization)):
+        names = ["gamma", "beta", "moving_mean", "moving_variance"]
+        if isinstance(layer, TwinBatchNormalization) and layer.mode == "twin":
+            names += ["frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance"]
+        return [(n, None) for n in names]
+    return []
+
+
+def load_torch_into_keras(net, model):
+    for name, module in _modules(net):
+        layer = model.get_layer(name)
+        for variable, fn in _pairs(layer, module):
+            variable.assign(fn(module).detach().numpy())
+
+
+def assert_same_state(model, reference, rtol, before=None, update_rtol=None):
+    """Every weight and moving statistic within `rtol`; with `before`, the step's change of each
+    tensor also within `update_rtol` of the reference change (relative to its norm)."""
+    got = keras_state(model)
+    assert set(got) == set(reference), sorted(set(got) ^ set(reference))
+    for key, expected in reference.items():
+        np.testing.assert_allclose(got[key], expected, rtol=rtol, atol=1e-6, err_msg=key)
+        if before is not None:
+            change, expected_change = got[key] - before[key], expected - before[key]
+            scale = np.linalg.norm(expected_change)
+            if scale > 1e-7:
+                assert np.linalg.norm(change - expected_change) <= update_rtol * scale, key
+
+
+# === model pairs =============================================================================
+def small_pair(kind, seed=0):
+    """Keras and PyTorch small nets with identical random weights.
+
+    kind: "twin" (twin BN, the two wings deliberately different so a swapped wing shows),
+    "keras" (Keras BatchNormalization vs TorchKerasBN), "adaptive" (twin layers in adaptive
+    mode vs PyTorch's own BatchNorm2d).
+    """
+    torch.manual_seed(seed)
+    norm = {"twin": TorchTwinBN, "keras": TorchKerasBN, "adaptive": nn.BatchNorm2d}[kind]
+    net = TorchSmallNet(norm)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in net.modules():
+            if hasattr(module, "running_var"):
+                for name in ("weight", "frozen_weight"):
+                    if hasattr(module, name):
+                        getattr(module, name).copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                for name in ("bias", "running_mean", "frozen_bias", "frozen_mean"):
+                    if hasattr(module, name):
+                        t = getattr(module, name)
+                        t.copy_(0.2 * torch.randn(t.shape, generator=generator))
+                for name in ("running_var", "frozen_var"):
+                    if hasattr(module, name):
+                        t = getattr(module, name)
+                        t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=generator))
+
+    def keras_norm(name):
+        if kind == "keras":
+            return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+        return TwinBatchNormalization(name=name)
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.ZeroPadding2D(1)(inputs)
+    x = keras.layers.Conv2D(6, 3, use_bias=False, name="conv1")(x)
+    x = keras.layers.ReLU()(keras_norm("bn1")(x))
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="conv2")(x)
+    x = keras.layers.ReLU()(keras_norm("bn2")(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x))
+    if kind == "adaptive":
+        set_twin_mode(model, "adaptive")
+    load_torch_into_keras(net, model)
+    return model, net
+
+
+def make_batches(count=2, batch=BATCH, size=SIZE, seed=0):
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        x = np.clip(rng.uniform(-0.05, 1.05, size=(batch, size, size, 3)), 0, 1).astype("float32")
+        batches.append((x, rng.integers(0, CLASSES, batch)))
+    return batches
+
+
+def make_trainer(model, method, jit_compile=False, pgd_steps=PGD_STEPS, **kwargs):
+    trainer = AdversarialTrainer(
+        model, method=method, attack=PGD(EPS, ALPHA, pgd_steps) if method != "clean" else None,
+        lambda_twins=LAMBDA, beta=BETA, weight_decay=WD, l2sp_alpha=L2SP_ALPHA, **kwargs)
+    trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=jit_compile)
+    return trainer
+
+
+def run_parity(model, net, method, *, jit_compile=False, strategy=None, batches=None,
+               pgd_steps=PGD_STEPS):
+    """Two steps (or as many as `batches`): 1e-4 relative on the first, 1e-3 on the second."""
+    batches = batches or make_batches()
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    if strategy is not None:
+        with strategy.scope():
+            trainer = make_trainer(model, method, jit_compile, pgd_steps)
+    else:
+        trainer = make_trainer(model, method, jit_compile, pgd_steps)
+    before = keras_state(model)
+    reference = torch_train(net, batches, method, replicas=replicas, pgd_steps=pgd_steps)
+    if method != "clean":  # the step-1 attack, in inference mode, before any update
+        x_adv = tf.function(trainer.attack.attack)(model, batches[0][0], batches[0][1])
+        np.testing.assert_allclose(x_adv.numpy(), reference[0]["x_adv"], atol=1e-6)
+
+    for step, ((x, y), expected) in enumerate(zip(batches, reference)):
+        # fit, not train_on_batch: only fit splits a batch across replicas
+        history = trainer.fit(tf.data.Dataset.from_tensors((x, y)), verbose=0)
+        logs = {key: values[0] for key, values in history.history.items()}
+        np.testing.assert_allclose(logs["loss"], expected["loss"], rtol=1e-4 * (1 + 9 * step))
+        if step == 0:
+            accuracy_key = "clean_acc" if method == "clean" else "adv_acc"
+            np.testing.assert_allclose(logs[accuracy_key], expected["acc"], atol=1e-6)
+            if method.startswith("twins"):
+                np.testing.assert_allclose(logs["frozen_acc"], expected["frozen_acc"], atol=1e-6)
+                np.testing.assert_allclose(logs["adaptive_acc"], expected["adaptive_acc"], atol=1e-6)
+            assert_same_state(model, expected["state"], 1e-4, before, update_rtol=1e-3)
+        else:
+            assert_same_state(model, expected["state"], 1e-3)
+    return trainer
+
+
+_STRATEGY = []
+
+
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole module.
+
+    Reduction through one device rather than collective ops: TensorFlow numbers collective
+    instances per strategy object, so two strategies over the same devices in one process
+    (another test file's, then ours) clash with "Shape mismatch in the collective instance"
+    (tensorflow/tensorflow#62790).  The arithmetic (sum of the replicas' gradients, mean of
+    their moving statistics) is the same.
+    """
+    if not _STRATEGY:
+        devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+        assert len(devices) == 2, "conftest configures two logical CPU devices"
+        _STRATEGY.append(tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice()))
+    return _STRATEGY[0]
+
+
+# === parity ==================================================================================
+@pytest.mark.parametrize("method,kind", [
+    ("twins_at", "twin"), ("twins_trades", "twin"), ("at", "keras"), ("trades", "keras"),
+    ("l2sp", "keras"), ("clean", "keras"), ("at", "adaptive"),
+])
+def test_two_steps_match_pytorch(method, kind):
+    model, net = small_pair(kind)
+    run_parity(model, net, method)
+
+
+@pytest.mark.parametrize("method", ["twins_trades", "trades"])
+def test_xla_matches_pytorch(method):
+    model, net = small_pair("twin" if method.startswith("twins") else "keras", seed=1)
+    run_parity(model, net, method, jit_compile=True)
+
+
+@pytest.mark.parametrize("method,kind", [("twins_trades", "twin"), ("at", "adaptive")])
+def test_mirrored_strategy_matches_replicated_reference(method, kind):
+    """Two replicas, global batch 8: each replica splits its own 4 rows into 2 + 2."""
+    strategy = mirrored_strategy()
+    with strategy.scope():
+        model, net = small_pair(kind, seed=2)
+    run_parity(model, net, method, strategy=strategy)
+
+
+def test_resnet18_twins_trades_matches_pytorch():
+    """The real network, weights loaded through twins_tf.weights, both wings from one BN.
+
+    One step: this randomly initialised ResNet (random BN statistics) takes updates as large
+    as its weights, so float32 round-off (oneDNN vs PyTorch convolutions) leaves ~1e-4 of the
+    update as difference, enough to flip some gradient signs of the *next* PGD (measured: 5%
+    of step-2 pixels); the two-step comparison is done on the small net.  Batch 16 at 32 px:
+    layer4 is 1x1, so the Adaptive half has 8 values per channel for its batch statistics
+    (with 4 the variance estimate is ill-conditioned and round-off reaches 0.3% of the
+    update)."""
+    from twins_tf.models import build_resnet
+    from twins_tf.weights import load_torch_state_dict
+
+    source = torch_resnet("resnet18", num_classes=CLASSES, seed=3)
+    model = build_resnet("resnet18", CLASSES, twin=True, input_shape=(32, 32, 3))
+    load_torch_state_dict(model, {k: v.numpy() for k, v in source.state_dict().items()}, head=True)
+    for name, module in list(source.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            parent_name, _, child = name.rpartition(".")
+            parent = source.get_submodule(parent_name) if parent_name else source
+            setattr(parent, child, TorchTwinBN.from_batchnorm(module))
+    net = TorchPixelResNet(source)
+    rng = np.random.default_rng(4)
+    batches = [(rng.uniform(size=(16, 32, 32, 3)).astype("float32"), rng.integers(0, CLASSES, 16))]
+    run_parity(model, net, "twins_trades", batches=batches, pgd_steps=2)
+
+
+# === evaluation ==============================================================================
+def test_evaluate_reports_clean_and_pgd_accuracy_in_inference_mode():
+    model, net = small_pair("twin", seed=5)
+    trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1, batch=16, seed=5)
+    trainer.attack = PGD(EPS, ALPHA, PGD_STEPS, random_start=True, seed=0)
+    trainer.eval_attack = PGD(EPS, ALPHA, PGD_STEPS)  # what "auto" derives (no random start)
+    logs = trainer.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
+    xt, yt = torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(y)
+    net.eval()
+    with torch.no_grad():
+        clean = (net(xt).argmax(1) == yt).float().mean().item()
+        loss = F.cross_entropy(net(xt), yt).item()
+    adv_x = torch.cat([torch_pgd(net, xt[i:i + 8], yt[i:i + 8]) for i in (0, 8)])
+    with torch.no_grad():
+        adversarial = (net(adv_x).argmax(1) == yt).float().mean().item()
+    assert abs(logs["clean_acc"] - clean) < 1e-6
+    assert abs(logs["adv_acc"] - adversarial) < 1e-6
+    assert abs(logs["loss"] - loss) < 1e-4
+
+
+def test_default_eval_attack_drops_the_random_start():
+    model, _ = small_pair("twin")
+    attack = PGD(EPS, ALPHA, 10, random_start=True, restarts=2, seed=1)
+    trainer = AdversarialTrainer(model, method="twins_at", attack=attack)
+    assert trainer.eval_attack.get_config() == dict(attack.get_config(), random_start=False, restarts=1)
+    assert AdversarialTrainer(model, method="twins_at", attack=attack, eval_attack=None).eval_attack is None
+
+
+# === fit: XLA, mixed precision, resume ========================================================
+def _dataset(batches):
+    xs = np.concatenate([x for x, _ in batches])
+    ys = np.concatenate([y for _, y in batches])
+    return tf.data.Dataset.from_tensor_slices((xs, ys)).batch(len(batches[0][1]), drop_remainder=True)
+
+
+@pytest.mark.parametrize("method", ["twins_trades"])
+def test_fit_with_xla_and_mixed_bfloat16(method):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model, _ = small_pair("twin" if method.startswith("twins") else "keras", seed=6)
+        trainer = make_trainer(model, method, jit_compile=True)
+        history = trainer.fit(_dataset(make_batches(3, seed=6)), epochs=2, verbose=0,
+                              validation_data=_dataset(make_batches(1, seed=7)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("conv1").kernel.dtype == "float32"
+    expected = {"loss", "clean_acc", "adv_acc", "val_loss", "val_clean_acc", "val_adv_acc"}
+    if method.startswith("twins"):
+        expected |= {"frozen_acc", "adaptive_acc"}
+    assert set(history.history) == expected
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_backup_and_restore_resumes_exactly(tmp_path):
+    """An interrupted run resumed by BackupAndRestore ends with the weights of an
+    uninterrupted one: model weights, SGD momentum and the step counter that seeds the
+    random start are all in the backup."""
+    data = _dataset(make_batches(3, seed=8))
+
+    def new_trainer():
+        model, _ = small_pair("twin", seed=8)
+        trainer = AdversarialTrainer(model, method="twins_at", weight_decay=WD,
+                                     attack=PGD(EPS, ALPHA, 2, random_start=True, seed=5))
+        trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM))
+        return trainer
+
+    straight = new_trainer()
+    straight.fit(data, epochs=2, verbose=0)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    with pytest.raises(KeyboardInterrupt):
+        new_trainer().fit(data, epochs=2, verbose=0, callbacks=[backup, Interrupt()])
+    resumed = new_trainer()
+    resumed.fit(data, epochs=2, verbose=0, callbacks=[backup])
+    assert int(resumed.optimizer.iterations) == 6
+    for a, b in zip(straight.model.weights, resumed.model.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+# === bad input ===============================================================================
+def test_twin_method_needs_twin_model_and_plain_method_refuses_one():
+    plain, _ = small_pair("keras")
+    twin, _ = small_pair("twin")
+    attack = PGD(EPS, ALPHA, 1)
+    with pytest.raises(ValueError, match="needs a twin model.*twinify"):
+        AdversarialTrainer(plain, method="twins_at", attack=attack)
+    with pytest.raises(ValueError, match="'twin' mode.*untwin"):
+        AdversarialTrainer(twin, method="at", attack=attack)
+    set_twin_mode(twin, "adaptive")
+    AdversarialTrainer(twin, method="at", attack=attack)  # plain BN with PyTorch numerics
+    with pytest.raises(ValueError, match="every TwinBatchNormalization in 'twin' mode"):
+        AdversarialTrainer(twin, method="twins_trades", attack=attack)
+
+
+def test_constructor_and_compile_errors():
+    model, _ = small_pair("keras")
+    with pytest.raises(ValueError, match="pass an attack"):
+        AdversarialTrainer(model, method="at")
+    with pytest.raises(ValueError, match="unknown method"):
+        AdversarialTrainer(model, method="fgsm", attack=PGD(EPS, ALPHA, 1))
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        AdversarialTrainer(model, method="clean", weight_decay=-1.0)
+    trainer = AdversarialTrainer(model, method="clean")
+    with pytest.raises(ValueError, match="takes no loss="):
+        trainer.compile("sgd", loss="mse")
+
+
+def test_dataset_errors_are_raised_outside_compiled_code():
+    """XLA drops runtime assertions: the checks run in the tf.data pipeline instead."""
+    model, _ = small_pair("twin")
+    trainer = make_trainer(model, "twins_at", jit_compile=True)
+    (x, y), = make_batches(1)
+    bad_labels = tf.data.Dataset.from_tensor_slices((x, y + CLASSES)).batch(4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels must be class ids in \[0, 4\)"):
+        trainer.fit(bad_labels, verbose=0)
+    bright = tf.data.Dataset.from_tensor_slices((x * 2, y)).batch(4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[0, 1\]"):
+        trainer.fit(bright, verbose=0)
+    ragged_tail = tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).batch(4)  # 4, then 3
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of 2 x 1"):
+        trainer.fit(ragged_tail, verbose=0)
+
+
+def test_static_errors_before_training():
+    model, _ = small_pair("twin")
+    trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1)
+    before = keras_state(model)
+    with pytest.raises(ValueError, match="floats in"):
+        trainer.fit(tf.data.Dataset.from_tensor_slices(((x * 255).astype("uint8"), y)).batch(4))
+    with pytest.raises(ValueError, match="integer class ids"):
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y.astype("float32"))).batch(4))
+    with pytest.raises(ValueError, match="got batch 3"):
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(3, drop_remainder=True))
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 4\)"):
+        trainer.fit(x, y - 1, batch_size=4)
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
+        trainer.fit(x - 0.5, y, batch_size=4)
+    with pytest.raises(ValueError, match="got batch 3"):
+        trainer.fit(x[:7], y[:7], batch_size=4)  # batches of 4 and 3
+    with pytest.raises(ValueError, match="per-replica batch of 3"):
+        trainer.train_step((tf.constant(x[:3]), tf.constant(y[:3])))
+    for key, value in keras_state(model).items():
+        np.testing.assert_array_equal(value, before[key])  # nothing trained
+
+
+def test_odd_per_replica_batch_under_mirrored_strategy():
+    strategy = mirrored_strategy()
+    with strategy.scope():
+        model, _ = small_pair("twin")
+        trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1)
+    six = tf.data.Dataset.from_tensor_slices((x[:6], y[:6])).batch(6, drop_remainder=True)
+    with pytest.raises(ValueError, match=r"multiple of 2 x 2 replica\(s\); got batch 6"):
+        trainer.fit(six, verbose=0)
