@@ -212,3 +212,41 @@ def test_bad_arguments_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         build_resnet(arch, num_classes, **kwargs)
     assert "\n" not in str(info.value)
+
+
+def _one_at_step_moving_means(strategy, synchronized, batch):
+    """Moving means of every BN after one AT step of a plain ResNet-18 under `strategy`:
+    one array per replica per layer."""
+    from twins_tf import AdversarialTrainer
+    from twins_tf.attacks import PGD
+
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_resnet("resnet18", 4, twin=False, input_shape=(16, 16, 3),
+                             synchronized=synchronized)
+        trainer = AdversarialTrainer(model, method="at", attack=PGD(8 / 255, 2 / 255, 1))
+        trainer.compile(keras.optimizers.SGD(0.01, momentum=0.9))
+    dataset = tf.data.Dataset.from_tensor_slices(batch).batch(len(batch[0]))
+    trainer.fit(dataset, epochs=1, verbose=0)
+    return {layer.name: [np.asarray(copy) for copy in
+                         strategy.experimental_local_results(layer.moving_mean.value)]
+            for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+
+
+def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
+    """Keras BN keeps one moving-statistics copy per replica; `synchronized=True` (what
+    `train` uses for plain models on several replicas) must keep the copies equal and equal to
+    a one-device step on the global batch, whereas unsynchronized copies drift apart."""
+    rng = np.random.default_rng(0)
+    batch = (rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
+             rng.integers(0, 4, size=8).astype("int32"))
+    mirrored = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+    one_device = _one_at_step_moving_means(tf.distribute.get_strategy(), False, batch)
+    synced = _one_at_step_moving_means(mirrored, True, batch)
+    drifting = _one_at_step_moving_means(mirrored, False, batch)
+    for name, (reference,) in one_device.items():
+        first, second = synced[name]
+        np.testing.assert_allclose(first, second, rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(first, reference, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in drifting.values())

@@ -114,7 +114,7 @@ def prepare(settings):
     keras.mixed_precision.set_dtype_policy(
         "float32" if s["mixed_precision"] == "none" else s["mixed_precision"])
     with strategy.scope():
-        prepared.model = build_model(s)
+        prepared.model = build_model(s, strategy.num_replicas_in_sync)
     return prepared
 
 
@@ -133,8 +133,12 @@ def seed_everything(seed):
     tf.random.set_seed(None)
 
 
-def build_model(settings):
+def build_model(settings, num_replicas=1):
     """The run's classifier: `build_resnet` (twin for twin methods) with `--pretrained` loaded.
+
+    A plain-BN model trained on several replicas gets synchronized BatchNormalization: Keras
+    BN otherwise keeps per-replica moving statistics that drift apart (and saves replica 0's).
+    Twin layers keep theirs equal themselves and split each replica's own batch (spec §2).
 
     Raises:
       SetupError: the pre-trained file is missing, corrupt or of another architecture.
@@ -145,7 +149,8 @@ def build_model(settings):
     s = settings
     model = build_resnet(s["arch"], s["num_classes"], twin=s["twin"],
                          input_shape=(s["image_size"], s["image_size"], 3),
-                         upsample=s["upsample"])
+                         upsample=s["upsample"],
+                         synchronized=num_replicas > 1 and not s["twin"])
     if s.get("pretrained"):
         try:
             weights.load_pretrained(model, s["pretrained"])

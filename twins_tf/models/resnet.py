@@ -88,7 +88,8 @@ def head_initializer(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
-def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), upsample=1):
+def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), upsample=1,
+                 synchronized=False):
     """A torchvision-layout ResNet taking [0, 1] NHWC images and returning logits.
 
     Args:
@@ -100,6 +101,13 @@ def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), ups
         spatial sizes may be None.
       upsample: integer nearest-neighbour upsampling factor applied inside the model
         (7 for 32x32 CIFAR images, spec §3).
+      synchronized: BN batch statistics over all replicas of a `tf.distribute` strategy.
+        For a plain model (`twin=False`) trained on several replicas this is what keeps the
+        replicas' moving statistics equal: Keras BatchNormalization keeps one copy per
+        replica, updated from that replica's batch, and saving reads replica 0's.  Twin
+        layers average their moving statistics across replicas either way; for them it
+        makes the Adaptive wing's batch statistics cross-replica (spec §2 splits per replica,
+        so `train` leaves it off).  No effect without a strategy.
 
     Returns:
       A functional `keras.Model`. Convolutions start from torchvision's initialisation
@@ -127,7 +135,7 @@ def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), ups
             f"input_shape must be (height, width, 3) for RGB NHWC images, got {input_shape}."
         )
     kind, depths, width_factor = ARCHITECTURES[arch]
-    norm = _norm_factory(twin)
+    norm = _norm_factory(twin, synchronized)
 
     images = keras.Input(shape=input_shape, name="images")
     x = images
@@ -154,12 +162,13 @@ def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), ups
     return keras.Model(images, logits, name=f"{arch}{suffix}")
 
 
-def _norm_factory(twin):
+def _norm_factory(twin, synchronized):
     def norm(name):
         if twin:
-            return TwinBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+            return TwinBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                          synchronized=synchronized, name=name)
         return keras.layers.BatchNormalization(
-            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+            momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized, name=name
         )
 
     return norm
