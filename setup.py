@@ -28,6 +28,7 @@ setup(
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",
         "absl-py==2.5.1",
+        "tensorboard==2.21.0",  # TensorBoard logs of train/pretrain; tensorflow 2.21 does not pull it in
         "scikit-learn==1.9.1",  # the embedded demo's dataset (handwritten digits)
     ],
     extras_require={

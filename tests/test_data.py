@@ -526,3 +526,41 @@ def test_flagfiles_parse_with_the_train_flags_and_follow_the_spec():
     assert set(SPEC_SETTINGS) <= datasets
     assert datasets == {n for n, s in data.DATASETS.items()
                         if s.source == data.TFDS or n == "caltech256"}
+
+
+@pytest.mark.parametrize("global_seed", [0, 5, None])
+def test_training_order_ignores_the_global_seed(global_seed):
+    """The training order is a function of the pipeline's seed only; a global seed of 0 (what
+    `keras.utils.set_random_seed(0)` sets) once crashed `ds.shuffle` with a tensor seed."""
+    spec = data.get_dataset_spec("digits", image_size=16)
+    ds = _indexed_dataset(12)
+
+    def labels():
+        pipeline = data.make_pipeline(ds, spec, training=True, batch_size=4, seed=3,
+                                      shuffle_buffer=5)
+        return np.concatenate([y.numpy() for _, y in pipeline.take(6)])
+
+    tf.random.set_seed(7)
+    expected = labels()
+    tf.random.set_seed(global_seed)
+    try:
+        got = labels()
+    finally:
+        tf.random.set_seed(None)
+    np.testing.assert_array_equal(got, expected)
+    for epoch in (expected[:12], expected[12:]):
+        assert sorted(epoch) == list(range(12))  # a permutation of the 12 examples per epoch
+        # shuffle window 5: the first 5 outputs come from the first 5 inputs, and so on
+        assert sorted(epoch[:5]) == list(range(5)) and sorted(epoch[5:10]) == list(range(5, 10))
+    assert not np.array_equal(expected[:12], expected[12:])
+
+
+def test_stateless_shuffle_of_variable_size_images():
+    images = [np.full((h, 3, 3), h, np.uint8) for h in (2, 3, 4, 5)]
+    ds = tf.data.Dataset.from_generator(
+        lambda: ((image, np.int32(image[0, 0, 0])) for image in images),
+        output_signature=(tf.TensorSpec((None, 3, 3), tf.uint8), tf.TensorSpec((), tf.int32)))
+    out = list(data.stateless_shuffle(ds, seed=1, epoch=0, window=4))
+    assert sorted(int(y) for _, y in out) == [2, 3, 4, 5]
+    for image, label in out:
+        assert isinstance(image, tf.Tensor) and image.shape == (int(label), 3, 3)

@@ -638,8 +638,43 @@ def steps_per_epoch(num_examples, batch_size):
     return steps
 
 
+# Offsets the shuffle's stateless seeds from the augmentation's (same seed, epoch, index).
+_SHUFFLE_STREAM = 1_000_003
+
+
 def _element_seed(seed, epoch, index):
     return tf.stack([tf.cast(seed, tf.int64), epoch * (2 ** 32) + index])
+
+
+def stateless_shuffle(ds, seed, epoch, window):
+    """`ds` in an order that is a pure function of (seed, epoch): each run of `window`
+    consecutive elements is permuted by a stateless draw keyed by (seed, epoch, window index).
+
+    Why not `ds.shuffle(buffer, seed=...)`: inside the per-epoch `flat_map` its seed is a
+    tensor, and TensorFlow's seed resolution compares it with a Python `==`, which raises
+    "Using a symbolic tf.Tensor as a Python bool" whenever the global seed is 0
+    (`tf.random.set_seed(0)`, `keras.utils.set_random_seed(0)`); its order also depends on the
+    global seed.  Like a shuffle buffer of `window` elements, an element moves at most
+    `window` places from its position in `ds`.
+    """
+    spec = ds.element_spec
+    uniform = all(s.shape.is_fully_defined() for s in tf.nest.flatten(spec))
+    windows = ds.batch(window) if uniform else ds.ragged_batch(window)
+
+    def permute(window_index, elements):
+        first = tf.nest.flatten(elements)[0]
+        count = first.nrows() if isinstance(first, tf.RaggedTensor) else tf.shape(first)[0]
+        key = tf.stack([tf.cast(seed, tf.int64) + _SHUFFLE_STREAM,
+                        tf.cast(epoch, tf.int64) * (2 ** 32) + window_index])
+        order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=key)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), elements)
+
+    out = windows.enumerate().map(permute).unbatch()
+    if not uniform:  # back from ragged to the dense elements of `ds`
+        out = out.map(lambda *e: tf.nest.map_structure(
+            lambda t: t.to_tensor() if isinstance(t, tf.RaggedTensor) else t,
+            e if len(e) > 1 else e[0]))
+    return out
 
 
 def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
@@ -663,7 +698,7 @@ def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
       batch_size: the global batch size (split over replicas by tf.distribute).
       seed: the data seed (shuffling and augmentation).
       start_epoch: the first epoch of a training stream.
-      shuffle_buffer: shuffle buffer size in examples (holds encoded images).
+      shuffle_buffer: the shuffle window in examples (`stateless_shuffle`; holds encoded images).
 
     Returns:
       A `tf.data.Dataset` of float32 images (B, S, S, 3) in [0, 1] and int32 labels (B,).
@@ -678,8 +713,7 @@ def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
 
     if training:
         def one_epoch(epoch):
-            shuffled = ds.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch,
-                                  reshuffle_each_iteration=False)
+            shuffled = stateless_shuffle(ds, seed, epoch, shuffle_buffer)
 
             def transform(index, element):
                 image, label = element
