@@ -253,7 +253,11 @@ def mirrored_step(layer, strategy, x):
 
 @pytest.mark.parametrize("synchronized", [False, True])
 def test_mirrored_strategy_splits_per_replica_and_keeps_statistics_equal(rng, synchronized):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # Reduction through one device: collective ops of several strategies over the same
+    # devices in one process clash (tensorflow/tensorflow#62790), and test_train's binary run
+    # needs them.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     p = random_params(rng)
     with strategy.scope():
         layer = make_layer(p, synchronized=synchronized)

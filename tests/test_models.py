@@ -240,8 +240,12 @@ def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
     rng = np.random.default_rng(0)
     batch = (rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
              rng.integers(0, 4, size=8).astype("int32"))
+    # Reduction through one device, not collective ops: TensorFlow numbers collective
+    # instances per strategy, so several strategies over the same devices in one process
+    # clash ("Shape mismatch in the collective instance", tensorflow/tensorflow#62790).
     mirrored = tf.distribute.MirroredStrategy(
-        [d.name for d in tf.config.list_logical_devices("CPU")[:2]])
+        [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
+        cross_device_ops=tf.distribute.ReductionToOneDevice())
     one_device = _one_at_step_moving_means(tf.distribute.get_strategy(), False, batch)
     synced = _one_at_step_moving_means(mirrored, True, batch)
     drifting = _one_at_step_moving_means(mirrored, False, batch)

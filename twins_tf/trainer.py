@@ -62,6 +62,14 @@ class AdversarialTrainer(keras.Model):
         "auto": the layer producing the model's output.
       check_inputs: check images, labels and batch sizes in `fit`/`evaluate` (see module doc).
 
+    Metrics of `fit` (running means over the epoch): `loss`; `adv_acc`, accuracy of the
+    training forward on the adversarial batch; `clean_acc`, accuracy on the clean batch: of
+    the training forward where the method has one (`clean`, `trades`, `twins_trades`; for a
+    twin model half Frozen, half Adaptive wing), otherwise of one extra inference forward
+    (`at`, `twins_at`, `l2sp`); `frozen_acc` / `adaptive_acc` (twin methods), the adversarial
+    accuracy of each wing's half.  `evaluate` (and validation) reports `clean_acc` and
+    `adv_acc` in inference mode, the latter under `eval_attack`.
+
     Attributes:
       model: the wrapped classifier (save its weights with `trainer.model.save_weights`).
       method: the `twins_tf.methods.Method` in use.
