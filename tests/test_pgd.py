@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-import torch.nn.functional as F
 
+from torch_resnet import torch_pgd
 from twins_tf.attacks import PGD
 
 SHAPE, CLASSES, BATCH = (4, 4, 2), 3, 6
@@ -232,17 +232,6 @@ def _conv_nets(seed=0):
         net[5].bias.zero_()
     net.train()  # PGD must put it in eval mode itself, as twins_tf calls training=False
     return model, net
-
-
-def torch_pgd(net, x, y, eps, alpha, steps):
-    net.eval()
-    x_adv = x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
-        x_adv = x_adv.clamp(0.0, 1.0)
-    return x_adv
 
 
 def test_conv_net_with_batchnorm_matches_pytorch():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_resnet import TorchPixelResNet, torch_resnet
+from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
 from twins_tf import AdversarialTrainer
 from twins_tf.attacks import PGD
 from twins_tf.layers import TwinBatchNormalization, set_twin_mode
@@ -105,17 +105,6 @@ class TorchSmallNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def torch_pgd(net, x, y, steps=PGD_STEPS):
-    net.eval()
-    x_adv = x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + ALPHA * grad.sign(), x - EPS), x + EPS)
-        x_adv = x_adv.clamp(0.0, 1.0)
-    return x_adv
-
-
 def _kl_sum(z_nat, z_adv):
     return F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1), reduction="sum")
 
@@ -159,7 +148,7 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS):
         for xr, yr in zip(x.chunk(replicas), y.chunk(replicas)):
             for b, s in zip(buffers, start):
                 b.copy_(s)
-            x_adv = torch_pgd(net, xr, yr, pgd_steps) if method != "clean" else xr
+            x_adv = torch_pgd(net, xr, yr, EPS, ALPHA, pgd_steps) if method != "clean" else xr
             loss, z = torch_objective(method, net, xr, x_adv, yr, anchors)
             (loss / replicas).backward()
             ends.append([b.clone() for b in buffers])
@@ -445,7 +434,7 @@ def test_evaluate_reports_clean_and_pgd_accuracy_in_inference_mode():
     with torch.no_grad():
         clean = (net(xt).argmax(1) == yt).float().mean().item()
         loss = F.cross_entropy(net(xt), yt).item()
-    adv_x = torch.cat([torch_pgd(net, xt[i:i + 8], yt[i:i + 8]) for i in (0, 8)])
+    adv_x = torch.cat([torch_pgd(net, xt[i:i + 8], yt[i:i + 8], EPS, ALPHA, PGD_STEPS) for i in (0, 8)])
     with torch.no_grad():
         adversarial = (net(adv_x).argmax(1) == yt).float().mean().item()
     assert abs(logs["clean_acc"] - clean) < 1e-6
@@ -519,7 +508,7 @@ def _calibrated_resnet18(twin, size, rng):
 
 
 @pytest.mark.parametrize("method", [
-    m if m in ("at", "twins_trades") else pytest.param(m, marks=pytest.mark.slow)
+    m if m == "twins_trades" else pytest.param(m, marks=pytest.mark.slow)
     for m in ALL_METHODS])
 def test_resnet18_fit_with_xla_matches_fit_without(method):
     """Every method trains a ResNet-18 under `fit` with jit_compile=True and its first step

@@ -244,3 +244,16 @@ def torch_logits(module, images_nhwc, upsample=1):
     x = torch.from_numpy(np.ascontiguousarray(np.transpose(images_nhwc, (0, 3, 1, 2))))
     with torch.no_grad():
         return wrapper(x.float()).numpy()
+
+
+def torch_pgd(net, x, y, eps, alpha, steps):
+    """Spec §4 L-inf PGD without random start, in PyTorch: `net` in eval mode, mean CE, a
+    sign step, projection on the eps-ball and [0, 1] after every step (NCHW tensors)."""
+    net.eval()
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
+        x_adv = x_adv.clamp(0.0, 1.0)
+    return x_adv
