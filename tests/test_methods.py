@@ -86,15 +86,31 @@ def test_trades_divides_kl_by_full_batch_not_half():
 
 
 def test_l2sp_penalty_matches_numpy():
+    """Li et al.'s Omega = alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_new||^2, in float64 numpy."""
     rng = np.random.default_rng(0)
     current = [rng.normal(size=s).astype("float32") for s in ((3, 3, 2, 4), (4,), (7,))]
     anchors = [c + rng.normal(size=c.shape).astype("float32") for c in current]
-    alpha = 0.03
-    expected = alpha / 2 * sum(((c.astype(np.float64) - a) ** 2).sum() for c, a in zip(current, anchors))
-    got = methods.l2sp_penalty([tf.constant(c) for c in current], anchors, alpha)
-    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    head = [rng.normal(size=s).astype("float32") for s in ((7, 3), (3,))]
+    alpha, beta = 0.03, 0.2
+    pull = sum(((c.astype(np.float64) - a) ** 2).sum() for c, a in zip(current, anchors))
+    decay = sum((h.astype(np.float64) ** 2).sum() for h in head)
+    got = methods.l2sp_penalty([tf.constant(c) for c in current], anchors, head,
+                               alpha=alpha, beta=beta)
+    np.testing.assert_allclose(float(got), alpha / 2 * pull + beta / 2 * decay, rtol=1e-5)
     with pytest.raises(ValueError, match="anchors"):
-        methods.l2sp_penalty(current, anchors[:2], alpha)
+        methods.l2sp_penalty(current, anchors[:2], head, alpha=alpha, beta=beta)
+
+
+def test_l2sp_gradient_is_alpha_times_the_distance_and_beta_times_the_head():
+    """The paper's gradient: alpha * (w - w0) on the pre-trained part, beta * w on the head."""
+    w = tf.Variable([1.0, -2.0])
+    head = tf.Variable([3.0])
+    w0 = tf.constant([0.5, 0.5])
+    with tf.GradientTape() as tape:
+        penalty = methods.l2sp_penalty([w], [w0], [head], alpha=0.1, beta=0.01)
+    grad_w, grad_head = tape.gradient(penalty, [w, head])
+    np.testing.assert_allclose(grad_w.numpy(), 0.1 * np.array([0.5, -2.5]), rtol=1e-6)
+    np.testing.assert_allclose(grad_head.numpy(), [0.03], rtol=1e-6)
 
 
 def test_method_table():

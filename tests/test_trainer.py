@@ -1,8 +1,9 @@
 """AdversarialTrainer against a PyTorch implementation of the same steps, written here from spec.
 
 The reference (PyTorch, below) implements spec §1-6 independently: a two-wing BN module,
-PGD in eval mode, the five objectives with their reductions, L2-SP, and
-`torch.optim.SGD(lr, momentum=0.9, weight_decay=wd)` (coupled decay).  Each parity case loads
+PGD in eval mode, the five objectives with their reductions, and
+`torch.optim.SGD(lr, momentum=0.9, weight_decay=wd)` (coupled decay); L2-SP from Li et al.'s
+formula, alpha/2 ||w_S - w_S^0||^2 + wd/2 ||w_head||^2 added to the loss and no other decay.  Each parity case loads
 the same weights into both frameworks, runs two training steps on the same batches
 (`random_start=False`) and compares the step-1 adversarial examples, the losses, the metrics
 and every weight and moving statistic.  Distribution is compared against a reference that
@@ -109,7 +110,7 @@ def _kl_sum(z_nat, z_adv):
     return F.kl_div(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1), reduction="sum")
 
 
-def torch_objective(method, net, x, x_adv, y, anchors):
+def torch_objective(method, net, x, x_adv, y, anchors, wd=WD):
     """Spec §5 in train mode (adversarial forward first); returns (loss, adversarial logits)."""
     net.train()
     b, h = len(y), len(y) // 2
@@ -127,14 +128,17 @@ def torch_objective(method, net, x, x_adv, y, anchors):
     else:  # twins_trades
         loss = LAMBDA * ce(z_nat[:h], y[:h]) + ce(z_nat[h:], y[h:]) + BETA * (
             LAMBDA * _kl_sum(z_nat[:h], z_adv[:h]) / b + _kl_sum(z_nat[h:], z_adv[h:]) / b)
-    if method == "l2sp":
+    if method == "l2sp":  # Li et al. 2018: Omega = alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_new||^2
         loss = loss + L2SP_ALPHA / 2 * sum(((p - a) ** 2).sum() for p, a in anchors)
+        loss = loss + wd / 2 * sum((p ** 2).sum() for p in net.fc.parameters())
     return loss, z_adv if z_adv is not None else z_nat
 
 
-def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS):
+def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
     """Reference steps; returns per step: x_adv (NHWC numpy), loss, accuracies, and the state."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    # L2-SP's regulariser is in its loss: no decay towards zero on top of it
+    coupled = 0.0 if method == "l2sp" else wd
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=coupled)
     anchors = [(p, p.detach().clone()) for n, p in net.named_parameters()
                if n.split(".")[-2] != "fc"]  # L2-SP: every pre-trained weight, not the head
     buffers = [b for n, b in net.named_buffers() if "running" in n]
@@ -149,7 +153,7 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS):
             for b, s in zip(buffers, start):
                 b.copy_(s)
             x_adv = torch_pgd(net, xr, yr, EPS, ALPHA, pgd_steps) if method != "clean" else xr
-            loss, z = torch_objective(method, net, xr, x_adv, yr, anchors)
+            loss, z = torch_objective(method, net, xr, x_adv, yr, anchors, wd)
             (loss / replicas).backward()
             ends.append([b.clone() for b in buffers])
             losses.append(loss.item())
@@ -306,28 +310,29 @@ def make_batches(count=2, batch=BATCH, size=SIZE, seed=0):
     return batches
 
 
-def make_trainer(model, method, jit_compile=False, pgd_steps=PGD_STEPS, attack="pgd", **kwargs):
+def make_trainer(model, method, jit_compile=False, pgd_steps=PGD_STEPS, attack="pgd", wd=WD,
+                 **kwargs):
     if attack == "pgd":
         attack = PGD(EPS, ALPHA, pgd_steps) if method != "clean" else None
     trainer = AdversarialTrainer(
         model, method=method, attack=attack,
-        lambda_twins=LAMBDA, beta=BETA, weight_decay=WD, l2sp_alpha=L2SP_ALPHA, **kwargs)
+        lambda_twins=LAMBDA, beta=BETA, weight_decay=wd, l2sp_alpha=L2SP_ALPHA, **kwargs)
     trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=jit_compile)
     return trainer
 
 
 def run_parity(model, net, method, *, jit_compile=False, strategy=None, batches=None,
-               pgd_steps=PGD_STEPS):
+               pgd_steps=PGD_STEPS, wd=WD):
     """Two steps (or as many as `batches`): 1e-4 relative on the first, 1e-3 on the second."""
     batches = batches or make_batches()
     replicas = strategy.num_replicas_in_sync if strategy else 1
     if strategy is not None:
         with strategy.scope():
-            trainer = make_trainer(model, method, jit_compile, pgd_steps)
+            trainer = make_trainer(model, method, jit_compile, pgd_steps, wd=wd)
     else:
-        trainer = make_trainer(model, method, jit_compile, pgd_steps)
+        trainer = make_trainer(model, method, jit_compile, pgd_steps, wd=wd)
     before = keras_state(model)
-    reference = torch_train(net, batches, method, replicas=replicas, pgd_steps=pgd_steps)
+    reference = torch_train(net, batches, method, replicas=replicas, pgd_steps=pgd_steps, wd=wd)
     if method != "clean":  # the step-1 attack, in inference mode, before any update
         x_adv = tf.function(trainer.attack.attack)(model, batches[0][0], batches[0][1])
         np.testing.assert_allclose(x_adv.numpy(), reference[0]["x_adv"], atol=1e-6)
@@ -377,6 +382,17 @@ def mirrored_strategy():
 def test_two_steps_match_pytorch(method, kind):
     model, net = small_pair(kind)
     run_parity(model, net, method)
+
+
+def test_l2sp_pulls_the_backbone_to_its_start_and_decays_only_the_head():
+    """Li et al.'s L2-SP with a weight decay large enough that decaying the backbone as well
+    (today's coupled decay on every weight) would move it visibly: four steps, so the pull
+    alpha * (w - w_S^0), zero at the first step, acts on the later ones."""
+    model, net = small_pair("keras", seed=3)
+    trainer = run_parity(model, net, "l2sp", batches=make_batches(count=4, seed=3), wd=0.5)
+    head = {id(v) for v in model.get_layer("fc").weights}
+    assert {id(v) for v in trainer._l2sp_new} == head
+    assert not head & {id(v) for v in trainer._l2sp_variables}
 
 
 @pytest.mark.parametrize("method", ["twins_trades", "trades"])

@@ -1,4 +1,5 @@
-"""The fine-tuning objectives of spec §5 as pure functions of logits and labels, and L2-SP.
+"""The fine-tuning objectives of spec §5 as pure functions of logits and labels, and L2-SP's
+regulariser.
 
 Each objective is written once, here, with the exact reductions of the TWINS reference code,
 because those reductions are easy to get subtly wrong and change the effective weighting:
@@ -94,23 +95,48 @@ def twins_trades(logits_natural, logits_adversarial, labels, *, lambda_twins, be
     return natural + beta * robust
 
 
-def l2sp_penalty(variables, anchors, alpha):
-    """L2-SP (Li et al. 2018): alpha / 2 * sum_i ||theta_i - theta_pre_i||^2.
+def l2sp_penalty(pretrained, anchors, new, *, alpha, beta):
+    """L2-SP's regulariser (Li et al., ICML 2018): the pull to the start plus the head's decay.
+
+        Omega(w) = alpha / 2 * ||w_S - w_S^0||^2 + beta / 2 * ||w_new||^2
+
+    w_S are the weights that have a pre-trained value w_S^0 (the starting point, "SP"); w_new
+    are the new head's, which have none and decay towards zero as in ordinary fine-tuning.  The
+    gradient is alpha * (w_S - w_S^0) on the pre-trained part and beta * w on the head: the
+    factors are the authors' own (their TensorFlow code writes `alpha * tf.nn.l2_loss(w - w0)
+    + beta * tf.nn.l2_loss(w_new)`, and `l2_loss` is half the sum of squares), so their
+    values carry over.  Nothing else decays: ordinary weight decay on the
+    pre-trained part would pull it towards zero against the pull towards w_S^0.
+
+    Which weights count as pre-trained is the caller's choice; the trainer anchors every
+    trainable variable outside the new head, BatchNormalization's gamma and beta included,
+    because they are pre-trained values like the kernels (the authors' code has this as its
+    "all parameters" variant, weight_decay_mode 101; its default, mode 1, regularises the
+    kernels only, with alpha = 0.1 and beta = 0.01 in its train.sh).
 
     Args:
-      variables: the current weights theta (those that have a pre-trained value).
-      anchors: their pre-trained values theta_pre, same order and shapes.
+      pretrained: the current weights w_S.
+      anchors: their pre-trained values w_S^0, same order and shapes.
+      new: the new head's weights w_new.
       alpha: strength of the pull towards the pre-trained weights.
+      beta: weight decay of the new head.
     """
-    if len(variables) != len(anchors):
+    if len(pretrained) != len(anchors):
         raise ValueError(
-            f"l2sp_penalty got {len(variables)} variables but {len(anchors)} anchors."
+            f"l2sp_penalty got {len(pretrained)} pre-trained variables but {len(anchors)} "
+            "anchors: pass one anchor (pre-trained value) per pre-trained variable."
         )
-    total = tf.constant(0.0, tf.float32)
-    for variable, anchor in zip(variables, anchors):
-        diff = tf.cast(variable, tf.float32) - tf.cast(anchor, tf.float32)
-        total += tf.reduce_sum(tf.square(diff))
-    return 0.5 * alpha * total
+
+    def sum_of_squares(tensors):
+        total = tf.constant(0.0, tf.float32)
+        for tensor in tensors:
+            total += tf.reduce_sum(tf.square(tf.cast(tensor, tf.float32)))
+        return total
+
+    pull = sum_of_squares(
+        tf.cast(w, tf.float32) - tf.cast(w0, tf.float32) for w, w0 in zip(pretrained, anchors)
+    )
+    return 0.5 * alpha * pull + 0.5 * beta * sum_of_squares(new)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +150,7 @@ class Method:
       adversarial: runs the attack and a training forward on x_adv.
       natural: runs a training forward on the clean x (after the adversarial one, so the
         Adaptive moving statistics see the adversarial batch first, as in the reference).
-      l2sp: adds the L2-SP penalty.
+      l2sp: adds the L2-SP regulariser (`l2sp_penalty`) in place of weight decay.
       description: one line for help texts.
     """
 
@@ -158,7 +184,8 @@ METHODS = {
         Method("trades", False, True, True, False, "TRADES: clean CE + beta * KL(clean||adv)/B"),
         Method(
             "l2sp", False, True, False, True,
-            "AT + alpha/2 * ||theta - theta_pre||^2 on the pre-trained weights (L2-SP)",
+            "AT + alpha/2 * ||w_S - w_S^0||^2 on the pre-trained weights "
+            "+ beta/2 * ||w_new||^2 on the head (L2-SP)",
         ),
         Method("twins_at", True, True, False, False, "TWINS-AT: lambda*CE_frozen + CE_adaptive"),
         Method(

@@ -150,8 +150,10 @@ def define_flags(flag_values, binary):
     if binary == TRAIN:
         define("float", "lambda_twins", 1.0, "TWINS: weight of the Frozen wing's loss.",
                "method")
-        define("float", "l2sp_alpha", 0.01, "L2-SP: strength of the pull to the pre-trained "
-               "weights.", "method")
+        define("float", "l2sp_alpha", 0.01, "L2-SP (Li et al. 2018): alpha of the pull "
+               "alpha/2 * ||w - w_pre||^2 of every pre-trained weight (BN gamma/beta included) "
+               "to its pre-trained value; --weight_decay then decays only the new head.",
+               "method")
     define("float", "beta", 6.0, "TRADES / TWINS-TRADES: weight of the KL term.", "method")
     # attack
     define_fraction("attack_eps", 8 / 255, "L-inf radius in [0, 1] pixel units (8/255 or "
@@ -171,7 +173,8 @@ def define_flags(flag_values, binary):
            "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration).",
            "optimisation")
     define("float", "weight_decay", defaults["weight_decay"],
-           "Coupled L2 weight decay (added to every gradient).", "optimisation")
+           "Coupled L2 weight decay (added to every gradient; with --method=l2sp only to the "
+           "new head's, L2-SP's beta).", "optimisation")
     # run / distribution
     define("string", "model_dir", None,
            "Where the run keeps config.json, weights, metrics, TensorBoard logs and its "

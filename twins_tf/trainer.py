@@ -10,10 +10,13 @@ One training step (spec §4-6):
      gradient tape, its result `stop_gradient`-ed;
   2. the training forward(s) the method needs (adversarial first, then natural), each a
      single pass through the network: a twin model splits every batch inside its BN layers;
-  3. the method's loss (`twins_tf.methods`), plus the L2-SP penalty for `method="l2sp"`;
-  4. coupled L2 weight decay: `wd * w` added to the gradient of every trainable variable
-     (both wings' gamma/beta included), then `optimizer.apply_gradients`.  With Keras
-     `SGD(lr, momentum=0.9)` this is PyTorch's `SGD(lr, momentum=0.9, weight_decay=wd)`.
+  3. the method's loss (`twins_tf.methods`), plus for `method="l2sp"` L2-SP's regulariser
+     alpha/2 ||w_S - w_S^0||^2 + wd/2 ||w_new||^2 (`methods.l2sp_penalty`);
+  4. coupled L2 weight decay (not for "l2sp", whose regulariser already decays the head and
+     must not pull the pre-trained part towards zero): `wd * w` added to the gradient of every
+     trainable variable (both wings' gamma/beta included), then `optimizer.apply_gradients`.
+     With Keras `SGD(lr, momentum=0.9)` this is PyTorch's
+     `SGD(lr, momentum=0.9, weight_decay=wd)`.
 
 Distribution: each replica attacks and trains on its own slice of the global batch, the loss
 is divided by the number of replicas and the optimizer sums the gradients, so the update is
@@ -56,10 +59,13 @@ class AdversarialTrainer(keras.Model):
         training attack.  None: `test_step` reports clean metrics only.
       lambda_twins: weight of the Frozen wing's terms (TWINS methods).
       beta: weight of the TRADES KL term.
-      weight_decay: coupled L2 weight decay on every trainable variable.
-      l2sp_alpha: strength of the L2-SP pull to the pre-trained weights ("l2sp" only).
-      l2sp_exclude: names of layers whose weights have no pre-trained value (the fresh head).
-        "auto": the layer producing the model's output.
+      weight_decay: coupled L2 weight decay on every trainable variable; for "l2sp" L2-SP's
+        beta, the decay of the new head only (gradient wd * w there, none elsewhere).
+      l2sp_alpha: L2-SP's alpha, the pull to the pre-trained weights ("l2sp" only): gradient
+        alpha * (w - w_pre) on every trainable variable outside the head, BN gamma/beta
+        included.
+      l2sp_exclude: names of layers whose weights have no pre-trained value (the new head,
+        decayed towards zero by `weight_decay`).  "auto": the layer producing the output.
       check_inputs: check images, labels and batch sizes in `fit`/`evaluate` (see module doc).
 
     Metrics of `fit` (running means over the epoch): `loss`; `adv_acc`, accuracy of the
@@ -135,9 +141,11 @@ class AdversarialTrainer(keras.Model):
             shape=(), dtype="int64", initializer="zeros", trainable=False,
             aggregation="only_first_replica", name="eval_batches",
         )
-        self._l2sp_variables, self._l2sp_anchors = [], []
+        self._l2sp_variables, self._l2sp_anchors, self._l2sp_new = [], [], []
         if self.method.l2sp:
             self._l2sp_variables = _pretrained_variables(model, l2sp_exclude)
+            anchored = {id(v) for v in self._l2sp_variables}
+            self._l2sp_new = [v for v in model.trainable_variables if id(v) not in anchored]
             self._l2sp_anchors = [
                 self.add_weight(
                     shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
@@ -205,7 +213,8 @@ class AdversarialTrainer(keras.Model):
             )
             if self.method.l2sp:
                 loss += methods_lib.l2sp_penalty(
-                    self._l2sp_variables, self._l2sp_anchors, self.l2sp_alpha
+                    self._l2sp_variables, self._l2sp_anchors, self._l2sp_new,
+                    alpha=self.l2sp_alpha, beta=self.weight_decay,
                 )
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
 
@@ -214,7 +223,7 @@ class AdversarialTrainer(keras.Model):
         # A variable the loss does not reach (the unused Frozen wing of a twin layer in
         # "adaptive" mode) is skipped, decay included, as PyTorch's SGD skips grad=None.
         used = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-        if self.weight_decay:
+        if self.weight_decay and not self.method.l2sp:  # L2-SP decays its head in the loss
             # per replica wd/R: the optimizer sums the replicas' gradients
             decay = self.optimizer.scale_loss(tf.constant(self.weight_decay / replicas))
             used = [(g + tf.cast(decay, v.dtype) * v, v) for g, v in used]
