@@ -1,0 +1,144 @@
+"""`twins_tf.comparison` / `python -m twins_tf.compare`: statistics, report, the grid of runs.
+
+The statistics are checked against hand computations with NumPy and Student-t quantiles from a
+printed table (not scipy, which the code under test uses); the grid against the run files the
+`train` and `evaluate` binaries write on their own.
+"""
+import base64
+import json
+import re
+import statistics
+
+import numpy as np
+import pytest
+
+from binaries_testlib import FINETUNE_ARGS, run_binary, settings, source_run
+from twins_tf import comparison, run_config
+
+# Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
+T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
+
+
+def _reference_interval(a, b):
+    d = np.asarray(a, float) - np.asarray(b, float)
+    half = T_975[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
+
+
+@pytest.mark.parametrize("a, b", [([0.61, 0.58, 0.66], [0.55, 0.57, 0.60]),
+                                  ([0.2, 0.9], [0.3, 0.1]),
+                                  ([0.5, 0.52, 0.47, 0.55], [0.5, 0.49, 0.5, 0.51])])
+def test_paired_difference_is_the_student_t_interval(a, b):
+    mean, low, high = comparison.paired_difference(a, b)
+    np.testing.assert_allclose((mean, low, high), _reference_interval(a, b), rtol=1e-9)
+
+
+def test_paired_difference_without_spread_or_with_one_seed():
+    assert comparison.paired_difference([0.6, 0.7], [0.5, 0.6]) == pytest.approx((0.1, 0.1, 0.1))
+    assert comparison.paired_difference([0.6], [0.5]) == (pytest.approx(0.1), None, None)
+    with pytest.raises(ValueError, match="same seeds"):
+        comparison.paired_difference([0.6, 0.7], [0.5])
+
+
+def test_mean_and_sd_are_the_sample_statistics():
+    values = [0.61, 0.58, 0.66, 0.7]
+    mean, sd = comparison.mean_and_sd(values)
+    assert mean == pytest.approx(statistics.mean(values))
+    assert sd == pytest.approx(statistics.stdev(values))
+    assert comparison.mean_and_sd([0.5]) == (0.5, None)
+
+
+def _fake(method, seed, clean, pgd, epochs=3):
+    metrics = [{"epoch": e + 1, "clean_acc": 0.1 * e + clean / 2, "adv_acc": 0.05 * e,
+                "val_clean_acc": 0.1 * e, "val_adv_acc": 0.04 * e,
+                **({"frozen_acc": 0.03 * e, "adaptive_acc": 0.06 * e}
+                   if method.startswith("twins") else {})} for e in range(epochs)]
+    evaluation = {"results": {"clean": {"accuracy": clean}, "pgd10": {"accuracy": pgd}},
+                  "epsilon": 8 / 255, "examples": 100, "split": "test"}
+    config = {"arch": "resnet18", "dataset": "digits_5_9", "pretrained": "/src.weights.h5",
+              "method": method, "seed": seed, "model_dir": f"/runs/{method}_{seed}", "lr": 0.01}
+    return comparison.RunResult(method, seed, f"/runs/{method}_{seed}", config, metrics,
+                                evaluation)
+
+
+def test_summary_pairs_runs_by_seed_whatever_their_order():
+    results = [_fake("at", 0, 0.70, 0.40), _fake("at", 1, 0.72, 0.45), _fake("at", 2, 0.69, 0.41),
+               _fake("twins_at", 2, 0.74, 0.43), _fake("twins_at", 0, 0.75, 0.44),
+               _fake("twins_at", 1, 0.71, 0.47)]
+    summary = comparison.summarise(results, ["clean", "pgd10"], "at")
+    at_clean = summary["methods"]["at"]["clean"]
+    assert at_clean["mean"] == pytest.approx(np.mean([0.70, 0.72, 0.69]))
+    assert at_clean["sd"] == pytest.approx(np.std([0.70, 0.72, 0.69], ddof=1))
+    difference = summary["differences"]["twins_at"]["pgd10"]
+    expected = _reference_interval([0.44, 0.47, 0.43], [0.40, 0.45, 0.41])  # seeds 0, 1, 2
+    np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
+                               expected, rtol=1e-9)
+    table = comparison.format_table(summary, ["clean", "pgd10"])
+    assert re.search(r"twins_at - at\s+\+3\.00 \[", table)
+    assert "Student-t" in table
+
+
+def test_report_has_the_table_embedded_plots_and_model_cards(tmp_path):
+    results = [_fake(m, s, 0.7 + 0.01 * s, 0.4 + 0.02 * s) for m in ("at", "twins_at")
+               for s in (0, 1)]
+    summary, table = comparison.write_report(results, ["clean", "pgd10"], "at", tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    pngs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(pngs) == 3  # curves, wings (twin methods), scatter
+    assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    assert "twins_at - at" in page and (tmp_path / "report.txt").read_text().strip() == table
+    json.loads((tmp_path / "report.json").read_text())
+    card = json.loads((tmp_path / "model_cards" / "twins_at_seed1.json").read_text())
+    for key in ("clean_acc", "autoattack_acc", "eps", "norm", "architecture", "dataset",
+                "number_forward_passes", "method", "seed", "pretrained", "settings_hash"):
+        assert key in card
+    assert card["clean_acc"] == pytest.approx(0.71) and card["autoattack_acc"] is None
+    assert card["architecture"] == "resnet18" and card["norm"] == "Linf"
+
+
+def test_settings_hash_ignores_locations_but_not_what_is_learnt():
+    a = {"lr": 0.01, "model_dir": "/a", "data_dir": "/x", "method": "at"}
+    assert comparison.settings_hash(a) == comparison.settings_hash(dict(a, model_dir="/b"))
+    assert comparison.settings_hash(a) != comparison.settings_hash(dict(a, lr=0.02))
+
+
+def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_path):
+    pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    base = settings("train", [*FINETUNE_ARGS, "--epochs=1", f"--pretrained={pretrained}"])
+    grid = dict(methods=["at", "twins_at"], seeds=[0, 1], baseline="at", output_dir=tmp_path,
+                attacks=["clean", "pgd2"], max_examples=32, batch_size=32)
+    summary, table = comparison.compare(base, **grid, log=lambda *_: None)
+    for method in ("at", "twins_at"):
+        for seed in (0, 1):
+            run = tmp_path / "runs" / f"{method}_seed{seed}"
+            config = run_config.read_config(run)
+            assert (config["method"], config["seed"]) == (method, seed)
+            stored = json.loads((run / comparison.EVALUATION_FILE).read_text())
+            cell = summary["methods"][method]["pgd2"]
+            assert cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            assert stored["examples"] == 32
+    assert (tmp_path / "report" / "report.html").is_file()
+    before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.weights.h5")}
+    logged = []
+    again, _ = comparison.compare(base, **grid, log=logged.append)
+    assert again["methods"] == summary["methods"]
+    assert {p: p.stat().st_mtime for p in before} == before  # nothing retrained
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method=at"], "--method is set per run by compare; use --methods"),
+    (["--methods=at,twins_at", "--baseline=trades"], "--baseline=trades is not among"),
+    (["--seeds=0,x"], "--seeds must be integers"),
+])
+def test_binary_refuses_bad_flags_in_one_line(tmp_path, args, message):
+    result = run_binary("compare", ["--dataset=digits_5_9", f"--output_dir={tmp_path}", *args])
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("compare: error: ") and message in last, result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_binary_needs_an_output_dir():
+    result = run_binary("compare", ["--dataset=digits_5_9"])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("compare: error: --output_dir is")

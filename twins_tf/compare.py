@@ -1,0 +1,89 @@
+r"""`python -m twins_tf.compare`: methods x seeds on one task, with intervals, plots and model cards.
+
+    python -m twins_tf.compare --flagfile=flags/stanford_dogs.flags \
+        --pretrained=robust_r50.weights.h5 --methods=trades,twins_trades --seeds=0,1,2 \
+        --output_dir=runs/dogs_compare --autoattack_examples=1000
+
+Every `train` flag applies to every run (the flagfile describes the task); `--methods` and
+`--seeds` replace `--method` and `--seed`, and each run lives in
+`output_dir/runs/<method>_seed<seed>`, an ordinary run that `evaluate`, `export` and
+`train` accept: kill the comparison and start it again, and finished runs are reused, the
+interrupted one resumes.  The report goes to `output_dir/report/`: `report.txt` (the table),
+`report.json`, `report.html` (table and plots, self-contained), the PNGs and
+`model_cards/<run>.json`.  `--deterministic` is on by default here, so the same command on
+another machine of the same kind trains the same weights.  The work is
+`twins_tf.comparison.compare`; this binary parses flags.
+"""
+import sys
+
+from absl import app, flags
+
+from twins_tf import run_config
+from twins_tf.run_config import SetupError
+
+FLAGS = flags.FLAGS
+# Train flags that compare sets itself, per run.
+PER_RUN_FLAGS = {"method": "--methods", "seed": "--seeds", "model_dir": "--output_dir"}
+
+
+def define_flags(flag_values):
+    """Defines compare's own flags and every `train` flag on `flag_values`; returns the former."""
+    module = "twins_tf.compare"
+    options = dict(flag_values=flag_values, module_name=module)
+    flags.DEFINE_list("methods", ["at", "twins_at"], "Methods to compare (train's --method).",
+                      **options)
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.", **options)
+    flags.DEFINE_string("baseline", None, "Method the paired differences are against "
+                        "(default: the first of --methods).", **options)
+    flags.DEFINE_string("output_dir", None, "Where the runs and the report go.", **options)
+    flags.DEFINE_list("attacks", ["clean", "pgd10"], "evaluate's --attacks for every run "
+                      "(clean, pgdK).", **options)
+    flags.DEFINE_integer("eval_max_examples", None, "Evaluate on this many test examples "
+                         "(class-stratified; default: all).", **options)
+    flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch size.", **options)
+    flags.DEFINE_integer("autoattack_examples", 0, "> 0: also standard AutoAttack on this many "
+                         "test examples per run.", **options)
+    own = ["methods", "seeds", "baseline", "output_dir", "attacks", "eval_max_examples",
+           "eval_batch_size", "autoattack_examples"]
+    run_config.define_flags(flag_values, run_config.TRAIN)
+    flag_values.set_default("deterministic", True)
+    return own
+
+
+def _seeds(values):
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise SetupError(f"--seeds must be integers, got {','.join(values)}.") from None
+
+
+def main(argv):
+    from twins_tf import comparison
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        for name, replacement in PER_RUN_FLAGS.items():
+            if FLAGS[name].present:
+                raise SetupError(f"--{name} is set per run by compare; use {replacement}.")
+        if not FLAGS.output_dir:
+            raise SetupError("--output_dir is required: where the runs and the report go.")
+        if "autoattack" in FLAGS.attacks:
+            raise SetupError("--attacks takes clean and pgdK; AutoAttack runs on "
+                             "--autoattack_examples examples.")
+        base = run_config.settings_from_flags(FLAGS, run_config.TRAIN)
+        _, table = comparison.compare(
+            base, methods=FLAGS.methods, seeds=_seeds(FLAGS.seeds),
+            baseline=FLAGS.baseline or FLAGS.methods[0], output_dir=FLAGS.output_dir,
+            attacks=FLAGS.attacks, max_examples=FLAGS.eval_max_examples,
+            batch_size=FLAGS.eval_batch_size, autoattack_examples=FLAGS.autoattack_examples)
+    except SetupError as error:
+        sys.exit(f"compare: error: {error}")
+    print(table)
+    print(f"report: {FLAGS.output_dir}/{comparison.REPORT_DIR}/report.html")
+
+
+if __name__ == "__main__":
+    for _name in define_flags(FLAGS):
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[_name])
+    app.run(main)

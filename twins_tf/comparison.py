@@ -1,0 +1,429 @@
+"""Methods x seeds on one task: ordinary runs, their evaluation, a table with intervals, plots.
+
+One run of one seed on a few hundred test images separates nothing: the same `make demo`
+command gave tables up to 14 points apart on two machines of one kind, and the ranking of two
+methods flipped.  `compare` therefore trains every method with every seed, each as an ordinary
+`train` run in its own model_dir (resumable; a finished run is reused, not retrained), evaluates
+each on the same test examples and reports:
+
+* per method and metric, the mean and the sample standard deviation over seeds;
+* per method against a baseline, the **paired** difference (seed s of the method against
+  seed s of the baseline: the same data order, augmentation and attack starts) with a 95 %
+  Student-t interval, `scipy.stats.ttest_rel(...).confidence_interval()`.  A t interval rather
+  than a bootstrap because there are only a handful of seeds: a bootstrap over 3 pairs has 10
+  distinct resamples and an interval that is far too narrow.  With one seed there is no
+  interval, and the table says so;
+* plots (matplotlib, PNG) of the per-epoch training and validation accuracies (mean line and
+  min-max band over seeds), of the two wings' training accuracy for twin methods (the paper's
+  argument is about them), and of final clean against robust accuracy, all embedded in one
+  `report.html` that opens offline;
+* a model card per run (RobustBench's fields, plus method, seed, source and a settings hash).
+
+The binary is `python -m twins_tf.compare`; this module holds the logic.
+"""
+import base64
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import os
+
+import numpy as np
+
+from twins_tf import run_config
+
+# Metrics of the evaluation table: report key -> label.
+CLEAN = "clean"
+REPORT_DIR = "report"
+RUNS_DIR = "runs"
+EVALUATION_FILE = "compare_evaluation.json"
+AUTOATTACK = "autoattack"
+AUTOATTACK_FILE = "compare_autoattack.json"
+CONFIDENCE = 0.95
+# Per-epoch curves of metrics.csv: column -> title.
+CURVES = {"clean_acc": "train clean accuracy", "adv_acc": "train PGD accuracy",
+          "val_clean_acc": "validation clean accuracy", "val_adv_acc": "validation PGD accuracy"}
+WING_CURVES = {"frozen_acc": "Frozen wing", "adaptive_acc": "Adaptive wing"}
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One (method, seed) run: where it lives, its per-epoch metrics and its evaluation."""
+
+    method: str
+    seed: int
+    model_dir: str
+    settings: dict
+    metrics: list
+    evaluation: dict
+
+    def accuracy(self, attack):
+        result = self.evaluation["results"].get(attack)
+        return None if result is None else result["accuracy"]
+
+
+def run_dir(output_dir, method, seed):
+    return os.path.join(os.path.abspath(output_dir), RUNS_DIR, f"{method}_seed{seed}")
+
+
+def settings_hash(settings):
+    """sha256 of the settings that define what a run learns (not where it lives or runs)."""
+    kept = {k: v for k, v in sorted(settings.items()) if k not in run_config.UNCOMPARED_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_one(settings, verbose):
+    from twins_tf import train
+
+    train.run(settings, verbose=verbose)
+
+
+def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
+    """Evaluates a finished run; reuses the stored report while the best weights are older."""
+    from absl import flags
+
+    from twins_tf import evaluate
+
+    path = os.path.join(model_dir, file_name)
+    weights = os.path.join(model_dir, run_config.BEST_WEIGHTS)
+    if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("compare_args") == list(evaluation_args):
+            return stored
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    flag_values(["evaluate", f"--model_dir={model_dir}", f"--output={path}", *evaluation_args])
+    report = evaluate.evaluate(evaluate.settings_from_flags(flag_values), log=log,
+                               progress=False)
+    report["compare_args"] = list(evaluation_args)
+    run_config.write_json(path, report)
+    return report
+
+
+def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
+             autoattack_args=None, log=print, verbose=0):
+    """Trains (or reuses) and evaluates every (method, seed); returns their `RunResult`s.
+
+    Args:
+      base_settings: `train` settings (`run_config.settings_from_flags(..., "train")`); each
+        run overrides `method`, `seed` and `model_dir`.
+      methods, seeds: what to run.
+      output_dir: runs go to `output_dir/runs/<method>_seed<seed>`.
+      evaluation_args: `evaluate` flags for every run, e.g. `["--attacks=clean,pgd10"]`.
+      autoattack_args: when given, a second evaluation with these flags (AutoAttack on fewer
+        examples, say) whose results join the first's.
+    """
+    from twins_tf import run_callbacks
+
+    results = []
+    for method in methods:
+        for seed in seeds:
+            model_dir = run_dir(output_dir, method, seed)
+            settings = dict(base_settings, method=method, seed=seed, model_dir=model_dir)
+            log(f"compare: {method}, seed {seed}: {model_dir}")
+            _train_one(settings, verbose)
+            evaluation = _evaluate_one(model_dir, evaluation_args, log)
+            if autoattack_args:
+                extra = _evaluate_one(model_dir, autoattack_args, log, AUTOATTACK_FILE)
+                evaluation = dict(evaluation, results={**evaluation["results"],
+                                                       **extra["results"]},
+                                  autoattack_examples=extra["examples"])
+            metrics = run_callbacks.read_metrics(os.path.join(model_dir, run_config.METRICS_FILE))
+            with open(os.path.join(model_dir, run_config.CONFIG_FILE)) as f:
+                stored = json.load(f)
+            results.append(RunResult(method, seed, model_dir, stored, metrics, evaluation))
+    return results
+
+
+# --- statistics ------------------------------------------------------------------------------
+def mean_and_sd(values):
+    """(mean, sample standard deviation); the sd is None for a single value."""
+    values = np.asarray(values, dtype=np.float64)
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return float(np.mean(values)), sd
+
+
+def paired_difference(values, baseline_values, confidence=CONFIDENCE):
+    """Mean of `values - baseline_values` (paired by position) and its Student-t interval.
+
+    Returns:
+      (mean difference, low, high); low and high are None with fewer than two pairs.
+    """
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    baseline_values = np.asarray(baseline_values, dtype=np.float64)
+    if values.shape != baseline_values.shape:
+        raise ValueError(f"paired values need the same seeds: {values.shape} vs "
+                         f"{baseline_values.shape}")
+    difference = float(np.mean(values - baseline_values))
+    if len(values) < 2:
+        return difference, None, None
+    if np.all(values - baseline_values == values[0] - baseline_values[0]):
+        return difference, difference, difference  # no spread: scipy would return NaN
+    interval = stats.ttest_rel(values, baseline_values).confidence_interval(confidence)
+    return difference, float(interval.low), float(interval.high)
+
+
+def summarise(results, attacks, baseline):
+    """The comparison table as a dict (what `report.json` holds).
+
+    Returns:
+      {"methods": {method: {attack: {"mean", "sd", "values", "seeds"}}},
+       "differences": {method: {attack: {"mean", "low", "high", "seeds"}}} against `baseline`,
+       "baseline", "confidence", "interval": description}.
+    """
+    methods = list(dict.fromkeys(r.method for r in results))
+    by_method = {m: sorted((r for r in results if r.method == m), key=lambda r: r.seed)
+                 for m in methods}
+    table = {}
+    for method, runs in by_method.items():
+        table[method] = {}
+        for attack in attacks:
+            values = [r.accuracy(attack) for r in runs]
+            mean, sd = mean_and_sd(values)
+            table[method][attack] = {"mean": mean, "sd": sd, "values": values,
+                                     "seeds": [r.seed for r in runs]}
+    differences = {}
+    if baseline in by_method:
+        for method in methods:
+            if method == baseline:
+                continue
+            differences[method] = {}
+            for attack in attacks:
+                seeds = sorted(set(table[method][attack]["seeds"])
+                               & set(table[baseline][attack]["seeds"]))
+                ours = [table[method][attack]["values"][table[method][attack]["seeds"].index(s)]
+                        for s in seeds]
+                theirs = [table[baseline][attack]["values"][
+                    table[baseline][attack]["seeds"].index(s)] for s in seeds]
+                mean, low, high = paired_difference(ours, theirs)
+                differences[method][attack] = {"mean": mean, "low": low, "high": high,
+                                               "seeds": seeds}
+    return {"methods": table, "differences": differences, "baseline": baseline,
+            "confidence": CONFIDENCE,
+            "interval": "paired Student-t over seeds (scipy.stats.ttest_rel)"}
+
+
+def _percent(value):
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(summary, attacks):
+    """The printed table: mean +- sd per method, then paired differences with intervals."""
+    width = 24
+    lines = [f"{'method':<16}" + "".join(f"{a:>{width}}" for a in attacks)]
+    for method, row in summary["methods"].items():
+        cells = []
+        for attack in attacks:
+            cell = row[attack]
+            sd = "" if cell["sd"] is None else f" +- {100 * cell['sd']:.2f}"
+            cells.append(f"{_percent(cell['mean']) + sd:>{width}}")
+        n = len(row[attacks[0]]["values"])
+        lines.append(f"{method:<16}" + "".join(cells) + f"   ({n} seed{'s' if n > 1 else ''})")
+    confidence = int(round(100 * summary["confidence"]))
+    for method, row in summary["differences"].items():
+        cells = []
+        for attack in attacks:
+            d = row[attack]
+            interval = ("no interval (1 seed)" if d["low"] is None else
+                        f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]")
+            cells.append(f"{100 * d['mean']:+.2f} {interval}".rjust(width))
+        lines.append(f"{method + ' - ' + summary['baseline']:<16}" + "".join(cells))
+    if summary["differences"]:
+        lines.append(f"differences: percentage points, paired by seed, {confidence} % "
+                     "Student-t interval; an interval that contains 0 separates nothing.")
+    return "\n".join(lines)
+
+
+# --- model cards -----------------------------------------------------------------------------
+def model_card(result):
+    """RobustBench's model-card fields for one run, plus how to reproduce it."""
+    s = result.settings
+    return {
+        "clean_acc": result.accuracy(CLEAN),
+        "autoattack_acc": result.accuracy(AUTOATTACK),
+        "pgd_acc": {k: v["accuracy"] for k, v in result.evaluation["results"].items()
+                    if k.startswith("pgd")},
+        "eps": result.evaluation["epsilon"],
+        "norm": "Linf",
+        "architecture": s["arch"],
+        "dataset": s["dataset"],
+        "number_forward_passes": 1,
+        "evaluation_examples": result.evaluation["examples"],
+        "autoattack_examples": result.evaluation.get("autoattack_examples"),
+        "evaluation_split": result.evaluation["split"],
+        "method": result.method,
+        "seed": result.seed,
+        "pretrained": s.get("pretrained"),
+        "settings_hash": settings_hash(s),
+        "model_dir": result.model_dir,
+    }
+
+
+# --- plots and report ------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen; PNG only
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _curves_by_method(results, column):
+    """{method: (epochs, array seeds x epochs)} of a metrics.csv column, where present."""
+    curves = {}
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        rows = [[row.get(column) for row in r.metrics] for r in runs]
+        if not rows or any(not row or any(not isinstance(v, float) for v in row) for row in rows):
+            continue
+        length = min(len(row) for row in rows)
+        curves[method] = (np.arange(1, length + 1), np.array([row[:length] for row in rows]))
+    return curves
+
+
+def _band_plot(axis, curves, title):
+    for method, (epochs, values) in curves.items():
+        line, = axis.plot(epochs, 100 * values.mean(axis=0), marker="o", label=method)
+        if len(values) > 1:
+            axis.fill_between(epochs, 100 * values.min(axis=0), 100 * values.max(axis=0),
+                              color=line.get_color(), alpha=0.2)
+    axis.set_title(title)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("accuracy (%)")
+    axis.grid(alpha=0.3)
+    if curves:
+        axis.legend(fontsize="small")
+
+
+def plot_curves(results):
+    """Figure: per-epoch training and validation accuracy, mean and min-max band over seeds."""
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(2, 2, figsize=(10, 7))
+    for axis, (column, title) in zip(axes.flat, CURVES.items()):
+        _band_plot(axis, _curves_by_method(results, column), title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_wings(results):
+    """Figure: each twin method's Frozen and Adaptive wing training accuracy; None if none."""
+    twin_methods = [m for m in dict.fromkeys(r.method for r in results) if m.startswith("twins")]
+    if not twin_methods:
+        return None
+    pyplot = _pyplot()
+    figure, axes = pyplot.subplots(1, len(twin_methods), figsize=(5 * len(twin_methods), 3.8),
+                                   squeeze=False)
+    for axis, method in zip(axes.flat, twin_methods):
+        runs = [r for r in results if r.method == method]
+        curves = {label: _curves_by_method(runs, column).get(method)
+                  for column, label in WING_CURVES.items()}
+        _band_plot(axis, {k: v for k, v in curves.items() if v is not None},
+                   f"{method}: training accuracy per wing")
+    figure.tight_layout()
+    return figure
+
+
+def plot_scatter(results, robust_attack):
+    """Figure: final clean against robust test accuracy, one point per run."""
+    pyplot = _pyplot()
+    figure, axis = pyplot.subplots(figsize=(5.5, 4.5))
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        axis.scatter([100 * r.accuracy(CLEAN) for r in runs],
+                     [100 * r.accuracy(robust_attack) for r in runs], label=method, s=40)
+    axis.set_xlabel("clean accuracy (%)")
+    axis.set_ylabel(f"{robust_attack} accuracy (%)")
+    axis.set_title("test accuracy, one point per seed")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def _png(figure, path):
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(figure)
+    data = buffer.getvalue()
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comparison"):
+    """Writes report.json, report.txt, the PNGs, report.html and model_cards/; returns the summary.
+
+    The HTML embeds the PNGs as data URIs, so the single file opens offline and can be mailed.
+    """
+    os.makedirs(os.path.join(report_dir, "model_cards"), exist_ok=True)
+    summary = summarise(results, attacks, baseline)
+    table = format_table(summary, attacks)
+    run_config.write_json(os.path.join(report_dir, "report.json"), summary)
+    with open(os.path.join(report_dir, "report.txt"), "w") as f:
+        f.write(table + "\n")
+    cards = {}
+    for result in results:
+        card = model_card(result)
+        cards[f"{result.method}_seed{result.seed}"] = card
+        run_config.write_json(os.path.join(report_dir, "model_cards",
+                                           f"{result.method}_seed{result.seed}.json"), card)
+    robust = next((a for a in attacks if a != CLEAN), None)
+    figures = {"curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)",
+                              plot_curves(results))}
+    wings = plot_wings(results)
+    if wings is not None:
+        figures["wings.png"] = ("Training accuracy of each wing (twin methods)", wings)
+    if robust is not None and CLEAN in attacks:
+        figures["scatter.png"] = ("Clean against robust test accuracy", plot_scatter(results,
+                                                                                     robust))
+    images = []
+    for name, (caption, figure) in figures.items():
+        data = _png(figure, os.path.join(report_dir, name))
+        images.append(f"<h2>{html.escape(caption)}</h2>\n<img alt='{name}' "
+                      f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+    card_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_percent(c['clean_acc'])}</td>"
+        f"<td>{_percent(c['autoattack_acc'])}</td><td>{html.escape(str(c['settings_hash'][:12]))}"
+        f"</td></tr>" for k, c in cards.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title></head><body><h1>{html.escape(title)}</h1>\n"
+            f"<pre>{html.escape(table)}</pre>\n" + "\n".join(images) +
+            "\n<h2>Model cards</h2><table border='1'><tr><th>run</th><th>clean %</th>"
+            f"<th>AutoAttack %</th><th>settings</th></tr>{card_rows}</table></body></html>\n")
+    with open(os.path.join(report_dir, "report.html"), "w") as f:
+        f.write(page)
+    return summary, table
+
+
+def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("clean", "pgd10"),
+            max_examples=None, batch_size=128, autoattack_examples=0, log=print, verbose=0):
+    """Runs the grid, evaluates every run, writes `output_dir/report/`; returns (summary, table).
+
+    Args:
+      base_settings: `train` settings shared by every run.
+      methods, seeds: the grid; `baseline` (one of `methods`) is what differences are against.
+      attacks: `evaluate` attacks on `max_examples` test examples (None: all).
+      autoattack_examples: > 0 also runs standard AutoAttack on that many test examples.
+    """
+    if baseline not in methods:
+        raise run_config.SetupError(f"--baseline={baseline} is not among --methods="
+                                    f"{','.join(methods)}: add it or pick one of them.")
+    if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods):
+        raise run_config.SetupError("--methods and --seeds must not repeat an entry.")
+    evaluation_args = [f"--attacks={','.join(attacks)}", f"--batch_size={batch_size}"]
+    if max_examples:
+        evaluation_args.append(f"--max_examples={max_examples}")
+    autoattack_args = None
+    if autoattack_examples:
+        autoattack_args = [f"--attacks={AUTOATTACK}", f"--max_examples={autoattack_examples}",
+                           f"--batch_size={batch_size}"]
+    results = run_grid(base_settings, methods, seeds, output_dir,
+                       evaluation_args=evaluation_args, autoattack_args=autoattack_args,
+                       log=log, verbose=verbose)
+    reported = list(attacks) + ([AUTOATTACK] if autoattack_examples else [])
+    return write_report(results, reported, baseline, os.path.join(output_dir, REPORT_DIR))
