@@ -292,6 +292,12 @@ def _band_plot(axis, curves, title):
         if len(values) > 1:
             axis.fill_between(epochs, 100 * values.min(axis=0), 100 * values.max(axis=0),
                               color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    if not curves:
+        axis.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center",
+                  transform=axis.transAxes, color="grey")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_title(title)
     axis.set_xlabel("epoch")
     axis.set_ylabel("accuracy (%)")
@@ -401,14 +407,16 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
 
 
 def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("clean", "pgd10"),
-            max_examples=None, batch_size=128, autoattack_examples=0, log=print, verbose=0):
-    """Runs the grid, evaluates every run, writes `output_dir/report/`; returns (summary, table).
+            max_examples=None, batch_size=128, autoattack_examples=0, report_dir=None,
+            title="twins_tf comparison", log=print, verbose=0):
+    """Runs the grid, evaluates every run, writes the report; returns (summary, table).
 
     Args:
       base_settings: `train` settings shared by every run.
       methods, seeds: the grid; `baseline` (one of `methods`) is what differences are against.
       attacks: `evaluate` attacks on `max_examples` test examples (None: all).
       autoattack_examples: > 0 also runs standard AutoAttack on that many test examples.
+      report_dir: where the report goes (default `output_dir/report`).
     """
     if baseline not in methods:
         raise run_config.SetupError(f"--baseline={baseline} is not among --methods="
@@ -426,4 +434,5 @@ def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("cl
                        evaluation_args=evaluation_args, autoattack_args=autoattack_args,
                        log=log, verbose=verbose)
     reported = list(attacks) + ([AUTOATTACK] if autoattack_examples else [])
-    return write_report(results, reported, baseline, os.path.join(output_dir, REPORT_DIR))
+    return write_report(results, reported, baseline,
+                        report_dir or os.path.join(output_dir, REPORT_DIR), title=title)
