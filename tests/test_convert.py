@@ -18,6 +18,7 @@ from torch_resnet import (
     torch_logits,
     torch_resnet,
 )
+from binaries_testlib import REPO_ROOT
 from twins_tf import weights
 from twins_tf.models import build_resnet
 
@@ -117,3 +118,20 @@ def test_convert_checkpoint_argument_checks(tmp_path, net):
         checkpoint, "resnet18", tmp_path / "o.weights.h5", num_classes=1000
     )
     assert summary["num_classes"] == 1000 and summary["head_from_checkpoint"]
+
+
+@pytest.mark.parametrize("binary", ["compare", "convert", "demo", "evaluate", "export",
+                                    "pretrain", "train"])
+def test_help_shows_the_docstring_command_lines_as_written(binary):
+    """`--help` prints the module docstring: a shell continuation must survive (raw string)."""
+    import ast
+    import importlib
+
+    path = REPO_ROOT / "twins_tf" / f"{binary}.py"
+    source = path.read_text()
+    literal = ast.get_source_segment(source, ast.parse(source).body[0].value)
+    shown = [line.strip() for line in importlib.import_module(f"twins_tf.{binary}").__doc__
+             .splitlines()]
+    for line in literal.splitlines():
+        if line.rstrip().endswith("\\"):
+            assert line.strip().lstrip('r"') in shown, f"{binary}: {line.strip()!r} is mangled"

@@ -1,4 +1,4 @@
-"""`python -m twins_tf.convert`: a robust PyTorch checkpoint to a Keras weights file.
+r"""`python -m twins_tf.convert`: a robust PyTorch checkpoint to a Keras weights file.
 
     python -m twins_tf.convert --checkpoint=resnet50_linf_eps4.0.ckpt --arch=resnet50 \
         --output=robust_r50.weights.h5
