@@ -40,6 +40,7 @@ setup(
             "pytest==9.2.0",
             "parameterized==0.9.0",
             "scipy==1.17.1",  # reference projections in the attack tests
+            "pyautoattack==0.2.0",  # fra31/auto-attack, the AutoAttack oracle (imports torch)
         ],
     },
 )

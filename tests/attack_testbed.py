@@ -1,23 +1,27 @@
 """A small adversarially trained classifier, in Keras and in PyTorch, for the attack tests.
 
-The AutoAttack tests compare our TensorFlow attacks with an independent implementation
-(torchattacks, PyTorch) on the *same* network.  Robust accuracy only means something on a model
+The AutoAttack tests compare our TensorFlow attacks with the official implementation
+(fra31/auto-attack, PyPI `pyautoattack`, PyTorch) on the *same* network.  Robust accuracy only means something on a model
 that is somewhat robust, so the network is adversarially trained here (PGD-AT, Madry et al.
 2018) for a few seconds on scikit-learn's `load_digits` (1,797 real 8x8 digits shipped with
 scikit-learn, no download), upsampled to 16x16 and copied to three channels.  The trained Keras
 weights are then copied into an identically defined PyTorch module.
 
 Public helpers (the test modules of the attacks import them):
-  * `robust_digits()`: a cached `Testbed` with the Keras model, its PyTorch twin, and the 397
-    test images (NHWC, float32, [0, 1]) and labels.
+  * `robust_digits(num_train=1400)`: a cached `Testbed` with the Keras model, its PyTorch
+    twin, and the held-out images (1,797 - num_train; NHWC, float32, [0, 1]) and labels.  The
+    default split (397 test images) is shared by the attack tests; the full-budget oracle test
+    needs >= 500 examples and trains on 1,197.
   * `epsilon(norm)`: the attack radius the tests use (L-inf 0.15, L2 2.0; the model is
     trained at L-inf 0.1, so robust accuracy sits around 60 % and attacks differ).
-  * `TORCH_NORM`: our norm names to torchattacks'.
-  * `torch_threads(n)`: context manager; torchattacks on this small network is >10x faster
+  * `TORCH_NORM`: our norm names to the official code's.
+  * `torch_threads(n)`: context manager; PyTorch on this small network is >10x faster
     with one thread than with two (thread hand-off dominates), restored on exit.
   * `torch_nchw(images)`: NHWC numpy images to an NCHW float32 torch tensor.
   * `torch_predict(module, images)`: labels the PyTorch copy predicts for NHWC numpy images
     (an independent judge of whether a returned point is misclassified).
+  * `keras_logits(model, images)`, `keras_predict(model, images)`: numpy logits and labels
+    of the Keras model in inference mode.
   * `keras_accuracy(model, images, labels)`: accuracy of the Keras model.
 """
 import contextlib
@@ -141,23 +145,30 @@ def adversarially_train(model, images, labels, *, epsilon, epochs, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def robust_digits(epochs=30):
+def robust_digits(epochs=30, num_train=NUM_TRAIN):
     images, labels = digit_images()
     keras.utils.set_random_seed(0)
     model = keras_convnet()
-    adversarially_train(model, images[:NUM_TRAIN], labels[:NUM_TRAIN], epsilon=TRAIN_EPSILON,
+    adversarially_train(model, images[:num_train], labels[:num_train], epsilon=TRAIN_EPSILON,
                         epochs=epochs)
     module = copy_keras_to_torch(model, TorchConvnet())
-    return Testbed(model, module, images[NUM_TRAIN:], labels[NUM_TRAIN:])
+    return Testbed(model, module, images[num_train:], labels[num_train:])
 
 
 def torch_nchw(images):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2)))
 
 
+def keras_logits(model, images):
+    return model(tf.constant(images), training=False).numpy()
+
+
+def keras_predict(model, images):
+    return keras_logits(model, images).argmax(-1)
+
+
 def keras_accuracy(model, images, labels):
-    logits = model(tf.constant(images), training=False).numpy()
-    return float(np.mean(logits.argmax(-1) == np.asarray(labels)))
+    return float(np.mean(keras_predict(model, images) == np.asarray(labels)))
 
 
 def epsilon(norm):

@@ -13,15 +13,19 @@ The algorithm (paper section 3, Algorithm 1), per example:
   * step size eta = 2 * epsilon; the first step is a projected gradient step
     (L-inf: sign of the gradient, L2: normalised gradient), every later step mixes it with
     momentum 0.75: x <- P(x + 0.75 (z - x) + 0.25 (x - x_prev)), z = P(x + eta * step);
-  * at checkpoints w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), the step size is halved and the iterate
-    reset to the best point so far when
+  * at checkpoints the step size is halved and the iterate reset to the best point so far when
       condition 1: the loss increased in at most rho * (w_j - w_{j-1}) of the steps since the
         last checkpoint (rho = 0.75; "at most" as in the reference code, the paper writes "<"),
       condition 2: the step size was not halved at the last checkpoint and the best loss has
         not improved since;
-    the first window counts its first step against the loss at the random start (the
-    reference code compares it with 0);
+    the checkpoints are the reference code's (fra31/auto-attack): windows of int(0.22 N)
+    steps, each next one int(0.03 N) shorter, down to int(0.06 N) (all at least 1).  For
+    N = 100 they are the paper's w_j = ceil(p_j N), p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (22, 41, 57, 70, 80, 87, 93, 99); for
+    other N the two differ, and AutoAttack numbers at reduced budgets are quoted against the
+    reference code, so its rule is the one kept.  As in the reference code, the first step of
+    the first window counts as an increase if its loss is above 0 (its loss history starts
+    zero-filled);
   * the attack succeeds on an example as soon as one iterate is misclassified; that iterate is
     returned.
 
@@ -44,22 +48,24 @@ LOSSES = ("ce", "dlr")
 def checkpoint_schedule(steps):
     """The iterations after which APGD checks its step size, and the window lengths.
 
+    The reference code's rule (module docstring): the first window is int(0.22 N) steps,
+    each next one int(0.03 N) shorter but at least int(0.06 N), every count at least 1.
+
     Args:
       steps: total number of iterations N.
 
     Returns:
       A list of (iteration, window) pairs: the check happens after `iteration` steps
-      (1-based count, w_j = ceil(p_j * N)) and looks back over `window` = w_j - w_{j-1} steps.
+      (1-based count) and looks back over the `window` steps since the previous check.
     """
-    # p_j in hundredths keeps the arithmetic exact: ceil(0.41 * 100) must be 41, not 42.
-    p_prev, p_curr = 0, 22
-    schedule, last = [], 0
-    while p_curr <= 100:
-        w = -(-p_curr * steps // 100)
-        if last < w <= steps:
-            schedule.append((w, w - last))
-            last = w
-        p_prev, p_curr = p_curr, p_curr + max(p_curr - p_prev - 3, 6)
+    window = max(int(0.22 * steps), 1)
+    shortest = max(int(0.06 * steps), 1)
+    shrink = max(int(0.03 * steps), 1)
+    schedule, after = [], window
+    while after <= steps:
+        schedule.append((after, window))
+        window = max(window - shrink, shortest)
+        after += window
     return schedule
 
 
@@ -224,14 +230,20 @@ class APGD:
         return tf.clip_by_value(x + self.epsilon * _lp.normalize(t, self.norm), 0.0, 1.0)
 
     def _run_once_impl(self, x, y, target, seed):
-        """One APGD run.
+        """One APGD run from a random start (see `_iterate`)."""
+        return self._iterate(x, y, target, self._random_start(x, seed))
+
+    def _iterate(self, x, y, target, x_adv):
+        """The iterations of one APGD run from the start point `x_adv`.
+
+        Deterministic given the start, so the tests can compare it step by step with the
+        reference code's `attack_single_run(x, y, x_init=...)`.
 
         Returns:
           (x_fooled, fooled, x_best, loss_best): per example the last misclassified iterate
-          (else the random start), whether there is one, the highest-loss point and its loss.
+          (else the start), whether there is one, the highest-loss point and its loss.
         """
         eps, norm = self.epsilon, self.norm
-        x_adv = self._random_start(x, seed)
         logits, loss, grad = self._loss_and_grad(x_adv, y, target)
         correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
         batch = tf.shape(x)[0]
@@ -241,7 +253,7 @@ class APGD:
             x_best=x_adv, grad_best=grad, loss_best=loss,
             x_fooled=x_adv, correct=correct,
             step=tf.fill([batch], 2.0 * eps),
-            loss_prev=loss, increases=tf.zeros([batch]),
+            loss_prev=tf.zeros([batch]), increases=tf.zeros([batch]),
             loss_best_at_check=loss, halved_at_check=tf.ones([batch], tf.bool),
         )
         is_check = tf.constant(self._is_check)

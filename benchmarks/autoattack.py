@@ -1,0 +1,192 @@
+"""AutoAttack speed, twins_tf against the official code (fra31/auto-attack, `pyautoattack`).
+
+    python benchmarks/autoattack.py                  # defaults below, about 5 minutes on 2 cores
+    python benchmarks/autoattack.py --examples 100 --apgd_steps 100 --n_target_classes 9 \\
+        --fab_steps 100 --square_queries 5000        # AutoAttack's standard budget (hours)
+
+One run prints, per sub-attack (APGD-CE, APGD-T, FAB-T, Square) and for the standard cascade,
+the seconds of twins_tf and of the official code on the same model and images, and their
+ratio (ours / official: below 1 we are faster).
+
+Fair by construction:
+  * the same network: a torchvision-layout ResNet-18 with random weights and random BN
+    statistics (`tests/torch_resnet.py`); the official side runs it in PyTorch, ours loads the
+    same state dict into `twins_tf.models.build_resnet` (twin BN, inference mode);
+  * the same images, [0, 1], labelled with the network's own predictions (all correct);
+  * each framework in its own process (one after the other, never both at once), with the
+    same number of threads (--threads: PyTorch `set_num_threads`, TensorFlow intra- and
+    inter-op pools);
+  * the same budget and settings on both sides, and every sub-attack runs once untimed
+    before the timed run (our first call traces the graphs; PyTorch builds its kernels);
+    the cascade is timed after the sub-attacks, so it is warm on both sides.
+Worst case on purpose (as for the evaluation's upper bound): epsilon is 1e-6, so no point is
+ever broken and every sub-attack spends its whole budget on every example; the cascade then
+costs the sum of the four.  On a robust model the later attacks see only the points still
+robust.  The default budget is reduced (flags) so that a run takes minutes; the ratios are
+per iteration and do not depend on it much, but the absolute times do.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+WORKERS = ("official", "twins_tf")  # the official one first: it writes the weights and images
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=100, help="images (one batch)")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    parser.add_argument("--epsilon", type=float, default=1e-6,
+                        help="attack radius; the default breaks nothing (worst case)")
+    parser.add_argument("--apgd_steps", type=int, default=25, help="APGD-CE/APGD-T iterations")
+    parser.add_argument("--n_target_classes", type=int, default=2, help="APGD-T/FAB-T targets")
+    parser.add_argument("--fab_steps", type=int, default=25, help="FAB-T iterations")
+    parser.add_argument("--square_queries", type=int, default=250, help="Square queries")
+    parser.add_argument("--threads", type=int, default=2, help="threads of each framework")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("examples", "image_size", "num_classes", "apgd_steps", "n_target_classes",
+                 "fab_steps", "square_queries", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.n_target_classes + 1 > args.num_classes:
+        parser.error(f"--n_target_classes {args.n_target_classes} needs --num_classes >= "
+                     f"{args.n_target_classes + 1}")
+    return args
+
+
+def timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+# --- the official code, in its own process ----------------------------------------------------
+def run_official(args):
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from torch_resnet import TorchPixelResNet, torch_resnet  # noqa: E402
+    from pyautoattack import AutoAttack  # noqa: E402
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # noqa: E402
+    from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
+    from pyautoattack.square import SquareAttack  # noqa: E402
+    import logging
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+
+    net = torch_resnet("resnet18", args.num_classes, seed=0)
+    module = TorchPixelResNet(net).eval()
+    rng = np.random.default_rng(0)
+    size = args.image_size
+    x = rng.uniform(size=(args.examples, size, size, 3)).astype(np.float32)
+    x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        y_t = module(x_t).argmax(1)
+    np.savez(os.path.join(args.workdir, "data.npz"), x=x, y=y_t.numpy(),
+             **{key: value.numpy() for key, value in net.state_dict().items()})
+    norm, eps = {"linf": "Linf", "l2": "L2"}[args.norm], args.epsilon
+    common = dict(norm=norm, eps=eps, seed=0, device="cpu")
+    attacks = {
+        "apgd-ce": APGDAttack(module, n_iter=args.apgd_steps, n_restarts=1, loss="ce", **common),
+        "apgd-t": APGDAttack_targeted(module, n_iter=args.apgd_steps, n_restarts=1,
+                                      n_target_classes=args.n_target_classes, **common),
+        "fab-t": FABAttack_PT(module, n_restarts=1, n_iter=args.fab_steps, targeted=True,
+                              n_target_classes=args.n_target_classes, **common),
+        "square": SquareAttack(module, n_queries=args.square_queries, p_init=0.8, n_restarts=1,
+                               resc_schedule=False, **common),
+    }
+    seconds = {}
+    for name in ATTACKS:
+        attacks[name].perturb(x_t, y_t)  # warm-up
+        seconds[name] = timed(lambda: attacks[name].perturb(x_t, y_t))
+    aa = AutoAttack(module, norm=norm, eps=eps, seed=0, version="custom",
+                    attacks=list(ATTACKS), device="cpu")
+    aa.apgd, aa.apgd_targeted, aa.fab, aa.square = (attacks[name] for name in ATTACKS)
+    seconds["cascade"] = timed(lambda: aa.run_standard_evaluation(x_t, y_t,
+                                                                  batch_size=len(x)))
+    return dict(seconds=seconds, version=f"pyautoattack {__import__('pyautoattack').__version__}"
+                f", torch {torch.__version__}")
+
+
+# --- ours, in its own process ------------------------------------------------------------------
+def run_twins(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from twins_tf import weights
+    from twins_tf.attacks import AutoAttack
+    from twins_tf.models import build_resnet
+
+    with np.load(os.path.join(args.workdir, "data.npz")) as data:
+        x, y = data["x"], data["y"].astype(np.int32)
+        state = {key: data[key] for key in data.files if key not in ("x", "y")}
+    model = build_resnet("resnet18", args.num_classes, input_shape=x.shape[1:])
+    weights.load_torch_state_dict(model, state, head=True)
+    agree = np.mean(np.argmax(model(x, training=False), -1) == y)
+    aa = AutoAttack(args.epsilon, norm=args.norm, seed=0, apgd_steps=args.apgd_steps,
+                    fab_steps=args.fab_steps, square_queries=args.square_queries,
+                    n_target_classes=args.n_target_classes)
+    attacks = dict(zip(aa.attack_names, aa.sub_attacks(model)))
+    seconds = {}
+    for name in ATTACKS:
+        attacks[name].perturb(x, y, seed=0)  # warm-up: traces the graphs
+        seconds[name] = timed(lambda: attacks[name].perturb(x, y, seed=0))
+    seconds["cascade"] = timed(lambda: aa.perturb(model, x, y))
+    return dict(seconds=seconds, version=f"twins_tf, TF {tf.__version__}",
+                label_agreement=float(agree))
+
+
+# --- the parent: one process per framework, the table ------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        result = run_official(args) if args.worker == "official" else run_twins(args)
+        with open(os.path.join(args.workdir, f"{args.worker}.json"), "w") as f:
+            json.dump(result, f)
+        return
+    forwarded = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    results = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for worker in WORKERS:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded,
+                            "--worker", worker, "--workdir", workdir], check=True)
+            with open(os.path.join(workdir, f"{worker}.json")) as f:
+                results[worker] = json.load(f)
+            print(f"{worker}: {time.perf_counter() - start:.0f} s wall (process)",
+                  file=sys.stderr)
+    print(f"ResNet-18 (random weights and BN statistics), {args.image_size} px, "
+          f"{args.num_classes} classes, {args.examples} images in one batch, {args.norm}, "
+          f"epsilon {args.epsilon:g} (nothing broken: every budget spent); {args.threads} "
+          f"threads per framework, {os.cpu_count()} CPU cores; "
+          f"{results['twins_tf']['version']}; {results['official']['version']}; "
+          f"Keras and PyTorch predictions agree on "
+          f"{results['twins_tf']['label_agreement']:.0%} of the images")
+    budget = {"apgd-ce": f"{args.apgd_steps} steps",
+              "apgd-t": f"{args.n_target_classes} targets x {args.apgd_steps} steps",
+              "fab-t": f"{args.n_target_classes} targets x {args.fab_steps} steps",
+              "square": f"{args.square_queries} queries",
+              "cascade": "the four in sequence"}
+    print("| attack | budget | twins_tf s | official s | twins_tf / official |")
+    print("|---|---|---|---|---|")
+    for name in (*ATTACKS, "cascade"):
+        ours, theirs = (results[w]["seconds"][name] for w in ("twins_tf", "official"))
+        print(f"| {name} | {budget[name]} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
