@@ -7,6 +7,7 @@
 * resuming from a saved state gives the uninterrupted run's results; datasets and arrays give
   the same results; mismatched states and bad input fail with clear errors.
 """
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,6 +17,7 @@ import torchattacks
 import attack_testbed as tb
 from twins_tf.attacks import PGD, AutoAttack
 from twins_tf.attacks.autoattack import AutoAttackResult
+from twins_tf.attacks.checks import EvaluationWarning
 
 QUICK = dict(apgd_steps=50, fab_steps=30, square_queries=300, n_target_classes=3)
 
@@ -166,8 +168,10 @@ def test_mismatched_state_and_bad_input_fail_clearly(tmp_path):
         AutoAttack(0.1, version="plus")
     with pytest.raises(ValueError, match="images in \\[0, 1\\]"):
         AutoAttack(0.1, **TINY).run(bed.keras_model, (x * 255, y), verbose=0)
-    with pytest.raises(ValueError, match="lower n_target_classes"):
-        AutoAttack(0.1).perturb(tb.keras_convnet(num_classes=5), x, y % 5)
+    with pytest.raises(ValueError, match="n_target_classes=9 but the model has 5 classes"):
+        AutoAttack(0.1, n_target_classes=9).perturb(tb.keras_convnet(num_classes=5), x, y % 5)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        AutoAttack(0.1).perturb(tb.keras_convnet(num_classes=1), x, y * 0)
 
 
 def test_verification_catches_a_false_claim():
@@ -183,3 +187,47 @@ def test_verification_catches_a_false_claim():
     with pytest.raises(RuntimeError, match="> epsilon"):
         attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), far,
                        np.full(4, -1, np.int8))
+
+
+def _small_model_run(num_classes, version="standard"):
+    """A tiny AutoAttack run on an untrained net with `num_classes` outputs, checked by numpy."""
+    eps = 0.002
+    keras.utils.set_random_seed(num_classes)
+    model = tb.keras_convnet(num_classes=num_classes)
+    rng = np.random.default_rng(num_classes)
+    x = rng.uniform(size=(12, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, num_classes, 12)
+    budget = dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=2)
+    with pytest.warns(EvaluationWarning) as caught:
+        result = AutoAttack(eps, version=version, **budget).run(model, (x, y), batch_size=6,
+                                                                 verbose=0)
+    delta = np.abs(result.x_adv - x).reshape(len(x), -1).max(1)
+    assert delta.max() <= eps + 1e-5 and 0 <= result.x_adv.min() <= result.x_adv.max() <= 1
+    logits = model.predict(result.x_adv, verbose=0)
+    np.testing.assert_array_equal(logits.argmax(1) == y, result.robust)
+    # a radius this small leaves points for every sub-attack, so each of them really runs
+    assert result.robust_accuracy > 0
+    return result, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("num_classes,targets", [(2, 1), (3, 2), (4, 3)])
+def test_fewer_than_ten_classes_use_the_classes_there_are(num_classes, targets):
+    """min(9, classes - 1) targets; APGD-T (targeted DLR: 4 logits) skipped below 4 classes."""
+    result, messages = _small_model_run(num_classes)
+    assert result.n_target_classes == targets
+    if num_classes < 4:
+        assert result.attacks == ("apgd-ce", "fab-t", "square")
+        assert "apgd-t" in result.skipped and f"has {num_classes}" in result.skipped["apgd-t"]
+        assert "apgd-t: skipped" in result.summary()
+    else:
+        assert result.attacks == ("apgd-ce", "apgd-t", "fab-t", "square") and not result.skipped
+    assert list(result.accuracy) == ["clean", *result.attacks]
+    assert set(result.seconds) == set(result.attacks)
+    target_note = [m for m in messages if f"use {targets} target class(es)" in m]
+    assert target_note and target_note[0] in "".join(f"AutoAttack: {w}" for w in result.warnings)
+
+
+def test_rand_version_with_two_classes_skips_apgd_dlr():
+    result, messages = _small_model_run(2, version="rand")
+    assert result.attacks == ("apgd-ce",) and "apgd-dlr" in result.skipped
+    assert any("deterministic model" in m for m in messages)  # checks.check_rand_version

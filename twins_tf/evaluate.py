@@ -15,11 +15,17 @@ Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--at
                random start (spec §7), with R > 1 restarts R random starts and an example
                counts as robust only if no restart fools it;
   autoattack   `twins_tf.attacks.AutoAttack` (`--autoattack_version`, standard: APGD-CE,
-               APGD-T, FAB-T, Square), with the accuracy left after each sub-attack; APGD-T
-               and FAB-T target the reference's 9 classes, or every other class when the
-               dataset has fewer than 10.  Resumable: progress is kept in
-               `autoattack_<split>_<hash>.npz` beside the report, and a second start with
-               the same weights and data continues from it.
+               APGD-T, FAB-T, Square), with the accuracy left after each sub-attack and its
+               time; APGD-T and FAB-T target the reference's 9 classes, or every other class
+               when the dataset has fewer than 10 (and APGD-T, whose loss needs 4 classes, is
+               skipped below 4: the report says so).  The report records what a rerun needs:
+               versions, eps, norm, examples, targets, budgets and seed.  Resumable: progress
+               is kept in `autoattack_<split>_<hash>.npz` beside the report, and a second
+               start with the same weights and data continues from it.
+
+Before the attacks, the sanity checks of `twins_tf.attacks.checks` (randomised model,
+probabilities instead of logits, zero gradients, test-time dynamics) run on the first batch;
+what they find is printed and kept in the report's "checks".
 
 Results go to a printed table and a JSON report (`--output`, by default
 `model_dir/evaluation_<split>.json`).  The split is the test split or the validation split
@@ -239,11 +245,6 @@ def evaluate_batched(model, batches, attack):
             "examples": total}
 
 
-def autoattack_targets(num_classes):
-    """Target classes of APGD-T and FAB-T: the reference's 9, or every other class if fewer."""
-    return min(9, num_classes - 1)
-
-
 def autoattack_state_path(settings):
     """Where a resumable AutoAttack run keeps its progress, or None (no model_dir or output).
 
@@ -272,25 +273,53 @@ def run_autoattack(model, batches, settings, *, progress=True):
     saved every 10 batches to `autoattack_state_path(settings)`, so an interrupted evaluation
     started again continues where it stopped.
     """
+    import twins_tf
     from twins_tf.attacks import AutoAttack
 
-    targets = autoattack_targets(settings["num_classes"])
     attack = AutoAttack(settings["attack_eps"], norm="linf",
-                        version=settings["autoattack_version"], seed=settings["seed"],
-                        n_target_classes=targets)
+                        version=settings["autoattack_version"], seed=settings["seed"])
     state_path = autoattack_state_path(settings)
     result = attack.run(model, batches, batch_size=settings["batch_size"], state_path=state_path,
                         keep_adversarial=False, verbose=int(progress))
     accuracy = result.accuracy
+    config = attack.get_config()
     return {
         "accuracy": float(result.robust_accuracy),
         "clean_accuracy": float(accuracy["clean"]),
         "after_each_attack": {name: float(accuracy[name]) for name in result.attacks},
+        "seconds_each_attack": {name: round(result.seconds[name], 2) for name in result.attacks},
+        "skipped": dict(result.skipped),
         "examples": int(len(result.labels)),
         "version": settings["autoattack_version"],
-        "n_target_classes": targets,
+        "twins_tf_version": twins_tf.__version__,
+        "epsilon": attack.epsilon,
+        "norm": attack.norm,
+        "n_target_classes": result.n_target_classes,
+        "seed": attack.seed,
+        "budget": {key: config[key] for key in ("apgd_steps", "fab_steps", "square_queries",
+                                                "eot_iter")},
+        "batch_size": settings["batch_size"],
+        "checks": list(result.warnings),
         "state": state_path,
     }
+
+
+def model_checks(model, batches, settings, log):
+    """The sanity checks of `twins_tf.attacks.checks` on the first batch, logged; the messages.
+
+    With autoattack in `--attacks`, AutoAttack runs them itself (with its version and targets)
+    and its messages are the report's; otherwise they run here.
+    """
+    from twins_tf.attacks import checks
+
+    if any(name == AUTOATTACK for name, _ in settings["attack_list"]):
+        return None  # AutoAttack's own, in results["autoattack"]["checks"]
+    for images, labels in batches.take(1):
+        messages = checks.model_checks(model, images, labels)
+        for message in messages:
+            log(f"warning: {message}")
+        return messages
+    return []
 
 
 def evaluate(settings, *, log=print, progress=True):
@@ -315,10 +344,8 @@ def _evaluate(s, log, progress):
     from twins_tf.attacks.pgd import PGD
 
     batches, count = load_examples(s)
-    if any(name == AUTOATTACK for name, _ in s["attack_list"]) and s["num_classes"] < 3:
-        raise SetupError(f"AutoAttack's targeted attacks need at least 3 classes; "
-                         f"{s['dataset']} has {s['num_classes']}: drop autoattack from --attacks.")
     model = load_model(s)
+    checks = model_checks(model, batches, s, log)
     results = {}
     for name, steps in s["attack_list"]:
         started = time.time()
@@ -344,6 +371,8 @@ def _evaluate(s, log, progress):
         "examples": count,
         "epsilon": s["attack_eps"],
         "norm": "linf",
+        "seed": s["seed"],
+        "checks": checks,
         "results": results,
     }
     if s.get("output"):
@@ -356,11 +385,21 @@ def format_table(report):
     """The printed table: one row per attack (accuracy in %, examples)."""
     lines = [f"{report['arch']} on {report['dataset']} ({report['split']}, "
              f"{report['examples']} examples), L-inf eps {report['epsilon'] * 255:.4g}/255",
-             f"{'attack':<24}{'accuracy':>10}"]
+             f"{'attack':<24}{'accuracy':>10}{'time':>12}"]
     for name, result in report["results"].items():
-        lines.append(f"{name:<24}{100 * result['accuracy']:>9.2f}%")
+        lines.append(f"{name:<24}{100 * result['accuracy']:>9.2f}%{result['seconds']:>10.1f} s")
+        seconds = result.get("seconds_each_attack", {})
         for sub, accuracy in result.get("after_each_attack", {}).items():
-            lines.append(f"{'  after ' + sub:<24}{100 * accuracy:>9.2f}%")
+            lines.append(f"{'  after ' + sub:<24}{100 * accuracy:>9.2f}%{seconds[sub]:>10.1f} s")
+        for sub, why in result.get("skipped", {}).items():
+            lines.append(f"{'  ' + sub:<24} skipped: {why}")
+        if name == AUTOATTACK:
+            lines.append(f"  {result['version']} version, {result['n_target_classes']} target "
+                         f"classes, seed {result['seed']}, twins_tf {result['twins_tf_version']}")
+    checks = report.get("checks")
+    if checks is None:  # AutoAttack ran them
+        checks = report["results"].get(AUTOATTACK, {}).get("checks", [])
+    lines += [f"warning: {message}" for message in checks]
     return "\n".join(lines)
 
 

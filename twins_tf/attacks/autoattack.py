@@ -12,6 +12,17 @@ Versions:
   * "rand" (randomized defences): APGD-CE and APGD-DLR, each averaging 20 gradients per step
     (EOT).
 
+Fewer than 10 classes: a target is another class, so APGD-T and FAB-T use
+min(9, classes - 1) targets.  APGD-T's targeted DLR loss needs the 3rd and 4th largest logits,
+so with 2 or 3 classes APGD-T is skipped (FAB-T still runs, with the 1 or 2 targets there
+are), and with 2 classes the rand version skips APGD-DLR.  The reference keeps 9 targets
+whatever the classes and fails on such models after a warning; here the plan is part of the
+result (`n_target_classes`, `skipped`) and of the warnings.
+
+Before the first batch, the sanity checks of `twins_tf.attacks.checks` run on it (randomised
+model, probabilities instead of logits, zero gradients, test-time dynamics, targets), as
+`EvaluationWarning`s and in `AutoAttackResult.warnings`; after a whole run, the Square check.
+
 What is guaranteed, and checked at the end of every batch (a violation raises): every returned
 x_adv lies in the epsilon-ball around its clean image (up to float rounding, 1e-5) and in
 [0, 1]; every point reported non-robust is misclassified at its returned x_adv (or already at
@@ -28,13 +39,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from twins_tf.attacks import _lp
+from twins_tf.attacks import _lp, checks
 from twins_tf.attacks.apgd import APGD
 from twins_tf.attacks.fab import FAB
 from twins_tf.attacks.square import Square
@@ -56,12 +68,20 @@ class AutoAttackResult:
         attacks[k - 1].
       x_adv: (n, h, w, c) float32 adversarial images (the clean image for robust and clean-
         misclassified points), or None when not kept.
+      n_target_classes: the targets APGD-T and FAB-T used.
+      skipped: {sub-attack: why} for those the model's classes rule out.
+      seconds: {sub-attack: seconds spent in it}, over every batch (resumed ones included).
+      warnings: the messages of the sanity checks (`twins_tf.attacks.checks`).
     """
 
     attacks: tuple
     labels: np.ndarray
     broken_by: np.ndarray
     x_adv: np.ndarray = None
+    n_target_classes: int = None
+    skipped: dict = dataclasses.field(default_factory=dict)
+    seconds: dict = dataclasses.field(default_factory=dict)
+    warnings: tuple = ()
 
     @property
     def robust(self):
@@ -83,8 +103,13 @@ class AutoAttackResult:
         return float(np.mean(self.robust)) if len(self.broken_by) else 0.0
 
     def summary(self):
-        """One line per stage: the accuracy after it, in percent."""
-        return "\n".join(f"{name:>9}: {100 * acc:6.2f}%" for name, acc in self.accuracy.items())
+        """One line per stage: the accuracy after it in percent (and its time); then skips."""
+        lines = []
+        for name, accuracy in self.accuracy.items():
+            seconds = f"  {self.seconds[name]:8.1f} s" if name in self.seconds else ""
+            lines.append(f"{name:>9}: {100 * accuracy:6.2f}%{seconds}")
+        lines += [f"{name:>9}: skipped ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
 
 
 class AutoAttack:
@@ -96,9 +121,10 @@ class AutoAttack:
       version: "standard" (APGD-CE, APGD-T, FAB-T, Square) or "rand" (APGD-CE, APGD-DLR with
         EOT 20), as in the reference.
       seed: seed of every random draw (per batch and sub-attack).
-      apgd_steps, fab_steps, square_queries, n_target_classes, eot_iter: the budgets
-        (100, 100, 5000, 9, 20 in the reference); lower them only for quick checks, and say
-        so when reporting numbers.
+      apgd_steps, fab_steps, square_queries, eot_iter: the budgets (100, 100, 5000, 20 in the
+        reference); lower them only for quick checks, and say so when reporting numbers.
+      n_target_classes: targets of APGD-T and FAB-T; None (default): the reference's 9, or
+        classes - 1 for a model with fewer than 10 classes.
 
     Example:
       >>> aa = AutoAttack(8 / 255)
@@ -108,7 +134,7 @@ class AutoAttack:
     """
 
     def __init__(self, epsilon, *, norm="linf", version="standard", seed=0, apgd_steps=100,
-                 fab_steps=100, square_queries=5000, n_target_classes=9, eot_iter=20):
+                 fab_steps=100, square_queries=5000, n_target_classes=None, eot_iter=20):
         who = "AutoAttack"
         self.epsilon = _lp.check_epsilon(epsilon, who)
         self.norm = _lp.check_norm(norm, who)
@@ -119,10 +145,14 @@ class AutoAttack:
         self.apgd_steps = _lp.check_positive_int(apgd_steps, "apgd_steps", who)
         self.fab_steps = _lp.check_positive_int(fab_steps, "fab_steps", who)
         self.square_queries = _lp.check_positive_int(square_queries, "square_queries", who)
-        self.n_target_classes = _lp.check_positive_int(n_target_classes, "n_target_classes", who)
+        self.n_target_classes = (None if n_target_classes is None else _lp.check_positive_int(
+            n_target_classes, "n_target_classes", who))
         self.eot_iter = _lp.check_positive_int(eot_iter, "eot_iter", who)
         self._model = None
         self._attacks = None
+        self._checked = None  # (model, messages of the sanity checks)
+        self._classes = None  # (model, its number of outputs)
+        self._seconds = {}
 
     def __repr__(self):
         return (f"AutoAttack(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
@@ -136,33 +166,63 @@ class AutoAttack:
 
     @property
     def attack_names(self):
+        """The version's sub-attacks (a model with few classes may skip some: `plan`)."""
         if self.version == "standard":
             return ("apgd-ce", "apgd-t", "fab-t", "square")
         return ("apgd-ce", "apgd-dlr")
 
+    def plan(self, num_classes):
+        """(sub-attacks to run, targets of APGD-T and FAB-T, {skipped sub-attack: why}).
+
+        Raises:
+          ValueError: fewer than 2 classes, or more targets asked for than other classes.
+        """
+        if num_classes < 2:
+            raise ValueError(f"AutoAttack needs a classifier with at least 2 classes; the model "
+                             f"has {num_classes} output(s).")
+        targets = min(9, num_classes - 1)
+        if self.n_target_classes is not None:
+            if self.n_target_classes > num_classes - 1:
+                raise ValueError(
+                    f"AutoAttack n_target_classes={self.n_target_classes} but the model has "
+                    f"{num_classes} classes, so at most {num_classes - 1} targets: lower "
+                    "n_target_classes or leave it unset (min(9, classes - 1)).")
+            targets = self.n_target_classes
+        skipped = {}
+        if self.version == "standard" and num_classes < checks.TARGETED_DLR_MIN_CLASSES:
+            skipped["apgd-t"] = (f"its targeted DLR loss needs at least "
+                                 f"{checks.TARGETED_DLR_MIN_CLASSES} classes, the model has "
+                                 f"{num_classes}")
+        if self.version == "rand" and num_classes < checks.DLR_MIN_CLASSES:
+            skipped["apgd-dlr"] = (f"the DLR loss needs at least {checks.DLR_MIN_CLASSES} "
+                                   f"classes, the model has {num_classes}")
+        names = tuple(name for name in self.attack_names if name not in skipped)
+        return names, targets, skipped
+
     def sub_attacks(self, model):
-        """The configured sub-attacks for `model`, in order (built once per model)."""
+        """The sub-attacks `plan` runs on `model`, in order (built once per model)."""
         if self._model is not model:
             eps, norm, seed = self.epsilon, self.norm, self.seed
-            if self.version == "standard":
-                attacks = [
-                    APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps, seed=seed),
-                    APGD(model, eps, norm=norm, loss="dlr", targeted=True,
-                         steps=self.apgd_steps, n_target_classes=self.n_target_classes,
-                         seed=seed),
-                    FAB(model, eps, norm=norm, targeted=True, steps=self.fab_steps,
-                        n_target_classes=self.n_target_classes, seed=seed),
-                    Square(model, eps, norm=norm, n_queries=self.square_queries, seed=seed),
-                ]
-            else:
-                attacks = [
-                    APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps,
-                         eot_iter=self.eot_iter, seed=seed),
-                    APGD(model, eps, norm=norm, loss="dlr", steps=self.apgd_steps,
-                         eot_iter=self.eot_iter, seed=seed),
-                ]
-            self._model, self._attacks = model, attacks
+            names, targets, _ = self.plan(self._num_classes(model))
+            build = {
+                "apgd-ce": lambda: APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps,
+                                        eot_iter=self._eot, seed=seed),
+                "apgd-t": lambda: APGD(model, eps, norm=norm, loss="dlr", targeted=True,
+                                       steps=self.apgd_steps, n_target_classes=targets,
+                                       seed=seed),
+                "fab-t": lambda: FAB(model, eps, norm=norm, targeted=True, steps=self.fab_steps,
+                                     n_target_classes=targets, seed=seed),
+                "square": lambda: Square(model, eps, norm=norm, n_queries=self.square_queries,
+                                         seed=seed),
+                "apgd-dlr": lambda: APGD(model, eps, norm=norm, loss="dlr",
+                                         steps=self.apgd_steps, eot_iter=self._eot, seed=seed),
+            }
+            self._model, self._attacks = model, [build[name]() for name in names]
         return self._attacks
+
+    @property
+    def _eot(self):
+        return self.eot_iter if self.version == "rand" else 1
 
     # --- one batch ----------------------------------------------------------------------------
     def perturb(self, model, x, y, *, batch_index=0):
@@ -179,17 +239,20 @@ class AutoAttack:
           `AutoAttackResult`.
         """
         x, y = _lp.check_images_and_labels(x, y, "AutoAttack")
-        attacks = self.sub_attacks(model)
         self._check_model(model, x)
+        attacks = self.sub_attacks(model)
         x_adv = x.numpy().copy()
         broken_by = np.full(len(x_adv), NOT_BROKEN, np.int8)
         if not len(x_adv):
             return x_adv, broken_by
+        self.check(model, x, y)
         broken_by[_lp.predict(model, x).numpy() != y.numpy()] = CLEAN_ERROR
-        for k, attack in enumerate(attacks, start=1):
+        names = self.plan(self._num_classes(model))[0]
+        for k, (name, attack) in enumerate(zip(names, attacks), start=1):
             todo = np.flatnonzero(broken_by == NOT_BROKEN)
             if todo.size == 0:
                 break
+            started = time.perf_counter()
             x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
             seed = int(_lp.run_seed(self.seed, batch_index, k).numpy()[0])
             adv = attack.perturb(x_todo, y_todo, seed=seed)
@@ -197,8 +260,25 @@ class AutoAttack:
             fooled = (_lp.predict(model, adv) != y_todo).numpy()
             x_adv[todo[fooled]] = adv.numpy()[fooled]
             broken_by[todo[fooled]] = k
+            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
         self._verify(model, x, y, x_adv, broken_by)
         return x_adv, broken_by
+
+    def check(self, model, x, y):
+        """The sanity checks of `twins_tf.attacks.checks` on one batch, once per model.
+
+        Warns (`checks.EvaluationWarning`) with each problem found and returns the messages;
+        later calls for the same model return them without running the checks again.
+        """
+        if self._checked is None or self._checked[0] is not model:
+            num_classes = self._num_classes(model)
+            _, targets, skipped = self.plan(num_classes)
+            messages = checks.before_evaluation(
+                model, x, y, version=self.version, eot_iter=self.eot_iter,
+                num_classes=num_classes, n_target_classes=targets, skipped=skipped)
+            checks.warn(messages)
+            self._checked = (model, messages)
+        return list(self._checked[1])
 
     def __call__(self, model, x, y):
         """x_adv for one in-memory batch (see `perturb`)."""
@@ -209,15 +289,18 @@ class AutoAttack:
         if logits.shape.rank != 2:
             raise ValueError(f"AutoAttack needs a model returning logits (batch, classes), got "
                              f"output shape {logits.shape}.")
-        if self.version == "standard":
-            _lp.check_num_classes(int(logits.shape[-1]), max(4, self.n_target_classes + 1),
-                                  "AutoAttack 'standard'",
-                                  f"APGD-T and FAB-T use {self.n_target_classes} target "
-                                  "classes; lower n_target_classes for fewer classes")
-            again = _lp.logits_of(model, x[:2])
-            if not np.allclose(logits.numpy(), again.numpy(), rtol=1e-4, atol=1e-5):
-                logging.warning("AutoAttack: the model's outputs differ between two identical "
-                                "calls (randomized defence?); use version='rand'.")
+        self._classes = (model, int(logits.shape[-1]))
+
+    def _num_classes(self, model):
+        """The model's outputs: from its last forward here, else its static output shape."""
+        if self._classes is not None and self._classes[0] is model:
+            return self._classes[1]
+        try:
+            return int(model.output_shape[-1])
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError("AutoAttack cannot tell how many classes the model has: build it "
+                             "as a functional keras.Model or run perturb() on a batch first."
+                             ) from None
 
     def _verify(self, model, x, y, x_adv, broken_by):
         """The guarantees of the module docstring, on one batch; raises if one fails."""
@@ -260,12 +343,17 @@ class AutoAttack:
         """
         batches, total = self._batches(data, batch_size)
         fingerprint = self._fingerprint(batch_size)
-        labels, broken, adversarial, done = [], [], [], 0
+        labels, broken, adversarial, done, self._seconds = [], [], [], 0, {}
         if state_path and os.path.exists(state_path):
-            labels, broken, adversarial, done = self._load(state_path, fingerprint,
-                                                           keep_adversarial)
+            labels, broken, adversarial, done, self._seconds = self._load(
+                state_path, fingerprint, keep_adversarial)
             if verbose:
                 logging.info("AutoAttack: resuming from %s after %d batches.", state_path, done)
+        first = next(iter(batches), None)
+        if first is not None:  # the checks run before any attack, on the first batch
+            x, y = _lp.check_images_and_labels(*first, "AutoAttack")
+            self._check_model(model, x)
+            self.check(model, x, y)
         progress = keras.utils.Progbar(total, stateful_metrics=["robust"]) if verbose else None
         if progress is not None and done:
             progress.update(done, [("robust", self._robust_so_far(broken))])
@@ -279,16 +367,25 @@ class AutoAttack:
                 adversarial.append(x_adv)
             index += 1
             if state_path and (index - done) % save_every == 0:
-                self._save(state_path, fingerprint, labels, broken, adversarial, index)
+                self._save(state_path, fingerprint, labels, broken, adversarial, index,
+                           self._seconds)
             if progress is not None:
                 progress.update(index, [("robust", self._robust_so_far(broken))])
         if state_path and index > done:
-            self._save(state_path, fingerprint, labels, broken, adversarial, index)
+            self._save(state_path, fingerprint, labels, broken, adversarial, index,
+                       self._seconds)
+        names, targets, skipped = self.plan(self._num_classes(model))
         result = AutoAttackResult(
-            attacks=self.attack_names,
+            attacks=names,
             labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
             broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
-            x_adv=np.concatenate(adversarial) if keep_adversarial and adversarial else None)
+            x_adv=np.concatenate(adversarial) if keep_adversarial and adversarial else None,
+            n_target_classes=targets, skipped=dict(skipped),
+            seconds={name: self._seconds.get(name, 0.0) for name in names})
+        square = checks.check_square(result.accuracy)
+        checks.warn([square] if square else [])
+        result.warnings = tuple(self._checked[1] if self._checked else ()) + (
+            (square,) if square else ())
         if verbose:
             logging.info("AutoAttack %s (%s, eps=%.6g) on %d examples:\n%s", self.version,
                          self.norm, self.epsilon, len(result.labels), result.summary())
@@ -327,10 +424,11 @@ class AutoAttack:
         return json.dumps(dict(self.get_config(), batch_size=batch_size), sort_keys=True)
 
     @staticmethod
-    def _save(path, fingerprint, labels, broken, adversarial, batches_done):
+    def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds):
         arrays = dict(
             fingerprint=np.array(fingerprint),
             batches_done=np.array(batches_done),
+            seconds=np.array(json.dumps(seconds)),
             labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
             broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
             batch_sizes=np.array([len(b) for b in broken], np.int64),
@@ -361,6 +459,7 @@ class AutoAttack:
             adversarial = (list(np.split(state["x_adv"], splits))
                            if keep_adversarial and "x_adv" in state.files else [])
             done = int(state["batches_done"])
+            seconds = json.loads(str(state["seconds"])) if "seconds" in state.files else {}
         if done == 0:
-            return [], [], [], 0
-        return labels, broken, adversarial, done
+            return [], [], [], 0, {}
+        return labels, broken, adversarial, done, seconds
