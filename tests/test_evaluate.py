@@ -137,6 +137,25 @@ def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
         evaluate.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
 
 
+def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_path,
+                                                                  monkeypatch):
+    import keras
+
+    args = [f"--model_dir={source}", "--attacks=clean", "--max_examples=8",
+            f"--output={tmp_path / 'r.json'}"]
+    report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None)
+    assert report["checks"] == [] and report["seed"] == 0  # a plain deterministic ResNet
+
+    load_model = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda settings: keras.Sequential(
+        [load_model(settings), keras.layers.Softmax()]))  # outputs probabilities
+    logged = []
+    report = evaluate.evaluate(evaluate_settings(args), log=logged.append)
+    assert len(report["checks"]) == 1 and "probabilities, not logits" in report["checks"][0]
+    assert f"warning: {report['checks'][0]}" in logged
+    assert json.loads((tmp_path / "r.json").read_text())["checks"] == report["checks"]
+
+
 def test_a_weights_file_of_another_arch(source):
     with pytest.raises(SetupError, match="--weights: .*does not hold resnet34 weights"):
         evaluate.evaluate(evaluate_settings([
@@ -165,7 +184,21 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
     assert aa["accuracy"] == pytest.approx(values[-1])
     assert aa["clean_accuracy"] == pytest.approx(results["clean"]["accuracy"])
     assert aa["n_target_classes"] == 4 and aa["examples"] == 24  # 5 classes: 4 targets
+    # what a rerun needs: versions, radius, norm, examples, targets, budgets, seed
+    assert (aa["version"], aa["norm"], aa["seed"], aa["skipped"]) == ("standard", "linf", 0, {})
+    assert aa["epsilon"] == pytest.approx(8 / 255) and aa["twins_tf_version"]
+    assert aa["budget"] == dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=20)
+    assert set(aa["seconds_each_attack"]) == set(aa["after_each_attack"])
+    assert all(0 <= t <= results["autoattack"]["seconds"] for t in aa["seconds_each_attack"].values())
+    assert any("4 target class(es)" in m for m in aa["checks"])  # checks.check_n_classes
+    assert report["checks"] is None  # AutoAttack ran the checks, they are in its result
     assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == aa
+    table = evaluate.format_table(report)
+    for name, accuracy in aa["after_each_attack"].items():
+        seconds = aa["seconds_each_attack"][name]
+        assert f"  after {name:<16}{100 * accuracy:>9.2f}%{seconds:>10.1f} s" in table
+    assert "standard version, 4 target classes, seed 0" in table
+    assert "warning: APGD-T and FAB-T use 4 target class(es)" in table
     state = aa["state"]
     assert state.startswith(str(tmp_path)) and state.endswith(".npz")
 
