@@ -271,6 +271,7 @@ class AutoAttack:
         later calls for the same model return them without running the checks again.
         """
         if self._checked is None or self._checked[0] is not model:
+            self._check_model(model, x)
             num_classes = self._num_classes(model)
             _, targets, skipped = self.plan(num_classes)
             messages = checks.before_evaluation(
