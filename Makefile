@@ -5,36 +5,45 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.twins_tf-installed
+# `make demo` installs the package alone (no torch: the demo never imports it); `make test`
+# adds the test extras. Each stamp is redone when setup.py or this file changes.
+DEMO_STAMP := $(VENV)/.twins_tf-installed
+TEST_STAMP := $(VENV)/.twins_tf-test-installed
 TEST_FLAGS ?=
 # This machine keeps the CPU build of torch 2.13.0 as a local wheel (PyPI's newest is CUDA).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 .PHONY: demo test bench venv clean bazel-test
 
-venv: $(STAMP)
+venv: $(TEST_STAMP)
 
-$(STAMP): setup.py Makefile
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
+
+$(DEMO_STAMP): setup.py Makefile | $(VENV)/bin/python
+	$(PIP) install -e .
+	touch $(DEMO_STAMP)
+
+$(TEST_STAMP): setup.py Makefile | $(VENV)/bin/python
 	$(PIP) install $(FIND_LINKS) -e '.[test]'
 	# torchattacks (test oracle for AutoAttack) pins requests~=2.25 and would downgrade it:
 	# install it alone; its real needs (torch, numpy, scipy, tqdm) are already there.
 	$(PIP) install --no-deps torchattacks==3.5.1
-	touch $(STAMP)
+	touch $(DEMO_STAMP) $(TEST_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m twins_tf.demo --output_dir=demo_out
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest tests $(TEST_FLAGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) benchmarks/train_step.py
 
 # Bazel (Debian's bazel-bootstrap 4.2.3, offline): one target per module, test file and binary.
 # tools/bazel_test.sh apt-installs bazel-bootstrap only when no `bazel` is on PATH.
 BAZEL_FLAGS ?=
-bazel-test: $(STAMP)
+bazel-test: $(TEST_STAMP)
 	tools/bazel_test.sh $(BAZEL_FLAGS)
 
 clean:

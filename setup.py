@@ -6,6 +6,10 @@ we depend on exactly one.  The default is the CPU build; on a GPU machine instal
     TWINS_TF_TENSORFLOW=tensorflow[and-cuda] pip install .
 
 tensorflow-datasets 4.9.10 imports `importlib_resources` without declaring it, so we do.
+
+keras-cv is not a dependency: nothing here imports it (README, "Installing", says why), and
+its install pulls keras-core and kagglehub, a network client, into a product that never
+touches the network.
 """
 import os
 
@@ -24,12 +28,13 @@ setup(
     install_requires=[
         f"{TENSORFLOW}==2.21.0",
         "keras==3.15.1",
-        "keras-cv==0.9.0",
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",
         "absl-py==2.5.1",
         "tensorboard==2.21.0",  # TensorBoard logs of train/pretrain; tensorflow 2.21 does not pull it in
         "scikit-learn==1.9.1",  # the embedded demo's dataset (handwritten digits)
+        "scipy==1.17.1",  # compare's paired Student-t intervals (scipy.stats.ttest_rel)
+        "matplotlib==3.11.2",  # compare's plots (PNG, embedded in report.html)
     ],
     extras_require={
         # Reading PyTorch checkpoints (.pt/.pth/.ckpt). safetensors/npz need no torch.
@@ -38,8 +43,6 @@ setup(
             "torch==2.13.0",
             "safetensors==0.8.0",
             "pytest==9.2.0",
-            "parameterized==0.9.0",
-            "scipy==1.17.1",  # reference projections in the attack tests
             "pyautoattack==0.2.0",  # fra31/auto-attack, the AutoAttack oracle (imports torch)
         ],
     },

@@ -130,3 +130,15 @@ def test_full_demo_within_ten_minutes_and_better_than_chance(tmp_path):
         assert row["clean"]["mean"] > 0.6, (method, row)  # chance is 0.2
         assert row["pgd10"]["mean"] > 0.2, (method, row)
     assert "== 5. results" in result.stdout and "twins_at - at" in result.stdout
+
+
+def test_make_demo_installs_the_package_alone_and_make_test_the_test_extras(tmp_path):
+    """`make demo` on a fresh machine: `pip install -e .` only (no torch); `make test`: [test]."""
+    def dry_run(target):
+        result = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stdout.splitlines() if " install " in line]
+
+    assert [line.split(" install ", 1)[1].strip() for line in dry_run("demo")] == ["-e ."]
+    assert any("'.[test]'" in line for line in dry_run("test"))
