@@ -37,11 +37,13 @@ setup(
         "matplotlib==3.11.2",  # compare's plots (PNG, embedded in report.html)
     ],
     extras_require={
-        # Reading PyTorch checkpoints (.pt/.pth/.ckpt). safetensors/npz need no torch.
-        "torch": ["torch==2.13.0", "safetensors==0.8.0"],
+        # Reading PyTorch checkpoints (.pt/.pth/.ckpt). safetensors/npz need no torch.  dill:
+        # MadryLab's robustness checkpoints are pickled with it (read with --allow_pickle).
+        "torch": ["torch==2.13.0", "safetensors==0.8.0", "dill==0.4.1"],
         "test": [
             "torch==2.13.0",
             "safetensors==0.8.0",
+            "dill==0.4.1",
             "pytest==9.2.0",
             "pyautoattack==0.2.0",  # fra31/auto-attack, the AutoAttack oracle (imports torch)
         ],

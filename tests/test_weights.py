@@ -158,6 +158,25 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, net, expecte
     assert marker.exists()
 
 
+def test_dill_pickled_robustness_checkpoint_loads_with_allow_pickle(tmp_path, net, expected,
+                                                                   monkeypatch):
+    """MadryLab's robustness library saves with `pickle_module=dill`; what dill pickles (here a
+    lambda in the run's arguments, which plain pickle cannot write) names `dill` functions,
+    so reading it needs dill installed (the `torch` extra pins it) and allow_pickle=True."""
+    import dill  # in the test and torch extras: a missing dill is a broken environment
+    path = tmp_path / "robustness_dill.ckpt"
+    torch.save({"model": robustness_state_dict(net), "epoch": 7,
+                "args": {"transform": lambda x: x, "eps": 4.0}}, path, pickle_module=dill)
+    with pytest.raises(weights.UnsafeCheckpointError):
+        weights.read_torch_checkpoint(path)
+    assert_same_state(weights.read_torch_checkpoint(path, allow_pickle=True), expected)
+
+    monkeypatch.setitem(sys.modules, "dill", None)  # as without the extra: dill not importable
+    monkeypatch.setitem(sys.modules, "dill._dill", None)
+    with pytest.raises(weights.CheckpointError, match="needs the Python module 'dill(._dill)?' to unpickle; install it"):
+        weights.read_torch_checkpoint(path, allow_pickle=True)
+
+
 # --- bad files ----------------------------------------------------------------------------------
 def _write(path, data):
     path.write_bytes(data)
