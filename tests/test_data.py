@@ -8,14 +8,12 @@ disk by the test itself.
 """
 import os
 import time
-from unittest import mock
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.testing import mocking
 
+from tfds_testlib import mocked_tfds, prepare_fake_tfds, split_infos
 from twins_tf import data
 
 TFDS_NAMES = [n for n, s in data.DATASETS.items() if s.source == data.TFDS]
@@ -70,57 +68,18 @@ def _np_fallback_window(height, width, ratio=(3 / 4, 4 / 3)):
 
 
 # --- tfds helpers ------------------------------------------------------------------------
-def _split_infos(sizes):
-    return [tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
-                                filename_template=None) for name, n in sizes.items()]
-
-
-def _prepare_fake_tfds(name, root, sizes):
-    """Writes the real dataset_info.json/features.json of `name` (features from tfds's code)."""
-    with tfds.testing.mock_data(data_dir=str(root)):
-        builder = tfds.builder(name, data_dir=str(root))
-        builder.info.set_splits(tfds.core.SplitDict(_split_infos(sizes)))
-        os.makedirs(builder.data_dir)
-        builder.info.write_to_directory(builder.data_dir)
-
-
-_original_random_obj = mocking.RandomFakeGenerator._generate_random_obj
-
-
-def _ordered_boxes(self, feature, tensor_info, rng):
-    """tfds's mock draws BBox corners independently (ymin > ymax happens) and then fails to
-    encode them; order each box's corners so datasets with boxes (Stanford Dogs) mock."""
-    value = _original_random_obj(self, feature, tensor_info, rng)
-    if isinstance(feature, tfds.features.BBoxFeature):
-        value = np.asarray(value)
-        low = np.minimum(value[..., :2], value[..., 2:])
-        high = np.maximum(value[..., :2], value[..., 2:])
-        value = np.concatenate([low, high], axis=-1).astype(value.dtype)
-    return value
-
-
 def _load_mocked(name, root, num_examples, **spec_overrides):
     """load_splits under mock_data, recording the split strings passed to as_dataset."""
-    calls = []
-    with mock.patch.object(mocking.RandomFakeGenerator, "_generate_random_obj",
-                           _ordered_boxes), \
-            tfds.testing.mock_data(num_examples=num_examples, data_dir=str(root)):
-        mocked_as_dataset = tfds.core.DatasetBuilder.as_dataset
-
-        def spy(self, split=None, **kwargs):
-            calls.append(split)
-            return mocked_as_dataset(self, split=split, **kwargs)
-
-        with mock.patch.object(tfds.core.DatasetBuilder, "as_dataset", spy):
-            spec = data.get_dataset_spec(name, **spec_overrides)
-            splits = data.load_splits(spec, tfds_data_dir=str(root))
-            batches = {
-                "train": list(data.make_pipeline(splits.train, spec, training=True,
-                                                 batch_size=4, seed=1).take(3)),
-                "test": list(data.make_pipeline(splits.test, spec, training=False,
-                                                batch_size=4)),
-                "raw_test": list(splits.test),
-            }
+    with mocked_tfds(root, num_examples) as calls:
+        spec = data.get_dataset_spec(name, **spec_overrides)
+        splits = data.load_splits(spec, tfds_data_dir=str(root))
+        batches = {
+            "train": list(data.make_pipeline(splits.train, spec, training=True,
+                                             batch_size=4, seed=1).take(3)),
+            "test": list(data.make_pipeline(splits.test, spec, training=False,
+                                            batch_size=4)),
+            "raw_test": list(splits.test),
+        }
     return spec, splits, batches, calls
 
 
@@ -143,7 +102,7 @@ def test_registry_matches_tfds_and_validation_never_touches_test(name, tmp_path)
 
     def rows(split):
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-            {k: s for k, s in zip(sizes, _split_infos(sizes))})
+            {k: s for k, s in zip(sizes, split_infos(sizes))})
         return {(i.splitname, r) for i in instructions
                 for r in range(i.from_ or 0, sizes[i.splitname] if i.to is None else i.to)}
 
@@ -184,7 +143,7 @@ def test_missing_tfds_data_fails_at_once_with_instructions(tmp_path):
 
 # --- tfds datasets through mock_data -----------------------------------------------------
 def test_cifar10_mocked(tmp_path):
-    _prepare_fake_tfds("cifar10", tmp_path, {"train": 50000, "test": 10000})
+    prepare_fake_tfds("cifar10", tmp_path, {"train": 50000, "test": 10000})
     spec, splits, batches, calls = _load_mocked("cifar10", tmp_path, num_examples=10)
     assert calls == ["train[:90%]", "train[90%:]", "test"]
     assert splits.num_classes == 10 and len(splits.class_names) == 10
@@ -204,7 +163,7 @@ def test_cifar10_mocked(tmp_path):
 
 
 def test_stanford_dogs_mocked(tmp_path):
-    _prepare_fake_tfds("stanford_dogs", tmp_path, {"train": 12000, "test": 8580})
+    prepare_fake_tfds("stanford_dogs", tmp_path, {"train": 12000, "test": 8580})
     spec, splits, batches, calls = _load_mocked("stanford_dogs", tmp_path, num_examples=6,
                                                 image_size=40)
     assert calls == ["train[:90%]", "train[90%:]", "test"]
@@ -550,8 +509,6 @@ def test_training_order_ignores_the_global_seed(global_seed):
     np.testing.assert_array_equal(got, expected)
     for epoch in (expected[:12], expected[12:]):
         assert sorted(epoch) == list(range(12))  # a permutation of the 12 examples per epoch
-        # shuffle window 5: the first 5 outputs come from the first 5 inputs, and so on
-        assert sorted(epoch[:5]) == list(range(5)) and sorted(epoch[5:10]) == list(range(5, 10))
     assert not np.array_equal(expected[:12], expected[12:])
 
 
@@ -560,7 +517,222 @@ def test_stateless_shuffle_of_variable_size_images():
     ds = tf.data.Dataset.from_generator(
         lambda: ((image, np.int32(image[0, 0, 0])) for image in images),
         output_signature=(tf.TensorSpec((None, 3, 3), tf.uint8), tf.TensorSpec((), tf.int32)))
-    out = list(data.stateless_shuffle(ds, seed=1, epoch=0, window=4))
-    assert sorted(int(y) for _, y in out) == [2, 3, 4, 5]
-    for image, label in out:
-        assert isinstance(image, tf.Tensor) and image.shape == (int(label), 3, 3)
+    orders = []
+    for window in (4, 3, 1):  # one pass, two passes, four passes
+        out = list(data.stateless_shuffle(ds, seed=1, epoch=0, num_examples=4, window=window))
+        orders.append([int(y) for _, y in out])
+        assert sorted(orders[-1]) == [2, 3, 4, 5]
+        for image, label in out:
+            assert isinstance(image, tf.Tensor) and image.shape == (int(label), 3, 3)
+    assert orders[0] == orders[1] == orders[2]  # the window sets memory, not the order
+
+
+# --- whole-split training order ------------------------------------------------------------
+CHI2_CRITICAL = {2: 13.816, 11: 31.264, 143: 194.7}  # chi-square quantiles at p = 0.999 (scipy)
+
+
+def _chi_square(observed, expected):
+    observed, expected = np.asarray(observed, float), np.asarray(expected, float)
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def _class_sorted(kind, per_class=200, classes=3, size=8):
+    """A split sorted by class (class 0 first, ...) as a dataset (tfds path) or `Rows`."""
+    labels = np.repeat(np.arange(classes, dtype=np.int32), per_class)
+    images = np.zeros((len(labels), size, size, 3), np.float32)
+    if kind == "rows":
+        return data.Rows(keys=images, labels=labels, paths=False)
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+@pytest.mark.parametrize("kind", ["dataset", "rows"])
+def test_first_batches_of_a_class_sorted_split_mix_all_classes(kind):
+    """The first 3 batches of every epoch hold each of 3 classes about equally often (chi-square
+    against uniform), although the shuffle window (64) is far smaller than the split (600): a
+    windowed shuffle starts every epoch with class 0 only."""
+    spec = data.get_dataset_spec("digits", image_size=8)
+    pipeline = data.make_pipeline(_class_sorted(kind), spec, training=True, batch_size=30,
+                                  seed=2, shuffle_buffer=64)
+    batches = [y.numpy() for _, y in pipeline.take(60)]  # 3 epochs of 20 batches
+    for epoch in range(3):
+        first = np.concatenate(batches[20 * epoch:20 * epoch + 3])
+        assert len(set(batches[20 * epoch])) == 3
+        counts = np.bincount(first, minlength=3)
+        assert _chi_square(counts, [30, 30, 30]) < CHI2_CRITICAL[2], counts
+        whole = np.concatenate(batches[20 * epoch:20 * epoch + 20])
+        assert np.array_equal(np.bincount(whole), [200, 200, 200])  # every example once
+
+
+def test_epoch_order_is_uniform_over_the_whole_split():
+    """Over 1,200 epochs each of 12 elements lands in each of the 12 places about 100 times
+    (chi-square, 143 degrees of freedom); a shuffle window of 5 would keep element 0 in the
+    first 5 places.  The dataset path (3 passes of window 5) and the Rows path give these
+    orders."""
+    n, epochs, window = 12, 1200, 5
+    orders = np.stack([data.epoch_permutation(9, e, n).numpy() for e in range(epochs)])
+    images = np.zeros((n, 2, 2, 3), np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32)))
+    rows = data.Rows(keys=images, labels=np.arange(n, dtype=np.int32), paths=False)
+    streamed = tf.data.Dataset.range(4).flat_map(
+        lambda e: data.stateless_shuffle(ds, 9, e, n, window))
+    gathered = tf.data.Dataset.range(4).flat_map(
+        lambda e: rows.dataset(order=data.epoch_permutation(9, e, n)))
+    for got in (streamed, gathered):
+        np.testing.assert_array_equal(np.array([int(y) for _, y in got]), orders[:4].ravel())
+    counts = np.zeros((n, n))
+    for order in orders:
+        assert sorted(order) == list(range(n))
+        counts[order, np.arange(n)] += 1  # counts[element, place]
+    statistic = _chi_square(counts[:, :-1], np.full((n, n - 1), epochs / n))
+    assert statistic < CHI2_CRITICAL[143], statistic
+    assert counts[0, window:].sum() > 0.5 * epochs  # element 0 mostly beyond the first window
+
+
+def test_folder_training_order_mixes_classes_and_resumes(tmp_path):
+    """A folder split (class after class on disk) trains in a whole-split permutation of its
+    file paths, equal on resume (start_epoch) to the uninterrupted stream."""
+    _write_class_images(tmp_path / "train", 20)
+    _write_class_images(tmp_path / "test", 2, start=100)
+    spec = data.get_dataset_spec("folder", image_size=8)
+    splits = data.load_splits(spec, data_dir=str(tmp_path), validation="none")
+    assert isinstance(splits.source("train"), data.Rows)
+
+    def stream(start_epoch, batches):
+        pipeline = data.make_pipeline(splits.source("train"), spec, training=True,
+                                      batch_size=6, seed=4, start_epoch=start_epoch,
+                                      shuffle_buffer=5)
+        return [(x.numpy(), y.numpy()) for x, y in pipeline.take(batches)]
+
+    run = stream(0, 20)  # 2 epochs of 10 batches
+    assert all(len(set(y)) >= 2 for _, y in run[:1] + run[10:11])
+    for x, y in run:
+        greys = np.array(sorted(CLASS_GREY.values()))[y] / 255.0
+        np.testing.assert_allclose(x[:, 4, 4, 0], greys, atol=1e-5)  # labels follow images
+    for (x, y), (rx, ry) in zip(run[10:], stream(1, 10)):
+        np.testing.assert_array_equal(y, ry)
+        np.testing.assert_array_equal(x, rx)
+
+
+# --- class-stratified subsets --------------------------------------------------------------
+def test_stratified_indices_follow_the_class_shares():
+    labels = np.repeat([3, 0, 1, 2], [100, 50, 25, 25])  # 200 examples, sorted by class
+    chosen = data.stratified_indices(labels, 40)
+    np.testing.assert_array_equal(np.bincount(labels[chosen]), [10, 5, 5, 20])  # 40 * shares
+    assert len(set(chosen)) == 40 and np.all(np.diff(chosen) > 0)
+    np.testing.assert_array_equal(chosen, data.stratified_indices(labels, 40))  # seeded
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        labels = rng.integers(0, 7, rng.integers(30, 300))
+        count = int(rng.integers(1, len(labels)))
+        chosen = data.stratified_indices(labels, count)
+        assert len(set(chosen)) == count
+        sizes = np.bincount(labels, minlength=7)
+        got = np.bincount(labels[chosen], minlength=7)
+        assert np.all(np.abs(got - count * sizes / len(labels)) < 1), (got, sizes, count)
+    np.testing.assert_array_equal(data.stratified_indices(labels, 10_000),
+                                  np.arange(len(labels)))
+
+
+@pytest.mark.parametrize("kind", ["dataset", "rows"])
+def test_stratified_subset_of_a_class_sorted_split(kind):
+    subset = data.stratified_subset(_class_sorted(kind, per_class=20), 9)
+    labels = (subset.labels if kind == "rows" else
+              np.array([int(label) for _, label in subset]))
+    np.testing.assert_array_equal(np.bincount(labels), [3, 3, 3])  # not the first 9 (class 0)
+    if kind == "dataset":
+        assert int(subset.cardinality()) == 9
+    assert data.stratified_subset(_class_sorted(kind), None) is not None
+
+
+# --- validation protocols ------------------------------------------------------------------
+def test_validation_none_trains_on_the_whole_official_train_split(tmp_path):
+    _write_class_images(tmp_path / "train", 10)
+    _write_class_images(tmp_path / "test", 4, start=100)
+    carve = data.load_splits("folder", data_dir=str(tmp_path))
+    none = data.load_splits("folder", data_dir=str(tmp_path), validation="none")
+    assert none.validation is None and none.num_examples == {"train": 30, "validation": 0,
+                                                             "test": 12}
+    assert _identities(none.train) == _identities(carve.train) | _identities(carve.validation)
+    assert _identities(none.test) == _identities(carve.test)
+    with pytest.raises(ValueError, match="without a validation split"):
+        none.source("validation")
+    digits = data.load_splits("digits_0_4", validation="none")
+    carved = data.load_splits("digits_0_4")
+    assert digits.num_examples["train"] == carved.num_examples["train"] + carved.num_examples[
+        "validation"] and digits.num_examples["test"] == carved.num_examples["test"]
+    with pytest.raises(ValueError, match="choose one of carve, none"):
+        data.load_splits("digits", validation="test")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "oxford_flowers102"])
+def test_validation_none_reads_the_official_tfds_train_split(name, tmp_path):
+    prepare_fake_tfds(name, tmp_path, {"train": 1000, "validation": 100, "test": 500})
+    with mocked_tfds(tmp_path, num_examples=7) as calls:
+        splits = data.load_splits(name, tfds_data_dir=str(tmp_path), validation="none")
+        official = len(list(tfds.builder(name, data_dir=str(tmp_path)).as_dataset("train")))
+    assert calls == ["train", "test", "train"]
+    assert splits.validation is None and splits.num_examples["validation"] == 0
+    assert splits.num_examples["train"] == official == 7
+
+
+# --- unreadable folder images --------------------------------------------------------------
+def _image_files(folder):
+    """Good and bad image files; returns {name: decodes with tf.io.decode_image}."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
+    png, jpeg = tf.io.encode_png(image).numpy(), tf.io.encode_jpeg(image).numpy()
+    files = {"good.png": png, "good.jpg": jpeg, "png_named.jpg": png,
+             "truncated.png": png[:len(png) // 2], "truncated.jpg": jpeg[:len(jpeg) - 40],
+             "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+             "text.png": b"not an image at all", "empty.jpeg": b""}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    Image.fromarray(image).save(folder / "good.gif")
+    Image.fromarray(image).save(folder / "good.bmp")
+    (folder / "truncated.gif").write_bytes((folder / "good.gif").read_bytes()[:60])
+    decodes = {}
+    for path in sorted(folder.iterdir()):
+        try:
+            tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+            decodes[path.name] = True
+        except tf.errors.InvalidArgumentError:
+            decodes[path.name] = False
+    return decodes
+
+
+def test_find_bad_images_agrees_with_a_full_decode(tmp_path):
+    decodes = _image_files(tmp_path)
+    assert sum(decodes.values()) == 5 and len(decodes) == 11  # the reference sees 6 bad ones
+    bad = data.find_bad_images([str(tmp_path / name) for name in sorted(decodes)])
+    assert sorted(os.path.basename(p) for p in bad) == sorted(
+        n for n, ok in decodes.items() if not ok)
+    assert data.find_bad_images([str(tmp_path / "missing.png")]) == [str(tmp_path / "missing.png")]
+
+
+def test_bad_folder_images_are_listed_or_skipped(tmp_path, caplog):
+    _write_class_images(tmp_path / "train", 4)
+    _write_class_images(tmp_path / "test", 2, start=100)
+    for k in range(12):
+        (tmp_path / "train" / "dog" / f"bad{k:02d}.jpg").write_bytes(b"\xff\xd8\xffnope")
+    (tmp_path / "test" / "emu" / "cut.png").write_bytes(
+        (tmp_path / "test" / "emu" / "100.png").read_bytes()[:30])
+    with pytest.raises(data.BadImagesError) as raised:
+        data.load_splits("folder", data_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"13 image file(s) under {tmp_path} ")
+    # The first 10 in path order: test/emu/cut.png, then train/dog/bad00.jpg ... bad08.jpg.
+    assert str(tmp_path / "test" / "emu" / "cut.png") in message
+    assert all(str(tmp_path / "train" / "dog" / f"bad{k:02d}.jpg") in message for k in range(9))
+    assert "bad09.jpg" not in message and message.endswith(
+        "; delete or replace them, or pass --skip_bad_images to leave them out.")
+    with caplog.at_level("WARNING"):
+        splits = data.load_splits("folder", data_dir=str(tmp_path), skip_bad_images=True)
+    assert "Skipped 13 image file(s)" in caplog.text
+    assert splits.num_examples["train"] + splits.num_examples["validation"] == 12
+    assert splits.num_examples["test"] == 6
+    for path in (tmp_path / "train" / "cat").glob("*.png"):
+        path.write_bytes(b"no longer a PNG")
+    with pytest.raises(data.BadImagesError, match="hold no good image"):
+        data.load_splits("folder", data_dir=str(tmp_path), skip_bad_images=True)

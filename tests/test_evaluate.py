@@ -26,9 +26,12 @@ def source(tmp_path_factory):
 
 def _test_examples(config, count):
     spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
-    test = data_lib.load_splits(spec).test.take(count)
+    test = data_lib.load_splits(spec).test
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in test])
-    return np.stack(images), np.array(labels)
+    # --max_examples takes a class-stratified subset (tested in test_data.py), in split order
+    rows = data_lib.stratified_indices(np.array(labels), count)
+    return np.stack(images)[rows], np.array(labels)[rows]
+
 
 
 def _reference_accuracies(model, images, labels, eps, step, steps):

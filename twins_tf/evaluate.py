@@ -29,7 +29,8 @@ what they find is printed and kept in the report's "checks".
 
 Results go to a printed table and a JSON report (`--output`, by default
 `model_dir/evaluation_<split>.json`).  The split is the test split or the validation split
-carved from train (`--split`); `--max_examples` evaluates the first N examples only.
+carved from train (`--split`); `--max_examples` evaluates N examples only, a class-stratified
+subset seeded by the split seed.
 """
 import json
 import os
@@ -83,7 +84,11 @@ def define_flags(flag_values):
                       flag_values=flag_values)
     names.append("autoattack_version")
     define("integer", "batch_size", 128, "Evaluation batch size.")
-    define("integer", "max_examples", None, "Evaluate only the first N examples of the split.")
+    define("integer", "max_examples", None,
+           "Evaluate only N examples of the split, stratified by class (seeded).")
+    define("bool", "skip_bad_images", None,
+           "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (count logged) "
+           "instead of stopping (default: the run's, else false).")
     define("integer", "seed", 0, "Seed of random starts and AutoAttack.")
     define("string", "output", None, "JSON report path (default: "
            "model_dir/evaluation_<split>.json; none without --model_dir).")
@@ -137,7 +142,7 @@ def resolve(settings):
         config = run_config.read_config(s["model_dir"])
         s["weights"] = s.get("weights") or os.path.join(s["model_dir"], run_config.BEST_WEIGHTS)
         for key in ("arch", "dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
-                    "train_per_class", "attack_eps", "attack_step"):
+                    "train_per_class", "skip_bad_images", "attack_eps", "attack_step"):
             if s.get(key) is None:
                 s[key] = config.get(key)
         if s.get("output") is None:
@@ -204,17 +209,19 @@ def load_examples(settings):
     try:
         splits = data_lib.load_splits(spec, data_dir=s.get("data_dir"),
                                       tfds_data_dir=s.get("tfds_data_dir"),
-                                      train_per_class=s.get("train_per_class"))
+                                      train_per_class=s.get("train_per_class"),
+                                      skip_bad_images=bool(s.get("skip_bad_images")))
     except (ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from None
     if s["num_classes"] is not None and s["num_classes"] != splits.num_classes:
         raise SetupError(f"the model has {s['num_classes']} classes but {spec.name} has "
                          f"{splits.num_classes}.")
     s["num_classes"] = splits.num_classes
-    split = splits.split(s["split"])
+    split = splits.source(s["split"])
     count = splits.num_examples[s["split"]]
-    if s.get("max_examples"):
-        split, count = split.take(s["max_examples"]), min(count, s["max_examples"])
+    if s.get("max_examples"):  # a class-stratified subset, not the first (sorted) classes
+        split, count = (data_lib.stratified_subset(split, s["max_examples"]),
+                        min(count, s["max_examples"]))
     batches = data_lib.make_pipeline(split, spec, training=False, batch_size=s["batch_size"])
     return batches, count
 

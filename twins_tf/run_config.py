@@ -133,9 +133,14 @@ def define_flags(flag_values, binary):
            "For a folder of class folders without train/ and test/: training images per class "
            "(seeded split; caltech256 uses 60).", "data")
     define("integer", "max_train_examples", None,
-           "Use only the first N training examples (quick runs and tests).", "data")
+           "Use only N training examples, a class-stratified subset seeded by the split seed "
+           "(quick runs and tests).", "data")
     define("integer", "max_validation_examples", None,
-           "Use only the first N validation examples (quick runs and tests).", "data")
+           "Use only N validation examples, stratified by class like --max_train_examples.",
+           "data")
+    define("bool", "skip_bad_images", False,
+           "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (their count is "
+           "logged) instead of stopping before anything is written.", "data")
     # model
     define("string", "arch", defaults["arch"],
            "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".", "model")

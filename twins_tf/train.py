@@ -95,7 +95,8 @@ def prepare(settings):
     try:
         splits = data_lib.load_splits(spec, data_dir=s["data_dir"],
                                       tfds_data_dir=s["tfds_data_dir"],
-                                      train_per_class=s["train_per_class"])
+                                      train_per_class=s["train_per_class"],
+                                      skip_bad_images=s.get("skip_bad_images", False))
         s["num_classes"] = int(splits.num_classes)
         train_examples = _limited(splits.num_examples["train"], s["max_train_examples"])
         steps = data_lib.steps_per_epoch(train_examples, s["batch_size"])
@@ -215,12 +216,10 @@ def pipelines(prepared, start_epoch):
     from twins_tf import data as data_lib
 
     s, splits = prepared.settings, prepared.splits
-    train = splits.train
-    if s["max_train_examples"]:
-        train = train.take(s["max_train_examples"])
-    validation = splits.validation
-    if s["max_validation_examples"]:
-        validation = validation.take(s["max_validation_examples"])
+    # --max_*: class-stratified subsets (seeded by the split seed), not the first N examples.
+    train = data_lib.stratified_subset(splits.source("train"), s["max_train_examples"])
+    validation = data_lib.stratified_subset(splits.source("validation"),
+                                            s["max_validation_examples"])
     train_ds = data_lib.make_pipeline(train, prepared.spec, training=True,
                                       batch_size=s["batch_size"], seed=s["seed"],
                                       start_epoch=start_epoch)
