@@ -140,6 +140,26 @@ def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
         evaluate.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
 
 
+@pytest.mark.slow
+def test_the_binary_prints_each_sub_attack_at_the_full_budget(source, tmp_path):
+    """`python -m twins_tf.evaluate --attacks=autoattack`, standard budget, 10 examples."""
+    from binaries_testlib import run_binary
+
+    output = tmp_path / "aa.json"
+    result = run_binary("evaluate", [
+        f"--weights={source / 'best.weights.h5'}", "--arch=resnet18", "--dataset=digits_0_4",
+        "--image_size=16", "--attacks=autoattack", "--max_examples=10", "--batch_size=10",
+        f"--output={output}"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    aa = json.loads(output.read_text())["results"]["autoattack"]
+    assert aa["budget"] == dict(apgd_steps=100, fab_steps=100, square_queries=5000, eot_iter=20)
+    assert (aa["examples"], aa["n_target_classes"], aa["version"]) == (10, 4, "standard")
+    for name, accuracy in aa["after_each_attack"].items():
+        seconds = aa["seconds_each_attack"][name]
+        assert f"  after {name:<16}{100 * accuracy:>9.2f}%{seconds:>10.1f} s" in result.stdout
+    assert "standard version, 4 target classes, seed 0" in result.stdout
+
+
 def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_path,
                                                                   monkeypatch):
     import keras
