@@ -127,6 +127,7 @@ def compare(bed, x, y, norm, budget):
             official_s = time.perf_counter() - start
         results[name] = dict(ours=ours, official=official, ours_s=ours_s,
                              official_s=official_s)
+        print(report({name: results[name]}), flush=True)  # long runs: one line per attack
     start = time.perf_counter()
     x_adv, broken_by = ours_aa.perturb(model, x, y)
     ours_s = time.perf_counter() - start
@@ -140,12 +141,13 @@ def compare(bed, x, y, norm, budget):
         official = torch_robust(module, x_adv_official, y)
     results["cascade"] = dict(ours=ours, official=official, ours_s=ours_s,
                               official_s=official_s)
+    print(report({"cascade": results["cascade"]}), flush=True)
     return results
 
 
-def report(results, norm, n):
-    lines = [f"{norm}, {n} examples: attack, robust accuracy ours / official, mask agreement, "
-             "seconds ours / official"]
+def report(results):
+    """attack: robust accuracy ours / official, mask agreement, seconds ours / official."""
+    lines = []
     for name, r in results.items():
         lines.append(f"  {name}: {r['ours'].mean():.2%} / {r['official'].mean():.2%}, "
                      f"{np.mean(r['ours'] == r['official']):.2%}, "
@@ -176,8 +178,9 @@ def test_reduced_budget_matches_official(norm):
     """About a minute for L-inf (both sides); L2 takes as long again, so it is slow."""
     bed = tb.robust_digits()
     x, y = bed.x_test[:REDUCED_EXAMPLES], bed.y_test[:REDUCED_EXAMPLES]
+    print(f"\n{norm}, {len(x)} examples, {REDUCED}: attack, robust accuracy ours / official, "
+          "mask agreement, seconds ours / official")
     results = compare(bed, x, y, norm, REDUCED)
-    print(report(results, norm, len(x)))
     # 200 examples: one point is two examples; the masks must still agree on 97 %
     assert_agree(results, accuracy_points=2.0, agreement=0.97)
 
@@ -188,8 +191,9 @@ def test_standard_budget_matches_official(norm):
     bed = tb.robust_digits(num_train=STANDARD_TRAIN)
     x, y = bed.x_test, bed.y_test
     assert len(x) >= 500
+    print(f"\n{norm}, {len(x)} examples, {STANDARD}: attack, robust accuracy ours / official, "
+          "mask agreement, seconds ours / official")
     results = compare(bed, x, y, norm, STANDARD)
-    print(report(results, norm, len(x)))
     assert_agree(results, accuracy_points=1.0, agreement=0.97)
 
 
