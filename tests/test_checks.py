@@ -53,7 +53,7 @@ class Counting(keras.Model):
         return self.inner(x, training=training)
 
 
-class TestTimeAdapted(keras.Model):
+class AdaptsAtTestTime(keras.Model):
     """Dynamic: one gradient step on its own entropy-like loss inside the forward."""
 
     def __init__(self, inner):
@@ -119,7 +119,7 @@ def test_zero_gradients(net):
 def test_dynamic_models(net):
     model, x, _ = net
     assert "variable writes" in checks.check_dynamic(_built(Counting(model), x), x)
-    assert "gradient computation" in checks.check_dynamic(_built(TestTimeAdapted(model), x), x)
+    assert "gradient computation" in checks.check_dynamic(_built(AdaptsAtTestTime(model), x), x)
     assert checks.check_dynamic(model, x) is None
     with_bn = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3),
                                 keras.layers.BatchNormalization(), keras.layers.Flatten()])
