@@ -12,8 +12,11 @@ Random search on the margin loss m(x) = z_y(x) - max_{k != y} z_k(x), per exampl
     L2 norm eps; clipped to [0, 1].  That start costs one query;
   * iteration i: side s = round(sqrt(p_i * h * w)) (L2: at least 3 and odd) at a uniformly
     random position (drawn per example, as in the paper);
-      L-inf: the window is set to x + eps * sign, one random sign per channel, redrawn (up to
-        ten times) while it would leave the image unchanged;
+      L-inf: the window is set to x + eps * sign, one random sign per channel (AutoAttack's
+        Square, fra31/auto-attack, draws it once; the original square-attack code redraws
+        while the window would not change, which makes the search stronger than AutoAttack's
+        by ~5 points of robust accuracy after 5000 queries on the tests' digits model, so we
+        follow AutoAttack);
       L2: the perturbation's mass in the window and in a second random window is moved into a
         fresh signed bump in the first window, then the whole perturbation is rescaled to
         norm eps;
@@ -35,7 +38,6 @@ from twins_tf.attacks import _lp
 # (last iteration of the phase, divisor of p_init) of the paper's schedule (10,000 iterations)
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
              (6000, 128), (8000, 256))
-_MAX_SIGN_DRAWS = 10
 
 
 def p_schedule(iteration, p_init, n_queries, rescale=False):
@@ -268,24 +270,12 @@ class Square:
     def _linf_candidate(self, x, x_best, side, seed):
         n = tf.shape(x)[0]
         height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-        seeds = tf.random.experimental.stateless_split(seed, 1 + _MAX_SIGN_DRAWS)
+        seeds = tf.random.experimental.stateless_split(seed, 2)
         top, left = self._positions(n, height, width, side, seeds[0])
         window = _window_mask(height, width, top, left, side)
         upper = tf.clip_by_value(x + self.epsilon, 0.0, 1.0)
         lower = tf.clip_by_value(x - self.epsilon, 0.0, 1.0)
-
-        def window_all(target):  # (n, channels): the channel's window already equals target
-            same = tf.logical_or(~window, tf.abs(x_best - target) < 1e-7)
-            return tf.reduce_all(same, axis=[1, 2])
-
-        all_upper, all_lower = window_all(upper), window_all(lower)
-        # redraw the signs of the examples whose window would not change (the paper's code)
-        signs = self._signs([n, channels], seeds[1])
-        for draw in range(1, _MAX_SIGN_DRAWS):
-            unchanged = tf.reduce_all(tf.where(signs > 0, all_upper, all_lower), axis=1)
-            fresh = self._signs([n, channels], seeds[1 + draw])
-            signs = tf.where(unchanged[:, None], fresh, signs)
-        signs = signs[:, None, None, :]
+        signs = self._signs([n, 1, 1, channels], seeds[1])
         return tf.where(window, tf.where(signs > 0, upper, lower), x_best)
 
     def _l2_candidate(self, x, x_best, side, pattern, seed):
