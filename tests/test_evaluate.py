@@ -234,3 +234,46 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
                                                  f"--output={tmp_path / 'again.json'}"]),
                               log=lambda _: None, progress=False)
     assert again["results"]["autoattack"]["after_each_attack"] == aa["after_each_attack"]
+
+
+def _copy_of_run(source, model_dir, **config_changes):
+    import shutil
+
+    model_dir.mkdir()
+    shutil.copy(source / run_config.BEST_WEIGHTS, model_dir / run_config.BEST_WEIGHTS)
+    config = json.loads((source / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return model_dir
+
+
+def test_weights_holding_a_nan_are_refused(source, tmp_path):
+    import h5py
+
+    model_dir = _copy_of_run(source, tmp_path / "diverged")
+    with h5py.File(model_dir / run_config.BEST_WEIGHTS, "r+") as f:
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj)
+                     if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        poisoned = kernels[3][()]
+        poisoned.flat[0] = np.nan
+        kernels[3][...] = poisoned
+    with pytest.raises(SetupError, match=r"--weights: .*diverged/best.weights.h5 holds "
+                       r"non-finite weights \(first: \S+/kernel\): the training that wrote it "
+                       "diverged") as error:
+        evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
+    assert "\n" not in str(error.value)
+    assert not list(model_dir.glob("evaluation_*"))
+
+
+def test_a_data_path_of_the_run_that_is_gone_names_config_json_and_the_flag(source, tmp_path):
+    gone = tmp_path / "moved_away"
+    model_dir = _copy_of_run(source, tmp_path / "run", tfds_data_dir=str(gone))
+    with pytest.raises(SetupError, match=(
+            rf"tfds_data_dir={gone} \(from the run's {model_dir}/config.json\) does not exist: "
+            r"pass --tfds_data_dir= to say where the data is now")):
+        evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
+    # the flag overrides the run's path
+    report = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={model_dir}", "--attacks=clean", "--max_examples=8",
+        f"--tfds_data_dir={tmp_path}"]), log=lambda *_: None)
+    assert report["results"]["clean"]["examples"] == 8

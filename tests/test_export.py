@@ -144,3 +144,17 @@ def test_export_binary_errors(tmp_path):
     with pytest.raises(SystemExit, match="lacks num_classes, image_size, upsample, twin"):
         export.main(["export"], _flag_values(f"--model_dir={run}",
                                              f"--output={tmp_path / 'd'}"))
+
+
+def test_export_refuses_weights_holding_a_nan(tmp_path):
+    model = build_resnet("resnet18", 3, twin=True, input_shape=(16, 16, 3))
+    layer = [l for l in twin_layers(model)][2]
+    layer.frozen_variance.assign(np.full(layer.frozen_variance.shape, np.inf, "float32"))
+    run = str(tmp_path / "run")
+    _write_run(run, model, RUN_SETTINGS)
+    with pytest.raises(SystemExit, match=(
+            r"error: \S+/best.weights.h5 holds non-finite weights \(first: "
+            rf"\S*{layer.name}/frozen_variance\): the training that wrote it diverged")):
+        export.main(["export"], _flag_values(f"--model_dir={run}",
+                                             f"--output={tmp_path / 'out'}"))
+    assert not os.path.exists(tmp_path / "out")

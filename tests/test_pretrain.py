@@ -32,7 +32,10 @@ def test_writes_the_model_dir_contract(source):
         assert (source / name).is_file(), name
     assert list((source / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert list((source / "tensorboard" / "validation").glob("events.out.tfevents.*"))
-    assert not (source / "backup").exists()  # removed once the run has finished
+    # kept (to extend the run with a higher --epochs), without the previous epoch's copy
+    assert sorted(p.name for p in (source / "backup").iterdir()) == [
+        "latest.weights.h5", "training_metadata.json"]
+    assert json.loads((source / "backup" / "training_metadata.json").read_text())["epoch"] == 2
 
     config = json.loads((source / "config.json").read_text())
     assert config["binary"] == "pretrain"

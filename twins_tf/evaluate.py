@@ -147,6 +147,15 @@ def resolve(settings):
                 s[key] = config.get(key)
         if s.get("output") is None:
             s["output"] = os.path.join(s["model_dir"], f"{REPORT_PREFIX}{s['split']}.json")
+        for key in ("data_dir", "tfds_data_dir"):
+            if (settings.get(key) is None and s.get(key) is not None
+                    and not os.path.exists(s[key])):
+                raise SetupError(f"{key}={s[key]} (from the run's "
+                                 f"{os.path.join(s['model_dir'], run_config.CONFIG_FILE)}) "
+                                 f"does not exist: pass --{key}= to say where the data is now.")
+        if s["split"] == "validation" and config.get("validation") == "none":
+            raise SetupError("the run trained on the whole train split (--validation=none), so "
+                             "it has no held-out validation split: use --split=test.")
     for key, example in (("weights", "--weights=model.weights.h5"),
                          ("arch", "--arch=resnet50"), ("dataset", "--dataset=cifar10")):
         if not s.get(key):
@@ -185,7 +194,7 @@ def load_model(settings):
     Raises:
       SetupError: the weights file is corrupt or of another architecture or head size.
     """
-    from twins_tf import weights
+    from twins_tf import run_callbacks, weights
     from twins_tf.models.resnet import build_resnet
 
     s = settings
@@ -194,7 +203,8 @@ def load_model(settings):
                          upsample=s["upsample"])
     try:
         weights.load_pretrained(model, s["weights"], head=True)
-    except (FileNotFoundError, weights.CheckpointError) as error:
+        run_callbacks.check_finite_weights(model, s["weights"])
+    except (FileNotFoundError, weights.CheckpointError, ValueError) as error:
         raise SetupError(f"--weights: {error}") from None
     return model
 

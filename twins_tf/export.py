@@ -94,9 +94,10 @@ def export_run(model_dir, output_dir, *, weights=None):
 
     Raises:
       FileNotFoundError: no config.json or no weights file.
-      ValueError: the config lacks a key the model needs, or the weights do not fit.
+      ValueError: the config lacks a key the model needs, or the weights do not fit or hold
+        a NaN or infinity.
     """
-    from twins_tf import run_config
+    from twins_tf import run_callbacks, run_config
     from twins_tf.models import build_resnet
 
     try:
@@ -121,6 +122,7 @@ def export_run(model_dir, output_dir, *, weights=None):
         raise ValueError(f"{weights} does not fit the run's {config['arch']} "
                          f"({'twin' if config['twin'] else 'plain'} BN, "
                          f"{config['num_classes']} classes): {error}") from None
+    run_callbacks.check_finite_weights(model, weights)
     export_saved_model(model, output_dir, image_size=size)
     return config
 

@@ -9,8 +9,9 @@ domain you need exists (and what the embedded demo does).  It is `python -m twin
 with plain BatchNorm, no `--pretrained`, and from-scratch defaults: method `at` (also `trades`,
 or `clean` for a non-robust baseline), arch resnet18, 100 epochs, lr 0.1 decayed x0.1 at
 epochs 50 and 75, weight decay 5e-4, PGD-10 at 8/255 with step 2/255.  Every flag of
-`train` but `--pretrained`, `--lambda_twins` and `--l2sp_alpha` applies, with the same
-model_dir contract and resumption (see twins_tf.run_config).
+`train` but `--pretrained`, `--allow_random_init`, `--lambda_twins` and `--l2sp_alpha`
+applies, with the same model_dir contract, resumption, extension by a higher `--epochs`,
+`--validation` protocols and divergence check (see twins_tf.train and twins_tf.run_config).
 
 `model_dir/best.weights.h5` (best validation PGD accuracy) and `last.weights.h5` are
 `model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through

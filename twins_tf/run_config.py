@@ -13,19 +13,26 @@ before anything runs, and owns the files a run keeps in `--model_dir`:
     metrics.csv           one row of training and validation metrics per epoch
     summary.json          written when the run finishes
     tensorboard/          TensorBoard logs
-    backup/               Keras BackupAndRestore state (deleted when the run finishes)
+    backup/               Keras BackupAndRestore state (`double_checkpoint`: the latest and
+                          the previous epoch's), kept after the run finishes so that it can
+                          be extended
 
 A second start with the same settings resumes from `backup/`; a model_dir that holds a run
 with *different* settings is refused with the differing keys, so nothing is overwritten.
 Settings that only say where things are or how to execute (data locations, strategy, XLA)
-may change between restarts; everything that changes the numbers may not.
+may change between restarts; everything that changes the numbers may not, except `--epochs`,
+which may be raised to extend a run (the learning-rate schedule, `--lr_decay_epochs`, must stay
+the same: the epochs already trained followed it).  Paths in config.json are absolute, so
+`evaluate` and `export` find them from any working directory.
 
 The flags are defined on a `FlagValues` passed in, so tests can parse argument lists without
 touching the global `absl.flags.FLAGS` (and `train` and `pretrain` can live in one process).
 """
 import fractions
 import json
+import math
 import os
+import shutil
 
 from absl import flags
 
@@ -45,7 +52,15 @@ MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 # Keys that may differ between a run and its resumption: where data lives, how to execute.
 LOCATION_KEYS = ("model_dir", "data_dir", "tfds_data_dir")
 EXECUTION_KEYS = ("strategy", "tpu_address", "jit_compile", "deterministic")
-UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS
+# `epochs` may be raised to extend a run; check_model_dir compares it on its own.
+UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
+# Settings holding paths, stored absolute in config.json.
+PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
+VALIDATION_CHOICES = ("carve", "none")
+# Settings newer than some config.json files, with the value such runs had.
+_ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False}
+# What best.json records as the selection rule of a --validation=none run.
+FINAL_EPOCH_SELECTION = "final epoch (--validation=none)"
 
 CONFIG_FILE = "config.json"
 BEST_WEIGHTS = "best.weights.h5"
@@ -141,6 +156,11 @@ def define_flags(flag_values, binary):
     define("bool", "skip_bad_images", False,
            "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (their count is "
            "logged) instead of stopping before anything is written.", "data")
+    define("enum", "validation", "carve",
+           "carve: hold out part of the training data (or use the official validation split) "
+           "to select the best epoch; none: train on the whole official train split and keep "
+           "the final epoch (the protocol of the published numbers).", "data",
+           enum_values=list(VALIDATION_CHOICES))
     # model
     define("string", "arch", defaults["arch"],
            "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".", "model")
@@ -148,6 +168,9 @@ def define_flags(flag_values, binary):
         define("string", "pretrained", None,
                "Robust pre-trained weights (.weights.h5 from `python -m twins_tf.convert` or "
                "`python -m twins_tf.pretrain`); the head is always fresh.", "model")
+        define("bool", "allow_random_init", False,
+               "Let a twin method (twins_at, twins_trades) start without --pretrained, from "
+               "random weights (its Frozen wing then normalises with 0/1 statistics).", "model")
     # method
     methods = PRETRAIN_METHODS if binary == PRETRAIN else tuple(methods_lib.METHODS)
     define("string", "method", defaults["method"],
@@ -269,11 +292,17 @@ def check_settings(settings):
     _require(all(e >= 1 for e in decay) and decay == sorted(set(decay)),
              "--lr_decay_epochs must be increasing positive epoch numbers, e.g. 30,50.")
     s["lr_decay_epochs"] = decay
-    if s.get("pretrained"):
-        s["pretrained"] = os.path.abspath(s["pretrained"])  # config.json names the file used
+    if s["twin"] and not s.get("pretrained") and not s.get("allow_random_init"):
+        raise SetupError(f"--method={s['method']} fine-tunes a pre-trained model but no "
+                         "--pretrained was given: its Frozen wing would normalise with the 0/1 "
+                         "statistics of random init, which defeats TWINS; pass --pretrained=... "
+                         "or --allow_random_init if you mean it.")
     if not s.get("model_dir"):
         raise SetupError("--model_dir is required: the run writes its config, weights, "
                          "metrics and backup there.")
+    for key in PATH_KEYS:  # config.json names the files used, from wherever it is read
+        if s.get(key):
+            s[key] = os.path.abspath(os.path.expanduser(s[key]))
     if s["strategy"] == "tpu" and s["jit_compile"] == "false":
         raise SetupError("--strategy=tpu always compiles with XLA; drop --jit_compile=false.")
     return s
@@ -322,12 +351,14 @@ def check_model_dir(model_dir, settings):
     """Decides what a run may do with `model_dir`, before anything is written.
 
     Returns:
-      "new" (nothing of a run there), "resume" (a run with the same settings, unfinished) or
+      "new" (nothing of a run there), "resume" (a run with the same settings, unfinished, or
+      finished with fewer `epochs` than asked for now: it is extended from its backup) or
       "finished" (a run with the same settings that has completed).
 
     Raises:
       SetupError: the model_dir holds a run with different settings (listing the keys and
-        both values), or run files without a config.json.
+        both values), or run files without a config.json, or fewer `--epochs` than it has
+        trained, or a finished run to extend whose backup is gone.
     """
     config_path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(config_path):
@@ -336,41 +367,166 @@ def check_model_dir(model_dir, settings):
             raise SetupError(f"--model_dir={model_dir} holds {', '.join(leftovers)} but no "
                              f"{CONFIG_FILE}; refusing to overwrite it: use a new --model_dir.")
         return "new"
-    stored = read_config(model_dir)
+    # settings added since earlier runs were written: their values in those runs
+    added = {k: v for k, v in _ADDED_SETTINGS.items() if k in settings}
+    stored = {**added, **read_config(model_dir)}
     differing = differing_keys(stored, settings)
     if differing:
         changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {settings.get(k)!r} now"
                             for k in differing)
+        why = (" (--lr_decay_epochs is the learning-rate schedule the trained epochs "
+               "followed, so it must stay the same to extend a run)"
+               if "lr_decay_epochs" in differing else "")
         raise SetupError(f"--model_dir={model_dir} holds a run with different settings "
-                         f"({changes}); refusing to resume into it: use a new --model_dir or "
-                         "the run's own flags.")
-    if os.path.exists(os.path.join(model_dir, SUMMARY_FILE)):
+                         f"({changes}){why}; refusing to resume into it: use a new --model_dir "
+                         "or the run's own flags.")
+    trained = resume_epoch(model_dir)
+    finished = os.path.exists(os.path.join(model_dir, SUMMARY_FILE))
+    if finished and not os.path.isdir(os.path.join(model_dir, BACKUP_DIR)):
+        trained = int(stored.get("epochs", 0))  # a run finished before backups were kept
+    if settings.get("epochs") is not None and settings["epochs"] < trained:
+        raise SetupError(f"--model_dir={model_dir} holds a run that has trained {trained} "
+                         f"epochs; --epochs={settings['epochs']} cannot undo them: pass "
+                         f"--epochs={trained} or more, or use a new --model_dir.")
+    if not finished:
+        return "resume"
+    if settings.get("epochs") is None or settings["epochs"] == trained:
         return "finished"
+    if not os.path.isfile(os.path.join(model_dir, BACKUP_DIR, BACKUP_METADATA)):
+        raise SetupError(f"--model_dir={model_dir} holds a finished run of {trained} epochs "
+                         f"but no {BACKUP_DIR}/ to extend it to --epochs={settings['epochs']} "
+                         "from (deleted?): use a new --model_dir.")
     return "resume"
 
 
 def write_config(model_dir, settings):
-    """Writes `config.json` (atomically) unless it exists already."""
+    """Writes `config.json` (atomically) unless it exists already; a raised `epochs` (a run
+    being extended) is recorded in it, the rest of the stored settings is kept."""
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, CONFIG_FILE)
     if os.path.exists(path):
+        stored = read_config(model_dir)
+        if stored.get("epochs") != settings.get("epochs"):
+            write_json(path, {**stored, "epochs": settings["epochs"]})
         return
     write_json(path, settings)
 
 
 def write_json(path, payload):
-    """Writes JSON through a temporary file and a rename, so a kill never leaves half a file."""
+    """Writes JSON through a temporary file and a rename, so a kill never leaves half a file.
+
+    NaN and infinities are not JSON (Python's json writes a bare `NaN` other readers reject):
+    they are written as null.
+    """
     temporary = f"{path}.partial"
     with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        json.dump(_finite_or_null(payload), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
     os.replace(temporary, path)
 
 
+def _finite_or_null(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars
+        return _finite_or_null(value.item())
+    return value
+
+
+# --- the backup (keras.callbacks.BackupAndRestore with double_checkpoint=True) --------------
+# Keras copies the latest pair (weights, metadata) to `<name>.bkp`, then writes the weights,
+# then the metadata.  It falls back to the copy only when the weights file does not open; a
+# kill can also leave one that opens but is cut short (fewer arrays), or a half-written
+# metadata file, on which Keras crashes.  `repair_backup` puts the copy back in those cases.
+BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
+PREVIOUS_SUFFIX = ".bkp"
+
+
+def _array_names(weights_path):
+    """The names of the arrays of a weights file, each read back whole; None if it cannot."""
+    import h5py
+
+    names = []
+
+    def read(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            obj[()]
+            names.append(name)
+
+    try:
+        with h5py.File(weights_path, "r") as f:
+            f.visititems(read)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    return set(names)
+
+
+def _metadata_epoch(metadata_path):
+    try:
+        with open(metadata_path) as f:
+            return int(json.loads(f.read())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _backup_pairs(model_dir):
+    """(latest epoch or None, previous epoch or None, backup dir, weights, metadata paths).
+
+    The latest pair counts only if both files read back and it holds every array the
+    previous one does (a file cut short while written holds fewer)."""
+    backup = os.path.join(model_dir, BACKUP_DIR)
+    weights, metadata = (os.path.join(backup, n) for n in (BACKUP_WEIGHTS, BACKUP_METADATA))
+    previous_names = _array_names(weights + PREVIOUS_SUFFIX) if os.path.exists(
+        weights + PREVIOUS_SUFFIX) else None
+    previous = _metadata_epoch(metadata + PREVIOUS_SUFFIX) if previous_names else None
+    latest = _metadata_epoch(metadata)
+    if latest is not None:
+        names = _array_names(weights)
+        if names is None or (previous is not None and names < previous_names):
+            latest = None
+    return latest, previous, backup, weights, metadata
+
+
 def resume_epoch(model_dir):
-    """The epoch a restarted run continues from: what BackupAndRestore will restore, or 0."""
-    path = os.path.join(model_dir, BACKUP_DIR, "training_metadata.json")
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
+    """The epoch a restarted run continues from: that of the backup's latest pair, or of the
+    previous pair when the latest is broken (killed while Keras wrote it), or 0 when there is
+    no backup or only a first one cut short.
+
+    Raises:
+      SetupError: the latest backup is broken and there is no usable previous one.
+    """
+    latest, previous, backup, weights, metadata = _backup_pairs(model_dir)
+    if latest is not None:
+        return latest
+    if previous is not None:
+        return previous
+    if os.path.exists(metadata):  # a backup was complete once: refuse to start over silently
+        raise SetupError(f"{backup} is broken (the run was killed while writing it?) and holds "
+                         f"no usable previous backup: delete {backup} to restart the run from "
+                         "epoch 0, or use a new --model_dir.")
+    return 0
+
+
+def repair_backup(model_dir):
+    """Makes the backup's latest pair the one `resume_epoch` names, for Keras to restore.
+
+    A broken latest pair is replaced by the previous one; a first backup cut short (weights
+    without metadata, nothing before it) is removed, so the run starts from epoch 0.
+    """
+    epoch = resume_epoch(model_dir)
+    latest, previous, backup, weights, metadata = _backup_pairs(model_dir)
+    if latest is not None:
+        return
+    if epoch == 0:
+        for name in (weights, weights + PREVIOUS_SUFFIX, metadata + PREVIOUS_SUFFIX):
+            if os.path.exists(name):
+                os.remove(name)
+        return
+    for name in (weights, metadata):
+        shutil.copyfile(name + PREVIOUS_SUFFIX, name + ".partial")
+        os.replace(name + ".partial", name)

@@ -5,8 +5,8 @@ r"""`python -m twins_tf.train`: robust fine-tuning (TWINS-AT, TWINS-TRADES, AT, 
 
 Flag groups (`--helpfull` lists them by group):
   data          --dataset --data_dir --tfds_data_dir --image_size --upsample --train_per_class
-                --max_train_examples --max_validation_examples
-  model         --arch --pretrained
+                --max_train_examples --max_validation_examples --validation
+  model         --arch --pretrained --allow_random_init
   method        --method --lambda_twins --beta --l2sp_alpha
   attack        --attack_eps --attack_step --attack_steps (fractions like 8/255 work)
   optimisation  --epochs --batch_size --lr --lr_decay_epochs --weight_decay
@@ -17,11 +17,19 @@ The run: SGD (momentum 0.9) with the learning rate multiplied by 0.1 at each of
 `--lr_decay_epochs` (stepped per iteration), coupled weight decay, the method's loss on PGD
 examples (`twins_tf.AdversarialTrainer`), validation clean and PGD accuracy after every epoch
 (on a split carved from the training data), a Keras progress bar, TensorBoard logs and
-`metrics.csv`, the best epoch by validation PGD accuracy in `best.weights.h5`.  Killed, it
-resumes from its last finished epoch when started again with the same command
-(`BackupAndRestore`; data order and augmentation are functions of (seed, epoch), so the
-resumed run ends with the weights an uninterrupted one would have).  What it writes is listed
-in `twins_tf.run_config`.
+`metrics.csv`, the best epoch by validation PGD accuracy in `best.weights.h5`.  With
+`--validation=none` (the published protocol) it trains on the whole official train split and
+keeps the final epoch.  Killed, it resumes from its last finished epoch when started again
+with the same command (`BackupAndRestore` with `double_checkpoint`, so even a kill while the
+backup is written resumes, from the epoch before; data order and augmentation are functions of
+(seed, epoch), so the resumed run ends with the weights an uninterrupted one would have).  A
+finished run started again with a higher `--epochs` trains the extra epochs.  What it writes
+is listed in `twins_tf.run_config`.
+
+A NaN or infinite loss or weight stops the run at once with a one-line error naming the step,
+the epoch and the likely cause (`run_callbacks.StopOnDivergence`); the binary exits 1 and the
+weights files keep the last finite epoch.  A twin method without `--pretrained` is refused
+unless `--allow_random_init` says it is meant.
 
 Every input problem (unknown dataset or arch, missing data, a `--pretrained` file of another
 arch or a corrupt one, a batch size that does not split over 2 x replicas, an attack radius
@@ -96,7 +104,8 @@ def prepare(settings):
         splits = data_lib.load_splits(spec, data_dir=s["data_dir"],
                                       tfds_data_dir=s["tfds_data_dir"],
                                       train_per_class=s["train_per_class"],
-                                      skip_bad_images=s.get("skip_bad_images", False))
+                                      skip_bad_images=s.get("skip_bad_images", False),
+                                      validation=s["validation"])
         s["num_classes"] = int(splits.num_classes)
         train_examples = _limited(splits.num_examples["train"], s["max_train_examples"])
         steps = data_lib.steps_per_epoch(train_examples, s["batch_size"])
@@ -212,17 +221,19 @@ def make_trainer(model, settings, steps_per_epoch):
 
 
 def pipelines(prepared, start_epoch):
-    """(training stream from `start_epoch`, validation batches) of a prepared run."""
+    """(training stream from `start_epoch`, validation batches or None) of a prepared run."""
     from twins_tf import data as data_lib
 
     s, splits = prepared.settings, prepared.splits
     # --max_*: class-stratified subsets (seeded by the split seed), not the first N examples.
     train = data_lib.stratified_subset(splits.source("train"), s["max_train_examples"])
-    validation = data_lib.stratified_subset(splits.source("validation"),
-                                            s["max_validation_examples"])
     train_ds = data_lib.make_pipeline(train, prepared.spec, training=True,
                                       batch_size=s["batch_size"], seed=s["seed"],
                                       start_epoch=start_epoch)
+    if splits.validation is None:  # --validation=none
+        return train_ds, None
+    validation = data_lib.stratified_subset(splits.source("validation"),
+                                            s["max_validation_examples"])
     validation_ds = data_lib.make_pipeline(validation, prepared.spec, training=False,
                                            batch_size=s["batch_size"])
     return train_ds, validation_ds
@@ -231,33 +242,51 @@ def pipelines(prepared, start_epoch):
 def fit(prepared, *, verbose="auto"):
     """Trains a prepared run (new or resumed) to its last epoch and writes its files.
 
+    A finished run whose `--epochs` was raised is extended: it resumes from its backup (kept
+    when it finished) and trains the extra epochs.
+
     Returns:
       The run summary (also written to `summary.json`).
-    """
-    import shutil
 
+    Raises:
+      run_callbacks.DivergenceError: the loss or the weights became non-finite; the weights
+        files keep the last finite epoch.
+    """
     import keras
 
     from twins_tf import run_callbacks
 
     s, out = prepared.settings, prepared.output_dir
-    start_epoch = run_config.resume_epoch(out) if prepared.state == "resume" else 0
+    start_epoch = 0
+    if prepared.state == "resume":
+        run_config.repair_backup(out)
+        start_epoch = run_config.resume_epoch(out)
     train_ds, validation_ds = pipelines(prepared, start_epoch)
     with prepared.strategy.scope():
         trainer = make_trainer(prepared.model, s, prepared.steps_per_epoch)
     run_config.write_config(out, s)
-    callbacks = [
+    probe = None
+    if s["twin"]:  # a few training images, for the Frozen wing's logits (see StopOnDivergence)
+        probe = next(iter(validation_ds if validation_ds is not None else train_ds))[0][:32]
+    with_validation = validation_ds is not None
+    callbacks = [  # StopOnDivergence first: it raises before the others save a NaN epoch
+        run_callbacks.StopOnDivergence(prepared.model, prepared.steps_per_epoch, probe=probe,
+                                       lr=s["lr"]),
         run_callbacks.MetricsCsv(os.path.join(out, run_config.METRICS_FILE)),
-        run_callbacks.BestWeights(prepared.model, out, monitor="val_adv_acc"),
+        run_callbacks.BestWeights(prepared.model, out,
+                                  monitor="val_adv_acc" if with_validation else None),
         run_callbacks.LastWeights(prepared.model, out),
     ]
     if prepared.chief:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(out, run_config.TENSORBOARD_DIR), write_graph=False))
     # Last, so a kill between the files above and the backup repeats the epoch (harmless)
-    # instead of losing it; deleted by us only once summary.json is written.
+    # instead of losing it.  double_checkpoint keeps the previous epoch's backup while the
+    # new one is written, so a kill during that write resumes from the previous epoch.
+    # Kept when the run finishes, so that a higher --epochs can extend it.
     backup_dir = os.path.join(out, run_config.BACKUP_DIR)
-    callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False))
+    callbacks.append(keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True,
+                                                      delete_checkpoint=False))
     print(f"{s['binary']}: {s['method']} {s['arch']} on {s['dataset']} "
           f"({prepared.steps_per_epoch} steps/epoch, {s['epochs']} epochs, "
           f"{prepared.strategy.num_replicas_in_sync} replica(s)); "
@@ -266,15 +295,19 @@ def fit(prepared, *, verbose="auto"):
     trainer.fit(train_ds, validation_data=validation_ds, epochs=s["epochs"],
                 steps_per_epoch=prepared.steps_per_epoch, callbacks=callbacks, verbose=verbose,
                 shuffle=False)  # the pipeline shuffles, per (seed, epoch)
-    best = callbacks[1].best
+    best = callbacks[2].best
     summary = {
         "epochs": s["epochs"],
+        "validation": s["validation"],
         "best_epoch": best["epoch"] if best else None,
         "best_val_adv_acc": best["value"] if best else None,
         "final": run_callbacks.read_metrics(os.path.join(out, run_config.METRICS_FILE))[-1],
     }
     run_config.write_json(os.path.join(out, run_config.SUMMARY_FILE), summary)
-    shutil.rmtree(backup_dir, ignore_errors=True)
+    for name in (run_config.BACKUP_WEIGHTS, run_config.BACKUP_METADATA):
+        previous = os.path.join(backup_dir, name + run_config.PREVIOUS_SUFFIX)
+        if os.path.exists(previous):  # the latest pair is whole now: half the disk space
+            os.remove(previous)
     return summary
 
 
@@ -310,9 +343,11 @@ def main_for(binary):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         settings = run_config.settings_from_flags(flags.FLAGS, binary)
+        from twins_tf.run_callbacks import DivergenceError
+
         try:
             run(settings)
-        except SetupError as error:
+        except (SetupError, DivergenceError) as error:
             sys.exit(f"{binary}: error: {error}")
 
     return main
