@@ -181,10 +181,9 @@ def test_reduced_budget_matches_official(norm):
     print(f"\n{norm}, {len(x)} examples, {REDUCED}: attack, robust accuracy ours / official, "
           "mask agreement, seconds ours / official")
     results = compare(bed, x, y, norm, REDUCED)
-    # 200 examples: one point is two examples.  At 300 queries Square breaks an example near
-    # the threshold by chance, so two independent random searches disagree on a few percent
-    # of the examples (96.5 % agree here); the gradient attacks agree on >= 98.5 %.
-    assert_agree(results, accuracy_points=2.0, agreement=0.95)
+    # 200 examples: one point is two examples; the masks must still agree on 97 % (measured:
+    # 98.0 % for Square's random search, >= 98.5 % for the others)
+    assert_agree(results, accuracy_points=2.0, agreement=0.97)
 
 
 @pytest.mark.slow
