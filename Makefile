@@ -26,9 +26,6 @@ $(DEMO_STAMP): setup.py Makefile | $(VENV)/bin/python
 
 $(TEST_STAMP): setup.py Makefile | $(VENV)/bin/python
 	$(PIP) install $(FIND_LINKS) -e '.[test]'
-	# torchattacks (test oracle for AutoAttack) pins requests~=2.25 and would downgrade it:
-	# install it alone; its real needs (torch, numpy, scipy, tqdm) are already there.
-	$(PIP) install --no-deps torchattacks==3.5.1
 	touch $(DEMO_STAMP) $(TEST_STAMP)
 
 demo: $(DEMO_STAMP)
