@@ -33,7 +33,6 @@ def _test_examples(config, count):
     return np.stack(images)[rows], np.array(labels)[rows]
 
 
-
 def _reference_accuracies(model, images, labels, eps, step, steps):
     """Clean and PGD-`steps` accuracy computed from the formulas (no random start)."""
     x = tf.constant(images)
