@@ -1,8 +1,8 @@
 """`twins_tf.comparison` / `python -m twins_tf.compare`: statistics, report, the grid of runs.
 
 The statistics are checked against hand computations with NumPy and Student-t quantiles from a
-printed table (not scipy, which the code under test uses); the grid against the run files the
-`train` and `evaluate` binaries write on their own.
+printed table (not scipy, which the code under test uses); the grid against the runs'
+config.json and an evaluation the test runs itself through `evaluate`.
 """
 import base64
 import json
@@ -12,8 +12,8 @@ import statistics
 import numpy as np
 import pytest
 
-from binaries_testlib import FINETUNE_ARGS, run_binary, settings, source_run
-from twins_tf import comparison, run_config
+from binaries_testlib import FINETUNE_ARGS, evaluate_settings, run_binary, settings, source_run
+from twins_tf import comparison, evaluate, run_config
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
 T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
@@ -100,6 +100,7 @@ def test_settings_hash_ignores_locations_but_not_what_is_learnt():
     a = {"lr": 0.01, "model_dir": "/a", "data_dir": "/x", "method": "at"}
     assert comparison.settings_hash(a) == comparison.settings_hash(dict(a, model_dir="/b"))
     assert comparison.settings_hash(a) != comparison.settings_hash(dict(a, lr=0.02))
+    assert comparison.settings_hash(a) != comparison.settings_hash(dict(a, epochs=60))
 
 
 def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_path):
@@ -118,6 +119,12 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
             assert cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
             assert stored["examples"] == 32
     assert (tmp_path / "report" / "report.html").is_file()
+    own = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={tmp_path / 'runs' / 'twins_at_seed1'}", "--attacks=clean,pgd2",
+        "--max_examples=32", f"--output={tmp_path / 'own.json'}"]), log=lambda _: None)
+    for attack in ("clean", "pgd2"):
+        cell = summary["methods"]["twins_at"][attack]
+        assert cell["values"][cell["seeds"].index(1)] == own["results"][attack]["accuracy"]
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.weights.h5")}
     logged = []
     again, _ = comparison.compare(base, **grid, log=logged.append)

@@ -50,7 +50,8 @@ def define_flags(flag_values):
     return own
 
 
-def _seeds(values):
+def parse_seeds(values):
+    """`--seeds` as integers (SetupError otherwise)."""
     try:
         return [int(v) for v in values]
     except ValueError:
@@ -59,6 +60,7 @@ def _seeds(values):
 
 def main(argv):
     from twins_tf import comparison
+    from twins_tf.run_callbacks import DivergenceError
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -73,11 +75,11 @@ def main(argv):
                              "--autoattack_examples examples.")
         base = run_config.settings_from_flags(FLAGS, run_config.TRAIN)
         _, table = comparison.compare(
-            base, methods=FLAGS.methods, seeds=_seeds(FLAGS.seeds),
+            base, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
             baseline=FLAGS.baseline or FLAGS.methods[0], output_dir=FLAGS.output_dir,
             attacks=FLAGS.attacks, max_examples=FLAGS.eval_max_examples,
             batch_size=FLAGS.eval_batch_size, autoattack_examples=FLAGS.autoattack_examples)
-    except SetupError as error:
+    except (SetupError, DivergenceError) as error:
         sys.exit(f"compare: error: {error}")
     print(table)
     print(f"report: {FLAGS.output_dir}/{comparison.REPORT_DIR}/report.html")

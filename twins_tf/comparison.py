@@ -69,7 +69,8 @@ def run_dir(output_dir, method, seed):
 
 def settings_hash(settings):
     """sha256 of the settings that define what a run learns (not where it lives or runs)."""
-    kept = {k: v for k, v in sorted(settings.items()) if k not in run_config.UNCOMPARED_KEYS}
+    ignored = run_config.LOCATION_KEYS + run_config.EXECUTION_KEYS
+    kept = {k: v for k, v in sorted(settings.items()) if k not in ignored}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -5,14 +5,15 @@
 TWINS's regime in miniature: fine-tune a robust model pre-trained on a *larger* source task
 onto a *small* downstream task (the paper's Caltech-256 setting: 60 images per class), from
 data that ships with scikit-learn (its 1,797 handwritten 8x8 digits, resized to 32x32):
-  1. robust pre-training: PGD-AT of a ResNet-18 from scratch on the *source* task, every
-     training image of digits 0-4 (`python -m twins_tf.pretrain`);
+  1. robust pre-training: PGD-AT of a ResNet-18 from scratch on the *source* task, the whole
+     training split of digits 0-4 (10 % of it held out to pick the best epoch)
+     (`python -m twins_tf.pretrain`);
   2. robust fine-tuning on the *target* task, digits 5-9 with only 30 training images per
      class, from those weights, with AT and TWINS-AT (`--methods` adds TRADES and
      TWINS-TRADES), each with seeds 0, 1 and 2 (`python -m twins_tf.compare`);
   3. evaluation of every fine-tuned model on the whole target test split: clean accuracy and
-     PGD-10; with `--autoattack=on` also AutoAttack (standard) on the first
-     `--autoattack_examples` test images, off by default because it alone would take longer
+     PGD-10; with `--autoattack=on` also AutoAttack (standard) on `--autoattack_examples`
+     test images (a class-stratified subset), off by default because it alone would take longer
      than the rest of the demo on 2 CPU cores;
   4. SavedModel export of the TWINS-AT model of seed 0 (`python -m twins_tf.export`),
      reloaded with `tf.saved_model.load` and checked against the evaluation;
@@ -85,7 +86,7 @@ def define_flags(flag_values):
     flags.DEFINE_list("seeds", [str(seed) for seed in DEFAULT_SEEDS], "Seeds of every "
                       "fine-tuning method.", flag_values=flag_values)
     flags.DEFINE_enum("autoattack", "off", ["on", "off"], "Also run AutoAttack (standard) on "
-                      "the first --autoattack_examples test images of each model. Off by "
+                      "--autoattack_examples test images (class-stratified) of each model. Off by "
                       "default: on 2 CPU cores it costs minutes per model (Square's 5000 "
                       "queries dominate).", flag_values=flag_values)
     flags.DEFINE_integer("autoattack_examples", 64, "Test images AutoAttack runs on.",
@@ -178,8 +179,8 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
     timings = {}
     source_dir = os.path.join(output_dir, "source_at")
 
-    log(f"== 1. robust pre-training on the source task ({SOURCE}: every training image of "
-        "digits 0-4)")
+    log(f"== 1. robust pre-training on the source task ({SOURCE}: the whole training split "
+        "of digits 0-4)")
     step = time.time()
     run_training(run_config.PRETRAIN, [f"--dataset={SOURCE}", *COMMON, *recipe["pretrain"],
                                        f"--model_dir={source_dir}"], log)
@@ -243,29 +244,25 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
     return results
 
 
-def _seeds(values):
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise run_config.SetupError(f"--seeds must be integers, got {','.join(values)}.") from None
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import tensorflow as tf
     from absl import logging
 
+    from twins_tf.compare import parse_seeds
+    from twins_tf.run_callbacks import DivergenceError
+
     # Many runs in one process: keep TensorFlow's retracing notes and SavedModel chatter out
     # of the demo's output (errors still show).
     logging.set_verbosity(logging.ERROR)
     tf.get_logger().setLevel("ERROR")
     try:
-        run_demo(FLAGS.output_dir, methods=FLAGS.methods, seeds=_seeds(FLAGS.seeds),
+        run_demo(FLAGS.output_dir, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
                  autoattack=FLAGS.autoattack,
                  autoattack_examples=FLAGS.autoattack_examples, quick=FLAGS.quick,
                  log=lambda line: print(line, flush=True))
-    except run_config.SetupError as error:
+    except (run_config.SetupError, DivergenceError) as error:
         sys.exit(f"demo: error: {error}")
 
 

@@ -123,6 +123,15 @@ def parse_attacks(names):
     return attacks
 
 
+def _path_exists(path):
+    """Local paths and URLs (gs://...) alike; tensorflow is imported only for a URL."""
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
 def resolve(settings):
     """Fills the model and data settings from the run's config.json; checks every value.
 
@@ -149,7 +158,7 @@ def resolve(settings):
             s["output"] = os.path.join(s["model_dir"], f"{REPORT_PREFIX}{s['split']}.json")
         for key in ("data_dir", "tfds_data_dir"):
             if (settings.get(key) is None and s.get(key) is not None
-                    and not os.path.exists(s[key])):
+                    and not _path_exists(s[key])):
                 raise SetupError(f"{key}={s[key]} (from the run's "
                                  f"{os.path.join(s['model_dir'], run_config.CONFIG_FILE)}) "
                                  f"does not exist: pass --{key}= to say where the data is now.")

@@ -73,7 +73,8 @@ class StopOnDivergence(keras.callbacks.Callback):
     Keras's `TerminateOnNaN` only stops quietly: the binary would exit 0 and the callbacks
     after it would still save the NaN weights of that epoch.  The message names the step and
     epoch and the likely cause; for a twin model that is the source's BatchNorm statistics,
-    judged by the Frozen wing's max |logit| on a training batch (`probe`) at the start.
+    judged by the Frozen wing's max |logit| on a batch of the task's images (`probe`) at the
+    start.
 
     Args:
       classifier: the trainer's inner model (whose weights the run saves).
@@ -118,7 +119,7 @@ class StopOnDivergence(keras.callbacks.Callback):
 
     def _fail(self, what):
         if self.probe is not None:
-            cause = (f"the Frozen wing's max |logit| on a training batch was "
+            cause = (f"the Frozen wing's max |logit| on a batch of the task's images was "
                      f"{self.frozen_max:.3g} at the start")
             if not self.frozen_max <= FROZEN_LOGIT_ALARM:  # NaN and inf included
                 cause += (": the source's BatchNorm statistics (--pretrained) are far from "

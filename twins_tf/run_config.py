@@ -56,9 +56,8 @@ EXECUTION_KEYS = ("strategy", "tpu_address", "jit_compile", "deterministic")
 UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
 # Settings holding paths, stored absolute in config.json.
 PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
-VALIDATION_CHOICES = ("carve", "none")
 # Settings newer than some config.json files, with the value such runs had.
-_ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False}
+_ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False}
 # What best.json records as the selection rule of a --validation=none run.
 FINAL_EPOCH_SELECTION = "final epoch (--validation=none)"
 
@@ -160,7 +159,7 @@ def define_flags(flag_values, binary):
            "carve: hold out part of the training data (or use the official validation split) "
            "to select the best epoch; none: train on the whole official train split and keep "
            "the final epoch (the protocol of the published numbers).", "data",
-           enum_values=list(VALIDATION_CHOICES))
+           enum_values=list(data_lib.VALIDATION_PROTOCOLS))
     # model
     define("string", "arch", defaults["arch"],
            "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".", "model")
@@ -301,7 +300,7 @@ def check_settings(settings):
         raise SetupError("--model_dir is required: the run writes its config, weights, "
                          "metrics and backup there.")
     for key in PATH_KEYS:  # config.json names the files used, from wherever it is read
-        if s.get(key):
+        if s.get(key) and "://" not in s[key]:  # gs://... and other URLs are absolute already
             s[key] = os.path.abspath(os.path.expanduser(s[key]))
     if s["strategy"] == "tpu" and s["jit_compile"] == "false":
         raise SetupError("--strategy=tpu always compiles with XLA; drop --jit_compile=false.")

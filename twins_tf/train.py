@@ -266,7 +266,7 @@ def fit(prepared, *, verbose="auto"):
         trainer = make_trainer(prepared.model, s, prepared.steps_per_epoch)
     run_config.write_config(out, s)
     probe = None
-    if s["twin"]:  # a few training images, for the Frozen wing's logits (see StopOnDivergence)
+    if s["twin"]:  # a few task images (validation's if any), for the Frozen wing's logits
         probe = next(iter(validation_ds if validation_ds is not None else train_ds))[0][:32]
     with_validation = validation_ds is not None
     callbacks = [  # StopOnDivergence first: it raises before the others save a NaN epoch
