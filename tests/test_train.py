@@ -614,7 +614,8 @@ def test_a_run_written_before_the_validation_and_random_init_flags_still_resumes
     model_dir = tmp_path / "run"
     checked = run_config.check_settings(settings("train", [
         *FINETUNE_ARGS, "--pretrained=x.weights.h5", f"--model_dir={model_dir}"]))
-    older = {k: v for k, v in checked.items() if k not in ("validation", "allow_random_init")}
+    older = {k: v for k, v in checked.items() if k not in ("validation", "allow_random_init",
+                                                            "skip_bad_images")}
     run_config.write_config(model_dir, older)
     assert run_config.check_model_dir(str(model_dir), checked) == "resume"
     with pytest.raises(SetupError, match="validation: 'carve' in the run, 'none' now"):
