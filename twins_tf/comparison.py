@@ -214,7 +214,7 @@ def _percent(value):
 
 def format_table(summary, attacks):
     """The printed table: mean +- sd per method, then paired differences with intervals."""
-    width = 24
+    width = 28
     lines = [f"{'method':<16}" + "".join(f"{a:>{width}}" for a in attacks)]
     for method, row in summary["methods"].items():
         cells = []
