@@ -389,7 +389,7 @@ def test_a_twin_run_from_unconverged_bn_statistics_stops_with_the_cause(tmp_path
     assert "\n" not in message
     match = re.match(r"training diverged: the training loss became (nan|inf) at step (\d) "
                      r"\(epoch 1, batch (\d) of 4\); the Frozen wing's max \|logit\| on a "
-                     r"training batch was (\S+) at the start: the source's BatchNorm "
+                     r"batch of the task.s images was (\S+) at the start: the source's BatchNorm "
                      r"statistics \(--pretrained\) are far from converged", message)
     assert match, message
     assert match.group(2) == match.group(3)
