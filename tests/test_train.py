@@ -620,3 +620,15 @@ def test_a_run_written_before_the_validation_and_random_init_flags_still_resumes
     assert run_config.check_model_dir(str(model_dir), checked) == "resume"
     with pytest.raises(SetupError, match="validation: 'carve' in the run, 'none' now"):
         run_config.check_model_dir(str(model_dir), {**checked, "validation": "none"})
+
+
+def test_a_deterministic_run_leaves_op_determinism_as_it_found_it(tmp_path, pretrained):
+    """--deterministic is TensorFlow-global: a later run in the process must not inherit it."""
+    from tensorflow.python.framework import config as tf_config
+
+    assert not tf_config.is_op_determinism_enabled()
+    # refused after prepare() has turned determinism on (the batch check comes later)
+    with pytest.raises(SetupError, match="batch"):
+        train.run(settings("train", _args(pretrained, tmp_path / "run", "--deterministic",
+                                          "--batch_size=15")), verbose=0)
+    assert not tf_config.is_op_determinism_enabled()

@@ -320,8 +320,15 @@ def run(settings, *, verbose="auto"):
       SetupError: a problem with the inputs, before anything is trained or written.
     """
     import keras
+    # TF 2.21 makes only enable_op_determinism public; its config module also has the getter
+    # and disable_op_determinism.
+    from tensorflow.python.framework import config as tf_config
 
-    policy = keras.config.dtype_policy()  # --mixed_precision sets the global policy
+    # --mixed_precision sets the global dtype policy and --deterministic TensorFlow's global
+    # op determinism: both are put back, so the next run in this process (compare, the demo,
+    # a notebook) gets only its own settings.
+    policy = keras.config.dtype_policy()
+    deterministic = tf_config.is_op_determinism_enabled()
     try:
         prepared = prepare(settings)
         if prepared.state == "finished":
@@ -334,6 +341,8 @@ def run(settings, *, verbose="auto"):
         return fit(prepared, verbose=verbose)
     finally:
         keras.config.set_dtype_policy(policy)
+        if not deterministic:
+            tf_config.disable_op_determinism()
 
 
 def main_for(binary):
