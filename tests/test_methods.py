@@ -120,3 +120,46 @@ def test_method_table():
     assert methods.get("l2sp").l2sp
     with pytest.raises(ValueError, match="unknown method 'madry'"):
         methods.get("madry")
+
+
+# === the registry ===========================================================================
+def test_a_method_carries_its_own_loss_whatever_its_name():
+    """Method.loss calls the method's objective: a name the old string dispatch did not know
+    used to fall through to TWINS-TRADES silently."""
+    calls = []
+
+    def objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+        calls.append((lambda_twins, beta))
+        return methods.cross_entropy(logits_natural, labels) * 0.0 + 7.0
+
+    custom = methods.Method(name="my_clean_variant", objective=objective, natural=True)
+    z_nat, z_adv, y = _random_logits(3)
+    assert float(custom.loss(z_nat, None, y, lambda_twins=0.5, beta=2.0)) == 7.0
+    assert calls == [(0.5, 2.0)]
+    assert not custom.twin and not custom.adversarial and not custom.l2sp
+
+
+def test_method_fields_are_keywords_and_validated():
+    with pytest.raises(TypeError):
+        methods.Method("clean", methods.clean, False, False, True, False, "positional")
+    with pytest.raises(TypeError, match="objective must be a callable"):
+        methods.Method(name="x", objective="clean", natural=True)
+    with pytest.raises(ValueError, match="runs no training forward"):
+        methods.Method(name="x", objective=lambda *a, **k: 0.0)
+
+
+def test_register_adds_a_method_once():
+    custom = methods.Method(name="test_registry_at", objective=methods.get("at").objective,
+                            adversarial=True)
+    try:
+        assert methods.register(custom) is custom
+        assert methods.get("test_registry_at") is custom
+        assert methods.register(custom) is custom  # the same object again: a no-op
+        twin = methods.Method(name="test_registry_at", objective=custom.objective, natural=True)
+        with pytest.raises(ValueError, match="already registered"):
+            methods.register(twin)
+        with pytest.raises(TypeError, match="takes a twins_tf.methods.Method"):
+            methods.register("at")
+    finally:
+        methods.METHODS.pop("test_registry_at", None)
+    assert set(methods.METHODS) == {"clean", "at", "trades", "l2sp", "twins_at", "twins_trades"}

@@ -14,10 +14,13 @@ The trainer (`twins_tf.trainer`) runs the forwards; this module only turns their
 scalar.  Logits of a twin model's training forward hold the Frozen wing's rows first and the
 Adaptive wing's rows second (spec §2); the halves here split at `B // 2` the same way.
 
-`METHODS` is the table the trainer reads: for each method, whether it needs a twin model, an
-attack, and which training forwards (adversarial, natural) it runs, in that order.
+`METHODS` is the registry the trainer reads: name -> `Method`, an object carrying its objective
+and whether it needs a twin model, an attack, and which training forwards (adversarial,
+natural) it runs, in that order.  `get(name)` looks one up (an unknown name is an error there,
+so at the trainer's construction); `register(Method(...))` adds one.
 """
 import dataclasses
+from typing import Callable
 
 import tensorflow as tf
 
@@ -139,12 +142,45 @@ def l2sp_penalty(pretrained, anchors, new, *, alpha, beta):
     return 0.5 * alpha * pull + 0.5 * beta * sum_of_squares(new)
 
 
-@dataclasses.dataclass(frozen=True)
+def _clean_objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+    del logits_adversarial, lambda_twins, beta
+    return clean(logits_natural, labels)
+
+
+def _at_objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+    del logits_natural, lambda_twins, beta
+    return at(logits_adversarial, labels)
+
+
+def _trades_objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+    del lambda_twins
+    return trades(logits_natural, logits_adversarial, labels, beta=beta)
+
+
+def _twins_at_objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+    del logits_natural, beta
+    return twins_at(logits_adversarial, labels, lambda_twins=lambda_twins)
+
+
+def _twins_trades_objective(logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
+    return twins_trades(
+        logits_natural, logits_adversarial, labels, lambda_twins=lambda_twins, beta=beta
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
-    """How the trainer runs one objective.
+    """One fine-tuning method: its objective and what the trainer must run to feed it.
+
+    A method carries its own loss (`objective`), so the trainer never looks at the name and a
+    new method is one `register(Method(...))` away, with no table elsewhere to keep in step.
+    Every field is a keyword: six booleans in a row are too easy to misorder.
 
     Attributes:
       name: the `method=` string.
+      objective: `(logits_natural, logits_adversarial, labels, *, lambda_twins, beta) ->
+        scalar`; a logits argument the method does not run (see `adversarial`, `natural`) is
+        None.
       twin: needs a twin model (TwinBatchNormalization layers in "twin" mode); plain methods
         refuse one.
       adversarial: runs the attack and a training forward on x_adv.
@@ -155,49 +191,75 @@ class Method:
     """
 
     name: str
-    twin: bool
-    adversarial: bool
-    natural: bool
-    l2sp: bool
-    description: str
+    objective: Callable
+    twin: bool = False
+    adversarial: bool = False
+    natural: bool = False
+    l2sp: bool = False
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a Method needs a non-empty string name, got {self.name!r}.")
+        if not callable(self.objective):
+            raise TypeError(
+                f"method {self.name!r}: objective must be a callable (logits_natural, "
+                f"logits_adversarial, labels, *, lambda_twins, beta), got {self.objective!r}."
+            )
+        if not (self.adversarial or self.natural):
+            raise ValueError(
+                f"method {self.name!r} runs no training forward: set adversarial=True, "
+                "natural=True or both."
+            )
 
     def loss(self, logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
         """The objective (without L2-SP, which the trainer adds) from the forwards' logits."""
-        if self.name == "clean":
-            return clean(logits_natural, labels)
-        if self.name in ("at", "l2sp"):
-            return at(logits_adversarial, labels)
-        if self.name == "trades":
-            return trades(logits_natural, logits_adversarial, labels, beta=beta)
-        if self.name == "twins_at":
-            return twins_at(logits_adversarial, labels, lambda_twins=lambda_twins)
-        return twins_trades(
+        return self.objective(
             logits_natural, logits_adversarial, labels, lambda_twins=lambda_twins, beta=beta
         )
 
 
-METHODS = {
-    m.name: m
-    for m in (
-        Method("clean", False, False, True, False, "CE on clean images (no attack)"),
-        Method("at", False, True, False, False, "adversarial training: CE on PGD images"),
-        Method("trades", False, True, True, False, "TRADES: clean CE + beta * KL(clean||adv)/B"),
-        Method(
-            "l2sp", False, True, False, True,
-            "AT + alpha/2 * ||w_S - w_S^0||^2 on the pre-trained weights "
-            "+ beta/2 * ||w_new||^2 on the head (L2-SP)",
-        ),
-        Method("twins_at", True, True, False, False, "TWINS-AT: lambda*CE_frozen + CE_adaptive"),
-        Method(
-            "twins_trades", True, True, True, False,
-            "TWINS-TRADES: per-wing clean CE + beta * per-wing KL / B",
-        ),
-    )
-}
+METHODS = {}
+
+
+def register(method):
+    """Add `method` to `METHODS` (and so to `get`, the trainer and the binaries' choices).
+
+    A name is registered once: a second method under the same name is an error rather than a
+    silent replacement of the objective every caller of `get(name)` would then train with.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"register() takes a twins_tf.methods.Method, got {type(method).__name__}.")
+    if method.name in METHODS and METHODS[method.name] is not method:
+        raise ValueError(f"a method named {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+for _method in (
+    Method(name="clean", objective=_clean_objective, natural=True,
+           description="CE on clean images (no attack)"),
+    Method(name="at", objective=_at_objective, adversarial=True,
+           description="adversarial training: CE on PGD images"),
+    Method(name="trades", objective=_trades_objective, adversarial=True, natural=True,
+           description="TRADES: clean CE + beta * KL(clean||adv)/B"),
+    Method(name="l2sp", objective=_at_objective, adversarial=True, l2sp=True,
+           description="AT + alpha/2 * ||w_S - w_S^0||^2 on the pre-trained weights "
+           "+ beta/2 * ||w_new||^2 on the head (L2-SP)"),
+    Method(name="twins_at", objective=_twins_at_objective, twin=True, adversarial=True,
+           description="TWINS-AT: lambda*CE_frozen + CE_adaptive"),
+    Method(name="twins_trades", objective=_twins_trades_objective, twin=True, adversarial=True,
+           natural=True, description="TWINS-TRADES: per-wing clean CE + beta * per-wing KL / B"),
+):
+    register(_method)
+del _method
 
 
 def get(name):
-    """The `Method` called `name`, or a ValueError listing the known ones."""
+    """The `Method` called `name` (a `Method` passes through), or a ValueError listing the
+    known ones."""
+    if isinstance(name, Method):
+        return name
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: expected one of {sorted(METHODS)}.")
     return METHODS[name]
