@@ -28,7 +28,6 @@ the same: the epochs already trained followed it).  Paths in config.json are abs
 The flags are defined on a `FlagValues` passed in, so tests can parse argument lists without
 touching the global `absl.flags.FLAGS` (and `train` and `pretrain` can live in one process).
 """
-import fractions
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from absl import flags
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
 from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.training.flags import DATA_FLAGS, define_data_flags, define_fraction  # noqa: F401
 
 TRAIN = "train"
 PRETRAIN = "pretrain"
@@ -85,24 +85,6 @@ class SetupError(ValueError):
     """A flag value, a file or the model_dir is wrong; raised before any training starts."""
 
 
-class _FractionParser(flags.FloatParser):
-    """A float flag that also takes fractions such as `8/255`."""
-
-    def convert(self, argument):
-        if isinstance(argument, str) and "/" in argument:
-            try:
-                return float(fractions.Fraction(argument.strip()))
-            except (ValueError, ZeroDivisionError):
-                raise ValueError(f"{argument!r} is neither a number nor a fraction like 8/255")
-        return super().convert(argument)
-
-
-def define_fraction(name, default, help_text, flag_values, module_name):
-    """Defines a float flag that accepts `a/b` (used for the attack radius and step)."""
-    flags.DEFINE(_FractionParser(), name, default, help_text, flag_values=flag_values,
-                 serializer=flags.ArgumentSerializer(), module_name=module_name)
-
-
 def define_flags(flag_values, binary):
     """Defines the flags of `binary` ("train" or "pretrain") on `flag_values`.
 
@@ -129,32 +111,13 @@ def define_flags(flag_values, binary):
         names.append(name)
 
     # data
-    define("string", "dataset", None,
-           "Registered dataset (twins_tf.data.DATASETS): " + ", ".join(sorted(data_lib.DATASETS))
-           + ".", "data")
-    define("string", "data_dir", None,
-           "Image folder of --dataset=folder (train/ and test/ of class folders) or caltech256.",
-           "data")
-    define("string", "tfds_data_dir", None,
-           "tensorflow-datasets data_dir holding prepared tfds datasets (default "
-           "$TFDS_DATA_DIR or ~/tensorflow_datasets). Nothing is ever downloaded.", "data")
-    define("integer", "image_size", None,
-           "Side of the images fed to the model (default: the dataset's).", "data")
-    define("integer", "upsample", None,
-           "Nearest-neighbour upsampling inside the model (default: the dataset's; CIFAR: 7).",
-           "data")
-    define("integer", "train_per_class", None,
-           "For a folder of class folders without train/ and test/: training images per class "
-           "(seeded split; caltech256 uses 60).", "data")
+    names += define_data_flags(flag_values, group("data"))
     define("integer", "max_train_examples", None,
            "Use only N training examples, a class-stratified subset seeded by the split seed "
            "(quick runs and tests).", "data")
     define("integer", "max_validation_examples", None,
            "Use only N validation examples, stratified by class like --max_train_examples.",
            "data")
-    define("bool", "skip_bad_images", False,
-           "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (their count is "
-           "logged) instead of stopping before anything is written.", "data")
     define("enum", "validation", "carve",
            "carve: hold out part of the training data (or use the official validation split) "
            "to select the best epoch; none: train on the whole official train split and keep "
