@@ -37,7 +37,7 @@ def test_phases_cover_the_query_budget():
     model = tb.keras_convnet()
     square = Square(model, 0.1, n_queries=5000)
     phases = square.phases(32, 32)
-    assert phases[0][0] == 0 and sum(count for _, count, _ in phases) == 4999  # + the start
+    assert phases[0][0] == 0 and sum(count for _, count, _ in phases) == 5000  # after the start
     for first, count, side in phases:
         for iteration in (first, first + count - 1):
             want = int(round(np.sqrt(paper_p(iteration) * 32 * 32)))

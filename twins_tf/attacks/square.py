@@ -9,7 +9,8 @@ schedule, and every query goes only to the examples not yet fooled.
 Random search on the margin loss m(x) = z_y(x) - max_{k != y} z_k(x), per example:
   * start: L-inf, vertical stripes x + eps * s (one random sign per column and channel); L2, a
     grid of squares of side h // 5, each a signed "pseudo-Gaussian" bump (below), rescaled to
-    L2 norm eps; clipped to [0, 1].  That start costs one query;
+    L2 norm eps; clipped to [0, 1].  That start costs one query, and `n_queries` iterations
+    follow it (the official code's count: n_queries + 1 queries per run);
   * iteration i: side s = round(sqrt(p_i * h * w)) (L2: at least 3 and odd) at a uniformly
     random position (drawn per example, as in the paper; top and left in [0, h - s), the
     reference codes' range, see `Square._positions`);
@@ -100,7 +101,10 @@ class Square:
       model: Keras model; called with `training=False`.  Only its outputs are used.
       epsilon: radius of the threat model in [0, 1] pixel units.
       norm: "linf" or "l2".
-      n_queries: model queries per example and restart, the start included (5000).
+      n_queries: search iterations (one model query each) per example and restart, after the
+        query of the start point (5000), as the official Square counts them: its loop runs
+        `n_queries` iterations after evaluating the start, so a run costs n_queries + 1
+        queries on both sides.
       p_init: initial fraction of pixels a square covers (0.8, AutoAttack's value).
       restarts: independent runs on the examples still robust (1).
       rescale_schedule: stretch the p schedule (written for 10,000 iterations) to n_queries;
@@ -147,7 +151,7 @@ class Square:
     def phases(self, height, width):
         """The schedule as (first iteration, iterations, side) runs of constant side length."""
         runs = []
-        for iteration in range(self.n_queries - 1):
+        for iteration in range(self.n_queries):
             p = p_schedule(iteration, self.p_init, self.n_queries, self.rescale_schedule)
             side = self.side_length(p, height, width)
             if runs and runs[-1][2] == side:
