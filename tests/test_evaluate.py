@@ -163,13 +163,15 @@ def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_p
                                                                   monkeypatch):
     import keras
 
+    from twins_tf.evaluation import inputs
+
     args = [f"--model_dir={source}", "--attacks=clean", "--max_examples=8",
             f"--output={tmp_path / 'r.json'}"]
     report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None)
     assert report["checks"] == [] and report["seed"] == 0  # a plain deterministic ResNet
 
     load_model = evaluate.load_model
-    monkeypatch.setattr(evaluate, "load_model", lambda settings: keras.Sequential(
+    monkeypatch.setattr(inputs, "load_model", lambda settings: keras.Sequential(
         [load_model(settings), keras.layers.Softmax()]))  # outputs probabilities
     logged = []
     report = evaluate.evaluate(evaluate_settings(args), log=logged.append)

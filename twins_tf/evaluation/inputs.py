@@ -1,0 +1,172 @@
+"""What an evaluation runs on: the parsed attack list, the resolved settings, model and data.
+
+`resolve` turns the flat settings of `python -m twins_tf.evaluate` (one key per flag) into
+complete ones, filling what the flags leave open from the run's `config.json`, and checks every
+value before anything is loaded, so a typo costs a one-line `SetupError`, not a traceback
+after minutes of data loading.
+"""
+import os
+import re
+
+from twins_tf import run_config
+from twins_tf.run_config import SetupError
+
+SPLITS = ("test", "validation")
+CLEAN = "clean"
+AUTOATTACK = "autoattack"
+REPORT_PREFIX = "evaluation_"
+_PGD_NAME = re.compile(r"pgd(\d+)$")
+
+# Settings an evaluation takes from the run's config.json when its flag is not given.
+_FROM_THE_RUN = ("arch", "dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
+                 "train_per_class", "skip_bad_images", "attack_eps", "attack_step")
+
+
+def parse_attacks(names):
+    """Checks `--attacks`; returns [(name, steps or None)] in the given order."""
+    attacks = []
+    for name in names:
+        name = name.strip().lower()
+        match = _PGD_NAME.match(name)
+        if name in (CLEAN, AUTOATTACK):
+            attacks.append((name, None))
+        elif match and int(match.group(1)) >= 1:
+            attacks.append((name, int(match.group(1))))
+        else:
+            raise SetupError(f"unknown attack {name!r} in --attacks; use clean, pgdK (e.g. "
+                             "pgd10) or autoattack.")
+    if not attacks:
+        raise SetupError("--attacks is empty; use e.g. --attacks=clean,pgd10,autoattack.")
+    if len({a for a, _ in attacks}) != len(attacks):
+        raise SetupError(f"--attacks names an attack twice: {','.join(names)}.")
+    return attacks
+
+
+def report_path(model_dir, split):
+    """The default JSON report of an evaluation of `model_dir` on `split`."""
+    return os.path.join(model_dir, f"{REPORT_PREFIX}{split}.json")
+
+
+def _path_exists(path):
+    """Local paths and URLs (gs://...) alike; tensorflow is imported only for a URL."""
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
+def resolve(settings):
+    """Fills the model and data settings from the run's config.json; checks every value.
+
+    Returns:
+      A new dict with arch, dataset, num_classes, image_size, upsample, the weights path,
+      attack radius and step, parsed attacks and the output path.
+
+    Raises:
+      SetupError: a missing or wrong value.
+    """
+    from twins_tf import data as data_lib
+    from twins_tf.models.resnet import ARCHITECTURES
+
+    s = dict(settings)
+    config = {}
+    if s.get("model_dir"):
+        config = run_config.read_config(s["model_dir"])
+        s["weights"] = s.get("weights") or os.path.join(s["model_dir"], run_config.BEST_WEIGHTS)
+        for key in _FROM_THE_RUN:
+            if s.get(key) is None:
+                s[key] = config.get(key)
+        if s.get("output") is None:
+            s["output"] = report_path(s["model_dir"], s["split"])
+        for key in ("data_dir", "tfds_data_dir"):
+            if (settings.get(key) is None and s.get(key) is not None
+                    and not _path_exists(s[key])):
+                raise SetupError(f"{key}={s[key]} (from the run's "
+                                 f"{os.path.join(s['model_dir'], run_config.CONFIG_FILE)}) "
+                                 f"does not exist: pass --{key}= to say where the data is now.")
+        if s["split"] == "validation" and config.get("validation") == "none":
+            raise SetupError("the run trained on the whole train split (--validation=none), so "
+                             "it has no held-out validation split: use --split=test.")
+    for key, example in (("weights", "--weights=model.weights.h5"),
+                         ("arch", "--arch=resnet50"), ("dataset", "--dataset=cifar10")):
+        if not s.get(key):
+            raise SetupError(f"without --model_dir, {example.split('=')[0]} is required "
+                             f"(e.g. {example}); or pass the --model_dir of a run.")
+    if s["arch"] not in ARCHITECTURES:
+        raise SetupError(f"Unknown arch {s['arch']!r}; choose one of "
+                         f"{', '.join(sorted(ARCHITECTURES))}.")
+    try:
+        spec = data_lib.get_dataset_spec(s["dataset"], image_size=s.get("image_size"),
+                                         upsample=s.get("upsample"))
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    s["dataset"], s["image_size"], s["upsample"] = spec.name, spec.image_size, spec.upsample
+    s["attack_eps"] = 8 / 255 if s.get("attack_eps") is None else s["attack_eps"]
+    s["attack_step"] = 2 / 255 if s.get("attack_step") is None else s["attack_step"]
+    for name in ("attack_eps", "attack_step"):
+        if not 0.0 <= s[name] <= 1.0:
+            raise SetupError(f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
+                             "pixel units, so write e.g. 8/255 (not 8).")
+    s["attack_list"] = parse_attacks(s["attacks"])
+    if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
+        raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
+    if s.get("max_examples") is not None and s["max_examples"] < 1:
+        raise SetupError("--max_examples must be at least 1.")
+    if not os.path.isfile(s["weights"]):
+        raise SetupError(f"weights file not found: {s['weights']}"
+                         + (" (the run has not finished an epoch yet?)" if config else ""))
+    s["num_classes"] = config.get("num_classes")
+    return s
+
+
+def load_model(settings):
+    """A plain-BN `build_resnet` model in float32 carrying the weights (Adaptive wing of twins).
+
+    Raises:
+      SetupError: the weights file is corrupt or of another architecture or head size.
+    """
+    from twins_tf import run_callbacks, weights
+    from twins_tf.models.resnet import build_resnet
+
+    s = settings
+    model = build_resnet(s["arch"], s["num_classes"], twin=False,
+                         input_shape=(s["image_size"], s["image_size"], 3),
+                         upsample=s["upsample"])
+    try:
+        weights.load_pretrained(model, s["weights"], head=True)
+        run_callbacks.check_finite_weights(model, s["weights"])
+    except (FileNotFoundError, weights.CheckpointError, ValueError) as error:
+        raise SetupError(f"--weights: {error}") from None
+    return model
+
+
+def load_examples(settings):
+    """The evaluation batches of the chosen split and the number of examples in them.
+
+    Sets `settings["num_classes"]` to the dataset's when the run did not record it, and
+    refuses a dataset whose class count differs from the model's.
+    """
+    from twins_tf import data as data_lib
+
+    s = settings
+    spec = data_lib.get_dataset_spec(s["dataset"], image_size=s["image_size"],
+                                     upsample=s["upsample"])
+    try:
+        splits = data_lib.load_splits(spec, data_dir=s.get("data_dir"),
+                                      tfds_data_dir=s.get("tfds_data_dir"),
+                                      train_per_class=s.get("train_per_class"),
+                                      skip_bad_images=bool(s.get("skip_bad_images")))
+    except (ValueError, FileNotFoundError) as error:
+        raise SetupError(str(error)) from None
+    if s["num_classes"] is not None and s["num_classes"] != splits.num_classes:
+        raise SetupError(f"the model has {s['num_classes']} classes but {spec.name} has "
+                         f"{splits.num_classes}.")
+    s["num_classes"] = splits.num_classes
+    split = splits.source(s["split"])
+    count = splits.num_examples[s["split"]]
+    if s.get("max_examples"):  # a class-stratified subset, not the first (sorted) classes
+        split, count = (data_lib.stratified_subset(split, s["max_examples"]),
+                        min(count, s["max_examples"]))
+    batches = data_lib.make_pipeline(split, spec, training=False, batch_size=s["batch_size"])
+    return batches, count
