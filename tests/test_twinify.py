@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import twins_tf
+from twins_tf import bn_wings
 from twins_tf.layers import TwinBatchNormalization
 
 
@@ -150,3 +151,120 @@ def test_bad_input():
         twins_tf.twinify(plain)
     with pytest.raises(ValueError, match="no TwinBatchNormalization"):
         twins_tf.untwin(plain)
+
+
+# --- twins_tf.bn_wings: the one plain BN <-> twin wings mapping ------------------------------
+def _built(layer, channels=3):
+    layer.build((None, 2, 2, channels))
+    return layer
+
+
+def _fill(layer, names, rng):
+    values = {}
+    for name in names:
+        variable = getattr(layer, name)
+        values[name] = rng.uniform(0.5, 1.5, variable.shape).astype(np.float32)
+        variable.assign(values[name])
+    return values
+
+
+def _apply(assignments):
+    for variable, value in assignments:
+        variable.assign(value)
+
+
+def test_bn_assignments_map_each_direction():
+    rng = np.random.default_rng(6)
+    adaptive = ("gamma", "beta", "moving_mean", "moving_variance")
+    frozen = ("frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance")
+    source_twin = _built(TwinBatchNormalization())
+    twin_values = _fill(source_twin, adaptive + frozen, rng)
+    source_plain = _built(keras.layers.BatchNormalization())
+    plain_values = _fill(source_plain, adaptive, rng)
+
+    # twin -> twin: wing by wing (the Frozen wing from the Frozen wing, not the Adaptive one).
+    target = _built(TwinBatchNormalization())
+    _apply(bn_wings.bn_assignments(source_twin, target))
+    for name in adaptive + frozen:
+        np.testing.assert_array_equal(getattr(target, name), twin_values[name])
+    # twin -> plain: the Adaptive wing.
+    target = _built(keras.layers.BatchNormalization())
+    _apply(bn_wings.bn_assignments(source_twin, target))
+    for name in adaptive:
+        np.testing.assert_array_equal(getattr(target, name), twin_values[name])
+    # plain -> twin: both wings from the BN.
+    target = _built(TwinBatchNormalization())
+    _apply(bn_wings.bn_assignments(source_plain, target))
+    for a, f in zip(adaptive, frozen):
+        np.testing.assert_array_equal(getattr(target, a), plain_values[a])
+        np.testing.assert_array_equal(getattr(target, f), plain_values[a])
+    # plain -> plain.
+    target = _built(keras.layers.BatchNormalization())
+    _apply(bn_wings.bn_assignments(source_plain, target))
+    for name in adaptive:
+        np.testing.assert_array_equal(getattr(target, name), plain_values[name])
+
+
+def test_wing_variables_and_bad_input():
+    twin = _built(TwinBatchNormalization())
+    assert bn_wings.wing_variables(twin, "moving_variance") == [
+        twin.moving_variance, twin.frozen_variance]
+    plain = _built(keras.layers.BatchNormalization())
+    assert bn_wings.wing_variables(plain, "beta") == [plain.beta]
+    with pytest.raises(ValueError, match="not a BatchNormalization weight"):
+        bn_wings.wing_variables(twin, "kernel")
+    no_scale = _built(keras.layers.BatchNormalization(scale=False))
+    with pytest.raises(ValueError, match="without gamma .*scale=True"):
+        bn_wings.bn_assignments(twin, no_scale)
+    with pytest.raises(TypeError, match="not a \\(twin\\) BN layer"):
+        bn_wings.bn_assignments(_built(keras.layers.Dense(2)), twin)
+
+
+def test_replacement_layers_keep_the_configuration():
+    bn = keras.layers.BatchNormalization(axis=1, momentum=0.8, epsilon=1e-3, synchronized=True,
+                                         name="bn_x", dtype="mixed_float16")
+    twin = bn_wings.twin_from_plain(bn)
+    assert isinstance(twin, TwinBatchNormalization)
+    assert (twin.axis, twin.momentum, twin.epsilon, twin.synchronized, twin.name) == (
+        1, 0.8, 1e-3, True, "bn_x")
+    assert twin.dtype_policy.name == "mixed_float16"
+    assert bn_wings.twin_from_plain(bn, momentum=0.5).momentum == 0.5
+    plain = bn_wings.plain_from_twin(twin)
+    assert type(plain) is keras.layers.BatchNormalization
+    assert (plain.axis, plain.momentum, plain.epsilon, plain.synchronized, plain.name) == (
+        1, 0.8, 1e-3, True, "bn_x")
+    assert plain.dtype_policy.name == "mixed_float16"
+
+
+def test_graph_models_are_told_by_public_classes():
+    inputs = keras.Input((3,))
+    functional = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+
+    class FunctionalSubclass(keras.Model):  # keras-hub style: a subclass built from a graph
+        def __init__(self):
+            x = keras.Input((3,))
+            super().__init__(x, keras.layers.Dense(2)(x))
+
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    assert bn_wings.is_graph_model(functional)
+    assert bn_wings.is_graph_model(FunctionalSubclass())
+    assert bn_wings.is_graph_model(keras.Sequential([keras.layers.Dense(2)]))
+    assert not bn_wings.is_graph_model(Subclassed())
+    assert not bn_wings.is_graph_model(keras.layers.Dense(2))
+
+
+def test_nested_layers_descend_into_models_and_list_shared_layers_once():
+    rng = np.random.default_rng(7)
+    inner = small_model(rng)
+    shared = keras.layers.Dense(4, name="shared")
+    inputs = keras.Input((8, 8, 3))
+    features = inner(inputs)
+    outer = keras.Model(inputs, keras.layers.Add()([shared(features), shared(features)]))
+    names = [layer.name for layer in bn_wings.nested_layers(outer)]
+    assert len(names) == len(set(names))
+    assert {inner.name, "shared"} <= set(names)
+    assert {layer.name for layer in inner.layers} <= set(names)
+    assert sum(1 for l in bn_wings.nested_layers(outer) if bn_wings.is_plain_bn(l)) == 2

@@ -2,20 +2,16 @@
 
 `keras.models.clone_model` with a `clone_function` rebuilds the graph with one layer type
 swapped; the weights are then copied layer by layer (matched by name, which cloning keeps).
+Which BN weight goes into which wing, and how the replacement layer is configured, is
+`twins_tf.bn_wings`'s job, shared with the pre-trained weight loaders.
 """
 import keras
-import numpy as np
-from keras.src.models.functional import Functional  # Keras 3 exports no public name
 
-from twins_tf.layers import TwinBatchNormalization
-
-
-def _iter_layers(model):
-    return {layer.name: layer for layer in model._flatten_layers(include_self=False)}
+from twins_tf import bn_wings
 
 
 def _require_graph_model(model):
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not bn_wings.is_graph_model(model):
         raise TypeError(
             f"twins_tf can only convert functional or Sequential Keras models; got "
             f"{type(model).__name__}. Subclassed models have no graph to rebuild: build the "
@@ -23,33 +19,35 @@ def _require_graph_model(model):
         )
 
 
-def _clone(model, swap):
+def _convert(model, is_source_bn, make_replacement, missing):
+    """Clones `model` with every `is_source_bn` layer replaced, then copies all weights.
+
+    `missing` is the error message (formatted with the model's name) for a model without
+    such a layer: converting it would silently return a copy.
+    """
+    _require_graph_model(model)
+    if not any(is_source_bn(layer) for layer in bn_wings.nested_layers(model)):
+        raise ValueError(missing.format(name=model.name))
+
     def clone_layer(layer):
-        new = swap(layer)
-        if new is not None:
-            return new
+        if is_source_bn(layer):
+            return make_replacement(layer)
         return layer.__class__.from_config(layer.get_config())
 
-    return keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-
-
-def _copy_weights(source, target, copy_one):
-    old = _iter_layers(source)
-    for name, new_layer in _iter_layers(target).items():
+    clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    old = {layer.name: layer for layer in bn_wings.nested_layers(model)}
+    for new_layer in bn_wings.nested_layers(clone):
         if isinstance(new_layer, keras.Model):
             continue  # nested models: their layers are visited individually
-        old_layer = old.get(name)
+        old_layer = old.get(new_layer.name)
         if old_layer is None or not old_layer.weights:
             continue
-        if not copy_one(old_layer, new_layer):
+        if is_source_bn(old_layer):
+            for variable, value in bn_wings.bn_assignments(old_layer, new_layer):
+                variable.assign(value)
+        else:
             new_layer.set_weights(old_layer.get_weights())
-
-
-def _bn_params(bn):
-    channels = bn.moving_mean.shape[0]
-    gamma = np.asarray(bn.gamma) if bn.scale else np.ones(channels, "float32")
-    beta = np.asarray(bn.beta) if bn.center else np.zeros(channels, "float32")
-    return gamma, beta, np.asarray(bn.moving_mean), np.asarray(bn.moving_variance)
+    return clone
 
 
 def twinify(model, momentum=None):
@@ -65,40 +63,9 @@ def twinify(model, momentum=None):
     Returns:
       A new model; `model` is left untouched.
     """
-
-    def swap(layer):
-        if type(layer) is keras.layers.BatchNormalization:
-            if getattr(layer, "renorm", False):
-                raise ValueError(f"{layer.name}: batch renormalisation has no twin equivalent.")
-            return TwinBatchNormalization(
-                axis=layer.axis,
-                momentum=layer.momentum if momentum is None else momentum,
-                epsilon=layer.epsilon,
-                synchronized=layer.synchronized,
-                name=layer.name,
-                dtype=layer.dtype_policy,
-            )
-        return None
-
-    def copy_one(old, new):
-        if not isinstance(new, TwinBatchNormalization):
-            return False
-        gamma, beta, mean, var = _bn_params(old)
-        for variable, value in (
-            (new.gamma, gamma), (new.beta, beta), (new.moving_mean, mean),
-            (new.moving_variance, var), (new.frozen_gamma, gamma), (new.frozen_beta, beta),
-            (new.frozen_mean, mean), (new.frozen_variance, var),
-        ):
-            variable.assign(value)
-        return True
-
-    _require_graph_model(model)
-    if not any(type(l) is keras.layers.BatchNormalization
-               for l in model._flatten_layers(include_self=False)):
-        raise ValueError(f"twinify: model '{model.name}' has no BatchNormalization layer to twin.")
-    twin = _clone(model, swap)
-    _copy_weights(model, twin, copy_one)
-    return twin
+    return _convert(model, bn_wings.is_plain_bn,
+                    lambda bn: bn_wings.twin_from_plain(bn, momentum),
+                    "twinify: model '{name}' has no BatchNormalization layer to twin.")
 
 
 def untwin(model):
@@ -107,30 +74,5 @@ def untwin(model):
     The result's inference output equals the twin model's inference output (which uses the
     Adaptive wing with its moving statistics); it is what gets exported.
     """
-
-    def swap(layer):
-        if isinstance(layer, TwinBatchNormalization):
-            return keras.layers.BatchNormalization(
-                axis=layer.axis,
-                momentum=layer.momentum,
-                epsilon=layer.epsilon,
-                synchronized=layer.synchronized,
-                name=layer.name,
-                dtype=layer.dtype_policy,
-            )
-        return None
-
-    def copy_one(old, new):
-        if not isinstance(old, TwinBatchNormalization):
-            return False
-        new.set_weights([np.asarray(v) for v in (
-            old.gamma, old.beta, old.moving_mean, old.moving_variance)])
-        return True
-
-    _require_graph_model(model)
-    if not any(isinstance(l, TwinBatchNormalization)
-               for l in model._flatten_layers(include_self=False)):
-        raise ValueError(f"untwin: model '{model.name}' has no TwinBatchNormalization layer.")
-    plain = _clone(model, swap)
-    _copy_weights(model, plain, copy_one)
-    return plain
+    return _convert(model, bn_wings.is_twin_bn, bn_wings.plain_from_twin,
+                    "untwin: model '{name}' has no TwinBatchNormalization layer.")
