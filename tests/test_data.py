@@ -83,7 +83,7 @@ def _load_mocked(name, root, num_examples, **spec_overrides):
     return spec, splits, batches, calls
 
 
-# --- registry ----------------------------------------------------------------------------
+# --- registry (twins_tf.data.registry) ---------------------------------------------------
 def test_registry_rows_are_complete():
     for name, spec in data.DATASETS.items():
         assert spec.name == name
@@ -141,7 +141,7 @@ def test_missing_tfds_data_fails_at_once_with_instructions(tmp_path):
     assert str(tmp_path / "downloads" / "manual") in message
 
 
-# --- tfds datasets through mock_data -----------------------------------------------------
+# --- tfds datasets through mock_data (twins_tf.data.tfds_source) -------------------------
 def test_cifar10_mocked(tmp_path):
     prepare_fake_tfds("cifar10", tmp_path, {"train": 50000, "test": 10000})
     spec, splits, batches, calls = _load_mocked("cifar10", tmp_path, num_examples=10)
@@ -181,7 +181,7 @@ def test_stanford_dogs_mocked(tmp_path):
         np.testing.assert_allclose(image, _np_resize_centre_crop(decoded, 40), atol=2e-5)
 
 
-# --- image folders -----------------------------------------------------------------------
+# --- image folders (twins_tf.data.folder_source) -----------------------------------------
 CLASS_GREY = {"cat": 40, "dog": 120, "emu": 200}
 
 
@@ -259,7 +259,7 @@ def test_folder_dataset_errors(tmp_path):
         data.load_splits("folder", data_dir=str(tmp_path))
 
 
-# --- digits ------------------------------------------------------------------------------
+# --- digits (twins_tf.data.digits_source) ------------------------------------------------
 def test_digits_classes_and_splits():
     from sklearn.datasets import load_digits
 
@@ -310,7 +310,7 @@ def test_digits_resize_matches_bilinear_reference():
     assert images.shape == (int(keep.sum()), 32, 32, 3) and images.dtype == np.float32
 
 
-# --- augmentation ------------------------------------------------------------------------
+# --- augmentation (twins_tf.data.augmentation) -------------------------------------------
 @pytest.mark.parametrize("shape", [(300, 400), (401, 257), (224, 224), (90, 120)])
 def test_evaluation_transform_is_torchvision_resize_and_centre_crop(shape):
     rng = np.random.default_rng(0)
@@ -400,7 +400,7 @@ def test_pad_crop_flip_against_numpy(name, padding, flips):
         assert flipped == 0.0
 
 
-# --- pipelines ---------------------------------------------------------------------------
+# --- pipelines (twins_tf.data.pipeline) --------------------------------------------------
 def _indexed_dataset(n, size=16):
     images = np.random.default_rng(0).random((n, size, size, 3)).astype(np.float32)
     return tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32)))
@@ -527,7 +527,7 @@ def test_stateless_shuffle_of_variable_size_images():
     assert orders[0] == orders[1] == orders[2]  # the window sets memory, not the order
 
 
-# --- whole-split training order ------------------------------------------------------------
+# --- whole-split training order (twins_tf.data.ordering) -----------------------------------
 CHI2_CRITICAL = {2: 13.816, 11: 31.264, 143: 194.7}  # chi-square quantiles at p = 0.999 (scipy)
 
 
@@ -613,7 +613,7 @@ def test_folder_training_order_mixes_classes_and_resumes(tmp_path):
         np.testing.assert_array_equal(x, rx)
 
 
-# --- class-stratified subsets --------------------------------------------------------------
+# --- class-stratified subsets (twins_tf.data.ordering) -------------------------------------
 def test_stratified_indices_follow_the_class_shares():
     labels = np.repeat([3, 0, 1, 2], [100, 50, 25, 25])  # 200 examples, sorted by class
     chosen = data.stratified_indices(labels, 40)
@@ -645,7 +645,7 @@ def test_stratified_subset_of_a_class_sorted_split(kind):
     assert data.stratified_subset(whole, None) is whole
 
 
-# --- validation protocols ------------------------------------------------------------------
+# --- validation protocols (twins_tf.data.loading) ------------------------------------------
 def test_validation_none_trains_on_the_whole_official_train_split(tmp_path):
     _write_class_images(tmp_path / "train", 10)
     _write_class_images(tmp_path / "test", 4, start=100)
@@ -676,7 +676,7 @@ def test_validation_none_reads_the_official_tfds_train_split(name, tmp_path):
     assert splits.num_examples["train"] == official == 7
 
 
-# --- unreadable folder images --------------------------------------------------------------
+# --- unreadable folder images (twins_tf.data.image_checks) ---------------------------------
 def _image_files(folder):
     """Good and bad image files; returns {name: decodes with tf.io.decode_image}."""
     from PIL import Image
@@ -737,3 +737,32 @@ def test_bad_folder_images_are_listed_or_skipped(tmp_path, caplog):
         path.write_bytes(b"no longer a PNG")
     with pytest.raises(data.BadImagesError, match="hold no good image"):
         data.load_splits("folder", data_dir=str(tmp_path), skip_bad_images=True)
+
+
+# --- the package's public names ----------------------------------------------------------
+# Every public name of the single-module twins_tf/data.py before the split into a package,
+# written out by hand: callers use them as twins_tf.data.X and must keep working.
+PUBLIC_NAMES_BEFORE_THE_SPLIT = (
+    "ALIASES", "BadImagesError", "CENTRE_CROP_FRACTION", "CIFAR", "CIFAR_PADDING", "DATASETS",
+    "DIGITS", "DatasetNotFoundError", "DatasetSpec", "DatasetSplits", "FOLDER", "IMAGENET",
+    "IMAGE_EXTENSIONS", "PREPROCESSING_KINDS", "RANDOM_RESIZED_CROP_RATIO",
+    "RANDOM_RESIZED_CROP_SCALE", "Rows", "SKLEARN_DIGITS", "SPLIT_SEED", "TFDS",
+    "VALIDATION_PROTOCOLS", "augment", "centre_crop", "check_batch_size",
+    "default_tfds_data_dir", "digits_arrays", "epoch_permutation", "evaluation_transform",
+    "find_bad_images", "get_dataset_spec", "load_splits", "make_pipeline",
+    "official_train_split", "pad_and_random_crop", "random_resized_crop",
+    "random_resized_crop_window", "resize_shorter_side", "stateless_shuffle",
+    "steps_per_epoch", "stratified_indices", "stratified_subset", "tfds_builder",
+    "to_float_image",
+)
+
+
+def test_every_old_public_name_is_still_in_twins_tf_data():
+    missing = [name for name in PUBLIC_NAMES_BEFORE_THE_SPLIT if not hasattr(data, name)]
+    assert not missing
+    assert sorted(data.__all__) == sorted(PUBLIC_NAMES_BEFORE_THE_SPLIT)
+    # Each is the object its home module defines, not a copy that could drift.
+    for name in PUBLIC_NAMES_BEFORE_THE_SPLIT:
+        value = getattr(data, name)
+        if callable(value) and hasattr(value, "__module__"):
+            assert value.__module__.startswith("twins_tf.data."), name

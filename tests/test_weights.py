@@ -448,3 +448,22 @@ def test_headless_checkpoint_converts_but_refuses_head_true(tmp_path, expected):
         model.get_layer("layer1_0_bn1").moving_variance.numpy(),
         expected["layer1.0.bn1.running_var"],
     )
+
+
+# --- the package's public names ------------------------------------------------------------
+# Every public name of the single-module twins_tf/weights.py before the split into a package,
+# written out by hand: callers (convert, train, evaluate, the README) use twins_tf.weights.X.
+PUBLIC_NAMES_BEFORE_THE_SPLIT = (
+    "HEAD_ATTRIBUTE", "Checkpoint", "CheckpointError", "CheckpointWarning",
+    "UnsafeCheckpointError", "conv_layer_count", "convert_checkpoint", "infer_arch",
+    "infer_arch_from_state_dict", "load_pretrained", "load_torch_state_dict",
+    "read_checkpoint", "read_torch_checkpoint",
+)
+
+
+def test_every_old_public_name_is_still_in_twins_tf_weights():
+    missing = [name for name in PUBLIC_NAMES_BEFORE_THE_SPLIT if not hasattr(weights, name)]
+    assert not missing
+    assert sorted(weights.__all__) == sorted(PUBLIC_NAMES_BEFORE_THE_SPLIT)
+    assert issubclass(weights.UnsafeCheckpointError, weights.CheckpointError)
+    assert issubclass(weights.CheckpointError, ValueError)
