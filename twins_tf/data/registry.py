@@ -3,10 +3,10 @@
 Every dataset is one row of `DATASETS` (big_vision style): where the images come from
 (tensorflow-datasets, an image folder, or scikit-learn's digits), the train / validation /
 test splits, the number of classes, the input size the model sees, the nearest-neighbour
-upsampling the model applies (spec §3), and the preprocessing kind (`twins_tf.data.
-augmentation`).  The splits carve validation out of the training data (or take the dataset's
-official validation split), never out of the test set: model selection on the test set is
-one of the reference code's defects (spec §9).
+upsampling the model applies (spec §3), and the preprocessing kind (see
+`twins_tf.data.augmentation`).  The splits carve validation out of the training data (or take
+the dataset's official validation split), never out of the test set: model selection on the
+test set is one of the reference code's defects (spec §9).
 """
 import dataclasses
 
