@@ -1,5 +1,7 @@
 """twins_tf.weights: reading checkpoints, loading state dicts and Keras weights files.
 
+Sections follow the package's modules; the wing mapping itself is tested in test_twinify.py.
+
 The reference for every value is the PyTorch module that wrote the file (its own
 `state_dict()`), or PyTorch's forward pass; nothing is compared with twins_tf's own output.
 """
@@ -54,7 +56,7 @@ def one_line(error):
     return message
 
 
-# --- reading files ----------------------------------------------------------------------------
+# --- reading files (twins_tf.weights.reading) -------------------------------------------------
 @pytest.mark.parametrize(
     "style", ["robustness", "robustness_state_dict", "dataparallel", "torchvision"]
 )
@@ -123,7 +125,7 @@ def test_imagenet_normaliser_is_not_reported(tmp_path, net, recwarn):
     assert not [w for w in recwarn if issubclass(w.category, weights.CheckpointWarning)]
 
 
-# --- unsafe pickles -----------------------------------------------------------------------------
+# --- unsafe pickles (twins_tf.weights.reading) --------------------------------------------------
 def _leave_marker(path):
     """What a malicious pickle would do: run code on load."""
     with open(path, "w") as f:
@@ -177,7 +179,7 @@ def test_dill_pickled_robustness_checkpoint_loads_with_allow_pickle(tmp_path, ne
         weights.read_torch_checkpoint(path, allow_pickle=True)
 
 
-# --- bad files ----------------------------------------------------------------------------------
+# --- bad files (twins_tf.weights.reading) -------------------------------------------------------
 def _write(path, data):
     path.write_bytes(data)
     return path
@@ -224,7 +226,7 @@ def test_keras_weights_file_is_pointed_to_load_pretrained(tmp_path):
     one_line(info)
 
 
-# --- load_torch_state_dict ----------------------------------------------------------------------
+# --- load_torch_state_dict (twins_tf.weights.torch_names) ---------------------------------------
 @pytest.fixture(scope="module")
 def twin_model():
     return build_resnet("resnet18", 1000, twin=True, input_shape=(None, None, 3))
@@ -316,7 +318,7 @@ def test_models_not_from_build_resnet_are_refused(expected):
     one_line(info)
 
 
-# --- load_pretrained ----------------------------------------------------------------------------
+# --- load_pretrained, convert_checkpoint (weights.keras_files, weights.conversion) --------------
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, net):
     directory = tmp_path_factory.mktemp("converted")
