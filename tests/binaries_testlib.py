@@ -32,10 +32,7 @@ _CACHE = {}
 
 def settings(binary, args):
     """Settings of `python -m twins_tf.<binary> <args>`, parsed as the binary parses them."""
-    flag_values = flags.FlagValues()
-    run_config.define_flags(flag_values, binary)
-    flag_values([binary, *args])
-    return run_config.settings_from_flags(flag_values, binary)
+    return run_config.settings_from_args(binary, args)
 
 
 def evaluate_settings(args):

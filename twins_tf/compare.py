@@ -18,8 +18,9 @@ import sys
 
 from absl import app, flags
 
-from twins_tf import run_config
-from twins_tf.run_config import SetupError
+from twins_tf.training.flags import define_flags as define_run_flags
+from twins_tf.training.flags import settings_from_flags
+from twins_tf.training.settings import TRAIN, SetupError
 
 FLAGS = flags.FLAGS
 # Train flags that compare sets itself, per run.
@@ -45,7 +46,7 @@ def define_flags(flag_values):
                          "test examples per run.", **options)
     own = ["methods", "seeds", "baseline", "output_dir", "attacks", "eval_max_examples",
            "eval_batch_size", "autoattack_examples"]
-    run_config.define_flags(flag_values, run_config.TRAIN)
+    define_run_flags(flag_values, TRAIN)
     flag_values.set_default("deterministic", True)
     return own
 
@@ -73,7 +74,7 @@ def main(argv):
         if "autoattack" in FLAGS.attacks:
             raise SetupError("--attacks takes clean and pgdK; AutoAttack runs on "
                              "--autoattack_examples examples.")
-        base = run_config.settings_from_flags(FLAGS, run_config.TRAIN)
+        base = settings_from_flags(FLAGS, TRAIN)
         _, table = comparison.compare(
             base, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
             baseline=FLAGS.baseline or FLAGS.methods[0], output_dir=FLAGS.output_dir,

@@ -31,7 +31,8 @@ import os
 
 import numpy as np
 
-from twins_tf import run_config
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import EXECUTION_KEYS, LOCATION_KEYS, Settings, SetupError
 
 # Metrics of the evaluation table: report key -> label.
 CLEAN = "clean"
@@ -69,15 +70,15 @@ def run_dir(output_dir, method, seed):
 
 def settings_hash(settings):
     """sha256 of the settings that define what a run learns (not where it lives or runs)."""
-    ignored = run_config.LOCATION_KEYS + run_config.EXECUTION_KEYS
+    ignored = LOCATION_KEYS + EXECUTION_KEYS
     kept = {k: v for k, v in sorted(settings.items()) if k not in ignored}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _train_one(settings, verbose):
-    from twins_tf import train
+    from twins_tf.training import loop
 
-    train.run(settings, verbose=verbose)
+    loop.run(settings, verbose=verbose)
 
 
 def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
@@ -87,7 +88,7 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     from twins_tf import evaluate
 
     path = os.path.join(model_dir, file_name)
-    weights = os.path.join(model_dir, run_config.BEST_WEIGHTS)
+    weights = os.path.join(model_dir, run_files.BEST_WEIGHTS)
     if os.path.isfile(path) and os.path.getmtime(path) >= os.path.getmtime(weights):
         with open(path) as f:
             stored = json.load(f)
@@ -99,7 +100,7 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     report = evaluate.evaluate(evaluate.settings_from_flags(flag_values), log=log,
                                progress=False)
     report["compare_args"] = list(evaluation_args)
-    run_config.write_json(path, report)
+    run_files.write_json(path, report)
     return report
 
 
@@ -108,7 +109,8 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
     """Trains (or reuses) and evaluates every (method, seed); returns their `RunResult`s.
 
     Args:
-      base_settings: `train` settings (`run_config.settings_from_flags(..., "train")`); each
+      base_settings: `train` settings (`training.flags.settings_from_flags(..., "train")`
+        or a `Settings`); each
         run overrides `method`, `seed` and `model_dir`.
       methods, seeds: what to run.
       output_dir: runs go to `output_dir/runs/<method>_seed<seed>`.
@@ -118,6 +120,8 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
     """
     from twins_tf import run_callbacks
 
+    if isinstance(base_settings, Settings):
+        base_settings = base_settings.to_dict()
     results = []
     for method in methods:
         for seed in seeds:
@@ -131,9 +135,8 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
                 evaluation = dict(evaluation, results={**evaluation["results"],
                                                        **extra["results"]},
                                   autoattack_examples=extra["examples"])
-            metrics = run_callbacks.read_metrics(os.path.join(model_dir, run_config.METRICS_FILE))
-            with open(os.path.join(model_dir, run_config.CONFIG_FILE)) as f:
-                stored = json.load(f)
+            metrics = run_callbacks.read_metrics(os.path.join(model_dir, run_files.METRICS_FILE))
+            stored = run_files.read_config(model_dir)
             results.append(RunResult(method, seed, model_dir, stored, metrics, evaluation))
     return results
 
@@ -370,15 +373,15 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
     os.makedirs(os.path.join(report_dir, "model_cards"), exist_ok=True)
     summary = summarise(results, attacks, baseline)
     table = format_table(summary, attacks)
-    run_config.write_json(os.path.join(report_dir, "report.json"), summary)
+    run_files.write_json(os.path.join(report_dir, "report.json"), summary)
     with open(os.path.join(report_dir, "report.txt"), "w") as f:
         f.write(table + "\n")
     cards = {}
     for result in results:
         card = model_card(result)
         cards[f"{result.method}_seed{result.seed}"] = card
-        run_config.write_json(os.path.join(report_dir, "model_cards",
-                                           f"{result.method}_seed{result.seed}.json"), card)
+        run_files.write_json(os.path.join(report_dir, "model_cards",
+                                          f"{result.method}_seed{result.seed}.json"), card)
     robust = next((a for a in attacks if a != CLEAN), None)
     figures = {"curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)",
                               plot_curves(results))}
@@ -420,10 +423,10 @@ def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("cl
       report_dir: where the report goes (default `output_dir/report`).
     """
     if baseline not in methods:
-        raise run_config.SetupError(f"--baseline={baseline} is not among --methods="
-                                    f"{','.join(methods)}: add it or pick one of them.")
+        raise SetupError(f"--baseline={baseline} is not among --methods="
+                         f"{','.join(methods)}: add it or pick one of them.")
     if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods):
-        raise run_config.SetupError("--methods and --seeds must not repeat an entry.")
+        raise SetupError("--methods and --seeds must not repeat an entry.")
     evaluation_args = [f"--attacks={','.join(attacks)}", f"--batch_size={batch_size}"]
     if max_examples:
         evaluation_args.append(f"--max_examples={max_examples}")

@@ -38,7 +38,9 @@ import time
 
 from absl import app, flags
 
-from twins_tf import run_config
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.flags import settings_from_args
+from twins_tf.training.settings import PRETRAIN, TRAIN, SetupError
 
 SOURCE = "digits_0_4"
 TARGET = "digits_5_9"
@@ -108,13 +110,10 @@ def _parse(define, binary, args):
 
 def run_training(binary, args, log):
     """Runs `python -m twins_tf.<binary> <args>` (train or pretrain) in this process."""
-    from twins_tf import pretrain, train
+    from twins_tf.training import loop
 
     log(_command(binary, args))
-    flag_values = _parse(lambda fv: run_config.define_flags(fv, binary), binary, args)
-    settings = run_config.settings_from_flags(flag_values, binary)
-    runner = pretrain.run if binary == run_config.PRETRAIN else train.run
-    return runner(settings, verbose=2)
+    return loop.run(settings_from_args(binary, args), verbose=2)
 
 
 def export_and_check(model_dir, output_dir, evaluation, log):
@@ -153,13 +152,13 @@ def export_and_check(model_dir, output_dir, evaluation, log):
 def _check_choices(methods, seeds, autoattack, autoattack_examples):
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise run_config.SetupError(f"--methods must name some of {', '.join(METHOD_NAMES)}; "
-                                    f"got {','.join(methods) or 'nothing'}.")
+        raise SetupError(f"--methods must name some of {', '.join(METHOD_NAMES)}; "
+                         f"got {','.join(methods) or 'nothing'}.")
     if not seeds or len(set(seeds)) != len(seeds):
-        raise run_config.SetupError("--seeds must list distinct integers.")
+        raise SetupError("--seeds must list distinct integers.")
     if autoattack not in ("on", "off") or autoattack_examples < 1:
-        raise run_config.SetupError("--autoattack must be on or off and "
-                                    "--autoattack_examples at least 1.")
+        raise SetupError("--autoattack must be on or off and "
+                         "--autoattack_examples at least 1.")
 
 
 def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoattack="off",
@@ -182,10 +181,10 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
     log(f"== 1. robust pre-training on the source task ({SOURCE}: the whole training split "
         "of digits 0-4)")
     step = time.time()
-    run_training(run_config.PRETRAIN, [f"--dataset={SOURCE}", *COMMON, *recipe["pretrain"],
-                                       f"--model_dir={source_dir}"], log)
+    run_training(PRETRAIN, [f"--dataset={SOURCE}", *COMMON, *recipe["pretrain"],
+                            f"--model_dir={source_dir}"], log)
     timings["pretrain"] = time.time() - step
-    pretrained = os.path.join(source_dir, run_config.BEST_WEIGHTS)
+    pretrained = os.path.join(source_dir, run_files.BEST_WEIGHTS)
 
     names = ", ".join(METHOD_NAMES[m] for m in methods)
     log(f"== 2-3. fine-tuning on the target task ({TARGET}, {TARGET_PER_CLASS} training "
@@ -200,11 +199,9 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
     log(_command("compare", [*train_args, f"--methods={','.join(methods)}",
                              f"--seeds={','.join(map(str, seeds))}", *evaluation, *aa,
                              f"--output_dir={output_dir}"]))
-    flag_values = _parse(lambda fv: run_config.define_flags(fv, run_config.TRAIN),
-                         run_config.TRAIN, train_args)
     step = time.time()
     summary, table = comparison.compare(
-        run_config.settings_from_flags(flag_values, run_config.TRAIN), methods=methods,
+        settings_from_args(TRAIN, train_args), methods=methods,
         seeds=seeds, baseline=methods[0], output_dir=output_dir, attacks=recipe["attacks"],
         max_examples=recipe["max_examples"],
         autoattack_examples=autoattack_examples if autoattack == "on" else 0,
@@ -238,7 +235,7 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(time.time() - started, 1),
     }
-    run_config.write_json(os.path.join(output_dir, RESULTS_FILE), results)
+    run_files.write_json(os.path.join(output_dir, RESULTS_FILE), results)
     log(f"total {results['total_seconds']:.0f} s; plots and table in {results['report']}; "
         f"results in {os.path.join(output_dir, RESULTS_FILE)}")
     return results
@@ -262,7 +259,7 @@ def main(argv):
                  autoattack=FLAGS.autoattack,
                  autoattack_examples=FLAGS.autoattack_examples, quick=FLAGS.quick,
                  log=lambda line: print(line, flush=True))
-    except (run_config.SetupError, DivergenceError) as error:
+    except (SetupError, DivergenceError) as error:
         sys.exit(f"demo: error: {error}")
 
 

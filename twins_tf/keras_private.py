@@ -7,8 +7,219 @@ upgrade that changes it fails there first instead of deep inside a training run.
 module imports `keras.src` or `tensorflow.python`.
 """
 # --- training and runs: multi-worker trainer fix, BackupAndRestore's files, op determinism ---
+# The backup: keras.callbacks.BackupAndRestore keeps its state in files whose names and
+# format Keras does not document; twins_tf's model_dir contract repairs a backup a kill cut
+# short (twins_tf.training.backup), so it needs them.
+BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
+BACKUP_PREVIOUS_SUFFIX = ".bkp"
+
+
+def backup_file_names():
+    """(weights, metadata, suffix of the previous pair) of a BackupAndRestore directory.
+
+    Why: a run killed while Keras writes its backup can leave a weights file cut short or a
+    half-written metadata file, which Keras cannot restore from; twins_tf.training.backup puts
+    the previous pair back, and must know which files those are.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): `BackupAndRestore(backup_dir,
+    double_checkpoint=True)` saves the weights to `backup_dir/latest.weights.h5`
+    (`model.save_weights`) and then `backup_dir/training_metadata.json`, after first copying
+    each existing one to the same name + ".bkp" (`BackupAndRestore._save_model`).
+    """
+    return BACKUP_WEIGHTS, BACKUP_METADATA, BACKUP_PREVIOUS_SUFFIX
+
+
+def backup_epoch(metadata_path):
+    """The number of finished epochs a BackupAndRestore metadata file records; None if the
+    file is missing, unreadable or half written.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): the metadata file is the JSON
+    object {"epoch": <epochs finished>, "batch": <batch>} (`BackupAndRestore._save_model`),
+    and `fit` resumes at that epoch (`model._initial_epoch = epoch` in `_load_model`).
+    """
+    import json
+
+    try:
+        with open(metadata_path) as f:
+            return int(json.loads(f.read())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# Op determinism: TF 2.21 makes `tf.config.experimental.enable_op_determinism` public, but
+# not the getter nor the way back, which a run needs to leave the process as it found it.
+def op_determinism_enabled():
+    """Whether TensorFlow's op determinism is on.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0):
+    `tensorflow.python.framework.config.is_op_determinism_enabled`, which
+    `tf.config.experimental.enable_op_determinism` turns True.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    return tf_config.is_op_determinism_enabled()
+
+
+def disable_op_determinism():
+    """Turns TensorFlow's op determinism off again.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0):
+    `tensorflow.python.framework.config.disable_op_determinism`.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    tf_config.disable_op_determinism()
+
+
+# Multi-worker: Keras 3.15's TensorFlow trainer breaks under MultiWorkerMirroredStrategy in
+# two places (see twins_tf.multi_worker); the fix replaces two of its internals while `fit`
+# runs and puts Keras's own back afterwards.
+def in_multi_worker_mode(strategy):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy spanning more than one worker.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): the strategy's private
+    `extended._in_multi_worker_mode()` (TensorFlow has no public equivalent; a one-worker
+    MultiWorkerMirroredStrategy returns False).
+    """
+    import tensorflow as tf
+
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def _multi_worker_reduce_per_replica(original):
+    """Keras's `reduce_per_replica`, reducing scalars with axis=None under multi-worker."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and (
+                keras_tf_trainer._collective_all_reduce_multi_worker(strategy)):
+            def reduce(value):
+                if not isinstance(value, (tf.Tensor, tf.distribute.DistributedValues)):
+                    return value
+                rank = value.shape.rank if isinstance(value, tf.Tensor) else (
+                    strategy.experimental_local_results(value)[0].shape.rank)
+                return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
+
+            return tf.nest.map_structure(reduce, values)
+        return original(values, strategy, reduction)
+
+    return reduce_per_replica
+
+
+def _multi_worker_symbolic_build(original):
+    """Keras's `_maybe_symbolic_build`, building from the local replica's batch."""
+    import tensorflow as tf
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, batches in iterator:
+                batch = next(batches)
+                data_batch = tf.nest.map_structure(
+                    lambda v: (self.distribute_strategy.experimental_local_results(v)[0]
+                               if isinstance(v, tf.distribute.DistributedValues) else v),
+                    batch)
+                break
+            iterator = None
+        return original(self, iterator=iterator, data_batch=data_batch)
+
+    return maybe_symbolic_build
+
+
+def keras_trainer_functions():
+    """(module-level `reduce_per_replica`, `TensorFlowTrainer._maybe_symbolic_build`) as
+    Keras has them now: what `multi_worker_trainer_fixes` replaces and restores."""
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    return (keras_tf_trainer.reduce_per_replica,
+            keras_tf_trainer.TensorFlowTrainer.__dict__["_maybe_symbolic_build"])
+
+
+class multi_worker_trainer_fixes:  # noqa: N801 (used as a context manager, like a function)
+    """Context manager: Keras's TF trainer fixed for MultiWorkerMirroredStrategy inside it.
+
+    Inside, `fit` (1) builds the model from the local replica's batch instead of handing
+    `strategy.reduce` a tuple of per-replica batches ("Attempt to convert a value (PerReplica
+    ...) to a Tensor"), and (2) reduces scalar step metrics over replicas with axis=None
+    instead of axis=0 ("Invalid reduction dimension 0 for input with 0 dimensions").  On
+    exit, also after an exception, Keras's own functions are put back, so nothing else in
+    the process runs with them.  Not re-entrant across threads (it patches module globals).
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0):
+    `keras.src.backend.tensorflow.trainer.reduce_per_replica(values, strategy, reduction)`,
+    called by the train/test steps through the module global; its helper
+    `_collective_all_reduce_multi_worker(strategy)`; and
+    `TensorFlowTrainer._maybe_symbolic_build(self, iterator=None, data_batch=None)`, called
+    by `fit` / `evaluate` before the first step, where `iterator` yields
+    (step, _, batches) and `self._distribute_strategy` is the model's strategy.
+    """
+
+    def __init__(self, *, reduce_per_replica=None, maybe_symbolic_build=None):
+        # Factories original -> replacement; the fixes by default (tests pass spies that
+        # record Keras calling them).
+        self._reduce, self._build = reduce_per_replica, maybe_symbolic_build
+        self._saved = None
+
+    def __enter__(self):
+        from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+        if self._saved is not None:
+            raise RuntimeError("multi_worker_trainer_fixes is already active.")
+        reduce, build = self._saved = keras_trainer_functions()
+        keras_tf_trainer.reduce_per_replica = (self._reduce or
+                                               _multi_worker_reduce_per_replica)(reduce)
+        keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = (
+            self._build or _multi_worker_symbolic_build)(build)
+        return self
+
+    def __exit__(self, *exc_info):
+        from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+        keras_tf_trainer.reduce_per_replica, build = self._saved
+        keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = build
+        self._saved = None
+        return False
+
+
 
 # --- attacks: per-layer dtype policy while tracing an attack ---
+import contextlib  # noqa: E402  (the attacks section's own import)
+
+
+@contextlib.contextmanager
+def float32_compute(model):
+    """While open, every layer of `model` computes in float32 (its variables unchanged).
+
+    Why: PGD follows the sign of an input gradient, which bfloat16/float16 round to zero or
+    flip for many small entries; under a mixed-precision policy the attack's trace must run
+    the model in float32, and the training forward traced afterwards in the model's own
+    policy.  Keras reads a layer's compute dtype when the layer is called, i.e. while a
+    function is traced, so switching the policies for the attack's trace and restoring them
+    right after gives both graphs.  The public `layer.dtype_policy` setter cannot do this:
+    with a `DTypePolicyMap` it edits the shared map (for every layer at that path) and it
+    re-runs the quantization hooks, so it is not undone by setting the old value back.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): `Layer._flatten_layers(
+    include_self=False)` lists every nested layer (sub-models included) once;
+    `Layer._dtype_policy` is the attribute `Layer.compute_dtype` (and so `Layer.__call__`'s
+    input casting and `Layer.add_weight`'s autocast) reads; assigning it changes nothing
+    else.  Quantized layers keep their policy (their kernels need it).
+    """
+    import keras
+
+    layers = [model, *model._flatten_layers(include_self=False)]
+    saved = [(layer, layer._dtype_policy) for layer in layers]
+    try:
+        for layer, policy in saved:
+            if policy.compute_dtype != "float32" and policy.quantization_mode is None:
+                layer._dtype_policy = keras.DTypePolicy("float32")
+        yield
+    finally:
+        for layer, policy in saved:
+            layer._dtype_policy = policy
+
 
 # --- models and weights: Keras's Functional class, Keras's HDF5 group names ---
 # twinify tells a graph model by the public `keras.Function` (twins_tf.bn_wings.is_graph_model),
@@ -80,3 +291,63 @@ def load_weights_collecting_skips(model, path):
     return [str(w.message).splitlines()[0] for w in caught if "Skipping" in str(w.message)]
 
 
+# --- serialisation and the trainer: tf.data's batch structure, a model's nested layers ---
+# The trainer checks the batch sizes of a tf.data pipeline before training (an odd last batch
+# of a twin method would otherwise fail an epoch later), and L2-SP's `l2sp_exclude` names
+# layers at any depth of the model.
+
+# Datasets that yield their input's elements (batches) unchanged in size.
+_SIZE_PRESERVING_DATASETS = frozenset({
+    "_MapDataset", "_ParallelMapDataset", "_PrefetchDataset", "_OptionsDataset",
+    "_RepeatDataset", "_ShuffleDataset", "_CacheDataset",
+})
+
+
+def dataset_batch_sizes(dataset):
+    """The set of batch sizes `dataset` yields, when its structure tells them; else None.
+
+    Why: tf.data's public API gives a batched dataset's batch size as None (the last batch may
+    be smaller) and its cardinality, but not the size of that last batch, which is what a twin
+    method needs even.  Walks from `dataset` through the size-preserving transformations above
+    down to a `batch()`/`padded_batch()`; there, from the constant batch size b, drop_remainder
+    and the input's known cardinality N, the sizes are {b} and, if N % b, {N % b}.
+
+    Relies on tf.data's private dataset classes (their names, as listed above, and
+    `_BatchDataset`/`_ParallelBatchDataset`/`_PaddedBatchDataset`) and their private
+    attributes `_input_dataset`, `_batch_size` and `_drop_remainder`.
+    Checked against keras 3.15.1 / TF 2.21.0.
+    """
+    import tensorflow as tf
+
+    node = dataset
+    while type(node).__name__ in _SIZE_PRESERVING_DATASETS:
+        node = getattr(node, "_input_dataset", None)
+    if node is None or not hasattr(node, "_batch_size") or not hasattr(node, "_drop_remainder"):
+        return None
+    batch = tf.get_static_value(node._batch_size)
+    drop_remainder = tf.get_static_value(node._drop_remainder)
+    source = getattr(node, "_input_dataset", None)
+    if batch is None or drop_remainder is None or source is None:
+        return None
+    batch = int(batch)
+    if drop_remainder:
+        return {batch}
+    count = int(source.cardinality())
+    if count == tf.data.INFINITE_CARDINALITY:
+        return {batch}
+    if count < 0:  # unknown
+        return None
+    sizes = {batch} if count >= batch else set()
+    if count % batch:
+        sizes.add(count % batch)
+    return sizes
+
+
+def flatten_layers(model):
+    """Every layer nested in `model` at any depth (not `model` itself), each once.
+
+    Why: `model.layers` lists only the top level; layers held inside custom layers or nested
+    models are reached only by Keras's private `Layer._flatten_layers(include_self=False)`.
+    Checked against keras 3.15.1 / TF 2.21.0.
+    """
+    return list(model._flatten_layers(include_self=False))

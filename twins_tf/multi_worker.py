@@ -7,7 +7,7 @@ files are the run's.  Following the tf.distribute convention, the chief writes i
 lets it resume with the chief; its weights equal the chief's).
 
 Keras 3.15's TensorFlow trainer breaks under MultiWorkerMirroredStrategy in two places, both
-fixed here while a multi-worker strategy is in use (`fix_keras_for(strategy)`):
+fixed while `fit` runs under a multi-worker strategy (`with keras_fixes_for(strategy):`):
   * `fit` first calls `_maybe_symbolic_build`, which passes a *tuple* of per-replica batches to
     `strategy.reduce`; the collective reduce then tries to turn the tuple into a tensor
     ("Attempt to convert a value (PerReplica ...) to a Tensor").  Building only needs the
@@ -15,21 +15,18 @@ fixed here while a multi-worker strategy is in use (`fix_keras_for(strategy)`):
   * every step's metrics go through `strategy.reduce("MEAN", value, axis=0)`, which fails for
     the scalar metrics a train step returns ("Invalid reduction dimension 0 for input with 0
     dimensions").  The fix reduces scalars with `axis=None` (the mean over replicas).
+The fixes replace Keras internals (`twins_tf.keras_private.multi_worker_trainer_fixes`) only
+inside the `with` block and put Keras's own back on leaving it, so other models trained in
+the process never run with them.
 No other library fixes this: it is Keras's own multi-worker path.
 """
+import contextlib
 import os
+import warnings
 
-import tensorflow as tf
-from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+from twins_tf import keras_private
 
-_ORIGINAL_REDUCE = keras_tf_trainer.reduce_per_replica
-_ORIGINAL_SYMBOLIC_BUILD = keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-
-
-def in_multi_worker_mode(strategy):
-    """Whether `strategy` is a MultiWorkerMirroredStrategy spanning more than one worker."""
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
+in_multi_worker_mode = keras_private.in_multi_worker_mode
 
 
 def task(strategy):
@@ -59,35 +56,17 @@ def output_dir(model_dir, strategy):
     return os.path.join(model_dir, f"{task_type}_{index}")
 
 
-def fix_keras_for(strategy):
-    """Installs the two fixes of the module docstring if `strategy` spans several workers."""
+def keras_fixes_for(strategy):
+    """Context manager: Keras's trainer fixed for `strategy` inside it (the two fixes of the
+    module docstring if `strategy` spans several workers, nothing otherwise)."""
     if in_multi_worker_mode(strategy):
-        keras_tf_trainer.reduce_per_replica = _reduce_per_replica
-        keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+        return keras_private.multi_worker_trainer_fixes()
+    return contextlib.nullcontext()
 
 
-def _reduce_per_replica(values, strategy, reduction):
-    if reduction in ("auto", "mean") and keras_tf_trainer._collective_all_reduce_multi_worker(
-            strategy):
-        def reduce(value):
-            if not isinstance(value, (tf.Tensor, tf.distribute.DistributedValues)):
-                return value
-            rank = value.shape.rank if isinstance(value, tf.Tensor) else (
-                strategy.experimental_local_results(value)[0].shape.rank)
-            return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
-
-        return tf.nest.map_structure(reduce, values)
-    return _ORIGINAL_REDUCE(values, strategy, reduction)
-
-
-def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    if iterator is not None and self._distribute_strategy is not None:
-        for _, _, batches in iterator:
-            batch = next(batches)
-            data_batch = tf.nest.map_structure(
-                lambda v: (self.distribute_strategy.experimental_local_results(v)[0]
-                           if isinstance(v, tf.distribute.DistributedValues) else v),
-                batch)
-            break
-        iterator = None
-    return _ORIGINAL_SYMBOLIC_BUILD(self, iterator=iterator, data_batch=data_batch)
+def fix_keras_for(strategy):
+    """Deprecated: installs the fixes for good; use `with keras_fixes_for(strategy):`."""
+    warnings.warn("multi_worker.fix_keras_for patches Keras for the rest of the process; use "
+                  "`with multi_worker.keras_fixes_for(strategy):` around fit.",
+                  DeprecationWarning, stacklevel=2)
+    keras_fixes_for(strategy).__enter__()

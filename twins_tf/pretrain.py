@@ -11,7 +11,7 @@ or `clean` for a non-robust baseline), arch resnet18, 100 epochs, lr 0.1 decayed
 epochs 50 and 75, weight decay 5e-4, PGD-10 at 8/255 with step 2/255.  Every flag of
 `train` but `--pretrained`, `--allow_random_init`, `--lambda_twins` and `--l2sp_alpha`
 applies, with the same model_dir contract, resumption, extension by a higher `--epochs`,
-`--validation` protocols and divergence check (see twins_tf.train and twins_tf.run_config).
+`--validation` protocols and divergence check (see twins_tf.train and twins_tf.training).
 
 `model_dir/best.weights.h5` (best validation PGD accuracy) and `last.weights.h5` are
 `model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through
@@ -19,21 +19,26 @@ applies, with the same model_dir contract, resumption, extension by a higher `--
 """
 from absl import app
 
-from twins_tf import run_config, train
+from twins_tf import train
+from twins_tf.training import loop
+from twins_tf.training.settings import PRETRAIN, Settings
 
-BINARY = run_config.PRETRAIN
+BINARY = PRETRAIN
 
 
 def run(settings, *, verbose="auto"):
     """Trains (or resumes) the from-scratch run described by `settings`; returns its summary.
 
+    `settings`: pretrain `Settings`, or a dict from `settings_from_flags(..., "pretrain")`.
+
     Raises:
       SetupError: a problem with the inputs, before anything is trained or written.
     """
-    if settings.get("binary") != BINARY:
+    binary = settings.binary if isinstance(settings, Settings) else settings.get("binary")
+    if binary != BINARY:
         raise ValueError(f"pretrain.run needs pretrain settings (binary={BINARY!r}); build them "
-                         "with run_config.settings_from_flags(flag_values, 'pretrain').")
-    return train.run(settings, verbose=verbose)
+                         "with training.flags.settings_from_args('pretrain', args).")
+    return loop.run(settings, verbose=verbose)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import os
 import keras
 import numpy as np
 
-from twins_tf import run_config
+from twins_tf.training import model_dir as run_files
 
 # A Frozen wing whose logits exceed this on clean training images normalises with statistics
 # that do not fit the data (a converged robust source stays far below: tens at most).
@@ -212,8 +212,8 @@ class BestWeights(keras.callbacks.Callback):
     def __init__(self, classifier, model_dir, monitor="val_adv_acc"):
         super().__init__()
         self.classifier = classifier
-        self.weights_path = os.path.join(model_dir, run_config.BEST_WEIGHTS)
-        self.record_path = os.path.join(model_dir, run_config.BEST_RECORD)
+        self.weights_path = os.path.join(model_dir, run_files.BEST_WEIGHTS)
+        self.record_path = os.path.join(model_dir, run_files.BEST_RECORD)
         self.monitor = monitor
         self.best = self._read_record()
 
@@ -227,8 +227,8 @@ class BestWeights(keras.callbacks.Callback):
         if self.monitor is None:
             _save_weights(self.classifier, self.weights_path)
             self.best = {"epoch": epoch + 1, "monitor": None, "value": None,
-                         "selection": run_config.FINAL_EPOCH_SELECTION}
-            run_config.write_json(self.record_path, self.best)
+                         "selection": run_files.FINAL_EPOCH_SELECTION}
+            run_files.write_json(self.record_path, self.best)
             return
         value = (logs or {}).get(self.monitor)
         if value is None:
@@ -241,7 +241,7 @@ class BestWeights(keras.callbacks.Callback):
             return
         _save_weights(self.classifier, self.weights_path)
         self.best = {"epoch": epoch + 1, "monitor": self.monitor, "value": value}
-        run_config.write_json(self.record_path, self.best)
+        run_files.write_json(self.record_path, self.best)
 
 
 class LastWeights(keras.callbacks.Callback):
@@ -250,7 +250,7 @@ class LastWeights(keras.callbacks.Callback):
     def __init__(self, classifier, model_dir):
         super().__init__()
         self.classifier = classifier
-        self.path = os.path.join(model_dir, run_config.LAST_WEIGHTS)
+        self.path = os.path.join(model_dir, run_files.LAST_WEIGHTS)
 
     def on_epoch_end(self, epoch, logs=None):
         _save_weights(self.classifier, self.path)

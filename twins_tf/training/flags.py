@@ -13,6 +13,11 @@ import fractions
 from absl import flags
 
 from twins_tf import data as data_lib
+from twins_tf import methods as methods_lib
+from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.training.settings import (
+    BINARIES, DEFAULTS, JIT_CHOICES, MIXED_PRECISION, PRETRAIN, PRETRAIN_METHODS, STRATEGIES,
+    TRAIN)
 
 # The flags `define_data_flags` defines, in order.
 DATA_FLAGS = ("dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
@@ -81,3 +86,123 @@ def define_data_flags(flag_values, module_name=None, *, from_run=False):
            "logged) instead of stopping before anything is written"
            + (" (default: the run's, else false)." if from_run else "."))
     return list(DATA_FLAGS)
+
+
+def define_flags(flag_values, binary):
+    """Defines the flags of `binary` ("train" or "pretrain") on `flag_values`.
+
+    Flags are registered under one pseudo-module per group ("twins_tf.train: data", ...) so
+    `--helpfull` lists them by group.  The defaults are `settings.DEFAULTS[binary]`.
+
+    Returns:
+      The names of the defined flags.
+    """
+    if binary not in BINARIES:
+        raise ValueError(f"binary must be one of {BINARIES}, got {binary!r}.")
+    defaults = DEFAULTS[binary]
+    names = []
+
+    def group(name):
+        return f"twins_tf.{binary}: {name} flags"
+
+    def define(kind, name, default, help_text, module, enum_values=None):
+        options = dict(flag_values=flag_values, module_name=group(module))
+        if kind == "enum":
+            flags.DEFINE_enum(name, default, enum_values, help_text, **options)
+        else:
+            getattr(flags, f"DEFINE_{kind}")(name, default, help_text, **options)
+        names.append(name)
+
+    # data
+    names += define_data_flags(flag_values, group("data"))
+    define("integer", "max_train_examples", None,
+           "Use only N training examples, a class-stratified subset seeded by the split seed "
+           "(quick runs and tests).", "data")
+    define("integer", "max_validation_examples", None,
+           "Use only N validation examples, stratified by class like --max_train_examples.",
+           "data")
+    define("enum", "validation", "carve",
+           "carve: hold out part of the training data (or use the official validation split) "
+           "to select the best epoch; none: train on the whole official train split and keep "
+           "the final epoch (the protocol of the published numbers).", "data",
+           enum_values=list(data_lib.VALIDATION_PROTOCOLS))
+    # model
+    define("string", "arch", defaults["arch"],
+           "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".", "model")
+    if binary == TRAIN:
+        define("string", "pretrained", None,
+               "Robust pre-trained weights (.weights.h5 from `python -m twins_tf.convert` or "
+               "`python -m twins_tf.pretrain`); the head is always fresh.", "model")
+        define("bool", "allow_random_init", False,
+               "Let a twin method (twins_at, twins_trades) start without --pretrained, from "
+               "random weights (its Frozen wing then normalises with 0/1 statistics).", "model")
+    # method
+    methods = PRETRAIN_METHODS if binary == PRETRAIN else tuple(methods_lib.METHODS)
+    define("string", "method", defaults["method"],
+           "Training objective: " + ", ".join(methods) + ".", "method")
+    if binary == TRAIN:
+        define("float", "lambda_twins", 1.0, "TWINS: weight of the Frozen wing's loss.",
+               "method")
+        define("float", "l2sp_alpha", 0.01, "L2-SP (Li et al. 2018): alpha of the pull "
+               "alpha/2 * ||w - w_pre||^2 of every pre-trained weight (BN gamma/beta included) "
+               "to its pre-trained value; --weight_decay then decays only the new head.",
+               "method")
+    define("float", "beta", 6.0, "TRADES / TWINS-TRADES: weight of the KL term.", "method")
+    # attack
+    define_fraction("attack_eps", 8 / 255, "L-inf radius in [0, 1] pixel units (8/255 or "
+                    "0.0314 both work), training and validation PGD.", flag_values,
+                    group("attack"))
+    define_fraction("attack_step", 2 / 255, "PGD step size in [0, 1] pixel units.",
+                    flag_values, group("attack"))
+    names += ["attack_eps", "attack_step"]
+    define("integer", "attack_steps", 10, "PGD steps (training and validation).", "attack")
+    # optimisation
+    define("integer", "epochs", defaults["epochs"], "Training epochs.", "optimisation")
+    define("integer", "batch_size", 128,
+           "Global batch size (a multiple of 2 x replicas for twin methods).", "optimisation")
+    define("float", "lr", defaults["lr"], "Initial learning rate of SGD (momentum 0.9).",
+           "optimisation")
+    define("list", "lr_decay_epochs", list(defaults["lr_decay_epochs"]),
+           "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration).",
+           "optimisation")
+    define("float", "weight_decay", defaults["weight_decay"],
+           "Coupled L2 weight decay (added to every gradient; with --method=l2sp only to the "
+           "new head's, L2-SP's beta).", "optimisation")
+    # run / distribution
+    define("string", "model_dir", None,
+           "Where the run keeps config.json, weights, metrics, TensorBoard logs and its "
+           "backup; start again with the same flags to resume.", "run")
+    define("integer", "seed", 0, "Seed of initialisation, data order, augmentation and "
+           "attacks.", "run")
+    define("enum", "strategy", "default", "tf.distribute strategy.", "run",
+           enum_values=list(STRATEGIES))
+    define("string", "tpu_address", None, "TPU name or grpc://host:port for --strategy=tpu.",
+           "run")
+    define("enum", "jit_compile", "auto", "XLA compilation of the train step (Keras 'auto': "
+           "on for GPUs/TPUs, off on CPUs).", "run", enum_values=list(JIT_CHOICES))
+    define("enum", "mixed_precision", "none", "Keras dtype policy of the model.", "run",
+           enum_values=list(MIXED_PRECISION))
+    define("bool", "deterministic", False, "Deterministic TensorFlow ops "
+           "(tf.config.experimental.enable_op_determinism); slower.", "run")
+    return names
+
+
+def settings_from_flags(flag_values, binary):
+    """The run settings of `binary` from parsed flags, as a JSON-able dict (not yet checked:
+    `Settings.from_dict` checks it)."""
+    names = [n for n in define_flags(flags.FlagValues(), binary) if n in flag_values]
+    settings = {name: flag_values[name].value for name in names}
+    settings["binary"] = binary
+    if binary == PRETRAIN:
+        settings["pretrained"] = None
+    return settings
+
+
+def settings_from_args(binary, args):
+    """The settings dict of `python -m twins_tf.<binary> <args>` (args without the program
+    name), parsed as the binary parses them but on a fresh `FlagValues`: what compare, the
+    demo and tests use to describe runs in flag syntax."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, binary)
+    flag_values([binary, *args])
+    return settings_from_flags(flag_values, binary)

@@ -1,0 +1,265 @@
+"""`Settings`: the typed, frozen, checked settings of one `train` or `pretrain` run.
+
+A run is described by one value per flag (see `training.flags`); `Settings` holds them with
+their types, resolves what the flags leave open (the dataset's image size and upsampling,
+absolute paths, whether the method trains a twin model) and refuses a wrong value with a
+one-line `SetupError` that says what to do, before anything is built or written.  It is
+frozen so that nothing downstream (the trainer, the callbacks, the report) can change what
+config.json records: a changed value is a new object (`dataclasses.replace`, checked again).
+
+config.json holds `to_dict()`: the same keys and JSON values the untyped settings dict of
+earlier versions had, so runs written before `Settings` existed resume, and `evaluate` and
+`export` read them as before.  Settings added since (`ADDED_SETTINGS`) take, for a run that
+predates them, the value those runs had.
+"""
+import dataclasses
+import os
+
+from twins_tf import data as data_lib
+from twins_tf import distribute
+from twins_tf import methods as methods_lib
+from twins_tf.models.resnet import ARCHITECTURES
+
+TRAIN = "train"
+PRETRAIN = "pretrain"
+BINARIES = (TRAIN, PRETRAIN)
+# Methods a from-scratch run can use: plain BatchNorm (a twin needs a pre-trained Frozen wing).
+PRETRAIN_METHODS = ("at", "trades", "clean")
+STRATEGIES = distribute.STRATEGIES
+JIT_CHOICES = ("auto", "true", "false")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+
+# Keys that may differ between a run and its resumption: where data lives, how to execute.
+LOCATION_KEYS = ("model_dir", "data_dir", "tfds_data_dir")
+EXECUTION_KEYS = ("strategy", "tpu_address", "jit_compile", "deterministic")
+# `epochs` may be raised to extend a run; check_model_dir compares it on its own.
+UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
+# Settings holding paths, stored absolute in config.json.
+PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
+# Settings newer than some config.json files, with the value such runs had.
+ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False}
+# Settings only `train` has: a pretrain run's config.json leaves them out.
+TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha")
+
+# The defaults of the two binaries where they differ (spec §6 for fine-tuning; a common
+# PGD-AT recipe, shortened, for training from scratch).  `Settings` fills them in for the
+# fields left None, and the flags show them.
+DEFAULTS = {
+    TRAIN: dict(method="twins_at", arch="resnet50", epochs=60, lr=0.003,
+                lr_decay_epochs=("30", "50"), weight_decay=1e-3),
+    PRETRAIN: dict(method="at", arch="resnet18", epochs=100, lr=0.1,
+                   lr_decay_epochs=("50", "75"), weight_decay=5e-4),
+}
+
+
+class SetupError(ValueError):
+    """A flag value, a file or the model_dir is wrong; raised before any training starts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The settings of one run, one field per flag of its binary; checked when built.
+
+    Fields left None that have a per-binary default (`DEFAULTS`) take it, so
+    `Settings(binary="pretrain", dataset="cifar10", model_dir="runs/x")` is the from-scratch
+    recipe.  `twin` is derived from `method`; `num_classes` is filled in by the run from its
+    data (None until then).
+
+    Raises (when built):
+      SetupError: the first wrong value, with what to do about it.
+    """
+
+    binary: str = TRAIN
+    # data
+    dataset: str = None
+    data_dir: str = None
+    tfds_data_dir: str = None
+    image_size: int = None
+    upsample: int = None
+    train_per_class: int = None
+    skip_bad_images: bool = False
+    max_train_examples: int = None
+    max_validation_examples: int = None
+    validation: str = "carve"
+    # model
+    arch: str = None
+    pretrained: str = None
+    allow_random_init: bool = False
+    # method
+    method: str = None
+    lambda_twins: float = 1.0
+    l2sp_alpha: float = 0.01
+    beta: float = 6.0
+    # attack
+    attack_eps: float = 8 / 255
+    attack_step: float = 2 / 255
+    attack_steps: int = 10
+    # optimisation
+    epochs: int = None
+    batch_size: int = 128
+    lr: float = None
+    lr_decay_epochs: tuple = None
+    weight_decay: float = None
+    # run
+    model_dir: str = None
+    seed: int = 0
+    strategy: str = "default"
+    tpu_address: str = None
+    jit_compile: str = "auto"
+    mixed_precision: str = "none"
+    deterministic: bool = False
+    # derived
+    twin: bool = None
+    num_classes: int = None
+
+    def __post_init__(self):
+        for name, value in _checked_values(self).items():
+            object.__setattr__(self, name, value)  # frozen: only the checks resolve values
+
+    @classmethod
+    def from_dict(cls, values):
+        """The checked `Settings` of a settings dict: flags' values or a config.json.
+
+        Keys a config.json written before a setting existed lacks take `ADDED_SETTINGS`'
+        values; a stored `twin` is recomputed from the method.
+
+        Raises:
+          SetupError: an unknown key, or a wrong value.
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SetupError(f"unknown setting(s) {', '.join(unknown)}; settings are the flags "
+                             "of python -m twins_tf.train (see --helpfull).")
+        values = {k: v for k, v in values.items() if k != "twin"}
+        return cls(**{**ADDED_SETTINGS, **values})
+
+    def to_dict(self):
+        """The JSON-able dict config.json stores (lists for tuples; a pretrain run without
+        the train-only keys; no `num_classes` before the data set it)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in TRAIN_ONLY and self.binary == PRETRAIN:
+                continue
+            if field.name == "num_classes" and value is None:
+                continue
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes):
+        """A copy with `changes`, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def keras_jit_compile(self):
+        """The `compile(jit_compile=...)` value of `--jit_compile`."""
+        return jit_compile_value(self.jit_compile)
+
+
+def jit_compile_value(setting):
+    """The `compile(jit_compile=...)` value of a `--jit_compile` setting."""
+    return {"auto": "auto", "true": True, "false": False}[setting]
+
+
+def as_settings(settings):
+    """`settings` as `Settings`: a `Settings` is returned as is, a dict is checked."""
+    return settings if isinstance(settings, Settings) else Settings.from_dict(settings)
+
+
+def _require(condition, message):
+    if not condition:
+        raise SetupError(message)
+
+
+# Fields whose values must have these types (bool is refused where a number is meant).
+_NUMBERS = {"image_size": int, "upsample": int, "train_per_class": int,
+            "max_train_examples": int, "max_validation_examples": int, "attack_steps": int,
+            "epochs": int, "batch_size": int, "seed": int, "num_classes": int,
+            "lambda_twins": float, "l2sp_alpha": float, "beta": float, "attack_eps": float,
+            "attack_step": float, "lr": float, "weight_decay": float}
+_CHOICES = {"binary": BINARIES, "validation": data_lib.VALIDATION_PROTOCOLS,
+            "strategy": STRATEGIES, "jit_compile": JIT_CHOICES,
+            "mixed_precision": MIXED_PRECISION}
+
+
+def _check_types(s):
+    for name, kind in _NUMBERS.items():
+        value = s[name]
+        ok = value is None or (isinstance(value, (int, float) if kind is float else int)
+                               and not isinstance(value, bool))
+        _require(ok, f"--{name} must be a{'n integer' if kind is int else ' number'}, got "
+                     f"{value!r}.")
+    for name, choices in _CHOICES.items():
+        _require(s[name] in choices, f"--{name}={s[name]!r} is not one of "
+                                     f"{', '.join(map(str, choices))}.")
+
+
+def _checked_values(settings):
+    """The resolved field values of `settings`, checked in the order of the flags' help."""
+    s = {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
+    _check_types(s)
+    binary = s["binary"]
+    for name, default in DEFAULTS[binary].items():
+        if s[name] is None:
+            s[name] = default
+    if not s.get("dataset"):
+        raise SetupError("--dataset is required (e.g. --dataset=cifar10 or "
+                         "--flagfile=flags/cifar10.flags).")
+    try:
+        spec = data_lib.get_dataset_spec(s["dataset"], image_size=s.get("image_size"),
+                                         upsample=s.get("upsample"))
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    s["dataset"] = spec.name
+    s["image_size"], s["upsample"] = spec.image_size, spec.upsample
+    if s["arch"] not in ARCHITECTURES:
+        raise SetupError(f"Unknown arch {s['arch']!r}; choose one of "
+                         f"{', '.join(sorted(ARCHITECTURES))}.")
+    methods = PRETRAIN_METHODS if binary == PRETRAIN else tuple(methods_lib.METHODS)
+    if s["method"] not in methods:
+        hint = (" (twin methods fine-tune a pre-trained model: use python -m twins_tf.train)"
+                if binary == PRETRAIN and s["method"] in methods_lib.METHODS else "")
+        raise SetupError(f"Unknown --method={s['method']!r} for {binary}; choose one of "
+                         f"{', '.join(methods)}{hint}.")
+    s["twin"] = bool(methods_lib.get(s["method"]).twin)
+    for name in ("attack_eps", "attack_step"):
+        if not 0.0 <= s[name] <= 1.0:
+            raise SetupError(f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
+                             "pixel units, so write e.g. 8/255 (not 8).")
+    _require(s["attack_steps"] >= 0, "--attack_steps must be >= 0.")
+    _require(s["epochs"] >= 1, "--epochs must be at least 1.")
+    _require(s["batch_size"] >= 1, "--batch_size must be at least 1.")
+    _require(s["lr"] > 0, "--lr must be positive.")
+    _require(s["weight_decay"] >= 0, "--weight_decay must be >= 0.")
+    _require(s["beta"] >= 0, "--beta must be >= 0.")
+    if binary == TRAIN:
+        _require(s["lambda_twins"] >= 0, "--lambda_twins must be >= 0.")
+        _require(s["l2sp_alpha"] >= 0, "--l2sp_alpha must be >= 0.")
+    for name in ("max_train_examples", "max_validation_examples", "train_per_class"):
+        _require(s.get(name) is None or s[name] >= 1, f"--{name} must be at least 1.")
+    try:
+        decay = tuple(int(e) for e in s["lr_decay_epochs"] or ())
+    except (TypeError, ValueError):
+        raise SetupError(f"--lr_decay_epochs must be comma-separated epoch numbers, got "
+                         f"{','.join(map(str, s['lr_decay_epochs']))!r}.") from None
+    _require(all(e >= 1 for e in decay) and list(decay) == sorted(set(decay)),
+             "--lr_decay_epochs must be increasing positive epoch numbers, e.g. 30,50.")
+    s["lr_decay_epochs"] = decay
+    if s["twin"] and not s.get("pretrained") and not s.get("allow_random_init"):
+        raise SetupError(f"--method={s['method']} fine-tunes a pre-trained model but no "
+                         "--pretrained was given: its Frozen wing would normalise with the 0/1 "
+                         "statistics of random init, which defeats TWINS; pass --pretrained=... "
+                         "or --allow_random_init if you mean it.")
+    if binary == PRETRAIN:
+        _require(not s["pretrained"], "pretrain trains from scratch and takes no "
+                                      "--pretrained; fine-tune with python -m twins_tf.train.")
+    if not s.get("model_dir"):
+        raise SetupError("--model_dir is required: the run writes its config, weights, "
+                         "metrics and backup there.")
+    for key in PATH_KEYS:  # config.json names the files used, from wherever it is read
+        if s.get(key) and "://" not in s[key]:  # gs://... and other URLs are absolute already
+            s[key] = os.path.abspath(os.path.expanduser(s[key]))
+    if s["strategy"] == "tpu" and s["jit_compile"] == "false":
+        raise SetupError("--strategy=tpu always compiles with XLA; drop --jit_compile=false.")
+    return s
