@@ -18,6 +18,8 @@ def __getattr__(name):
         return importlib.import_module(f"twins_tf.{name}")
     if name == "AdversarialTrainer":
         return importlib.import_module("twins_tf.trainer").AdversarialTrainer
+    if name == "load_run":  # the model of a train/pretrain run (twins_tf.runs)
+        return importlib.import_module("twins_tf.runs").load_run
     raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")
 
 

@@ -251,7 +251,7 @@ def saved_layer_shapes(h5file, layer_class):
     """
     from keras.src.utils.naming import to_snake_case
 
-    base = layer_class.__name__.lower()
+    base = to_snake_case(layer_class.__name__)
     layers = h5file["layers"]
     found = []
     for name in layers:
