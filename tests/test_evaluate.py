@@ -278,3 +278,22 @@ def test_a_data_path_of_the_run_that_is_gone_names_config_json_and_the_flag(sour
         f"--model_dir={model_dir}", "--attacks=clean", "--max_examples=8",
         f"--tfds_data_dir={tmp_path}"]), log=lambda *_: None)
     assert report["results"]["clean"]["examples"] == 8
+
+
+def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source, tmp_path):
+    """`twins_tf.evaluation.evaluate` needs only the settings that differ from the flags'."""
+    from twins_tf import evaluation
+
+    args = {"model_dir": str(source), "attacks": ["clean", "pgd2"], "max_examples": 16}
+    by_library = evaluation.evaluate({**args, "output": str(tmp_path / "lib.json")},
+                                     log=lambda _: None)
+    by_flags = evaluate.evaluate(evaluate_settings([
+        f"--model_dir={source}", "--attacks=clean,pgd2", "--max_examples=16",
+        f"--output={tmp_path / 'flags.json'}"]), log=lambda _: None)
+    for name in ("clean", "pgd2"):
+        assert by_library["results"][name]["correct"] == by_flags["results"][name]["correct"]
+    assert by_library["results"]["pgd2"]["restarts"] == 1 and by_library["seed"] == 0
+    assert evaluate_settings([]) == evaluation.DEFAULTS  # the flags' defaults are DEFAULTS
+    with pytest.raises(SetupError, match=r"unknown evaluation setting\(s\) attack; the "
+                       "settings are model_dir, weights"):
+        evaluation.evaluate({"model_dir": str(source), "attack": ["clean"]})

@@ -158,3 +158,67 @@ def test_export_refuses_weights_holding_a_nan(tmp_path):
         export.main(["export"], _flag_values(f"--model_dir={run}",
                                              f"--output={tmp_path / 'out'}"))
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def served_32(tmp_path_factory):
+    """The serving signature of an exported 32x32 twin ResNet-18, reloaded without Keras."""
+    model = build_resnet("resnet18", 4, twin=True, input_shape=(32, 32, 3))
+    path = str(tmp_path_factory.mktemp("served") / "sm")
+    export.export_saved_model(model, path, image_size=32)
+    return model, tf.saved_model.load(path).signatures["serving_default"]
+
+
+def test_serving_refuses_0_255_pixels_and_another_image_size(served_32):
+    """The documented behaviour: a clear error, not a silent clamp or a silent other size."""
+    model, serve = served_32
+    images = np.random.default_rng(5).random((2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(serve(images=tf.constant(images))["logits"],
+                               model(images, training=False).numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"twins_tf serving: pixel values must be in \[0, 1\] \(divide "
+                             r"0-255 images by 255"):
+        serve(images=tf.constant(images * 255))
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"twins_tf serving: images must have shape \(batch, 32, 32, 3\)"):
+        serve(images=tf.constant(images[:, :16, :16]))
+
+
+@pytest.mark.parametrize("values, accepted", [
+    ((0.0, 1.0), True),
+    ((-export.RANGE_TOLERANCE, 1.0 + export.RANGE_TOLERANCE), True),  # float rounding
+    ((-0.01, 0.5), False),  # e.g. mean/std-normalised input
+    ((0.0, 1.01), False),
+    ((0.0, np.nan), False),
+])
+def test_serving_range_bounds(served_32, values, accepted):
+    _, serve = served_32
+    images = np.full((1, 32, 32, 3), 0.5, "float32")
+    images[0, 0, 0, :2] = values
+    if accepted:
+        assert np.all(np.isfinite(serve(images=tf.constant(images))["logits"].numpy()))
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="twins_tf serving: pixel"):
+            serve(images=tf.constant(images))
+
+
+def test_export_errors_carry_the_binary_name(tmp_path):
+    """`export: error: ...` as train/evaluate/compare/convert print, one line, exit status 1."""
+    run = str(tmp_path / "run")
+    model = build_resnet("resnet18", 3, twin=True, input_shape=(16, 16, 3))
+    _write_run(run, model, RUN_SETTINGS)
+    os.makedirs(tmp_path / "full")
+    (tmp_path / "full" / "x").write_text("x")
+    cases = [
+        (f"--model_dir={tmp_path / 'nothing'}", f"--output={tmp_path / 'a'}"),
+        (f"--model_dir={run}", f"--weights={tmp_path / 'missing.weights.h5'}",
+         f"--output={tmp_path / 'b'}"),
+        (f"--model_dir={run}", f"--output={tmp_path / 'full'}"),
+        (f"--model_dir={run}",),
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            export.main(["export"], _flag_values(*argv))
+        message = exit_info.value.code
+        assert isinstance(message, str) and message.startswith("export: error: "), message
+        assert "\n" not in message

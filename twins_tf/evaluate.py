@@ -36,58 +36,50 @@ import sys
 
 from absl import app, flags
 
-from twins_tf import run_config
-from twins_tf.evaluation import (AUTOATTACK, CLEAN, REPORT_PREFIX, SPLITS,  # noqa: F401
-                                 autoattack_state_path, evaluate, evaluate_batched,
+from twins_tf.evaluation import (AUTOATTACK, CLEAN, DEFAULTS, REPORT_PREFIX,  # noqa: F401
+                                 SPLITS, autoattack_state_path, evaluate, evaluate_batched,
                                  format_table, load_examples, load_model, model_checks,
                                  parse_attacks, report_path, resolve, run_autoattack)
 from twins_tf.run_config import SetupError
+from twins_tf.training.flags import define_data_flags, define_fraction
 
 # The names above are the library's (twins_tf.evaluation); they stay importable from here for
 # code written against this module before the split.
 
 
 def define_flags(flag_values):
-    """Defines evaluate's flags on `flag_values`; returns their names."""
+    """Defines evaluate's flags on `flag_values`; returns their names.
+
+    Each flag's default is `twins_tf.evaluation.DEFAULTS[name]`, so a library call of
+    `twins_tf.evaluation.evaluate` with only some settings behaves as the binary does.
+    """
     names = []
 
-    def define(kind, name, default, help_text, **kwargs):
-        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values,
-                                         **kwargs)
+    def define(kind, name, help_text, enum_values=None):
+        choices = [] if enum_values is None else [enum_values]  # DEFINE_enum's third argument
+        getattr(flags, f"DEFINE_{kind}")(name, DEFAULTS[name], *choices, help_text,
+                                         flag_values=flag_values)
         names.append(name)
 
-    define("string", "model_dir", None, "A train/pretrain run: config.json and weights.")
-    define("string", "weights", None, "Weights file (default: model_dir/best.weights.h5).")
-    define("string", "arch", None, "Architecture (without --model_dir).")
-    define("string", "dataset", None, "Registered dataset (without --model_dir: required).")
-    define("string", "data_dir", None, "Image folder of folder/caltech256 datasets.")
-    define("string", "tfds_data_dir", None, "tensorflow-datasets data_dir.")
-    define("integer", "image_size", None, "Input size (default: the run's or dataset's).")
-    define("integer", "upsample", None, "Upsampling inside the model (default: as trained).")
-    define("integer", "train_per_class", None, "As for train (folder datasets).")
-    flags.DEFINE_enum("split", "test", list(SPLITS), "Split to evaluate on.",
-                      flag_values=flag_values)
-    names.append("split")
-    define("list", "attacks", [CLEAN, "pgd10", AUTOATTACK],
-           "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
-    run_config.define_fraction("attack_eps", None, "L-inf radius in [0, 1] pixel units "
-                               "(default: the run's, else 8/255).", flag_values, None)
-    run_config.define_fraction("attack_step", None, "PGD step size (default: the run's, else "
-                               "2/255).", flag_values, None)
+    define("string", "model_dir", "A train/pretrain run: config.json and weights.")
+    define("string", "weights", "Weights file (default: model_dir/best.weights.h5).")
+    define("string", "arch", "Architecture (without --model_dir).")
+    names += define_data_flags(flag_values, from_run=True)  # as train's, default: the run's
+    define("enum", "split", "Split to evaluate on.", enum_values=list(SPLITS))
+    define("list", "attacks", "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
+    define_fraction("attack_eps", DEFAULTS["attack_eps"], "L-inf radius in [0, 1] pixel units "
+                    "(default: the run's, else 8/255).", flag_values, None)
+    define_fraction("attack_step", DEFAULTS["attack_step"], "PGD step size (default: the run's, "
+                    "else 2/255).", flag_values, None)
     names += ["attack_eps", "attack_step"]
-    define("integer", "pgd_restarts", 1, "PGD restarts (> 1 uses random starts).")
-    flags.DEFINE_enum("autoattack_version", "standard", ["standard", "rand"],
-                      "AutoAttack version (rand: for randomised defences).",
-                      flag_values=flag_values)
-    names.append("autoattack_version")
-    define("integer", "batch_size", 128, "Evaluation batch size.")
-    define("integer", "max_examples", None,
+    define("integer", "pgd_restarts", "PGD restarts (> 1 uses random starts).")
+    define("enum", "autoattack_version", "AutoAttack version (rand: for randomised defences).",
+           enum_values=["standard", "rand"])
+    define("integer", "batch_size", "Evaluation batch size.")
+    define("integer", "max_examples",
            "Evaluate only N examples of the split, stratified by class (seeded).")
-    define("bool", "skip_bad_images", None,
-           "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (count logged) "
-           "instead of stopping (default: the run's, else false).")
-    define("integer", "seed", 0, "Seed of random starts and AutoAttack.")
-    define("string", "output", None, "JSON report path (default: "
+    define("integer", "seed", "Seed of random starts and AutoAttack.")
+    define("string", "output", "JSON report path (default: "
            "model_dir/evaluation_<split>.json; none without --model_dir).")
     return names
 

@@ -10,10 +10,16 @@ network of spec §2) and writes a TensorFlow SavedModel with Keras's `ExportArch
 The serving signature (`serving_default`, also `serve`):
 
 * input `images`: float32, shape (batch, image_size, image_size, 3), RGB, NHWC, pixel values
-  in [0, 1] (not 0-255, not mean/std-normalised).  Values outside [0, 1] are clamped.  The
-  ImageNet mean/std normalisation and, for CIFAR, the x7 nearest-neighbour upsampling happen
-  inside the model, so a CIFAR model takes 32x32 images.  Resize / crop images to
-  image_size as the evaluation pipeline does (`twins_tf.data.evaluation_transform`).
+  in [0, 1] (not 0-255, not mean/std-normalised).  The ImageNet mean/std normalisation and,
+  for CIFAR, the x7 nearest-neighbour upsampling happen inside the model, so a CIFAR model
+  takes 32x32 images.  Resize / crop images to image_size as the evaluation pipeline does
+  (`twins_tf.data.evaluation_transform`).
+* the signature checks its input and refuses, with an InvalidArgumentError whose message
+  starts with `twins_tf serving:` and says what to fix, images of another size or channel
+  count, and values outside [0, 1] (more than `RANGE_TOLERANCE` = 1e-3 outside, so float
+  rounding of a resize passes and is clamped inside the model) or NaN.  It neither resizes nor
+  rescales: a served 0-255 image or a 16x16 crop for a 32x32 model is a bug in the client's
+  preprocessing, and silently clamping or resizing it would return confident wrong answers.
 * outputs: `logits` (batch, num_classes) float32 and `probabilities`, their softmax.
 
 Example (Python):
@@ -22,22 +28,18 @@ Example (Python):
   >>> out["logits"].shape
   TensorShape([1, 120])
 """
-import os
 import sys
 
 import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from twins_tf.layers import TwinBatchNormalization
+from twins_tf.layers import twin_layers
 from twins_tf.twinify import untwin
 
 SERVING_INPUT = "images"
-
-
-def _has_twin_layers(model):
-    return any(isinstance(layer, TwinBatchNormalization)
-               for layer in model._flatten_layers(include_self=False))
+RANGE_TOLERANCE = 1e-3
+SERVING_ERROR = "twins_tf serving:"
 
 
 def _check_input_size(model, image_size):
@@ -48,6 +50,31 @@ def _check_input_size(model, image_size):
     if any(s != image_size for s in fixed):
         raise ValueError(f"image_size={image_size} does not match the model's input "
                          f"{shape[1]}x{shape[2]}.")
+
+
+def _serving_input_checks(images, image_size):
+    """The Assert ops of the serving signature: shape (N, size, size, 3), values in [0, 1].
+
+    A loaded SavedModel signature does not enforce its TensorSpec's static shape (a 16x16
+    batch runs through a 32x32 signature), so the size is checked here at run time.
+    """
+    shape = tf.shape(images)
+    expected = tf.constant([image_size, image_size, 3])
+    size_ok = tf.cond(tf.equal(tf.size(shape), 4),
+                      lambda: tf.reduce_all(tf.equal(shape[1:], expected)),
+                      lambda: tf.constant(False))
+    size = tf.debugging.Assert(size_ok, [
+        f"{SERVING_ERROR} images must have shape (batch, {image_size}, {image_size}, 3); "
+        f"resize and crop them to {image_size}x{image_size} RGB before serving (as "
+        "twins_tf.data.evaluation_transform does). Shape given:", shape])
+    in_range = tf.logical_and(tf.reduce_all(images >= -RANGE_TOLERANCE),
+                              tf.reduce_all(images <= 1.0 + RANGE_TOLERANCE))
+    with tf.control_dependencies([size]):
+        value_range = tf.debugging.Assert(in_range, [
+            f"{SERVING_ERROR} pixel values must be in [0, 1] (divide 0-255 images by 255; do "
+            "not mean/std-normalise: the model does). Smallest and largest value given:",
+            tf.reduce_min(images), tf.reduce_max(images)])
+    return [size, value_range]
 
 
 def export_saved_model(model, output_dir, *, image_size):
@@ -64,10 +91,12 @@ def export_saved_model(model, output_dir, *, image_size):
     """
     image_size = int(image_size)
     _check_input_size(model, image_size)
-    plain = untwin(model) if _has_twin_layers(model) else model
+    plain = untwin(model) if twin_layers(model) else model
 
     @tf.function
     def serve(images):
+        with tf.control_dependencies(_serving_input_checks(images, image_size)):
+            images = tf.identity(images)
         logits = tf.cast(plain(images, training=False), tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
@@ -82,48 +111,27 @@ def export_saved_model(model, output_dir, *, image_size):
 
 
 def export_run(model_dir, output_dir, *, weights=None):
-    """Exports a `train`/`pretrain` run: rebuild from config.json, load weights, export.
+    """Exports a `train`/`pretrain` run: `twins_tf.load_run`, then `export_saved_model`.
 
     Args:
       model_dir: the run's `--model_dir` (holding config.json).
       output_dir: the SavedModel directory to write.
-      weights: a `.weights.h5` file of that run's model; default `model_dir/best.weights.h5`.
+      weights: a `.weights.h5` file of that run's model, or "best" / "last"; default
+        `model_dir/best.weights.h5`.
 
     Returns:
       The run's settings (the parsed config.json).
 
     Raises:
-      FileNotFoundError: no config.json or no weights file.
+      FileNotFoundError: no run directory, config.json or weights file.
       ValueError: the config lacks a key the model needs, or the weights do not fit or hold
         a NaN or infinity.
     """
-    from twins_tf import run_callbacks, run_config
-    from twins_tf.models import build_resnet
+    from twins_tf import runs
 
-    try:
-        config = run_config.read_config(model_dir)
-    except run_config.SetupError as error:
-        raise FileNotFoundError(str(error)) from None
-    missing = [k for k in ("arch", "num_classes", "image_size", "upsample", "twin")
-               if k not in config]
-    if missing:
-        raise ValueError(f"{os.path.join(model_dir, run_config.CONFIG_FILE)} lacks "
-                         f"{', '.join(missing)}; was it written by twins_tf.train?")
-    weights = weights or os.path.join(model_dir, run_config.BEST_WEIGHTS)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"No weights file {weights}: the run has not finished an "
-                                "epoch yet, or pass --weights=.../last.weights.h5.")
-    size = int(config["image_size"])
-    model = build_resnet(config["arch"], int(config["num_classes"]), twin=bool(config["twin"]),
-                         input_shape=(size, size, 3), upsample=int(config["upsample"]))
-    try:
-        model.load_weights(weights)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{weights} does not fit the run's {config['arch']} "
-                         f"({'twin' if config['twin'] else 'plain'} BN, "
-                         f"{config['num_classes']} classes): {error}") from None
-    run_callbacks.check_finite_weights(model, weights)
-    export_saved_model(model, output_dir, image_size=size)
+    config = runs.read_run_config(model_dir)
+    model = runs.load_run(model_dir, weights or "best")
+    export_saved_model(model, output_dir, image_size=int(config["image_size"]))
     return config
 
 
@@ -143,21 +151,23 @@ def define_flags(flag_values):
 
 
 def main(argv, flag_values=flags.FLAGS):
-    """Exports the run named by the flags; exits with a one-line error on bad input."""
+    """Exports the run named by the flags; exits 1 with a one-line `export: error:` on bad input,
+    as train, evaluate and convert do."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     model_dir, output = flag_values.model_dir, flag_values.output
     if not model_dir or not output:
-        raise app.UsageError("--model_dir and --output are required.")
+        sys.exit("export: error: --model_dir and --output are required (e.g. "
+                 "--model_dir=runs/dogs --output=exported/dogs).")
     if "verbosity" in flag_values and not flag_values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # SavedModel writing logs pages of INFO lines
     if tf.io.gfile.exists(output) and tf.io.gfile.listdir(output):
-        sys.exit(f"error: --output={output} exists and is not empty; refusing to overwrite "
+        sys.exit(f"export: error: --output={output} exists and is not empty; refusing to overwrite "
                  "it: choose a new directory.")
     try:
         config = export_run(model_dir, output, weights=flag_values.weights)
     except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"export: error: {error}")
     size = int(config["image_size"])
     print(f"Exported {config['arch']} ({config['num_classes']} classes) to {output}\n"
           f"  signature serving_default: images float32 [N, {size}, {size}, 3] in [0, 1] -> "

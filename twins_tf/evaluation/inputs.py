@@ -17,6 +17,18 @@ AUTOATTACK = "autoattack"
 REPORT_PREFIX = "evaluation_"
 _PGD_NAME = re.compile(r"pgd(\d+)$")
 
+# Every evaluation setting (one per flag of `python -m twins_tf.evaluate`) and its default.
+# None: taken from the run's config.json (with --model_dir), else from the dataset or the
+# defaults written in `resolve`.
+DEFAULTS = {
+    "model_dir": None, "weights": None, "arch": None, "dataset": None, "data_dir": None,
+    "tfds_data_dir": None, "image_size": None, "upsample": None, "train_per_class": None,
+    "split": "test", "attacks": [CLEAN, "pgd10", AUTOATTACK], "attack_eps": None,
+    "attack_step": None, "pgd_restarts": 1, "autoattack_version": "standard",
+    "batch_size": 128, "max_examples": None, "skip_bad_images": None, "seed": 0,
+    "output": None,
+}
+
 # Settings an evaluation takes from the run's config.json when its flag is not given.
 _FROM_THE_RUN = ("arch", "dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
                  "train_per_class", "skip_bad_images", "attack_eps", "attack_step")
@@ -59,6 +71,9 @@ def _path_exists(path):
 def resolve(settings):
     """Fills the model and data settings from the run's config.json; checks every value.
 
+    Args:
+      settings: {name: value} of evaluate's flags; a missing name takes its `DEFAULTS` value.
+
     Returns:
       A new dict with arch, dataset, num_classes, image_size, upsample, the weights path,
       attack radius and step, parsed attacks and the output path.
@@ -69,7 +84,11 @@ def resolve(settings):
     from twins_tf import data as data_lib
     from twins_tf.models.resnet import ARCHITECTURES
 
-    s = dict(settings)
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise SetupError(f"unknown evaluation setting(s) {', '.join(unknown)}; the settings "
+                         f"are {', '.join(DEFAULTS)} (evaluate's flags).")
+    s = {**DEFAULTS, **settings}
     config = {}
     if s.get("model_dir"):
         config = run_config.read_config(s["model_dir"])

@@ -1,0 +1,89 @@
+"""The model of a `train`/`pretrain` run, rebuilt from its `config.json` with its weights.
+
+A run directory (`--model_dir`) holds `config.json` (what was built: arch, num_classes,
+image_size, upsample, twin) and `best.weights.h5` / `last.weights.h5`.  `load_run` is the one
+place that turns such a directory back into a Keras model, for library users and for the
+`export` binary alike, so the model a user loads is the model that gets shipped.
+"""
+import os
+
+from twins_tf import run_config
+
+# What a run's config.json must hold to rebuild its network.
+MODEL_KEYS = ("arch", "num_classes", "image_size", "upsample", "twin")
+_NAMED_WEIGHTS = {"best": run_config.BEST_WEIGHTS, "last": run_config.LAST_WEIGHTS}
+
+
+def run_weights_path(model_dir, weights="best"):
+    """The weights file `weights` ("best", "last" or a path) names for the run in `model_dir`."""
+    weights = os.fspath(weights)
+    return os.path.join(model_dir, _NAMED_WEIGHTS[weights]) if weights in _NAMED_WEIGHTS \
+        else weights
+
+
+def read_run_config(model_dir):
+    """The run's config.json, checked to hold what the network needs.
+
+    Raises:
+      FileNotFoundError: no such directory, or no config.json in it.
+      ValueError: config.json is unreadable or lacks a key of `MODEL_KEYS`.
+    """
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir} holds no {run_config.CONFIG_FILE} (no such "
+                                "directory): pass the --model_dir of a train or pretrain run.")
+    if not os.path.isfile(os.path.join(model_dir, run_config.CONFIG_FILE)):
+        raise FileNotFoundError(f"{model_dir} holds no {run_config.CONFIG_FILE}: pass the "
+                                "--model_dir of a train or pretrain run.")
+    config = run_config.read_config(model_dir)  # SetupError (a ValueError): unreadable JSON
+    missing = [k for k in MODEL_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{os.path.join(model_dir, run_config.CONFIG_FILE)} lacks "
+                         f"{', '.join(missing)}; was it written by twins_tf.train?")
+    return config
+
+
+def load_run(model_dir, weights="best"):
+    """The network of the run in `model_dir` with its best or last weights, as it trained.
+
+    The model is `twins_tf.models.build_resnet` with the run's arch, head, input size and
+    upsampling: a twin model (both wings, as saved) for a twin method's run, a plain-BN one
+    otherwise; `twins_tf.untwin` turns a twin model into the plain inference network.  It is
+    built under the current Keras dtype policy.
+
+    Args:
+      model_dir: the run's `--model_dir`.
+      weights: "best" (`best.weights.h5`, the best validation epoch), "last"
+        (`last.weights.h5`, the latest finished epoch) or the path of a `.weights.h5` file of
+        that run's network.
+
+    Returns:
+      The Keras model.
+
+    Raises:
+      FileNotFoundError: no such directory, no config.json, or no such weights file.
+      ValueError: the config lacks a key the network needs, or the weights do not fit it or
+        hold a NaN or infinity (a diverged run).
+    """
+    from twins_tf import run_callbacks
+    from twins_tf import weights as weights_lib
+    from twins_tf.models.resnet import build_resnet
+
+    config = read_run_config(model_dir)
+    path = run_weights_path(model_dir, weights)
+    if not os.path.isfile(path):
+        hint = ("the run has not finished an epoch yet" if weights in _NAMED_WEIGHTS
+                else "check the path")
+        raise FileNotFoundError(f"No weights file {path}: {hint}; weights= takes \"best\", "
+                                "\"last\" or a .weights.h5 path.")
+    size, twin = int(config["image_size"]), bool(config["twin"])
+    model = build_resnet(config["arch"], int(config["num_classes"]), twin=twin,
+                         input_shape=(size, size, 3), upsample=int(config["upsample"]))
+    try:
+        weights_lib.load_pretrained(model, path, head=True)
+    except weights_lib.CheckpointError as error:
+        raise ValueError(f"{path} does not fit the run's {config['arch']} "
+                         f"({'twin' if twin else 'plain'} BN, {config['num_classes']} classes): "
+                         f"{error}") from None
+    run_callbacks.check_finite_weights(model, path)
+    return model
