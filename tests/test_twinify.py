@@ -259,12 +259,13 @@ def test_graph_models_are_told_by_public_classes():
 def test_nested_layers_descend_into_models_and_list_shared_layers_once():
     rng = np.random.default_rng(7)
     inner = small_model(rng)
-    shared = keras.layers.Dense(4, name="shared")
+    shared = keras.layers.Dense(3, name="shared")
+    wrapper = keras.Sequential([keras.Input((3,)), shared], name="wrapper")  # holds `shared`
     inputs = keras.Input((8, 8, 3))
     features = inner(inputs)
-    outer = keras.Model(inputs, keras.layers.Add()([shared(features), shared(features)]))
+    outer = keras.Model(inputs, keras.layers.Add()([shared(features), wrapper(features)]))
     names = [layer.name for layer in bn_wings.nested_layers(outer)]
-    assert len(names) == len(set(names))
-    assert {inner.name, "shared"} <= set(names)
+    assert len(names) == len(set(names))  # `shared` sits in outer and in wrapper: listed once
+    assert {inner.name, "wrapper", "shared"} <= set(names)
     assert {layer.name for layer in inner.layers} <= set(names)
     assert sum(1 for l in bn_wings.nested_layers(outer) if bn_wings.is_plain_bn(l)) == 2
