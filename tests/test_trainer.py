@@ -663,3 +663,111 @@ def test_odd_per_replica_batch_under_mirrored_strategy():
     six = tf.data.Dataset.from_tensor_slices((x[:6], y[:6])).batch(6, drop_remainder=True)
     with pytest.raises(ValueError, match=r"multiple of 2 x 2 replica\(s\); got batch 6"):
         trainer.fit(six, verbose=0)
+
+
+def _one_line(error):
+    text = str(error.value)
+    assert "\n" not in text and "Graph execution error" not in text, text
+    return text
+
+
+def test_one_hot_labels_of_the_models_width_train_as_their_class_ids():
+    """One-hot rows of the model's width (integer or float, numpy or tf.data) are taken by
+    argmax, as the attacks take them: training on them gives the weights of training on the
+    class ids.  Soft rows and other widths are refused in one line."""
+    (x, y), = make_batches(1)
+    trained = []
+    for labels in (y, np.eye(CLASSES, dtype="int64")[y], np.eye(CLASSES, dtype="float32")[y]):
+        model, _ = small_pair("twin", seed=4)
+        trainer = make_trainer(model, "twins_at")
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, labels)).batch(4), verbose=0)
+        trainer.fit(x, labels, batch_size=4, shuffle=False, verbose=0)
+        trained.append(keras_state(model))
+    for state in trained[1:]:
+        for key, value in trained[0].items():
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+    soft = np.full((BATCH, CLASSES), 1.0 / CLASSES, "float32")
+    with pytest.raises(ValueError, match="not one-hot") as error:
+        trainer.fit(x, soft, batch_size=4, verbose=0)
+    _one_line(error)
+    with pytest.raises(ValueError, match="not one-hot") as error:
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, soft)).batch(4), verbose=0)
+    _one_line(error)
+    with pytest.raises(ValueError, match=r"class ids, shape \(batch,\), or one-hot rows of the "
+                                         r"model's 4 classes, got shape \(8, 3\)") as error:
+        trainer.evaluate(x, np.eye(3, dtype="int64")[y % 3], batch_size=4, verbose=0)
+    _one_line(error)
+    trainer.evaluate(x, y[:, None], batch_size=4, verbose=0)  # (batch, 1) class ids are fine
+
+
+def test_unbatched_data_is_refused_with_the_fix():
+    model, _ = small_pair("twin")
+    trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1)
+    with pytest.raises(ValueError, match=r"the dataset is not batched.*dataset.batch\(batch_size"
+                                         r"\)") as error:
+        trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)), verbose=0)
+    _one_line(error)
+    with pytest.raises(ValueError, match=r"one image, not a batch.*images\[None\]"):
+        trainer.evaluate(x[0], y[:1], verbose=0)
+
+
+def test_odd_last_batch_of_a_pipeline_is_found_before_training():
+    """batch(4) over 7 examples ends with a batch of 3, which a twin method cannot split: found
+    from the batch size and the cardinality before any step (the weights do not move), through
+    the map/prefetch a pipeline adds after batch()."""
+    model, _ = small_pair("twin")
+    trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1)
+    before = keras_state(model)
+    tail = tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).batch(4)
+    for dataset in (tail, tail.map(lambda a, b: (a, b)).prefetch(2)):
+        with pytest.raises(ValueError, match=r"multiple of 2 x 1 replica\(s\); got batch 3.*"
+                                             r"drop_remainder=True") as error:
+            trainer.fit(dataset, verbose=0)
+        _one_line(error)
+    for key, value in keras_state(model).items():
+        np.testing.assert_array_equal(value, before[key])  # nothing trained
+    trainer.fit(tf.data.Dataset.from_tensor_slices((x[:6], y[:6])).batch(4), verbose=0)  # 4, 2
+
+
+def test_odd_batch_found_while_training_is_one_line():
+    """Where tf.data does not tell the sizes (a filter makes the cardinality unknown), the
+    pipeline's own check fires at the odd batch: one line from twins_tf, not TF's graph error
+    (still an InvalidArgumentError, as before)."""
+    from twins_tf.trainer import InputCheckError
+
+    model, _ = small_pair("twin")
+    trainer = make_trainer(model, "twins_at")
+    (x, y), = make_batches(1)
+    unknown = tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).filter(lambda a, b: True)
+    for data in (unknown.batch(4), tf.data.Dataset.from_tensor_slices((x * 2, y)).batch(4)):
+        with pytest.raises(InputCheckError) as error:
+            trainer.fit(data, verbose=0)
+        assert isinstance(error.value, ValueError)
+        assert isinstance(error.value, tf.errors.InvalidArgumentError)
+        assert "multiple of 2 x 1 replica(s)" in _one_line(error) or \
+            "images must lie in [0, 1]" in _one_line(error)
+
+
+def test_an_attack_in_0_255_units_is_refused():
+    model, _ = small_pair("twin")
+
+    class ShiftAttack:
+        norm, epsilon, step_size = "linf", 8, 2
+
+        def __call__(self, model, images, labels):
+            return images
+
+    with pytest.raises(ValueError, match=r"attack epsilon=8 is in 0-255 units.*8/255") as error:
+        AdversarialTrainer(model, method="twins_at", attack=ShiftAttack())
+    _one_line(error)
+    with pytest.raises(ValueError, match="255"):
+        AdversarialTrainer(model, method="twins_at", attack=PGD(8, 2, 1))
+    with pytest.raises(ValueError, match=r"eval_attack step_size=2 is in 0-255 units"):
+        ShiftAttack.epsilon = 8 / 255
+        AdversarialTrainer(model, method="twins_at", attack=PGD(EPS, ALPHA, 1),
+                           eval_attack=ShiftAttack())
+    l2 = PGD(3.0, 0.5, 1, norm="l2")  # an L2 budget above 1 is ordinary (ImageNet: 3.0)
+    assert AdversarialTrainer(model, method="twins_at", attack=l2).attack is l2

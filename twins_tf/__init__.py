@@ -7,6 +7,7 @@ import importlib
 
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.twinify import twinify, untwin
+from twins_tf import models, trainer  # noqa: F401,E402  registers their Keras serialisables: `import twins_tf` is all keras.models.load_model needs
 
 __version__ = "0.1.0"
 

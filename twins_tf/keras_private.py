@@ -299,7 +299,7 @@ def load_weights_collecting_skips(model, path):
 # Datasets that yield their input's elements (batches) unchanged in size.
 _SIZE_PRESERVING_DATASETS = frozenset({
     "_MapDataset", "_ParallelMapDataset", "_PrefetchDataset", "_OptionsDataset",
-    "_RepeatDataset", "_ShuffleDataset", "_CacheDataset",
+    "_RepeatDataset", "_ShuffleDataset", "CacheDataset",
 })
 
 

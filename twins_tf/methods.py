@@ -98,6 +98,35 @@ def twins_trades(logits_natural, logits_adversarial, labels, *, lambda_twins, be
     return natural + beta * robust
 
 
+def odd_batch_message(batch, *, replicas=None, layer=None):
+    """The one text for a training batch a twin model cannot split into two equal halves.
+
+    Every place that checks it (the trainer before and during `fit`, a TwinBatchNormalization
+    layer while tracing) says the same why and the same fix.
+
+    Args:
+      batch: the batch size seen, or a phrase ("not a multiple of 2") when only the run time
+        knows it.
+      replicas: the trainer's view, a *global* batch spread over this many replicas; None:
+        `batch` is one replica's batch.
+      layer: the name of the TwinBatchNormalization layer that saw it.
+    """
+    if layer is not None:
+        head, rule, seen = (
+            f"TwinBatchNormalization layer '{layer}' got a training batch of size {batch}: ",
+            "so the batch must be even", "")
+    elif replicas is None:
+        head, rule, seen = "", "so it must be even", f"; got a per-replica batch of {batch}"
+    else:
+        head, rule, seen = (
+            "", f"so the global batch must be a multiple of 2 x {replicas} replica(s)",
+            f"; got batch {batch}")
+    return (
+        f"{head}twin methods split each per-replica batch into a Frozen and an Adaptive half, "
+        f"{rule}{seen}. Use an even per-replica batch size and drop_remainder=True in tf.data."
+    )
+
+
 def l2sp_penalty(pretrained, anchors, new, *, alpha, beta):
     """L2-SP's regulariser (Li et al., ICML 2018): the pull to the start plus the head's decay.
 

@@ -31,17 +31,21 @@ size known statically is checked at once, before training.  Nothing is clipped: 
 is an error that says what to fix.  Data passed as an already distributed dataset, or to
 `train_step` directly, is not checked.
 """
+import contextlib
+import inspect
 import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from twins_tf import keras_private
 from twins_tf import methods as methods_lib
 from twins_tf.attacks.pgd import PGD
 from twins_tf.layers import TWIN, twin_layers
 
 
+@keras.saving.register_keras_serializable(package="twins_tf")
 class AdversarialTrainer(keras.Model):
     """Adversarial fine-tuning of a classifier with one of `twins_tf.methods.METHODS`.
 
@@ -125,10 +129,13 @@ class AdversarialTrainer(keras.Model):
         self.num_classes = int(model.output_shape[-1])
         self.attack = attack
         self.eval_attack = _default_eval_attack(attack) if eval_attack == "auto" else eval_attack
+        for arg, value in (("attack", self.attack), ("eval_attack", self.eval_attack)):
+            _check_attack_units(value, arg)
         self.lambda_twins = float(lambda_twins)
         self.beta = float(beta)
         self.weight_decay = float(weight_decay)
         self.l2sp_alpha = float(l2sp_alpha)
+        self.l2sp_exclude = l2sp_exclude if l2sp_exclude == "auto" else list(l2sp_exclude or ())
         self.check_inputs = bool(check_inputs)
 
         self.loss_metric = keras.metrics.Mean(name="loss")
@@ -183,6 +190,70 @@ class AdversarialTrainer(keras.Model):
                     "such as jit_compile."
                 )
         super().compile(optimizer=optimizer, **kwargs)
+        # The optimizer's variables exist from here on, as Keras creates them when it builds a
+        # model for fit: a trainer saved before training then holds the same optimizer
+        # variables as a loaded one, and its state always loads.
+        with self.distribute_strategy.scope():
+            self.optimizer.build(self.trainable_variables)
+
+    # --- serialisation -------------------------------------------------------------------
+    def get_config(self):
+        """The constructor arguments, the wrapped model and the attacks as Keras configs.
+
+        With it `trainer.save("x.keras")`, `keras.models.load_model` and
+        `keras.callbacks.ModelCheckpoint("ckpt.keras")` work like for any Keras model; the
+        weights (model, L2-SP anchors, eval counter) and the optimizer state are in the file's
+        weights, not here.  The attacks must be registered Keras serialisables (twins_tf's
+        are); a custom attack that is not is an error naming the fix.
+        """
+        registered = methods_lib.METHODS.get(self.method.name)
+        if registered is not self.method:
+            raise ValueError(
+                f"AdversarialTrainer.get_config: method {self.method.name!r} is not the one "
+                "registered under that name, so a loaded trainer could not find it: "
+                "twins_tf.methods.register() it first."
+            )
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "model": keras.saving.serialize_keras_object(self.model),
+            "method": self.method.name,
+            "attack": _serialize_attack(self.attack, "attack"),
+            "eval_attack": _serialize_attack(self.eval_attack, "eval_attack"),
+            "lambda_twins": self.lambda_twins,
+            "beta": self.beta,
+            "weight_decay": self.weight_decay,
+            "l2sp_alpha": self.l2sp_alpha,
+            "l2sp_exclude": self.l2sp_exclude,
+            "check_inputs": self.check_inputs,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The trainer of `get_config`; its weights and optimizer state come from the file."""
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(
+            config.pop("model"), custom_objects=custom_objects
+        )
+        for key in ("attack", "eval_attack"):
+            if config.get(key) is not None:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
+        return cls(model, **config)
+
+    def compile_from_config(self, config):
+        """Recompile a loaded trainer as it was saved (Keras's default skips a model whose
+        `compile` is overridden); `compile` creates the optimizer's variables, so the saved
+        optimizer state (SGD momentum, the step counter seeding the attacks) loads into them."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**{k: v for k, v in config.items() if v is not None})
+
+    def save(self, filepath, *args, **kwargs):
+        """`keras.Model.save`, failing before the file is opened if the trainer cannot be
+        serialised (Keras would leave a 0-byte file behind)."""
+        self.get_config()
+        return super().save(filepath, *args, **kwargs)
 
     # --- steps ---------------------------------------------------------------------------
     def train_step(self, data):
@@ -191,11 +262,7 @@ class AdversarialTrainer(keras.Model):
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
         _check_model_kind(self.model, self.method)  # the twin mode is read at trace time
         if self.method.twin and images.shape[0] is not None and images.shape[0] % 2:
-            raise ValueError(
-                f"twin methods split each per-replica batch into a Frozen and an Adaptive half; "
-                f"got a per-replica batch of {images.shape[0]}. Use an even per-replica batch "
-                "size and drop_remainder=True in tf.data."
-            )
+            raise ValueError(methods_lib.odd_batch_message(images.shape[0]))
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
 
         adversarial = None
@@ -290,12 +357,14 @@ class AdversarialTrainer(keras.Model):
                                  validation_split=kwargs.get("validation_split", 0.0))
             if kwargs.get("validation_data") is not None:
                 kwargs["validation_data"] = self._checked_validation(kwargs["validation_data"])
-        return super().fit(x, y, batch_size=batch_size, **kwargs)
+        with _one_line_data_errors():
+            return super().fit(x, y, batch_size=batch_size, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, **kwargs):
         if self.check_inputs:
             x, y = self._checked(x, y, batch_size, training=False)
-        return super().evaluate(x, y, batch_size=batch_size, **kwargs)
+        with _one_line_data_errors():
+            return super().evaluate(x, y, batch_size=batch_size, **kwargs)
 
     def train_on_batch(self, x, y=None, **kwargs):
         if self.check_inputs:
@@ -332,8 +401,10 @@ class AdversarialTrainer(keras.Model):
                 "x=images and y=integer labels."
             )
         images, labels = np.asarray(x), np.asarray(y)
-        _check_images_array(images)
-        _check_labels_array(labels, self.num_classes)
+        _check_images_array(images, _input_rank(self.model))
+        class_ids = _class_ids_array(labels, self.num_classes)
+        if class_ids is not labels:
+            y = class_ids  # one-hot rows, taken by argmax
         if even:
             count = len(images)
             if validation_split:
@@ -343,7 +414,7 @@ class AdversarialTrainer(keras.Model):
             batches = [count] if whole else _numpy_batch_sizes(count, batch_size or 32)
             for batch in batches:
                 if batch % (2 * replicas):
-                    raise ValueError(_odd_batch_message(batch, replicas))
+                    raise ValueError(methods_lib.odd_batch_message(batch, replicas=replicas))
         return x, y
 
     def _checked_dataset(self, dataset, even, replicas):
@@ -359,48 +430,159 @@ class AdversarialTrainer(keras.Model):
                 f"images must be floats in [0, 1], got dtype {image_spec.dtype.name}: map "
                 "`tf.cast(images, tf.float32) / 255.0` over the dataset."
             )
-        if not label_spec.dtype.is_integer:
+        one_hot = _is_one_hot_shape(tuple(label_spec.shape), self.num_classes)
+        if not (label_spec.dtype.is_integer or one_hot and label_spec.dtype.is_floating):
             raise ValueError(
                 f"labels must be integer class ids, got dtype {label_spec.dtype.name} (one-hot "
                 "labels: take tf.argmax(labels, -1))."
             )
+        rank = _input_rank(self.model)
+        if rank is not None and image_spec.shape.rank == rank - 1:
+            raise ValueError(
+                f"the dataset is not batched: its images have shape {image_spec.shape} and the "
+                f"model takes batches of rank {rank}. Call dataset.batch(batch_size) "
+                "(drop_remainder=True for twin methods)."
+            )
+        if rank is not None and image_spec.shape.rank not in (None, rank):
+            raise ValueError(
+                f"the dataset's images have shape {image_spec.shape} but the model takes "
+                f"batches of shape {tuple(self.model.input_shape)}."
+            )
+        _check_label_shape(tuple(label_spec.shape), self.num_classes, dataset=True)
         batch = image_spec.shape[0] if image_spec.shape.rank else None
         if even and batch is not None and batch % (2 * replicas):
-            raise ValueError(_odd_batch_message(batch, replicas))
+            raise ValueError(methods_lib.odd_batch_message(batch, replicas=replicas))
+        if even:
+            # an odd *last* batch (batch() without drop_remainder): found here from the batch
+            # size and the cardinality where tf.data's structure tells them, before training
+            sizes = keras_private.dataset_batch_sizes(dataset) or ()
+            odd = sorted(size for size in sizes if size % (2 * replicas))
+            if odd:
+                raise InputCheckError(
+                    methods_lib.odd_batch_message(odd[0], replicas=replicas)
+                    + f" (the dataset's batches have sizes {sorted(sizes)})"
+                )
         num_classes = self.num_classes
 
+        messages = _pipeline_messages(num_classes, replicas)
+        _PIPELINE_MESSAGES.update(messages.values())
+
         def check(images, labels):
+            if one_hot:  # exact one-hot rows, as the attacks take them (soft labels refused)
+                hot = tf.logical_or(tf.equal(labels, 0), tf.equal(labels, 1))
+                rows = tf.reduce_sum(tf.cast(labels, tf.float32), axis=-1)
+                with tf.control_dependencies([
+                    tf.debugging.assert_equal(
+                        tf.logical_and(tf.reduce_all(hot), tf.reduce_all(tf.equal(rows, 1.0))),
+                        True, message=messages["soft"]),
+                ]):
+                    labels = tf.argmax(labels, axis=-1)
             checks = [
                 tf.debugging.assert_greater_equal(
                     tf.reduce_min(images), tf.constant(0, images.dtype),
-                    message="images must lie in [0, 1] (pixel space); found a value below 0. "
-                    "Scale images to [0, 1] (e.g. /255) and do not normalise them: the model "
-                    "normalises inside.",
-                ),
+                    message=messages["low"]),
                 tf.debugging.assert_less_equal(
                     tf.reduce_max(images), tf.constant(1, images.dtype),
-                    message="images must lie in [0, 1] (pixel space); found a value above 1. "
-                    "Scale images to [0, 1] (e.g. divide uint8 images by 255).",
-                ),
+                    message=messages["high"]),
                 tf.debugging.assert_greater_equal(
                     tf.reduce_min(labels), tf.constant(0, labels.dtype),
-                    message=f"labels must be class ids in [0, {num_classes}); found a negative one.",
-                ),
+                    message=messages["negative"]),
                 tf.debugging.assert_less(
                     tf.reduce_max(labels), tf.constant(num_classes, labels.dtype),
-                    message=f"labels must be class ids in [0, {num_classes}) (the model has "
-                    f"{num_classes} outputs); found a larger one.",
-                ),
+                    message=messages["large"]),
             ]
             if even:
                 checks.append(tf.debugging.assert_equal(
-                    tf.shape(images)[0] % (2 * replicas), 0,
-                    message=_odd_batch_message("not a multiple of 2 x replicas", replicas),
-                ))
+                    tf.shape(images)[0] % (2 * replicas), 0, message=messages["odd"]))
             with tf.control_dependencies(checks):
                 return tf.identity(images), tf.identity(labels)
 
         return dataset.map(check)
+
+
+class InputCheckError(tf.errors.InvalidArgumentError, ValueError):
+    """Bad `fit`/`evaluate` data, found by a check of the trainer's tf.data pipeline.
+
+    One line saying what is wrong and how to fix it, instead of TensorFlow's multi-line graph
+    error.  A ValueError like the checks made before training, and still a
+    `tf.errors.InvalidArgumentError`, which is what the pipeline's assertion raises, so code
+    catching either keeps working.
+    """
+
+    def __init__(self, message):
+        super().__init__(None, None, message)
+
+
+def _pipeline_messages(num_classes, replicas):
+    """The messages of the tf.data checks of `_checked_dataset`, by check."""
+    return {
+        "low": "images must lie in [0, 1] (pixel space); found a value below 0. Scale images "
+               "to [0, 1] (e.g. /255) and do not normalise them: the model normalises inside.",
+        "high": "images must lie in [0, 1] (pixel space); found a value above 1. Scale images "
+                "to [0, 1] (e.g. divide uint8 images by 255).",
+        "negative": f"labels must be class ids in [0, {num_classes}); found a negative one.",
+        "large": f"labels must be class ids in [0, {num_classes}) (the model has {num_classes} "
+                 "outputs); found a larger one.",
+        "odd": methods_lib.odd_batch_message(f"not a multiple of {2 * replicas}",
+                                             replicas=replicas),
+        "soft": _SOFT_LABELS,
+    }
+
+
+_SOFT_LABELS = ("labels are 2-D but not one-hot (soft or mixed labels?): the objectives take "
+                "hard labels; pass class ids (batch,) or one-hot rows.")
+
+
+# Every message a pipeline check of this process may raise, to recognise it in TF's error.
+_PIPELINE_MESSAGES = set()
+
+
+@contextlib.contextmanager
+def _one_line_data_errors():
+    """Re-raise a failed tf.data check of `_checked_dataset` as one InputCheckError line
+    (TensorFlow's own error is several lines of graph context around the message)."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        if isinstance(error, InputCheckError):
+            raise
+        text = str(error)
+        found = [m for m in _PIPELINE_MESSAGES if m in text]
+        if found:
+            raise InputCheckError(max(found, key=len)) from None
+        raise
+
+
+def _input_rank(model):
+    """The rank of the model's input batches (4 for images), None if it has no single input."""
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):
+        return None
+    return len(shape) if isinstance(shape, tuple) and all(
+        d is None or isinstance(d, int) for d in shape) else None
+
+
+def _is_one_hot_shape(shape, num_classes):
+    return len(shape) == 2 and shape[1] == num_classes and num_classes > 1
+
+
+def _check_label_shape(shape, num_classes, *, dataset):
+    """Labels are one class id per image, shape (batch,) or (batch, 1), or one-hot rows of the
+    model's width (taken by argmax, as the attacks take them); anything else is refused."""
+    if len(shape) <= 1 or (len(shape) == 2 and shape[1] == 1):
+        if len(shape) == 0 and dataset:
+            raise ValueError(
+                "the dataset's labels are scalars: the dataset is not batched. Call "
+                "dataset.batch(batch_size) (drop_remainder=True for twin methods)."
+            )
+        return
+    if _is_one_hot_shape(shape, num_classes):
+        return
+    raise ValueError(
+        f"labels must be class ids, shape (batch,), or one-hot rows of the model's "
+        f"{num_classes} classes, got shape {shape}."
+    )
 
 
 def _unpack(data):
@@ -440,6 +622,40 @@ def _check_model_kind(model, method):
         )
 
 
+def _serialize_attack(attack, arg):
+    """`attack` as a Keras config, or a ValueError saying how to make it serialisable."""
+    if attack is None:
+        return None
+    function = inspect.isfunction(attack)
+    registered = keras.saving.get_registered_name(attack if function else type(attack))
+    if ">" not in registered or not (function or hasattr(attack, "get_config")):
+        raise ValueError(
+            f"AdversarialTrainer cannot be serialised: its {arg} {attack!r} is not a registered "
+            "Keras serialisable. Decorate its class with "
+            "@keras.saving.register_keras_serializable(package=...) and give it get_config() "
+            "and from_config(), or save the weights only (trainer.model.save_weights, "
+            "ModelCheckpoint(..., save_weights_only=True))."
+        )
+    return keras.saving.serialize_keras_object(attack)
+
+
+def _check_attack_units(attack, arg):
+    """An attack budget above 1 is in 0-255 units: the trainer's images are in [0, 1], so
+    such an attack would let PGD replace each image by anything (found here, at construction,
+    rather than as a useless run).  Reads the `epsilon`/`step_size` attributes twins_tf's
+    attacks have; other attacks check their own arguments.  L-inf only: an L2 budget above 1
+    is ordinary (ImageNet's L2 threat model is 3.0)."""
+    if getattr(attack, "norm", "linf") not in ("linf", "Linf", "inf", float("inf")):
+        return
+    for name in ("epsilon", "step_size"):
+        value = getattr(attack, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1:
+            raise ValueError(
+                f"{arg} {name}={value:g} is in 0-255 units, but twins_tf images are in [0, 1]: "
+                f"pass {name}={value:g}/255 (e.g. PGD(8 / 255, 2 / 255, 10))."
+            )
+
+
 def _default_eval_attack(attack):
     if isinstance(attack, PGD):
         config = attack.get_config()
@@ -452,23 +668,22 @@ def _pretrained_variables(model, exclude):
     if exclude == "auto":
         exclude = _output_layer_names(model)
     exclude = set(exclude or ())
-    known = {layer.name for layer in model._flatten_layers(include_self=False)}
+    layers = keras_private.flatten_layers(model)
+    known = {layer.name for layer in layers}
     unknown = exclude - known
     if unknown:
         raise ValueError(f"l2sp_exclude names layers not in the model: {sorted(unknown)}.")
     skipped = {
-        id(v) for layer in model._flatten_layers(include_self=False)
-        if layer.name in exclude for v in layer.weights
+        id(v) for layer in layers if layer.name in exclude for v in layer.weights
     }
     return [v for v in model.trainable_variables if id(v) not in skipped]
 
 
 def _output_layer_names(model):
-    names = []
-    for output in getattr(model, "outputs", None) or []:
-        history = getattr(output, "_keras_history", None)
-        if history is not None:
-            names.append(history[0].name)
+    if isinstance(model, keras.Sequential) and model.layers:
+        names = [model.layers[-1].name]
+    else:  # a functional model's public list of its output layers
+        names = list(getattr(model, "output_names", None) or [])
     if not names:
         raise ValueError(
             f"cannot find the output layer of {model.name!r} (not a functional model): pass "
@@ -484,7 +699,12 @@ def _numpy_batch_sizes(count, batch_size):
     return sizes
 
 
-def _check_images_array(images):
+def _check_images_array(images, rank=None):
+    if rank is not None and images.ndim == rank - 1:
+        raise ValueError(
+            f"images of shape {images.shape} are one image, not a batch: the model takes "
+            f"batches of rank {rank}. Pass images[None] for a single image."
+        )
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(
             f"images must be floats in [0, 1], got dtype {images.dtype}: pass "
@@ -498,7 +718,13 @@ def _check_images_array(images):
         )
 
 
-def _check_labels_array(labels, num_classes):
+def _class_ids_array(labels, num_classes):
+    """numpy labels as class ids: one-hot rows of the model's width by argmax, else checked."""
+    _check_label_shape(labels.shape, num_classes, dataset=False)
+    if _is_one_hot_shape(labels.shape, num_classes):
+        if not (np.isin(labels, (0, 1)).all() and (labels.sum(axis=-1) == 1).all()):
+            raise ValueError(_SOFT_LABELS)
+        return labels.argmax(axis=-1)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f"labels must be integer class ids, got dtype {labels.dtype} (one-hot labels: pass "
@@ -509,11 +735,4 @@ def _check_labels_array(labels, num_classes):
             f"labels must be class ids in [0, {num_classes}) (the model has {num_classes} "
             f"outputs), got values in [{labels.min()}, {labels.max()}]."
         )
-
-
-def _odd_batch_message(batch, replicas):
-    return (
-        f"twin methods split each per-replica batch into a Frozen and an Adaptive half, so the "
-        f"global batch must be a multiple of 2 x {replicas} replica(s); got batch {batch}. Use "
-        "an even per-replica batch size and drop_remainder=True in tf.data."
-    )
+    return labels
