@@ -26,10 +26,24 @@ even; `fit`/`evaluate` check it (and the images and labels) before any compiled 
 Input checks: XLA removes runtime assertions, so they are not in the compiled step.  `fit`
 and `evaluate` check numpy inputs directly and wrap a `tf.data.Dataset` in a `map` that
 asserts, per batch and outside the compiled step, images in [0, 1], labels in
-[0, num_classes) and (training a twin method) a batch divisible by 2 x replicas.  A batch
-size known statically is checked at once, before training.  Nothing is clipped: a bad input
-is an error that says what to fix.  Data passed as an already distributed dataset, or to
-`train_step` directly, is not checked.
+[0, num_classes) and (training a twin method) a batch divisible by 2 x replicas.  What the
+element spec and tf.data's structure tell is checked at once, before training: dtypes, an
+unbatched dataset, label shapes, the batch size, and for a twin method an odd *last* batch
+(`batch()` without drop_remainder over a dataset of known cardinality), which would
+otherwise fail a whole epoch later.  A pipeline check that fires while training is re-raised
+as one line (`InputCheckError`, a ValueError and a tf.errors.InvalidArgumentError) instead of
+TensorFlow's graph error.  Labels are class ids, (batch,) or (batch, 1), or one-hot rows of
+the model's width, taken by argmax as the attacks take them; soft rows are refused (the
+objectives take hard labels).  An L-inf attack budget above 1 (0-255 units) is refused at
+construction.  Nothing is clipped: a bad input is an error that says what to fix.  Data
+passed as an already distributed dataset, or to `train_step` directly, is not checked.
+
+Saving: the trainer is a registered Keras serialisable (`twins_tf>AdversarialTrainer`), so
+`trainer.save("x.keras")`, `keras.models.load_model` and `ModelCheckpoint("ckpt.keras")`
+work as for any Keras model and bring back the wrapped model, method, attacks and
+hyperparameters (`get_config`), every weight, and the optimizer state.  The file names
+twins_tf's classes; Keras imports only its own packages when loading, so `import twins_tf`
+first (that import registers every twins_tf serialisable).
 """
 import contextlib
 import inspect
@@ -71,6 +85,8 @@ class AdversarialTrainer(keras.Model):
       l2sp_exclude: names of layers whose weights have no pre-trained value (the new head,
         decayed towards zero by `weight_decay`).  "auto": the layer producing the output.
       check_inputs: check images, labels and batch sizes in `fit`/`evaluate` (see module doc).
+      method may also be a `twins_tf.methods.Method`; to save the trainer it must be the one
+        registered under its name (`twins_tf.methods.register`).
 
     Metrics of `fit` (running means over the epoch): `loss`; `adv_acc`, accuracy of the
     training forward on the adversarial batch; `clean_acc`, accuracy on the clean batch: of
