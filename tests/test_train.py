@@ -20,6 +20,7 @@ from binaries_testlib import (
     FINETUNE_ARGS, REPO_ROOT, TINY, assert_same_weights, binary_command, file_snapshot,
     finetune_run, free_ports, read_weights, run_binary, settings, source_run, subprocess_env)
 from twins_tf import run_callbacks, run_config, train
+from twins_tf.training import trainer_setup
 from twins_tf.run_config import SetupError
 
 
@@ -417,7 +418,8 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_epoch(tmp_path, pretr
     def exploding(lr, decay_epochs, steps_per_epoch):
         return Exploding(lr, steps_per_epoch)
 
-    monkeypatch.setattr(train, "learning_rate_schedule", exploding)
+    # make_trainer (twins_tf.training.trainer_setup) looks the schedule up in its module
+    monkeypatch.setattr(trainer_setup, "learning_rate_schedule", exploding)
     model_dir = tmp_path / "run"
     with pytest.raises(run_callbacks.DivergenceError, match=re.escape(
             "the training loss became nan at step 6 (epoch 2, batch 2 of 4)")) as error:

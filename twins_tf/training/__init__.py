@@ -16,35 +16,19 @@ imports them directly.  Submodules, in the order the data flows through a run:
     >>> s = training.Settings(binary="pretrain", dataset="digits_0_4", model_dir="runs/x")
     >>> summary = training.run(s)
 
-The names below are imported on first use, so `from twins_tf.training import flags` (what
-`evaluate` needs) does not build a trainer.
+The names below are its public surface; each submodule keeps heavy imports (Keras models,
+PyTorch) inside the functions that need them.
 """
-import importlib
+from twins_tf.training.flags import (
+    define_data_flags, define_flags, settings_from_args, settings_from_flags)
+from twins_tf.training.loop import PreparedRun, fit, prepare, run, seed_everything
+from twins_tf.training.model import build_model
+from twins_tf.training.model_dir import read_settings
+from twins_tf.training.schedule import learning_rate_schedule
+from twins_tf.training.settings import Settings, SetupError
+from twins_tf.training.trainer_setup import make_trainer, pipelines
 
-_EXPORTS = {
-    "Settings": "twins_tf.training.settings",
-    "SetupError": "twins_tf.training.settings",
-    "define_flags": "twins_tf.training.flags",
-    "define_data_flags": "twins_tf.training.flags",
-    "settings_from_flags": "twins_tf.training.flags",
-    "settings_from_args": "twins_tf.training.flags",
-    "read_settings": "twins_tf.training.model_dir",
-    "learning_rate_schedule": "twins_tf.training.schedule",
-    "build_model": "twins_tf.training.model",
-    "make_trainer": "twins_tf.training.trainer_setup",
-    "pipelines": "twins_tf.training.trainer_setup",
-    "PreparedRun": "twins_tf.training.loop",
-    "prepare": "twins_tf.training.loop",
-    "fit": "twins_tf.training.loop",
-    "run": "twins_tf.training.loop",
-    "seed_everything": "twins_tf.training.loop",
-}
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'twins_tf.training' has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PreparedRun", "Settings", "SetupError", "build_model", "define_data_flags",
+    "define_flags", "fit", "learning_rate_schedule", "make_trainer", "pipelines", "prepare",
+    "read_settings", "run", "seed_everything", "settings_from_args", "settings_from_flags"]
