@@ -148,9 +148,9 @@ def run_twins(args):
     attacks = dict(zip(aa.attack_names, aa.sub_attacks(model)))
     seconds = {}
     for name in ATTACKS:
-        attacks[name].perturb(x, y, seed=0)  # warm-up: traces the graphs
-        seconds[name] = timed(lambda: attacks[name].perturb(x, y, seed=0))
-    seconds["cascade"] = timed(lambda: aa.perturb(model, x, y))
+        attacks[name](model, x, y, seed=0)  # warm-up: traces the graphs
+        seconds[name] = timed(lambda: attacks[name](model, x, y, seed=0))
+    seconds["cascade"] = timed(lambda: aa(model, x, y))
     return dict(seconds=seconds, version=f"twins_tf, TF {tf.__version__}",
                 label_agreement=float(agree))
 

@@ -23,6 +23,8 @@ Public helpers (the test modules of the attacks import them):
   * `keras_logits(model, images)`, `keras_predict(model, images)`: numpy logits and labels
     of the Keras model in inference mode.
   * `keras_accuracy(model, images, labels)`: accuracy of the Keras model.
+  * `hyperplane_problems(n, d, seed)`: random problems for FAB's box-constrained projection
+    (`test_fab.py` against scipy, `test_autoattack_official.py` against the official code).
 """
 import contextlib
 import dataclasses
@@ -188,3 +190,14 @@ def torch_threads(count):
 def torch_predict(module, images):
     with torch_threads(1), torch.no_grad():
         return module(torch_nchw(images)).argmax(1).numpy()
+
+
+def hyperplane_problems(n, d, seed):
+    """Points in the box, normals with some zero entries, offsets near and far (some
+    unreachable inside the box)."""
+    rng = np.random.default_rng(seed)
+    t = rng.uniform(size=(n, d))
+    w = rng.normal(size=(n, d))
+    w[:, :3] = 0.0
+    b = np.sum(w * t, 1) + rng.normal(size=n) * rng.choice([0.1, 1.0, 30.0], size=n)
+    return t.astype(np.float32), w.astype(np.float32), b.astype(np.float32)

@@ -61,7 +61,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     straight = attack.run(bed.keras_model, (x, y), batch_size=20, verbose=0)
     state = tmp_path / "aa.npz"
 
-    original = AutoAttack.perturb
+    original = AutoAttack._attack_batch
     calls = []
 
     def counting(self, model, images, labels, *, batch_index=0):
@@ -73,7 +73,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the job is killed
         return counting(self, model, images, labels, batch_index=batch_index)
 
-    monkeypatch.setattr(AutoAttack, "perturb", dies_on_third_batch)
+    monkeypatch.setattr(AutoAttack, "_attack_batch", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         AutoAttack(tb.epsilon("linf"), **TINY).run(bed.keras_model, (x, y), batch_size=20,
                                                    state_path=str(state), save_every=1,
@@ -81,7 +81,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     with np.load(state) as saved:
         assert int(saved["batches_done"]) == 2 and len(saved["broken_by"]) == 40
     calls.clear()
-    monkeypatch.setattr(AutoAttack, "perturb", counting)
+    monkeypatch.setattr(AutoAttack, "_attack_batch", counting)
     resumed = AutoAttack(tb.epsilon("linf"), **TINY).run(
         bed.keras_model, (x, y), batch_size=20, state_path=str(state), verbose=0)
     assert calls == [2]  # only the missing batch ran
@@ -125,9 +125,9 @@ def test_mismatched_state_and_bad_input_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="images in \\[0, 1\\]"):
         AutoAttack(0.1, **TINY).run(bed.keras_model, (x * 255, y), verbose=0)
     with pytest.raises(ValueError, match="n_target_classes=9 but the model has 5 classes"):
-        AutoAttack(0.1, n_target_classes=9).perturb(tb.keras_convnet(num_classes=5), x, y % 5)
+        AutoAttack(0.1, n_target_classes=9)(tb.keras_convnet(num_classes=5), x, y % 5)
     with pytest.raises(ValueError, match="at least 2 classes"):
-        AutoAttack(0.1).perturb(tb.keras_convnet(num_classes=1), x, y * 0)
+        AutoAttack(0.1)(tb.keras_convnet(num_classes=1), x, y * 0)
 
 
 def test_verification_catches_a_false_claim():
@@ -187,3 +187,96 @@ def test_rand_version_with_two_classes_skips_apgd_dlr():
     result, messages = _small_model_run(2, version="rand")
     assert result.attacks == ("apgd-ce",) and "apgd-dlr" in result.skipped
     assert any("deterministic model" in m for m in messages)  # checks.check_rand_version
+
+
+# --- the one protocol (issue 10), input checks and serialisation (issue 14), every attack -------
+def _every_attack(epsilon=0.1, **kwargs):
+    """One small-budget instance of each attack, built with the new spelling."""
+    from twins_tf.attacks import APGD, FAB, Square
+
+    return {
+        "PGD": lambda: PGD(epsilon, epsilon / 4, 3, random_start=True, seed=2, **kwargs),
+        "APGD": lambda: APGD(epsilon, loss="dlr", targeted=True, steps=3, n_target_classes=2,
+                             **kwargs),
+        "FAB": lambda: FAB(epsilon, steps=3, restarts=2, n_target_classes=2, **kwargs),
+        "Square": lambda: Square(epsilon, n_queries=100, **kwargs),
+        "AutoAttack": lambda: AutoAttack(epsilon, **TINY, **kwargs),
+    }
+
+
+ATTACK_NAMES = ("PGD", "APGD", "FAB", "Square", "AutoAttack")
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_every_attack_checks_its_input_in_one_line(name):
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:6], bed.y_test[:6]
+    attack = _every_attack()[name]()
+    cases = [
+        (lambda: attack(bed.keras_model, x * 255, y), "images in \\[0, 1\\]"),
+        (lambda: attack(bed.keras_model, x[0], y[:1]), "one image, not a batch"),
+        (lambda: attack(bed.keras_model, x, np.eye(4)[y % 4]), "the model has 10 classes"),
+        (lambda: attack(bed.keras_model, x, np.full((6, 10), 0.1)), "not one-hot"),
+        (lambda: attack(bed.keras_model, x, y + 10), "class ids in"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="give it in \\[0, 1\\] units, e.g. 8/255") as caught:
+        _every_attack(epsilon=8)[name]()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="longer than the diagonal"):
+        _every_attack(epsilon=255.0, norm="l2")[name]()(bed.keras_model, x, y)
+    # one-hot rows of the model's width: the class ids they encode
+    one_hot = np.eye(10, dtype=np.float32)[y]
+    np.testing.assert_array_equal(attack(bed.keras_model, x, one_hot, seed=4).numpy(),
+                                  attack(bed.keras_model, x, y, seed=4).numpy())
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_every_attack_round_trips_through_keras_serialisation(name):
+    import keras
+
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:12], bed.y_test[:12]
+    attack = _every_attack(epsilon=0.3)[name]()  # Square breaks some in 100 queries at 0.3
+    config = keras.saving.serialize_keras_object(attack)
+    assert config["registered_name"] == f"twins_tf>{name}"
+    again = keras.saving.deserialize_keras_object(config)
+    assert type(again) is type(attack) and again.get_config() == attack.get_config()
+    x_adv = attack(bed.keras_model, x, y, seed=7).numpy()
+    np.testing.assert_array_equal(again(bed.keras_model, x, y, seed=7).numpy(), x_adv)
+    assert np.any(x_adv != x)  # the attacks moved something: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("name", ["APGD", "FAB", "Square"])
+def test_the_old_spellings_warn_and_give_the_same_examples(name):
+    from twins_tf import attacks
+
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:12], bed.y_test[:12]
+    cls = getattr(attacks, name)
+    new = cls(tb.epsilon("linf"))
+    with pytest.warns(DeprecationWarning, match=f"{name}\\(model, epsilon, ...\\) will be "
+                      "removed"):
+        old = cls(bed.keras_model, tb.epsilon("linf"))
+    assert old.get_config() == new.get_config()
+    with pytest.warns(DeprecationWarning, match=f"{name}.perturb\\(x, y\\) will be removed"):
+        old_x = old.perturb(x, y, seed=3).numpy()
+    np.testing.assert_array_equal(old_x, new(bed.keras_model, x, y, seed=3).numpy())
+    with pytest.raises(TypeError, match="needs the model given at construction"):
+        with pytest.warns(DeprecationWarning):
+            new.perturb(x, y)
+
+
+def test_autoattack_perturb_warns_and_still_returns_its_bookkeeping():
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:12], bed.y_test[:12]
+    attack = AutoAttack(tb.epsilon("linf"), **TINY)
+    with pytest.warns(DeprecationWarning, match="AutoAttack.perturb\\(model, x, y\\) will be "
+                      "removed"):
+        x_adv, broken_by = attack.perturb(bed.keras_model, x, y)
+    np.testing.assert_array_equal(x_adv, attack(bed.keras_model, x, y).numpy())
+    result = attack.run(bed.keras_model, (x, y), batch_size=12, verbose=0)
+    np.testing.assert_array_equal(broken_by, result.broken_by)

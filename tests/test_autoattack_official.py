@@ -118,7 +118,7 @@ def compare(bed, x, y, norm, budget):
     results = {}
     for name in ATTACKS:
         start = time.perf_counter()
-        x_adv = ours_attacks[name].perturb(x, y, seed=0).numpy()
+        x_adv = ours_attacks[name](model, x, y, seed=0).numpy()
         ours_s = time.perf_counter() - start
         ours = check_adversarial(bed, x, y, x_adv, eps, norm) & clean
         with tb.torch_threads(1):
@@ -129,7 +129,7 @@ def compare(bed, x, y, norm, budget):
                              official_s=official_s)
         print(report({name: results[name]}), flush=True)  # long runs: one line per attack
     start = time.perf_counter()
-    x_adv, broken_by = ours_aa.perturb(model, x, y)
+    x_adv, broken_by = ours_aa._attack_batch(model, x, y)
     ours_s = time.perf_counter() - start
     ours = check_adversarial(bed, x, y, x_adv, eps, norm)
     np.testing.assert_array_equal(ours, broken_by == NOT_BROKEN)
@@ -250,9 +250,9 @@ def test_apgd_iterates_match_official(norm, loss):
     start = start_points(x, eps, norm)
     target = np.argsort(-tb.keras_logits(bed.keras_model, x), axis=1)[:, 1]
     keras_recorder = KerasRecorder(bed.keras_model)
-    ours = APGD(keras_recorder, eps, norm=norm, loss=loss, targeted=loss == "dlr",
-                steps=APGD_STEPS)
-    _, ours_fooled, ours_best, ours_loss = ours._iterate(
+    ours = APGD(eps, norm=norm, loss=loss, targeted=loss == "dlr", steps=APGD_STEPS)
+    ours._use(keras_recorder)  # the model a call would bind, for the run used directly
+    _, ours_fooled, ours_best, ours_loss, _ = ours._iterate(
         tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32),
         tf.constant(start))
     torch_recorder = TorchRecorder(bed.torch_model)
@@ -282,20 +282,9 @@ def test_apgd_iterates_match_official(norm, loss):
 
 
 # --- FAB ---------------------------------------------------------------------------------------
-def hyperplane_problems(n, d, seed):
-    """Points in the box, normals with some zero entries, offsets near and far (some
-    unreachable inside the box)."""
-    rng = np.random.default_rng(seed)
-    t = rng.uniform(size=(n, d))
-    w = rng.normal(size=(n, d))
-    w[:, :3] = 0.0
-    b = np.sum(w * t, 1) + rng.normal(size=n) * rng.choice([0.1, 1.0, 30.0], size=n)
-    return t.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_projection_matches_official(norm):
-    t, w, b = hyperplane_problems(256, 300, seed=1)
+    t, w, b = tb.hyperplane_problems(256, 300, seed=1)
     ours = project_onto_hyperplane_in_box(t, w, b, norm).numpy()
     official = {"linf": fab_projections.projection_linf, "l2": fab_projections.projection_l2}
     theirs = official[norm](torch.tensor(t), torch.tensor(w), torch.tensor(b)).numpy()
@@ -311,7 +300,8 @@ def test_first_fab_t_run_matches_official(norm):
     correct = tb.keras_predict(bed.keras_model, x) == y
     x, y = x[correct], y[correct]
     target = np.argsort(-tb.keras_logits(bed.keras_model, x), axis=1)[:, 1]
-    ours = FAB(bed.keras_model, eps, norm=norm, steps=steps)
+    ours = FAB(eps, norm=norm, steps=steps)
+    ours._use(bed.keras_model)
     best, distance = ours._run_once(tf.constant(x), tf.constant(y, tf.int32),
                                     tf.constant(target, tf.int32), tf.constant([0, 0]),
                                     tf.constant(False))
@@ -334,7 +324,7 @@ def test_first_fab_t_run_matches_official(norm):
 @pytest.mark.parametrize("rescale", [False, True])
 def test_square_p_schedule_is_officials(rescale):
     official = SquareAttack(None, n_queries=5000, eps=0.1, p_init=0.8, resc_schedule=rescale)
-    ours = Square(tb.keras_convnet(), 0.1, n_queries=5000, rescale_schedule=rescale)
+    ours = Square(0.1, n_queries=5000, rescale_schedule=rescale)
     for iteration in range(10001):
         assert p_schedule(iteration, ours.p_init, ours.n_queries, rescale) == pytest.approx(
             official.p_selection(iteration)), iteration
@@ -366,8 +356,7 @@ def test_square_window_sizes_are_officials(norm):
     draws_per_iteration = 2 if norm == "linf" else 4  # (top, left), L2 for two windows
     theirs = [size - high for high in highs[::draws_per_iteration]]
     assert len(theirs) == n_queries
-    ours = Square(bed.keras_model, 1e-4, norm=norm, n_queries=n_queries,
-                  rescale_schedule=True)
+    ours = Square(1e-4, norm=norm, n_queries=n_queries, rescale_schedule=True)
     sides = [side for _, count, side in ours.phases(size, size) for _ in range(count)]
     assert len(set(sides)) >= 5  # the schedule shrinks the square several times
     # the same number of iterations after the start point: n_queries on both sides

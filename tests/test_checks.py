@@ -40,6 +40,19 @@ class Rounded(keras.Model):
         return self.inner(tf.round(x * 3) / 3, training=training)
 
 
+class Saturated(keras.Model):
+    """Logits scaled by 1e4: the float32 softmax saturates, so the cross-entropy's input
+    gradient is exactly zero on every correctly classified example; the scale-free DLR loss's
+    is not (the official check uses DLR, and so must we)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def call(self, x, training=False):
+        return 1e4 * self.inner(x, training=training)
+
+
 class Counting(keras.Model):
     """Dynamic: writes a variable (a call counter) in every forward."""
 
@@ -114,6 +127,36 @@ def test_zero_gradients(net):
     message = checks.check_zero_gradients(_built(Rounded(model), x), x, y)
     assert message.startswith(f"{len(x)} of {len(x)} examples have a zero input gradient")
     assert checks.check_zero_gradients(model, x, y) is None
+    # a saturated softmax zeroes the cross-entropy's gradient, not the DLR loss's
+    saturated = _built(Saturated(model), x)
+    predicted = np.argmax(saturated(x).numpy(), 1)
+    with tf.GradientTape() as tape:
+        xt = tf.constant(x)
+        tape.watch(xt)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=predicted, logits=saturated(xt))
+    assert np.all(tape.gradient(ce, xt).numpy() == 0)  # the premise: CE's gradient vanishes
+    assert checks.check_zero_gradients(saturated, x, predicted) is None
+
+
+def test_autoattack_checks_zero_gradients_on_every_batch_inside_apgd_t(net):
+    """As the official code: at each APGD-T run's start, on every batch, not on the first
+    batch only; the result counts the examples over the whole run."""
+    model, _, _ = net
+    rng = np.random.default_rng(1)
+    # images on the rounding grid (k / 3): a 0.01 perturbation never changes the rounding, so
+    # no attack fools anything and APGD-T runs on every example of both batches
+    x = (np.round(rng.uniform(size=(8, 16, 16, 3)) * 3) / 3).astype("float32")
+    rounded = _built(Rounded(model), x)
+    y = np.argmax(rounded(x).numpy(), 1)
+    attack = AutoAttack(0.01, apgd_steps=2, fab_steps=2, square_queries=2)
+    with pytest.warns(checks.EvaluationWarning) as caught:
+        result = attack.run(rounded, (x, y), batch_size=4, verbose=0)
+    assert result.robust.all()
+    want = checks.zero_gradient_message(8, 8, "examples the DLR attack ran on (all batches)")
+    assert want in result.warnings and want.startswith("8 of 8 examples")
+    assert f"AutoAttack: {want}" in [str(w.message) for w in caught]
+    # not also the once-on-the-first-batch form
+    assert not any(m.startswith("4 of 4") for m in result.warnings)
 
 
 def test_dynamic_models(net):

@@ -20,17 +20,6 @@ from twins_tf.attacks import FAB
 from twins_tf.attacks.fab import project_onto_hyperplane_in_box
 
 
-def hyperplane_problems(n, d, seed):
-    """Points in the box, normals with some zero entries, offsets near and far (some
-    unreachable inside the box)."""
-    rng = np.random.default_rng(seed)
-    t = rng.uniform(size=(n, d))
-    w = rng.normal(size=(n, d))
-    w[:, :3] = 0.0
-    b = np.sum(w * t, 1) + rng.normal(size=n) * rng.choice([0.1, 1.0, 30.0], size=n)
-    return t.astype(np.float32), w.astype(np.float32), b.astype(np.float32)
-
-
 def linf_program(t, w, b):
     """min s s.t. <w, t + d> = b, |d_i| <= s, 0 <= t + d <= 1 (variables d, s)."""
     d = len(t)
@@ -54,7 +43,7 @@ def l2_program(t, w, b):
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_projection_solves_the_program(norm):
-    t, w, b = hyperplane_problems(12, 20, seed=0)
+    t, w, b = tb.hyperplane_problems(12, 20, seed=0)
     steps = project_onto_hyperplane_in_box(t, w, b, norm).numpy().astype(np.float64)
     t, w, b = t.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
     feasible_count = 0
@@ -94,7 +83,7 @@ def test_untargeted_fab_matches_official():
     bed = tb.robust_digits()
     x, y = bed.x_test[:100], bed.y_test[:100]
     eps = tb.epsilon("linf")
-    ours = FAB(bed.keras_model, eps, targeted=False, steps=30).perturb(x, y).numpy()
+    ours = FAB(eps, targeted=False, steps=30)(bed.keras_model, x, y).numpy()
     ours_acc = fab_robust_accuracy(bed, x, y, ours, eps, "linf")
     official = FABAttack_PT(bed.torch_model, norm="Linf", n_restarts=1, n_iter=30, eps=eps,
                             seed=0, targeted=False, device="cpu")
@@ -111,10 +100,10 @@ def test_random_restart_stays_in_the_ball():
     bed = tb.robust_digits()
     x, y = bed.x_test[:32], bed.y_test[:32]
     eps = tb.epsilon("linf")
-    ours = FAB(bed.keras_model, eps, targeted=True, steps=10, restarts=2,
-               n_target_classes=2).perturb(x, y, seed=3).numpy()
-    again = FAB(bed.keras_model, eps, targeted=True, steps=10, restarts=2,
-                n_target_classes=2).perturb(x, y, seed=3).numpy()
+    ours = FAB(eps, targeted=True, steps=10, restarts=2,
+               n_target_classes=2)(bed.keras_model, x, y, seed=3).numpy()
+    again = FAB(eps, targeted=True, steps=10, restarts=2,
+                n_target_classes=2)(bed.keras_model, x, y, seed=3).numpy()
     np.testing.assert_array_equal(ours, again)
     fab_robust_accuracy(bed, x, y, ours, eps, "linf")
 
@@ -122,9 +111,9 @@ def test_random_restart_stays_in_the_ball():
 def test_bad_arguments_fail_clearly():
     model = tb.keras_convnet(num_classes=5)
     with pytest.raises(ValueError, match="eta \\(overshoot\\) must be >= 1"):
-        FAB(model, 0.1, eta=0.5)
+        FAB(0.1, eta=0.5)
     with pytest.raises(ValueError, match="needs at least 10 classes"):
-        FAB(model, 0.1, steps=1).perturb(np.zeros((2, 16, 16, 3), np.float32), [0, 1])
+        FAB(0.1, steps=1)(model, np.zeros((2, 16, 16, 3), np.float32), [0, 1])
     with pytest.raises(ValueError, match="integer class labels"):
-        FAB(model, 0.1, steps=1).perturb(np.zeros((2, 16, 16, 3), np.float32),
-                                         tf.constant([0.0, 1.0]))
+        FAB(0.1, steps=1)(model, np.zeros((2, 16, 16, 3), np.float32),
+                          tf.constant([0.0, 1.0]))

@@ -257,3 +257,73 @@ def test_bad_arguments(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         PGD(**args)
+
+
+# --- input checks (issue 14): each mistake a one-line error that says what to do --------------
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+
+
+def test_budgets_in_0_255_units_fail_at_construction():
+    _one_line_error(lambda: PGD(8, 2, 1), "epsilon=8 is more than the whole \\[0, 1\\] pixel "
+                    "range: give it in \\[0, 1\\] units, e.g. 8/255")
+    _one_line_error(lambda: PGD(8 / 255, 2, 1), "step_size=2 is more than the whole")
+    PGD(1.0, 1.0, 1)  # the whole box is a legal (if useless) L-inf radius
+    model, _ = linear_model()
+    x, y = _data()
+    # L2 radii above 1 are ordinary; one beyond the box's diagonal (sqrt(32) here) is not
+    PGD(3.0, 0.5, 1, norm="l2")(model, x, y)
+    _one_line_error(lambda: PGD(2 * 255, 0.5, 1, norm="l2")(model, x, y),
+                    "L2 epsilon=510 is longer than the diagonal")
+
+
+def test_bad_images_and_labels_fail_clearly():
+    model, _ = linear_model()
+    x, y = _data()
+    pgd = PGD(0.1, 0.02, 2)
+    _one_line_error(lambda: pgd(model, x * 255, y), "images in \\[0, 1\\]")
+    _one_line_error(lambda: pgd(model, x[0], y[:1]), "one image, not a batch: add a batch axis")
+    _one_line_error(lambda: pgd(model, x, y[:3]), "got 6 images but 3 labels")
+    _one_line_error(lambda: pgd(model, x, y + CLASSES), "class ids in \\[3, 5\\], but the model "
+                    "has 3 classes")
+    _one_line_error(lambda: pgd(model, x, np.eye(4)[y % 4]), "labels of shape \\(6, 4\\), but "
+                    "the model has 3 classes")
+    soft = np.full((BATCH, CLASSES), 1 / CLASSES, np.float32)
+    _one_line_error(lambda: pgd(model, x, soft), "not one-hot")
+    # one-hot rows of the model's width are the class ids they encode (eager and traced)
+    for one_hot in (np.eye(CLASSES, dtype=np.float32)[y], np.eye(CLASSES, dtype=np.int64)[y]):
+        np.testing.assert_array_equal(pgd(model, x, one_hot).numpy(), pgd(model, x, y).numpy())
+    np.testing.assert_array_equal(
+        _run(pgd, model, x, np.eye(CLASSES, dtype=np.float32)[y], "graph"),
+        _run(pgd, model, x, y, "graph"))
+
+
+# --- Keras serialisation (issue 14): the trainer's attack saves with the trainer ---------------
+def test_serialised_pgd_attacks_identically():
+    model, _ = linear_model()
+    x, y = _data()
+    for pgd in (PGD(0.1, 0.02, 3, random_start=True, restarts=2),  # drawn seed
+                PGD(1.0, 0.5, 2, norm="l2", random_start=True, seed=5, compute_dtype=None)):
+        config = keras.saving.serialize_keras_object(pgd)
+        assert config["registered_name"] == "twins_tf>PGD"
+        again = keras.saving.deserialize_keras_object(config)
+        assert type(again) is PGD and again.get_config() == pgd.get_config()
+        seed = tf.constant([3, 4])
+        np.testing.assert_array_equal(again(model, x, y, seed=seed).numpy(),
+                                      pgd(model, x, y, seed=seed).numpy())
+        # without a seed each object's generator starts from the recorded seed
+        np.testing.assert_array_equal(again(model, x, y).numpy(), pgd(model, x, y).numpy())
+        # an int seed is the stateless seed (seed, 0)
+        np.testing.assert_array_equal(pgd(model, x, y, seed=3).numpy(),
+                                      pgd(model, x, y, seed=tf.constant([3, 0])).numpy())
+
+
+def test_the_old_attack_method_warns_and_still_works():
+    model, _ = linear_model()
+    x, y = _data()
+    pgd = PGD(0.1, 0.02, 2)
+    with pytest.warns(DeprecationWarning, match="call pgd\\(model, x, y\\)"):
+        old = pgd.attack(model, x, y)
+    np.testing.assert_array_equal(old.numpy(), pgd(model, x, y).numpy())

@@ -35,7 +35,7 @@ def test_p_schedule_is_the_papers(iteration):
 
 def test_phases_cover_the_query_budget():
     model = tb.keras_convnet()
-    square = Square(model, 0.1, n_queries=5000)
+    square = Square(0.1, n_queries=5000)
     phases = square.phases(32, 32)
     assert phases[0][0] == 0 and sum(count for _, count, _ in phases) == 5000  # after the start
     for first, count, side in phases:
@@ -66,16 +66,16 @@ def test_bump_is_two_opposite_rectangle_stacks(side):
 def test_seeded_runs_repeat():
     bed = tb.robust_digits()
     x, y = bed.x_test[:50], bed.y_test[:50]
-    square = Square(bed.keras_model, tb.epsilon("l2"), norm="l2", n_queries=50)
-    np.testing.assert_array_equal(square.perturb(x, y, seed=5).numpy(),
-                                  square.perturb(x, y, seed=5).numpy())
+    square = Square(tb.epsilon("l2"), norm="l2", n_queries=50)
+    np.testing.assert_array_equal(square(bed.keras_model, x, y, seed=5).numpy(),
+                                  square(bed.keras_model, x, y, seed=5).numpy())
 
 
 def test_bad_arguments_fail_clearly():
     model = tb.keras_convnet()
     with pytest.raises(ValueError, match="p_init must be in"):
-        Square(model, 0.1, p_init=2.0)
+        Square(0.1, p_init=2.0)
     with pytest.raises(ValueError, match="n_queries must be a positive integer"):
-        Square(model, 0.1, n_queries=0)
+        Square(0.1, n_queries=0)
     with pytest.raises(ValueError, match="got 2 images but 3 labels"):
-        Square(model, 0.1).perturb(np.zeros((2, 16, 16, 3), np.float32), [0, 1, 2])
+        Square(0.1)(model, np.zeros((2, 16, 16, 3), np.float32), [0, 1, 2])

@@ -37,10 +37,11 @@ with z_pi1 >= z_pi2 >= ... the sorted logits.  APGD-T runs once per target class
 being the 2nd, 3rd, ... 10th most likely classes at the clean input, each run only on the
 examples no earlier run fooled.
 """
+import keras
 import numpy as np
 import tensorflow as tf
 
-from twins_tf.attacks import _lp
+from twins_tf.attacks import _lp, base
 
 LOSSES = ("ce", "dlr")
 
@@ -92,11 +93,11 @@ def targeted_dlr_loss(logits, y, target):
     return -(true_logit - target_logit) / scale
 
 
-class APGD:
+@keras.saving.register_keras_serializable(package="twins_tf")
+class APGD(base.Attack):
     """Auto-PGD against a Keras classifier taking [0, 1] NHWC images and returning logits.
 
     Args:
-      model: Keras model; called with `training=False`.
       epsilon: radius of the threat model in [0, 1] pixel units.
       norm: "linf" or "l2".
       loss: "ce" (APGD-CE) or "dlr" (APGD-DLR, or APGD-T with `targeted=True`).
@@ -109,17 +110,31 @@ class APGD:
         models; AutoAttack "rand" uses 20).
       seed: seed of the random starting points.
 
+    Called as `apgd(model, x, y, seed=None)` (`twins_tf.attacks.base`): for every example
+    some run fooled, the misclassified iterate (within epsilon of `x`, in [0, 1]); for the
+    others, `x` itself.  With the DLR loss (APGD-DLR, APGD-T) every run also checks, as the
+    official code's `check_zero_gradients` does, whether an example's gradient at the run's
+    start point is exactly zero; afterwards `zero_gradients` is the number of such examples
+    (any run) of the last call and `attacked` the number it attacked.  Only DLR, as there:
+    the cross-entropy's gradient legitimately rounds to zero in float32 on a confidently
+    classified example (saturated softmax), the scale-free DLR loss's does not, so a zero
+    DLR gradient means the model hides its gradient (gradient masking).
+
     Example:
-      >>> apgd = APGD(model, 8 / 255, loss="ce", steps=100)
-      >>> x_adv = apgd.perturb(images, labels)  # misclassified where the attack succeeded
+      >>> apgd = APGD(8 / 255, loss="ce", steps=100)
+      >>> x_adv = apgd(model, images, labels)  # misclassified where the attack succeeded
     """
 
-    def __init__(self, model, epsilon, *, norm="linf", loss="ce", targeted=False, steps=100,
+    who = "APGD"
+    config_keys = ("epsilon", "norm", "loss", "targeted", "steps", "restarts",
+                   "n_target_classes", "rho", "eot_iter", "seed")
+
+    def __init__(self, epsilon, *legacy, norm="linf", loss="ce", targeted=False, steps=100,
                  restarts=1, n_target_classes=9, rho=0.75, eot_iter=1, seed=0):
-        who = "APGD"
-        self.model = model
-        self.epsilon = _lp.check_epsilon(epsilon, who)
+        who = self.who
+        epsilon = self._legacy(epsilon, legacy)
         self.norm = _lp.check_norm(norm, who)
+        self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         if loss not in LOSSES:
             raise ValueError(f"APGD loss must be one of {LOSSES}, got {loss!r}.")
         if targeted and loss != "dlr":
@@ -142,9 +157,13 @@ class APGD:
         for after, window in schedule:
             self._is_check[after - 1] = True
             self._window[after - 1] = window
+        self._use(self._bound_model)
+        self.zero_gradients = 0
+        self.attacked = 0
+
+    def _compile(self):
         self._run_once = tf.function(self._run_once_impl, reduce_retracing=True,
                                      autograph=False)
-        self._calls = 0
 
     @property
     def name(self):
@@ -156,48 +175,25 @@ class APGD:
         return (f"APGD(epsilon={self.epsilon:.6g}, norm={self.norm!r}, loss={self.loss!r}, "
                 f"targeted={self.targeted}, steps={self.steps}, restarts={self.restarts})")
 
-    def perturb(self, x, y, *, seed=None):
-        """Adversarial examples for the clean images `x` with integer labels `y`.
-
-        Args:
-          x: clean images, (batch, height, width, channels), float in [0, 1].
-          y: integer labels, (batch,).
-          seed: optional integer: the random draws of this call derive from it alone
-            (AutoAttack passes one per batch, so a resumed evaluation repeats them);
-            None derives them from the attack's seed and a call counter.
-
-        Returns:
-          float32 tensor like `x`: for every example some run fooled, the misclassified
-          iterate (within epsilon of `x`, in [0, 1]); for the others, `x` itself.
-        """
-        x, y = _lp.check_images_and_labels(x, y, "APGD.perturb")
-        self._calls += 1
-        base = (self.seed, self._calls) if seed is None else (int(seed), 0)
-        logits = _lp.logits_of(self.model, x)
-        num_classes = int(logits.shape[-1])
+    def _attack(self, model, x, y, seed):
+        base_seed, logits, num_classes = self._start_call(model, x, seed)
         if self.targeted:
             _lp.check_num_classes(num_classes, max(4, self.n_target_classes + 1), "APGD-T",
                                   f"the targeted DLR loss with {self.n_target_classes} targets")
         elif self.loss == "dlr":
             _lp.check_num_classes(num_classes, 3, "APGD", "the DLR loss")
         robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y).numpy()
-        x_adv = x.numpy().copy()
-        targets = [None]
-        if self.targeted:
-            order = tf.argsort(logits, axis=-1, direction="DESCENDING").numpy()
-            targets = [order[:, rank - 1] for rank in range(2, self.n_target_classes + 2)]
-        for target_index, target in enumerate(targets):
-            for restart in range(self.restarts):
-                todo = np.flatnonzero(robust)
-                if todo.size == 0:
-                    return tf.constant(x_adv)
-                y_todo = tf.gather(y, todo)
-                t_todo = y_todo if target is None else tf.constant(target[todo], tf.int32)
-                key = _lp.run_seed(*base, target_index, restart)
-                adv, fooled, _, _ = self._run_once(tf.gather(x, todo), y_todo, t_todo, key)
-                fooled = fooled.numpy()
-                x_adv[todo[fooled]] = adv.numpy()[fooled]
-                robust[todo[fooled]] = False
+        self.attacked = int(robust.sum())
+        zero = np.zeros(len(robust), bool)
+        targets = base.ranked_targets(logits, self.n_target_classes) if self.targeted else [None]
+
+        def run(x_todo, y_todo, t_todo, key, restart):
+            adv, fooled, _, _, zero_start = self._run_once(x_todo, y_todo, t_todo, key)
+            zero[np.flatnonzero(robust)] |= zero_start.numpy()
+            return adv, fooled.numpy()
+
+        x_adv = base.run_on_survivors(x, y, robust, targets, self.restarts, base_seed, run)
+        self.zero_gradients = int(zero.sum()) if self.loss == "dlr" else 0
         return tf.constant(x_adv)
 
     # --- one run on a batch -------------------------------------------------------------------
@@ -214,7 +210,10 @@ class APGD:
                 else:
                     loss = dlr_loss(logits, y)
                 total = tf.reduce_sum(loss)
-            grad += tape.gradient(total, x_adv)
+            # ZERO: a model that cuts the gradient (tf.round) gets a zero one, which the
+            # zero-gradient check reports, instead of a None that fails the sum
+            grad += tape.gradient(total, x_adv,
+                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return logits, loss, grad / float(self.eot_iter)
 
     def _step_direction(self, grad):
@@ -240,11 +239,13 @@ class APGD:
         reference code's `attack_single_run(x, y, x_init=...)`.
 
         Returns:
-          (x_fooled, fooled, x_best, loss_best): per example the last misclassified iterate
-          (else the start), whether there is one, the highest-loss point and its loss.
+          (x_fooled, fooled, x_best, loss_best, zero_start): per example the last
+          misclassified iterate (else the start), whether there is one, the highest-loss
+          point and its loss, and whether the gradient at the start was exactly zero.
         """
         eps, norm = self.epsilon, self.norm
         logits, loss, grad = self._loss_and_grad(x_adv, y, target)
+        zero_start = tf.equal(_lp.lp_norm(grad, "linf"), 0.0)
         correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y)
         batch = tf.shape(x)[0]
         state = dict(
@@ -294,5 +295,6 @@ class APGD:
 
         (state,) = tf.while_loop(lambda s: s["i"] < self.steps, body, (state,),
                                  maximum_iterations=self.steps)
-        return state["x_fooled"], ~state["correct"], state["x_best"], state["loss_best"]
+        return (state["x_fooled"], ~state["correct"], state["x_best"], state["loss_best"],
+                zero_start)
 

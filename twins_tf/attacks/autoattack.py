@@ -20,8 +20,11 @@ whatever the classes and fails on such models after a warning; here the plan is 
 result (`n_target_classes`, `skipped`) and of the warnings.
 
 Before the first batch, the sanity checks of `twins_tf.attacks.checks` run on it (randomised
-model, probabilities instead of logits, zero gradients, test-time dynamics, targets), as
-`EvaluationWarning`s and in `AutoAttackResult.warnings`; after a whole run, the Square check.
+model, probabilities instead of logits, test-time dynamics, targets), as `EvaluationWarning`s
+and in `AutoAttackResult.warnings`; the zero-gradient check runs, as in the official code,
+inside APGD-T (APGD-DLR for "rand") at the start of every run on every batch, and `run`
+reports the examples found over the whole evaluation (on the first batch only if no DLR
+sub-attack is planned); after a whole run, the Square check.
 
 What is guaranteed, and checked at the end of every batch (a violation raises): every returned
 x_adv lies in the epsilon-ball around its clean image (up to float rounding, 1e-5) and in
@@ -46,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from twins_tf.attacks import _lp, checks
+from twins_tf.attacks import _lp, base, checks
 from twins_tf.attacks.apgd import APGD
 from twins_tf.attacks.fab import FAB
 from twins_tf.attacks.square import Square
@@ -112,7 +115,8 @@ class AutoAttackResult:
         return "\n".join(lines)
 
 
-class AutoAttack:
+@keras.saving.register_keras_serializable(package="twins_tf")
+class AutoAttack(base.Attack):
     """AutoAttack against a Keras classifier taking [0, 1] NHWC images and returning logits.
 
     Args:
@@ -126,6 +130,10 @@ class AutoAttack:
       n_target_classes: targets of APGD-T and FAB-T; None (default): the reference's 9, or
         classes - 1 for a model with fewer than 10 classes.
 
+    Called as `aa(model, x, y, seed=None)` (`twins_tf.attacks.base`) on one in-memory batch
+    it returns x_adv; `run(model, data)` evaluates a whole test set, resumably, and gives an
+    `AutoAttackResult` (who broke which example, accuracy and seconds per sub-attack).
+
     Example:
       >>> aa = AutoAttack(8 / 255)
       >>> result = aa.run(model, (x_test, y_test), batch_size=250,
@@ -133,11 +141,15 @@ class AutoAttack:
       >>> result.accuracy  # {"clean": ..., "apgd-ce": ..., "apgd-t": ..., "fab-t": ..., ...}
     """
 
+    who = "AutoAttack"
+    config_keys = ("epsilon", "norm", "version", "seed", "apgd_steps", "fab_steps",
+                   "square_queries", "n_target_classes", "eot_iter")
+
     def __init__(self, epsilon, *, norm="linf", version="standard", seed=0, apgd_steps=100,
                  fab_steps=100, square_queries=5000, n_target_classes=None, eot_iter=20):
-        who = "AutoAttack"
-        self.epsilon = _lp.check_epsilon(epsilon, who)
+        who = self.who
         self.norm = _lp.check_norm(norm, who)
+        self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         if version not in VERSIONS:
             raise ValueError(f"AutoAttack version must be one of {VERSIONS}, got {version!r}.")
         self.version = version
@@ -153,16 +165,11 @@ class AutoAttack:
         self._checked = None  # (model, messages of the sanity checks)
         self._classes = None  # (model, its number of outputs)
         self._seconds = {}
+        self._zero = [0, 0]  # examples with a zero DLR gradient, examples the DLR attack ran on
 
     def __repr__(self):
         return (f"AutoAttack(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
                 f"version={self.version!r}, seed={self.seed})")
-
-    def get_config(self):
-        return dict(epsilon=self.epsilon, norm=self.norm, version=self.version, seed=self.seed,
-                    apgd_steps=self.apgd_steps, fab_steps=self.fab_steps,
-                    square_queries=self.square_queries,
-                    n_target_classes=self.n_target_classes, eot_iter=self.eot_iter)
 
     @property
     def attack_names(self):
@@ -205,16 +212,16 @@ class AutoAttack:
             eps, norm, seed = self.epsilon, self.norm, self.seed
             names, targets, _ = self.plan(self._num_classes(model))
             build = {
-                "apgd-ce": lambda: APGD(model, eps, norm=norm, loss="ce", steps=self.apgd_steps,
+                "apgd-ce": lambda: APGD(eps, norm=norm, loss="ce", steps=self.apgd_steps,
                                         eot_iter=self._eot, seed=seed),
-                "apgd-t": lambda: APGD(model, eps, norm=norm, loss="dlr", targeted=True,
+                "apgd-t": lambda: APGD(eps, norm=norm, loss="dlr", targeted=True,
                                        steps=self.apgd_steps, n_target_classes=targets,
                                        seed=seed),
-                "fab-t": lambda: FAB(model, eps, norm=norm, targeted=True, steps=self.fab_steps,
+                "fab-t": lambda: FAB(eps, norm=norm, targeted=True, steps=self.fab_steps,
                                      n_target_classes=targets, seed=seed),
-                "square": lambda: Square(model, eps, norm=norm, n_queries=self.square_queries,
+                "square": lambda: Square(eps, norm=norm, n_queries=self.square_queries,
                                          seed=seed),
-                "apgd-dlr": lambda: APGD(model, eps, norm=norm, loss="dlr",
+                "apgd-dlr": lambda: APGD(eps, norm=norm, loss="dlr",
                                          steps=self.apgd_steps, eot_iter=self._eot, seed=seed),
             }
             self._model, self._attacks = model, [build[name]() for name in names]
@@ -225,20 +232,37 @@ class AutoAttack:
         return self.eot_iter if self.version == "rand" else 1
 
     # --- one batch ----------------------------------------------------------------------------
+    def _attack(self, model, x, y, seed):
+        """The protocol's call: `seed` (an int) salts the batch's draws as `run`'s batch
+        index does."""
+        batch_index = 0 if seed is None else base.base_seed(self, seed)[0]
+        return tf.constant(self._attack_batch(model, x, y, batch_index=batch_index)[0])
+
     def perturb(self, model, x, y, *, batch_index=0):
+        """Deprecated: `aa.perturb(model, x, y)` is `aa(model, x, y)` (x_adv), or
+        `aa.run(model, (x, y))` for who broke which example."""
+        import warnings
+
+        warnings.warn(f"AutoAttack.perturb(model, x, y) {base.DEPRECATION}: call "
+                      "aa(model, x, y) for x_adv or aa.run(model, (x, y)) for the result.",
+                      DeprecationWarning, stacklevel=2)
+        return self._attack_batch(model, x, y, batch_index=batch_index)
+
+    def _attack_batch(self, model, x, y, *, batch_index=0):
         """Run the sub-attacks in sequence on one in-memory batch.
 
         Args:
           model: Keras classifier on [0, 1] NHWC images, called with `training=False`.
           x: clean images (batch, h, w, c) in [0, 1].
-          y: integer labels (batch,).
+          y: class ids (batch,) or one-hot rows.
           batch_index: index of the batch in a larger evaluation (seeds the random draws).
 
         Returns:
           (x_adv, broken_by): float32 numpy images and the int8 `broken_by` codes of
           `AutoAttackResult`.
         """
-        x, y = _lp.check_images_and_labels(x, y, "AutoAttack")
+        x, y = _lp.check_images_and_labels(x, y, self.who, model=model)
+        _lp.check_radius_fits(self.epsilon, self.norm, x, self.who, "epsilon")
         self._check_model(model, x)
         attacks = self.sub_attacks(model)
         x_adv = x.numpy().copy()
@@ -255,12 +279,15 @@ class AutoAttack:
             started = time.perf_counter()
             x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
             seed = int(_lp.run_seed(self.seed, batch_index, k).numpy()[0])
-            adv = attack.perturb(x_todo, y_todo, seed=seed)
+            adv = attack(model, x_todo, y_todo, seed=seed)
             adv = _lp.project(adv, x_todo, self.epsilon, self.norm)
             fooled = (_lp.predict(model, adv) != y_todo).numpy()
             x_adv[todo[fooled]] = adv.numpy()[fooled]
             broken_by[todo[fooled]] = k
             self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - started
+            if name == self._dlr_attack(names):
+                self._zero[0] += attack.zero_gradients
+                self._zero[1] += attack.attacked
         self._verify(model, x, y, x_adv, broken_by)
         return x_adv, broken_by
 
@@ -276,14 +303,21 @@ class AutoAttack:
             _, targets, skipped = self.plan(num_classes)
             messages = checks.before_evaluation(
                 model, x, y, version=self.version, eot_iter=self.eot_iter,
-                num_classes=num_classes, n_target_classes=targets, skipped=skipped)
+                num_classes=num_classes, n_target_classes=targets, skipped=skipped,
+                dlr_attack=self._dlr_attack(self.plan(num_classes)[0]))
             checks.warn(messages)
             self._checked = (model, messages)
         return list(self._checked[1])
 
-    def __call__(self, model, x, y):
-        """x_adv for one in-memory batch (see `perturb`)."""
-        return tf.constant(self.perturb(model, x, y)[0])
+    @staticmethod
+    def _dlr_attack(names):
+        """The planned sub-attack that runs the zero-gradient check (DLR loss), or None."""
+        return next((name for name in names if name in ("apgd-t", "apgd-dlr")), None)
+
+    def zero_gradient_warning(self):
+        """The zero-gradient message over every batch `perturb` attacked so far, or None."""
+        return checks.zero_gradient_message(
+            self._zero[0], self._zero[1], "examples the DLR attack ran on (all batches)")
 
     def _check_model(self, model, x):
         logits = _lp.logits_of(model, x[:2])
@@ -345,14 +379,15 @@ class AutoAttack:
         batches, total = self._batches(data, batch_size)
         fingerprint = self._fingerprint(batch_size)
         labels, broken, adversarial, done, self._seconds = [], [], [], 0, {}
+        self._zero = [0, 0]
         if state_path and os.path.exists(state_path):
-            labels, broken, adversarial, done, self._seconds = self._load(
+            labels, broken, adversarial, done, self._seconds, self._zero = self._load(
                 state_path, fingerprint, keep_adversarial)
             if verbose:
                 logging.info("AutoAttack: resuming from %s after %d batches.", state_path, done)
         first = next(iter(batches), None)
         if first is not None:  # the checks run before any attack, on the first batch
-            x, y = _lp.check_images_and_labels(*first, "AutoAttack")
+            x, y = _lp.check_images_and_labels(*first, self.who, model=model)
             self._check_model(model, x)
             self.check(model, x, y)
         progress = keras.utils.Progbar(total, stateful_metrics=["robust"]) if verbose else None
@@ -361,20 +396,21 @@ class AutoAttack:
         index = done
         remaining = batches.skip(done) if isinstance(batches, tf.data.Dataset) else batches[done:]
         for x, y in remaining:
-            x_adv, broken_by = self.perturb(model, x, y, batch_index=index)
-            labels.append(np.asarray(y).reshape(-1).astype(np.int64))
+            x, y = _lp.check_images_and_labels(x, y, self.who, model=model)  # one-hot: ids
+            x_adv, broken_by = self._attack_batch(model, x, y, batch_index=index)
+            labels.append(y.numpy().astype(np.int64))
             broken.append(broken_by)
             if keep_adversarial:
                 adversarial.append(x_adv)
             index += 1
             if state_path and (index - done) % save_every == 0:
                 self._save(state_path, fingerprint, labels, broken, adversarial, index,
-                           self._seconds)
+                           self._seconds, self._zero)
             if progress is not None:
                 progress.update(index, [("robust", self._robust_so_far(broken))])
         if state_path and index > done:
             self._save(state_path, fingerprint, labels, broken, adversarial, index,
-                       self._seconds)
+                       self._seconds, self._zero)
         names, targets, skipped = self.plan(self._num_classes(model))
         result = AutoAttackResult(
             attacks=names,
@@ -383,10 +419,10 @@ class AutoAttack:
             x_adv=np.concatenate(adversarial) if keep_adversarial and adversarial else None,
             n_target_classes=targets, skipped=dict(skipped),
             seconds={name: self._seconds.get(name, 0.0) for name in names})
-        square = checks.check_square(result.accuracy)
-        checks.warn([square] if square else [])
-        result.warnings = tuple(self._checked[1] if self._checked else ()) + (
-            (square,) if square else ())
+        after = [m for m in (self.zero_gradient_warning(), checks.check_square(result.accuracy))
+                 if m]
+        checks.warn(after)
+        result.warnings = tuple(self._checked[1] if self._checked else ()) + tuple(after)
         if verbose:
             logging.info("AutoAttack %s (%s, eps=%.6g) on %d examples:\n%s", self.version,
                          self.norm, self.epsilon, len(result.labels), result.summary())
@@ -425,11 +461,12 @@ class AutoAttack:
         return json.dumps(dict(self.get_config(), batch_size=batch_size), sort_keys=True)
 
     @staticmethod
-    def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds):
+    def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds, zero):
         arrays = dict(
             fingerprint=np.array(fingerprint),
             batches_done=np.array(batches_done),
             seconds=np.array(json.dumps(seconds)),
+            zero_gradients=np.array(zero, np.int64),
             labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
             broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
             batch_sizes=np.array([len(b) for b in broken], np.int64),
@@ -461,6 +498,8 @@ class AutoAttack:
                            if keep_adversarial and "x_adv" in state.files else [])
             done = int(state["batches_done"])
             seconds = json.loads(str(state["seconds"])) if "seconds" in state.files else {}
+            zero = ([int(v) for v in state["zero_gradients"]]
+                    if "zero_gradients" in state.files else [0, 0])
         if done == 0:
-            return [], [], [], 0, {}
-        return labels, broken, adversarial, done, seconds
+            return [], [], [], 0, {}, [0, 0]
+        return labels, broken, adversarial, done, seconds, zero

@@ -12,9 +12,14 @@ warns when a model looks otherwise; these are the same checks, written for Keras
     on a randomised one weakens the attack);
   * `check_logits`: rows in [0, 1] summing to 1 are probabilities, not logits: the
     cross-entropy of APGD-CE then saturates and the DLR loss is ill-scaled;
-  * `check_zero_gradients`: examples whose cross-entropy gradient w.r.t. the input is exactly
-    zero give the gradient attacks nothing to follow (gradient masking, e.g. a rounding or
-    `stop_gradient` inside the model, or saturated float32 softmax);
+  * `check_zero_gradients` / `zero_gradient_message`: examples whose DLR-loss gradient w.r.t.
+    the input is exactly zero give the gradient attacks nothing to follow (gradient masking,
+    e.g. a rounding or `stop_gradient` inside the model).  As in the official code, the loss is
+    DLR, not the cross-entropy (whose float32 gradient is legitimately zero on a confidently
+    classified example: a saturated softmax, which APGD-T's DLR loss is there to overcome), and
+    in an AutoAttack evaluation the check runs inside APGD-T (APGD-DLR for "rand") at every
+    run's start point on every batch, not once on the first batch; `check_zero_gradients`
+    is the one-batch form for evaluations without AutoAttack;
   * `check_dynamic`: a model whose inference forward computes gradients or writes variables
     adapts at test time, which a fixed-model attack such as AutoAttack does not model;
   * `check_n_classes`: the targeted attacks need enough classes (APGD-T's targeted DLR loss
@@ -31,6 +36,8 @@ import warnings
 
 import numpy as np
 import tensorflow as tf
+
+from twins_tf.attacks import apgd
 
 RANDOMIZED_CALLS = 5
 RANDOMIZED_TOLERANCE = 1e-4
@@ -100,13 +107,33 @@ def check_logits(model, x, *, tolerance=PROBABILITY_TOLERANCE):
     return None
 
 
+def zero_gradient_message(zero, examples, where="examples"):
+    """The zero-gradient warning for `zero` of `examples` examples, or None if `zero` is 0."""
+    if zero:
+        return (f"{zero} of {examples} {where} have a zero input gradient (a rounding or "
+                "stop_gradient in the model?): the gradient attacks cannot move them, so their "
+                "robustness may be overestimated.")
+    return None
+
+
 def check_zero_gradients(model, x, y):
-    """A message if some examples' cross-entropy gradient w.r.t. the input is exactly zero."""
+    """A message if some examples' DLR-loss gradient w.r.t. the input is exactly zero.
+
+    The official check's loss (the untargeted DLR of `apgd.dlr_loss`), taken at the class the
+    model predicts, as an attack sees it on the correctly classified examples it runs on (with
+    a label that happens to rank third the DLR loss is the constant 1, a zero gradient that
+    is no defect of the model).  A model with 2 classes has no DLR loss, and the
+    cross-entropy at the labels `y` stands in.
+    """
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=_logits(model, x))
+        logits = _logits(model, x)
+        if logits.shape[-1] >= DLR_MIN_CLASSES:
+            loss = apgd.dlr_loss(logits, tf.argmax(logits, -1, output_type=tf.int32))
+        else:
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
     gradient = tape.gradient(loss, x)
     if gradient is None:
         zero = int(x.shape[0])
@@ -114,11 +141,7 @@ def check_zero_gradients(model, x, y):
         zero = int(tf.reduce_sum(tf.cast(
             tf.reduce_all(tf.equal(tf.reshape(gradient, [x.shape[0], -1]), 0.0), axis=1),
             tf.int32)))
-    if zero:
-        return (f"{zero} of {x.shape[0]} examples have a zero input gradient (a rounding, "
-                "stop_gradient or saturated softmax in the model?): the gradient attacks cannot "
-                "move them, so their robustness may be overestimated.")
-    return None
+    return zero_gradient_message(zero, int(x.shape[0]))
 
 
 def check_dynamic(model, x):
@@ -192,7 +215,8 @@ def check_square(accuracy, *, tolerance=SQUARE_TOLERANCE):
     return None
 
 
-def model_checks(model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EOT_ITER):
+def model_checks(model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EOT_ITER,
+                 zero_gradients=True):
     """The checks of the model itself, on one batch; returns the messages.
 
     Args:
@@ -201,26 +225,31 @@ def model_checks(model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EO
       randomized_defence: the evaluation treats the model as randomised (AutoAttack's
         "rand"): then a deterministic model, not a randomised one, is the warning.
       eot_iter: the EOT draws of such an evaluation.
+      zero_gradients: run `check_zero_gradients` on this batch (False when the evaluation's
+        APGD-DLR/APGD-T checks every batch itself).
     """
     randomized = check_randomized(model, x, y)
     if randomized_defence:
         randomized = check_rand_version(randomized is not None, eot_iter)
-    messages = [randomized, check_logits(model, x), check_zero_gradients(model, x, y),
+    messages = [randomized, check_logits(model, x),
+                check_zero_gradients(model, x, y) if zero_gradients else None,
                 check_dynamic(model, x)]
     return [m for m in messages if m is not None]
 
 
 def before_evaluation(model, x, y, *, version, eot_iter, num_classes, n_target_classes,
-                      skipped):
+                      skipped, dlr_attack=None):
     """Every check that runs before an AutoAttack evaluation, on one batch; the messages.
 
     Args:
       model, x, y: as for `model_checks`.
       version, eot_iter: AutoAttack's version and EOT draws.
       num_classes, n_target_classes, skipped: as for `check_n_classes`.
+      dlr_attack: the planned sub-attack with the DLR loss ("apgd-t", "apgd-dlr"), which checks
+        zero gradients on every batch itself; None (none planned): checked here, once.
     """
     messages = model_checks(model, x, y, randomized_defence=version == "rand",
-                            eot_iter=eot_iter)
+                            eot_iter=eot_iter, zero_gradients=dlr_attack is None)
     targets = check_n_classes(num_classes, version, n_target_classes, skipped)
     return messages + ([targets] if targets else [])
 

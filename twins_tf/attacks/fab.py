@@ -27,12 +27,14 @@ lambda (L-inf: a_i = |w_i|, q_i = p_i; L2: a_i = w_i^2, q_i = p_i / |w_i|).  Sor
 gives its breakpoints, and lambda solves it = c exactly; if even the box corner (lambda = inf)
 does not reach the hyperplane, the corner is returned, as in the paper.
 """
+import keras
 import numpy as np
 import tensorflow as tf
 
-from twins_tf.attacks import _lp
+from twins_tf.attacks import _lp, base
 
 _FAR = 1e10  # "no adversarial point yet" distance, and the excluded class's logit gap
+_ZERO = tf.UnconnectedGradients.ZERO  # a model that cuts the gradient (tf.round): zero, not None
 
 
 def project_onto_hyperplane_in_box(points, w, b, norm):
@@ -89,11 +91,11 @@ def project_onto_hyperplane_in_box(points, w, b, norm):
     return tf.where(toward_upper, size, -size)
 
 
-class FAB:
+@keras.saving.register_keras_serializable(package="twins_tf")
+class FAB(base.Attack):
     """FAB / FAB-T against a Keras classifier taking [0, 1] NHWC images and returning logits.
 
     Args:
-      model: Keras model; called with `training=False`.
       epsilon: the threat-model radius: a point is broken if FAB finds an adversarial example
         within it; also the radius of random restarts.
       norm: "linf" or "l2".
@@ -106,17 +108,24 @@ class FAB:
       alpha_max, eta, beta: the step parameters of the paper (0.1, 1.05, 0.9).
       seed: seed of the random restarts.
 
+    Called as `fab(model, x, y, seed=None)` (`twins_tf.attacks.base`): where FAB found a
+    misclassified point within epsilon, the closest one found; elsewhere `x` itself.
+
     Example:
-      >>> fab = FAB(model, 8 / 255, targeted=True)
-      >>> x_adv = fab.perturb(images, labels)
+      >>> fab = FAB(8 / 255, targeted=True)
+      >>> x_adv = fab(model, images, labels)
     """
 
-    def __init__(self, model, epsilon, *, norm="linf", targeted=True, steps=100, restarts=1,
+    who = "FAB"
+    config_keys = ("epsilon", "norm", "targeted", "steps", "restarts", "n_target_classes",
+                   "alpha_max", "eta", "beta", "seed")
+
+    def __init__(self, epsilon, *legacy, norm="linf", targeted=True, steps=100, restarts=1,
                  n_target_classes=9, alpha_max=0.1, eta=1.05, beta=0.9, seed=0):
-        who = "FAB"
-        self.model = model
-        self.epsilon = _lp.check_epsilon(epsilon, who)
+        who = self.who
+        epsilon = self._legacy(epsilon, legacy)
         self.norm = _lp.check_norm(norm, who)
+        self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.targeted = bool(targeted)
         self.steps = _lp.check_positive_int(steps, "steps", who)
         self.restarts = _lp.check_positive_int(restarts, "restarts", who)
@@ -129,9 +138,11 @@ class FAB:
             raise ValueError(f"FAB beta (backward step) must be in (0, 1], got {beta}.")
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.seed = int(seed)
+        self._use(self._bound_model)
+
+    def _compile(self):
         self._run_once = tf.function(self._run_once_impl, reduce_retracing=True,
                                      autograph=False)
-        self._calls = 0
 
     @property
     def name(self):
@@ -141,51 +152,23 @@ class FAB:
         return (f"FAB(epsilon={self.epsilon:.6g}, norm={self.norm!r}, targeted={self.targeted}, "
                 f"steps={self.steps}, restarts={self.restarts})")
 
-    def perturb(self, x, y, *, seed=None):
-        """Adversarial examples within epsilon for the clean images `x`, labels `y`.
-
-        Args:
-          x: clean images, (batch, height, width, channels), float in [0, 1].
-          y: integer labels, (batch,).
-          seed: optional integer: the random draws of this call derive from it alone
-            (AutoAttack passes one per batch, so a resumed evaluation repeats them);
-            None derives them from the attack's seed and a call counter.
-
-        Returns:
-          float32 tensor like `x`: where FAB found a misclassified point within epsilon, the
-          closest one found; elsewhere `x` itself.
-        """
-        x, y = _lp.check_images_and_labels(x, y, "FAB.perturb")
-        self._calls += 1
-        base = (self.seed, self._calls) if seed is None else (int(seed), 0)
-        logits = _lp.logits_of(self.model, x)
-        num_classes = int(logits.shape[-1])
+    def _attack(self, model, x, y, seed):
+        base_seed, logits, num_classes = self._start_call(model, x, seed)
         if self.targeted:
             _lp.check_num_classes(num_classes, self.n_target_classes + 1, "FAB-T",
                                   f"{self.n_target_classes} target classes")
         robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y).numpy()
-        x_adv = x.numpy().copy()
-        targets = [None]
-        if self.targeted:
-            order = tf.argsort(logits, axis=-1, direction="DESCENDING").numpy()
-            targets = [order[:, rank - 1] for rank in range(2, self.n_target_classes + 2)]
-        for target_index, target in enumerate(targets):
-            for restart in range(self.restarts):
-                todo = np.flatnonzero(robust)
-                if todo.size == 0:
-                    return tf.constant(x_adv)
-                x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
-                t_todo = y_todo if target is None else tf.constant(target[todo], tf.int32)
-                key = _lp.run_seed(*base, target_index, restart)
-                adv, distance = self._run_once(x_todo, y_todo, t_todo, key,
-                                               tf.constant(restart > 0))
-                # broken: misclassified and within epsilon (the closest point found may not be)
-                fooled = tf.not_equal(_lp.predict(self.model, adv), y_todo)
-                within = _lp.lp_norm(adv - x_todo, self.norm) <= self.epsilon
-                broken = (fooled & within & (distance < _FAR)).numpy()
-                x_adv[todo[broken]] = adv.numpy()[broken]
-                robust[todo[broken]] = False
-        return tf.constant(x_adv)
+        targets = base.ranked_targets(logits, self.n_target_classes) if self.targeted else [None]
+
+        def run(x_todo, y_todo, t_todo, key, restart):
+            adv, distance = self._run_once(x_todo, y_todo, t_todo, key, tf.constant(restart > 0))
+            # broken: misclassified and within epsilon (the closest point found may not be)
+            fooled = tf.not_equal(_lp.predict(model, adv), y_todo)
+            within = _lp.lp_norm(adv - x_todo, self.norm) <= self.epsilon
+            return adv, (fooled & within & (distance < _FAR)).numpy()
+
+        return tf.constant(base.run_on_survivors(x, y, robust, targets, self.restarts,
+                                                 base_seed, run))
 
     # --- one run ------------------------------------------------------------------------------
     def _boundary(self, x1, y, target):
@@ -197,11 +180,11 @@ class FAB:
                 gap = (tf.gather(logits, target, axis=-1, batch_dims=1)
                        - tf.gather(logits, y, axis=-1, batch_dims=1))
                 total = tf.reduce_sum(gap)
-            return gap, tape.gradient(total, x1)
+            return gap, tape.gradient(total, x1, unconnected_gradients=_ZERO)
         with tf.GradientTape() as tape:
             tape.watch(x1)
             logits = _lp.logits_of(self.model, x1)
-        jacobian = tape.batch_jacobian(logits, x1)  # (n, classes, h, w, c)
+        jacobian = tape.batch_jacobian(logits, x1, unconnected_gradients=_ZERO)  # (n, k, h, w, c)
         gaps = logits - tf.gather(logits, y, axis=-1, batch_dims=1)[:, None]
         grads = jacobian - tf.gather(jacobian, y, axis=1, batch_dims=1)[:, None]
         is_true = tf.one_hot(y, tf.shape(logits)[-1], on_value=True, off_value=False)

@@ -41,11 +41,14 @@ import random
 import keras
 import tensorflow as tf
 
-NORMS = ("linf", "l2")
-_TINY = 1e-12  # guards divisions by a zero gradient or perturbation norm
+from twins_tf import keras_private
+from twins_tf.attacks import _lp, base
+
+NORMS = _lp.NORMS
 
 
-class PGD:
+@keras.saving.register_keras_serializable(package="twins_tf")
+class PGD(base.Attack):
     """Projected gradient descent against a Keras classifier taking [0, 1] images.
 
     Args:
@@ -57,14 +60,22 @@ class PGD:
         clean input (evaluation, spec §7).
       restarts: independent runs; per example the first successful one is kept (evaluation).
       seed: integer seed of the random start; None draws one at construction, so two PGD
-        objects differ but one object's run is reproducible from its construction.
+        objects differ but one object's run is reproducible from its construction (and
+        `get_config` records the drawn seed, so a deserialised PGD repeats it).
       compute_dtype: "float32" (default) runs the model in float32 during the attack even under
         a mixed-precision policy; None keeps the model's own policy.
+
+    Called as `pgd(model, x, y, seed=None)` (`twins_tf.attacks.base`), also inside a traced
+    or XLA-compiled train step.
 
     Example:
       >>> pgd = PGD(8 / 255, 2 / 255, steps=10)
       >>> x_adv = pgd(model, images, labels)  # same shape as images, within 8/255, in [0, 1]
     """
+
+    who = "PGD"
+    config_keys = ("epsilon", "step_size", "steps", "norm", "random_start", "restarts", "seed",
+                   "compute_dtype")
 
     def __init__(
         self,
@@ -78,24 +89,18 @@ class PGD:
         seed=None,
         compute_dtype="float32",
     ):
-        if norm not in NORMS:
-            raise ValueError(f"PGD norm must be one of {NORMS}, got {norm!r}.")
-        if not epsilon >= 0:
-            raise ValueError(f"PGD epsilon must be >= 0 (in [0, 1] pixel units), got {epsilon}.")
-        if not step_size >= 0:
-            raise ValueError(f"PGD step_size must be >= 0, got {step_size}.")
+        who = self.who
+        self.norm = _lp.check_norm(norm, who)
+        self.epsilon = _lp.check_epsilon(epsilon, who, self.norm, allow_zero=True)
+        self.step_size = _lp.check_epsilon(step_size, who, self.norm, name="step_size",
+                                           allow_zero=True)
         if int(steps) != steps or steps < 0:
             raise ValueError(f"PGD steps must be a non-negative integer, got {steps!r}.")
-        if int(restarts) != restarts or restarts < 1:
-            raise ValueError(f"PGD restarts must be a positive integer, got {restarts!r}.")
+        self.steps = int(steps)
+        self.restarts = _lp.check_positive_int(restarts, "restarts", who)
         if compute_dtype not in ("float32", None):
             raise ValueError(f"PGD compute_dtype must be 'float32' or None, got {compute_dtype!r}.")
-        self.epsilon = float(epsilon)
-        self.step_size = float(step_size)
-        self.steps = int(steps)
-        self.norm = norm
         self.random_start = bool(random_start)
-        self.restarts = int(restarts)
         self.seed = random.randint(1, 2**30) if seed is None else int(seed)
         self.compute_dtype = compute_dtype
         self._seed_generator = None  # created on the first seedless random start
@@ -106,40 +111,48 @@ class PGD:
             f"norm={self.norm!r}, random_start={self.random_start}, restarts={self.restarts})"
         )
 
-    def get_config(self):
-        """The constructor arguments (JSON-serialisable)."""
-        return dict(
-            epsilon=self.epsilon, step_size=self.step_size, steps=self.steps, norm=self.norm,
-            random_start=self.random_start, restarts=self.restarts, seed=self.seed,
-            compute_dtype=self.compute_dtype,
-        )
-
     def __call__(self, model, x, y, *, seed=None):
-        return self.attack(model, x, y, seed=seed)
-
-    def attack(self, model, x, y, *, seed=None):
-        """Adversarial examples for `model` at the clean images `x` with integer labels `y`.
+        """Adversarial examples for `model` at the clean images `x` with labels `y`.
 
         Args:
           model: a Keras model mapping [0, 1] images to logits; called with `training=False`.
-          x: clean images in [0, 1], any layout with the batch first.
-          y: integer labels, shape (batch,) (or (batch, 1)).
-          seed: optional int tensor of shape (2,) for the random start (the trainer passes
-            one derived from the optimizer step and replica id, so runs are reproducible and
-            replicas draw different noise); None uses this object's seed generator.
+          x: clean images in [0, 1], any layout with the batch first (the model's input rank).
+          y: class ids, shape (batch,) (or (batch, 1)), or one-hot rows of the model's width.
+          seed: optional int, or int tensor of shape (2,), for the random start (the trainer
+            passes one derived from the optimizer step and replica id, so runs are
+            reproducible and replicas draw different noise); None uses this object's seed
+            generator.
 
         Returns:
           x_adv, float32, same shape as `x`, with `||x_adv - x|| <= epsilon` and values in
           [0, 1]; no gradient flows through it.
         """
-        x = tf.stop_gradient(tf.cast(x, tf.float32))
-        y = tf.reshape(tf.cast(y, tf.int32), [-1])
+        x, y = _lp.check_images_and_labels(x, y, self.who, model=model, image_rank=None)
+        for name in ("epsilon", "step_size"):
+            _lp.check_radius_fits(getattr(self, name), self.norm, x, self.who, name)
+        return self._attack(model, x, y, seed)
+
+    def attack(self, model, x, y, *, seed=None):
+        """Deprecated: `pgd.attack(model, x, y)` is `pgd(model, x, y)`."""
+        import warnings
+
+        warnings.warn(f"PGD.attack(model, x, y) {base.DEPRECATION}: call pgd(model, x, y).",
+                      DeprecationWarning, stacklevel=2)
+        return self(model, x, y, seed=seed)
+
+    def _attack(self, model, x, y, seed):
+        x = tf.stop_gradient(x)
         if self.random_start and seed is None:
             seed = self._next_seed()
+        if seed is not None:
+            seed = tf.cast(seed, tf.int64)
+            if seed.shape.rank == 0:
+                seed = tf.stack([seed, tf.zeros([], tf.int64)])
         seeds = [seed] * self.restarts
         if self.random_start and self.restarts > 1:
-            seeds = tf.unstack(tf.random.split(tf.cast(seed, tf.int64), self.restarts))
-        with _float32_model(model) if self.compute_dtype == "float32" else contextlib.nullcontext():
+            seeds = tf.unstack(tf.random.split(seed, self.restarts))
+        float32 = self.compute_dtype == "float32"
+        with keras_private.float32_compute(model) if float32 else contextlib.nullcontext():
             best = None
             for restart in range(self.restarts):
                 x_adv = self._run(model, x, y, seeds[restart])
@@ -149,7 +162,7 @@ class PGD:
                         fooled = self._misclassified(model, x_adv, y)
                     continue
                 newly = tf.logical_and(tf.logical_not(fooled), self._misclassified(model, x_adv, y))
-                best = tf.where(_per_example(newly, x), x_adv, best)
+                best = tf.where(_lp.per_example(newly, x), x_adv, best)
                 fooled = tf.logical_or(fooled, newly)
         return tf.stop_gradient(best)
 
@@ -177,33 +190,25 @@ class PGD:
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
             )
-        grad = tape.gradient(loss, x_adv)
+        grad = tape.gradient(loss, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if self.norm == "linf":
             x_adv = x_adv + self.step_size * tf.sign(grad)
         else:
-            x_adv = x_adv + self.step_size * grad / _per_example(_l2_norm(grad) + _TINY, x)
-        return tf.clip_by_value(self._project(x_adv, x), 0.0, 1.0)
-
-    def _project(self, x_adv, x):
-        if self.norm == "linf":
-            return tf.clip_by_value(x_adv, x - self.epsilon, x + self.epsilon)
-        delta = x_adv - x
-        scale = tf.minimum(1.0, self.epsilon / (_l2_norm(delta) + _TINY))
-        return x + delta * _per_example(scale, x)
+            x_adv = x_adv + self.step_size * _lp.normalize(grad, "l2")
+        return _lp.project(x_adv, x, self.epsilon, self.norm)
 
     def _random_start(self, x, seed):
-        seed = tf.cast(seed, tf.int64)
         if self.norm == "linf":
             noise = tf.random.stateless_uniform(
                 tf.shape(x), seed, minval=-self.epsilon, maxval=self.epsilon
             )
         else:
             direction_seed, radius_seed = tf.unstack(tf.random.split(seed, 2))
-            direction = tf.random.stateless_normal(tf.shape(x), direction_seed)
-            direction = direction / _per_example(_l2_norm(direction) + _TINY, x)
+            direction = _lp.normalize(tf.random.stateless_normal(tf.shape(x), direction_seed),
+                                      "l2")
             dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
             u = tf.random.stateless_uniform(tf.shape(x)[:1], radius_seed)
-            noise = direction * _per_example(self.epsilon * u ** (1.0 / dims), x)
+            noise = direction * _lp.per_example(self.epsilon * u ** (1.0 / dims), x)
         return tf.clip_by_value(x + noise, 0.0, 1.0)
 
     def _next_seed(self):
@@ -213,35 +218,4 @@ class PGD:
 
     @staticmethod
     def _misclassified(model, x_adv, y):
-        logits = model(x_adv, training=False)
-        return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
-
-
-def _l2_norm(t):
-    """Per-example L2 norm over every axis but the first."""
-    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=list(range(1, t.shape.rank))))
-
-
-def _per_example(values, like):
-    """Reshape a (batch,) tensor to broadcast against `like` (batch, ...)."""
-    return tf.reshape(values, [-1] + [1] * (like.shape.rank - 1))
-
-
-@contextlib.contextmanager
-def _float32_model(model):
-    """Trace `model` with every layer computing in float32 (variables unchanged).
-
-    Keras reads a layer's compute dtype when the layer is called, i.e. when a function is
-    traced, so switching the policies for the duration of the attack's trace gives a float32
-    attack graph; the training forward traced afterwards uses the restored policies.
-    """
-    layers = [model, *model._flatten_layers(include_self=False)]
-    saved = [(layer, layer._dtype_policy) for layer in layers]
-    try:
-        for layer, policy in saved:
-            if policy.compute_dtype != "float32" and policy.quantization_mode is None:
-                layer._dtype_policy = keras.DTypePolicy("float32")
-        yield
-    finally:
-        for layer, policy in saved:
-            layer._dtype_policy = policy
+        return tf.not_equal(_lp.predict(model, x_adv), y)

@@ -30,10 +30,11 @@ probability 1/2.
 """
 import math
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from twins_tf.attacks import _lp
+from twins_tf.attacks import _lp, base
 
 # (last iteration of the phase, divisor of p_init) of the paper's schedule (10,000 iterations)
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
@@ -94,11 +95,11 @@ def _place(pattern, height, width, top, left, transpose):
     return tf.where(_window_mask(height, width, top, left, side)[..., 0], values, 0.0)[..., None]
 
 
-class Square:
+@keras.saving.register_keras_serializable(package="twins_tf")
+class Square(base.Attack):
     """Square Attack against a Keras classifier taking [0, 1] NHWC images (logits out).
 
     Args:
-      model: Keras model; called with `training=False`.  Only its outputs are used.
       epsilon: radius of the threat model in [0, 1] pixel units.
       norm: "linf" or "l2".
       n_queries: search iterations (one model query each) per example and restart, after the
@@ -111,17 +112,25 @@ class Square:
         AutoAttack does not (False).
       seed: seed of the random search.
 
+    Called as `square(model, x, y, seed=None)` (`twins_tf.attacks.base`): for every example
+    the search fooled, the fooling point (within epsilon, in [0, 1]); elsewhere `x` itself.
+    Only the model's outputs are used.
+
     Example:
-      >>> square = Square(model, 8 / 255, n_queries=5000)
-      >>> x_adv = square.perturb(images, labels)
+      >>> square = Square(8 / 255, n_queries=5000)
+      >>> x_adv = square(model, images, labels)
     """
 
-    def __init__(self, model, epsilon, *, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
+    who = "Square"
+    config_keys = ("epsilon", "norm", "n_queries", "p_init", "restarts", "rescale_schedule",
+                   "seed")
+
+    def __init__(self, epsilon, *legacy, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
                  rescale_schedule=False, seed=0):
-        who = "Square"
-        self.model = model
-        self.epsilon = _lp.check_epsilon(epsilon, who)
+        who = self.who
+        epsilon = self._legacy(epsilon, legacy)
         self.norm = _lp.check_norm(norm, who)
+        self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.n_queries = _lp.check_positive_int(n_queries, "n_queries", who)
         if not 0.0 < p_init <= 1.0:
             raise ValueError(f"Square p_init must be in (0, 1], got {p_init}.")
@@ -129,9 +138,11 @@ class Square:
         self.restarts = _lp.check_positive_int(restarts, "restarts", who)
         self.rescale_schedule = bool(rescale_schedule)
         self.seed = int(seed)
+        self._use(self._bound_model)
+
+    def _compile(self):
         self._start = tf.function(self._start_impl, reduce_retracing=True, autograph=False)
         self._phase = tf.function(self._phase_impl, reduce_retracing=True, autograph=False)
-        self._calls = 0
 
     name = "square"
 
@@ -160,33 +171,12 @@ class Square:
                 runs.append([iteration, 1, side])
         return [tuple(run) for run in runs]
 
-    def perturb(self, x, y, *, seed=None):
-        """Adversarial examples for the clean images `x` with integer labels `y`.
-
-        Args:
-          x: clean images, (batch, height, width, channels), float in [0, 1].
-          y: integer labels, (batch,).
-          seed: optional integer: the random draws of this call derive from it alone
-            (AutoAttack passes one per batch, so a resumed evaluation repeats them);
-            None derives them from the attack's seed and a call counter.
-
-        Returns:
-          float32 tensor like `x`: for every example the search fooled, the fooling point
-          (within epsilon, in [0, 1]); elsewhere `x` itself.
-        """
-        x, y = _lp.check_images_and_labels(x, y, "Square.perturb")
-        self._calls += 1
-        base = (self.seed, self._calls) if seed is None else (int(seed), 0)
+    def _attack(self, model, x, y, seed):
+        self._use(model)
+        base_seed = base.base_seed(self, seed)
         _, height, width, _ = x.shape
-        margin = self._margin(x, y).numpy()
-        robust = margin > 0
-        x_adv = x.numpy().copy()
-        for restart in range(self.restarts):
-            todo = np.flatnonzero(robust)
-            if todo.size == 0:
-                break
-            x_todo, y_todo = tf.gather(x, todo), tf.gather(y, todo)
-            key = _lp.run_seed(*base, restart)
+
+        def run(x_todo, y_todo, _, key, restart):
             x_best, margin_min = self._start(x_todo, y_todo, key)
             for first, count, side in self.phases(height, width):
                 if not np.any(margin_min.numpy() > 0):
@@ -196,10 +186,11 @@ class Square:
                 x_best, margin_min = self._phase(
                     x_todo, y_todo, x_best, margin_min, tf.constant(first), tf.constant(count),
                     tf.constant(side), pattern, key)
-            fooled = margin_min.numpy() <= 0
-            x_adv[todo[fooled]] = x_best.numpy()[fooled]
-            robust[todo[fooled]] = False
-        return tf.constant(x_adv)
+            return x_best, margin_min.numpy() <= 0
+
+        robust = self._margin(x, y).numpy() > 0
+        return tf.constant(base.run_on_survivors(x, y, robust, None, self.restarts, base_seed,
+                                                 run))
 
     # --- graph pieces -------------------------------------------------------------------------
     def _margin(self, x, y):
