@@ -1,0 +1,397 @@
+"""One training step of twins_tf against a plain PyTorch PGD-AT / TRADES step (issue 11).
+
+    python benchmarks/vs_pytorch.py                       # default: about 10 minutes on 2 cores
+    python benchmarks/vs_pytorch.py --archs resnet18 --rounds 5
+    python benchmarks/vs_pytorch.py --image_size 224 --batch 128 --pgd_steps 10   # spec setting
+    python benchmarks/vs_pytorch.py --archs resnet18 --methods twins_at \\
+        --tf_variants fused,fold,bf16,inter2            # the levers, each against "fused"
+
+What is compared.  The same network (torchvision-layout ResNet-18 / ResNet-50: `build_resnet`
+in twins_tf, the plain-PyTorch mirror of tests/torch_resnet.py on the torch side, both with the
+[0, 1] clamp and ImageNet normalisation inside), the same input size, batch, number of PGD
+steps (L-inf, eps 8/255, alpha 2/255, random start, model in eval mode), SGD(0.003,
+momentum 0.9, weight decay 1e-5) and the same number of threads.  twins_tf runs its own
+`AdversarialTrainer` step (Keras's compiled train function, what `fit` runs) for at, twins_at,
+trades, twins_trades; PyTorch runs the plain loop a user would write: a PGD loop in eval mode,
+then `train()`, forward(s), loss, backward, `optimizer.step()`, for AT (CE on x_adv) and TRADES
+(CE-PGD attack, as the twins_tf trainer uses, then CE(x) + 6 KL(x || x_adv) / B).  twins_tf's
+AT-style steps do one more inference forward for the `clean_acc` metric (about 1/(3k+4) of a
+PGD-k step); the torch loop does not.
+
+How.  Every (framework, arch, method, variant) runs in its own process (this script re-run with
+a hidden --one flag, printing one JSON line), so the peak RSS (`ru_maxrss`) is that step's and
+no thread pool, allocator or graph cache is shared.  A process times --repeats steps after
+one untimed first step (the trace / warm-up) and reports their median.  --rounds rounds run
+every configuration once each, in an order rotated every round, so slow phases of a shared
+machine hit every configuration alike; the table gives the median over rounds and the spread
+(min-max of the rounds' medians).  Ratios are taken from the medians of the same run.  The load
+average (1 min) is printed at the start and end: on a shared machine read the ratios, not the
+absolute times, and the CPU time per step (`time.process_time` of the worker during the step)
+beside the wall time: it counts the work done, not the time spent waiting for a core, so it
+is the steadier measure under load (spinning threads count as work, hence the next point).
+OMP_WAIT_POLICY=PASSIVE (the default of --omp_wait_policy) stops PyTorch's OpenMP threads from
+spin-waiting: with more runnable threads than cores a spinning thread burns the slice the
+other thread needs (docs/benchmarks.md measured 2-9 s against 0.35 s for one torch pass under
+load); on a quiet machine ACTIVE can be a few percent faster for torch.
+
+Variants of the twins_tf step (--tf_variants; each a lever measured alone against "fused",
+the library as it is):
+  fused     the library's step as it is (fused BatchNorm in TwinBatchNormalization);
+  fold      the attack's inference passes run through `twins_tf.models.fold_batch_norm`'s
+            BN-folded copy of the network (the trainer's `_run_attack` overridden here: the
+            library's trainer does not call it yet);
+  bf16      Keras mixed_bfloat16 policy for the training forward/backward (the attack stays
+            float32, the PGD default);
+  inter2    TensorFlow inter-op threads = --threads instead of 1;
+  onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
+  xla       jit_compile=True for the whole step.
+`--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
+commit) for a before/after measurement of a code change; it is labelled "base".
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TF_METHODS = ("at", "twins_at", "trades", "twins_trades")
+TORCH_METHODS = ("at", "trades")
+TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "xla", "base")
+EPSILON, STEP_SIZE = 8 / 255, 2 / 255
+LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, BETA = 0.003, 0.9, 1e-5, 6.0
+RESULT_PREFIX = "@@vs_pytorch@@ "
+
+
+def _csv(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"got {text!r}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", type=_csv(("resnet18", "resnet34", "resnet50")),
+                        default=["resnet18", "resnet50"])
+    parser.add_argument("--methods", type=_csv(TF_METHODS), default=list(TF_METHODS),
+                        help="twins_tf methods; torch runs AT (and TRADES if a TRADES method is "
+                             "listed)")
+    parser.add_argument("--tf_variants", type=_csv(TF_VARIANTS), default=["fused"])
+    parser.add_argument("--tf_path", help="import twins_tf from this checkout (variant 'base')")
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--pgd_steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed steps per process after one untimed step")
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE", "unset"],
+                        default="PASSIVE",
+                        help="OMP_WAIT_POLICY of the workers (PyTorch's OpenMP threads; "
+                             "TensorFlow's pools ignore it); see the module docstring")
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.batch % 2:
+        parser.error("--batch must be even: twin methods split it into two halves")
+    if args.rounds < 1 or args.repeats < 1 or args.pgd_steps < 0 or args.threads < 1:
+        parser.error("--rounds, --repeats, --threads must be >= 1 and --pgd_steps >= 0")
+    if "base" in args.tf_variants and not args.tf_path:
+        parser.error("variant 'base' needs --tf_path (a checkout of the code to compare with)")
+    return args
+
+
+# --- inside a worker process -----------------------------------------------------------------
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _data(batch, size, num_classes):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (batch, size, size, 3)).astype(np.float32)
+    y = rng.integers(0, num_classes, batch).astype(np.int32)
+    return x, y
+
+
+def _time(step, repeats):
+    """(first call s, wall s of each later call, CPU s of the process during each)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times, cpu = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return first, times, cpu
+
+
+def run_torch(config):
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from torch_resnet import TorchPixelResNet, TorchResNet
+
+    torch.set_num_threads(config["threads"])
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(0)
+    net = TorchPixelResNet(TorchResNet(config["arch"], config["num_classes"]))
+    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    x_np, y_np = _data(config["batch"], config["image_size"], config["num_classes"])
+    x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(y_np).long()
+    eps, alpha, k = EPSILON, STEP_SIZE, config["pgd_steps"]
+
+    def pgd():
+        net.eval()
+        x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
+        for _ in range(k):
+            x_adv.requires_grad_(True)
+            grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
+            x_adv = x_adv.clamp(0.0, 1.0)
+        return x_adv.detach()
+
+    def step():
+        x_adv = pgd()
+        net.train()
+        if config["method"] == "at":
+            loss = F.cross_entropy(net(x_adv), y)
+        else:
+            logits_adv = net(x_adv)
+            logits_nat = net(x)
+            kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1),
+                          reduction="sum") / x.shape[0]
+            loss = F.cross_entropy(logits_nat, y) + BETA * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    first, times, cpu = _time(step, config["repeats"])
+    return dict(first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__)
+
+
+def run_tf(config):
+    variant = config["variant"]
+    if variant == "onednn0":
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
+    if variant == "base":
+        sys.path.insert(0, config["tf_path"])
+    else:
+        sys.path.insert(0, ROOT)
+    import keras
+    import tensorflow as tf
+
+    threads = config["threads"]
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads if variant == "inter2" else 1)
+
+    import twins_tf
+    from twins_tf import methods as methods_lib
+    from twins_tf.attacks import PGD
+    from twins_tf.models import build_resnet
+    from twins_tf.trainer import AdversarialTrainer
+
+    keras.utils.set_random_seed(0)
+    if variant == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    method = methods_lib.get(config["method"])
+    size = config["image_size"]
+    model = build_resnet(config["arch"], config["num_classes"], twin=method.twin,
+                         input_shape=(size, size, 3))
+    attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0)
+    trainer_class = AdversarialTrainer
+    if variant == "fold":
+        from twins_tf.models import fold_batch_norm
+
+        folded = fold_batch_norm(model)
+
+        class FoldedAttackTrainer(AdversarialTrainer):
+            """The call-site change measured here: the attack runs on the folded network."""
+
+            def _run_attack(self, attack, images, labels, seed):
+                return attack(folded, images, labels, seed=seed)
+
+        trainer_class = FoldedAttackTrainer
+    trainer = trainer_class(model, method=method.name, attack=attack, beta=BETA,
+                            weight_decay=WEIGHT_DECAY)
+    trainer.compile(keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+                    jit_compile=variant == "xla")
+    trainer.make_train_function()
+    x, y = (tf.constant(a) for a in _data(config["batch"], size, config["num_classes"]))
+
+    def step():
+        logs = trainer.train_function(iter([(x, y)]))
+        return float(logs["loss"])  # blocks until the step has run
+
+    first, times, cpu = _time(step, config["repeats"])
+    return dict(first_s=first, step_times=times, cpu_times=cpu, version=f"TF {tf.__version__}",
+                twins_tf_file=twins_tf.__file__)
+
+
+def run_one(config_json):
+    config = json.loads(config_json)
+    runner = run_torch if config["framework"] == "torch" else run_tf
+    result = dict(config, **runner(config), peak_rss_mib=_peak_rss_mib())
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# --- the driver ------------------------------------------------------------------------------
+def _configs(args):
+    common = dict(omp_wait_policy=args.omp_wait_policy, image_size=args.image_size, batch=args.batch, pgd_steps=args.pgd_steps,
+                  threads=args.threads, repeats=args.repeats, num_classes=args.num_classes,
+                  tf_path=os.path.abspath(args.tf_path) if args.tf_path else None)
+    torch_methods = ["at"] + (["trades"] if any("trades" in m for m in args.methods) else [])
+    configs = []
+    for arch in args.archs:
+        for method in torch_methods:
+            configs.append(dict(common, framework="torch", arch=arch, method=method,
+                                variant="torch"))
+        for variant in args.tf_variants:
+            for method in args.methods:
+                configs.append(dict(common, framework="tf", arch=arch, method=method,
+                                    variant=variant))
+    return configs
+
+
+def _launch(config, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS=str(config["threads"]), CUDA_VISIBLE_DEVICES="")
+    if config["omp_wait_policy"] != "unset":
+        env["OMP_WAIT_POLICY"] = config["omp_wait_policy"]
+    command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(config)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(config, error=f"timed out after {timeout:.0f} s")
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return dict(config, error=f"exit {done.returncode}: {tail}")
+
+
+def _key(config):
+    return config["arch"], config["framework"], config["method"], config["variant"]
+
+
+def _label(key):
+    arch, framework, method, variant = key
+    if framework == "torch":
+        return f"{arch} | torch | {method} |"
+    return f"{arch} | twins_tf | {method} | {variant}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.one:
+        return run_one(args.one)
+    configs = _configs(args)
+    wall = time.perf_counter()
+    load_start = os.getloadavg()
+    print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
+          f"{load_start[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(f"{len(configs)} configurations x {args.rounds} rounds, one process each", flush=True)
+    results = {}
+    for round_index in range(args.rounds):
+        shift = round_index % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            result = _launch(config, args.timeout)
+            key = _key(config)
+            results.setdefault(key, []).append(result)
+            if "error" in result:
+                print(f"  round {round_index + 1} {_label(key)}: {result['error']}", flush=True)
+            else:
+                print(f"  round {round_index + 1} {_label(key)}: "
+                      f"{1000 * statistics.median(result['step_times']):.0f} ms/step "
+                      f"(first {result['first_s']:.1f} s, peak RSS "
+                      f"{result['peak_rss_mib']:.0f} MiB)", flush=True)
+    load_end = os.getloadavg()
+    print_tables(args, configs, results, load_start, load_end, time.perf_counter() - wall)
+
+
+def _summary(runs):
+    medians = [statistics.median(r["step_times"]) for r in runs if "error" not in r]
+    if not medians:
+        return None
+    cpu = [statistics.median(r["cpu_times"]) for r in runs if "error" not in r]
+    return dict(median=statistics.median(medians), low=min(medians), high=max(medians),
+                cpu=statistics.median(cpu),
+                rss=max(r["peak_rss_mib"] for r in runs if "error" not in r), n=len(medians),
+                version=next(r["version"] for r in runs if "error" not in r))
+
+
+def print_tables(args, configs, results, load_start, load_end, wall):
+    print()
+    print(f"Setting: {args.image_size} px, batch {args.batch}, PGD-{args.pgd_steps} (eps 8/255, "
+          f"alpha 2/255, random start), {args.num_classes} classes, SGD(0.003, m 0.9, wd 1e-5), "
+          f"{args.threads} threads per process, {args.rounds} interleaved rounds x "
+          f"{args.repeats} steps; load average {load_start[0]:.2f} at start, "
+          f"{load_end[0]:.2f} at end; wall {wall / 60:.1f} min")
+    print()
+    print("| arch | framework | method | variant | ms/step median | spread (min-max of rounds) "
+          "| / torch AT | / torch same method | CPU ms/step | CPU / torch AT | peak RSS MiB "
+          "| RSS / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    summaries = {key: _summary(runs) for key, runs in results.items()}
+    for config in configs:
+        key = _key(config)
+        s = summaries.get(key)
+        if s is None:
+            print(f"| {_label(key)} | failed | | | | | | | |")
+            continue
+        arch, framework, method, _ = key
+        torch_at = summaries.get((arch, "torch", "at", "torch"))
+        torch_same = summaries.get((arch, "torch", "trades" if "trades" in method else "at",
+                                    "torch"))
+        ratio_at = f"{s['median'] / torch_at['median']:.2f}" if torch_at else ""
+        ratio_same = f"{s['median'] / torch_same['median']:.2f}" if torch_same else ""
+        rss_ratio = f"{s['rss'] / torch_same['rss']:.2f}" if torch_same else ""
+        cpu_ratio = f"{s['cpu'] / torch_at['cpu']:.2f}" if torch_at else ""
+        print(f"| {_label(key)} | {1000 * s['median']:.0f} | {1000 * s['low']:.0f}-"
+              f"{1000 * s['high']:.0f} | {ratio_at} | {ratio_same} | {1000 * s['cpu']:.0f} | "
+              f"{cpu_ratio} | {s['rss']:.0f} | {rss_ratio} |")
+    print()
+    print("Ratios within twins_tf (same arch and variant): twins_at/at, twins_trades/trades; "
+          "variants against 'fused' (same arch and method):")
+    for arch in args.archs:
+        for variant in args.tf_variants:
+            pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_at", "at")]
+            if all(pair):
+                print(f"  {arch} {variant}: twins_at/at = {pair[0]['median'] / pair[1]['median']:.2f}")
+            pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_trades", "trades")]
+            if all(pair):
+                print(f"  {arch} {variant}: twins_trades/trades = "
+                      f"{pair[0]['median'] / pair[1]['median']:.2f}")
+            if variant != "fused":
+                for method in args.methods:
+                    this = summaries.get((arch, "tf", method, variant))
+                    ref = summaries.get((arch, "tf", method, "fused"))
+                    if this and ref:
+                        print(f"  {arch} {method}: {variant}/fused = "
+                              f"{this['median'] / ref['median']:.2f} wall, "
+                              f"{this['cpu'] / ref['cpu']:.2f} CPU")
+    versions = sorted({s["version"] for s in summaries.values() if s})
+    print(f"versions: {', '.join(versions)}")
+
+
+if __name__ == "__main__":
+    main()
