@@ -157,6 +157,10 @@ def test_autoattack_checks_zero_gradients_on_every_batch_inside_apgd_t(net):
     assert f"AutoAttack: {want}" in [str(w.message) for w in caught]
     # not also the once-on-the-first-batch form
     assert not any(m.startswith("4 of 4") for m in result.warnings)
+    # one batch through the attack protocol: that batch's count
+    with pytest.warns(checks.EvaluationWarning, match="AutoAttack: 8 of 8 examples the DLR "
+                      "attack ran on have a zero input gradient"):
+        attack(rounded, x, y)
 
 
 def test_dynamic_models(net):

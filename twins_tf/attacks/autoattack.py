@@ -236,7 +236,14 @@ class AutoAttack(base.Attack):
         """The protocol's call: `seed` (an int) salts the batch's draws as `run`'s batch
         index does."""
         batch_index = 0 if seed is None else base.base_seed(self, seed)[0]
-        return tf.constant(self._attack_batch(model, x, y, batch_index=batch_index)[0])
+        before = list(self._zero)
+        x_adv = self._attack_batch(model, x, y, batch_index=batch_index)[0]
+        # outside `run` (which reports the whole evaluation), warn for this batch, as the
+        # official APGD does for each batch it attacks
+        checks.warn([m for m in [checks.zero_gradient_message(
+            self._zero[0] - before[0], self._zero[1] - before[1],
+            "examples the DLR attack ran on")] if m])
+        return tf.constant(x_adv)
 
     def perturb(self, model, x, y, *, batch_index=0):
         """Deprecated: `aa.perturb(model, x, y)` is `aa(model, x, y)` (x_adv), or
