@@ -1,6 +1,6 @@
 """One training step of twins_tf against a plain PyTorch PGD-AT / TRADES step (issue 11).
 
-    python benchmarks/vs_pytorch.py                       # default: about 10 minutes on 2 cores
+    python benchmarks/vs_pytorch.py            # 24 processes; see "Cost" below
     python benchmarks/vs_pytorch.py --archs resnet18 --rounds 5
     python benchmarks/vs_pytorch.py --image_size 224 --batch 128 --pgd_steps 10   # spec setting
     python benchmarks/vs_pytorch.py --archs resnet18 --methods twins_at \\
@@ -45,6 +45,13 @@ the library as it is):
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
   xla       jit_compile=True for the whole step.
+Cost: a worker's time is mostly TensorFlow's trace of the step (its "first" time), which does
+not shrink with the image size.  Measured on the shared 2-core machine at load average 9-10
+(several other engineers' test suites running): 40-100 s per ResNet-18 twins_tf worker, about
+10 s per torch worker; a quiet machine should take well under half that, which puts the
+default (2 archs x 6 workers x 2 rounds) near 10-15 minutes: an estimate, not a measurement.
+For a quick look use --archs resnet18 --methods at,twins_at.
+
 `--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
 commit) for a before/after measurement of a code change; it is labelled "base".
 """
@@ -93,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pgd_steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed steps per process after one untimed step")
     parser.add_argument("--num_classes", type=int, default=10)
