@@ -13,7 +13,10 @@ noise here because nothing is broken, so every iteration does the same work.
 Fair by construction:
   * the same network: a torchvision-layout ResNet-18 with random weights and random BN
     statistics (`tests/torch_resnet.py`); the official side runs it in PyTorch, ours loads the
-    same state dict into `twins_tf.models.build_resnet` (twin BN, inference mode);
+    same state dict into `twins_tf.models.build_resnet` (twin BN, inference mode) and, by
+    default (--fold_batch_norm 1), attacks its `fold_batch_norm` view: the same function
+    with every BN folded into its convolution (up to float32 rounding), a lever the official
+    PyTorch code could pull too but does not;
   * the same images, [0, 1], labelled with the network's own predictions (all correct);
   * each framework in its own process (one after the other, never both at once), with the
     same number of threads (--threads: PyTorch `set_num_threads`, TensorFlow intra- and
@@ -55,6 +58,10 @@ def parse_args(argv=None):
     parser.add_argument("--fab_steps", type=int, default=20, help="FAB-T iterations")
     parser.add_argument("--square_queries", type=int, default=200, help="Square queries")
     parser.add_argument("--threads", type=int, default=2, help="threads of each framework")
+    parser.add_argument("--fold_batch_norm", type=int, default=1, choices=[0, 1],
+                        help="1: ours attacks twins_tf.models.fold_batch_norm(model), the same "
+                             "function with every conv + BN folded (inference-mode lever); "
+                             "0: the model as built")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -133,7 +140,7 @@ def run_twins(args):
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     from twins_tf import weights
     from twins_tf.attacks import AutoAttack
-    from twins_tf.models import build_resnet
+    from twins_tf.models import build_resnet, fold_batch_norm
 
     with np.load(os.path.join(args.workdir, "data.npz")) as data:
         x, y = data["x"], data["y"].astype(np.int32)
@@ -141,6 +148,8 @@ def run_twins(args):
     model = build_resnet("resnet18", args.num_classes, input_shape=x.shape[1:],
                          upsample=args.upsample)
     weights.load_torch_state_dict(model, state, head=True)
+    if args.fold_batch_norm:
+        model = fold_batch_norm(model)
     agree = np.mean(np.argmax(model(x, training=False), -1) == y)
     aa = AutoAttack(args.epsilon, norm=args.norm, seed=0, apgd_steps=args.apgd_steps,
                     fab_steps=args.fab_steps, square_queries=args.square_queries,
@@ -180,7 +189,9 @@ def main(argv=None):
           f"{args.num_classes} classes, {args.examples} images in one batch, {args.norm}, "
           f"epsilon {args.epsilon:g} (nothing broken: every budget spent); {args.threads} "
           f"threads per framework, {os.cpu_count()} CPU cores; "
-          f"{results['twins_tf']['version']}; {results['official']['version']}; "
+          f"{results['twins_tf']['version']}"
+          f"{' (BN folded into the convolutions)' if args.fold_batch_norm else ''}; "
+          f"{results['official']['version']}; "
           f"Keras and PyTorch predictions agree on "
           f"{results['twins_tf']['label_agreement']:.0%} of the images; load average "
           f"{load:.1f} at the end")
