@@ -300,3 +300,68 @@ def test_bad_arguments():
         TwinBatchNormalization(mode="left")
     with pytest.raises(ValueError, match="momentum"):
         TwinBatchNormalization(momentum=1.5)
+
+
+def _op_types(function, *args):
+    graph = function.get_concrete_function(*args).graph
+    types = {op.type for op in graph.get_operations()}
+    for f in graph.as_graph_def().library.function:  # gradient functions
+        types |= {n.op for n in f.node_def}
+    return types
+
+
+def test_batch_statistics_run_tensorflows_fused_kernel_forward_and_backward(rng):
+    """Issue 11: the Adaptive wing's batch statistics are one FusedBatchNormV3 with its fused
+    gradient, not Keras's composed moments + batch_normalization graph; inference stays the
+    affine map (PyTorch's eval arithmetic, a one-multiplication backward for attacks)."""
+    layer = make_layer(random_params(rng))
+    x = tf.constant(rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32))
+
+    @tf.function
+    def train(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    @tf.function
+    def infer(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(layer(x, training=False)))
+        return tape.gradient(loss, x)
+
+    types = _op_types(train, x)
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= types, sorted(types)
+    assert not {"Mean", "SquaredDifference", "RsqrtGrad"} & types, sorted(types)
+    types = _op_types(infer, x)
+    assert not {"FusedBatchNormV3", "FusedBatchNormGradV3", "Mean"} & types, sorted(types)
+
+
+@pytest.mark.parametrize("shape", [(6, CHANNELS), (4, 7, CHANNELS), (4, 2, 3, 2, CHANNELS)])
+def test_other_ranks_match_numpy(rng, shape):
+    """Dense (rank 2), sequence (rank 3) and volume (rank 5) inputs go through the fused
+    kernel reshaped to rank 4; the numbers must not change."""
+    p = random_params(rng)
+    layer = make_layer(p, input_shape=(None,) + shape[1:])
+    x = rng.normal(size=shape).astype(np.float32)
+    y = layer(x, training=True)
+    want, want_mean, want_var = np_twin_train(x, p)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
+    want_infer = np_bn(x, want_mean, want_var, p["gamma"], p["beta"])
+    np.testing.assert_allclose(layer(x, training=False), want_infer, rtol=1e-4, atol=1e-5)
+
+
+def test_one_element_per_channel_feeds_a_zero_variance_to_the_ema(rng):
+    """A Dense-like batch of 2 leaves the Adaptive wing one element per channel: the fused
+    kernel's n/(n-1) would be infinite; the EMA gets 0, as n/max(n-1, 1) gives."""
+    p = random_params(rng)
+    layer = make_layer(p, input_shape=(None, CHANNELS))
+    x = rng.normal(size=(2, CHANNELS)).astype(np.float32)
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_variance, MOMENTUM * p["moving_variance"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_mean,
+                               MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * x[1], rtol=1e-5)

@@ -18,6 +18,7 @@ identical (plain Keras BN keeps per-replica values that drift apart).  `synchron
 additionally computes the Adaptive wing's batch statistics over all replicas' halves.
 """
 import keras
+import tensorflow as tf
 from keras import ops
 
 TWIN = "twin"
@@ -119,6 +120,53 @@ class TwinBatchNormalization(keras.layers.Layer):
         self.frozen_variance = weight("frozen_variance", self.moving_variance_initializer, False)
 
     # --- the two wings -------------------------------------------------------------------
+    # Batch statistics (the Adaptive wing in training) run TensorFlow's FusedBatchNormV3 op,
+    # and FusedBatchNormGradV3 in the backward pass, where the layout allows it, instead of
+    # the elementwise graph of Keras 3's `ops.moments` + `ops.batch_normalization`: the fused
+    # kernels read the activations once or twice instead of five to eight times, and the
+    # fused gradient replaces the chain rule through mean and variance.  The raw op is called
+    # because `tf.nn.fused_batch_norm` raises epsilon to at least 1.001e-5 (a cuDNN limit),
+    # which would move us off PyTorch's 1e-5.  It returns the *unbiased* batch variance
+    # (pinned in tests/test_layers.py), what the EMA needs, and normalises with the biased
+    # one, as PyTorch does.  Layouts the op cannot take (a channel axis that is not the
+    # last, a synchronized batch statistic) keep the composed ops, with the same numerics.
+    #
+    # Population statistics (inference, and the Frozen wing) stay the per-channel affine map
+    # `x * a + b`, `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`
+    # (`ops.batch_normalization`), not the fused op in inference mode, on purpose: it is
+    # PyTorch's own eval-mode arithmetic, so the attack's input gradients keep their signs
+    # where they are close to zero (the fused op rounds differently and flipped 8 of 49152
+    # PGD pixel steps in tests/test_trainer.py's ResNet-18 parity test), and its backward is
+    # one multiplication, where FusedBatchNormGradV3 would also reduce for the gamma and beta
+    # gradients an attack never uses.
+    def _fusable(self, x):
+        return self._channel_axis == len(x.shape) - 1 and len(x.shape) >= 2
+
+    def _as_nhwc(self, x):
+        """x with the channel axis last, as rank 4 (N, 1, spatial, C) for the fused op."""
+        if len(x.shape) == 4:
+            return x
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
+
+    def _fused(self, x, gamma, beta):
+        """(y, batch mean, unbiased batch variance) of a batch-statistics normalisation."""
+        empty = tf.zeros([0], tf.float32)
+        y, batch_mean, batch_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=self._as_nhwc(x),
+            scale=gamma,
+            offset=beta,
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        if len(x.shape) != 4:
+            y = tf.reshape(y, tf.shape(x))
+        return y, batch_mean, batch_variance
+
     def _normalize(self, x, mean, variance, gamma, beta):
         return ops.batch_normalization(
             x, mean, variance, axis=self._channel_axis, offset=beta, scale=gamma,
@@ -135,15 +183,21 @@ class TwinBatchNormalization(keras.layers.Layer):
             return self._normalize(
                 x, self.moving_mean, self.moving_variance, self.gamma, self.beta
             )
-        mean, variance = ops.moments(
-            x, axes=self._reduction_axes, synchronized=self.synchronized
-        )
-        count = ops.cast(self._elements_per_channel(x), "float32")
-        unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+        if self._fusable(x) and not self.synchronized:
+            # With one element per channel the kernel returns a zero variance, as the
+            # composed path's n / max(n - 1, 1) does (pinned in tests/test_layers.py).
+            y, mean, unbiased = self._fused(x, self.gamma, self.beta)
+        else:
+            mean, variance = ops.moments(
+                x, axes=self._reduction_axes, synchronized=self.synchronized
+            )
+            count = ops.cast(self._elements_per_channel(x), "float32")
+            unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+            y = self._normalize(x, mean, variance, self.gamma, self.beta)
         m = self.momentum
         self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
         self.moving_variance.assign(self.moving_variance * m + unbiased * (1.0 - m))
-        return self._normalize(x, mean, variance, self.gamma, self.beta)
+        return y
 
     def _elements_per_channel(self, x):
         shape = ops.shape(x)
@@ -151,8 +205,6 @@ class TwinBatchNormalization(keras.layers.Layer):
         for a in self._reduction_axes:
             count = count * shape[a]
         if self.synchronized:
-            import tensorflow as tf
-
             count = count * tf.distribute.get_replica_context().num_replicas_in_sync
         return count
 
@@ -181,8 +233,6 @@ class TwinBatchNormalization(keras.layers.Layer):
                 raise ValueError(self._odd_batch_message(static_batch))
             half = static_batch // 2
         else:
-            import tensorflow as tf
-
             batch = tf.shape(x)[0]
             # Effective in graph mode; XLA drops Assert ops, which is why the trainer also
             # checks the per-replica batch size before training starts.
@@ -193,12 +243,9 @@ class TwinBatchNormalization(keras.layers.Layer):
         return x[:half], x[half:]
 
     def _odd_batch_message(self, batch):
-        return (
-            f"TwinBatchNormalization layer '{self.name}' got a training batch of size {batch}: "
-            "a twin layer sends the first half of each (per-replica) batch through the Frozen "
-            "wing and the second half through the Adaptive wing, so the batch must be even. "
-            "Use an even batch size per replica (and drop_remainder=True in tf.data)."
-        )
+        from twins_tf.methods import odd_batch_message  # the one text, shared with the trainer
+
+        return odd_batch_message(batch, layer=self.name)
 
     def compute_output_shape(self, input_shape):
         return input_shape
