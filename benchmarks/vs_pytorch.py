@@ -45,12 +45,12 @@ the library as it is):
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
   xla       jit_compile=True for the whole step.
-Cost: a worker's time is mostly TensorFlow's trace of the step (its "first" time), which does
-not shrink with the image size.  Measured on the shared 2-core machine at load average 9-10
-(several other engineers' test suites running): 40-100 s per ResNet-18 twins_tf worker, about
-10 s per torch worker; a quiet machine should take well under half that, which puts the
-default (2 archs x 6 workers x 2 rounds) near 10-15 minutes: an estimate, not a measurement.
-For a quick look use --archs resnet18 --methods at,twins_at.
+Cost: a worker's time is mostly process start-up and TensorFlow's trace of the step (its
+"first" time), which does not shrink with the image size.  Measured on the shared 2-core
+machine: `--rounds 1` (12 workers) took 7.3 minutes at load average 4-5, so the default two
+rounds take about 15 minutes there; at load 9-10 a ResNet-18 twins_tf worker alone took
+40-100 s.  On a quiet machine the default should stay well under 15 minutes (an estimate, not
+measured).  For a quick look: --archs resnet18 --methods at,twins_at.
 
 `--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
 commit) for a before/after measurement of a code change; it is labelled "base".
