@@ -95,3 +95,16 @@ def test_config_without_the_model_keys(tmp_path):
     with pytest.raises(ValueError, match="config.json lacks num_classes, image_size, upsample; "
                        "was it written by twins_tf.train"):
         twins_tf.load_run(tmp_path)
+
+
+def test_weights_of_the_other_bn_kind_are_refused(tmp_path_factory, tmp_path):
+    """load_pretrained converts plain <-> twin for fine-tuning; a run's model must not be
+    converted, or export ships another network (same arch and head, other BN) without a word."""
+    model_dir = finetune_run(tmp_path_factory)  # a twin run
+    twin_model, _ = _keras_loaded(model_dir, run_config.BEST_WEIGHTS)
+    plain_file = tmp_path / "plain.weights.h5"
+    twins_tf.untwin(twin_model).save_weights(plain_file)
+    with pytest.raises(ValueError, match="holds plain-BN weights but the run in .* trained a "
+                       "twin-BN network") as error:
+        twins_tf.load_run(model_dir, weights=plain_file)
+    assert "\n" not in str(error.value)

@@ -7,11 +7,15 @@ import importlib
 
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.twinify import twinify, untwin
-from twins_tf import models, trainer  # noqa: F401,E402  registers their Keras serialisables: `import twins_tf` is all keras.models.load_model needs
+# Registers every Keras serialisable (layers, models, trainer, attacks): `import twins_tf` is
+# all keras.models.load_model needs, whichever attack a saved trainer holds.
+from twins_tf import models, trainer  # noqa: F401,E402
+from twins_tf.attacks import apgd, autoattack, fab, pgd, square  # noqa: F401,E402
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("attacks", "data", "methods", "models", "trainer", "weights")
+_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "methods", "models", "runs", "trainer",
+                    "training", "weights")
 
 
 def __getattr__(name):
@@ -24,4 +28,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")
 
 
-__all__ = ["TwinBatchNormalization", "twinify", "untwin", "AdversarialTrainer", *_LAZY_SUBMODULES]
+__all__ = ["TwinBatchNormalization", "twinify", "untwin", "AdversarialTrainer", "load_run",
+           *_LAZY_SUBMODULES]

@@ -201,15 +201,14 @@ def float32_compute(model):
     with a `DTypePolicyMap` it edits the shared map (for every layer at that path) and it
     re-runs the quantization hooks, so it is not undone by setting the old value back.
 
-    Relies on (checked against keras 3.15.1 / TF 2.21.0): `Layer._flatten_layers(
-    include_self=False)` lists every nested layer (sub-models included) once;
-    `Layer._dtype_policy` is the attribute `Layer.compute_dtype` (and so `Layer.__call__`'s
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): `flatten_layers` below (pinned in
+    tests/test_keras_private_trainer.py); `Layer._dtype_policy` is the attribute `Layer.compute_dtype` (and so `Layer.__call__`'s
     input casting and `Layer.add_weight`'s autocast) reads; assigning it changes nothing
     else.  Quantized layers keep their policy (their kernels need it).
     """
     import keras
 
-    layers = [model, *model._flatten_layers(include_self=False)]
+    layers = [model, *flatten_layers(model)]
     saved = [(layer, layer._dtype_policy) for layer in layers]
     try:
         for layer, policy in saved:

@@ -21,6 +21,8 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from twins_tf import keras_private
+
 TWIN = "twin"
 FROZEN = "frozen"
 ADAPTIVE = "adaptive"
@@ -283,4 +285,4 @@ def set_twin_mode(model, mode):
 
 def twin_layers(model):
     """All TwinBatchNormalization layers of a (possibly nested) Keras model."""
-    return [l for l in model._flatten_layers(include_self=False) if isinstance(l, TwinBatchNormalization)]
+    return [layer for layer in keras_private.flatten_layers(model) if isinstance(layer, TwinBatchNormalization)]

@@ -64,9 +64,18 @@ def keras_fixes_for(strategy):
     return contextlib.nullcontext()
 
 
+_INSTALLED_FOR_GOOD = []  # the one fixes context fix_keras_for entered, never left
+
+
 def fix_keras_for(strategy):
-    """Deprecated: installs the fixes for good; use `with keras_fixes_for(strategy):`."""
+    """Deprecated: installs the fixes for good; use `with keras_fixes_for(strategy):`.
+
+    Idempotent, as it was: a second call does not wrap Keras's functions again."""
+    if not in_multi_worker_mode(strategy) or _INSTALLED_FOR_GOOD:
+        return
     warnings.warn("multi_worker.fix_keras_for patches Keras for the rest of the process; use "
                   "`with multi_worker.keras_fixes_for(strategy):` around fit.",
                   DeprecationWarning, stacklevel=2)
-    keras_fixes_for(strategy).__enter__()
+    fixes = keras_private.multi_worker_trainer_fixes()
+    fixes.__enter__()
+    _INSTALLED_FOR_GOOD.append(fixes)

@@ -7,11 +7,11 @@ place that turns such a directory back into a Keras model, for library users and
 """
 import os
 
-from twins_tf import run_config
+from twins_tf.training import model_dir as run_files
 
 # What a run's config.json must hold to rebuild its network.
 MODEL_KEYS = ("arch", "num_classes", "image_size", "upsample", "twin")
-_NAMED_WEIGHTS = {"best": run_config.BEST_WEIGHTS, "last": run_config.LAST_WEIGHTS}
+_NAMED_WEIGHTS = {"best": run_files.BEST_WEIGHTS, "last": run_files.LAST_WEIGHTS}
 
 
 def run_weights_path(model_dir, weights="best"):
@@ -30,15 +30,15 @@ def read_run_config(model_dir):
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{model_dir} holds no {run_config.CONFIG_FILE} (no such "
+        raise FileNotFoundError(f"{model_dir} holds no {run_files.CONFIG_FILE} (no such "
                                 "directory): pass the --model_dir of a train or pretrain run.")
-    if not os.path.isfile(os.path.join(model_dir, run_config.CONFIG_FILE)):
-        raise FileNotFoundError(f"{model_dir} holds no {run_config.CONFIG_FILE}: pass the "
+    if not os.path.isfile(os.path.join(model_dir, run_files.CONFIG_FILE)):
+        raise FileNotFoundError(f"{model_dir} holds no {run_files.CONFIG_FILE}: pass the "
                                 "--model_dir of a train or pretrain run.")
-    config = run_config.read_config(model_dir)  # SetupError (a ValueError): unreadable JSON
+    config = run_files.read_config(model_dir)  # SetupError (a ValueError): unreadable JSON
     missing = [k for k in MODEL_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{os.path.join(model_dir, run_config.CONFIG_FILE)} lacks "
+        raise ValueError(f"{os.path.join(model_dir, run_files.CONFIG_FILE)} lacks "
                          f"{', '.join(missing)}; was it written by twins_tf.train?")
     return config
 
@@ -79,11 +79,17 @@ def load_run(model_dir, weights="best"):
     size, twin = int(config["image_size"]), bool(config["twin"])
     model = build_resnet(config["arch"], int(config["num_classes"]), twin=twin,
                          input_shape=(size, size, 3), upsample=int(config["upsample"]))
+    kind = "twin" if twin else "plain"
     try:
-        weights_lib.load_pretrained(model, path, head=True)
+        loaded = weights_lib.load_pretrained(model, path, head=True)
     except weights_lib.CheckpointError as error:
         raise ValueError(f"{path} does not fit the run's {config['arch']} "
-                         f"({'twin' if twin else 'plain'} BN, {config['num_classes']} classes): "
-                         f"{error}") from None
+                         f"({kind} BN, {config['num_classes']} classes): {error}") from None
+    # load_pretrained converts between plain and twin BN (for fine-tuning); a run's weights
+    # must be the network the run trained, or export would ship another one without a word.
+    if loaded["source_twin"] != twin:
+        raise ValueError(f"{path} holds {'twin' if loaded['source_twin'] else 'plain'}-BN "
+                         f"weights but the run in {model_dir} trained a {kind}-BN network: "
+                         "pass a weights file of this run (best, last or one it wrote).")
     run_callbacks.check_finite_weights(model, path)
     return model

@@ -40,7 +40,9 @@ before anything is trained or written.
 This file defines flags and calls the library: the run is `twins_tf.training` (settings,
 model building, trainer, run loop); `twins_tf.train.run(settings)` and the other names this
 module had (`prepare`, `fit`, `build_model`, `make_trainer`, `learning_rate_schedule`, ...)
-are that package's, re-exported.
+are that package's, re-exported.  They take a run's complete settings (a `Settings`, or the
+dict of a whole run, checked as one); `pipelines(prepared, start_epoch)` is gone: it is
+`twins_tf.training.pipelines(settings, spec, splits, start_epoch)`.
 """
 import sys
 
