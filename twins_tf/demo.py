@@ -101,13 +101,6 @@ def _command(binary, args):
     return f"$ python -m twins_tf.{binary} " + " ".join(args)
 
 
-def _parse(define, binary, args):
-    flag_values = flags.FlagValues()
-    define(flag_values)
-    flag_values([binary, *args])
-    return flag_values
-
-
 def run_training(binary, args, log):
     """Runs `python -m twins_tf.<binary> <args>` (train or pretrain) in this process."""
     from twins_tf.training import loop
@@ -116,28 +109,26 @@ def run_training(binary, args, log):
     return loop.run(settings_from_args(binary, args), verbose=2)
 
 
-def export_and_check(model_dir, output_dir, evaluation, log):
+def export_and_check(model_dir, output_dir, evaluation_report, log):
     """Exports a run as a SavedModel, reloads it and checks its clean test accuracy.
 
     Returns:
-      The SavedModel's accuracy on the examples `evaluation` (an `evaluate` report of the
+      The SavedModel's accuracy on the examples `evaluation_report` (an `evaluate` report of the
       run) was computed on, which must equal the clean accuracy `evaluate` measured on the
       Keras model.
     """
     import numpy as np
     import tensorflow as tf
 
-    from twins_tf import evaluate, export
+    from twins_tf import evaluation, serving
 
     log(f"$ python -m twins_tf.export --model_dir={model_dir} --output={output_dir}")
     if not tf.io.gfile.exists(os.path.join(output_dir, "saved_model.pb")):
-        export.export_run(model_dir, output_dir)
+        serving.export_run(model_dir, output_dir)
     served = tf.saved_model.load(output_dir).signatures["serving_default"]
-    args = [f"--model_dir={model_dir}", f"--split={evaluation['split']}",
-            f"--max_examples={evaluation['examples']}"]
-    settings = evaluate.resolve(evaluate.settings_from_flags(
-        _parse(evaluate.define_flags, "evaluate", args)))
-    batches, _ = evaluate.load_examples(settings)
+    settings = evaluation.resolve({"model_dir": model_dir, "split": evaluation_report["split"],
+                                   "max_examples": evaluation_report["examples"]})
+    batches, _ = evaluation.load_examples(settings)
     correct = total = 0
     for images, labels in batches:
         predictions = np.argmax(served(images=images)["logits"].numpy(), axis=-1)
@@ -145,7 +136,8 @@ def export_and_check(model_dir, output_dir, evaluation, log):
         total += int(labels.shape[0])
     accuracy = correct / total
     log(f"SavedModel {output_dir} reloaded: clean test accuracy {100 * accuracy:.2f}% "
-        f"(evaluate on the Keras model: {100 * evaluation['results']['clean']['accuracy']:.2f}%)")
+        f"(evaluate on the Keras model: "
+        f"{100 * evaluation_report['results']['clean']['accuracy']:.2f}%)")
     return accuracy
 
 

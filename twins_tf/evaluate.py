@@ -40,7 +40,7 @@ from twins_tf.evaluation import (AUTOATTACK, CLEAN, DEFAULTS, REPORT_PREFIX,  # 
                                  SPLITS, autoattack_state_path, evaluate, evaluate_batched,
                                  format_table, load_examples, load_model, model_checks,
                                  parse_attacks, report_path, resolve, run_autoattack)
-from twins_tf.run_config import SetupError
+from twins_tf.training.settings import SetupError
 from twins_tf.training.flags import define_data_flags, define_fraction
 
 # The names above are the library's (twins_tf.evaluation); they stay importable from here for

@@ -8,8 +8,8 @@ after minutes of data loading.
 import os
 import re
 
-from twins_tf import run_config
-from twins_tf.run_config import SetupError
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import SetupError
 
 SPLITS = ("test", "validation")
 CLEAN = "clean"
@@ -91,8 +91,8 @@ def resolve(settings):
     s = {**DEFAULTS, **settings}
     config = {}
     if s.get("model_dir"):
-        config = run_config.read_config(s["model_dir"])
-        s["weights"] = s.get("weights") or os.path.join(s["model_dir"], run_config.BEST_WEIGHTS)
+        config = run_files.read_config(s["model_dir"])
+        s["weights"] = s.get("weights") or os.path.join(s["model_dir"], run_files.BEST_WEIGHTS)
         for key in _FROM_THE_RUN:
             if s.get(key) is None:
                 s[key] = config.get(key)
@@ -102,7 +102,7 @@ def resolve(settings):
             if (settings.get(key) is None and s.get(key) is not None
                     and not _path_exists(s[key])):
                 raise SetupError(f"{key}={s[key]} (from the run's "
-                                 f"{os.path.join(s['model_dir'], run_config.CONFIG_FILE)}) "
+                                 f"{os.path.join(s['model_dir'], run_files.CONFIG_FILE)}) "
                                  f"does not exist: pass --{key}= to say where the data is now.")
         if s["split"] == "validation" and config.get("validation") == "none":
             raise SetupError("the run trained on the whole train split (--validation=none), so "

@@ -5,7 +5,7 @@ users' scripts), so it is built in one place and `format_table` reads only what 
 """
 import os
 
-from twins_tf import run_config
+from twins_tf.training import model_dir as run_files
 from twins_tf.evaluation.inputs import AUTOATTACK
 
 
@@ -38,7 +38,7 @@ def build_report(settings, examples, checks, results):
 def write_report(path, report):
     """Writes `report` as JSON to `path` (valid JSON: NaN accuracies become null)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    run_config.write_json(path, report)
+    run_files.write_json(path, report)
 
 
 def format_table(report):
