@@ -64,6 +64,8 @@ import subprocess
 import sys
 import time
 
+from train_step import _csv  # the comma-list flag type, shared (benchmarks/ is on sys.path)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,17 +76,6 @@ TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "xla", "base")
 EPSILON, STEP_SIZE = 8 / 255, 2 / 255
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, BETA = 0.003, 0.9, 1e-5, 6.0
 RESULT_PREFIX = "@@vs_pytorch@@ "
-
-
-def _csv(choices):
-    def parse(text):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"got {text!r}; choose from {', '.join(choices)}")
-        return items
-
-    return parse
 
 
 def parse_args(argv=None):
