@@ -13,10 +13,10 @@ noise here because nothing is broken, so every iteration does the same work.
 Fair by construction:
   * the same network: a torchvision-layout ResNet-18 with random weights and random BN
     statistics (`tests/torch_resnet.py`); the official side runs it in PyTorch, ours loads the
-    same state dict into `twins_tf.models.build_resnet` (twin BN, inference mode) and, by
-    default (--fold_batch_norm 1), attacks its `fold_batch_norm` view: the same function
-    with every BN folded into its convolution (up to float32 rounding), a lever the official
-    PyTorch code could pull too but does not;
+    same state dict into `twins_tf.models.build_resnet` (twin BN, inference mode) and attacks
+    it as `evaluate` does (with --fold_batch_norm 1, its `fold_batch_norm` view instead: the
+    same function with every BN folded into its convolution, up to float32 rounding; not the
+    default, because `evaluate` does not fold and the default must measure the product);
   * the same images, [0, 1], labelled with the network's own predictions (all correct);
   * each framework in its own process (one after the other, never both at once), with the
     same number of threads (--threads: PyTorch `set_num_threads`, TensorFlow intra- and
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--fab_steps", type=int, default=20, help="FAB-T iterations")
     parser.add_argument("--square_queries", type=int, default=200, help="Square queries")
     parser.add_argument("--threads", type=int, default=2, help="threads of each framework")
-    parser.add_argument("--fold_batch_norm", type=int, default=1, choices=[0, 1],
+    parser.add_argument("--fold_batch_norm", type=int, default=0, choices=[0, 1],
                         help="1: ours attacks twins_tf.models.fold_batch_norm(model), the same "
                              "function with every conv + BN folded (inference-mode lever); "
                              "0: the model as built")

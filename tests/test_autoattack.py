@@ -262,6 +262,11 @@ def test_the_old_spellings_warn_and_give_the_same_examples(name):
                       "removed"):
         old = cls(bed.keras_model, tb.epsilon("linf"))
     assert old.get_config() == new.get_config()
+    with pytest.warns(DeprecationWarning):  # the old signature took epsilon by keyword too
+        assert cls(bed.keras_model, epsilon=tb.epsilon("linf")).get_config() == new.get_config()
+    assert cls(epsilon=tb.epsilon("linf")).get_config() == new.get_config()
+    with pytest.raises(TypeError, match="takes epsilon, once"):
+        cls(tb.epsilon("linf"), epsilon=tb.epsilon("linf"))
     with pytest.warns(DeprecationWarning, match=f"{name}.perturb\\(x, y\\) will be removed"):
         old_x = old.perturb(x, y, seed=3).numpy()
     np.testing.assert_array_equal(old_x, new(bed.keras_model, x, y, seed=3).numpy())

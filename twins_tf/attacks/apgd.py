@@ -129,10 +129,10 @@ class APGD(base.Attack):
     config_keys = ("epsilon", "norm", "loss", "targeted", "steps", "restarts",
                    "n_target_classes", "rho", "eot_iter", "seed")
 
-    def __init__(self, epsilon, *legacy, norm="linf", loss="ce", targeted=False, steps=100,
+    def __init__(self, *args, epsilon=None, norm="linf", loss="ce", targeted=False, steps=100,
                  restarts=1, n_target_classes=9, rho=0.75, eot_iter=1, seed=0):
         who = self.who
-        epsilon = self._legacy(epsilon, legacy)
+        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         if loss not in LOSSES:

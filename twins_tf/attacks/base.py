@@ -15,7 +15,8 @@ attack here (PGD, APGD, FAB, Square, AutoAttack):
   * checks its input first, each problem a one-line ValueError that says how to fix it
     (`_lp.check_epsilon`, `_lp.check_images_and_labels`).
 `seed`: an int, or a shape-(2,) int tensor (a stateless-RNG seed, which is what a compiled
-train step has); the random draws of the call then derive from it alone.
+train step has); the random draws of the call then derive from it alone (without one, see
+`base_seed`).
 
 The spellings before this protocol still work for one release, with a DeprecationWarning:
 `APGD(model, eps, ...)` / `FAB(model, ...)` / `Square(model, ...)` with `.perturb(x, y)`,
@@ -86,19 +87,25 @@ class Attack:
         return cls(**config)
 
     # --- the deprecated spellings -----------------------------------------------------------
-    def _legacy(self, first, rest):
-        """`first` (epsilon, or the model of the old `Cls(model, epsilon, ...)`) -> epsilon."""
+    def _legacy(self, args, epsilon):
+        """Epsilon from the constructor's positional `args` and keyword `epsilon`: the
+        protocol's `Cls(epsilon, ...)` / `Cls(epsilon=...)`, or (deprecated) the old
+        `Cls(model, epsilon, ...)` / `Cls(model, epsilon=...)`, whose model `perturb` uses."""
         self._bound_model = self.model = None
-        if isinstance(first, numbers.Real) and not isinstance(first, bool) and not rest:
+        first, rest = (args[0], args[1:]) if args else (None, ())
+        if not args and epsilon is not None:
+            return epsilon
+        if len(args) == 1 and epsilon is None and not callable(first):
             return first
-        if len(rest) == 1 and callable(first):
+        if callable(first) and len(rest) + (epsilon is not None) == 1:
             warnings.warn(f"{self.who}(model, epsilon, ...) {DEPRECATION}: build "
                           f"{self.who}(epsilon, ...) and call attack(model, x, y).",
                           DeprecationWarning, stacklevel=3)
             self._bound_model = first
-            return rest[0]
-        raise TypeError(f"{self.who} takes epsilon as its only positional argument (in [0, 1] "
-                        f"pixel units, e.g. 8/255), got {len(rest) + 1} positional arguments.")
+            return rest[0] if rest else epsilon
+        raise TypeError(f"{self.who} takes epsilon, once, as its only positional argument or "
+                        f"as epsilon= (in [0, 1] pixel units, e.g. 8/255), got {len(args)} "
+                        f"positional argument(s){' and epsilon=' if epsilon is not None else ''}.")
 
     def perturb(self, x, y, *, seed=None):
         """Deprecated: `Cls(model, eps).perturb(x, y)` is now `Cls(eps)(model, x, y)`."""
@@ -114,7 +121,9 @@ def base_seed(attack, seed):
     """(seed, counter) salts for `_lp.run_seed`: from `seed` alone, or the attack's own.
 
     Without a seed every call draws anew (the attack's seed and a call counter), so two
-    calls differ but a fresh attack object repeats a run.
+    calls differ but a fresh attack object repeats a run.  AutoAttack does not use this for a
+    seedless call: like the official code (and its `run`, batch by batch), it draws from its
+    own seed and the batch index, which is 0 for a single call, so repeated calls repeat.
     """
     if seed is None:
         attack._calls = getattr(attack, "_calls", 0) + 1

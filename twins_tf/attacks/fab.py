@@ -120,10 +120,10 @@ class FAB(base.Attack):
     config_keys = ("epsilon", "norm", "targeted", "steps", "restarts", "n_target_classes",
                    "alpha_max", "eta", "beta", "seed")
 
-    def __init__(self, epsilon, *legacy, norm="linf", targeted=True, steps=100, restarts=1,
+    def __init__(self, *args, epsilon=None, norm="linf", targeted=True, steps=100, restarts=1,
                  n_target_classes=9, alpha_max=0.1, eta=1.05, beta=0.9, seed=0):
         who = self.who
-        epsilon = self._legacy(epsilon, legacy)
+        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.targeted = bool(targeted)

@@ -125,10 +125,10 @@ class Square(base.Attack):
     config_keys = ("epsilon", "norm", "n_queries", "p_init", "restarts", "rescale_schedule",
                    "seed")
 
-    def __init__(self, epsilon, *legacy, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
+    def __init__(self, *args, epsilon=None, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
                  rescale_schedule=False, seed=0):
         who = self.who
-        epsilon = self._legacy(epsilon, legacy)
+        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.n_queries = _lp.check_positive_int(n_queries, "n_queries", who)
