@@ -10,7 +10,6 @@ files you trust, since unpickling runs code), loads every tensor into
 twin or plain models with a fresh head.  The work is `twins_tf.weights.convert_checkpoint`;
 this binary parses flags and prints what it read.
 """
-import os
 import sys
 
 from absl import app, flags
@@ -65,7 +64,6 @@ def _rounded(values):
 
 def main(argv):
     del argv
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from twins_tf import weights
 
     try:
