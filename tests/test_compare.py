@@ -5,6 +5,7 @@ printed table (not scipy, which the code under test uses); the grid against the 
 config.json and an evaluation the test runs itself through `evaluate`.
 """
 import base64
+import dataclasses
 import json
 import re
 import statistics
@@ -12,7 +13,8 @@ import statistics
 import numpy as np
 import pytest
 
-from binaries_testlib import FINETUNE_ARGS, evaluate_settings, run_binary, settings, source_run
+from binaries_testlib import (FINETUNE_ARGS, TINY, evaluate_settings, run_binary, settings,
+                              source_run)
 from twins_tf import comparison, evaluate, run_config
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
@@ -56,7 +58,8 @@ def _fake(method, seed, clean, pgd, epochs=3):
     evaluation = {"results": {"clean": {"accuracy": clean}, "pgd10": {"accuracy": pgd}},
                   "epsilon": 8 / 255, "examples": 100, "split": "test"}
     config = {"arch": "resnet18", "dataset": "digits_5_9", "pretrained": "/src.weights.h5",
-              "method": method, "seed": seed, "model_dir": f"/runs/{method}_{seed}", "lr": 0.01}
+              "method": method, "seed": seed, "model_dir": f"/runs/{method}_{seed}", "lr": 0.01,
+              "twin": method.startswith("twins")}
     return comparison.RunResult(method, seed, f"/runs/{method}_{seed}", config, metrics,
                                 evaluation)
 
@@ -149,3 +152,120 @@ def test_binary_needs_an_output_dir():
     result = run_binary("compare", ["--dataset=digits_5_9"])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("compare: error: --output_dir is")
+
+
+# --- variants and interpolation rows ---------------------------------------------------------
+def _base(tmp_path, *extra):
+    return settings("train", ["--dataset=digits_5_9", *TINY, "--epochs=1",
+                              f"--pretrained={tmp_path / 'src.weights.h5'}", *extra])
+
+
+def test_a_variant_is_named_by_its_canonical_spelling():
+    plain = comparison.parse_variant("at")
+    assert (plain.name, plain.dir_name, plain.overrides) == ("at", "at", ())
+    variant = comparison.parse_variant("twins_at+lambda_twins=0.5+beta=3")
+    assert variant == comparison.parse_variant("twins_at+beta=3+lambda_twins=0.5")
+    assert variant.name == "twins_at+beta=3+lambda_twins=0.5"
+    assert variant.dir_name == "twins_at+beta-3+lambda_twins-0.5"
+    fraction = comparison.parse_variant("at+attack_eps=8/255")
+    assert re.fullmatch(r"at\+attack_eps-8_255-[0-9a-f]{8}", fraction.dir_name)
+    assert fraction.dir_name != comparison.parse_variant("at+attack_eps=8_255").dir_name
+    assert comparison.run_dir("/out", plain, 2) == "/out/runs/at_seed2"
+    assert comparison.run_dir("/out", variant, 0) == "/out/runs/twins_at+beta-3+lambda_twins-0.5_seed0"
+
+
+def test_a_variant_takes_values_as_the_train_flags_parse_them(tmp_path):
+    base = _base(tmp_path)
+    variant = comparison.parse_variant("at+attack_eps=4/255+lr_decay_epochs=3:5+epochs=2")
+    values = comparison.variant_settings(variant, base, model_dir=str(tmp_path / "r"), seed=3)
+    # The reference: the same run spelt as train flags.
+    expected = settings("train", ["--dataset=digits_5_9", *TINY, "--epochs=2",
+                                  f"--pretrained={tmp_path / 'src.weights.h5'}", "--method=at",
+                                  "--attack_eps=4/255", "--lr_decay_epochs=3,5", "--seed=3",
+                                  f"--model_dir={tmp_path / 'r'}"])
+    assert values == expected
+    assert values["attack_eps"] == pytest.approx(4 / 255)
+
+
+@pytest.mark.parametrize("spelling, message", [
+    ("at+nonsense=3", "'nonsense' is no variant key; KEY is a train flag: "),
+    ("at+seed=3", "'seed' is no variant key (compare sets it per run)"),
+    ("at+epochs", "'epochs' is not KEY=VALUE"),
+    ("at+epochs=2+epochs=3", "sets epochs twice"),
+    ("+epochs=2", "names no method"),
+    ("at+epochs=x", "--methods entry 'at+epochs=x': "),
+    ("at+epochs=0", "--methods entry 'at+epochs=0': --epochs must be at least 1."),
+    ("nomethod+epochs=2", "Unknown --method='nomethod'"),
+])
+def test_bad_variants_are_refused_in_one_line_before_any_work(tmp_path, spelling, message):
+    with pytest.raises(comparison.SetupError) as error:
+        comparison.compare(_base(tmp_path), methods=["at", spelling], seeds=[0], baseline="at",
+                           output_dir=tmp_path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    if "KEY is a train flag" in message:
+        assert "lambda_twins, l2sp_alpha" in str(error.value)  # the valid keys are named
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("methods, interpolate, message", [
+    (["at"], ["at+epochs=2"], "--interpolate=at+epochs=2 is not among --methods"),
+    (["at", "at+epochs=2"], ["at+epochs=2"], "that variant has init=random"),
+    (["at"], ["at"], "that variant has init=random"),
+])
+def test_interpolation_rows_need_a_variant_with_an_init_stage(tmp_path, methods, interpolate,
+                                                              message):
+    with pytest.raises(comparison.SetupError, match=re.escape(message)):
+        comparison.compare(_base(tmp_path), methods=methods, seeds=[0], baseline="at",
+                           output_dir=tmp_path, interpolate=interpolate)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_variants_of_one_spelling_are_one_row(tmp_path):
+    with pytest.raises(comparison.SetupError, match="must not repeat"):
+        comparison.compare(_base(tmp_path), methods=["at+beta=1+epochs=2", "at+epochs=2+beta=1"],
+                           seeds=[0], baseline="at+beta=1+epochs=2", output_dir=tmp_path)
+
+
+def _fake_wise(variant, seed, clean, pgd, alpha):
+    result = _fake(variant, seed, clean, pgd)
+    return dataclasses.replace(result, method=f"wise({variant})", metrics=[],
+                               interpolation={"alpha": alpha, "endpoints": ["/a/init", "/a"],
+                                              "validation": []})
+
+
+def test_report_of_variants_and_interpolation_rows(tmp_path):
+    variant = "twins_at+init=robust_linear_probe"
+    values = {"at": [(0.70, 0.40), (0.72, 0.45), (0.69, 0.41)],
+              variant: [(0.74, 0.43), (0.75, 0.44), (0.71, 0.47)],
+              f"wise({variant})": [(0.76, 0.46), (0.70, 0.42), (0.73, 0.50)]}
+    results = [_fake("at", s, *values["at"][s]) for s in range(3)]
+    results += [_fake(variant, s, *values[variant][s]) for s in range(3)]
+    results += [_fake_wise(variant, s, *values[f"wise({variant})"][s], alpha=0.25 * s)
+                for s in (2, 0, 1)]
+    summary, table = comparison.write_report(results, ["clean", "pgd10"], "at", tmp_path)
+    difference = summary["differences"][f"wise({variant})"]["pgd10"]
+    expected = _reference_interval([0.46, 0.42, 0.50], [0.40, 0.45, 0.41])
+    np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
+                               expected, rtol=1e-9)
+    assert summary["alphas"] == {f"wise({variant})": {"0": 0.0, "1": 0.25, "2": 0.5}}
+    assert f"wise({variant}): alpha chosen on validation" in table
+    assert "seed 0: 0, seed 1: 0.25, seed 2: 0.5" in table
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert f"wise({variant})" in rows and variant in rows
+    assert re.search(rf"wise\({re.escape(variant)}\) - at\s+\+2\.67 \[.*\] +\+4\.00 \[", table)
+    card = json.loads((tmp_path / "model_cards" /
+                       "wise-twins_at+init-robust_linear_probe_seed1.json").read_text())
+    assert card["interpolation"] == {"alpha": 0.25, "endpoints": ["/a/init", "/a"]}
+    assert card["row"] == f"wise({variant})" and card["clean_acc"] == pytest.approx(0.70)
+    page = (tmp_path / "report.html").read_text()
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 3
+
+
+def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
+    variant = "twins_at+init=robust_linear_probe"
+    results = [_fake("at", 0, 0.7, 0.4), _fake(variant, 0, 0.7, 0.4),
+               _fake_wise(variant, 0, 0.7, 0.4, 0.5)]
+    figure = comparison.plot_wings(results)
+    assert [axis.get_title() for axis in figure.axes] == [
+        f"{variant}: training accuracy per wing"]
+    assert comparison.plot_wings(results[:1]) is None

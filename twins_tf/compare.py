@@ -10,7 +10,15 @@ Every `train` flag applies to every run (the flagfile describes the task); `--me
 `train` accept: kill the comparison and start it again, and finished runs are reused, the
 interrupted one resumes.  The report goes to `output_dir/report/`: `report.txt` (the table),
 `report.json`, `report.html` (table and plots, self-contained), the PNGs and
-`model_cards/<run>.json`.  `--deterministic` is on by default here, so the same command on
+`model_cards/<run>.json`.
+
+A `--methods` entry may be a variant, `METHOD+KEY=VALUE...` with KEY any train flag (e.g.
+`at+init=robust_linear_probe`, `autolora+lora_rank=8`; a list value separates its items with
+`:`), whose runs live in `output_dir/runs/<spelling, = as ->_seed<seed>`.
+`--interpolate=VARIANT` (repeatable) adds the row `wise(VARIANT)`: per seed, the WiSE-FT
+interpolation between that variant's init sub-run and its final weights at the alpha best on
+validation (`twins_tf.interpolation.interpolate_runs`), evaluated like every run.
+`--deterministic` is on by default here, so the same command on
 another machine of the same kind trains the same weights.  The work is
 `twins_tf.comparison.compare`; this binary parses flags.
 """
@@ -31,8 +39,9 @@ def define_flags(flag_values):
     """Defines compare's own flags and every `train` flag on `flag_values`; returns the former."""
     module = "twins_tf.compare"
     options = dict(flag_values=flag_values, module_name=module)
-    flags.DEFINE_list("methods", ["at", "twins_at"], "Methods to compare (train's --method).",
-                      **options)
+    flags.DEFINE_list("methods", ["at", "twins_at"], "Rows to compare: train's --method, or a "
+                      "variant METHOD+KEY=VALUE... with KEY a train flag (e.g. "
+                      "at+init=robust_linear_probe).", **options)
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.", **options)
     flags.DEFINE_string("baseline", None, "Method the paired differences are against "
                         "(default: the first of --methods).", **options)
@@ -44,8 +53,19 @@ def define_flags(flag_values):
     flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch size.", **options)
     flags.DEFINE_integer("autoattack_examples", 0, "> 0: also standard AutoAttack on this many "
                          "test examples per run.", **options)
+    flags.DEFINE_multi_string("interpolate", [], "A variant of --methods with an init stage "
+                              "(+init=linear_probe or robust_linear_probe): adds the row "
+                              "wise(VARIANT), the interpolation of its init sub-run and final "
+                              "weights at the alpha best on validation. Repeatable.", **options)
+    flags.DEFINE_list("interpolate_alphas", None, "The alphas --interpolate tries (0: the init "
+                      "sub-run, 1: the fine-tuned run; default: interpolate's grid).", **options)
+    flags.DEFINE_enum("interpolate_select", "robust", ["robust", "clean"], "What the alpha of "
+                      "--interpolate maximises on validation: PGD or clean accuracy.", **options)
+    flags.DEFINE_integer("interpolate_validation_examples", None, "Validation examples the "
+                         "alpha is chosen on (default: interpolate's).", **options)
     own = ["methods", "seeds", "baseline", "output_dir", "attacks", "eval_max_examples",
-           "eval_batch_size", "autoattack_examples"]
+           "eval_batch_size", "autoattack_examples", "interpolate", "interpolate_alphas",
+           "interpolate_select", "interpolate_validation_examples"]
     define_run_flags(flag_values, TRAIN)
     flag_values.set_default("deterministic", True)
     return own
@@ -57,6 +77,21 @@ def parse_seeds(values):
         return [int(v) for v in values]
     except ValueError:
         raise SetupError(f"--seeds must be integers, got {','.join(values)}.") from None
+
+
+def interpolation_args(alphas, select, validation_examples):
+    """`interpolate_runs` keyword arguments of the `--interpolate_*` flags (SetupError for an
+    alpha that is not a number)."""
+    args = {"select": select}
+    if alphas:
+        try:
+            args["alphas"] = [float(a) for a in alphas]
+        except ValueError:
+            raise SetupError(f"--interpolate_alphas must be numbers, got "
+                             f"{','.join(alphas)}.") from None
+    if validation_examples is not None:
+        args["validation_examples"] = validation_examples
+    return args
 
 
 def main(argv):
@@ -79,7 +114,11 @@ def main(argv):
             base, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
             baseline=FLAGS.baseline or FLAGS.methods[0], output_dir=FLAGS.output_dir,
             attacks=FLAGS.attacks, max_examples=FLAGS.eval_max_examples,
-            batch_size=FLAGS.eval_batch_size, autoattack_examples=FLAGS.autoattack_examples)
+            batch_size=FLAGS.eval_batch_size, autoattack_examples=FLAGS.autoattack_examples,
+            interpolate=FLAGS.interpolate,
+            interpolation_args=interpolation_args(FLAGS.interpolate_alphas,
+                                                  FLAGS.interpolate_select,
+                                                  FLAGS.interpolate_validation_examples))
     except (SetupError, DivergenceError) as error:
         sys.exit(f"compare: error: {error}")
     print(table)

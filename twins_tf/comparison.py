@@ -19,6 +19,14 @@ each on the same test examples and reports:
   `report.html` that opens offline;
 * a model card per run (RobustBench's fields, plus method, seed, source and a settings hash).
 
+A row is a method or a *variant* of one, `METHOD+KEY=VALUE...` (`at+init=robust_linear_probe`,
+`autolora+lora_rank=8`): the method with some train settings changed, checked through `Settings`
+like the flags.  A row `wise(VARIANT)` is, per seed, the weight-space interpolation
+(`twins_tf.interpolation.interpolate_runs`, WiSE-FT) between that variant's init sub-run
+(`<run>/init`, the linear probe) and its final weights, at the alpha that is best on
+validation; it is evaluated on the same test examples as every row and paired with the
+baseline like every row.
+
 The binary is `python -m twins_tf.compare`; this module holds the logic.
 """
 import base64
@@ -28,11 +36,13 @@ import html
 import io
 import json
 import os
+import re
 
 import numpy as np
 
 from twins_tf.training import model_dir as run_files
-from twins_tf.training.settings import EXECUTION_KEYS, LOCATION_KEYS, Settings, SetupError
+from twins_tf.training.settings import (EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings,
+                                        SetupError)
 
 # Metrics of the evaluation table: report key -> label.
 CLEAN = "clean"
@@ -46,6 +56,16 @@ CONFIDENCE = 0.95
 CURVES = {"clean_acc": "train clean accuracy", "adv_acc": "train PGD accuracy",
           "val_clean_acc": "validation clean accuracy", "val_adv_acc": "validation PGD accuracy"}
 WING_CURVES = {"frozen_acc": "Frozen wing", "adaptive_acc": "Adaptive wing"}
+# Variants: METHOD+KEY=VALUE...; the train settings compare itself sets per run are no KEY.
+VARIANT_SEPARATOR = "+"
+PER_RUN_KEYS = ("method", "seed", "model_dir")
+# A list-valued KEY separates its items with this (a comma separates --methods entries).
+LIST_ITEM_SEPARATOR = ":"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
+# Interpolation rows: the init sub-run a variant's run keeps, and the evaluation file.
+INIT_SUBRUN = "init"
+RANDOM_INIT = "random"
+INTERPOLATION_FILE = "compare_interpolation.json"
 
 
 @dataclasses.dataclass
@@ -58,14 +78,149 @@ class RunResult:
     settings: dict
     metrics: list
     evaluation: dict
+    # wise(...) rows: {"alpha", "endpoints", "validation"} of the interpolation; else None.
+    interpolation: dict = None
 
     def accuracy(self, attack):
         result = self.evaluation["results"].get(attack)
         return None if result is None else result["accuracy"]
 
 
+# --- rows: methods, variants, interpolations -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A method with some train settings changed: `METHOD+KEY=VALUE...` of `--methods`.
+
+    `overrides` holds (key, value as spelled) sorted by key, so `at+b=1+a=2` and `at+a=2+b=1`
+    are one variant; a plain method has none.
+    """
+
+    method: str
+    overrides: tuple = ()
+
+    @property
+    def name(self):
+        """The canonical spelling: the table's row label."""
+        return VARIANT_SEPARATOR.join([self.method, *(f"{k}={v}" for k, v in self.overrides)])
+
+    @property
+    def dir_name(self):
+        """The spelling as a directory name: `=` becomes `-`; other characters outside
+        [A-Za-z0-9._+-] (a `/` in `attack_eps=8/255`) become `_`, and then a hash of the
+        spelling keeps two spellings apart.  A plain method is its own name (`at`), so run
+        dirs of earlier comparisons are reused."""
+        name = self.name.replace("=", "-")
+        safe = _SAFE_NAME.sub("_", name)
+        if safe != name:
+            safe += "-" + hashlib.sha256(self.name.encode()).hexdigest()[:8]
+        return safe
+
+
+def variant_keys():
+    """The KEYs a variant may set: every `train` flag but those compare sets per run."""
+    from absl import flags
+
+    from twins_tf.training.flags import define_flags
+
+    names = define_flags(flags.FlagValues(), TRAIN)
+    return [n for n in names if n not in PER_RUN_KEYS]
+
+
+def parse_variant(spelling):
+    """`METHOD[+KEY=VALUE...]` as a `Variant` (keys checked; values are checked against a
+    run's settings by `variant_settings`).
+
+    Raises:
+      SetupError: an empty part, a part without `=`, a repeated or unknown key.
+    """
+    method, *parts = spelling.strip().split(VARIANT_SEPARATOR)
+    if not method:
+        raise SetupError(f"--methods entry {spelling!r} names no method: write METHOD or "
+                         "METHOD+KEY=VALUE..., e.g. at+init=robust_linear_probe.")
+    overrides = {}
+    for part in parts:
+        key, equals, value = part.partition("=")
+        if not equals or not key:
+            raise SetupError(f"--methods entry {spelling!r}: {part!r} is not KEY=VALUE "
+                             "(e.g. at+init=robust_linear_probe).")
+        keys = variant_keys()
+        if key not in keys:
+            per_run = " (compare sets it per run)" if key in PER_RUN_KEYS else ""
+            raise SetupError(f"--methods entry {spelling!r}: {key!r} is no variant key"
+                             f"{per_run}; KEY is a train flag: {', '.join(keys)}.")
+        if key in overrides:
+            raise SetupError(f"--methods entry {spelling!r} sets {key} twice.")
+        overrides[key] = value
+    return Variant(method, tuple(sorted(overrides.items())))
+
+
+def _override_values(variant):
+    """The variant's VALUEs parsed as the train flags parse them (8/255, true, 10:20)."""
+    from absl import flags
+
+    from twins_tf.training.flags import define_flags, settings_from_flags
+
+    if not variant.overrides:
+        return {}
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, TRAIN)
+    args = []
+    for key, value in variant.overrides:
+        if isinstance(flag_values[key].parser, flags.ListParser):
+            value = value.replace(LIST_ITEM_SEPARATOR, ",")
+        args.append(f"--{key}={value}")
+    try:
+        flag_values([TRAIN, *args])
+    except flags.Error as error:
+        message = str(error).splitlines()[0]
+        raise SetupError(f"--methods entry {variant.name!r}: {message}") from None
+    parsed = settings_from_flags(flag_values, TRAIN)
+    return {key: parsed[key] for key, _ in variant.overrides}
+
+
+def variant_settings(variant, base_settings, *, model_dir, seed):
+    """The settings dict of one run of `variant`: `base_settings` with the variant's values,
+    method, seed and model_dir, checked through `Settings`.
+
+    Raises:
+      SetupError: a value the train flag refuses, or settings `Settings` refuses (prefixed
+        with the variant's spelling).
+    """
+    if isinstance(base_settings, Settings):
+        base_settings = base_settings.to_dict()
+    values = dict(base_settings, **_override_values(variant), method=variant.method, seed=seed,
+                  model_dir=model_dir)
+    try:
+        Settings.from_dict(values)
+    except SetupError as error:
+        if not variant.overrides:
+            raise
+        raise SetupError(f"--methods entry {variant.name!r}: {error}") from None
+    return values
+
+
+def wise_name(variant):
+    """The row label of the interpolation row of `variant`."""
+    return f"wise({variant.name})"
+
+
+def wise_dir_name(variant):
+    return f"wise-{variant.dir_name}"
+
+
+def row_dir_name(row):
+    """The directory name of a row label (a variant's spelling or `wise(...)`): what its
+    runs' and model cards' names start with."""
+    if row.startswith("wise(") and row.endswith(")"):
+        return wise_dir_name(parse_variant(row[len("wise("):-1]))
+    return parse_variant(row).dir_name
+
+
 def run_dir(output_dir, method, seed):
-    return os.path.join(os.path.abspath(output_dir), RUNS_DIR, f"{method}_seed{seed}")
+    """`output_dir/runs/<name>_seed<seed>`: `method` is a `Variant` (its `dir_name`) or a
+    directory name such as a plain method's."""
+    name = method.dir_name if isinstance(method, Variant) else method
+    return os.path.join(os.path.abspath(output_dir), RUNS_DIR, f"{name}_seed{seed}")
 
 
 def settings_hash(settings):
@@ -104,40 +259,119 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     return report
 
 
+def _interpolate_one(model_dir_a, model_dir_b, output_dir, interpolation_args, log,
+                     verbose):
+    """Interpolates two runs (`interpolate_runs`); reuses the stored choice while both
+    end points' weights are older than it and the request is the same.
+
+    Returns:
+      {"alpha": the chosen alpha, "validation": the per-alpha rows, "endpoints": [a, b]}.
+    """
+    from twins_tf import interpolation
+
+    path = os.path.join(output_dir, INTERPOLATION_FILE)
+    request = {"model_dir_a": model_dir_a, "model_dir_b": model_dir_b, **interpolation_args}
+    sources = [os.path.join(d, run_files.BEST_WEIGHTS) for d in (model_dir_a, model_dir_b)]
+    if os.path.isfile(path) and all(os.path.getmtime(path) >= os.path.getmtime(w)
+                                    for w in sources):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored.get("request") == json.loads(json.dumps(request)):
+            return stored["interpolation"]
+    log(f"compare: interpolating {model_dir_a} -> {model_dir_b}: {output_dir}")
+    result = interpolation.interpolate_runs(model_dir_a, model_dir_b, output_dir,
+                                            **interpolation_args, verbose=verbose)
+    rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+            for r in result.rows]
+    chosen = {"alpha": float(result.best_alpha), "validation": rows,
+              "endpoints": [model_dir_a, model_dir_b]}
+    run_files.write_json(path, {"request": request, "interpolation": chosen})
+    return chosen
+
+
+def _result(name, seed, model_dir, evaluation_args, autoattack_args, log, interpolation=None):
+    """The `RunResult` of a finished run dir: its evaluation(s), metrics and config."""
+    from twins_tf import run_callbacks
+
+    evaluation = _evaluate_one(model_dir, evaluation_args, log)
+    if autoattack_args:
+        extra = _evaluate_one(model_dir, autoattack_args, log, AUTOATTACK_FILE)
+        evaluation = dict(evaluation, results={**evaluation["results"], **extra["results"]},
+                          autoattack_examples=extra["examples"])
+    metrics_path = os.path.join(model_dir, run_files.METRICS_FILE)
+    metrics = run_callbacks.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    return RunResult(name, seed, model_dir, run_files.read_config(model_dir), metrics,
+                     evaluation, interpolation)
+
+
+def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
+    """Checks the whole grid before any work: every run's settings and every interpolation.
+
+    Returns:
+      ({variant: {seed: settings dict}}, [variants to interpolate]), variants in order.
+
+    Raises:
+      SetupError: a bad `--methods` entry, a repeated row, an `--interpolate` variant that is
+        not among the methods or has init=random.
+    """
+    variants = [parse_variant(m) for m in methods]
+    if len({v.name for v in variants}) != len(variants) or len(set(seeds)) != len(seeds):
+        raise SetupError("--methods and --seeds must not repeat an entry.")
+    plan = {v: {seed: variant_settings(v, base_settings, model_dir=run_dir(output_dir, v, seed),
+                                       seed=seed) for seed in seeds} for v in variants}
+    interpolated = []
+    for spelling in interpolate:
+        variant = parse_variant(spelling)
+        if variant not in plan:
+            raise SetupError(f"--interpolate={spelling} is not among --methods: add it there "
+                             "(its runs are the interpolation's end points).")
+        if variant in interpolated:
+            raise SetupError(f"--interpolate={spelling} is given twice.")
+        init = Settings.from_dict(plan[variant][seeds[0]]).to_dict().get("init", RANDOM_INIT)
+        if init == RANDOM_INIT:
+            raise SetupError(f"--interpolate={spelling}: that variant has init=random, so its "
+                             "runs have no init sub-run to interpolate from; interpolate a "
+                             "variant with +init=linear_probe or +init=robust_linear_probe.")
+        interpolated.append(variant)
+    return plan, interpolated
+
+
 def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
-             autoattack_args=None, log=print, verbose=0):
-    """Trains (or reuses) and evaluates every (method, seed); returns their `RunResult`s.
+             autoattack_args=None, interpolate=(), interpolation_args=None, log=print,
+             verbose=0):
+    """Trains (or reuses) and evaluates every (row, seed); returns their `RunResult`s.
 
     Args:
       base_settings: `train` settings (`training.flags.settings_from_flags(..., "train")`
-        or a `Settings`); each
-        run overrides `method`, `seed` and `model_dir`.
-      methods, seeds: what to run.
-      output_dir: runs go to `output_dir/runs/<method>_seed<seed>`.
+        or a `Settings`); each run overrides `method`, `seed` and `model_dir`, and a
+        variant its KEYs.
+      methods: `--methods` entries, `METHOD[+KEY=VALUE...]`.
+      seeds: what to run.
+      output_dir: runs go to `output_dir/runs/<row dir name>_seed<seed>`.
       evaluation_args: `evaluate` flags for every run, e.g. `["--attacks=clean,pgd10"]`.
       autoattack_args: when given, a second evaluation with these flags (AutoAttack on fewer
         examples, say) whose results join the first's.
+      interpolate: variants (among `methods`, with an init stage) whose `wise(...)` rows to
+        add: per seed, `interpolate_runs(<run>/init, <run>)`, evaluated like every run.
+      interpolation_args: keyword arguments of `interpolate_runs` (alphas, select, ...).
     """
-    from twins_tf import run_callbacks
-
-    if isinstance(base_settings, Settings):
-        base_settings = base_settings.to_dict()
+    plan, interpolated = plan_rows(base_settings, methods, seeds, output_dir, interpolate)
     results = []
-    for method in methods:
-        for seed in seeds:
-            model_dir = run_dir(output_dir, method, seed)
-            settings = dict(base_settings, method=method, seed=seed, model_dir=model_dir)
-            log(f"compare: {method}, seed {seed}: {model_dir}")
+    for variant, runs in plan.items():
+        for seed, settings in runs.items():
+            log(f"compare: {variant.name}, seed {seed}: {settings['model_dir']}")
             _train_one(settings, verbose)
-            evaluation = _evaluate_one(model_dir, evaluation_args, log)
-            if autoattack_args:
-                extra = _evaluate_one(model_dir, autoattack_args, log, AUTOATTACK_FILE)
-                evaluation = dict(evaluation, results={**evaluation["results"],
-                                                       **extra["results"]},
-                                  autoattack_examples=extra["examples"])
-            metrics = run_callbacks.read_metrics(os.path.join(model_dir, run_files.METRICS_FILE))
-            stored = run_files.read_config(model_dir)
-            results.append(RunResult(method, seed, model_dir, stored, metrics, evaluation))
+            results.append(_result(variant.name, seed, settings["model_dir"], evaluation_args,
+                                   autoattack_args, log))
+    for variant in interpolated:
+        for seed in seeds:
+            source = plan[variant][seed]["model_dir"]
+            model_dir = run_dir(output_dir, wise_dir_name(variant), seed)
+            log(f"compare: {wise_name(variant)}, seed {seed}: {model_dir}")
+            chosen = _interpolate_one(os.path.join(source, INIT_SUBRUN), source, model_dir,
+                                      dict(interpolation_args or {}), log, verbose)
+            results.append(_result(wise_name(variant), seed, model_dir, evaluation_args,
+                                   autoattack_args, log, interpolation=chosen))
     return results
 
 
@@ -177,6 +411,7 @@ def summarise(results, attacks, baseline):
     Returns:
       {"methods": {method: {attack: {"mean", "sd", "values", "seeds"}}},
        "differences": {method: {attack: {"mean", "low", "high", "seeds"}}} against `baseline`,
+       "alphas": {wise row: {seed: the alpha chosen on validation}},
        "baseline", "confidence", "interval": description}.
     """
     methods = list(dict.fromkeys(r.method for r in results))
@@ -206,8 +441,10 @@ def summarise(results, attacks, baseline):
                 mean, low, high = paired_difference(ours, theirs)
                 differences[method][attack] = {"mean": mean, "low": low, "high": high,
                                                "seeds": seeds}
-    return {"methods": table, "differences": differences, "baseline": baseline,
-            "confidence": CONFIDENCE,
+    alphas = {method: {str(r.seed): r.interpolation["alpha"] for r in runs}
+              for method, runs in by_method.items() if runs[0].interpolation is not None}
+    return {"methods": table, "differences": differences, "alphas": alphas,
+            "baseline": baseline, "confidence": CONFIDENCE,
             "interval": "paired Student-t over seeds (scipy.stats.ttest_rel)"}
 
 
@@ -218,7 +455,10 @@ def _percent(value):
 def format_table(summary, attacks):
     """The printed table: mean +- sd per method, then paired differences with intervals."""
     width = 28
-    lines = [f"{'method':<16}" + "".join(f"{a:>{width}}" for a in attacks)]
+    labels = [*summary["methods"], *(f"{m} - {summary['baseline']}"
+                                     for m in summary["differences"])]
+    first = max(16, *(len(label) + 2 for label in labels))
+    lines = [f"{'method':<{first}}" + "".join(f"{a:>{width}}" for a in attacks)]
     for method, row in summary["methods"].items():
         cells = []
         for attack in attacks:
@@ -226,7 +466,8 @@ def format_table(summary, attacks):
             sd = "" if cell["sd"] is None else f" +- {100 * cell['sd']:.2f}"
             cells.append(f"{_percent(cell['mean']) + sd:>{width}}")
         n = len(row[attacks[0]]["values"])
-        lines.append(f"{method:<16}" + "".join(cells) + f"   ({n} seed{'s' if n > 1 else ''})")
+        lines.append(f"{method:<{first}}" + "".join(cells) +
+                     f"   ({n} seed{'s' if n > 1 else ''})")
     confidence = int(round(100 * summary["confidence"]))
     for method, row in summary["differences"].items():
         cells = []
@@ -235,10 +476,14 @@ def format_table(summary, attacks):
             interval = ("no interval (1 seed)" if d["low"] is None else
                         f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]")
             cells.append(f"{100 * d['mean']:+.2f} {interval}".rjust(width))
-        lines.append(f"{method + ' - ' + summary['baseline']:<16}" + "".join(cells))
+        lines.append(f"{method + ' - ' + summary['baseline']:<{first}}" + "".join(cells))
     if summary["differences"]:
         lines.append(f"differences: percentage points, paired by seed, {confidence} % "
                      "Student-t interval; an interval that contains 0 separates nothing.")
+    for method, by_seed in summary.get("alphas", {}).items():
+        chosen = ", ".join(f"seed {seed}: {alpha:g}" for seed, alpha in by_seed.items())
+        lines.append(f"{method}: alpha chosen on validation (0: the init sub-run, 1: the "
+                     f"fine-tuned run): {chosen}")
     return "\n".join(lines)
 
 
@@ -259,11 +504,14 @@ def model_card(result):
         "evaluation_examples": result.evaluation["examples"],
         "autoattack_examples": result.evaluation.get("autoattack_examples"),
         "evaluation_split": result.evaluation["split"],
-        "method": result.method,
+        "method": s.get("method"),
+        "row": result.method,
         "seed": result.seed,
         "pretrained": s.get("pretrained"),
         "settings_hash": settings_hash(s),
         "model_dir": result.model_dir,
+        "interpolation": (None if result.interpolation is None else
+                          {k: result.interpolation[k] for k in ("alpha", "endpoints")}),
     }
 
 
@@ -321,8 +569,12 @@ def plot_curves(results):
 
 
 def plot_wings(results):
-    """Figure: each twin method's Frozen and Adaptive wing training accuracy; None if none."""
-    twin_methods = [m for m in dict.fromkeys(r.method for r in results) if m.startswith("twins")]
+    """Figure: each twin row's Frozen and Adaptive wing training accuracy; None if none.
+
+    Twin rows are those trained with a twin method (a variant of one too); an interpolation
+    row trains nothing and has no wings' curves."""
+    twin_methods = [m for m in dict.fromkeys(r.method for r in results
+                                             if r.settings.get("twin") and r.interpolation is None)]
     if not twin_methods:
         return None
     pyplot = _pyplot()
@@ -381,7 +633,8 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
         card = model_card(result)
         cards[f"{result.method}_seed{result.seed}"] = card
         run_files.write_json(os.path.join(report_dir, "model_cards",
-                                          f"{result.method}_seed{result.seed}.json"), card)
+                                          f"{row_dir_name(result.method)}_seed{result.seed}.json"),
+                             card)
     robust = next((a for a in attacks if a != CLEAN), None)
     figures = {"curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)",
                               plot_curves(results))}
@@ -411,22 +664,30 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
 
 
 def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("clean", "pgd10"),
-            max_examples=None, batch_size=128, autoattack_examples=0, report_dir=None,
-            title="twins_tf comparison", log=print, verbose=0):
+            max_examples=None, batch_size=128, autoattack_examples=0, interpolate=(),
+            interpolation_args=None, report_dir=None, title="twins_tf comparison", log=print,
+            verbose=0):
     """Runs the grid, evaluates every run, writes the report; returns (summary, table).
 
     Args:
       base_settings: `train` settings shared by every run.
-      methods, seeds: the grid; `baseline` (one of `methods`) is what differences are against.
+      methods, seeds: the grid (`methods`: `METHOD[+KEY=VALUE...]` entries); `baseline` (one
+        of `methods`) is what differences are against.
       attacks: `evaluate` attacks on `max_examples` test examples (None: all).
       autoattack_examples: > 0 also runs standard AutoAttack on that many test examples.
+      interpolate: variants of `methods` whose `wise(...)` rows to add (see `run_grid`), with
+        `interpolation_args` for `interpolate_runs` (alphas, select, validation_examples).
       report_dir: where the report goes (default `output_dir/report`).
+
+    Raises:
+      SetupError: before anything is trained, for a bad entry of `methods`, `interpolate` or
+        `baseline`.
     """
-    if baseline not in methods:
+    names = [parse_variant(m).name for m in methods]
+    if parse_variant(baseline).name not in names:
         raise SetupError(f"--baseline={baseline} is not among --methods="
                          f"{','.join(methods)}: add it or pick one of them.")
-    if len(set(seeds)) != len(seeds) or len(set(methods)) != len(methods):
-        raise SetupError("--methods and --seeds must not repeat an entry.")
+    plan_rows(base_settings, methods, seeds, output_dir, interpolate)  # every check, no work
     evaluation_args = [f"--attacks={','.join(attacks)}", f"--batch_size={batch_size}"]
     if max_examples:
         evaluation_args.append(f"--max_examples={max_examples}")
@@ -436,7 +697,8 @@ def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("cl
                            f"--batch_size={batch_size}"]
     results = run_grid(base_settings, methods, seeds, output_dir,
                        evaluation_args=evaluation_args, autoattack_args=autoattack_args,
+                       interpolate=interpolate, interpolation_args=interpolation_args,
                        log=log, verbose=verbose)
     reported = list(attacks) + ([AUTOATTACK] if autoattack_examples else [])
-    return write_report(results, reported, baseline,
+    return write_report(results, reported, parse_variant(baseline).name,
                         report_dir or os.path.join(output_dir, REPORT_DIR), title=title)
