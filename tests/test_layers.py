@@ -365,3 +365,133 @@ def test_one_element_per_channel_feeds_a_zero_variance_to_the_ema(rng):
                                rtol=1e-6)
     np.testing.assert_allclose(layer.moving_mean,
                                MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * x[1], rtol=1e-5)
+
+
+# --- plain BatchNormalization on the fused kernel (issue 11) -------------------------------
+PLAIN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def np_plain_train(x, p):
+    """Keras BN's training forward: (output, new moving mean, new moving variance), the
+    moving variance updated with the *biased* batch variance (Keras's convention)."""
+    axes = tuple(range(x.ndim - 1))
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axes), x64.var(axes)
+    return (np_bn(x64, mean, var, p["gamma"], p["beta"]),
+            MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * mean,
+            MOMENTUM * p["moving_variance"] + (1 - MOMENTUM) * var)
+
+
+def np_plain_input_and_affine_gradients(x, upstream, gamma):
+    """d(sum(upstream * y))/d(x, gamma, beta) of a batch-statistics BN, written out."""
+    axes = tuple(range(x.ndim - 1))
+    x64, g = x.astype(np.float64), upstream.astype(np.float64)
+    sigma = np.sqrt(x64.var(axes) + EPS)
+    x_hat = (x64 - x64.mean(axes)) / sigma
+    dx = gamma / sigma * (g - g.mean(axes) - x_hat * (g * x_hat).mean(axes))
+    return dx, (g * x_hat).sum(axes), g.sum(axes)
+
+
+def make_plain(params, input_shape=(None, 5, 5, CHANNELS), cls=None, **kwargs):
+    from twins_tf.layers import BatchNormalization
+
+    layer = (cls or BatchNormalization)(momentum=MOMENTUM, epsilon=EPS, **kwargs)
+    layer.build(input_shape)
+    for name in PLAIN_WEIGHTS:
+        if getattr(layer, name) is not None:  # gamma/beta are None with scale/center=False
+            getattr(layer, name).assign(params[name])
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5, CHANNELS), (6, CHANNELS), (4, 2, 3, 2, CHANNELS)])
+def test_plain_bn_training_forward_ema_and_gradients_match_numpy(rng, shape):
+    p = random_params(rng)
+    layer = make_plain(p, input_shape=(None,) + shape[1:])
+    x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
+    upstream = rng.normal(size=shape).astype(np.float32)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(y * upstream)
+    dx, dgamma, dbeta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
+    want, want_mean, want_var = np_plain_train(x, p)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
+    want_dx, want_dgamma, want_dbeta = np_plain_input_and_affine_gradients(x, upstream,
+                                                                           p["gamma"])
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dgamma, want_dgamma, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, want_dbeta, rtol=1e-5, atol=1e-5)
+    want_infer = np_bn(x, want_mean, want_var, p["gamma"], p["beta"])
+    np.testing.assert_allclose(layer(x, training=False), want_infer, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_bn_runs_the_fused_kernel_in_training_and_the_affine_map_in_inference(rng):
+    layer = make_plain(random_params(rng))
+    x = tf.constant(rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32))
+
+    def gradients(training):
+        @tf.function
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.square(layer(x, training=training)))
+            return tape.gradient(loss, [x] + layer.trainable_weights)
+        return f
+
+    types = _op_types(gradients(True), x)
+    assert {"FusedBatchNormV3", "FusedBatchNormGradV3"} <= types, sorted(types)
+    assert not {"Mean", "SquaredDifference", "RsqrtGrad"} & types, sorted(types)
+    types = _op_types(gradients(False), x)
+    assert not {"FusedBatchNormV3", "FusedBatchNormGradV3", "Mean"} & types, sorted(types)
+    frozen = make_plain(random_params(rng))
+    frozen.trainable = False  # Keras: a frozen BN runs in inference mode, also in training
+    want = np_bn(x.numpy(), *(np.asarray(getattr(frozen, n)) for n in
+                              ("moving_mean", "moving_variance", "gamma", "beta")))
+    np.testing.assert_allclose(frozen(x, training=True), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, input_shape", [
+    (dict(axis=1), (None, CHANNELS, 5, 5)),
+    (dict(center=False, scale=False), (None, 5, 5, CHANNELS)),
+    (dict(renorm=True), (None, 5, 5, CHANNELS)),
+], ids=["channels_first", "no_affine", "renorm"])
+def test_plain_bn_outside_the_fused_layouts_is_kerass_own_layer(rng, kwargs, input_shape):
+    p = random_params(rng)
+    ours, theirs = (make_plain(p, input_shape, cls, **kwargs)
+                    for cls in (None, keras.layers.BatchNormalization))
+    x = (rng.normal(size=(4,) + input_shape[1:]) * 2 + 1).astype(np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(ours(x, training=True), theirs(x, training=True))
+    for a, b in zip(ours.weights, theirs.weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plain_bn_weights_files_and_keras_files_interchange_with_kerass_bn(rng, tmp_path):
+    """Same class name as Keras's: a `.weights.h5` of either loads into the other (the file
+    names the layer's group after its class), and a `.keras` file keeps the fused layer."""
+    from twins_tf.layers import BatchNormalization
+
+    def model(cls):
+        inputs = keras.Input((5, 5, CHANNELS))
+        x = keras.layers.Conv2D(CHANNELS, 3, padding="same", name="conv")(inputs)
+        return keras.Model(inputs, cls(name="bn")(x))
+
+    keras_model, ours = model(keras.layers.BatchNormalization), model(BatchNormalization)
+    for layer in keras_model.layers[1:]:
+        layer.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
+                           for w in layer.weights])
+    x = rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32)
+    keras_model.save_weights(os.path.join(tmp_path, "k.weights.h5"))
+    ours.load_weights(os.path.join(tmp_path, "k.weights.h5"))
+    np.testing.assert_array_equal(ours(x), keras_model(x))
+    ours.save_weights(os.path.join(tmp_path, "o.weights.h5"))
+    back = model(keras.layers.BatchNormalization)
+    back.load_weights(os.path.join(tmp_path, "o.weights.h5"))
+    np.testing.assert_array_equal(back(x), keras_model(x))
+    ours.save(os.path.join(tmp_path, "o.keras"))
+    loaded = keras.models.load_model(os.path.join(tmp_path, "o.keras"))
+    assert type(loaded.get_layer("bn")) is BatchNormalization
+    np.testing.assert_array_equal(loaded(x, training=True), ours(x, training=True))

@@ -269,3 +269,34 @@ def test_nested_layers_descend_into_models_and_list_shared_layers_once():
     assert {inner.name, "wrapper", "shared"} <= set(names)
     assert {layer.name for layer in inner.layers} <= set(names)
     assert sum(1 for l in bn_wings.nested_layers(outer) if bn_wings.is_plain_bn(l)) == 2
+
+
+def test_build_resnets_fused_plain_bn_twins_and_untwins():
+    """build_resnet(twin=False) holds twins_tf's fused-kernel BatchNormalization (issue 11):
+    twinify must still find every BN (bn_wings.is_plain_bn), fill both wings from it, and
+    untwin give back Keras's own BN with the Adaptive wing."""
+    from twins_tf.layers import BatchNormalization
+    from twins_tf.models import build_resnet
+
+    plain = build_resnet("resnet18", 4, twin=False, input_shape=(16, 16, 3))
+    fused = [l for l in plain.layers if type(l) is BatchNormalization]
+    assert len(fused) == 20
+    rng = np.random.default_rng(4)
+    for layer in fused:
+        c = layer.moving_mean.shape[0]
+        layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
+                           rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+    twin = twins_tf.twinify(plain)
+    for layer in fused:
+        got = twin.get_layer(layer.name)
+        assert isinstance(got, TwinBatchNormalization)
+        for name, want in zip(bn_wings.PLAIN, layer.weights):
+            np.testing.assert_array_equal(getattr(got, name), want)
+            np.testing.assert_array_equal(getattr(got, bn_wings.FROZEN_OF[name]), want)
+    x = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin(x, training=False), plain(x, training=False),
+                               rtol=1e-5, atol=1e-6)
+    back = twins_tf.untwin(twin)
+    assert len(batchnorms(back)) == 20
+    np.testing.assert_allclose(back(x, training=False), plain(x, training=False),
+                               rtol=1e-5, atol=1e-6)

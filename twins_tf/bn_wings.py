@@ -17,6 +17,7 @@ epsilon, synchronisation, name and dtype policy, and walks the layers of graph m
 import keras
 import numpy as np
 
+from twins_tf import layers as twins_layers
 from twins_tf.layers import TwinBatchNormalization
 
 # Attribute names, in the order Keras's BatchNormalization lists its weights.
@@ -27,8 +28,10 @@ FROZEN_OF = dict(zip(ADAPTIVE_WING, FROZEN_WING))
 
 
 def is_plain_bn(layer):
-    """True for exactly Keras's BatchNormalization (subclasses may compute something else)."""
-    return type(layer) is keras.layers.BatchNormalization
+    """True for exactly Keras's BatchNormalization or twins_tf's fused-kernel version of it
+    (`twins_tf.layers.BatchNormalization`, the same layer); other subclasses may compute
+    something else."""
+    return type(layer) in (keras.layers.BatchNormalization, twins_layers.BatchNormalization)
 
 
 def is_twin_bn(layer):

@@ -286,3 +286,77 @@ def set_twin_mode(model, mode):
 def twin_layers(model):
     """All TwinBatchNormalization layers of a (possibly nested) Keras model."""
     return [layer for layer in keras_private.flatten_layers(model) if isinstance(layer, TwinBatchNormalization)]
+
+
+# --- plain BatchNormalization on the fused kernel ------------------------------------------
+def _fused_batch_statistics(x, gamma, beta, epsilon):
+    """(y, batch mean, unbiased batch variance): TensorFlow's FusedBatchNormV3 in training
+    mode on `x` with the channel axis last, any rank >= 2 (reshaped to rank 4 for the op).
+
+    Its gradient is FusedBatchNormGradV3, one kernel for x, gamma and beta.  The raw op, not
+    `tf.nn.fused_batch_norm`, which raises epsilon to at least 1.001e-5 (a cuDNN limit) and
+    would move us off PyTorch's 1e-5.  The op normalises with the biased variance and returns
+    the unbiased one (pinned in tests/test_layers.py).
+    """
+    rank4 = x
+    if len(x.shape) != 4:
+        shape = tf.shape(x)
+        rank4 = tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
+    empty = tf.zeros([0], tf.float32)
+    y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=rank4, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+        exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+    )
+    if len(x.shape) != 4:
+        y = tf.reshape(y, tf.shape(x))
+    return y, mean, variance
+
+
+@keras.saving.register_keras_serializable(package="twins_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Keras's BatchNormalization whose training forward runs TensorFlow's fused kernel.
+
+    The same layer, arguments, weights, config and results as `keras.layers.BatchNormalization`
+    (it is a subclass and only `call` differs), so it loads Keras BN weights and its weights
+    load into a Keras BN.  Keras 3 computes training-mode BN from composed elementwise ops
+    (`ops.moments`, then `tf.nn.batch_normalization`) that read the activations five to eight
+    times in the forward and again through the chain rule in the backward; here the batch
+    statistics, the normalisation and their gradient are FusedBatchNormV3 /
+    FusedBatchNormGradV3, which read them once or twice (issue 11: every training forward of
+    the AT, TRADES, clean and L2-SP methods pays for BN).
+
+    Kept from Keras on purpose:
+      * the moving variance is updated with the *biased* batch variance, as Keras's layer
+        does (PyTorch uses the unbiased one; `TwinBatchNormalization` follows PyTorch);
+      * inference (moving statistics) is Keras's own per-channel affine map `x * a + b`, the
+        arithmetic of PyTorch's eval-mode BN: the fused op in inference mode rounds
+        differently, which flips PGD gradient signs where they are near zero (see
+        `TwinBatchNormalization`), and its backward would also reduce for gamma and beta
+        gradients an attack never uses.
+    Layouts or options the fused op cannot take (a channel axis that is not the last, a
+    mask, `synchronized=True`, batch renormalisation, `center`/`scale` False, float64) run
+    Keras's own `call`.
+
+    The class name is Keras's on purpose: `model.save_weights` files name a layer's group
+    after its class (`batch_normalization_3`), so the same name keeps weights files of plain
+    models interchangeable with those written by Keras's BN (older runs, other code).
+    """
+
+    def _fusable(self, inputs, training, mask):
+        return (bool(training) and self.trainable and mask is None and not self.synchronized
+                and not self.renorm and self.scale and self.center
+                and len(inputs.shape) >= 2 and self.axis % len(inputs.shape) == len(inputs.shape) - 1
+                and inputs.dtype != "float64")
+
+    def call(self, inputs, training=None, mask=None):
+        inputs = ops.convert_to_tensor(inputs)
+        if not self._fusable(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = ops.cast(inputs, "float32")
+        y, mean, unbiased = _fused_batch_statistics(x, self.gamma, self.beta, self.epsilon)
+        count = ops.cast(ops.size(x) // ops.shape(x)[-1], "float32")
+        variance = unbiased * ops.maximum(count - 1.0, 0.0) / count  # Keras's biased update
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+        return ops.cast(y, self.compute_dtype)

@@ -37,7 +37,7 @@ import math
 import keras
 from keras import ops
 
-from twins_tf.layers import TwinBatchNormalization
+from twins_tf.layers import BatchNormalization, TwinBatchNormalization
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,8 +95,9 @@ def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), ups
     Args:
       arch: one of `ARCHITECTURES` (resnet18/34/50/101/152, wide_resnet50_2).
       num_classes: width of the fresh `fc` head.
-      twin: `TwinBatchNormalization` layers if True, Keras `BatchNormalization` otherwise
-        (both momentum 0.9, epsilon 1e-5).
+      twin: `TwinBatchNormalization` layers if True, plain BN otherwise
+        (`twins_tf.layers.BatchNormalization`: Keras's layer, its training forward on
+        TensorFlow's fused kernel); both momentum 0.9, epsilon 1e-5.
       input_shape: (height, width, 3) of the images fed to the model, before upsampling;
         spatial sizes may be None.
       upsample: integer nearest-neighbour upsampling factor applied inside the model
@@ -167,7 +168,7 @@ def _norm_factory(twin, synchronized):
         if twin:
             return TwinBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                           synchronized=synchronized, name=name)
-        return keras.layers.BatchNormalization(
+        return BatchNormalization(
             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized, name=name
         )
 
