@@ -162,4 +162,5 @@ def test_register_adds_a_method_once():
             methods.register("at")
     finally:
         methods.METHODS.pop("test_registry_at", None)
-    assert set(methods.METHODS) == {"clean", "at", "trades", "l2sp", "twins_at", "twins_trades"}
+    assert set(methods.METHODS) == {"clean", "at", "trades", "l2sp", "twins_at", "twins_trades",
+                                    "autolora"}

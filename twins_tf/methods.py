@@ -98,6 +98,29 @@ def twins_trades(logits_natural, logits_adversarial, labels, *, lambda_twins, be
     return natural + beta * robust
 
 
+def autolora(logits_natural, logits_adversarial, labels, *, lambda1, lambda2):
+    """AutoLoRa (Xu et al., ICLR 2024): the natural branch's logits z_nat on x, the main
+    branch's z_adv on x_adv,
+
+        lambda1 * CE(z_nat, y) + (1 - lambda1) * CE(z_adv, y) + lambda2 * KL_sum(z_nat||z_adv)/B.
+
+    Nothing is stopped here; which variables each term reaches is the trainer's (the natural
+    branch's forward trains only the LoRA branch and the head, docs/autolora.md).
+    """
+    robust = kl_sum(logits_natural, logits_adversarial) / _batch_size(logits_natural)
+    return (lambda1 * cross_entropy(logits_natural, labels)
+            + (1.0 - lambda1) * cross_entropy(logits_adversarial, labels) + lambda2 * robust)
+
+
+def autolora_lambdas(natural_accuracy, *, beta=6.0):
+    """AutoLoRa's automated scalars from the natural branch's clean training accuracy a in
+    [0, 1]: (lambda1, lambda2) = (1 - a, beta * a), beta = 6 in the paper."""
+    a = float(natural_accuracy)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"natural_accuracy must be in [0, 1], got {a}.")
+    return 1.0 - a, beta * a
+
+
 def odd_batch_message(batch, *, replicas=None, layer=None):
     """The one text for a training batch a twin model cannot split into two equal halves.
 
@@ -216,6 +239,10 @@ class Method:
       natural: runs a training forward on the clean x (after the adversarial one, so the
         Adaptive moving statistics see the adversarial batch first, as in the reference).
       l2sp: adds the L2-SP regulariser (`l2sp_penalty`) in place of weight decay.
+      lora: AutoLoRa's two-branch step (a model with `twins_tf.lora` branches; the natural
+        forward runs the branch and trains only it and the head, the adversarial forward the
+        main path); its objective takes `(logits_natural, logits_adversarial, labels, *,
+        lambda1, lambda2)`, the automated scalars, instead of lambda_twins and beta.
       description: one line for help texts.
     """
 
@@ -225,6 +252,7 @@ class Method:
     adversarial: bool = False
     natural: bool = False
     l2sp: bool = False
+    lora: bool = False
     description: str = ""
 
     def __post_init__(self):
@@ -279,6 +307,9 @@ for _method in (
            description="TWINS-AT: lambda*CE_frozen + CE_adaptive"),
     Method(name="twins_trades", objective=_twins_trades_objective, twin=True, adversarial=True,
            natural=True, description="TWINS-TRADES: per-wing clean CE + beta * per-wing KL / B"),
+    Method(name="autolora", objective=autolora, adversarial=True, natural=True, lora=True,
+           description="AutoLoRa: l1*CE(LoRA branch, x) + (1-l1)*CE(main, x_adv) + "
+           "l2*KL/B, l1/l2 and the lr automated (needs --lora_rank)"),
 ):
     register(_method)
 del _method

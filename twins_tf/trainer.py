@@ -54,6 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from twins_tf import keras_private
+from twins_tf import lora as lora_lib
 from twins_tf import methods as methods_lib
 from twins_tf.attacks.pgd import PGD
 from twins_tf.layers import TWIN, twin_layers
@@ -177,7 +178,41 @@ class AdversarialTrainer(keras.Model):
                 for i, v in enumerate(self._l2sp_variables)
             ]
             self.snapshot_pretrained()
+        if self.method.lora:
+            self._init_autolora(model)
         self.built = True
+
+    def _init_autolora(self, model):
+        """AutoLoRa's state: the LoRA variables, the head's, the automated scalars and the
+        learning-rate scheme's history, as trainer weights so a backup resumes them."""
+        self._lora_variables = lora_lib.lora_variables(model)
+        if not self._lora_variables:
+            raise ValueError(
+                f"method {self.method.name!r} trains a LoRA branch but {model.name!r} has "
+                "none: wrap it with twins_tf.lora.add_lora(model, rank) (--lora_rank=8).")
+        heads = set(_output_layer_names(model))
+        self._head_variables = [v for layer in keras_private.flatten_layers(model)
+                                if layer.name in heads for v in layer.trainable_weights]
+
+        def scalar(name, value, shape=()):
+            return self.add_weight(shape=shape, dtype="float32", trainable=False, name=name,
+                                   initializer=keras.initializers.Constant(value))
+
+        lambda1, lambda2 = methods_lib.autolora_lambdas(0.0, beta=self.beta)
+        self.autolora_lambda1 = scalar("autolora_lambda1", lambda1)
+        self.autolora_lambda2 = scalar("autolora_lambda2", lambda2)
+        self.autolora_lr_scale = scalar("autolora_lr_scale", 1.0)
+        windows = len(AUTOLORA_WINDOWS)
+        self._autolora_history = scalar("autolora_val_adv_acc", 0.0, (AUTOLORA_WINDOWS[-1] + 2,))
+        self._autolora_best = scalar("autolora_best_per_window", 0.0, (windows,))
+        self._autolora_etas = scalar("autolora_lr_per_window", 0.0, (windows,))
+        self._autolora_counters = scalar("autolora_window_and_max", 0.0, (2,))
+        self._autolora_shadow = [
+            self.add_weight(shape=v.shape, dtype=v.dtype, trainable=False,
+                            initializer="zeros", name=f"autolora_best_{i}")
+            for i, v in enumerate(model.weights)]
+        self._autolora_etas.assign(np.eye(1, windows, dtype="float32")[0])  # eta_0 = 1 x lr
+        self._autolora_counters.assign([1.0, -1.0])  # window index 1, best val so far -1
 
     # --- public helpers ----------------------------------------------------------------
     def snapshot_pretrained(self):
@@ -280,6 +315,8 @@ class AdversarialTrainer(keras.Model):
         if self.method.twin and images.shape[0] is not None and images.shape[0] % 2:
             raise ValueError(methods_lib.odd_batch_message(images.shape[0]))
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        if self.method.lora:
+            return self._autolora_step(images, labels, replicas)
 
         adversarial = None
         if self.method.adversarial:
@@ -327,6 +364,96 @@ class AdversarialTrainer(keras.Model):
             logs["adaptive_acc"] = self.adaptive_accuracy.result()
         return logs
 
+    def _autolora_step(self, images, labels, replicas):
+        """AutoLoRa's step (docs/autolora.md): PGD on the main path; the natural forward (LoRA
+        branch on) on x, then the adversarial one on x_adv, both in training mode; the LoRA
+        variables take the gradient through the natural forward only, the main path's (BN
+        gamma/beta and the stem included) through the adversarial one only, the head both."""
+        adversarial = self._run_attack(self.attack, images, labels, self._train_seed())
+        with tf.GradientTape() as natural_tape:
+            with lora_lib.natural_branch():
+                logits_nat = self.model(images, training=True)
+        with tf.GradientTape() as adversarial_tape:
+            logits_adv = self.model(adversarial, training=True)
+        with tf.GradientTape() as loss_tape:
+            loss_tape.watch([logits_nat, logits_adv])
+            loss = self.method.objective(
+                logits_nat, logits_adv, labels, lambda1=self.autolora_lambda1,
+                lambda2=self.autolora_lambda2)
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+        grad_nat, grad_adv = loss_tape.gradient(scaled_loss, [logits_nat, logits_adv])
+        variables = self.model.trainable_variables
+        natural_ids = {id(v) for v in self._lora_variables + self._head_variables}
+        natural_vars = [v for v in variables if id(v) in natural_ids]
+        from_adv = adversarial_tape.gradient(logits_adv, variables, output_gradients=grad_adv)
+        from_nat = dict(zip(map(id, natural_vars), natural_tape.gradient(
+            logits_nat, natural_vars, output_gradients=grad_nat)))
+        used = []
+        for g, v in zip(from_adv, variables):
+            extra = from_nat.get(id(v))
+            g = extra if g is None else (g if extra is None else g + extra)
+            if g is not None:
+                used.append((g, v))
+        scale = self.autolora_lr_scale
+        decay = self.optimizer.scale_loss(tf.constant(self.weight_decay / replicas))
+        used = [(tf.cast(scale, v.dtype) * (g + tf.cast(decay, v.dtype) * v), v)
+                for g, v in used]
+        self.optimizer.apply_gradients(used)
+
+        self.loss_metric.update_state(loss)
+        self.clean_accuracy.update_state(labels, logits_nat)
+        self.adversarial_accuracy.update_state(labels, logits_adv)
+        return {"loss": self.loss_metric.result(), "clean_acc": self.clean_accuracy.result(),
+                "adv_acc": self.adversarial_accuracy.result()}
+
+    def natural_branch_accuracy(self, dataset, steps=None):
+        """Clean accuracy of the LoRA (natural) path in inference mode over `dataset`'s
+        (images, labels) batches (at most `steps`): AutoLoRa's lambda input."""
+        if not hasattr(self, "_natural_counts"):
+            @tf.function
+            def counts(images, labels):
+                with lora_lib.natural_branch():
+                    logits = self.model(tf.cast(images, tf.float32), training=False)
+                labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+                hits = tf.equal(tf.argmax(logits, axis=-1), labels)
+                return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(labels, tf.int64)
+            self._natural_counts = counts
+        correct = total = 0
+        for images, labels in dataset.take(-1 if steps is None else steps):
+            c, n = self._natural_counts(images, labels)
+            correct, total = correct + int(c), total + int(n)
+        return correct / max(total, 1)
+
+    def update_autolora_lambdas(self, dataset, steps=None):
+        """Sets lambda1, lambda2 from the natural path's accuracy on `dataset`; returns it."""
+        accuracy = self.natural_branch_accuracy(dataset, steps)
+        lambda1, lambda2 = methods_lib.autolora_lambdas(accuracy, beta=self.beta)
+        self.autolora_lambda1.assign(lambda1)
+        self.autolora_lambda2.assign(lambda2)
+        return accuracy
+
+    def autolora_epoch_end(self, epoch, val_adv_acc):
+        """AutoLoRa's learning-rate scheme after (0-based) `epoch` with validation robust
+        accuracy `val_adv_acc`: keeps the best weights, halves the lr (restoring them) when a
+        window check fails (`autolora_schedule`).  Returns the scheme's actions."""
+        window, best = (float(c) for c in self._autolora_counters.numpy())
+        state = dict(history=self._autolora_history.numpy(), window=int(window),
+                     max_acc=best, best=self._autolora_best.numpy(),
+                     etas=self._autolora_etas.numpy(), eta=float(self.autolora_lr_scale.numpy()))
+        state, actions = autolora_schedule(state, epoch + 1, float(val_adv_acc))
+        if actions["new_best"]:
+            for shadow, variable in zip(self._autolora_shadow, self.model.weights):
+                shadow.assign(variable)
+        if actions["halve"]:
+            for shadow, variable in zip(self._autolora_shadow, self.model.weights):
+                variable.assign(shadow)
+        self._autolora_history.assign(state["history"])
+        self._autolora_best.assign(state["best"])
+        self._autolora_etas.assign(state["etas"])
+        self._autolora_counters.assign([state["window"], state["max_acc"]])
+        self.autolora_lr_scale.assign(state["eta"])
+        return actions
+
     def test_step(self, data):
         images, labels = _unpack(data)
         images = tf.cast(images, tf.float32)
@@ -373,6 +500,14 @@ class AdversarialTrainer(keras.Model):
                                  validation_split=kwargs.get("validation_split", 0.0))
             if kwargs.get("validation_data") is not None:
                 kwargs["validation_data"] = self._checked_validation(kwargs["validation_data"])
+        if self.method.lora:
+            data = x if isinstance(x, tf.data.Dataset) else tf.data.Dataset.from_tensor_slices(
+                (x, y)).batch(batch_size or 32)
+            steps = kwargs.get("steps_per_epoch")
+            callbacks = list(kwargs.get("callbacks") or [])
+            # the epoch-end update first (the backup saves it), the start after a restore
+            kwargs["callbacks"] = ([_AutoLoraEpochEnd(self, data, steps)] + callbacks
+                                   + [_AutoLoraStart(self, data, steps)])
         with _one_line_data_errors():
             return super().fit(x, y, batch_size=batch_size, **kwargs)
 
@@ -514,6 +649,94 @@ class AdversarialTrainer(keras.Model):
                 return tf.identity(images), tf.identity(labels)
 
         return dataset.map(check)
+
+
+# AutoLoRa's learning-rate windows: checks after epochs W_j + 1 (j >= 1), rho of each window's
+# epoch-to-epoch steps must raise the validation robust accuracy (the authors' code).
+AUTOLORA_WINDOWS = tuple(range(0, 57, 4))
+AUTOLORA_RHO = 0.75
+AUTOLORA_MIN_LR = 1e-5
+
+
+def autolora_schedule(state, epoch, val_adv_acc):
+    """One epoch of AutoLoRa's automated learning rate, as a pure function.
+
+    Args:
+      state: dict of numpy/float values: `history` (val robust accuracy of epoch e at index
+        e - 1), `window` (index j of the next check, from 1), `max_acc` (best so far, -1 at
+        the start), `best` (the best at each window's check), `etas` (the lr multiplier at
+        each window's check, etas[0] = 1), `eta` (the current lr multiplier).
+      epoch: the finished epoch, 1-based.
+      val_adv_acc: its validation robust accuracy.
+
+    Returns:
+      (new state, actions): actions["new_best"] (keep these weights as the best),
+      actions["halve"] (the lr was halved: restore the best weights).
+    """
+    state = {k: (np.array(v, dtype=np.float64) if isinstance(v, np.ndarray) else v)
+             for k, v in state.items()}
+    history, best, etas = state["history"], state["best"], state["etas"]
+    window = int(state["window"])
+    if epoch - 1 < len(history):
+        history[epoch - 1] = val_adv_acc
+    actions = {"new_best": False, "halve": False}
+    if val_adv_acc > state["max_acc"]:
+        best[window] = val_adv_acc
+        state["max_acc"] = val_adv_acc
+        actions["new_best"] = True
+    if epoch - 1 == AUTOLORA_WINDOWS[window]:
+        start, end = AUTOLORA_WINDOWS[window - 1], AUTOLORA_WINDOWS[window]
+        rises = sum(history[j + 1] > history[j] for j in range(start, end))
+        stalled = etas[window] == etas[window - 1] and best[window] == best[window - 1]
+        if rises < AUTOLORA_RHO * (end - start) or stalled:
+            state["eta"] = state["eta"] / 2
+            etas[window] = state["eta"]
+            actions["halve"] = True
+        if window < len(AUTOLORA_WINDOWS) - 1:
+            window += 1
+            best[window] = best[window - 1]
+            etas[window] = etas[window - 1]
+    state.update(history=history, best=best, etas=etas, window=window)
+    return state, actions
+
+
+class _AutoLoraStart(keras.callbacks.Callback):
+    """Sets AutoLoRa's scalars from the untrained natural path before a fresh run's first
+    step (after BackupAndRestore, which restores a resumed run's)."""
+
+    def __init__(self, trainer, data, steps):
+        super().__init__()
+        self.trainer, self.data, self.steps = trainer, data, steps
+
+    def on_train_begin(self, logs=None):
+        if int(self.trainer.optimizer.iterations.numpy()) == 0:
+            self.trainer.update_autolora_lambdas(self.data, self.steps)
+
+
+class _AutoLoraEpochEnd(keras.callbacks.Callback):
+    """After each epoch: lambda1/lambda2 from the natural path's training accuracy, then the
+    learning-rate windows on `val_adv_acc` (without validation data the lr stays as set)."""
+
+    def __init__(self, trainer, data, steps):
+        super().__init__()
+        self.trainer, self.data, self.steps = trainer, data, steps
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        trainer = self.trainer
+        logs["natural_branch_acc"] = trainer.update_autolora_lambdas(self.data, self.steps)
+        if "val_adv_acc" in logs:
+            actions = trainer.autolora_epoch_end(epoch, logs["val_adv_acc"])
+            if actions["halve"]:
+                print(f"AutoLoRa: epoch {epoch + 1}: lr halved to "
+                      f"{float(trainer.autolora_lr_scale.numpy()):g} x --lr, best weights "
+                      "restored.", flush=True)
+            lr = trainer.optimizer.learning_rate
+            lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
+            if lr * float(trainer.autolora_lr_scale.numpy()) < AUTOLORA_MIN_LR:
+                trainer.stop_training = True
+        logs["autolora_lambda1"] = float(trainer.autolora_lambda1.numpy())
+        logs["autolora_lr_scale"] = float(trainer.autolora_lr_scale.numpy())
 
 
 class InputCheckError(tf.errors.InvalidArgumentError, ValueError):

@@ -147,7 +147,14 @@ def define_flags(flag_values, binary):
                "alpha/2 * ||w - w_pre||^2 of every pre-trained weight (BN gamma/beta included) "
                "to its pre-trained value; --weight_decay then decays only the new head.",
                "method")
-    define("float", "beta", 6.0, "TRADES / TWINS-TRADES: weight of the KL term.", "method")
+    define("float", "beta", 6.0, "TRADES / TWINS-TRADES: weight of the KL term; AutoLoRa: "
+           "lambda2 = beta x the LoRA branch's training accuracy (the paper: 6).", "method")
+    if binary == TRAIN:
+        define("integer", "lora_rank", 0,
+               "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
+               "the low-rank branch on every residual-stage convolution (the paper: 8). The "
+               "lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and is halved "
+               "automatically on the validation robust accuracy.", "method")
     # attack
     define_fraction("attack_eps", 8 / 255, "L-inf radius in [0, 1] pixel units (8/255 or "
                     "0.0314 both work), training and validation PGD.", flag_values,

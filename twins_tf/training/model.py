@@ -31,4 +31,7 @@ def build_model(settings, num_replicas=1):
             weights.load_pretrained(model, s.pretrained)
         except (FileNotFoundError, weights.CheckpointError) as error:
             raise SetupError(f"--pretrained: {error}") from None
+    if s.lora_rank:  # AutoLoRa: its weights file still loads as the plain (main) network
+        from twins_tf import lora
+        model = lora.add_lora(model, s.lora_rank)
     return model

@@ -37,9 +37,10 @@ UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
 # Settings holding paths, stored absolute in config.json.
 PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
 # Settings newer than some config.json files, with the value such runs had.
-ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False}
+ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False,
+                  "lora_rank": 0}
 # Settings only `train` has: a pretrain run's config.json leaves them out.
-TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha")
+TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha", "lora_rank")
 
 # The defaults of the two binaries where they differ (spec §6 for fine-tuning; a common
 # PGD-AT recipe, shortened, for training from scratch).  `Settings` fills them in for the
@@ -90,6 +91,7 @@ class Settings:
     lambda_twins: float = 1.0
     l2sp_alpha: float = 0.01
     beta: float = 6.0
+    lora_rank: int = 0  # AutoLoRa's branch rank (twins_tf.lora); 0: no branch
     # attack
     attack_eps: float = 8 / 255
     attack_step: float = 2 / 255
@@ -144,6 +146,8 @@ class Settings:
                 continue
             if field.name == "num_classes" and value is None:
                 continue
+            if field.name == "lora_rank" and not value:  # runs without a LoRA branch keep
+                continue  # the keys they always had (read back as ADDED_SETTINGS' 0)
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -177,7 +181,7 @@ _NUMBERS = {"image_size": int, "upsample": int, "train_per_class": int,
             "max_train_examples": int, "max_validation_examples": int, "attack_steps": int,
             "epochs": int, "batch_size": int, "seed": int, "num_classes": int,
             "lambda_twins": float, "l2sp_alpha": float, "beta": float, "attack_eps": float,
-            "attack_step": float, "lr": float, "weight_decay": float}
+            "attack_step": float, "lr": float, "weight_decay": float, "lora_rank": int}
 _CHOICES = {"binary": BINARIES, "validation": data_lib.VALIDATION_PROTOCOLS,
             "strategy": STRATEGIES, "jit_compile": JIT_CHOICES,
             "mixed_precision": MIXED_PRECISION}
@@ -193,6 +197,20 @@ def _check_types(s):
     for name, choices in _CHOICES.items():
         _require(s[name] in choices, f"--{name}={s[name]!r} is not one of "
                                      f"{', '.join(map(str, choices))}.")
+
+
+def _check_lora(s):
+    """--lora_rank goes with AutoLoRa's method (plain BN: the paper has no wings) and only."""
+    rank, method = s["lora_rank"], methods_lib.get(s["method"])
+    _require(rank >= 0, f"--lora_rank must be >= 0, got {rank}.")
+    if method.lora:
+        _require(rank > 0, f"--method={method.name} trains a low-rank branch: pass "
+                           "--lora_rank=R > 0 (the paper's rank: 8).")
+        _require(not method.twin, f"--method={method.name} has no twin (two-wing) variant.")
+    else:
+        _require(rank == 0, f"--lora_rank={rank} is AutoLoRa's branch and only "
+                            f"--method=autolora trains it; drop --lora_rank for "
+                            f"--method={method.name}.")
 
 
 def _checked_values(settings):
@@ -236,6 +254,7 @@ def _checked_values(settings):
     if binary == TRAIN:
         _require(s["lambda_twins"] >= 0, "--lambda_twins must be >= 0.")
         _require(s["l2sp_alpha"] >= 0, "--l2sp_alpha must be >= 0.")
+    _check_lora(s)
     for name in ("max_train_examples", "max_validation_examples", "train_per_class"):
         _require(s.get(name) is None or s[name] >= 1, f"--{name} must be at least 1.")
     try:
