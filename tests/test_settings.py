@@ -25,6 +25,8 @@ TRAIN_CONFIG_KEYS = {
     "pretrained", "seed", "skip_bad_images", "strategy", "tfds_data_dir", "tpu_address",
     "train_per_class", "twin", "upsample", "validation", "weight_decay"}
 PRETRAIN_CONFIG_KEYS = TRAIN_CONFIG_KEYS - {"allow_random_init", "lambda_twins", "l2sp_alpha"}
+# Keys train runs have written since --init (README: the init flag group), pretrain runs not.
+INIT_CONFIG_KEYS = {"init", "init_epochs", "init_lr", "init_weight_decay", "stage"}
 
 
 def test_the_binaries_recipes_are_the_defaults(tmp_path):
@@ -95,7 +97,8 @@ def test_config_json_round_trip_keeps_the_old_format(tmp_path):
                                               f"--model_dir={tmp_path}"])).replace(num_classes=5)
     model_dir_lib.write_config(str(tmp_path), s)
     stored = json.loads((tmp_path / "config.json").read_text())
-    assert set(stored) == TRAIN_CONFIG_KEYS
+    assert set(stored) == TRAIN_CONFIG_KEYS | INIT_CONFIG_KEYS
+    assert (stored["init"], stored["stage"]) == ("random", "main")
     assert stored["lr_decay_epochs"] == [] and stored["attack_eps"] == 8 / 255
     assert stored["twin"] is True and stored["num_classes"] == 5
     assert model_dir_lib.read_settings(str(tmp_path)) == s
@@ -107,7 +110,7 @@ def test_config_json_round_trip_keeps_the_old_format(tmp_path):
 
 
 def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_values(tmp_path):
-    """A run from before --validation, --allow_random_init and --skip_bad_images."""
+    """A run from before --validation, --allow_random_init, --skip_bad_images and --init."""
     old = {"arch": "resnet18", "attack_eps": 0.03137254901960784,
            "attack_step": 0.01568627450980392, "attack_steps": 1, "batch_size": 16,
            "beta": 6.0, "binary": "train", "data_dir": None, "dataset": "digits_5_9",
@@ -121,6 +124,7 @@ def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_va
     (tmp_path / "config.json").write_text(json.dumps(old))
     s = model_dir_lib.read_settings(str(tmp_path))
     assert (s.validation, s.allow_random_init, s.skip_bad_images) == ("carve", False, False)
+    assert (s.init, s.stage) == ("random", "main")
     assert (s.method, s.num_classes, s.lr_decay_epochs, s.attack_steps) == (
         "twins_at", 5, (), 1)
     # and the run is the one these flags describe: it resumes

@@ -16,8 +16,8 @@ from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
 from twins_tf.models.resnet import ARCHITECTURES
 from twins_tf.training.settings import (
-    BINARIES, DEFAULTS, JIT_CHOICES, MIXED_PRECISION, PRETRAIN, PRETRAIN_METHODS, STRATEGIES,
-    TRAIN)
+    ADDED_SETTINGS, BINARIES, DEFAULTS, INIT_CHOICES, JIT_CHOICES, MIXED_PRECISION, PRETRAIN,
+    PRETRAIN_METHODS, STRATEGIES, TRAIN)
 
 # The flags `define_data_flags` defines, in order.
 DATA_FLAGS = ("dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
@@ -155,6 +155,20 @@ def define_flags(flag_values, binary):
                "the low-rank branch on every residual-stage convolution (the paper: 8). The "
                "lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and is halved "
                "automatically on the validation robust accuracy.", "method")
+    if binary == TRAIN:  # the head's initialisation (training.init_stage)
+        define("enum", "init", "random",
+               "How the fresh head starts: random; linear_probe (natural CE) or "
+               "robust_linear_probe (PGD-AT, RoLI) on the frozen --pretrained backbone for "
+               "--init_epochs first, a sub-run in <model_dir>/init, then --method from there.",
+               "init", enum_values=list(INIT_CHOICES))
+        define("integer", "init_epochs", ADDED_SETTINGS["init_epochs"],
+               "Epochs of the --init probe (RoLI's CIFAR linear probes: 20).", "init")
+        define("float", "init_lr", ADDED_SETTINGS["init_lr"],
+               "Learning rate of the --init probe: SGD (momentum 0.9), cosine decay to 0 over "
+               "its steps (RoLI's CIFAR-100: 0.1).", "init")
+        define("float", "init_weight_decay", ADDED_SETTINGS["init_weight_decay"],
+               "Coupled L2 weight decay of the head during the --init probe (RoLI's "
+               "CIFAR-100: 1e-3).", "init")
     # attack
     define_fraction("attack_eps", 8 / 255, "L-inf radius in [0, 1] pixel units (8/255 or "
                     "0.0314 both work), training and validation PGD.", flag_values,

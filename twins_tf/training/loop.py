@@ -11,7 +11,7 @@ demo, a notebook) gets only its own settings.
 import dataclasses
 import os
 
-from twins_tf.training import backup, model_dir as model_dir_lib
+from twins_tf.training import backup, init_stage, model_dir as model_dir_lib
 from twins_tf.training.model import build_model
 from twins_tf.training.settings import Settings, SetupError, as_settings
 from twins_tf.training.trainer_setup import make_trainer, pipelines
@@ -100,6 +100,7 @@ def prepare(settings):
         # A worker refuses exactly when the chief does, rather than waiting for it forever.
         model_dir_lib.check_model_dir(s.model_dir, s)
     state = model_dir_lib.check_model_dir(output_dir, s)
+    init_stage.check(s)  # <model_dir>/init, the --init probe's sub-run
     prepared = PreparedRun(settings=s, output_dir=output_dir, state=state, strategy=strategy,
                            spec=spec, splits=splits, steps_per_epoch=steps,
                            chief=multi_worker.is_chief(strategy))
@@ -148,7 +149,9 @@ def fit(prepared, *, verbose="auto"):
     """Trains a prepared run (new or resumed) to its last epoch and writes its files.
 
     A finished run whose `--epochs` was raised is extended: it resumes from its backup (kept
-    when it finished) and trains the extra epochs.
+    when it finished) and trains the extra epochs.  With `--init` != random a run that has
+    not finished an epoch first runs (resumes, or reuses when finished) its init stage in
+    `<model_dir>/init` and starts from that head (`training.init_stage`).
 
     Returns:
       The run summary (also written to `summary.json`).
@@ -165,9 +168,12 @@ def fit(prepared, *, verbose="auto"):
         backup.repair_backup(out)
         start_epoch = backup.resume_epoch(out)
     train_ds, validation_ds = pipelines(s, prepared.spec, prepared.splits, start_epoch)
+    model_dir_lib.write_config(out, s)
+    if s.stage == "main" and s.init != "random" and start_epoch == 0:
+        # a resumed epoch > 0 restores the whole model, head included, from the backup
+        _run_init_stage(prepared, verbose)
     with prepared.strategy.scope():
         trainer = make_trainer(prepared.model, s, prepared.steps_per_epoch)
-    model_dir_lib.write_config(out, s)
     callbacks, best_weights = _callbacks(prepared, validation_ds, train_ds)
     print(f"{s.binary}: {s.method} {s.arch} on {s.dataset} "
           f"({prepared.steps_per_epoch} steps/epoch, {s.epochs} epochs, "
@@ -189,6 +195,17 @@ def fit(prepared, *, verbose="auto"):
     model_dir_lib.write_json(os.path.join(out, model_dir_lib.SUMMARY_FILE), summary)
     backup.drop_previous_pair(out)
     return summary
+
+
+def _run_init_stage(prepared, verbose):
+    """Runs (resumes, or finds finished) the `--init` probe of a prepared main run in
+    `<model_dir>/init`, then sets the main model's head to the probe's best one."""
+    s = prepared.settings
+    sub = init_stage.init_settings(s)
+    print(f"{s.binary}: --init={s.init}: the head first, on the frozen backbone "
+          f"({sub.method}, {sub.epochs} epochs); {sub.model_dir}", flush=True)
+    run(sub, verbose=verbose)
+    init_stage.load_head(prepared.model, sub.model_dir, strategy=prepared.strategy)
 
 
 def run(settings, *, verbose="auto"):

@@ -28,6 +28,11 @@ PRETRAIN_METHODS = ("at", "trades", "clean")
 STRATEGIES = distribute.STRATEGIES
 JIT_CHOICES = ("auto", "true", "false")
 MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# --init: how the fresh head starts (training.init_stage).  A probe is a sub-run in
+# <model_dir>/init/ training the head alone with this method; `stage` says which run it is.
+INIT_METHODS = {"linear_probe": "clean", "robust_linear_probe": "at"}
+INIT_CHOICES = ("random", *INIT_METHODS)
+STAGES = ("main", "init")
 
 # Keys that may differ between a run and its resumption: where data lives, how to execute.
 LOCATION_KEYS = ("model_dir", "data_dir", "tfds_data_dir")
@@ -38,9 +43,11 @@ UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
 PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
 # Settings newer than some config.json files, with the value such runs had.
 ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False,
-                  "lora_rank": 0}
+                  "init": "random", "init_epochs": 20, "init_lr": 0.1, "init_weight_decay": 1e-3,
+                  "stage": "main", "lora_rank": 0}
 # Settings only `train` has: a pretrain run's config.json leaves them out.
-TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha", "lora_rank")
+TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha", "init", "init_epochs", "init_lr",
+              "init_weight_decay", "stage", "lora_rank")
 
 # The defaults of the two binaries where they differ (spec §6 for fine-tuning; a common
 # PGD-AT recipe, shortened, for training from scratch).  `Settings` fills them in for the
@@ -92,6 +99,12 @@ class Settings:
     l2sp_alpha: float = 0.01
     beta: float = 6.0
     lora_rank: int = 0  # AutoLoRa's branch rank (twins_tf.lora); 0: no branch
+    # initialisation of the head (training.init_stage; defaults: RoLI's CIFAR-100 probe)
+    init: str = "random"
+    init_epochs: int = 20
+    init_lr: float = 0.1
+    init_weight_decay: float = 1e-3
+    stage: str = "main"
     # attack
     attack_eps: float = 8 / 255
     attack_step: float = 2 / 255
@@ -181,10 +194,11 @@ _NUMBERS = {"image_size": int, "upsample": int, "train_per_class": int,
             "max_train_examples": int, "max_validation_examples": int, "attack_steps": int,
             "epochs": int, "batch_size": int, "seed": int, "num_classes": int,
             "lambda_twins": float, "l2sp_alpha": float, "beta": float, "attack_eps": float,
-            "attack_step": float, "lr": float, "weight_decay": float, "lora_rank": int}
+            "attack_step": float, "lr": float, "weight_decay": float, "init_epochs": int,
+            "init_lr": float, "init_weight_decay": float, "lora_rank": int}
 _CHOICES = {"binary": BINARIES, "validation": data_lib.VALIDATION_PROTOCOLS,
             "strategy": STRATEGIES, "jit_compile": JIT_CHOICES,
-            "mixed_precision": MIXED_PRECISION}
+            "mixed_precision": MIXED_PRECISION, "init": INIT_CHOICES, "stage": STAGES}
 
 
 def _check_types(s):
@@ -197,6 +211,28 @@ def _check_types(s):
     for name, choices in _CHOICES.items():
         _require(s[name] in choices, f"--{name}={s[name]!r} is not one of "
                                      f"{', '.join(map(str, choices))}.")
+
+
+def _check_init(s):
+    """--init and its settings (training.init_stage), and what an init stage's run must be."""
+    if s["binary"] == PRETRAIN:
+        _require(s["init"] == "random" and s["stage"] == "main",
+                 f"--init={s['init']} probes a pre-trained backbone; pretrain trains from "
+                 "scratch: drop --init, or fine-tune with python -m twins_tf.train.")
+        return
+    _require(s["init_epochs"] >= 1, "--init_epochs must be at least 1.")
+    _require(s["init_lr"] > 0, "--init_lr must be positive.")
+    _require(s["init_weight_decay"] >= 0, "--init_weight_decay must be >= 0.")
+    if s["init"] != "random" and not s.get("pretrained") and not s.get("allow_random_init"):
+        raise SetupError(f"--init={s['init']} trains a head on the frozen --pretrained backbone "
+                         "but no --pretrained was given: pass --pretrained=... (or "
+                         "--allow_random_init to probe a random backbone).")
+    if s["stage"] == "init":
+        _require(s["init"] in INIT_METHODS and s["method"] == INIT_METHODS[s["init"]],
+                 f"stage='init' is the head-probing sub-run of --init=linear_probe "
+                 f"(--method=clean) or robust_linear_probe (--method=at), not of "
+                 f"--init={s['init']} --method={s['method']}: run python -m twins_tf.train "
+                 "with --init instead.")
 
 
 def _check_lora(s):
@@ -273,6 +309,7 @@ def _checked_values(settings):
     if binary == PRETRAIN:
         _require(not s["pretrained"], "pretrain trains from scratch and takes no "
                                       "--pretrained; fine-tune with python -m twins_tf.train.")
+    _check_init(s)
     if not s.get("model_dir"):
         raise SetupError("--model_dir is required: the run writes its config, weights, "
                          "metrics and backup there.")

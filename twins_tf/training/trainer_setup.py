@@ -1,5 +1,6 @@
 """`make_trainer` and `pipelines`: the compiled `AdversarialTrainer` and the data of a run."""
-from twins_tf.training.schedule import learning_rate_schedule
+from twins_tf.training import init_stage
+from twins_tf.training.schedule import cosine_schedule, learning_rate_schedule
 from twins_tf.training.settings import as_settings
 
 
@@ -7,7 +8,9 @@ def make_trainer(model, settings, steps_per_epoch):
     """The `AdversarialTrainer` of a run, compiled with SGD(momentum 0.9) and the schedule.
 
     Training PGD starts at a random point in the eps-ball; validation PGD starts at the
-    clean image (spec §7: no random start at evaluation).
+    clean image (spec §7: no random start at evaluation).  The init stage of `--init`
+    (`settings.stage == "init"`) trains only the head: the rest of `model` is frozen here
+    (`init_stage.freeze_backbone`), and its schedule is the cosine decay over its steps.
     """
     import keras
 
@@ -17,6 +20,11 @@ def make_trainer(model, settings, steps_per_epoch):
 
     s = as_settings(settings)
     method = methods_lib.get(s.method)
+    if s.stage == "init":
+        init_stage.freeze_backbone(model)
+        schedule = cosine_schedule(s.lr, s.epochs * steps_per_epoch)
+    else:
+        schedule = learning_rate_schedule(s.lr, s.lr_decay_epochs, steps_per_epoch)
     pgd = dict(epsilon=s.attack_eps, step_size=s.attack_step, steps=s.attack_steps,
                seed=s.seed)
     trainer = AdversarialTrainer(
@@ -29,8 +37,7 @@ def make_trainer(model, settings, steps_per_epoch):
         weight_decay=s.weight_decay,
         l2sp_alpha=s.l2sp_alpha,
     )
-    optimizer = keras.optimizers.SGD(
-        learning_rate_schedule(s.lr, s.lr_decay_epochs, steps_per_epoch), momentum=0.9)
+    optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
     trainer.compile(optimizer=optimizer, jit_compile=s.keras_jit_compile)
     return trainer
 
