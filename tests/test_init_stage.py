@@ -152,7 +152,8 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(binary="pretrain", pretrained=None), "pretrain trains from scratch: drop --init"),
+    (dict(binary="pretrain", pretrained=None, method="at"),
+     "pretrain trains from scratch: drop --init"),
     (dict(pretrained=None, method="at"), "--init=robust_linear_probe trains a head on the "
                                          "frozen --pretrained backbone but no --pretrained"),
     (dict(init_epochs=0), "--init_epochs must be at least 1"),
@@ -181,7 +182,8 @@ def test_random_init_with_allow_random_init_and_a_probe_dir_of_other_settings(tm
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "config.json").write_text(json.dumps(other.to_dict()))
     before = file_snapshot(tmp_path)
-    with pytest.raises(SetupError, match=r"init holds a run with different settings \(lr: "
-                                         r"0\.5 in the run, 0\.1 now\)") as error:
+    with pytest.raises(SetupError, match=r"init holds a run with different settings \(init_lr: "
+                                         r"0\.5 in the run, 0\.1 now; lr: 0\.5 in the run, "
+                                         r"0\.1 now\)") as error:
         init_stage.check(s)
     assert "\n" not in str(error.value) and file_snapshot(tmp_path) == before
