@@ -1,0 +1,408 @@
+"""AutoLoRa in the engine against references written here from the paper and its code.
+
+* The training step: a PyTorch AutoLoRa step on the torchvision-layout ResNet-18 of
+  tests/torch_resnet.py with the paper's ConvLoRA branch on every residual-stage conv, its
+  gradient routing done the authors' way (`requires_grad` switched between the natural and
+  the adversarial forward), `SGD(lr, momentum=0.9, weight_decay=wd)`; same weights, same
+  batch, PGD without random start.  Every weight after the step (main path, BN statistics,
+  head, LoRA A and B) is compared.
+* The automated scalars and learning rate: the paper's formulas / the authors' epoch loop
+  transcribed in numpy, on given accuracies.
+* Settings errors, the train binary end to end on tiny data, export / load_run round trip.
+"""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import binaries_testlib as testlib
+from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
+from twins_tf import AdversarialTrainer, lora, methods
+from twins_tf.attacks import PGD
+from twins_tf.models.resnet import build_resnet
+from twins_tf.training.settings import Settings, SetupError
+
+LR, WD, EPS, ALPHA, STEPS = 0.01, 1e-3, 8 / 255, 2 / 255, 2
+CLASSES, RANK, SIZE, BATCH = 4, 2, 32, 8
+NATURAL = [False]  # the torch reference's branch switch (the paper's thread='nat')
+
+
+# === the PyTorch reference ====================================================================
+class TorchLoRAConv(nn.Module):
+    """The paper's ConvLoRA: natural thread W + (B @ A).view(W.shape) / r, else W."""
+
+    def __init__(self, conv, rank):
+        super().__init__()
+        self.conv = conv
+        out_ch, in_ch, k, _ = conv.weight.shape
+        self.lora_A = nn.Parameter(torch.zeros(rank * k, in_ch * k))
+        self.lora_B = nn.Parameter(torch.zeros(out_ch * k, rank * k))
+        self.scaling = 1.0 / rank
+
+    def forward(self, x):
+        weight = self.conv.weight
+        if NATURAL[0]:
+            weight = weight + (self.lora_B @ self.lora_A).view(weight.shape) * self.scaling
+        return F.conv2d(x, weight, None, self.conv.stride, self.conv.padding)
+
+
+class TorchBiasedBN(nn.BatchNorm2d):
+    """BatchNorm2d whose running variance takes the biased batch variance (Keras's EMA)."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        with torch.no_grad():
+            self.running_mean.mul_(0.9).add_(0.1 * mean)
+            self.running_var.mul_(0.9).add_(0.1 * var)
+        shape = (1, -1, 1, 1)
+        return ((x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5)
+                * self.weight.view(shape) + self.bias.view(shape))
+
+
+def _replace(net, kind, make):
+    for name, module in list(net.named_modules()):
+        if isinstance(module, kind) and name:
+            parent, _, child = name.rpartition(".")
+            owner = net.get_submodule(parent) if parent else net
+            setattr(owner, child, make(name, module))
+
+
+def torch_autolora_net(seed):
+    net = torch_resnet("resnet18", num_classes=CLASSES, seed=seed)
+
+    def biased(_, bn):
+        new = TorchBiasedBN(bn.num_features)
+        new.load_state_dict(bn.state_dict())
+        return new
+
+    _replace(net, nn.BatchNorm2d, biased)
+    _replace(net, nn.Conv2d, lambda name, conv: conv if name == "conv1"
+             else TorchLoRAConv(conv, RANK))
+    return net
+
+
+def torch_autolora_step(net, x_nhwc, y_np, lambda1, lambda2):
+    """One step of the authors' loop: PGD on the main thread in eval mode, the natural forward
+    with only the LoRA branch and the head trainable, the adversarial forward with everything
+    but the branch trainable, the objective, backward, SGD."""
+    pixel = TorchPixelResNet(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, weight_decay=WD)
+    x, y = torch.tensor(x_nhwc.transpose(0, 3, 1, 2)), torch.tensor(y_np)
+    NATURAL[0] = False
+    x_adv = torch_pgd(pixel, x, y, EPS, ALPHA, STEPS).detach()
+    pixel.train()
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora" in n or n.startswith("fc."))
+    NATURAL[0] = True
+    z_nat = pixel(x)
+    NATURAL[0] = False
+    for n, p in net.named_parameters():
+        p.requires_grad_("lora" not in n)
+    z_adv = pixel(x_adv)
+    kl = nn.KLDivLoss(reduction="sum")(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1))
+    loss = (lambda1 * F.cross_entropy(z_nat, y) + (1 - lambda1) * F.cross_entropy(z_adv, y)
+            + lambda2 * kl / len(y))
+    for p in net.parameters():
+        p.requires_grad_(True)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item(), x_adv.numpy().transpose(0, 2, 3, 1)
+
+
+# === both frameworks' state ==================================================================
+def _state(net, wrapped=None):
+    """{key: value in Keras layout}: of the torch net, or (wrapped given) of the Keras model."""
+    out = {}
+    for name, module in net.named_modules():
+        key = name.replace(".", "_")
+        if isinstance(module, TorchLoRAConv):
+            pairs = {f"{key}_lora/lora_a": module.lora_A, f"{key}_lora/lora_b": module.lora_B,
+                     f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0)}
+        elif isinstance(module, nn.Conv2d) and name == "conv1":
+            pairs = {f"{key}/kernel": module.weight.permute(2, 3, 1, 0)}
+        elif isinstance(module, nn.BatchNorm2d):
+            pairs = {f"{key}/gamma": module.weight, f"{key}/beta": module.bias,
+                     f"{key}/moving_mean": module.running_mean,
+                     f"{key}/moving_variance": module.running_var}
+        elif isinstance(module, nn.Linear):
+            pairs = {f"{key}/kernel": module.weight.T, f"{key}/bias": module.bias}
+        else:
+            continue
+        for k, v in pairs.items():
+            if wrapped is None:
+                out[k] = v.detach().numpy().copy()
+            else:
+                layer, variable = k.split("/")
+                out[k] = np.asarray(getattr(wrapped.get_layer(layer), variable)).copy()
+    return out
+
+
+def keras_pair(seed=3):
+    """The torch AutoLoRa net and the Keras LoRA ResNet-18 with the same weights; B nonzero so
+    the natural path differs from the main one from the first step."""
+    from twins_tf.weights import load_torch_state_dict
+
+    net = torch_autolora_net(seed)
+    plain_keys = {k.replace(".conv.weight", ".weight"): v for k, v in net.state_dict().items()
+                  if "lora" not in k}
+    model = build_resnet("resnet18", CLASSES, twin=False, input_shape=(SIZE, SIZE, 3))
+    load_torch_state_dict(model, {k: v.numpy() for k, v in plain_keys.items()}, head=True)
+    wrapped = lora.add_lora(model, RANK)
+    rng = np.random.default_rng(seed)
+    modules = dict(net.named_modules())
+    for branch in lora.lora_branches(wrapped):
+        module = modules[branch.target.replace("_", ".")]
+        a = rng.normal(size=branch.lora_a.shape).astype("float32")
+        b = 0.02 * rng.normal(size=branch.lora_b.shape).astype("float32")
+        branch.lora_a.assign(a)
+        branch.lora_b.assign(b)
+        with torch.no_grad():
+            module.lora_A.copy_(torch.tensor(a))
+            module.lora_B.copy_(torch.tensor(b))
+    return wrapped, net
+
+
+def _batch(seed=4):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(BATCH, SIZE, SIZE, 3)).astype("float32"), rng.integers(
+        0, CLASSES, BATCH)
+
+
+def _trainer(wrapped, lambda1, lambda2):
+    trainer = AdversarialTrainer(wrapped, method="autolora", attack=PGD(EPS, ALPHA, STEPS),
+                                 weight_decay=WD)
+    trainer.compile(keras.optimizers.SGD(LR, momentum=0.9))
+    trainer.autolora_lambda1.assign(lambda1)
+    trainer.autolora_lambda2.assign(lambda2)
+    return trainer
+
+
+# === the step ================================================================================
+def test_autolora_step_matches_the_authors_pytorch_step():
+    """All weights (main path, BN statistics, head, LoRA A/B) after one step, the loss and the
+    step's adversarial examples.  One step on a random ResNet-18: see test_trainer's
+    ResNet-18 case for why a second step is not compared at this depth."""
+    wrapped, net = keras_pair()
+    x, y = _batch()
+    lambda1, lambda2 = methods.autolora_lambdas(0.25)
+    trainer = _trainer(wrapped, lambda1, lambda2)
+    before = _state(net, wrapped)
+    assert before.keys() == _state(net).keys()
+    for key, value in _state(net).items():
+        np.testing.assert_allclose(before[key], value, atol=1e-6, err_msg=key)
+
+    torch_loss, torch_adv = torch_autolora_step(net, x, y, lambda1, lambda2)
+    x_adv = tf.function(trainer.attack.attack)(wrapped, x, y)
+    np.testing.assert_allclose(x_adv.numpy(), torch_adv, atol=1e-6)
+    logs = trainer.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(logs["loss"], torch_loss, rtol=1e-4)
+
+    got, expected = _state(net, wrapped), _state(net)
+    moved = {"lora": 0, "main": 0}
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+        change, expected_change = got[key] - before[key], value - before[key]
+        scale = np.linalg.norm(expected_change)
+        if scale > 1e-7:
+            moved["lora" if "_lora/" in key else "main"] += 1
+            assert np.linalg.norm(change - expected_change) <= 1e-3 * scale, key
+    assert moved["lora"] == 2 * 19 and moved["main"] > 40
+
+
+def test_natural_branch_accuracy_and_lambdas_follow_the_papers_formula():
+    """lambda1 = 1 - a, lambda2 = 6 a, a the natural path's clean accuracy in eval mode (the
+    authors' test_nat_branch), here against the torch natural thread's predictions."""
+    for a in (0.0, 0.3, 0.875, 1.0):
+        np.testing.assert_allclose(methods.autolora_lambdas(a), (1 - a, 6 * a))
+    np.testing.assert_allclose(methods.autolora_lambdas(0.5, beta=2.0), (0.5, 1.0))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        methods.autolora_lambdas(1.5)
+
+    wrapped, net = keras_pair(seed=5)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(size=(12, SIZE, SIZE, 3)).astype("float32")
+    pixel = TorchPixelResNet(net).eval()
+    NATURAL[0] = True
+    with torch.no_grad():
+        predictions = pixel(torch.tensor(x.transpose(0, 3, 1, 2))).argmax(1).numpy()
+    NATURAL[0] = False
+    y = predictions.copy()
+    y[:5] = (y[:5] + 1) % CLASSES  # 7 of 12 right
+    trainer = _trainer(wrapped, 0.0, 0.0)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    assert trainer.update_autolora_lambdas(data) == pytest.approx(7 / 12)
+    np.testing.assert_allclose(
+        [trainer.autolora_lambda1.numpy(), trainer.autolora_lambda2.numpy()],
+        [1 - 7 / 12, 6 * 7 / 12], rtol=1e-6)
+    assert trainer.natural_branch_accuracy(data, steps=1) == pytest.approx(
+        np.mean(predictions[:5] == y[:5]))
+
+
+def test_autolora_objective_against_numpy():
+    rng = np.random.default_rng(0)
+    z_nat, z_adv = rng.normal(size=(2, 6, 5)).astype("float32")
+    y = rng.integers(0, 5, 6)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    ce = lambda z: -log_softmax(z)[np.arange(6), y].mean()  # noqa: E731
+    p = np.exp(log_softmax(z_nat))
+    kl = (p * (log_softmax(z_nat) - log_softmax(z_adv))).sum() / 6
+    expected = 0.3 * ce(z_nat) + 0.7 * ce(z_adv) + 2.5 * kl
+    got = methods.autolora(z_nat, z_adv, y, lambda1=0.3, lambda2=2.5)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+# === the automated learning rate ===============================================================
+def paper_schedule(accuracies, max_epoch=60):
+    """The authors' epoch loop, transcribed: per epoch (eta multiplier, reloaded?)."""
+    windows = list(range(0, 57, 4))
+    loss_list = np.zeros(max_epoch + 1)
+    loss_min = [0.0] * len(windows)
+    eta_list = [0.0] * len(windows)
+    eta, w, max_acc = 1.0, 1, -1.0
+    eta_list[0] = eta
+    out = []
+    for epoch, acc in enumerate(accuracies, start=1):
+        reloaded = False
+        loss_list[epoch - 1] = acc
+        if acc > max_acc:
+            loss_min[w] = acc
+            max_acc = acc
+        if epoch - 1 == windows[w]:
+            count = sum(loss_list[j + 1] > loss_list[j] for j in range(windows[w - 1], windows[w]))
+            if count < 0.75 * (windows[w] - windows[w - 1]):
+                eta /= 2
+                eta_list[w] = eta
+                reloaded = True
+            elif eta_list[w] == eta_list[w - 1] and loss_min[w] == loss_min[w - 1]:
+                eta /= 2
+                eta_list[w] = eta
+                reloaded = True
+            if w < len(windows) - 1:
+                w += 1
+                loss_min[w] = loss_min[w - 1]
+                eta_list[w] = eta_list[w - 1]
+        out.append((eta, reloaded))
+    return out
+
+
+def _run_schedule(accuracies):
+    from twins_tf.trainer import AUTOLORA_WINDOWS, autolora_schedule
+
+    n = len(AUTOLORA_WINDOWS)
+    state = dict(history=np.zeros(AUTOLORA_WINDOWS[-1] + 2), window=1, max_acc=-1.0,
+                 best=np.zeros(n), etas=np.eye(1, n)[0], eta=1.0)
+    out = []
+    for epoch, acc in enumerate(accuracies, start=1):
+        state, actions = autolora_schedule(state, epoch, acc)
+        out.append((state["eta"], actions["halve"]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["random", "rising", "flat", "rising_then_noisy"])
+def test_learning_rate_windows_match_the_authors_loop(kind):
+    rng = np.random.default_rng({"random": 0, "rising": 1, "flat": 2,
+                                 "rising_then_noisy": 3}[kind])
+    accuracies = {
+        "random": rng.uniform(0.2, 0.5, 60),
+        "rising": np.linspace(0.1, 0.6, 60),
+        "flat": np.full(60, 0.3),
+        "rising_then_noisy": np.concatenate([np.linspace(0.1, 0.4, 20),
+                                             0.4 + 0.05 * rng.standard_normal(40)]),
+    }[kind]
+    expected = paper_schedule(accuracies)
+    assert _run_schedule(accuracies) == expected
+    if kind == "rising":
+        assert all(eta == 1.0 for eta, _ in expected)
+    else:
+        assert any(reloaded for _, reloaded in expected)
+
+
+def test_epoch_end_keeps_the_best_weights_and_restores_them_when_halving():
+    wrapped, _ = keras_pair(seed=7)
+    trainer = _trainer(wrapped, 0.5, 0.5)
+    kernel = wrapped.get_layer("fc").kernel
+    best = kernel.numpy().copy()
+    assert trainer.autolora_epoch_end(0, 0.40)["new_best"]
+    for epoch, acc in enumerate([0.30, 0.35, 0.20, 0.25], start=1):  # 2 rises of 4 < 3
+        kernel.assign(best + epoch)
+        actions = trainer.autolora_epoch_end(epoch, acc)
+        assert not actions["new_best"] and actions["halve"] == (epoch == 4)
+    np.testing.assert_array_equal(kernel.numpy(), best)
+    assert float(trainer.autolora_lr_scale.numpy()) == 0.5
+
+
+# === settings, binaries ========================================================================
+def _settings(**changes):
+    base = dict(dataset="cifar10", model_dir="/tmp/x", method="autolora", lora_rank=4,
+                pretrained="/tmp/p.weights.h5")
+    return Settings(**{**base, **changes})
+
+
+def test_setup_errors():
+    assert _settings().lora_rank == 4 and not _settings().twin
+    with pytest.raises(SetupError, match="--lora_rank=R > 0"):
+        _settings(lora_rank=0)
+    with pytest.raises(SetupError, match="only --method=autolora trains it"):
+        _settings(method="at")
+    with pytest.raises(SetupError, match="only --method=autolora trains it"):
+        _settings(method="twins_at")
+    with pytest.raises(SetupError, match="--lora_rank must be >= 0"):
+        _settings(method="at", lora_rank=-1)
+    with pytest.raises(SetupError, match="--lora_rank must be an integer"):
+        _settings(lora_rank=2.5)
+    # config.json: a run without a branch keeps its old keys, an AutoLoRa run records it
+    assert "lora_rank" not in _settings(method="at", lora_rank=0).to_dict()
+    assert _settings().to_dict()["lora_rank"] == 4
+    assert Settings.from_dict(_settings(method="at", lora_rank=0).to_dict()).lora_rank == 0
+
+
+def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
+    plain = build_resnet("resnet18", CLASSES, twin=False, input_shape=(16, 16, 3))
+    with pytest.raises(ValueError, match="add_lora"):
+        AdversarialTrainer(plain, method="autolora", attack=PGD(EPS, ALPHA, 1))
+    twin = build_resnet("resnet18", CLASSES, twin=True, input_shape=(16, 16, 3))
+    with pytest.raises(ValueError, match="plain-BN model"):
+        AdversarialTrainer(lora.add_lora(twin, RANK), method="autolora",
+                           attack=PGD(EPS, ALPHA, 1))
+
+
+def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_path):
+    """`train --method=autolora --lora_rank=2` on tiny digits; load_run and export give the
+    main path (what the paper evaluates), identical to the trained model's main forward."""
+    from twins_tf import run_config, runs, serving, train
+
+    pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    model_dir = tmp_path / "run"
+    args = ["--dataset=digits_5_9", *testlib.TINY, "--method=autolora", "--lora_rank=2",
+            "--epochs=1", "--lr=0.01", "--weight_decay=1e-4", f"--pretrained={pretrained}",
+            f"--model_dir={model_dir}"]
+    summary = train.run(testlib.settings("train", args), verbose=0)
+    metrics = (model_dir / "metrics.csv").read_text()
+    assert "natural_branch_acc" in metrics and "autolora_lambda1" in metrics
+    assert summary["final"]["autolora_lr_scale"] == 1.0  # no window check before epoch 5
+    assert run_config.read_config(str(model_dir))["lora_rank"] == 2
+
+    loaded = runs.load_run(model_dir)
+    assert not lora.lora_branches(loaded)
+    trained = lora.add_lora(build_resnet("resnet18", 5, twin=False, input_shape=(16, 16, 3)), 2)
+    trained.load_weights(model_dir / run_config.BEST_WEIGHTS)
+    assert any(np.asarray(b.lora_b).any() for b in lora.lora_branches(trained))
+    x = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(loaded(x).numpy(), trained(x).numpy(), atol=1e-6)
+    with lora.natural_branch():
+        assert np.abs(trained(x).numpy() - loaded(x).numpy()).max() > 1e-6
+
+    serving.export_run(model_dir, tmp_path / "saved")
+    served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    out = list(served(tf.constant(x)).values())[0].numpy()
+    np.testing.assert_allclose(out, loaded(x).numpy(), rtol=1e-5, atol=1e-5)
