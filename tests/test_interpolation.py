@@ -194,6 +194,12 @@ def test_the_table_equals_an_independent_evaluation_on_the_validation_split(runs
     assert record["rows"] == [vars(r) for r in expected] and record["best_alpha"] == best.alpha
     assert record["request"]["run_a"]["model_dir"] == str(runs["twin_a"])
     assert record["validation"]["split"] == "validation"
+    written_config = json.loads((out / "config.json").read_text())
+    assert written_config == {**config, "model_dir": str(out), "twin": False}  # B's, plain
+    with pytest.raises(SetupError, match="holds another interpolation .*use a new output_dir "
+                       r"or overwrite=True \(--overwrite\)") as error:
+        interpolate_runs(runs["twin_a"], runs["b"], out, alphas=[0.5], validation_examples=24)
+    _one_line(error)
     # the written run is the selected alpha's network
     reference.set_weights(arrays[best.alpha])
     probe = _images(config)
@@ -212,6 +218,7 @@ def test_selection_is_the_argmax_with_the_stated_tie_rule():
     assert select_alpha(list(reversed(rows)), "robust") == 0.4  # not the order of the grid
     with pytest.raises(SetupError, match="select='best': choose one of robust, clean"):
         select_alpha(rows, "best")
+    assert twins_tf.interpolate_runs is interpolate_runs  # the package's lazy name
 
 
 def _one_line(error):
@@ -329,3 +336,14 @@ def test_binary_end_to_end_then_evaluate_and_export_accept_the_run(runs, tmp_pat
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "interpolate: error: output_dir=")
+    # --overwrite replaces it, and drops the evaluation report of the network that is gone
+    assert (out / "evaluation_validation.json").exists()
+    replaced = run_binary("interpolate", [f"--run_a={runs['a']}", f"--run_b={runs['b']}",
+                                          f"--output_dir={out}", "--alphas=1",
+                                          "--validation_examples=16", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert json.loads((out / interpolation.INTERPOLATION_FILE).read_text())["best_alpha"] == 1.0
+    assert not (out / "evaluation_validation.json").exists()
+    np.testing.assert_allclose(twins_tf.load_run(out)(images, training=False).numpy(),
+                               _keras_model(runs["b"])(images, training=False).numpy(),
+                               rtol=1e-5, atol=1e-5)

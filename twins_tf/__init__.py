@@ -14,8 +14,8 @@ from twins_tf.attacks import apgd, autoattack, fab, pgd, square  # noqa: F401,E4
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "methods", "models", "runs", "trainer",
-                    "training", "weights")
+_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "interpolation", "methods", "models",
+                    "runs", "trainer", "training", "weights")
 
 
 def __getattr__(name):
@@ -25,8 +25,10 @@ def __getattr__(name):
         return importlib.import_module("twins_tf.trainer").AdversarialTrainer
     if name == "load_run":  # the model of a train/pretrain run (twins_tf.runs)
         return importlib.import_module("twins_tf.runs").load_run
+    if name == "interpolate_runs":  # WiSE-FT between two runs (twins_tf.interpolation)
+        return importlib.import_module("twins_tf.interpolation").interpolate_runs
     raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")
 
 
 __all__ = ["TwinBatchNormalization", "twinify", "untwin", "AdversarialTrainer", "load_run",
-           *_LAZY_SUBMODULES]
+           "interpolate_runs", *_LAZY_SUBMODULES]

@@ -41,6 +41,8 @@ def define_flags(flag_values):
                     flag_values, None)
     flags.DEFINE_integer("attack_steps", None, "Validation PGD steps (default: the runs').",
                          **options)
+    flags.DEFINE_bool("overwrite", False, "Replace an earlier interpolation (of another "
+                      "request) in --output_dir.", **options)
 
 
 def main(argv, flag_values=flags.FLAGS):
@@ -56,7 +58,8 @@ def main(argv, flag_values=flags.FLAGS):
         result = interpolate_runs(
             f.run_a, f.run_b, f.output_dir, alphas=f.alphas, select=f.select,
             validation_examples=f.validation_examples, batch_size=f.batch_size,
-            attack_eps=f.attack_eps, attack_step=f.attack_step, attack_steps=f.attack_steps)
+            attack_eps=f.attack_eps, attack_step=f.attack_step, attack_steps=f.attack_steps,
+            overwrite=f.overwrite)
     except SetupError as error:
         sys.exit(f"interpolate: error: {error}")
     print(f"{'alpha':>6} {'clean':>8} {'pgd':>8}   ({result.validation_examples} validation "

@@ -23,8 +23,11 @@ and the output is a plain-BN run (config.json `twin: false`).  A twin run and a 
 No library does this: Keras has no model arithmetic, and the papers' code is PyTorch loops
 over a state_dict.  Output files (`output_dir`):
 
-    config.json            run A's settings with `model_dir` = output_dir and `twin` = false
-                           (what `load_run` / `evaluate` / `export` rebuild the network from)
+    config.json            run B's settings (by convention the fine-tuned end) with
+                           `model_dir` = output_dir, `twin` = false and the validation attack
+                           used: what `load_run` / `evaluate` / `export` rebuild the network
+                           and its data from.  It is not a run `train` can resume (no
+                           backup/; `twin` is the network written, whatever `method` says)
     best.weights.h5        the selected alpha's network; last.weights.h5 the same file (an
                            interpolation has no epochs, and `weights="last"` should not fail)
     interpolation.json     both sources (directory, weights file, sha256), the grid, the
@@ -32,8 +35,10 @@ over a state_dict.  Output files (`output_dir`):
     interpolation.png      clean and PGD validation accuracy against alpha
     tensorboard/           the same curves as TensorBoard scalars (step = grid index)
 
-A second call with the same request (sources, weights, grid, selection, examples, attack)
-returns the stored result; a different request into a used output_dir is refused.
+A second call with the same request (sources, weights and their sha256, grid, selection,
+examples, attack) returns the stored result; a different request into an output_dir that holds
+an interpolation is refused unless `overwrite=True` (never into a directory holding anything
+else).
 """
 import dataclasses
 import hashlib
@@ -183,8 +188,9 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _stored_result(output_dir, request):
-    """The stored result for the same request, None for a fresh output_dir; refuses others."""
+def _stored_result(output_dir, request, overwrite):
+    """The stored result for the same request, None for a fresh output_dir (or an earlier
+    interpolation to overwrite); refuses anything else."""
     path = os.path.join(output_dir, INTERPOLATION_FILE)
     if os.path.isfile(path):
         import json
@@ -194,9 +200,11 @@ def _stored_result(output_dir, request):
         if stored.get("request") == request and os.path.isfile(
                 os.path.join(output_dir, run_files.BEST_WEIGHTS)):
             return _result_from_record(stored, output_dir)
+        if overwrite:
+            return None
         raise SetupError(f"output_dir={output_dir} holds another interpolation (other sources, "
                          "weights, grid, selection, examples or attack); refusing to overwrite "
-                         "it: use a new output_dir.")
+                         "it: use a new output_dir or overwrite=True (--overwrite).")
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise SetupError(f"output_dir={output_dir} exists and is not empty; refusing to "
                          "overwrite it: use a new output_dir.")
@@ -291,7 +299,8 @@ def _verbosity(verbose):
 
 def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALPHAS,
                      select="robust", validation_examples=None, batch_size=None,
-                     verbose="auto", attack_eps=None, attack_step=None, attack_steps=None):
+                     verbose="auto", attack_eps=None, attack_step=None, attack_steps=None,
+                     overwrite=False):
     """Interpolates run A and run B in weight space; writes the best-on-validation point.
 
     Args:
@@ -309,6 +318,7 @@ def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALP
       verbose: "auto" or 1 (progress bar over the alphas), 2 (one line at the end), 0.
       attack_eps, attack_step, attack_steps: the validation PGD; None: the runs' (which must
         then agree).
+      overwrite: replace an earlier interpolation (a different request) in output_dir.
 
     Returns:
       An `InterpolationResult`.
@@ -349,19 +359,19 @@ def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALP
         "validation_examples": None if validation_examples is None else int(validation_examples),
         "attack": attack,
     }
-    stored = _stored_result(output_dir, request)
+    stored = _stored_result(output_dir, request, overwrite)
     if stored is not None:
         return stored
 
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")  # evaluate's arithmetic, whatever the runs used
     try:
-        return _run(config_a, request, output_dir, batch_size, verbose)
+        return _run(config_a, config_b, request, output_dir, batch_size, verbose)
     finally:
         keras.config.set_dtype_policy(policy)
 
 
-def _run(config_a, request, output_dir, batch_size, verbose):
+def _run(config_a, config_b, request, output_dir, batch_size, verbose):
     import keras
     import tensorflow as tf
 
@@ -406,12 +416,13 @@ def _run(config_a, request, output_dir, batch_size, verbose):
     best_alpha = select_alpha(rows, request["select"])
 
     os.makedirs(output_dir, exist_ok=True)
+    _remove_earlier_interpolation(output_dir)  # overwrite=True; nothing there otherwise
     _write_tensorboard(os.path.join(output_dir, run_files.TENSORBOARD_DIR), rows, tf)
     for variable, value in zip(targets, interpolate(values_a, values_b, best_alpha)):
         variable.assign(value)
     model_a.save_weights(os.path.join(output_dir, run_files.BEST_WEIGHTS))
     model_a.save_weights(os.path.join(output_dir, run_files.LAST_WEIGHTS))
-    config = {**config_a, "model_dir": output_dir, "twin": False}
+    config = {**config_b, **request["attack"], "model_dir": output_dir, "twin": False}
     run_files.write_json(os.path.join(output_dir, run_files.CONFIG_FILE), config)
     _write_plot(os.path.join(output_dir, PLOT_FILE), rows, best_alpha, request["select"])
     record = {
@@ -428,6 +439,21 @@ def _run(config_a, request, output_dir, batch_size, verbose):
     # Written last: its presence says the output_dir is complete (see _stored_result).
     run_files.write_json(os.path.join(output_dir, INTERPOLATION_FILE), record)
     return _result_from_record(record, output_dir)
+
+
+def _remove_earlier_interpolation(output_dir):
+    """Removes what an earlier `interpolate_runs` wrote (its record first: an interrupted
+    rewrite must not look complete) and the evaluation reports of its network, now gone."""
+    import shutil
+
+    from twins_tf.evaluation.inputs import REPORT_PREFIX
+
+    reports = [n for n in os.listdir(output_dir) if n.startswith(REPORT_PREFIX)]
+    for name in (INTERPOLATION_FILE, run_files.BEST_WEIGHTS, run_files.LAST_WEIGHTS,
+                 run_files.CONFIG_FILE, PLOT_FILE, *reports):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+    shutil.rmtree(os.path.join(output_dir, run_files.TENSORBOARD_DIR), ignore_errors=True)
 
 
 def _write_tensorboard(log_dir, rows, tf):
