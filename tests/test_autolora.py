@@ -341,6 +341,37 @@ def test_epoch_end_keeps_the_best_weights_and_restores_them_when_halving():
     assert float(trainer.autolora_lr_scale.numpy()) == 0.5
 
 
+def _tiny_lora_model():
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="stem")(inputs)
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(x))
+    x = keras.layers.Conv2D(5, 3, use_bias=False, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    wrapped = lora.add_lora(keras.Model(inputs, keras.layers.Dense(CLASSES, name="fc")(x)), 2)
+    branch = lora.lora_branches(wrapped)[0]
+    branch.lora_b.assign(0.1 * np.ones(branch.lora_b.shape, "float32"))
+    return wrapped
+
+
+def test_the_automated_lr_multiplier_scales_every_update():
+    """A halved multiplier moves every variable (main, BN, head, LoRA) half as far in a first
+    step (zero momentum), decay included."""
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(size=(4, 8, 8, 3)).astype("float32"), rng.integers(0, CLASSES, 4)
+    updates = []
+    for scale in (1.0, 0.5):
+        wrapped = _tiny_lora_model()
+        trainer = _trainer(wrapped, 0.4, 1.2)
+        trainer.autolora_lr_scale.assign(scale)
+        before = [v.numpy().copy() for v in wrapped.trainable_variables]
+        trainer.train_on_batch(x, y)
+        updates.append([v.numpy() - b for v, b in zip(wrapped.trainable_variables, before)])
+    for full, half in zip(*updates):
+        assert np.abs(full).max() > 0
+        np.testing.assert_allclose(half, 0.5 * full, rtol=1e-4, atol=3e-7)  # float32 ulps of the weights
+
+
 # === settings, binaries ========================================================================
 def _settings(**changes):
     base = dict(dataset="cifar10", model_dir="/tmp/x", method="autolora", lora_rank=4,
