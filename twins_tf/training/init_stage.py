@@ -20,7 +20,9 @@ reused when the main run restarts.  Its settings are the main run's with:
 
 The main run then starts from the source backbone (`--pretrained`) plus the probe's best head
 (`best.weights.h5`: best validation PGD accuracy, the final epoch with --validation=none), as
-RoLI fine-tunes from its probe's `best_model.pth`; a twin method gets it in both wings' model.
+RoLI fine-tunes from its probe's `best_model.pth`.  The probe is always a plain-BN network; a
+twin method's model is built twin from the source as without --init (both wings' BN from the
+source's) and gets the probe's head, so a twin run is "twinify after the probe".
 
 Where the defaults come from (the official code, github.com/DongXzz/RoLI): the probing stage is
 `configs/base-linear-adv.yaml` + `configs/linear/<dataset>_ranli.yaml` with `TRAIN_MODE: adv`:
@@ -32,7 +34,9 @@ wd 0.01 / 40 (Stanford Dogs), lr 0.5 / wd 0.01 / 40 (Caltech-256), lr 1.0 / wd 0
 (CUB); our defaults are the CIFAR-100 recipe (the first benchmark of issue 15).  RoLI's
 backbones are ViT/Swin (no BatchNorm); a ResNet's BN is frozen here in inference mode, which
 is what "frozen backbone" means for it.  Deviations, kept for the engine's one training step:
-our probe uses the run's attack settings (default 10 PGD steps, RoLI trains with 7); the
+our probe uses the run's attack settings (default 10 PGD steps, RoLI trains with 7) and the
+engine's PGD, which returns the last iterate (RoLI's `adv_generator` keeps each example's
+highest-loss iterate, `use_best=True`); the
 cosine is stepped per iteration without RoLI's linear warm-up (its base config warms up for
 10 of 20 epochs from 0); the coupled weight decay also decays the head's bias (RoLI exempts
 `last_layer.bias`).  The probe is `AdversarialTrainer` with method at/clean on a model whose
