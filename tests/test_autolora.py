@@ -372,6 +372,20 @@ def test_the_automated_lr_multiplier_scales_every_update():
         np.testing.assert_allclose(half, 0.5 * full, rtol=1e-4, atol=3e-7)  # float32 ulps of the weights
 
 
+def test_export_of_a_branched_model_serves_the_main_path(tmp_path):
+    from twins_tf import serving
+
+    wrapped = _tiny_lora_model()
+    exported = serving.export_saved_model(wrapped, str(tmp_path / "saved"), image_size=8)
+    assert not lora.lora_branches(exported)
+    x = np.random.default_rng(9).uniform(size=(3, 8, 8, 3)).astype("float32")
+    served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
+    logits = served(images=tf.constant(x))["logits"].numpy()
+    np.testing.assert_allclose(logits, wrapped(x).numpy(), rtol=1e-5, atol=1e-6)
+    with lora.natural_branch():
+        assert np.abs(wrapped(x).numpy() - logits).max() > 1e-4
+
+
 # === settings, binaries ========================================================================
 def _settings(**changes):
     base = dict(dataset="cifar10", model_dir="/tmp/x", method="autolora", lora_rank=4,

@@ -49,7 +49,11 @@ def load_run(model_dir, weights="best"):
     The model is `twins_tf.models.build_resnet` with the run's arch, head, input size and
     upsampling: a twin model (both wings, as saved) for a twin method's run, a plain-BN one
     otherwise; `twins_tf.untwin` turns a twin model into the plain inference network.  It is
-    built under the current Keras dtype policy.
+    built under the current Keras dtype policy.  An AutoLoRa run (`lora_rank` > 0) gives its
+    main path without the LoRA branch, the network the paper evaluates (docs/autolora.md):
+    its weights file holds that network in the plain layout and the branches as extra layers,
+    which this load leaves out; `twins_tf.lora.merge_lora` of the branched model is the other
+    path.
 
     Args:
       model_dir: the run's `--model_dir`.

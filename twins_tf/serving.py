@@ -31,6 +31,7 @@ Example (Python):
 import keras
 import tensorflow as tf
 
+from twins_tf import lora
 from twins_tf.layers import twin_layers
 from twins_tf.twinify import untwin
 
@@ -79,7 +80,8 @@ def export_saved_model(model, output_dir, *, image_size):
 
     Args:
       model: a Keras classifier taking [0, 1] NHWC images and returning logits; a twin model
-        is exported through `untwin` (Adaptive wing with its moving statistics).
+        is exported through `untwin` (Adaptive wing with its moving statistics), a model
+        with AutoLoRa branches through `lora.main_branch` (the path the paper evaluates).
       output_dir: the SavedModel directory to write.
       image_size: side of the square images the signature takes.
 
@@ -88,6 +90,8 @@ def export_saved_model(model, output_dir, *, image_size):
     """
     image_size = int(image_size)
     _check_input_size(model, image_size)
+    if lora.lora_branches(model):
+        model = lora.main_branch(model)
     plain = untwin(model) if twin_layers(model) else model
 
     @tf.function
