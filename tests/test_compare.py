@@ -250,8 +250,10 @@ def test_report_of_variants_and_interpolation_rows(tmp_path):
     assert summary["alphas"] == {f"wise({variant})": {"0": 0.0, "1": 0.25, "2": 0.5}}
     assert f"wise({variant}): alpha chosen on validation" in table
     assert "seed 0: 0, seed 1: 0.25, seed 2: 0.5" in table
-    rows = {line.split()[0]: line for line in table.splitlines()}
+    rows = {line.split()[0]: line for line in table.splitlines() if line.endswith("seeds)")}
     assert f"wise({variant})" in rows and variant in rows
+    header = table.splitlines()[0]  # columns stay aligned under the long labels
+    assert all(rows[row].index("   (3 seeds)") == len(header) for row in values)
     assert re.search(rf"wise\({re.escape(variant)}\) - at\s+\+2\.67 \[.*\] +\+4\.00 \[", table)
     card = json.loads((tmp_path / "model_cards" /
                        "wise-twins_at+init-robust_linear_probe_seed1.json").read_text())
@@ -269,3 +271,64 @@ def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
     assert [axis.get_title() for axis in figure.axes] == [
         f"{variant}: training accuracy per wing"]
     assert comparison.plot_wings(results[:1]) is None
+
+
+@pytest.mark.slow
+def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_path):
+    """A grid of a method and a variant with an init stage, and the variant's wise(...) row."""
+    pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    base = settings("train", [*FINETUNE_ARGS, "--epochs=1", f"--pretrained={pretrained}"])
+    # AT, not TWINS-AT: a probed head on the tiny two-epoch source makes its Frozen wing diverge.
+    variant = "at+init=robust_linear_probe+init_epochs=1"
+    wise = f"wise({variant})"
+    grid = dict(methods=["at", variant], seeds=[0, 1], baseline="at", output_dir=tmp_path,
+                attacks=["clean", "pgd2"], max_examples=32, batch_size=32, interpolate=[variant],
+                interpolation_args={"alphas": [0.0, 0.5, 1.0], "validation_examples": 16})
+    summary, table = comparison.compare(base, **grid, log=lambda *_: None)
+    dirs = {"at": "at", variant: "at+init-robust_linear_probe+init_epochs-1",
+            wise: "wise-at+init-robust_linear_probe+init_epochs-1"}
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"{dirs['at']}_seed{seed}"
+        config = run_config.read_config(run)
+        assert (config["method"], config["seed"], config["init"]) == ("at", seed, "random")
+        run = tmp_path / "runs" / f"{dirs[variant]}_seed{seed}"
+        config = run_config.read_config(run)
+        assert (config["method"], config["seed"]) == ("at", seed)
+        assert (config["init"], config["init_epochs"]) == ("robust_linear_probe", 1)
+        interpolation = json.loads((tmp_path / "runs" / f"{dirs[wise]}_seed{seed}" /
+                                    "interpolation.json").read_text())
+        # The row interpolates this very run's init sub-run (alpha 0) and final weights (1).
+        assert interpolation["request"]["run_a"]["model_dir"] == str(run / "init")
+        assert interpolation["request"]["run_b"]["model_dir"] == str(run)
+        assert summary["alphas"][wise][str(seed)] == interpolation["best_alpha"]
+        assert f"seed {seed}: {interpolation['best_alpha']:g}" in table
+        for row in (variant, "at", wise):
+            stored = json.loads((tmp_path / "runs" / f"{dirs[row]}_seed{seed}" /
+                                 comparison.EVALUATION_FILE).read_text())
+            cell = summary["methods"][row]["pgd2"]
+            assert cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            assert stored["examples"] == 32 and stored["split"] == "test"
+    assert (tmp_path / "report" / "report.html").is_file()
+    card = json.loads((tmp_path / "report" / "model_cards" / f"{dirs[wise]}_seed1.json").read_text())
+    assert card["interpolation"]["endpoints"][0].endswith("_seed1/init")
+    own = {}
+    for seed in (0, 1):  # the wise rows evaluated here, through evaluate, not compare
+        report = evaluate.evaluate(evaluate_settings([
+            f"--model_dir={tmp_path / 'runs' / f'{dirs[wise]}_seed{seed}'}",
+            "--attacks=clean,pgd2", "--max_examples=32",
+            f"--output={tmp_path / 'own.json'}"]), log=lambda _: None)
+        own[seed] = {a: report["results"][a]["accuracy"] for a in ("clean", "pgd2")}
+    for attack in ("clean", "pgd2"):
+        cell = summary["methods"][wise][attack]
+        assert cell["values"] == [own[s][attack] for s in cell["seeds"]]
+        baseline = [json.loads((tmp_path / "runs" / f"at_seed{s}" / comparison.EVALUATION_FILE)
+                               .read_text())["results"][attack]["accuracy"] for s in (0, 1)]
+        difference = summary["differences"][wise][attack]
+        expected = _reference_interval([own[s][attack] for s in (0, 1)], baseline)
+        np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
+                                   expected, rtol=1e-9, atol=1e-12)
+    before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.weights.h5")}
+    assert any("/init/" in str(p) for p in before) and any("wise-" in str(p) for p in before)
+    again, _ = comparison.compare(base, **grid, log=lambda *_: None)
+    assert again["methods"] == summary["methods"] and again["alphas"] == summary["alphas"]
+    assert {p: p.stat().st_mtime for p in before} == before  # nothing retrained

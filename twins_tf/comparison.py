@@ -41,6 +41,7 @@ import re
 import numpy as np
 
 from twins_tf.training import model_dir as run_files
+from twins_tf.training.init_stage import INIT_DIR
 from twins_tf.training.settings import (EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings,
                                         SetupError)
 
@@ -62,10 +63,7 @@ PER_RUN_KEYS = ("method", "seed", "model_dir")
 # A list-valued KEY separates its items with this (a comma separates --methods entries).
 LIST_ITEM_SEPARATOR = ":"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]")
-# Interpolation rows: the init sub-run a variant's run keeps, and the evaluation file.
-INIT_SUBRUN = "init"
-RANDOM_INIT = "random"
-INTERPOLATION_FILE = "compare_interpolation.json"
+RANDOM_INIT = "random"  # --init of a run without an init sub-run to interpolate from
 
 
 @dataclasses.dataclass
@@ -259,34 +257,24 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     return report
 
 
-def _interpolate_one(model_dir_a, model_dir_b, output_dir, interpolation_args, log,
-                     verbose):
-    """Interpolates two runs (`interpolate_runs`); reuses the stored choice while both
-    end points' weights are older than it and the request is the same.
+def _interpolate_one(model_dir_a, model_dir_b, output_dir, interpolation_args, verbose):
+    """`interpolate_runs(model_dir_a, model_dir_b, output_dir)`; it returns its stored result
+    for the same request (the same end points' weights, grid and selection), and compare owns
+    `output_dir`, so a request that changed (an end point retrained) replaces the old one.
 
     Returns:
-      {"alpha": the chosen alpha, "validation": the per-alpha rows, "endpoints": [a, b]}.
+      {"alpha": the chosen alpha, "validation": the per-alpha rows, "endpoints": [a, b],
+       "validation_examples", "select"}.
     """
     from twins_tf import interpolation
 
-    path = os.path.join(output_dir, INTERPOLATION_FILE)
-    request = {"model_dir_a": model_dir_a, "model_dir_b": model_dir_b, **interpolation_args}
-    sources = [os.path.join(d, run_files.BEST_WEIGHTS) for d in (model_dir_a, model_dir_b)]
-    if os.path.isfile(path) and all(os.path.getmtime(path) >= os.path.getmtime(w)
-                                    for w in sources):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored.get("request") == json.loads(json.dumps(request)):
-            return stored["interpolation"]
-    log(f"compare: interpolating {model_dir_a} -> {model_dir_b}: {output_dir}")
     result = interpolation.interpolate_runs(model_dir_a, model_dir_b, output_dir,
-                                            **interpolation_args, verbose=verbose)
-    rows = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
-            for r in result.rows]
-    chosen = {"alpha": float(result.best_alpha), "validation": rows,
-              "endpoints": [model_dir_a, model_dir_b]}
-    run_files.write_json(path, {"request": request, "interpolation": chosen})
-    return chosen
+                                            **interpolation_args, verbose=verbose,
+                                            overwrite=True)
+    return {"alpha": float(result.best_alpha), "select": result.select,
+            "validation": [dataclasses.asdict(row) for row in result.rows],
+            "validation_examples": result.validation_examples,
+            "endpoints": [model_dir_a, model_dir_b]}
 
 
 def _result(name, seed, model_dir, evaluation_args, autoattack_args, log, interpolation=None):
@@ -327,8 +315,7 @@ def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
                              "(its runs are the interpolation's end points).")
         if variant in interpolated:
             raise SetupError(f"--interpolate={spelling} is given twice.")
-        init = Settings.from_dict(plan[variant][seeds[0]]).to_dict().get("init", RANDOM_INIT)
-        if init == RANDOM_INIT:
+        if Settings.from_dict(plan[variant][seeds[0]]).init == RANDOM_INIT:
             raise SetupError(f"--interpolate={spelling}: that variant has init=random, so its "
                              "runs have no init sub-run to interpolate from; interpolate a "
                              "variant with +init=linear_probe or +init=robust_linear_probe.")
@@ -368,8 +355,8 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
             source = plan[variant][seed]["model_dir"]
             model_dir = run_dir(output_dir, wise_dir_name(variant), seed)
             log(f"compare: {wise_name(variant)}, seed {seed}: {model_dir}")
-            chosen = _interpolate_one(os.path.join(source, INIT_SUBRUN), source, model_dir,
-                                      dict(interpolation_args or {}), log, verbose)
+            chosen = _interpolate_one(os.path.join(source, INIT_DIR), source, model_dir,
+                                      dict(interpolation_args or {}), verbose)
             results.append(_result(wise_name(variant), seed, model_dir, evaluation_args,
                                    autoattack_args, log, interpolation=chosen))
     return results
