@@ -14,8 +14,8 @@ from twins_tf.attacks import apgd, autoattack, fab, pgd, square  # noqa: F401,E4
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "interpolation", "methods", "models",
-                    "runs", "trainer", "training", "weights")
+_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "interpolation", "lora", "methods",
+                    "models", "runs", "trainer", "training", "weights")
 
 
 def __getattr__(name):
