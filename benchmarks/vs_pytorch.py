@@ -44,7 +44,15 @@ the library as it is):
             float32, the PGD default);
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
-  xla       jit_compile=True for the whole step.
+  xla       jit_compile=True for the whole step;
+  arena2    MALLOC_ARENA_MAX=2 (glibc: fewer per-thread heaps, a memory lever);
+  mmap      MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 128 KiB (glibc: large blocks
+            mapped and returned to the system when freed, a memory lever).
+Memory: besides the peak RSS, each worker records its peak after importing the framework,
+after building the model, trainer and optimizer, after running the attack alone once (its
+own trace), and after the timed steps, and its resident anonymous / file-mapped memory at the
+end; the "Peak RSS by stage" table prints what each stage added.  The attack-alone pass costs
+each twins_tf worker one more trace (a few seconds) and does not enter the step's timings.
 Cost: a worker's time is mostly process start-up and TensorFlow's trace of the step (its
 "first" time), which does not shrink with the image size.  Measured on the shared 2-core
 machine: `--rounds 1` (12 workers) took 7.3 minutes at load average 4-5, so the default two
@@ -72,7 +80,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TF_METHODS = ("at", "twins_at", "trades", "twins_trades")
 TORCH_METHODS = ("at", "trades")
-TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "xla", "base")
+TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "xla", "arena2", "mmap", "base")
+# Environment of a variant's worker process (read by glibc / TensorFlow at start-up).
+VARIANT_ENV = {
+    "onednn0": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "arena2": {"MALLOC_ARENA_MAX": "2"},
+    "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
+}
 EPSILON, STEP_SIZE = 8 / 255, 2 / 255
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, BETA = 0.003, 0.9, 1e-5, 6.0
 RESULT_PREFIX = "@@vs_pytorch@@ "
@@ -116,6 +130,21 @@ def _peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _resident_mib():
+    """{"anon": MiB, "file": MiB} resident now: anonymous memory (tensors, heaps) and pages of
+    mapped files (shared libraries: clean, shared between processes, reclaimable)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value.split()[0] if value.split() else "0"
+    return {"anon": int(fields.get("RssAnon", 0)) / 1024, "file": int(fields.get("RssFile", 0)) / 1024}
+
+
+def _parameters_mib(counts):
+    return 4 * sum(counts) / 2**20  # float32
+
+
 def _data(batch, size, num_classes):
     import numpy as np
 
@@ -146,12 +175,14 @@ def run_torch(config):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from torch_resnet import TorchPixelResNet, TorchResNet
 
+    memory = dict(imported=_peak_rss_mib())
     torch.set_num_threads(config["threads"])
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     net = TorchPixelResNet(TorchResNet(config["arch"], config["num_classes"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
+    memory["parameters_mib"] = _parameters_mib(p.numel() for p in net.parameters())
     x_np, y_np = _data(config["batch"], config["image_size"], config["num_classes"])
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(y_np).long()
@@ -166,6 +197,10 @@ def run_torch(config):
             x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
             x_adv = x_adv.clamp(0.0, 1.0)
         return x_adv.detach()
+
+    memory["model"] = _peak_rss_mib()
+    pgd()
+    memory["attack"] = _peak_rss_mib()
 
     def step():
         x_adv = pgd()
@@ -184,13 +219,17 @@ def run_torch(config):
         return float(loss)
 
     first, times, cpu = _time(step, config["repeats"])
-    return dict(first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__)
+    memory["step"] = _peak_rss_mib()
+    memory["resident_at_end"] = _resident_mib()
+    return dict(first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__,
+                memory=memory)
 
 
-def run_tf(config):
+def tf_trainer(config):
+    """The twins_tf side of a comparison, built in this process: {"step": one training step
+    (returns the loss, after the step has run), "trainer", "model", "attack", "x", "y",
+    "memory": the peak RSS after import and after building}.  Also used by profile_step.py."""
     variant = config["variant"]
-    if variant == "onednn0":
-        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
     if variant == "base":
         sys.path.insert(0, config["tf_path"])
     else:
@@ -202,12 +241,12 @@ def run_tf(config):
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads if variant == "inter2" else 1)
 
-    import twins_tf
     from twins_tf import methods as methods_lib
     from twins_tf.attacks import PGD
     from twins_tf.models import build_resnet
     from twins_tf.trainer import AdversarialTrainer
 
+    memory = dict(imported=_peak_rss_mib())
     keras.utils.set_random_seed(0)
     if variant == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -235,14 +274,34 @@ def run_tf(config):
                     jit_compile=variant == "xla")
     trainer.make_train_function()
     x, y = (tf.constant(a) for a in _data(config["batch"], size, config["num_classes"]))
+    memory["parameters_mib"] = _parameters_mib(
+        int(tf.size(v)) for v in model.trainable_variables)
+    memory["model"] = _peak_rss_mib()
 
     def step():
         logs = trainer.train_function(iter([(x, y)]))
         return float(logs["loss"])  # blocks until the step has run
 
-    first, times, cpu = _time(step, config["repeats"])
+    return dict(step=step, trainer=trainer, model=model, attack=attack, x=x, y=y,
+                memory=memory)
+
+
+def run_tf(config):
+    built = tf_trainer(config)  # first: it puts the checkout to import on sys.path
+    import tensorflow as tf
+
+    import twins_tf
+
+    trainer, attack, x, y, memory = (built[k] for k in ("trainer", "attack", "x", "y", "memory"))
+    # The attack alone, traced and run once as the step runs it (its own tf.function: the
+    # step's graph is traced afterwards, so what the step adds on top shows separately).
+    tf.function(lambda: trainer._run_attack(attack, x, y, None))()
+    memory["attack"] = _peak_rss_mib()
+    first, times, cpu = _time(built["step"], config["repeats"])
+    memory["step"] = _peak_rss_mib()
+    memory["resident_at_end"] = _resident_mib()
     return dict(first_s=first, step_times=times, cpu_times=cpu, version=f"TF {tf.__version__}",
-                twins_tf_file=twins_tf.__file__)
+                twins_tf_file=twins_tf.__file__, memory=memory)
 
 
 def run_one(config_json):
@@ -272,6 +331,7 @@ def _configs(args):
 
 def _launch(config, timeout):
     env = dict(os.environ, OMP_NUM_THREADS=str(config["threads"]), CUDA_VISIBLE_DEVICES="")
+    env.update(VARIANT_ENV.get(config["variant"], {}))
     if config["omp_wait_policy"] != "unset":
         env["OMP_WAIT_POLICY"] = config["omp_wait_policy"]
     command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(config)]
@@ -387,8 +447,35 @@ def print_tables(args, configs, results, load_start, load_end, wall):
                         print(f"  {arch} {method}: {variant}/fused = "
                               f"{this['median'] / ref['median']:.2f} wall, "
                               f"{this['cpu'] / ref['cpu']:.2f} CPU")
+    print_memory(configs, results)
     versions = sorted({s["version"] for s in summaries.values() if s})
     print(f"versions: {', '.join(versions)}")
+
+
+def print_memory(configs, results):
+    """Where each worker's peak RSS comes from: the process's peak after import, after the
+    model, trainer and optimizer are built, after the attack alone ran once, after the steps.
+    Each column is what that stage added to the peak (MiB); the parameters' float32 size is
+    computed, for scale (SGD's momentum slots are as large again; PyTorch creates them in its
+    first step, Keras when the train function first runs)."""
+    print()
+    print("Peak RSS by stage (MiB; each stage's increase of the process's peak, from the "
+          "last round):")
+    print()
+    print("| arch | framework | method | variant | runtime after import | + model, trainer "
+          "| parameters (computed) | + attack alone | + training step | peak | resident at end: "
+          "anonymous / mapped files |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for config in configs:
+        key = _key(config)
+        runs = [r for r in results.get(key, []) if "error" not in r and "memory" in r]
+        if not runs:
+            continue
+        m = runs[-1]["memory"]
+        print(f"| {_label(key)} | {m['imported']:.0f} | {m['model'] - m['imported']:.0f} | "
+              f"{m['parameters_mib']:.0f} | {m['attack'] - m['model']:.0f} | "
+              f"{m['step'] - m['attack']:.0f} | {m['step']:.0f} | "
+              f"{m['resident_at_end']['anon']:.0f} / {m['resident_at_end']['file']:.0f} |")
 
 
 if __name__ == "__main__":
