@@ -247,6 +247,9 @@ def test_runs_that_do_not_match_are_refused_in_one_line(runs, tmp_path, key, val
     (dict(alphas=["x"]), "are not numbers"),
     (dict(select="best"), "select='best': choose one of robust, clean"),
     (dict(validation_examples=0), "validation_examples must be at least 1"),
+    (dict(batch_size=0), "batch_size must be at least 1"),
+    (dict(attack_eps=8), r"attack_eps=8 is outside \[0, 1\]: .* write e.g. 8/255"),
+    (dict(attack_steps=0), "attack_steps must be at least 1"),
 ])
 def test_bad_arguments_are_refused_in_one_line(runs, tmp_path, kwargs, message):
     with pytest.raises(SetupError, match=message) as error:

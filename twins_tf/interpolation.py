@@ -147,7 +147,7 @@ def _source_config(model_dir, name):
         config = runs.read_run_config(model_dir)
     except (FileNotFoundError, ValueError) as error:
         raise SetupError(f"{name}: {error}") from None
-    weights = runs.run_weights_path(model_dir, "best")
+    weights = os.path.abspath(runs.run_weights_path(model_dir, "best"))
     if not os.path.isfile(weights):
         raise SetupError(f"{name}: {model_dir} holds no {run_files.BEST_WEIGHTS} (the run has "
                          "not finished an epoch yet?).")
@@ -177,6 +177,12 @@ def _attack_settings(config_a, config_b, overrides):
                              "PGD chooses alpha.")
         else:
             attack[key] = config_a[key]
+    for key in ("attack_eps", "attack_step"):
+        if not 0.0 <= float(attack[key]) <= 1.0:
+            raise SetupError(f"{key}={attack[key]:g} is outside [0, 1]: images are in [0, 1] "
+                             "pixel units, so write e.g. 8/255 (not 8).")
+    if int(attack["attack_steps"]) < 1:
+        raise SetupError("attack_steps must be at least 1.")
     return attack
 
 
@@ -344,7 +350,7 @@ def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALP
         validation_examples = config_a.get("max_validation_examples")
     if validation_examples is not None and int(validation_examples) < 1:
         raise SetupError("validation_examples must be at least 1 (or None: the run's).")
-    batch_size = int(batch_size or config_a.get("batch_size") or 128)
+    batch_size = int(config_a.get("batch_size") or 128) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise SetupError("batch_size must be at least 1.")
     verbose = _verbosity(verbose)
