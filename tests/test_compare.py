@@ -139,6 +139,7 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
     (["--method=at"], "--method is set per run by compare; use --methods"),
     (["--methods=at,twins_at", "--baseline=trades"], "--baseline=trades is not among"),
     (["--seeds=0,x"], "--seeds must be integers"),
+    (["--methods=at,at+bogus=1"], "'bogus' is no variant key; KEY is a train flag: dataset, "),
 ])
 def test_binary_refuses_bad_flags_in_one_line(tmp_path, args, message):
     result = run_binary("compare", ["--dataset=digits_5_9", f"--output_dir={tmp_path}", *args])
@@ -332,3 +333,13 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
     again, _ = comparison.compare(base, **grid, log=lambda *_: None)
     assert again["methods"] == summary["methods"] and again["alphas"] == summary["alphas"]
     assert {p: p.stat().st_mtime for p in before} == before  # nothing retrained
+
+
+def test_the_interpolate_flags_become_interpolate_runs_arguments():
+    from twins_tf import compare
+
+    assert compare.interpolation_args(["0", "0.25", "1"], "clean", 40) == {
+        "alphas": [0.0, 0.25, 1.0], "select": "clean", "validation_examples": 40}
+    assert compare.interpolation_args(None, "robust", None) == {"select": "robust"}
+    with pytest.raises(comparison.SetupError, match="--interpolate_alphas must be numbers"):
+        compare.interpolation_args(["0", "half"], "robust", None)
