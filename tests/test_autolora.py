@@ -143,7 +143,7 @@ def _state(net, wrapped=None):
     return out
 
 
-def keras_pair(seed=3):
+def keras_pair(seed=3, b_scale=0.02):
     """The torch AutoLoRa net and the Keras LoRA ResNet-18 with the same weights; B nonzero so
     the natural path differs from the main one from the first step."""
     from twins_tf.weights import load_torch_state_dict
@@ -159,7 +159,7 @@ def keras_pair(seed=3):
     for branch in lora.lora_branches(wrapped):
         module = modules[branch.target.replace("_", ".")]
         a = rng.normal(size=branch.lora_a.shape).astype("float32")
-        b = 0.02 * rng.normal(size=branch.lora_b.shape).astype("float32")
+        b = b_scale * rng.normal(size=branch.lora_b.shape).astype("float32")
         branch.lora_a.assign(a)
         branch.lora_b.assign(b)
         with torch.no_grad():
@@ -224,24 +224,43 @@ def test_natural_branch_accuracy_and_lambdas_follow_the_papers_formula():
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         methods.autolora_lambdas(1.5)
 
-    wrapped, net = keras_pair(seed=5)
+    wrapped = _tiny_lora_model()
     rng = np.random.default_rng(6)
-    x = rng.uniform(size=(12, SIZE, SIZE, 3)).astype("float32")
-    pixel = TorchPixelResNet(net).eval()
-    NATURAL[0] = True
-    with torch.no_grad():
-        predictions = pixel(torch.tensor(x.transpose(0, 3, 1, 2))).argmax(1).numpy()
-    NATURAL[0] = False
+    branch = lora.lora_branches(wrapped)[0]
+    branch.lora_b.assign(rng.normal(size=branch.lora_b.shape).astype("float32"))
+    x = rng.uniform(size=(12, 8, 8, 3)).astype("float32")
+    predictions = _torch_tiny_natural_logits(wrapped, x).argmax(1)
+    main_predictions = wrapped(x).numpy().argmax(1)
+    assert (main_predictions != predictions).sum() >= 3  # the paths disagree: a real check
     y = predictions.copy()
     y[:5] = (y[:5] + 1) % CLASSES  # 7 of 12 right
     trainer = _trainer(wrapped, 0.0, 0.0)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    assert np.mean(main_predictions == y) != pytest.approx(7 / 12)
     assert trainer.update_autolora_lambdas(data) == pytest.approx(7 / 12)
     np.testing.assert_allclose(
         [trainer.autolora_lambda1.numpy(), trainer.autolora_lambda2.numpy()],
         [1 - 7 / 12, 6 * 7 / 12], rtol=1e-6)
     assert trainer.natural_branch_accuracy(data, steps=1) == pytest.approx(
         np.mean(predictions[:5] == y[:5]))
+
+
+def _torch_tiny_natural_logits(wrapped, x):
+    """`_tiny_lora_model`'s natural path in inference mode, in PyTorch from its weights: stem
+    conv, BN (moving statistics), ReLU, conv with W + reshape(B A)/r, mean, dense."""
+    def t(a):
+        return torch.tensor(np.asarray(a))
+
+    branch = lora.lora_branches(wrapped)[0]
+    stem, conv = wrapped.get_layer("stem").kernel, wrapped.get_layer("conv").kernel
+    bn, fc = wrapped.get_layer("bn"), wrapped.get_layer("fc")
+    w = t(conv).permute(3, 2, 0, 1)
+    w = w + (t(branch.lora_b) @ t(branch.lora_a)).view(w.shape) / branch.rank
+    h = F.conv2d(t(x).permute(0, 3, 1, 2), t(stem).permute(3, 2, 0, 1))
+    h = F.relu(F.batch_norm(h, t(bn.moving_mean), t(bn.moving_variance), t(bn.gamma),
+                            t(bn.beta), False, 0.0, bn.epsilon))
+    h = F.conv2d(h, w).mean((2, 3))
+    return (h @ t(fc.kernel) + t(fc.bias)).numpy()
 
 
 def test_autolora_objective_against_numpy():
