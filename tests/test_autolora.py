@@ -440,6 +440,7 @@ def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
                            attack=PGD(EPS, ALPHA, 1))
 
 
+@pytest.mark.slow  # ~50 s with its source run: over the default suite's budget
 def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_path):
     """`train --method=autolora --lora_rank=2` on tiny digits; load_run and export give the
     main path (what the paper evaluates), identical to the trained model's main forward."""
