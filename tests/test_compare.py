@@ -221,6 +221,17 @@ def test_interpolation_rows_need_a_variant_with_an_init_stage(tmp_path, methods,
     assert not (tmp_path / "runs").exists()
 
 
+def test_interpolation_rows_need_a_held_out_validation_split(tmp_path):
+    variant = "at+init=robust_linear_probe"
+    with pytest.raises(comparison.SetupError, match="trains with --validation=none"):
+        comparison.compare(_base(tmp_path, "--validation=none"), methods=["at", variant],
+                           seeds=[0], baseline="at", output_dir=tmp_path, interpolate=[variant])
+    assert not (tmp_path / "runs").exists()
+    comparison.plan_rows(_base(tmp_path, "--validation=none"),  # the variant may carve
+                         ["at", variant + "+validation=carve"], [0], tmp_path,
+                         [variant + "+validation=carve"])
+
+
 def test_variants_of_one_spelling_are_one_row(tmp_path):
     with pytest.raises(comparison.SetupError, match="must not repeat"):
         comparison.compare(_base(tmp_path), methods=["at+beta=1+epochs=2", "at+epochs=2+beta=1"],

@@ -315,10 +315,15 @@ def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
                              "(its runs are the interpolation's end points).")
         if variant in interpolated:
             raise SetupError(f"--interpolate={spelling} is given twice.")
-        if Settings.from_dict(plan[variant][seeds[0]]).init == RANDOM_INIT:
+        checked = Settings.from_dict(plan[variant][seeds[0]])
+        if checked.init == RANDOM_INIT:
             raise SetupError(f"--interpolate={spelling}: that variant has init=random, so its "
                              "runs have no init sub-run to interpolate from; interpolate a "
                              "variant with +init=linear_probe or +init=robust_linear_probe.")
+        if checked.validation == "none":  # interpolate_runs' own refusal, before any training
+            raise SetupError(f"--interpolate={spelling}: that variant trains with "
+                             "--validation=none, so no validation split is held out to choose "
+                             "alpha on; add +validation=carve to the variant.")
         interpolated.append(variant)
     return plan, interpolated
 
