@@ -58,7 +58,10 @@ Cost: a worker's time is mostly process start-up and TensorFlow's trace of the s
 machine: `--rounds 1` (12 workers) took 7.3 minutes at load average 4-5, so the default two
 rounds take about 15 minutes there; at load 9-10 a ResNet-18 twins_tf worker alone took
 40-100 s.  On a quiet machine the default should stay well under 15 minutes (an estimate, not
-measured).  For a quick look: --archs resnet18 --methods at,twins_at.
+measured).  With the attack-alone memory stage (below) each twins_tf worker traces once more:
+one round took 24.1 min at load 10 -> 4; the quiet-machine run for the closing note is
+`OMP_WAIT_POLICY=PASSIVE python benchmarks/vs_pytorch.py --rounds 2`, estimated at about 12
+minutes (docs/benchmarks.md).  For a quick look: --archs resnet18 --methods at,twins_at.
 
 `--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
 commit) for a before/after measurement of a code change; it is labelled "base".
