@@ -8,15 +8,17 @@ head the main stage starts from.
 """
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from binaries_testlib import FINETUNE_ARGS, file_snapshot, read_weights, settings, source_run
+from binaries_testlib import (
+    FINETUNE_ARGS, evaluate_settings, file_snapshot, read_weights, settings, source_run)
 from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
-from twins_tf import run_config, runs, train
+from twins_tf import evaluate, run_config, runs, serving, train
 from twins_tf.training import init_stage, loop
 from twins_tf.training.settings import Settings, SetupError
 
@@ -104,8 +106,8 @@ def pretrained(tmp_path_factory):
 def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretrained,
                                                                  monkeypatch):
     """End to end on tiny data through the train binary's flags: the sub-run exists and
-    loads, its backbone is the source's, the main stage starts from its best head, and a
-    resumed (extended) run does not probe again."""
+    loads, its backbone is the source's, the main stage starts from its best head, a restarted
+    main run reuses the finished probe, and evaluate and export take the sub-run."""
     heads = []
     make_trainer = loop.make_trainer
 
@@ -144,11 +146,25 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
         np.testing.assert_array_equal(got, best[key])
     assert not np.allclose(main_head[0], heads[0][1][0])  # the probe trained its head
 
-    snapshot = file_snapshot(sub)
+    # a main run that has not finished an epoch (killed in its first) next to a finished
+    # probe: the probe is reused, not redone, and the main stage starts from its head again
+    restarted = tmp_path / "restarted"
+    shutil.copytree(sub, restarted / init_stage.INIT_DIR)
+    snapshot = file_snapshot(restarted / init_stage.INIT_DIR)
     heads.clear()
-    train.run(settings("train", [*args[:-1], "--epochs=2"]), verbose=0)
+    train.run(settings("train", [f"--model_dir={restarted}" if a.startswith("--model_dir=")
+                                 else a for a in args]), verbose=0)
     assert [stage for stage, _ in heads] == ["main"]
-    assert file_snapshot(sub) == snapshot  # not probed again
+    assert file_snapshot(restarted / init_stage.INIT_DIR) == snapshot  # not probed again
+    for got, key in zip(heads[0][1], HEAD_KEYS):
+        np.testing.assert_array_equal(got, best[key])
+
+    # the other binaries take the probe as a run of its own
+    report = evaluate.evaluate(evaluate_settings([f"--model_dir={sub}", "--attacks=clean",
+                                                  "--max_examples=8", "--batch_size=8"]))
+    assert report["results"]["clean"]["examples"] == 8
+    serving.export_run(str(sub), str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / "saved_model.pb").is_file()
 
 
 @pytest.mark.parametrize("change, message", [
