@@ -14,8 +14,9 @@ and that network is written as a run directory the other binaries accept (`twins
 
 Twin and plain runs: a TWINS run's network *as it is evaluated* is its Adaptive wing (spec §2:
 inference uses the Adaptive wing's moving statistics only; the Frozen wing is a training-time
-device).  So each run is loaded with `twins_tf.load_run` (which also gives LoRA runs merged,
-as plain networks) and a twin model is turned into that plain network with `twins_tf.untwin`;
+device).  So each run is loaded with `twins_tf.load_run` (which gives an AutoLoRa run's
+main path, the network the paper evaluates, without the LoRA branch) and a twin model is
+turned into that plain network with `twins_tf.untwin`;
 the interpolation is between the two plain networks, variable by variable (matched by path),
 and the output is a plain-BN run (config.json `twin: false`).  A twin run and a plain run
 (e.g. a run's `init/` linear-probe sub-run) therefore interpolate like any two runs.

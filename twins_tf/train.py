@@ -1,4 +1,5 @@
-r"""`python -m twins_tf.train`: robust fine-tuning (TWINS-AT, TWINS-TRADES, AT, TRADES, L2-SP).
+r"""`python -m twins_tf.train`: robust fine-tuning (TWINS-AT, TWINS-TRADES, AT, TRADES, L2-SP,
+AutoLoRa).
 
     python -m twins_tf.train --flagfile=flags/stanford_dogs.flags \
         --pretrained=robust_r50.weights.h5 --model_dir=runs/dogs
@@ -7,7 +8,9 @@ Flag groups (`--helpfull` lists them by group):
   data          --dataset --data_dir --tfds_data_dir --image_size --upsample --train_per_class
                 --max_train_examples --max_validation_examples --validation
   model         --arch --pretrained --allow_random_init
-  method        --method --lambda_twins --beta --l2sp_alpha
+  method        --method --lambda_twins --beta --l2sp_alpha --lora_rank
+  init          --init --init_epochs --init_lr --init_weight_decay (the head's start:
+                random, or a linear probe of the frozen backbone first, `training.init_stage`)
   attack        --attack_eps --attack_step --attack_steps (fractions like 8/255 work)
   optimisation  --epochs --batch_size --lr --lr_decay_epochs --weight_decay
   run           --model_dir --seed --strategy --tpu_address --jit_compile --mixed_precision
