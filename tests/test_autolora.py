@@ -32,11 +32,15 @@ NATURAL = [False]  # the torch reference's branch switch (the paper's thread='na
 
 # === the PyTorch reference ====================================================================
 class TorchLoRAConv(nn.Module):
-    """The paper's ConvLoRA: natural thread W + (B @ A).view(W.shape) / r, else W."""
+    """The paper's ConvLoRA: natural thread W + (B @ A).view(W.shape) / r, else W.
 
-    def __init__(self, conv, rank):
+    follows_thread=False is the authors' downsampling shortcut: a ConvLoRA their blocks call
+    as `self.downsample(x)`, without `thread=`, so it always runs the main thread."""
+
+    def __init__(self, conv, rank, follows_thread=True):
         super().__init__()
         self.conv = conv
+        self.follows_thread = follows_thread
         out_ch, in_ch, k, _ = conv.weight.shape
         self.lora_A = nn.Parameter(torch.zeros(rank * k, in_ch * k))
         self.lora_B = nn.Parameter(torch.zeros(out_ch * k, rank * k))
@@ -44,7 +48,7 @@ class TorchLoRAConv(nn.Module):
 
     def forward(self, x):
         weight = self.conv.weight
-        if NATURAL[0]:
+        if NATURAL[0] and self.follows_thread:
             weight = weight + (self.lora_B @ self.lora_A).view(weight.shape) * self.scaling
         return F.conv2d(x, weight, None, self.conv.stride, self.conv.padding)
 
@@ -82,7 +86,7 @@ def torch_autolora_net(seed):
 
     _replace(net, nn.BatchNorm2d, biased)
     _replace(net, nn.Conv2d, lambda name, conv: conv if name == "conv1"
-             else TorchLoRAConv(conv, RANK))
+             else TorchLoRAConv(conv, RANK, follows_thread="downsample" not in name))
     return net
 
 
@@ -121,7 +125,9 @@ def _state(net, wrapped=None):
     out = {}
     for name, module in net.named_modules():
         key = name.replace(".", "_")
-        if isinstance(module, TorchLoRAConv):
+        if isinstance(module, TorchLoRAConv) and not module.follows_thread:
+            pairs = {f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0)}
+        elif isinstance(module, TorchLoRAConv):
             pairs = {f"{key}_lora/lora_a": module.lora_A, f"{key}_lora/lora_b": module.lora_B,
                      f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0)}
         elif isinstance(module, nn.Conv2d) and name == "conv1":
@@ -212,7 +218,11 @@ def test_autolora_step_matches_the_authors_pytorch_step():
         if scale > 1e-7:
             moved["lora" if "_lora/" in key else "main"] += 1
             assert np.linalg.norm(change - expected_change) <= 1e-3 * scale, key
-    assert moved["lora"] == 2 * 19 and moved["main"] > 40
+    assert moved["lora"] == 2 * 16 and moved["main"] > 40
+    shortcuts = [m for m in net.modules()
+                 if isinstance(m, TorchLoRAConv) and not m.follows_thread]
+    assert len(shortcuts) == 3  # the authors' shortcut branches: never trained, B stays 0
+    assert all(m.lora_B.grad is None and not m.lora_B.any() for m in shortcuts)
 
 
 def test_natural_branch_accuracy_and_lambdas_follow_the_papers_formula():
@@ -469,5 +479,26 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
 
     serving.export_run(model_dir, tmp_path / "saved")
     served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"]
-    out = list(served(tf.constant(x)).values())[0].numpy()
+    out = served(tf.constant(x))["logits"].numpy()
     np.testing.assert_allclose(out, loaded(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # ~30 s with its source run
+def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory, tmp_path):
+    """AutoLoRa stops when lr x scale < 1e-5 (the authors' rule): the run is then finished,
+    a restart with the same flags trains nothing, and more epochs are refused."""
+    from twins_tf import run_config, train
+
+    pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    model_dir = tmp_path / "run"
+    args = ["--dataset=digits_5_9", *testlib.TINY, "--method=autolora", "--lora_rank=2",
+            "--epochs=3", "--lr=5e-6", "--weight_decay=1e-4", f"--pretrained={pretrained}",
+            f"--model_dir={model_dir}"]
+    summary = train.run(testlib.settings("train", args), verbose=0)
+    assert (summary["epochs"], summary["trained_epochs"]) == (3, 1)
+    files = testlib.file_snapshot(model_dir)
+    assert train.run(testlib.settings("train", args), verbose=0) == summary
+    assert testlib.file_snapshot(model_dir) == files  # nothing trained or rewritten
+    with pytest.raises(SetupError, match="stopped early after 1 of its 3 epochs"):
+        train.run(testlib.settings("train", [*args, "--epochs=4"]), verbose=0)
+    assert testlib.file_snapshot(model_dir) == files

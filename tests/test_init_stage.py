@@ -203,3 +203,22 @@ def test_random_init_with_allow_random_init_and_a_probe_dir_of_other_settings(tm
                                          r"0\.1 now\)") as error:
         init_stage.check(s)
     assert "\n" not in str(error.value) and file_snapshot(tmp_path) == before
+
+
+def test_an_autolora_run_probes_the_plain_network_and_compare_checks_the_probe_up_front(
+        tmp_path):
+    """The probe of `--method=autolora --lora_rank=8 --init=...` is method at without a LoRA
+    branch (only autolora trains one); compare checks every row's probe before any work."""
+    from twins_tf import comparison
+
+    main = Settings(dataset="digits_5_9", method="autolora", lora_rank=8, num_classes=CLASSES,
+                    init="robust_linear_probe", pretrained="source.weights.h5",
+                    model_dir=str(tmp_path))
+    sub = init_stage.init_settings(main)
+    assert (sub.method, sub.lora_rank, sub.stage) == ("at", 0, "init")
+    base = Settings(dataset="digits_5_9", method="at", num_classes=CLASSES,
+                    pretrained="source.weights.h5", model_dir=str(tmp_path))
+    plan, _ = comparison.plan_rows(base, ["autolora+lora_rank=8+init=robust_linear_probe"],
+                                   [0], str(tmp_path))
+    assert list(plan) == [comparison.parse_variant(
+        "autolora+lora_rank=8+init=robust_linear_probe")]

@@ -40,8 +40,8 @@ import re
 
 import numpy as np
 
+from twins_tf.training import init_stage
 from twins_tf.training import model_dir as run_files
-from twins_tf.training.init_stage import INIT_DIR
 from twins_tf.training.settings import (EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings,
                                         SetupError)
 
@@ -307,6 +307,10 @@ def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
         raise SetupError("--methods and --seeds must not repeat an entry.")
     plan = {v: {seed: variant_settings(v, base_settings, model_dir=run_dir(output_dir, v, seed),
                                        seed=seed) for seed in seeds} for v in variants}
+    for runs in plan.values():  # an init stage's sub-run settings, checked now too
+        first = Settings.from_dict(runs[seeds[0]])
+        if first.init != RANDOM_INIT:
+            init_stage.init_settings(first)
     interpolated = []
     for spelling in interpolate:
         variant = parse_variant(spelling)
@@ -360,7 +364,7 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
             source = plan[variant][seed]["model_dir"]
             model_dir = run_dir(output_dir, wise_dir_name(variant), seed)
             log(f"compare: {wise_name(variant)}, seed {seed}: {model_dir}")
-            chosen = _interpolate_one(os.path.join(source, INIT_DIR), source, model_dir,
+            chosen = _interpolate_one(os.path.join(source, init_stage.INIT_DIR), source, model_dir,
                                       dict(interpolation_args or {}), verbose)
             results.append(_result(wise_name(variant), seed, model_dir, evaluation_args,
                                    autoattack_args, log, interpolation=chosen))

@@ -1,7 +1,7 @@
 """AutoLoRa's low-rank branch (Xu et al., ICLR 2024) on a Keras classifier's kernels.
 
-AutoLoRa gives every convolution of the backbone's residual stages (not the stem, not the
-fresh head) a second, *natural* path: the kernel W of the main (adversarial) path plus a
+AutoLoRa gives every convolution inside the backbone's residual blocks (not the stem, not
+the downsampling shortcuts, not the fresh head) a second, *natural* path: the kernel W of the main (adversarial) path plus a
 low-rank update,
 
     W_nat = W + (1 / r) * reshape(B @ A),  conv: A (r*k, in*k) ~ N(0, 1), B (out*k, r*k) = 0,
@@ -128,15 +128,20 @@ class LoRABranch(keras.layers.Layer):
 
 
 def default_targets(model):
-    """The layers AutoLoRa adapts: every Conv2D but the first (the stem) and every Dense but
-    the output layer (the fresh head), as the paper's ResNets (residual-stage convolutions,
-    downsampling shortcuts included)."""
+    """The layers AutoLoRa adapts: every Conv2D but the first (the stem) and the downsampling
+    shortcuts, and every Dense but the output layer (the fresh head).
+
+    The shortcuts are left out because the authors' ResNet never runs their branch: a block
+    calls `self.downsample(x)` without `thread=`, and their `ConvLoRA.forward` defaults to the
+    main thread, so the shortcut's natural kernel gets no gradient and stays at B = 0.
+    `build_resnet` names them `<block>_downsample_0` (torchvision's `downsample.0`)."""
     layers = keras_private.flatten_layers(model)
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    shortcuts = [layer for layer in convs if layer.name.endswith("_downsample_0")]
     outputs = set(getattr(model, "output_names", None) or [])
     dense = [layer for layer in layers
              if isinstance(layer, keras.layers.Dense) and layer.name not in outputs]
-    return convs[1:] + dense
+    return [layer for layer in convs[1:] if layer not in shortcuts] + dense
 
 
 def _branch_for(layer, rank):

@@ -734,6 +734,8 @@ class _AutoLoraEpochEnd(keras.callbacks.Callback):
             lr = trainer.optimizer.learning_rate
             lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
             if lr * float(trainer.autolora_lr_scale.numpy()) < AUTOLORA_MIN_LR:
+                print(f"AutoLoRa: epoch {epoch + 1}: lr below {AUTOLORA_MIN_LR:g}, training "
+                      "stops (the paper's rule).", flush=True)
                 trainer.stop_training = True
         logs["autolora_lambda1"] = float(trainer.autolora_lambda1.numpy())
         logs["autolora_lr_scale"] = float(trainer.autolora_lr_scale.numpy())

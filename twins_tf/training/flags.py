@@ -152,9 +152,10 @@ def define_flags(flag_values, binary):
     if binary == TRAIN:
         define("integer", "lora_rank", 0,
                "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
-               "the low-rank branch on every residual-stage convolution (the paper: 8). The "
-               "lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and is halved "
-               "automatically on the validation robust accuracy.", "method")
+               "the low-rank branch on every convolution inside the residual blocks (the "
+               "paper: 8). The lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and "
+               "is halved automatically on the validation robust accuracy, on top of any "
+               "--lr_decay_epochs (with --validation=none only those apply).", "method")
     if binary == TRAIN:  # the head's initialisation (training.init_stage)
         define("enum", "init", "random",
                "How the fresh head starts: random; linear_probe (natural CE) or "

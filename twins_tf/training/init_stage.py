@@ -55,9 +55,11 @@ def init_settings(settings):
     s = as_settings(settings)
     if s.init not in INIT_METHODS:
         raise ValueError(f"--init={s.init} has no probing stage.")
+    # lora_rank=0: the probe trains the head of the plain network (an AutoLoRa main run's
+    # branches start at B = 0, so its natural path equals that network until trained)
     return s.replace(stage="init", method=INIT_METHODS[s.init], epochs=s.init_epochs,
                      lr=s.init_lr, lr_decay_epochs=(), weight_decay=s.init_weight_decay,
-                     model_dir=os.path.join(s.model_dir, INIT_DIR))
+                     lora_rank=0, model_dir=os.path.join(s.model_dir, INIT_DIR))
 
 
 def head_layer(model):

@@ -185,12 +185,15 @@ def fit(prepared, *, verbose="auto"):
                     steps_per_epoch=prepared.steps_per_epoch, callbacks=callbacks,
                     verbose=verbose, shuffle=False)  # the pipeline shuffles, per (seed, epoch)
     best = best_weights.best
+    final = run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))[-1]
     summary = {
         "epochs": s.epochs,
+        # below `epochs` when training stopped early (AutoLoRa's lr rule, trainer.py)
+        "trained_epochs": final["epoch"],
         "validation": s.validation,
         "best_epoch": best["epoch"] if best else None,
         "best_val_adv_acc": best["value"] if best else None,
-        "final": run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))[-1],
+        "final": final,
     }
     model_dir_lib.write_json(os.path.join(out, model_dir_lib.SUMMARY_FILE), summary)
     backup.drop_previous_pair(out)

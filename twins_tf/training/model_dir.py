@@ -132,6 +132,14 @@ def check_model_dir(model_dir, settings):
         return "resume"
     if settings.get("epochs") is None or settings["epochs"] == trained:
         return "finished"
+    summary = read_summary(model_dir)
+    if summary.get("trained_epochs", summary["epochs"]) < summary["epochs"]:
+        if settings["epochs"] == summary["epochs"]:
+            return "finished"  # stopped early: what it would train next, it stopped to avoid
+        raise SetupError(f"--model_dir={model_dir} holds a run that stopped early after "
+                         f"{summary['trained_epochs']} of its {summary['epochs']} epochs "
+                         "(AutoLoRa's learning rate fell below its floor); more epochs would "
+                         "not train it further: use a new --model_dir.")
     if not has_backup(model_dir):
         raise SetupError(f"--model_dir={model_dir} holds a finished run of {trained} epochs "
                          f"but no {BACKUP_DIR}/ to extend it to --epochs={settings['epochs']} "
