@@ -133,6 +133,7 @@ def run_official(args):
 # --- ours, in its own process ------------------------------------------------------------------
 def run_twins(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import numpy as np
     import tensorflow as tf
 

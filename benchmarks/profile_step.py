@@ -109,6 +109,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps")
     args = parser.parse_args(argv)
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import tensorflow as tf
 
     config = dict(arch=args.arch, method=args.method, image_size=args.image_size,

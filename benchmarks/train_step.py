@@ -197,6 +197,7 @@ def _finite(values):
 
 def run_train_step(config):
     """One row of part 1: build, trace/compile, time the AdversarialTrainer step."""
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import keras
     import tensorflow as tf
 
@@ -231,6 +232,7 @@ def run_train_step(config):
 
 def run_breakdown(config):
     """Part 2 for one jit_compile setting: parts (a)-(f), float32."""
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import keras
     import tensorflow as tf
 
@@ -300,6 +302,7 @@ def run_breakdown(config):
 
 
 def run_one(config_json):
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import keras
     import tensorflow as tf
 

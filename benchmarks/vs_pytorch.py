@@ -44,6 +44,8 @@ the library as it is):
             float32, the PGD default);
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
+  onednn1   TF_ENABLE_ONEDNN_OPTS=1 (oneDNN's kernels also where TensorFlow would not pick
+            them: TF turns them on by itself only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX);
   xla       jit_compile=True for the whole step;
   arena2    MALLOC_ARENA_MAX=2 (glibc: fewer per-thread heaps, a memory lever);
   mmap      MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 128 KiB (glibc: large blocks
@@ -83,10 +85,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TF_METHODS = ("at", "twins_at", "trades", "twins_trades")
 TORCH_METHODS = ("at", "trades")
-TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "xla", "arena2", "mmap", "base")
+TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "onednn1", "xla", "arena2", "mmap",
+               "base")
 # Environment of a variant's worker process (read by glibc / TensorFlow at start-up).
 VARIANT_ENV = {
     "onednn0": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "onednn1": {"TF_ENABLE_ONEDNN_OPTS": "1"},
     "arena2": {"MALLOC_ARENA_MAX": "2"},
     "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"},
 }
@@ -237,6 +241,7 @@ def tf_trainer(config):
         sys.path.insert(0, config["tf_path"])
     else:
         sys.path.insert(0, ROOT)
+    import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
     import keras
     import tensorflow as tf
 

@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# First, before TensorFlow: `import twins_tf` turns oneDNN's CPU kernels on (cpu_kernels), as
+# for every binary, so the suite runs the kernels its tolerances were set with on any x86 CPU.
+import twins_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")

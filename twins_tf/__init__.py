@@ -5,7 +5,12 @@ not need PyTorch or tensorflow-datasets never import them.
 """
 import importlib
 
-from twins_tf.layers import TwinBatchNormalization
+# Before anything imports TensorFlow: oneDNN's CPU kernels on every x86 CPU (cpu_kernels).
+from twins_tf import cpu_kernels
+
+cpu_kernels.prefer_onednn()
+
+from twins_tf.layers import TwinBatchNormalization  # noqa: E402
 from twins_tf.twinify import twinify, untwin
 # Registers every Keras serialisable (layers, models, trainer, attacks): `import twins_tf` is
 # all keras.models.load_model needs, whichever attack a saved trainer holds.

@@ -72,6 +72,20 @@ def disable_op_determinism():
     tf_config.disable_op_determinism()
 
 
+# oneDNN: TensorFlow says at import whether its oneDNN kernels are on, but has no public
+# getter; twins_tf.cpu_kernels warns when they are off because TensorFlow came first.
+def onednn_enabled():
+    """Whether this process's TensorFlow runs oneDNN's CPU kernels (imports TensorFlow).
+
+    Relies on (checked against TF 2.21.0, tensorflow-cpu, x86-64):
+    `tensorflow.python.util._pywrap_util_port.IsMklEnabled`, which reads the choice
+    TensorFlow made once at import from TF_ENABLE_ONEDNN_OPTS and the CPU's features.
+    """
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 # Multi-worker: Keras 3.15's TensorFlow trainer breaks under MultiWorkerMirroredStrategy in
 # two places (see twins_tf.multi_worker); the fix replaces two of its internals while `fit`
 # runs and puts Keras's own back afterwards.
