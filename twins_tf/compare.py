@@ -26,6 +26,7 @@ import sys
 
 from absl import app, flags
 
+from twins_tf.interpolation import SELECTIONS
 from twins_tf.training.flags import define_flags as define_run_flags
 from twins_tf.training.flags import settings_from_flags
 from twins_tf.training.settings import TRAIN, SetupError
@@ -59,7 +60,7 @@ def define_flags(flag_values):
                               "weights at the alpha best on validation. Repeatable.", **options)
     flags.DEFINE_list("interpolate_alphas", None, "The alphas --interpolate tries (0: the init "
                       "sub-run, 1: the fine-tuned run; default: interpolate's grid).", **options)
-    flags.DEFINE_enum("interpolate_select", "robust", ["robust", "clean"], "What the alpha of "
+    flags.DEFINE_enum("interpolate_select", "robust", list(SELECTIONS), "What the alpha of "
                       "--interpolate maximises on validation: PGD or clean accuracy.", **options)
     flags.DEFINE_integer("interpolate_validation_examples", None, "Validation examples the "
                          "alpha is chosen on (default: interpolate's).", **options)
