@@ -364,8 +364,8 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
             source = plan[variant][seed]["model_dir"]
             model_dir = run_dir(output_dir, wise_dir_name(variant), seed)
             log(f"compare: {wise_name(variant)}, seed {seed}: {model_dir}")
-            chosen = _interpolate_one(os.path.join(source, init_stage.INIT_DIR), source, model_dir,
-                                      dict(interpolation_args or {}), verbose)
+            chosen = _interpolate_one(os.path.join(source, init_stage.INIT_DIR), source,
+                                      model_dir, dict(interpolation_args or {}), verbose)
             results.append(_result(wise_name(variant), seed, model_dir, evaluation_args,
                                    autoattack_args, log, interpolation=chosen))
     return results

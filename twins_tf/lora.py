@@ -1,8 +1,8 @@
 """AutoLoRa's low-rank branch (Xu et al., ICLR 2024) on a Keras classifier's kernels.
 
 AutoLoRa gives every convolution inside the backbone's residual blocks (not the stem, not
-the downsampling shortcuts, not the fresh head) a second, *natural* path: the kernel W of the main (adversarial) path plus a
-low-rank update,
+the downsampling shortcuts, not the fresh head) a second, *natural* path: the kernel W of the
+main (adversarial) path plus a low-rank update,
 
     W_nat = W + (1 / r) * reshape(B @ A),  conv: A (r*k, in*k) ~ N(0, 1), B (out*k, r*k) = 0,
                                            dense: A (r, in) Kaiming-uniform, B (out, r) = 0,
