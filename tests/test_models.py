@@ -286,7 +286,8 @@ def test_folded_model_matches_pytorch_logits_and_input_gradients(reference, arch
     The input gradient is held to a looser bound than the unfolded model's: with oneDNN on
     (TensorFlow's default on x86), the folded ResNet-50's gradient differs from PyTorch's by
     1.5e-4 of the largest entry on average and 2.5e-3 at most, and 0.05 % of the signs
-    differ (measured on this test's data; the unfolded model: 2e-6 and no sign).  With
+    differ (measured on this test's data on the AVX-512 machine; 0.12 % on the AMD EPYC AVX2
+    one, whose oneDNN kernels differ; the unfolded model: 2e-6 and no sign).  With
     TF_ENABLE_ONEDNN_OPTS=0 the folded model is as close as the unfolded one, so it is the
     kernels oneDNN picks for the folded graph, not the folding.  A wrong fold (a kernel
     scaled on the wrong axis, a missing bias, the wrong statistics) is off by O(1)."""
@@ -304,7 +305,7 @@ def test_folded_model_matches_pytorch_logits_and_input_gradients(reference, arch
     error, scale = np.abs(keras_grad - torch_grad), np.abs(torch_grad).max()
     assert error.max() <= 1e-2 * scale and error.mean() <= 1e-3 * scale
     nonzero = torch_grad != 0
-    assert np.mean(np.sign(keras_grad[nonzero]) == np.sign(torch_grad[nonzero])) >= 0.999
+    assert np.mean(np.sign(keras_grad[nonzero]) == np.sign(torch_grad[nonzero])) >= 0.998
 
 
 def test_folded_model_follows_the_source_weights_and_the_frozen_mode(reference):
