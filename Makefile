@@ -32,6 +32,8 @@ demo: $(DEMO_STAMP)
 	$(PY) -m twins_tf.demo --output_dir=demo_out
 
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests $(TEST_FLAGS)
 
 bench: $(TEST_STAMP)

@@ -11,6 +11,7 @@ keras-cv is not a dependency: nothing here imports it (README, "Installing", say
 its install pulls keras-core and kagglehub, a network client, into a product that never
 touches the network.
 """
+
 import os
 
 from setuptools import find_packages, setup
@@ -31,7 +32,8 @@ setup(
         "tensorflow-datasets==4.9.10",
         "importlib_resources==7.1.0",
         "absl-py==2.5.1",
-        "tensorboard==2.21.0",  # TensorBoard logs of train/pretrain; tensorflow 2.21 does not pull it in
+        # TensorBoard logs of train/pretrain; tensorflow 2.21 does not pull it in
+        "tensorboard==2.21.0",
         "scikit-learn==1.9.1",  # the embedded demo's dataset (handwritten digits)
         "scipy==1.17.1",  # compare's paired Student-t intervals (scipy.stats.ttest_rel)
         "matplotlib==3.11.2",  # compare's plots (PNG, embedded in report.html)
@@ -45,6 +47,7 @@ setup(
             "safetensors==0.8.0",
             "dill==0.4.1",
             "pytest==9.2.0",
+            "ruff==0.17.6",  # `make test` lints and checks the formatting first (ruff.toml)
             "pyautoattack==0.2.0",  # fra31/auto-attack, the AutoAttack oracle (imports torch)
         ],
     },

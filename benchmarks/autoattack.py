@@ -30,6 +30,7 @@ costs the sum of the four.  On a robust model the later attacks see only the poi
 robust.  The default budget is reduced (flags) so that a run takes minutes; the ratios are
 per iteration and do not depend on it much, but the absolute times do.
 """
+
 import argparse
 import json
 import os
@@ -47,31 +48,55 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=50, help="images (one batch)")
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--upsample", type=int, default=1,
-                        help="nearest upsampling inside the model (7: CIFAR as the spec trains)")
+    parser.add_argument(
+        "--upsample",
+        type=int,
+        default=1,
+        help="nearest upsampling inside the model (7: CIFAR as the spec trains)",
+    )
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    parser.add_argument("--epsilon", type=float, default=1e-6,
-                        help="attack radius; the default breaks nothing (worst case)")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=1e-6,
+        help="attack radius; the default breaks nothing (worst case)",
+    )
     parser.add_argument("--apgd_steps", type=int, default=20, help="APGD-CE/APGD-T iterations")
     parser.add_argument("--n_target_classes", type=int, default=2, help="APGD-T/FAB-T targets")
     parser.add_argument("--fab_steps", type=int, default=20, help="FAB-T iterations")
     parser.add_argument("--square_queries", type=int, default=200, help="Square queries")
     parser.add_argument("--threads", type=int, default=2, help="threads of each framework")
-    parser.add_argument("--fold_batch_norm", type=int, default=0, choices=[0, 1],
-                        help="1: ours attacks twins_tf.models.fold_batch_norm(model), the same "
-                             "function with every conv + BN folded (inference-mode lever); "
-                             "0: the model as built")
+    parser.add_argument(
+        "--fold_batch_norm",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="1: ours attacks twins_tf.models.fold_batch_norm(model), the same "
+        "function with every conv + BN folded (inference-mode lever); "
+        "0: the model as built",
+    )
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("examples", "image_size", "upsample", "num_classes", "apgd_steps", "n_target_classes",
-                 "fab_steps", "square_queries", "threads"):
+    for name in (
+        "examples",
+        "image_size",
+        "upsample",
+        "num_classes",
+        "apgd_steps",
+        "n_target_classes",
+        "fab_steps",
+        "square_queries",
+        "threads",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.n_target_classes + 1 > args.num_classes:
-        parser.error(f"--n_target_classes {args.n_target_classes} needs --num_classes >= "
-                     f"{args.n_target_classes + 1}")
+        parser.error(
+            f"--n_target_classes {args.n_target_classes} needs --num_classes >= "
+            f"{args.n_target_classes + 1}"
+        )
     return args
 
 
@@ -88,12 +113,14 @@ def run_official(args):
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from torch_resnet import TorchPixelResNet, torch_resnet  # noqa: E402
+    import logging
+
     from pyautoattack import AutoAttack  # noqa: E402
     from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted  # noqa: E402
     from pyautoattack.fab_pt import FABAttack_PT  # noqa: E402
     from pyautoattack.square import SquareAttack  # noqa: E402
-    import logging
+    from torch_resnet import TorchPixelResNet, torch_resnet  # noqa: E402
+
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
 
     net = torch_resnet("resnet18", args.num_classes, seed=0)
@@ -104,36 +131,61 @@ def run_official(args):
     x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.no_grad():
         y_t = module(x_t).argmax(1)
-    np.savez(os.path.join(args.workdir, "data.npz"), x=x, y=y_t.numpy(),
-             **{key: value.numpy() for key, value in net.state_dict().items()})
+    np.savez(
+        os.path.join(args.workdir, "data.npz"),
+        x=x,
+        y=y_t.numpy(),
+        **{key: value.numpy() for key, value in net.state_dict().items()},
+    )
     norm, eps = {"linf": "Linf", "l2": "L2"}[args.norm], args.epsilon
     common = dict(norm=norm, eps=eps, seed=0, device="cpu")
     attacks = {
         "apgd-ce": APGDAttack(module, n_iter=args.apgd_steps, n_restarts=1, loss="ce", **common),
-        "apgd-t": APGDAttack_targeted(module, n_iter=args.apgd_steps, n_restarts=1,
-                                      n_target_classes=args.n_target_classes, **common),
-        "fab-t": FABAttack_PT(module, n_restarts=1, n_iter=args.fab_steps, targeted=True,
-                              n_target_classes=args.n_target_classes, **common),
-        "square": SquareAttack(module, n_queries=args.square_queries, p_init=0.8, n_restarts=1,
-                               resc_schedule=False, **common),
+        "apgd-t": APGDAttack_targeted(
+            module,
+            n_iter=args.apgd_steps,
+            n_restarts=1,
+            n_target_classes=args.n_target_classes,
+            **common,
+        ),
+        "fab-t": FABAttack_PT(
+            module,
+            n_restarts=1,
+            n_iter=args.fab_steps,
+            targeted=True,
+            n_target_classes=args.n_target_classes,
+            **common,
+        ),
+        "square": SquareAttack(
+            module,
+            n_queries=args.square_queries,
+            p_init=0.8,
+            n_restarts=1,
+            resc_schedule=False,
+            **common,
+        ),
     }
     seconds = {}
     for name in ATTACKS:
         attacks[name].perturb(x_t, y_t)  # warm-up
-        seconds[name] = timed(lambda: attacks[name].perturb(x_t, y_t))
-    aa = AutoAttack(module, norm=norm, eps=eps, seed=0, version="custom",
-                    attacks=list(ATTACKS), device="cpu")
+        seconds[name] = timed(lambda name=name: attacks[name].perturb(x_t, y_t))
+    aa = AutoAttack(
+        module, norm=norm, eps=eps, seed=0, version="custom", attacks=list(ATTACKS), device="cpu"
+    )
     aa.apgd, aa.apgd_targeted, aa.fab, aa.square = (attacks[name] for name in ATTACKS)
-    seconds["cascade"] = timed(lambda: aa.run_standard_evaluation(x_t, y_t,
-                                                                  batch_size=len(x)))
-    return dict(seconds=seconds, version=f"pyautoattack {__import__('pyautoattack').__version__}"
-                f", torch {torch.__version__}")
+    seconds["cascade"] = timed(lambda: aa.run_standard_evaluation(x_t, y_t, batch_size=len(x)))
+    return dict(
+        seconds=seconds,
+        version=f"pyautoattack {__import__('pyautoattack').__version__}, torch {torch.__version__}",
+    )
 
 
 # --- ours, in its own process ------------------------------------------------------------------
 def run_twins(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import numpy as np
     import tensorflow as tf
 
@@ -146,23 +198,31 @@ def run_twins(args):
     with np.load(os.path.join(args.workdir, "data.npz")) as data:
         x, y = data["x"], data["y"].astype(np.int32)
         state = {key: data[key] for key in data.files if key not in ("x", "y")}
-    model = build_resnet("resnet18", args.num_classes, input_shape=x.shape[1:],
-                         upsample=args.upsample)
+    model = build_resnet(
+        "resnet18", args.num_classes, input_shape=x.shape[1:], upsample=args.upsample
+    )
     weights.load_torch_state_dict(model, state, head=True)
     if args.fold_batch_norm:
         model = fold_batch_norm(model)
     agree = np.mean(np.argmax(model(x, training=False), -1) == y)
-    aa = AutoAttack(args.epsilon, norm=args.norm, seed=0, apgd_steps=args.apgd_steps,
-                    fab_steps=args.fab_steps, square_queries=args.square_queries,
-                    n_target_classes=args.n_target_classes)
+    aa = AutoAttack(
+        args.epsilon,
+        norm=args.norm,
+        seed=0,
+        apgd_steps=args.apgd_steps,
+        fab_steps=args.fab_steps,
+        square_queries=args.square_queries,
+        n_target_classes=args.n_target_classes,
+    )
     attacks = dict(zip(aa.attack_names, aa.sub_attacks(model)))
     seconds = {}
     for name in ATTACKS:
         attacks[name](model, x, y, seed=0)  # warm-up: traces the graphs
-        seconds[name] = timed(lambda: attacks[name](model, x, y, seed=0))
+        seconds[name] = timed(lambda name=name: attacks[name](model, x, y, seed=0))
     seconds["cascade"] = timed(lambda: aa(model, x, y))
-    return dict(seconds=seconds, version=f"twins_tf, TF {tf.__version__}",
-                label_agreement=float(agree))
+    return dict(
+        seconds=seconds, version=f"twins_tf, TF {tf.__version__}", label_agreement=float(agree)
+    )
 
 
 # --- the parent: one process per framework, the table ------------------------------------------
@@ -178,34 +238,53 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as workdir:
         for worker in WORKERS:
             start = time.perf_counter()
-            subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded,
-                            "--worker", worker, "--workdir", workdir], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    *forwarded,
+                    "--worker",
+                    worker,
+                    "--workdir",
+                    workdir,
+                ],
+                check=True,
+            )
             with open(os.path.join(workdir, f"{worker}.json")) as f:
                 results[worker] = json.load(f)
-            print(f"{worker}: {time.perf_counter() - start:.0f} s wall (process)",
-                  file=sys.stderr)
+            print(f"{worker}: {time.perf_counter() - start:.0f} s wall (process)", file=sys.stderr)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"ResNet-18 (random weights and BN statistics), {args.image_size} px "
-          f"(x{args.upsample} inside the model), "
-          f"{args.num_classes} classes, {args.examples} images in one batch, {args.norm}, "
-          f"epsilon {args.epsilon:g} (nothing broken: every budget spent); {args.threads} "
-          f"threads per framework, {os.cpu_count()} CPU cores; "
-          f"{results['twins_tf']['version']}"
-          f"{' (BN folded into the convolutions)' if args.fold_batch_norm else ''}; "
-          f"{results['official']['version']}; "
-          f"Keras and PyTorch predictions agree on "
-          f"{results['twins_tf']['label_agreement']:.0%} of the images; load average "
-          f"{load:.1f} at the end")
-    budget = {"apgd-ce": f"{args.apgd_steps} steps",
-              "apgd-t": f"{args.n_target_classes} targets x {args.apgd_steps} steps",
-              "fab-t": f"{args.n_target_classes} targets x {args.fab_steps} steps",
-              "square": f"{args.square_queries} queries",
-              "cascade": "the four in sequence"}
+    print(
+        f"ResNet-18 (random weights and BN statistics), {args.image_size} px "
+        f"(x{args.upsample} inside the model), "
+        f"{args.num_classes} classes, {args.examples} images in one batch, {args.norm}, "
+        f"epsilon {args.epsilon:g} (nothing broken: every budget spent); {args.threads} "
+        f"threads per framework, {os.cpu_count()} CPU cores; "
+        f"{results['twins_tf']['version']}"
+        f"{' (BN folded into the convolutions)' if args.fold_batch_norm else ''}; "
+        f"{results['official']['version']}; "
+        f"Keras and PyTorch predictions agree on "
+        f"{results['twins_tf']['label_agreement']:.0%} of the images; load average "
+        f"{load:.1f} at the end"
+    )
+    budget = {
+        "apgd-ce": f"{args.apgd_steps} steps",
+        "apgd-t": f"{args.n_target_classes} targets x {args.apgd_steps} steps",
+        "fab-t": f"{args.n_target_classes} targets x {args.fab_steps} steps",
+        "square": f"{args.square_queries} queries",
+        "cascade": "the four in sequence",
+    }
     t = args.n_target_classes
-    scale = {"apgd-ce": 100 / args.apgd_steps, "apgd-t": 900 / (t * args.apgd_steps),
-             "fab-t": 900 / (t * args.fab_steps), "square": 5000 / args.square_queries}
-    print("| attack | budget | twins_tf s | official s | twins_tf / official "
-          "| twins_tf s, standard budget, per 100 examples |")
+    scale = {
+        "apgd-ce": 100 / args.apgd_steps,
+        "apgd-t": 900 / (t * args.apgd_steps),
+        "fab-t": 900 / (t * args.fab_steps),
+        "square": 5000 / args.square_queries,
+    }
+    print(
+        "| attack | budget | twins_tf s | official s | twins_tf / official "
+        "| twins_tf s, standard budget, per 100 examples |"
+    )
     print("|---|---|---|---|---|---|")
     standard_total = 0.0
     for name in (*ATTACKS, "cascade"):
@@ -215,8 +294,10 @@ def main(argv=None):
         else:
             standard = ours * scale[name] * 100 / args.examples
             standard_total += standard
-        print(f"| {name} | {budget[name]} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} "
-              f"| {standard:,.0f}{' (sum)' if name == 'cascade' else ''} |")
+        print(
+            f"| {name} | {budget[name]} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} "
+            f"| {standard:,.0f}{' (sum)' if name == 'cascade' else ''} |"
+        )
 
 
 if __name__ == "__main__":

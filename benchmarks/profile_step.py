@@ -18,6 +18,7 @@ executed op is an event named "<op name>:<op type>" on the executor's thread lin
 layout is the profiler's, not a public API (checked against TF 2.21.0); if a TensorFlow
 upgrade changes it, this script fails with "no op events", not with wrong numbers.
 """
+
 import argparse
 import collections
 import glob
@@ -41,8 +42,10 @@ KINDS = (
     ("matmul (head)", ("MatMul",)),
     ("pooling", ("MaxPool", "AvgPool", "Mean")),
     ("relu", ("Relu",)),
-    ("padding / slicing / concat", ("Pad", "Slice", "ConcatV2", "StridedSlice", "Reshape",
-                                    "Transpose")),
+    (
+        "padding / slicing / concat",
+        ("Pad", "Slice", "ConcatV2", "StridedSlice", "Reshape", "Transpose"),
+    ),
     ("optimizer update", ("ResourceApply", "AssignVariable", "AssignAdd", "AssignSub")),
     ("variable reads", ("ReadVariableOp",)),
     ("loss / softmax", ("Softmax", "Xent", "LogSoftmax")),
@@ -57,8 +60,15 @@ def op_kind(op_type, op_name):
     for kind, patterns in KINDS:
         if any(p in op_type for p in patterns):
             return kind
-    if op_type in ("Sign", "Minimum", "Maximum", "ClipByValue", "RandomUniform",
-                   "StatelessRandomUniformV2", "StatelessRandomGetKeyCounter"):
+    if op_type in (
+        "Sign",
+        "Minimum",
+        "Maximum",
+        "ClipByValue",
+        "RandomUniform",
+        "StatelessRandomUniformV2",
+        "StatelessRandomGetKeyCounter",
+    ):
         return "sign / projection / clamp / noise"
     return "other elementwise and bookkeeping"
 
@@ -77,8 +87,9 @@ def op_events(logdir):
     """[(op name, op type, duration s)] of every op event in the newest trace under logdir."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True),
-                   key=os.path.getmtime)
+    paths = sorted(
+        glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime
+    )
     if not paths:
         raise RuntimeError(f"no *.xplane.pb trace under {logdir}")
     space = xplane_pb2.XSpace()
@@ -110,11 +121,20 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2, help="profiled steps")
     args = parser.parse_args(argv)
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import tensorflow as tf
 
-    config = dict(arch=args.arch, method=args.method, image_size=args.image_size,
-                  batch=args.batch, pgd_steps=args.pgd_steps, threads=args.threads,
-                  num_classes=10, variant="fused")
+    config = dict(
+        arch=args.arch,
+        method=args.method,
+        image_size=args.image_size,
+        batch=args.batch,
+        pgd_steps=args.pgd_steps,
+        threads=args.threads,
+        num_classes=10,
+        variant="fused",
+    )
     step = tf_trainer(config)["step"]
     step(), step()
     logdir = tempfile.mkdtemp(prefix="profile_step_")
@@ -130,10 +150,12 @@ def main(argv=None):
         by_phase[phase(op_name)] += seconds / args.steps
         by_kind[op_kind(op_type, op_name)] += seconds / args.steps
     in_ops = sum(by_phase.values())
-    print(f"{args.arch} {args.method}, {args.image_size} px, batch {args.batch}, "
-          f"PGD-{args.pgd_steps}, {args.threads} intra-op threads, 1 inter-op thread; "
-          f"{args.steps} profiled steps; load average {os.getloadavg()[0]:.2f}; "
-          f"step {1000 * wall:.0f} ms wall under the profiler, {1000 * in_ops:.0f} ms in ops")
+    print(
+        f"{args.arch} {args.method}, {args.image_size} px, batch {args.batch}, "
+        f"PGD-{args.pgd_steps}, {args.threads} intra-op threads, 1 inter-op thread; "
+        f"{args.steps} profiled steps; load average {os.getloadavg()[0]:.2f}; "
+        f"step {1000 * wall:.0f} ms wall under the profiler, {1000 * in_ops:.0f} ms in ops"
+    )
     for title, counter in (("phase", by_phase), ("op kind", by_kind)):
         print()
         print(f"| {title} | ms/step | share of the step |")
@@ -141,12 +163,14 @@ def main(argv=None):
         for name, seconds in counter.most_common():
             print(f"| {name} | {1000 * seconds:.0f} | {seconds / wall:.0%} |")
         if title == "phase":
-            print(f"| not in an op (executor, Python, waiting) | {1000 * (wall - in_ops):.0f} "
-                  f"| {(wall - in_ops) / wall:.0%} |")
+            print(
+                f"| not in an op (executor, Python, waiting) | {1000 * (wall - in_ops):.0f} "
+                f"| {(wall - in_ops) / wall:.0%} |"
+            )
     print()
     print("the 15 costliest op types, ms/step (oneDNN's rewritten names):")
     by_type = collections.Counter()
-    for op_name, op_type, seconds in events:
+    for _, op_type, seconds in events:
         by_type[op_type] += seconds / args.steps
     for op_type, seconds in by_type.most_common(15):
         print(f"  {op_type}: {1000 * seconds:.0f}")

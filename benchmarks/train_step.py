@@ -58,6 +58,7 @@ twin methods can diverge from random weights: the Frozen wing normalises with th
 0/1 statistics, which do not fit a random network's activations (a pre-trained BN's do);
 such rows are marked "loss not finite", their timing is still valid.
 """
+
 import argparse
 import json
 import os
@@ -97,35 +98,70 @@ def _csv(choices=None):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", type=_csv(), default=["resnet18"],
-                        help="comma-separated build_resnet archs, e.g. resnet18,resnet50")
-    parser.add_argument("--methods", type=_csv(METHODS),
-                        default=["at", "twins_at", "trades", "twins_trades"],
-                        help=f"comma-separated, from {', '.join(METHODS)}")
-    parser.add_argument("--precisions", type=_csv(PRECISIONS), default=list(PRECISIONS),
-                        help="comma-separated Keras dtype policies")
-    parser.add_argument("--jit", type=_csv(["off", "on"]), default=["off", "on"],
-                        help="jit_compile settings to run: off,on")
+    parser.add_argument(
+        "--archs",
+        type=_csv(),
+        default=["resnet18"],
+        help="comma-separated build_resnet archs, e.g. resnet18,resnet50",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_csv(METHODS),
+        default=["at", "twins_at", "trades", "twins_trades"],
+        help=f"comma-separated, from {', '.join(METHODS)}",
+    )
+    parser.add_argument(
+        "--precisions",
+        type=_csv(PRECISIONS),
+        default=list(PRECISIONS),
+        help="comma-separated Keras dtype policies",
+    )
+    parser.add_argument(
+        "--jit",
+        type=_csv(["off", "on"]),
+        default=["off", "on"],
+        help="jit_compile settings to run: off,on",
+    )
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="global batch (even)")
     parser.add_argument("--pgd_steps", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed calls after the first; the median is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls after the first; the median is reported"
+    )
     parser.add_argument("--num_classes", type=int, default=10)
-    parser.add_argument("--weight_decay", type=float, default=1e-5,
-                        help="coupled weight decay of the trainer (spec §6, CIFAR)")
-    parser.add_argument("--pgd_compute_dtype", choices=["float32", "policy"], default="float32",
-                        help="PGD's compute_dtype: float32 (library default) or the policy's")
-    parser.add_argument("--xla_breakdown", dest="xla_breakdown", action="store_true",
-                        default=True, help="run part 2, the XLA breakdown (the default)")
-    parser.add_argument("--no_xla_breakdown", dest="xla_breakdown", action="store_false",
-                        help="skip part 2")
+    parser.add_argument(
+        "--weight_decay",
+        type=float,
+        default=1e-5,
+        help="coupled weight decay of the trainer (spec §6, CIFAR)",
+    )
+    parser.add_argument(
+        "--pgd_compute_dtype",
+        choices=["float32", "policy"],
+        default="float32",
+        help="PGD's compute_dtype: float32 (library default) or the policy's",
+    )
+    parser.add_argument(
+        "--xla_breakdown",
+        dest="xla_breakdown",
+        action="store_true",
+        default=True,
+        help="run part 2, the XLA breakdown (the default)",
+    )
+    parser.add_argument(
+        "--no_xla_breakdown", dest="xla_breakdown", action="store_false", help="skip part 2"
+    )
     parser.add_argument("--xla_breakdown_only", action="store_true", help="skip part 1")
     parser.add_argument("--breakdown_arch", default="resnet50")
-    parser.add_argument("--breakdown_model", choices=["twin", "plain"], default="twin",
-                        help="BN of the breakdown model (inference uses the Adaptive wing)")
-    parser.add_argument("--timeout", type=float, default=3600,
-                        help="seconds allowed per subprocess")
+    parser.add_argument(
+        "--breakdown_model",
+        choices=["twin", "plain"],
+        default="twin",
+        help="BN of the breakdown model (inference uses the Adaptive wing)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds allowed per subprocess"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, JSON
     args = parser.parse_args(argv)
     if args.batch % 2:
@@ -175,10 +211,17 @@ def _trainer_step(model, method, config, x, y):
     attack = None
     if method.adversarial:
         compute_dtype = None if config["pgd_compute_dtype"] == "policy" else "float32"
-        attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0,
-                     compute_dtype=compute_dtype)
-    trainer = AdversarialTrainer(model, method=method.name, attack=attack,
-                                 weight_decay=config["weight_decay"])
+        attack = PGD(
+            EPSILON,
+            STEP_SIZE,
+            config["pgd_steps"],
+            random_start=True,
+            seed=0,
+            compute_dtype=compute_dtype,
+        )
+    trainer = AdversarialTrainer(
+        model, method=method.name, attack=attack, weight_decay=config["weight_decay"]
+    )
     trainer.compile(keras.optimizers.SGD(LEARNING_RATE, momentum=0.9), jit_compile=config["jit"])
     trainer.make_train_function()
     losses = []
@@ -198,6 +241,8 @@ def _finite(values):
 def run_train_step(config):
     """One row of part 1: build, trace/compile, time the AdversarialTrainer step."""
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import keras
     import tensorflow as tf
 
@@ -209,8 +254,9 @@ def run_train_step(config):
     try:
         method = methods_lib.get(config["method"])
         size = config["image_size"]
-        model = build_resnet(config["arch"], config["num_classes"], twin=method.twin,
-                             input_shape=(size, size, 3))
+        model = build_resnet(
+            config["arch"], config["num_classes"], twin=method.twin, input_shape=(size, size, 3)
+        )
         x, y = _inputs(tf, config["batch"], size, config["num_classes"])
         step, losses, trainer = _trainer_step(model, method, config, x, y)
         rss_before = _current_rss_mib()
@@ -233,6 +279,8 @@ def run_train_step(config):
 def run_breakdown(config):
     """Part 2 for one jit_compile setting: parts (a)-(f), float32."""
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import keras
     import tensorflow as tf
 
@@ -242,15 +290,19 @@ def run_breakdown(config):
 
     keras.utils.set_random_seed(0)
     size, steps = config["image_size"], config["pgd_steps"]
-    model = build_resnet(config["arch"], config["num_classes"], twin=config["twin"],
-                         input_shape=(size, size, 3))
+    model = build_resnet(
+        config["arch"], config["num_classes"], twin=config["twin"], input_shape=(size, size, 3)
+    )
     x, y = _inputs(tf, config["batch"], size, config["num_classes"])
     pgd = PGD(EPSILON, STEP_SIZE, steps, random_start=True, seed=0)
     seed = tf.constant([0, 1], tf.int64)
 
     def cross_entropy(logits):
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=y, logits=tf.cast(logits, tf.float32)))
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=y, logits=tf.cast(logits, tf.float32)
+            )
+        )
 
     def forward(x):
         return model(x, training=False)
@@ -286,23 +338,30 @@ def run_breakdown(config):
         compiled.get_concrete_function(x)  # Python trace only; the call below reuses it
         trace = time.perf_counter() - start
 
-        def call():
+        def call(compiled=compiled):
             tf.nest.flatten(compiled(x))[0].numpy()
 
         first, steady, times = _time_calls(call, config["repeats"])
         results[key] = dict(trace_s=trace, first_s=first, step_s=steady, step_times=times)
 
     method = methods_lib.get("twins_at" if config["twin"] else "at")
-    step, losses, _ = _trainer_step(model, method, dict(config, pgd_compute_dtype="float32"),
-                                    x, y)
+    step, losses, _ = _trainer_step(model, method, dict(config, pgd_compute_dtype="float32"), x, y)
     first, steady, times = _time_calls(step, config["repeats"])
-    results["f"] = dict(trace_s=None, first_s=first, step_s=steady, step_times=times,
-                        method=method.name, finite=_finite(losses))
+    results["f"] = dict(
+        trace_s=None,
+        first_s=first,
+        step_s=steady,
+        step_times=times,
+        method=method.name,
+        finite=_finite(losses),
+    )
     return dict(config, parts=results, peak_rss_mib=_peak_rss_mib())
 
 
 def run_one(config_json):
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import keras
     import tensorflow as tf
 
@@ -327,7 +386,7 @@ def spawn(config, timeout):
     wall = time.perf_counter() - start
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return dict(json.loads(line[len(RESULT_PREFIX):]), wall_s=wall)
+            return dict(json.loads(line[len(RESULT_PREFIX) :]), wall_s=wall)
     lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
     return dict(config, error=f"exit {done.returncode}: {lines[-1][:300]}")
 
@@ -364,20 +423,29 @@ class Header:
         if self.printed:
             return
         a = self.args
-        print(f"Machine: {os.cpu_count()} CPU cores, TF {result.get('tf_version', '?')}, Keras "
-              f"{result.get('keras_version', '?')}, TF_ENABLE_ONEDNN_OPTS="
-              f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; image {a.image_size} px, "
-              f"batch {a.batch}, PGD-{a.pgd_steps} (eps 8/255, alpha 2/255, random start, "
-              f"attack in {a.pgd_compute_dtype}), {a.num_classes} classes, SGD({LEARNING_RATE}, "
-              f"momentum 0.9), wd {a.weight_decay:g}; step = median of {a.repeats} calls after "
-              "the first; one subprocess per row\n", flush=True)
+        print(
+            f"Machine: {os.cpu_count()} CPU cores, TF {result.get('tf_version', '?')}, Keras "
+            f"{result.get('keras_version', '?')}, TF_ENABLE_ONEDNN_OPTS="
+            f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; image {a.image_size} px, "
+            f"batch {a.batch}, PGD-{a.pgd_steps} (eps 8/255, alpha 2/255, random start, "
+            f"attack in {a.pgd_compute_dtype}), {a.num_classes} classes, SGD({LEARNING_RATE}, "
+            f"momentum 0.9), wd {a.weight_decay:g}; step = median of {a.repeats} calls after "
+            "the first; one subprocess per row\n",
+            flush=True,
+        )
         self.printed = True
 
 
 def part1(args, common, header):
     configs = [
-        dict(common, kind="train_step", arch=arch, method=method, precision=precision,
-             jit=jit == "on")
+        dict(
+            common,
+            kind="train_step",
+            arch=arch,
+            method=method,
+            precision=precision,
+            jit=jit == "on",
+        )
         for arch in args.archs
         for precision in args.precisions
         for jit in args.jit
@@ -385,25 +453,33 @@ def part1(args, common, header):
     ]
     rows, table_started = [], False
     for index, config in enumerate(configs, 1):
-        _progress(f"[{index}/{len(configs)}] {config['arch']} {config['method']} "
-                  f"{config['precision']} jit={_jit(config['jit'])} ...")
+        _progress(
+            f"[{index}/{len(configs)}] {config['arch']} {config['method']} "
+            f"{config['precision']} jit={_jit(config['jit'])} ..."
+        )
         row = spawn(config, args.timeout)
         rows.append(row)
         if "error" in row:
             _progress(f"    FAILED: {row['error']}")
         else:
-            _progress(f"    {_ms(row['step_s'])} ms/step, first call {row['first_s']:.1f} s, "
-                      f"{row['wall_s']:.0f} s wall")
+            _progress(
+                f"    {_ms(row['step_s'])} ms/step, first call {row['first_s']:.1f} s, "
+                f"{row['wall_s']:.0f} s wall"
+            )
         header(row)
         if not table_started:
-            print("| arch | method | precision | jit | images/s | ms/step | first call s "
-                  "| peak RSS MiB | peak over model MiB |")
+            print(
+                "| arch | method | precision | jit | images/s | ms/step | first call s "
+                "| peak RSS MiB | peak over model MiB |"
+            )
             print("|---|---|---|---|---|---|---|---|---|")
             table_started = True
         print(_row_line(args, row), flush=True)
     if any("error" not in r and not r["finite"] for r in rows):
-        print("\n(*) loss not finite: the random-weight model diverged (expected at tiny "
-              "batch/image sizes for twin BN); the timing is still valid.")
+        print(
+            "\n(*) loss not finite: the random-weight model diverged (expected at tiny "
+            "batch/image sizes for twin BN); the timing is still valid."
+        )
     return rows
 
 
@@ -415,16 +491,24 @@ def _row_line(args, r):
     if r["jit_effective"] != r["jit"]:
         jit += f" (Keras ran {_jit(r['jit_effective'])})"
     mark = "" if r["finite"] else " (*)"
-    return (start + f"{jit} | {args.batch / r['step_s']:.1f} | {_ms(r['step_s'])}{mark} "
-            f"| {r['first_s']:.1f} | {r['peak_rss_mib']:.0f} "
-            f"| {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |")
+    return (
+        start + f"{jit} | {args.batch / r['step_s']:.1f} | {_ms(r['step_s'])}{mark} "
+        f"| {r['first_s']:.1f} | {r['peak_rss_mib']:.0f} "
+        f"| {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |"
+    )
 
 
 def print_ratios(args, rows):
-    step = {(r["arch"], r["method"], r["precision"], r["jit"]): r["step_s"]
-            for r in rows if "error" not in r}
-    first = {(r["arch"], r["method"], r["precision"], r["jit"]): r["first_s"]
-             for r in rows if "error" not in r}
+    step = {
+        (r["arch"], r["method"], r["precision"], r["jit"]): r["step_s"]
+        for r in rows
+        if "error" not in r
+    }
+    first = {
+        (r["arch"], r["method"], r["precision"], r["jit"]): r["first_s"]
+        for r in rows
+        if "error" not in r
+    }
     jits = [j == "on" for j in args.jit]
 
     others = [m for m in ("twins_at", "trades", "twins_trades") if m in args.methods]
@@ -441,22 +525,30 @@ def print_ratios(args, rows):
                     pairs = [(m, "at") for m in others]
                     if "twins_trades/trades" in columns:
                         pairs.append(("twins_trades", "trades"))
-                    cells = [_ratio(step.get((arch, a, precision, jit)),
-                                    step.get((arch, b, precision, jit))) for a, b in pairs]
+                    cells = [
+                        _ratio(
+                            step.get((arch, a, precision, jit)), step.get((arch, b, precision, jit))
+                        )
+                        for a, b in pairs
+                    ]
                     print(f"| {arch} | {precision} | {_jit(jit)} | " + " | ".join(cells) + " |")
 
     if set(jits) == {False, True}:
         print("\nXLA vs no XLA (XLA/no-XLA > 1: XLA is slower):\n")
-        print("| arch | method | precision | ms/step no XLA | ms/step XLA | XLA/no-XLA "
-              "| first call s no XLA | first call s XLA |")
+        print(
+            "| arch | method | precision | ms/step no XLA | ms/step XLA | XLA/no-XLA "
+            "| first call s no XLA | first call s XLA |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for arch in args.archs:
             for method in args.methods:
                 for precision in args.precisions:
                     off, on = (step.get((arch, method, precision, j)) for j in (False, True))
                     f_off, f_on = (first.get((arch, method, precision, j)) for j in (False, True))
-                    print(f"| {arch} | {method} | {precision} | {_ms(off)} | {_ms(on)} "
-                          f"| {_ratio(on, off)} | {_s(f_off)} | {_s(f_on)} |")
+                    print(
+                        f"| {arch} | {method} | {precision} | {_ms(off)} | {_ms(on)} "
+                        f"| {_ratio(on, off)} | {_s(f_off)} | {_s(f_on)} |"
+                    )
 
     if set(args.precisions) == set(PRECISIONS):
         print("\nbfloat16 vs float32 (bf16/fp32 < 1: bfloat16 is faster):\n")
@@ -466,15 +558,22 @@ def print_ratios(args, rows):
             for method in args.methods:
                 for jit in jits:
                     fp32, bf16 = (step.get((arch, method, p, jit)) for p in PRECISIONS)
-                    print(f"| {arch} | {method} | {_jit(jit)} | {_ms(fp32)} | {_ms(bf16)} "
-                          f"| {_ratio(bf16, fp32)} |")
+                    print(
+                        f"| {arch} | {method} | {_jit(jit)} | {_ms(fp32)} | {_ms(bf16)} "
+                        f"| {_ratio(bf16, fp32)} |"
+                    )
 
 
 def part2(args, common, header):
     results = {}
     for jit in (False, True):
-        config = dict(common, kind="breakdown", arch=args.breakdown_arch,
-                      twin=args.breakdown_model == "twin", jit=jit)
+        config = dict(
+            common,
+            kind="breakdown",
+            arch=args.breakdown_arch,
+            twin=args.breakdown_model == "twin",
+            jit=jit,
+        )
         _progress(f"[breakdown] {args.breakdown_arch} jit={_jit(jit)} ...")
         results[jit] = spawn(config, args.timeout)
         if "error" in results[jit]:
@@ -487,10 +586,12 @@ def part2(args, common, header):
 
 def print_part2(args, results):
     k = args.pgd_steps
-    print(f"\nXLA breakdown: {args.breakdown_arch} ({args.breakdown_model} BN), float32, "
-          f"{args.image_size} px, batch {args.batch}, k = {k}; each part one tf.function with "
-          f"jit_compile off / on; trace = Python tracing, first call = graph optimisation or "
-          f"XLA compilation + one run, steady = median of {args.repeats} calls after it\n")
+    print(
+        f"\nXLA breakdown: {args.breakdown_arch} ({args.breakdown_model} BN), float32, "
+        f"{args.image_size} px, batch {args.batch}, k = {k}; each part one tf.function with "
+        f"jit_compile off / on; trace = Python tracing, first call = graph optimisation or "
+        f"XLA compilation + one run, steady = median of {args.repeats} calls after it\n"
+    )
     for jit, result in results.items():
         if "error" in result:
             print(f"jit_compile={jit}: failed: {result['error']}\n")
@@ -499,8 +600,10 @@ def print_part2(args, results):
     def get(jit, key, field):
         return parts[jit][key][field] if jit in parts else None
 
-    print("| part | trace s no XLA | trace s XLA | first call s no XLA | first call s XLA "
-          "| steady ms no XLA | steady ms XLA | XLA/no-XLA steady |")
+    print(
+        "| part | trace s no XLA | trace s XLA | first call s no XLA | first call s XLA "
+        "| steady ms no XLA | steady ms XLA | XLA/no-XLA steady |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key, name in PARTS:
         name = name.replace("PGD-k", f"PGD-{k}")
@@ -508,10 +611,12 @@ def print_part2(args, results):
             method = next((p["f"]["method"] for p in parts.values()), "?")
             name += f" ({method}, trace inside first call)"
         off, on = get(False, key, "step_s"), get(True, key, "step_s")
-        print(f"| ({key}) {name} | {_s(get(False, key, 'trace_s'))} "
-              f"| {_s(get(True, key, 'trace_s'))} | {_s(get(False, key, 'first_s'))} "
-              f"| {_s(get(True, key, 'first_s'))} | {_ms(off, '.1f')} | {_ms(on, '.1f')} "
-              f"| {_ratio(on, off)} |")
+        print(
+            f"| ({key}) {name} | {_s(get(False, key, 'trace_s'))} "
+            f"| {_s(get(True, key, 'trace_s'))} | {_s(get(False, key, 'first_s'))} "
+            f"| {_s(get(True, key, 'first_s'))} | {_ms(off, '.1f')} | {_ms(on, '.1f')} "
+            f"| {_ratio(on, off)} |"
+        )
 
     if not (k and parts):
         return
@@ -523,17 +628,24 @@ def print_part2(args, results):
         cells = [value(j) if j in parts else "n/a" for j in (False, True)]
         print(f"| {label} | {cells[0]} | {cells[1]} |")
 
-    line("(c)/k: ms per while_loop iteration",
-         lambda j: _ms(get(j, "c", "step_s") / k, ".1f"))
+    line("(c)/k: ms per while_loop iteration", lambda j: _ms(get(j, "c", "step_s") / k, ".1f"))
     line("(d)/k: ms per unrolled iteration", lambda j: _ms(get(j, "d", "step_s") / k, ".1f"))
-    line("(c) / (k x (b)): the loop over k lone iterations",
-         lambda j: _ratio(get(j, "c", "step_s"), k * get(j, "b", "step_s")))
-    line("(c) / (d): while_loop over unrolled",
-         lambda j: _ratio(get(j, "c", "step_s"), get(j, "d", "step_s")))
-    line("(b) / (a): forward + input gradient over forward",
-         lambda j: _ratio(get(j, "b", "step_s"), get(j, "a", "step_s")))
-    line("(c) / (f): attack share of the train step",
-         lambda j: _ratio(get(j, "c", "step_s"), get(j, "f", "step_s")))
+    line(
+        "(c) / (k x (b)): the loop over k lone iterations",
+        lambda j: _ratio(get(j, "c", "step_s"), k * get(j, "b", "step_s")),
+    )
+    line(
+        "(c) / (d): while_loop over unrolled",
+        lambda j: _ratio(get(j, "c", "step_s"), get(j, "d", "step_s")),
+    )
+    line(
+        "(b) / (a): forward + input gradient over forward",
+        lambda j: _ratio(get(j, "b", "step_s"), get(j, "a", "step_s")),
+    )
+    line(
+        "(c) / (f): attack share of the train step",
+        lambda j: _ratio(get(j, "c", "step_s"), get(j, "f", "step_s")),
+    )
     line("peak RSS MiB of the process", lambda j: f"{results[j]['peak_rss_mib']:.0f}")
 
 
@@ -542,9 +654,15 @@ def main():
     if args.one:
         run_one(args.one)
         return
-    common = dict(image_size=args.image_size, batch=args.batch, pgd_steps=args.pgd_steps,
-                  repeats=args.repeats, num_classes=args.num_classes,
-                  weight_decay=args.weight_decay, pgd_compute_dtype=args.pgd_compute_dtype)
+    common = dict(
+        image_size=args.image_size,
+        batch=args.batch,
+        pgd_steps=args.pgd_steps,
+        repeats=args.repeats,
+        num_classes=args.num_classes,
+        weight_decay=args.weight_decay,
+        pgd_compute_dtype=args.pgd_compute_dtype,
+    )
     header = Header(args)
     started = time.perf_counter()
     if not args.xla_breakdown_only:

@@ -68,6 +68,7 @@ minutes (docs/benchmarks.md).  For a quick look: --archs resnet18 --methods at,t
 `--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
 commit) for a before/after measurement of a code change; it is labelled "base".
 """
+
 import argparse
 import json
 import os
@@ -85,8 +86,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TF_METHODS = ("at", "twins_at", "trades", "twins_trades")
 TORCH_METHODS = ("at", "trades")
-TF_VARIANTS = ("fused", "fold", "bf16", "inter2", "onednn0", "onednn1", "xla", "arena2", "mmap",
-               "base")
+TF_VARIANTS = (
+    "fused",
+    "fold",
+    "bf16",
+    "inter2",
+    "onednn0",
+    "onednn1",
+    "xla",
+    "arena2",
+    "mmap",
+    "base",
+)
 # Environment of a variant's worker process (read by glibc / TensorFlow at start-up).
 VARIANT_ENV = {
     "onednn0": {"TF_ENABLE_ONEDNN_OPTS": "0"},
@@ -101,11 +112,15 @@ RESULT_PREFIX = "@@vs_pytorch@@ "
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--archs", type=_csv(("resnet18", "resnet34", "resnet50")),
-                        default=["resnet18", "resnet50"])
-    parser.add_argument("--methods", type=_csv(TF_METHODS), default=list(TF_METHODS),
-                        help="twins_tf methods; torch runs AT (and TRADES if a TRADES method is "
-                             "listed)")
+    parser.add_argument(
+        "--archs", type=_csv(("resnet18", "resnet34", "resnet50")), default=["resnet18", "resnet50"]
+    )
+    parser.add_argument(
+        "--methods",
+        type=_csv(TF_METHODS),
+        default=list(TF_METHODS),
+        help="twins_tf methods; torch runs AT (and TRADES if a TRADES method is listed)",
+    )
     parser.add_argument("--tf_variants", type=_csv(TF_VARIANTS), default=["fused"])
     parser.add_argument("--tf_path", help="import twins_tf from this checkout (variant 'base')")
     parser.add_argument("--image_size", type=int, default=64)
@@ -113,13 +128,17 @@ def parse_args(argv=None):
     parser.add_argument("--pgd_steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed steps per process after one untimed step")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed steps per process after one untimed step"
+    )
     parser.add_argument("--num_classes", type=int, default=10)
-    parser.add_argument("--omp_wait_policy", choices=["PASSIVE", "ACTIVE", "unset"],
-                        default="PASSIVE",
-                        help="OMP_WAIT_POLICY of the workers (PyTorch's OpenMP threads; "
-                             "TensorFlow's pools ignore it); see the module docstring")
+    parser.add_argument(
+        "--omp_wait_policy",
+        choices=["PASSIVE", "ACTIVE", "unset"],
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the workers (PyTorch's OpenMP threads; "
+        "TensorFlow's pools ignore it); see the module docstring",
+    )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -145,7 +164,10 @@ def _resident_mib():
         for line in f:
             name, _, value = line.partition(":")
             fields[name] = value.split()[0] if value.split() else "0"
-    return {"anon": int(fields.get("RssAnon", 0)) / 1024, "file": int(fields.get("RssFile", 0)) / 1024}
+    return {
+        "anon": int(fields.get("RssAnon", 0)) / 1024,
+        "file": int(fields.get("RssFile", 0)) / 1024,
+    }
 
 
 def _parameters_mib(counts):
@@ -187,8 +209,9 @@ def run_torch(config):
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     net = TorchPixelResNet(TorchResNet(config["arch"], config["num_classes"]))
-    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
-                                weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     memory["parameters_mib"] = _parameters_mib(p.numel() for p in net.parameters())
     x_np, y_np = _data(config["batch"], config["image_size"], config["num_classes"])
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
@@ -200,7 +223,7 @@ def run_torch(config):
         x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
         for _ in range(k):
             x_adv.requires_grad_(True)
-            grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+            (grad,) = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
             x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
             x_adv = x_adv.clamp(0.0, 1.0)
         return x_adv.detach()
@@ -217,8 +240,10 @@ def run_torch(config):
         else:
             logits_adv = net(x_adv)
             logits_nat = net(x)
-            kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1),
-                          reduction="sum") / x.shape[0]
+            kl = (
+                F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="sum")
+                / x.shape[0]
+            )
             loss = F.cross_entropy(logits_nat, y) + BETA * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,8 +253,9 @@ def run_torch(config):
     first, times, cpu = _time(step, config["repeats"])
     memory["step"] = _peak_rss_mib()
     memory["resident_at_end"] = _resident_mib()
-    return dict(first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__,
-                memory=memory)
+    return dict(
+        first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__, memory=memory
+    )
 
 
 def tf_trainer(config):
@@ -242,6 +268,8 @@ def tf_trainer(config):
     else:
         sys.path.insert(0, ROOT)
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
+
+    # isort: split
     import keras
     import tensorflow as tf
 
@@ -260,8 +288,9 @@ def tf_trainer(config):
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     method = methods_lib.get(config["method"])
     size = config["image_size"]
-    model = build_resnet(config["arch"], config["num_classes"], twin=method.twin,
-                         input_shape=(size, size, 3))
+    model = build_resnet(
+        config["arch"], config["num_classes"], twin=method.twin, input_shape=(size, size, 3)
+    )
     attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0)
     trainer_class = AdversarialTrainer
     if variant == "fold":
@@ -276,22 +305,22 @@ def tf_trainer(config):
                 return attack(folded, images, labels, seed=seed)
 
         trainer_class = FoldedAttackTrainer
-    trainer = trainer_class(model, method=method.name, attack=attack, beta=BETA,
-                            weight_decay=WEIGHT_DECAY)
-    trainer.compile(keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
-                    jit_compile=variant == "xla")
+    trainer = trainer_class(
+        model, method=method.name, attack=attack, beta=BETA, weight_decay=WEIGHT_DECAY
+    )
+    trainer.compile(
+        keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), jit_compile=variant == "xla"
+    )
     trainer.make_train_function()
     x, y = (tf.constant(a) for a in _data(config["batch"], size, config["num_classes"]))
-    memory["parameters_mib"] = _parameters_mib(
-        int(tf.size(v)) for v in model.trainable_variables)
+    memory["parameters_mib"] = _parameters_mib(int(tf.size(v)) for v in model.trainable_variables)
     memory["model"] = _peak_rss_mib()
 
     def step():
         logs = trainer.train_function(iter([(x, y)]))
         return float(logs["loss"])  # blocks until the step has run
 
-    return dict(step=step, trainer=trainer, model=model, attack=attack, x=x, y=y,
-                memory=memory)
+    return dict(step=step, trainer=trainer, model=model, attack=attack, x=x, y=y, memory=memory)
 
 
 def run_tf(config):
@@ -308,8 +337,14 @@ def run_tf(config):
     first, times, cpu = _time(built["step"], config["repeats"])
     memory["step"] = _peak_rss_mib()
     memory["resident_at_end"] = _resident_mib()
-    return dict(first_s=first, step_times=times, cpu_times=cpu, version=f"TF {tf.__version__}",
-                twins_tf_file=twins_tf.__file__, memory=memory)
+    return dict(
+        first_s=first,
+        step_times=times,
+        cpu_times=cpu,
+        version=f"TF {tf.__version__}",
+        twins_tf_file=twins_tf.__file__,
+        memory=memory,
+    )
 
 
 def run_one(config_json):
@@ -321,19 +356,28 @@ def run_one(config_json):
 
 # --- the driver ------------------------------------------------------------------------------
 def _configs(args):
-    common = dict(omp_wait_policy=args.omp_wait_policy, image_size=args.image_size, batch=args.batch, pgd_steps=args.pgd_steps,
-                  threads=args.threads, repeats=args.repeats, num_classes=args.num_classes,
-                  tf_path=os.path.abspath(args.tf_path) if args.tf_path else None)
+    common = dict(
+        omp_wait_policy=args.omp_wait_policy,
+        image_size=args.image_size,
+        batch=args.batch,
+        pgd_steps=args.pgd_steps,
+        threads=args.threads,
+        repeats=args.repeats,
+        num_classes=args.num_classes,
+        tf_path=os.path.abspath(args.tf_path) if args.tf_path else None,
+    )
     torch_methods = ["at"] + (["trades"] if any("trades" in m for m in args.methods) else [])
     configs = []
     for arch in args.archs:
         for method in torch_methods:
-            configs.append(dict(common, framework="torch", arch=arch, method=method,
-                                variant="torch"))
+            configs.append(
+                dict(common, framework="torch", arch=arch, method=method, variant="torch")
+            )
         for variant in args.tf_variants:
             for method in args.methods:
-                configs.append(dict(common, framework="tf", arch=arch, method=method,
-                                    variant=variant))
+                configs.append(
+                    dict(common, framework="tf", arch=arch, method=method, variant=variant)
+                )
     return configs
 
 
@@ -344,13 +388,14 @@ def _launch(config, timeout):
         env["OMP_WAIT_POLICY"] = config["omp_wait_policy"]
     command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(config)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=env, cwd=ROOT)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        )
     except subprocess.TimeoutExpired:
         return dict(config, error=f"timed out after {timeout:.0f} s")
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
     return dict(config, error=f"exit {done.returncode}: {tail}")
 
@@ -373,8 +418,11 @@ def main(argv=None):
     configs = _configs(args)
     wall = time.perf_counter()
     load_start = os.getloadavg()
-    print(f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
-          f"{load_start[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
+        f"{load_start[2]:.2f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
     print(f"{len(configs)} configurations x {args.rounds} rounds, one process each", flush=True)
     results = {}
     for round_index in range(args.rounds):
@@ -386,10 +434,13 @@ def main(argv=None):
             if "error" in result:
                 print(f"  round {round_index + 1} {_label(key)}: {result['error']}", flush=True)
             else:
-                print(f"  round {round_index + 1} {_label(key)}: "
-                      f"{1000 * statistics.median(result['step_times']):.0f} ms/step "
-                      f"(first {result['first_s']:.1f} s, peak RSS "
-                      f"{result['peak_rss_mib']:.0f} MiB)", flush=True)
+                print(
+                    f"  round {round_index + 1} {_label(key)}: "
+                    f"{1000 * statistics.median(result['step_times']):.0f} ms/step "
+                    f"(first {result['first_s']:.1f} s, peak RSS "
+                    f"{result['peak_rss_mib']:.0f} MiB)",
+                    flush=True,
+                )
     load_end = os.getloadavg()
     print_tables(args, configs, results, load_start, load_end, time.perf_counter() - wall)
 
@@ -399,23 +450,32 @@ def _summary(runs):
     if not medians:
         return None
     cpu = [statistics.median(r["cpu_times"]) for r in runs if "error" not in r]
-    return dict(median=statistics.median(medians), low=min(medians), high=max(medians),
-                cpu=statistics.median(cpu),
-                rss=max(r["peak_rss_mib"] for r in runs if "error" not in r), n=len(medians),
-                version=next(r["version"] for r in runs if "error" not in r))
+    return dict(
+        median=statistics.median(medians),
+        low=min(medians),
+        high=max(medians),
+        cpu=statistics.median(cpu),
+        rss=max(r["peak_rss_mib"] for r in runs if "error" not in r),
+        n=len(medians),
+        version=next(r["version"] for r in runs if "error" not in r),
+    )
 
 
 def print_tables(args, configs, results, load_start, load_end, wall):
     print()
-    print(f"Setting: {args.image_size} px, batch {args.batch}, PGD-{args.pgd_steps} (eps 8/255, "
-          f"alpha 2/255, random start), {args.num_classes} classes, SGD(0.003, m 0.9, wd 1e-5), "
-          f"{args.threads} threads per process, {args.rounds} interleaved rounds x "
-          f"{args.repeats} steps; load average {load_start[0]:.2f} at start, "
-          f"{load_end[0]:.2f} at end; wall {wall / 60:.1f} min")
+    print(
+        f"Setting: {args.image_size} px, batch {args.batch}, PGD-{args.pgd_steps} (eps 8/255, "
+        f"alpha 2/255, random start), {args.num_classes} classes, SGD(0.003, m 0.9, wd 1e-5), "
+        f"{args.threads} threads per process, {args.rounds} interleaved rounds x "
+        f"{args.repeats} steps; load average {load_start[0]:.2f} at start, "
+        f"{load_end[0]:.2f} at end; wall {wall / 60:.1f} min"
+    )
     print()
-    print("| arch | framework | method | variant | ms/step median | spread (min-max of rounds) "
-          "| / torch AT | / torch same method | CPU ms/step | CPU / torch AT | peak RSS MiB "
-          "| RSS / torch |")
+    print(
+        "| arch | framework | method | variant | ms/step median | spread (min-max of rounds) "
+        "| / torch AT | / torch same method | CPU ms/step | CPU / torch AT | peak RSS MiB "
+        "| RSS / torch |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     summaries = {key: _summary(runs) for key, runs in results.items()}
     for config in configs:
@@ -426,35 +486,46 @@ def print_tables(args, configs, results, load_start, load_end, wall):
             continue
         arch, framework, method, _ = key
         torch_at = summaries.get((arch, "torch", "at", "torch"))
-        torch_same = summaries.get((arch, "torch", "trades" if "trades" in method else "at",
-                                    "torch"))
+        torch_same = summaries.get(
+            (arch, "torch", "trades" if "trades" in method else "at", "torch")
+        )
         ratio_at = f"{s['median'] / torch_at['median']:.2f}" if torch_at else ""
         ratio_same = f"{s['median'] / torch_same['median']:.2f}" if torch_same else ""
         rss_ratio = f"{s['rss'] / torch_same['rss']:.2f}" if torch_same else ""
         cpu_ratio = f"{s['cpu'] / torch_at['cpu']:.2f}" if torch_at else ""
-        print(f"| {_label(key)} | {1000 * s['median']:.0f} | {1000 * s['low']:.0f}-"
-              f"{1000 * s['high']:.0f} | {ratio_at} | {ratio_same} | {1000 * s['cpu']:.0f} | "
-              f"{cpu_ratio} | {s['rss']:.0f} | {rss_ratio} |")
+        print(
+            f"| {_label(key)} | {1000 * s['median']:.0f} | {1000 * s['low']:.0f}-"
+            f"{1000 * s['high']:.0f} | {ratio_at} | {ratio_same} | {1000 * s['cpu']:.0f} | "
+            f"{cpu_ratio} | {s['rss']:.0f} | {rss_ratio} |"
+        )
     print()
-    print("Ratios within twins_tf (same arch and variant): twins_at/at, twins_trades/trades; "
-          "variants against 'fused' (same arch and method):")
+    print(
+        "Ratios within twins_tf (same arch and variant): twins_at/at, twins_trades/trades; "
+        "variants against 'fused' (same arch and method):"
+    )
     for arch in args.archs:
         for variant in args.tf_variants:
             pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_at", "at")]
             if all(pair):
-                print(f"  {arch} {variant}: twins_at/at = {pair[0]['median'] / pair[1]['median']:.2f}")
+                print(
+                    f"  {arch} {variant}: twins_at/at = {pair[0]['median'] / pair[1]['median']:.2f}"
+                )
             pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_trades", "trades")]
             if all(pair):
-                print(f"  {arch} {variant}: twins_trades/trades = "
-                      f"{pair[0]['median'] / pair[1]['median']:.2f}")
+                print(
+                    f"  {arch} {variant}: twins_trades/trades = "
+                    f"{pair[0]['median'] / pair[1]['median']:.2f}"
+                )
             if variant != "fused":
                 for method in args.methods:
                     this = summaries.get((arch, "tf", method, variant))
                     ref = summaries.get((arch, "tf", method, "fused"))
                     if this and ref:
-                        print(f"  {arch} {method}: {variant}/fused = "
-                              f"{this['median'] / ref['median']:.2f} wall, "
-                              f"{this['cpu'] / ref['cpu']:.2f} CPU")
+                        print(
+                            f"  {arch} {method}: {variant}/fused = "
+                            f"{this['median'] / ref['median']:.2f} wall, "
+                            f"{this['cpu'] / ref['cpu']:.2f} CPU"
+                        )
     print_memory(configs, results)
     versions = sorted({s["version"] for s in summaries.values() if s})
     print(f"versions: {', '.join(versions)}")
@@ -467,12 +538,15 @@ def print_memory(configs, results):
     computed, for scale (SGD's momentum slots are as large again; PyTorch creates them in its
     first step, Keras when the train function first runs)."""
     print()
-    print("Peak RSS by stage (MiB; each stage's increase of the process's peak, from the "
-          "last round):")
+    print(
+        "Peak RSS by stage (MiB; each stage's increase of the process's peak, from the last round):"
+    )
     print()
-    print("| arch | framework | method | variant | runtime after import | + model, trainer "
-          "| parameters (computed) | + attack alone | + training step | peak | resident at end: "
-          "anonymous / mapped files |")
+    print(
+        "| arch | framework | method | variant | runtime after import | + model, trainer "
+        "| parameters (computed) | + attack alone | + training step | peak | resident at end: "
+        "anonymous / mapped files |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for config in configs:
         key = _key(config)
@@ -480,10 +554,12 @@ def print_memory(configs, results):
         if not runs:
             continue
         m = runs[-1]["memory"]
-        print(f"| {_label(key)} | {m['imported']:.0f} | {m['model'] - m['imported']:.0f} | "
-              f"{m['parameters_mib']:.0f} | {m['attack'] - m['model']:.0f} | "
-              f"{m['step'] - m['attack']:.0f} | {m['step']:.0f} | "
-              f"{m['resident_at_end']['anon']:.0f} / {m['resident_at_end']['file']:.0f} |")
+        print(
+            f"| {_label(key)} | {m['imported']:.0f} | {m['model'] - m['imported']:.0f} | "
+            f"{m['parameters_mib']:.0f} | {m['attack'] - m['model']:.0f} | "
+            f"{m['step'] - m['attack']:.0f} | {m['step']:.0f} | "
+            f"{m['resident_at_end']['anon']:.0f} / {m['resident_at_end']['file']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """A small adversarially trained classifier, in Keras and in PyTorch, for the attack tests.
 
 The AutoAttack tests compare our TensorFlow attacks with the official implementation
-(fra31/auto-attack, PyPI `pyautoattack`, PyTorch) on the *same* network.  Robust accuracy only means something on a model
-that is somewhat robust, so the network is adversarially trained here (PGD-AT, Madry et al.
-2018) for a few seconds on scikit-learn's `load_digits` (1,797 real 8x8 digits shipped with
-scikit-learn, no download), upsampled to 16x16 and copied to three channels.  The trained Keras
-weights are then copied into an identically defined PyTorch module.
+(fra31/auto-attack, PyPI `pyautoattack`, PyTorch) on the *same* network.  Robust accuracy only
+means something on a model that is somewhat robust, so the network is adversarially trained here
+(PGD-AT, Madry et al. 2018) for a few seconds on scikit-learn's `load_digits` (1,797 real 8x8
+digits shipped with scikit-learn, no download), upsampled to 16x16 and copied to three channels.
+The trained Keras weights are then copied into an identically defined PyTorch module.
 
 Public helpers (the test modules of the attacks import them):
   * `robust_digits(num_train=1400)`: a cached `Testbed` with the Keras model, its PyTorch
@@ -26,6 +26,7 @@ Public helpers (the test modules of the attacks import them):
   * `hyperplane_problems(n, d, seed)`: random problems for FAB's box-constrained projection
     (`test_fab.py` against scipy, `test_autoattack_official.py` against the official code).
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -81,11 +82,13 @@ class TorchConvnet(nn.Module):
 
     def __init__(self, num_classes=10):
         super().__init__()
-        self.convs = nn.ModuleList([
-            nn.Conv2d(3, 16, 3, stride=1, padding=1),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1),
-        ])
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(3, 16, 3, stride=1, padding=1),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                nn.Conv2d(32, 32, 3, stride=2, padding=1),
+            ]
+        )
         self.dense = nn.Linear(32 * (IMAGE_SIZE // 4) ** 2, 64)
         self.head = nn.Linear(64, num_classes)
 
@@ -118,22 +121,28 @@ def adversarially_train(model, images, labels, *, epsilon, epochs, seed=0):
     step_size = 2.5 * epsilon / 5
 
     def pgd(x, y):
-        x_adv = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -epsilon, epsilon), 0., 1.)
+        x_adv = tf.clip_by_value(x + tf.random.uniform(tf.shape(x), -epsilon, epsilon), 0.0, 1.0)
         for _ in range(5):
             with tf.GradientTape() as tape:
                 tape.watch(x_adv)
-                loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-                    y, model(x_adv, training=False), from_logits=True))
+                loss = tf.reduce_sum(
+                    keras.losses.sparse_categorical_crossentropy(
+                        y, model(x_adv, training=False), from_logits=True
+                    )
+                )
             x_adv = x_adv + step_size * tf.sign(tape.gradient(loss, x_adv))
-            x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - epsilon, x + epsilon), 0., 1.)
+            x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - epsilon, x + epsilon), 0.0, 1.0)
         return x_adv
 
     @tf.function
     def train_step(x, y):
         x_adv = pgd(x, y)
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                y, model(x_adv, training=True), from_logits=True))
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    y, model(x_adv, training=True), from_logits=True
+                )
+            )
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
@@ -141,7 +150,7 @@ def adversarially_train(model, images, labels, *, epsilon, epochs, seed=0):
     for _ in range(epochs):
         order = rng.permutation(len(images))
         for start in range(0, len(images) - 63, 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             train_step(tf.constant(images[batch]), tf.constant(labels[batch]))
     return model
 
@@ -151,8 +160,9 @@ def robust_digits(epochs=30, num_train=NUM_TRAIN):
     images, labels = digit_images()
     keras.utils.set_random_seed(0)
     model = keras_convnet()
-    adversarially_train(model, images[:num_train], labels[:num_train], epsilon=TRAIN_EPSILON,
-                        epochs=epochs)
+    adversarially_train(
+        model, images[:num_train], labels[:num_train], epsilon=TRAIN_EPSILON, epochs=epochs
+    )
     module = copy_keras_to_torch(model, TorchConvnet())
     return Testbed(model, module, images[num_train:], labels[num_train:])
 

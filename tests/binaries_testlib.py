@@ -4,6 +4,7 @@ A training run costs tens of seconds even at 16 pixels, so the runs several test
 (the tiny PGD-AT source model, a TWINS-AT fine-tuning of it) are made once per session and
 cached here rather than in per-module fixtures.
 """
+
 import os
 import pathlib
 import socket
@@ -19,13 +20,35 @@ from twins_tf import run_config
 REPO_ROOT = pathlib.Path(__file__).absolute().parent.parent
 
 # ResNet-18 on 16-pixel digits, one PGD step: seconds per epoch on a laptop CPU.
-TINY = ["--arch=resnet18", "--image_size=16", "--batch_size=16", "--attack_steps=1",
-        "--attack_eps=8/255", "--attack_step=4/255", "--max_train_examples=64",
-        "--max_validation_examples=32", "--lr_decay_epochs=", "--seed=7"]
-SOURCE_ARGS = ["--dataset=digits_0_4", *TINY, "--method=at", "--epochs=2", "--lr=0.02",
-               "--weight_decay=5e-4"]
-FINETUNE_ARGS = ["--dataset=digits_5_9", *TINY, "--method=twins_at", "--epochs=2",
-                 "--lr=0.01", "--weight_decay=1e-4", "--lambda_twins=0.5"]
+TINY = [
+    "--arch=resnet18",
+    "--image_size=16",
+    "--batch_size=16",
+    "--attack_steps=1",
+    "--attack_eps=8/255",
+    "--attack_step=4/255",
+    "--max_train_examples=64",
+    "--max_validation_examples=32",
+    "--lr_decay_epochs=",
+    "--seed=7",
+]
+SOURCE_ARGS = [
+    "--dataset=digits_0_4",
+    *TINY,
+    "--method=at",
+    "--epochs=2",
+    "--lr=0.02",
+    "--weight_decay=5e-4",
+]
+FINETUNE_ARGS = [
+    "--dataset=digits_5_9",
+    *TINY,
+    "--method=twins_at",
+    "--epochs=2",
+    "--lr=0.01",
+    "--weight_decay=1e-4",
+    "--lambda_twins=0.5",
+]
 
 _CACHE = {}
 
@@ -51,8 +74,7 @@ def source_run(tmp_path_factory):
         from twins_tf import pretrain
 
         model_dir = tmp_path_factory.mktemp("source") / "run"
-        pretrain.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={model_dir}"]),
-                     verbose=0)
+        pretrain.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={model_dir}"]), verbose=0)
         _CACHE["source"] = model_dir
     return _CACHE["source"]
 
@@ -64,8 +86,12 @@ def finetune_run(tmp_path_factory):
 
         pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
         model_dir = tmp_path_factory.mktemp("finetune") / "run"
-        train.run(settings("train", [*FINETUNE_ARGS, f"--pretrained={pretrained}",
-                                     f"--model_dir={model_dir}"]), verbose=0)
+        train.run(
+            settings(
+                "train", [*FINETUNE_ARGS, f"--pretrained={pretrained}", f"--model_dir={model_dir}"]
+            ),
+            verbose=0,
+        )
         _CACHE["finetune"] = model_dir
     return _CACHE["finetune"]
 
@@ -74,8 +100,11 @@ def read_weights(path):
     """{h5 dataset path: array} of a `.weights.h5` file, read with h5py (not Keras)."""
     arrays = {}
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(
+            lambda name, obj: (
+                arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
     return arrays
 
 
@@ -99,8 +128,14 @@ def subprocess_env(**extra):
 
 def run_binary(module, args, *, timeout=300, **env):
     """Runs `python -m twins_tf.<module> <args>` to completion; returns the CompletedProcess."""
-    return subprocess.run(binary_command(module, args), cwd=REPO_ROOT, env=subprocess_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        binary_command(module, args),
+        cwd=REPO_ROOT,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_ports(count):
@@ -120,5 +155,8 @@ def file_snapshot(directory):
     directory = pathlib.Path(directory)
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }

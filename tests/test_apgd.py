@@ -9,15 +9,16 @@
 Robust accuracy and whole runs against the official implementation itself, on the same
 adversarially trained network, are in `test_autoattack_official.py`.
 """
+
 import fractions
 import math
 
+import attack_testbed as tb
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import attack_testbed as tb
 from twins_tf.attacks import APGD
 from twins_tf.attacks.apgd import checkpoint_schedule, dlr_loss, targeted_dlr_loss
 
@@ -27,16 +28,20 @@ def paper_checkpoints(steps):
     """w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     p = [fractions.Fraction(0), fractions.Fraction(22, 100)]
     while p[-1] <= 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - fractions.Fraction(3, 100),
-                             fractions.Fraction(6, 100)))
+        p.append(
+            p[-1] + max(p[-1] - p[-2] - fractions.Fraction(3, 100), fractions.Fraction(6, 100))
+        )
     ws = sorted({math.ceil(q * steps) for q in p[1:] if q <= 1} - {0})
     return [w for w in ws if w <= steps]
 
 
 def reference_code_checkpoints(steps):
     """fra31/auto-attack's counters: k = 0.22 N, shrinking by 0.03 N down to 0.06 N."""
-    k, k_min, decrease = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), \
-        max(int(0.03 * steps), 1)
+    k, k_min, decrease = (
+        max(int(0.22 * steps), 1),
+        max(int(0.06 * steps), 1),
+        max(int(0.03 * steps), 1),
+    )
     checks, counter = [], 0
     for i in range(steps):
         counter += 1
@@ -104,22 +109,22 @@ def numpy_apgd(weights, x, y, start, eps, norm, steps, loss, target=None, rho=0.
             dlogits[rows, y] -= 1 / den
             dlogits[rows, target] += 1 / den
             for col, weight in ((0, 1.0), (2, -0.5), (3, -0.5)):
-                dlogits[rows, order[:, col]] += num / den ** 2 * weight
-        return value, ((dlogits @ W2.T) * (1 - hidden ** 2)) @ W1.T
+                dlogits[rows, order[:, col]] += num / den**2 * weight
+        return value, ((dlogits @ W2.T) * (1 - hidden**2)) @ W1.T
 
     def project(Z):
         if norm == "linf":
             Z = np.clip(Z, X - eps, X + eps)
         else:
             d = Z - X
-            length = np.sqrt((d ** 2).sum(1, keepdims=True))
+            length = np.sqrt((d**2).sum(1, keepdims=True))
             Z = X + d * np.minimum(1, eps / (length + 1e-12))
         return np.clip(Z, 0, 1)
 
     def direction(g):
         if norm == "linf":
             return np.sign(g)
-        return g / (np.sqrt((g ** 2).sum(1, keepdims=True)) + 1e-12)
+        return g / (np.sqrt((g**2).sum(1, keepdims=True)) + 1e-12)
 
     checks = dict(checkpoint_windows(steps))
     Z, Z_prev = Z0.copy(), Z0.copy()
@@ -154,29 +159,41 @@ def checkpoint_windows(steps):
     return list(zip(ws, np.diff([0] + ws)))
 
 
-@pytest.mark.parametrize("norm,eps,loss", [("linf", 0.05, "ce"), ("l2", 0.5, "ce"),
-                                           ("linf", 0.05, "dlr-t")])
+@pytest.mark.parametrize(
+    "norm,eps,loss", [("linf", 0.05, "ce"), ("l2", 0.5, "ce"), ("linf", 0.05, "dlr-t")]
+)
 def test_single_run_matches_numpy_algorithm(norm, eps, loss):
     rng = np.random.default_rng(1)
     n, classes, hidden = 32, 6, 12
     x = rng.uniform(size=(n, 4, 4, 2)).astype(np.float32)
-    weights = [rng.normal(size=(32, hidden)), rng.normal(size=hidden),
-               rng.normal(size=(hidden, classes)), rng.normal(size=classes)]
+    weights = [
+        rng.normal(size=(32, hidden)),
+        rng.normal(size=hidden),
+        rng.normal(size=(hidden, classes)),
+        rng.normal(size=classes),
+    ]
     weights = [w.astype(np.float32) for w in weights]
-    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Flatten(),
-                              keras.layers.Dense(hidden, activation="tanh"),
-                              keras.layers.Dense(classes)])
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 2)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(hidden, activation="tanh"),
+            keras.layers.Dense(classes),
+        ]
+    )
     model.set_weights(weights)
     logits = model(x).numpy()
     y = logits.argmax(1).astype(np.int32)
     target = np.argsort(-logits, axis=1)[:, 1].astype(np.int32)
-    attack = APGD(eps, norm=norm, loss="ce" if loss == "ce" else "dlr",
-                  targeted=loss != "ce", steps=30)
+    attack = APGD(
+        eps, norm=norm, loss="ce" if loss == "ce" else "dlr", targeted=loss != "ce", steps=30
+    )
     attack._use(model)  # the model a call would bind, for the compiled run used directly
     seed = tf.constant([3, 4])
     start = attack._random_start(tf.constant(x), seed).numpy()
-    _, _, x_best, loss_best, _ = attack._run_once(tf.constant(x), tf.constant(y),
-                                               tf.constant(target), seed)
+    _, _, x_best, loss_best, _ = attack._run_once(
+        tf.constant(x), tf.constant(y), tf.constant(target), seed
+    )
     want_loss, want_best = numpy_apgd(weights, x, y, start, eps, norm, 30, loss, target)
     # float32 against float64: the best losses agree everywhere; a gradient entry near zero
     # can take the other sign in an L-inf step and move one pixel of a few examples' paths,
@@ -191,7 +208,7 @@ def test_single_run_matches_numpy_algorithm(norm, eps, loss):
 def check_valid(bed, x, y, x_adv, eps, norm):
     """In the ball, in [0, 1]; a changed point is misclassified (judged by the PyTorch copy)."""
     delta = (x_adv - x).reshape(len(x), -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
     assert size.max() <= eps + 1e-5
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     changed = np.any(delta != 0, axis=1)
@@ -222,4 +239,5 @@ def test_bad_arguments_fail_clearly():
         APGD(0.1, steps=1)(model, np.full((2, 16, 16, 3), 255.0, np.float32), [0, 1])
     with pytest.raises(ValueError, match="needs at least 10 classes"):
         APGD(0.1, loss="dlr", targeted=True, steps=1)(
-            tb.keras_convnet(num_classes=5), np.zeros((2, 16, 16, 3), np.float32), [0, 1])
+            tb.keras_convnet(num_classes=5), np.zeros((2, 16, 16, 3), np.float32), [0, 1]
+        )

@@ -7,12 +7,13 @@ test_autoattack_official.py).
 * resuming from a saved state gives the uninterrupted run's results; datasets and arrays give
   the same results; mismatched states and bad input fail with clear errors.
 """
+
+import attack_testbed as tb
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import attack_testbed as tb
 from twins_tf.attacks import PGD, AutoAttack
 from twins_tf.attacks.autoattack import AutoAttackResult
 from twins_tf.attacks.checks import EvaluationWarning
@@ -23,7 +24,7 @@ QUICK = dict(apgd_steps=50, fab_steps=30, square_queries=300, n_target_classes=3
 def check_result(bed, x, y, result, eps, norm):
     """Ball, box, and: robust <=> the PyTorch copy classifies x_adv correctly."""
     delta = (result.x_adv - x).reshape(len(x), -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
     assert size.max() <= eps + 1e-5
     assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
     predicted = tb.torch_predict(bed.torch_model, result.x_adv)
@@ -38,8 +39,9 @@ def test_cascade_is_monotone_and_beats_pgd(norm):
     bed = tb.robust_digits()
     x, y = bed.x_test[:160], bed.y_test[:160]
     eps = tb.epsilon(norm)
-    result = AutoAttack(eps, norm=norm, **QUICK).run(bed.keras_model, (x, y), batch_size=80,
-                                                     verbose=0)
+    result = AutoAttack(eps, norm=norm, **QUICK).run(
+        bed.keras_model, (x, y), batch_size=80, verbose=0
+    )
     check_result(bed, x, y, result, eps, norm)
     ours = list(result.accuracy.values())
     assert list(result.accuracy) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
@@ -75,15 +77,16 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(AutoAttack, "_attack_batch", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        AutoAttack(tb.epsilon("linf"), **TINY).run(bed.keras_model, (x, y), batch_size=20,
-                                                   state_path=str(state), save_every=1,
-                                                   verbose=0)
+        AutoAttack(tb.epsilon("linf"), **TINY).run(
+            bed.keras_model, (x, y), batch_size=20, state_path=str(state), save_every=1, verbose=0
+        )
     with np.load(state) as saved:
         assert int(saved["batches_done"]) == 2 and len(saved["broken_by"]) == 40
     calls.clear()
     monkeypatch.setattr(AutoAttack, "_attack_batch", counting)
     resumed = AutoAttack(tb.epsilon("linf"), **TINY).run(
-        bed.keras_model, (x, y), batch_size=20, state_path=str(state), verbose=0)
+        bed.keras_model, (x, y), batch_size=20, state_path=str(state), verbose=0
+    )
     assert calls == [2]  # only the missing batch ran
     np.testing.assert_array_equal(resumed.broken_by, straight.broken_by)
     np.testing.assert_array_equal(resumed.x_adv, straight.x_adv)
@@ -96,8 +99,7 @@ def test_dataset_input_matches_arrays():
     from_arrays = attack.run(bed.keras_model, (x, y), batch_size=16, verbose=0)
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     from_pairs = attack.run(bed.keras_model, dataset, batch_size=16, verbose=0)
-    from_batches = attack.run(bed.keras_model, dataset.batch(16), verbose=0,
-                              keep_adversarial=False)
+    from_batches = attack.run(bed.keras_model, dataset.batch(16), verbose=0, keep_adversarial=False)
     np.testing.assert_array_equal(from_pairs.broken_by, from_arrays.broken_by)
     np.testing.assert_array_equal(from_pairs.x_adv, from_arrays.x_adv)
     np.testing.assert_array_equal(from_batches.broken_by, from_arrays.broken_by)
@@ -105,8 +107,11 @@ def test_dataset_input_matches_arrays():
 
 
 def test_accuracy_bookkeeping_by_hand():
-    result = AutoAttackResult(attacks=("a", "b"), labels=np.zeros(5, np.int64),
-                              broken_by=np.array([-1, 0, 1, 2, -1], np.int8))
+    result = AutoAttackResult(
+        attacks=("a", "b"),
+        labels=np.zeros(5, np.int64),
+        broken_by=np.array([-1, 0, 1, 2, -1], np.int8),
+    )
     assert result.accuracy == {"clean": 0.8, "a": 0.6, "b": 0.4}
     np.testing.assert_array_equal(result.robust, [True, False, False, False, True])
 
@@ -115,11 +120,11 @@ def test_mismatched_state_and_bad_input_fail_clearly(tmp_path):
     bed = tb.robust_digits()
     x, y = bed.x_test[:8], bed.y_test[:8]
     state = str(tmp_path / "aa.npz")
-    AutoAttack(0.1, **TINY).run(bed.keras_model, (x, y), batch_size=4, state_path=state,
-                                verbose=0)
+    AutoAttack(0.1, **TINY).run(bed.keras_model, (x, y), batch_size=4, state_path=state, verbose=0)
     with pytest.raises(ValueError, match="written with other settings"):
-        AutoAttack(0.2, **TINY).run(bed.keras_model, (x, y), batch_size=4, state_path=state,
-                                    verbose=0)
+        AutoAttack(0.2, **TINY).run(
+            bed.keras_model, (x, y), batch_size=4, state_path=state, verbose=0
+        )
     with pytest.raises(ValueError, match="version must be one of"):
         AutoAttack(0.1, version="plus")
     with pytest.raises(ValueError, match="images in \\[0, 1\\]"):
@@ -137,12 +142,12 @@ def test_verification_catches_a_false_claim():
     correct = tb.torch_predict(bed.torch_model, x) == y
     claims = np.where(correct, 1, 0).astype(np.int8)  # "fooled" but x_adv = x: a lie
     with pytest.raises(RuntimeError, match="classified correctly"):
-        attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), x.copy(),
-                       claims)
+        attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), x.copy(), claims)
     far = np.clip(x + 2 * tb.epsilon("linf"), 0, 1)
     with pytest.raises(RuntimeError, match="> epsilon"):
-        attack._verify(bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), far,
-                       np.full(4, -1, np.int8))
+        attack._verify(
+            bed.keras_model, tf.constant(x), tf.constant(y, tf.int32), far, np.full(4, -1, np.int8)
+        )
 
 
 def _small_model_run(num_classes, version="standard"):
@@ -155,8 +160,9 @@ def _small_model_run(num_classes, version="standard"):
     y = rng.integers(0, num_classes, 12)
     budget = dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=2)
     with pytest.warns(EvaluationWarning) as caught:
-        result = AutoAttack(eps, version=version, **budget).run(model, (x, y), batch_size=6,
-                                                                 verbose=0)
+        result = AutoAttack(eps, version=version, **budget).run(
+            model, (x, y), batch_size=6, verbose=0
+        )
     delta = np.abs(result.x_adv - x).reshape(len(x), -1).max(1)
     assert delta.max() <= eps + 1e-5 and 0 <= result.x_adv.min() <= result.x_adv.max() <= 1
     logits = model.predict(result.x_adv, verbose=0)
@@ -196,8 +202,9 @@ def _every_attack(epsilon=0.1, **kwargs):
 
     return {
         "PGD": lambda: PGD(epsilon, epsilon / 4, 3, random_start=True, seed=2, **kwargs),
-        "APGD": lambda: APGD(epsilon, loss="dlr", targeted=True, steps=3, n_target_classes=2,
-                             **kwargs),
+        "APGD": lambda: APGD(
+            epsilon, loss="dlr", targeted=True, steps=3, n_target_classes=2, **kwargs
+        ),
         "FAB": lambda: FAB(epsilon, steps=3, restarts=2, n_target_classes=2, **kwargs),
         "Square": lambda: Square(epsilon, n_queries=100, **kwargs),
         "AutoAttack": lambda: AutoAttack(epsilon, **TINY, **kwargs),
@@ -230,8 +237,10 @@ def test_every_attack_checks_its_input_in_one_line(name):
         _every_attack(epsilon=255.0, norm="l2")[name]()(bed.keras_model, x, y)
     # one-hot rows of the model's width: the class ids they encode
     one_hot = np.eye(10, dtype=np.float32)[y]
-    np.testing.assert_array_equal(attack(bed.keras_model, x, one_hot, seed=4).numpy(),
-                                  attack(bed.keras_model, x, y, seed=4).numpy())
+    np.testing.assert_array_equal(
+        attack(bed.keras_model, x, one_hot, seed=4).numpy(),
+        attack(bed.keras_model, x, y, seed=4).numpy(),
+    )
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
@@ -258,8 +267,7 @@ def test_the_old_spellings_warn_and_give_the_same_examples(name):
     x, y = bed.x_test[:12], bed.y_test[:12]
     cls = getattr(attacks, name)
     new = cls(tb.epsilon("linf"))
-    with pytest.warns(DeprecationWarning, match=f"{name}\\(model, epsilon, ...\\) will be "
-                      "removed"):
+    with pytest.warns(DeprecationWarning, match=f"{name}\\(model, epsilon, ...\\) will be removed"):
         old = cls(bed.keras_model, tb.epsilon("linf"))
     assert old.get_config() == new.get_config()
     with pytest.warns(DeprecationWarning):  # the old signature took epsilon by keyword too
@@ -279,8 +287,9 @@ def test_autoattack_perturb_warns_and_still_returns_its_bookkeeping():
     bed = tb.robust_digits()
     x, y = bed.x_test[:12], bed.y_test[:12]
     attack = AutoAttack(tb.epsilon("linf"), **TINY)
-    with pytest.warns(DeprecationWarning, match="AutoAttack.perturb\\(model, x, y\\) will be "
-                      "removed"):
+    with pytest.warns(
+        DeprecationWarning, match="AutoAttack.perturb\\(model, x, y\\) will be removed"
+    ):
         x_adv, broken_by = attack.perturb(bed.keras_model, x, y)
     np.testing.assert_array_equal(x_adv, attack(bed.keras_model, x, y).numpy())
     result = attack.run(bed.keras_model, (x, y), batch_size=12, verbose=0)

@@ -23,9 +23,11 @@ images.
 * Every adversarial example we return lies in the epsilon-ball and in [0, 1], and is
   misclassified by the Keras model and by the PyTorch twin.
 """
+
 import logging
 import time
 
+import attack_testbed as tb
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -36,7 +38,6 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-import attack_testbed as tb
 from twins_tf.attacks import APGD, FAB, AutoAttack, Square
 from twins_tf.attacks.autoattack import NOT_BROKEN
 from twins_tf.attacks.fab import project_onto_hyperplane_in_box
@@ -55,15 +56,33 @@ def official_attacks(module, norm, eps, budget):
     torch_norm = tb.TORCH_NORM[norm]
     common = dict(norm=torch_norm, eps=eps, seed=0, device="cpu")
     return {
-        "apgd-ce": APGDAttack(module, n_iter=budget["apgd_steps"], n_restarts=1, loss="ce",
-                              rho=0.75, **common),
-        "apgd-t": APGDAttack_targeted(module, n_iter=budget["apgd_steps"], n_restarts=1,
-                                      n_target_classes=budget["n_target_classes"], rho=0.75,
-                                      **common),
-        "fab-t": FABAttack_PT(module, n_restarts=1, n_iter=budget["fab_steps"], targeted=True,
-                              n_target_classes=budget["n_target_classes"], **common),
-        "square": SquareAttack(module, p_init=0.8, n_queries=budget["square_queries"],
-                               n_restarts=1, resc_schedule=False, **common),
+        "apgd-ce": APGDAttack(
+            module, n_iter=budget["apgd_steps"], n_restarts=1, loss="ce", rho=0.75, **common
+        ),
+        "apgd-t": APGDAttack_targeted(
+            module,
+            n_iter=budget["apgd_steps"],
+            n_restarts=1,
+            n_target_classes=budget["n_target_classes"],
+            rho=0.75,
+            **common,
+        ),
+        "fab-t": FABAttack_PT(
+            module,
+            n_restarts=1,
+            n_iter=budget["fab_steps"],
+            targeted=True,
+            n_target_classes=budget["n_target_classes"],
+            **common,
+        ),
+        "square": SquareAttack(
+            module,
+            p_init=0.8,
+            n_queries=budget["square_queries"],
+            n_restarts=1,
+            resc_schedule=False,
+            **common,
+        ),
     }
 
 
@@ -73,11 +92,22 @@ def official_cascade(module, norm, eps, budget):
     Its attributes are the budget at construction (APGD derives its checkpoints from n_iter
     then), so the sub-attacks are rebuilt with `official_attacks` and put in their slots.
     """
-    aa = OfficialAutoAttack(module, norm=tb.TORCH_NORM[norm], eps=eps, seed=0,
-                            version="custom", attacks=list(ATTACKS), device="cpu")
+    aa = OfficialAutoAttack(
+        module,
+        norm=tb.TORCH_NORM[norm],
+        eps=eps,
+        seed=0,
+        version="custom",
+        attacks=list(ATTACKS),
+        device="cpu",
+    )
     attacks = official_attacks(module, norm, eps, budget)
     aa.apgd, aa.apgd_targeted, aa.fab, aa.square = (
-        attacks["apgd-ce"], attacks["apgd-t"], attacks["fab-t"], attacks["square"])
+        attacks["apgd-ce"],
+        attacks["apgd-t"],
+        attacks["fab-t"],
+        attacks["square"],
+    )
     return aa
 
 
@@ -92,7 +122,7 @@ def check_adversarial(bed, x, y, x_adv, eps, norm):
     Returns the robust mask judged by the Keras model.
     """
     delta = (x_adv - x).reshape(len(x), -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
     assert size.max() <= eps + 1e-5, f"perturbation {size.max()} > epsilon {eps}"
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     keras_robust = tb.keras_predict(bed.keras_model, x_adv) == y
@@ -125,8 +155,7 @@ def compare(bed, x, y, norm, budget):
             start = time.perf_counter()
             official = torch_robust(module, theirs[name].perturb(x_t, y_t), y)
             official_s = time.perf_counter() - start
-        results[name] = dict(ours=ours, official=official, ours_s=ours_s,
-                             official_s=official_s)
+        results[name] = dict(ours=ours, official=official, ours_s=ours_s, official_s=official_s)
         print(report({name: results[name]}), flush=True)  # long runs: one line per attack
     start = time.perf_counter()
     x_adv, broken_by = ours_aa._attack_batch(model, x, y)
@@ -139,8 +168,7 @@ def compare(bed, x, y, norm, budget):
         x_adv_official, _ = aa.run_standard_evaluation(x_t, y_t, batch_size=len(x))
         official_s = time.perf_counter() - start
         official = torch_robust(module, x_adv_official, y)
-    results["cascade"] = dict(ours=ours, official=official, ours_s=ours_s,
-                              official_s=official_s)
+    results["cascade"] = dict(ours=ours, official=official, ours_s=ours_s, official_s=official_s)
     print(report({"cascade": results["cascade"]}), flush=True)
     return results
 
@@ -149,9 +177,11 @@ def report(results):
     """attack: robust accuracy ours / official, mask agreement, seconds ours / official."""
     lines = []
     for name, r in results.items():
-        lines.append(f"  {name}: {r['ours'].mean():.2%} / {r['official'].mean():.2%}, "
-                     f"{np.mean(r['ours'] == r['official']):.2%}, "
-                     f"{r['ours_s']:.1f} / {r['official_s']:.1f}")
+        lines.append(
+            f"  {name}: {r['ours'].mean():.2%} / {r['official'].mean():.2%}, "
+            f"{np.mean(r['ours'] == r['official']):.2%}, "
+            f"{r['ours_s']:.1f} / {r['official_s']:.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -182,8 +212,10 @@ def test_reduced_budget_matches_official(norm):
     """About a minute for L-inf (both sides); L2 takes as long again, so it is slow."""
     bed = tb.robust_digits()
     x, y = bed.x_test[:REDUCED_EXAMPLES], bed.y_test[:REDUCED_EXAMPLES]
-    print(f"\n{norm}, {len(x)} examples, {REDUCED}: attack, robust accuracy ours / official, "
-          "mask agreement, seconds ours / official")
+    print(
+        f"\n{norm}, {len(x)} examples, {REDUCED}: attack, robust accuracy ours / official, "
+        "mask agreement, seconds ours / official"
+    )
     results = compare(bed, x, y, norm, REDUCED)
     # 200 examples: one point is two examples; the masks must still agree on 97 %, Square's on
     # 96 % (measured, L-inf: >= 98.5 % for the others on both CPU kinds; Square 98.0 % on the
@@ -198,8 +230,10 @@ def test_standard_budget_matches_official(norm):
     bed = tb.robust_digits(num_train=STANDARD_TRAIN)
     x, y = bed.x_test, bed.y_test
     assert len(x) >= 500
-    print(f"\n{norm}, {len(x)} examples, {STANDARD}: attack, robust accuracy ours / official, "
-          "mask agreement, seconds ours / official")
+    print(
+        f"\n{norm}, {len(x)} examples, {STANDARD}: attack, robust accuracy ours / official, "
+        "mask agreement, seconds ours / official"
+    )
     results = compare(bed, x, y, norm, STANDARD)
     assert_agree(results, accuracy_points=1.0, agreement=0.97)
 
@@ -234,7 +268,7 @@ def start_points(x, eps, norm, seed=0):
         delta = eps * rng.choice([-1.0, 1.0], size=x.shape)
     else:
         delta = rng.normal(size=x.shape)
-        delta *= eps / np.sqrt((delta ** 2).sum((1, 2, 3), keepdims=True))
+        delta *= eps / np.sqrt((delta**2).sum((1, 2, 3), keepdims=True))
     return np.clip(x + delta, 0.0, 1.0).astype(np.float32)
 
 
@@ -243,8 +277,12 @@ APGD_STEPS = 30  # the official checkpoints (6, 11, 15, 18, 20, 21, ...) differ 
 # (a confidently classified digit), float32 round-off can flip its sign in an L-inf step
 # between TF and PyTorch, and that example's path moves; a wrong step-size, checkpoint,
 # reset or momentum rule moves most paths.
-PATH_AGREEMENT = {("linf", "ce"): 0.75, ("l2", "ce"): 0.75, ("linf", "dlr"): 0.9,
-                  ("l2", "dlr"): 0.9}
+PATH_AGREEMENT = {
+    ("linf", "ce"): 0.75,
+    ("l2", "ce"): 0.75,
+    ("linf", "dlr"): 0.9,
+    ("l2", "dlr"): 0.9,
+}
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -259,8 +297,8 @@ def test_apgd_iterates_match_official(norm, loss):
     ours = APGD(eps, norm=norm, loss=loss, targeted=loss == "dlr", steps=APGD_STEPS)
     ours._use(keras_recorder)  # the model a call would bind, for the run used directly
     _, ours_fooled, ours_best, ours_loss, _ = ours._iterate(
-        tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32),
-        tf.constant(start))
+        tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32), tf.constant(start)
+    )
     torch_recorder = TorchRecorder(bed.torch_model)
     common = dict(n_iter=APGD_STEPS, norm=tb.TORCH_NORM[norm], eps=eps, device="cpu")
     if loss == "ce":
@@ -272,18 +310,21 @@ def test_apgd_iterates_match_official(norm, loss):
     official.init_hyperparam(x_t)
     with tb.torch_threads(1):
         best, robust, loss_best, _ = official.attack_single_run(
-            x_t, torch.from_numpy(y), x_init=tb.torch_nchw(start))
+            x_t, torch.from_numpy(y), x_init=tb.torch_nchw(start)
+        )
     ours_path, official_path = np.stack(keras_recorder.inputs), np.stack(torch_recorder.inputs)
     assert ours_path.shape == official_path.shape == (APGD_STEPS + 1,) + x.shape
     gap = np.abs(ours_path - official_path).reshape(APGD_STEPS + 1, len(x), -1).max(-1)
     same_path = gap.max(0) <= 1e-4
     assert same_path.mean() >= PATH_AGREEMENT[norm, loss], (
-        f"iterates agree on {same_path.mean():.0%} of the examples")
+        f"iterates agree on {same_path.mean():.0%} of the examples"
+    )
     # on those examples the run's outputs agree too
     best = best.numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours_best.numpy()[same_path], best[same_path], atol=1e-4)
-    np.testing.assert_allclose(ours_loss.numpy()[same_path], loss_best.numpy()[same_path],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        ours_loss.numpy()[same_path], loss_best.numpy()[same_path], rtol=1e-4, atol=1e-4
+    )
     np.testing.assert_array_equal(ours_fooled.numpy()[same_path], ~robust.numpy()[same_path])
 
 
@@ -308,15 +349,26 @@ def test_first_fab_t_run_matches_official(norm):
     target = np.argsort(-tb.keras_logits(bed.keras_model, x), axis=1)[:, 1]
     ours = FAB(eps, norm=norm, steps=steps)
     ours._use(bed.keras_model)
-    best, distance = ours._run_once(tf.constant(x), tf.constant(y, tf.int32),
-                                    tf.constant(target, tf.int32), tf.constant([0, 0]),
-                                    tf.constant(False))
-    official = FABAttack_PT(bed.torch_model, norm=tb.TORCH_NORM[norm], n_iter=steps, eps=eps,
-                            targeted=True, device="cpu")
+    best, distance = ours._run_once(
+        tf.constant(x),
+        tf.constant(y, tf.int32),
+        tf.constant(target, tf.int32),
+        tf.constant([0, 0]),
+        tf.constant(False),
+    )
+    official = FABAttack_PT(
+        bed.torch_model,
+        norm=tb.TORCH_NORM[norm],
+        n_iter=steps,
+        eps=eps,
+        targeted=True,
+        device="cpu",
+    )
     official.target_class = 2  # the second most likely class
     with tb.torch_threads(1):
-        theirs = official.attack_single_run(tb.torch_nchw(x), torch.from_numpy(y),
-                                            use_rand_start=False, is_targeted=True)
+        theirs = official.attack_single_run(
+            tb.torch_nchw(x), torch.from_numpy(y), use_rand_start=False, is_targeted=True
+        )
     theirs = theirs.numpy().transpose(0, 2, 3, 1)
     ours_found = distance.numpy() < 1e10
     theirs_found = np.any(theirs != x, axis=(1, 2, 3))
@@ -333,7 +385,8 @@ def test_square_p_schedule_is_officials(rescale):
     ours = Square(0.1, n_queries=5000, rescale_schedule=rescale)
     for iteration in range(10001):
         assert p_schedule(iteration, ours.p_init, ours.n_queries, rescale) == pytest.approx(
-            official.p_selection(iteration)), iteration
+            official.p_selection(iteration)
+        ), iteration
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -345,12 +398,19 @@ def test_square_window_sizes_are_officials(norm):
     correct = tb.keras_predict(bed.keras_model, x) == y
     x, y = x[correct], y[correct]
     n_queries, size = 600, x.shape[1]
-    official = SquareAttack(bed.torch_model, norm=tb.TORCH_NORM[norm], n_queries=n_queries,
-                            eps=1e-4, p_init=0.8, resc_schedule=True, device="cpu")
+    official = SquareAttack(
+        bed.torch_model,
+        norm=tb.TORCH_NORM[norm],
+        n_queries=n_queries,
+        eps=1e-4,
+        p_init=0.8,
+        resc_schedule=True,
+        device="cpu",
+    )
     highs = []
     draw = official.random_int
 
-    def recording_random_int(low=0, high=1, shape=[1]):
+    def recording_random_int(low=0, high=1, shape=(1,)):
         highs.append(high)
         return draw(low, high, shape)
 

@@ -10,6 +10,8 @@
   transcribed in numpy, on given accuracies.
 * Settings errors, the train binary end to end on tiny data, export / load_run round trip.
 """
+
+import binaries_testlib as testlib
 import keras
 import numpy as np
 import pytest
@@ -17,9 +19,8 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import binaries_testlib as testlib
 from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
+
 from twins_tf import AdversarialTrainer, lora, methods
 from twins_tf.attacks import PGD
 from twins_tf.models.resnet import build_resnet
@@ -64,8 +65,9 @@ class TorchBiasedBN(nn.BatchNorm2d):
             self.running_mean.mul_(0.9).add_(0.1 * mean)
             self.running_var.mul_(0.9).add_(0.1 * var)
         shape = (1, -1, 1, 1)
-        return ((x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5)
-                * self.weight.view(shape) + self.bias.view(shape))
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * self.weight.view(
+            shape
+        ) + self.bias.view(shape)
 
 
 def _replace(net, kind, make):
@@ -85,8 +87,15 @@ def torch_autolora_net(seed):
         return new
 
     _replace(net, nn.BatchNorm2d, biased)
-    _replace(net, nn.Conv2d, lambda name, conv: conv if name == "conv1"
-             else TorchLoRAConv(conv, RANK, follows_thread="downsample" not in name))
+    _replace(
+        net,
+        nn.Conv2d,
+        lambda name, conv: (
+            conv
+            if name == "conv1"
+            else TorchLoRAConv(conv, RANK, follows_thread="downsample" not in name)
+        ),
+    )
     return net
 
 
@@ -109,8 +118,11 @@ def torch_autolora_step(net, x_nhwc, y_np, lambda1, lambda2):
         p.requires_grad_("lora" not in n)
     z_adv = pixel(x_adv)
     kl = nn.KLDivLoss(reduction="sum")(F.log_softmax(z_adv, 1), F.softmax(z_nat, 1))
-    loss = (lambda1 * F.cross_entropy(z_nat, y) + (1 - lambda1) * F.cross_entropy(z_adv, y)
-            + lambda2 * kl / len(y))
+    loss = (
+        lambda1 * F.cross_entropy(z_nat, y)
+        + (1 - lambda1) * F.cross_entropy(z_adv, y)
+        + lambda2 * kl / len(y)
+    )
     for p in net.parameters():
         p.requires_grad_(True)
     optimizer.zero_grad()
@@ -128,14 +140,20 @@ def _state(net, wrapped=None):
         if isinstance(module, TorchLoRAConv) and not module.follows_thread:
             pairs = {f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0)}
         elif isinstance(module, TorchLoRAConv):
-            pairs = {f"{key}_lora/lora_a": module.lora_A, f"{key}_lora/lora_b": module.lora_B,
-                     f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0)}
+            pairs = {
+                f"{key}_lora/lora_a": module.lora_A,
+                f"{key}_lora/lora_b": module.lora_B,
+                f"{key}/kernel": module.conv.weight.permute(2, 3, 1, 0),
+            }
         elif isinstance(module, nn.Conv2d) and name == "conv1":
             pairs = {f"{key}/kernel": module.weight.permute(2, 3, 1, 0)}
         elif isinstance(module, nn.BatchNorm2d):
-            pairs = {f"{key}/gamma": module.weight, f"{key}/beta": module.bias,
-                     f"{key}/moving_mean": module.running_mean,
-                     f"{key}/moving_variance": module.running_var}
+            pairs = {
+                f"{key}/gamma": module.weight,
+                f"{key}/beta": module.bias,
+                f"{key}/moving_mean": module.running_mean,
+                f"{key}/moving_variance": module.running_var,
+            }
         elif isinstance(module, nn.Linear):
             pairs = {f"{key}/kernel": module.weight.T, f"{key}/bias": module.bias}
         else:
@@ -155,8 +173,11 @@ def keras_pair(seed=3, b_scale=0.02):
     from twins_tf.weights import load_torch_state_dict
 
     net = torch_autolora_net(seed)
-    plain_keys = {k.replace(".conv.weight", ".weight"): v for k, v in net.state_dict().items()
-                  if "lora" not in k}
+    plain_keys = {
+        k.replace(".conv.weight", ".weight"): v
+        for k, v in net.state_dict().items()
+        if "lora" not in k
+    }
     model = build_resnet("resnet18", CLASSES, twin=False, input_shape=(SIZE, SIZE, 3))
     load_torch_state_dict(model, {k: v.numpy() for k, v in plain_keys.items()}, head=True)
     wrapped = lora.add_lora(model, RANK)
@@ -177,12 +198,14 @@ def keras_pair(seed=3, b_scale=0.02):
 def _batch(seed=4):
     rng = np.random.default_rng(seed)
     return rng.uniform(size=(BATCH, SIZE, SIZE, 3)).astype("float32"), rng.integers(
-        0, CLASSES, BATCH)
+        0, CLASSES, BATCH
+    )
 
 
 def _trainer(wrapped, lambda1, lambda2):
-    trainer = AdversarialTrainer(wrapped, method="autolora", attack=PGD(EPS, ALPHA, STEPS),
-                                 weight_decay=WD)
+    trainer = AdversarialTrainer(
+        wrapped, method="autolora", attack=PGD(EPS, ALPHA, STEPS), weight_decay=WD
+    )
     trainer.compile(keras.optimizers.SGD(LR, momentum=0.9))
     trainer.autolora_lambda1.assign(lambda1)
     trainer.autolora_lambda2.assign(lambda2)
@@ -219,8 +242,7 @@ def test_autolora_step_matches_the_authors_pytorch_step():
             moved["lora" if "_lora/" in key else "main"] += 1
             assert np.linalg.norm(change - expected_change) <= 1e-3 * scale, key
     assert moved["lora"] == 2 * 16 and moved["main"] > 40
-    shortcuts = [m for m in net.modules()
-                 if isinstance(m, TorchLoRAConv) and not m.follows_thread]
+    shortcuts = [m for m in net.modules() if isinstance(m, TorchLoRAConv) and not m.follows_thread]
     assert len(shortcuts) == 3  # the authors' shortcut branches: never trained, B stays 0
     assert all(m.lora_B.grad is None and not m.lora_B.any() for m in shortcuts)
 
@@ -250,14 +272,18 @@ def test_natural_branch_accuracy_and_lambdas_follow_the_papers_formula():
     assert trainer.update_autolora_lambdas(data) == pytest.approx(7 / 12)
     np.testing.assert_allclose(
         [trainer.autolora_lambda1.numpy(), trainer.autolora_lambda2.numpy()],
-        [1 - 7 / 12, 6 * 7 / 12], rtol=1e-6)
+        [1 - 7 / 12, 6 * 7 / 12],
+        rtol=1e-6,
+    )
     assert trainer.natural_branch_accuracy(data, steps=1) == pytest.approx(
-        np.mean(predictions[:5] == y[:5]))
+        np.mean(predictions[:5] == y[:5])
+    )
 
 
 def _torch_tiny_natural_logits(wrapped, x):
     """`_tiny_lora_model`'s natural path in inference mode, in PyTorch from its weights: stem
     conv, BN (moving statistics), ReLU, conv with W + reshape(B A)/r, mean, dense."""
+
     def t(a):
         return torch.tensor(np.asarray(a))
 
@@ -267,8 +293,18 @@ def _torch_tiny_natural_logits(wrapped, x):
     w = t(conv).permute(3, 2, 0, 1)
     w = w + (t(branch.lora_b) @ t(branch.lora_a)).view(w.shape) / branch.rank
     h = F.conv2d(t(x).permute(0, 3, 1, 2), t(stem).permute(3, 2, 0, 1))
-    h = F.relu(F.batch_norm(h, t(bn.moving_mean), t(bn.moving_variance), t(bn.gamma),
-                            t(bn.beta), False, 0.0, bn.epsilon))
+    h = F.relu(
+        F.batch_norm(
+            h,
+            t(bn.moving_mean),
+            t(bn.moving_variance),
+            t(bn.gamma),
+            t(bn.beta),
+            False,
+            0.0,
+            bn.epsilon,
+        )
+    )
     h = F.conv2d(h, w).mean((2, 3))
     return (h @ t(fc.kernel) + t(fc.bias)).numpy()
 
@@ -328,8 +364,14 @@ def _run_schedule(accuracies):
     from twins_tf.trainer import AUTOLORA_WINDOWS, autolora_schedule
 
     n = len(AUTOLORA_WINDOWS)
-    state = dict(history=np.zeros(AUTOLORA_WINDOWS[-1] + 2), window=1, max_acc=-1.0,
-                 best=np.zeros(n), etas=np.eye(1, n)[0], eta=1.0)
+    state = dict(
+        history=np.zeros(AUTOLORA_WINDOWS[-1] + 2),
+        window=1,
+        max_acc=-1.0,
+        best=np.zeros(n),
+        etas=np.eye(1, n)[0],
+        eta=1.0,
+    )
     out = []
     for epoch, acc in enumerate(accuracies, start=1):
         state, actions = autolora_schedule(state, epoch, acc)
@@ -339,14 +381,14 @@ def _run_schedule(accuracies):
 
 @pytest.mark.parametrize("kind", ["random", "rising", "flat", "rising_then_noisy"])
 def test_learning_rate_windows_match_the_authors_loop(kind):
-    rng = np.random.default_rng({"random": 0, "rising": 1, "flat": 2,
-                                 "rising_then_noisy": 3}[kind])
+    rng = np.random.default_rng({"random": 0, "rising": 1, "flat": 2, "rising_then_noisy": 3}[kind])
     accuracies = {
         "random": rng.uniform(0.2, 0.5, 60),
         "rising": np.linspace(0.1, 0.6, 60),
         "flat": np.full(60, 0.3),
-        "rising_then_noisy": np.concatenate([np.linspace(0.1, 0.4, 20),
-                                             0.4 + 0.05 * rng.standard_normal(40)]),
+        "rising_then_noisy": np.concatenate(
+            [np.linspace(0.1, 0.4, 20), 0.4 + 0.05 * rng.standard_normal(40)]
+        ),
     }[kind]
     expected = paper_schedule(accuracies)
     assert _run_schedule(accuracies) == expected
@@ -398,7 +440,9 @@ def test_the_automated_lr_multiplier_scales_every_update():
         updates.append([v.numpy() - b for v, b in zip(wrapped.trainable_variables, before)])
     for full, half in zip(*updates):
         assert np.abs(full).max() > 0
-        np.testing.assert_allclose(half, 0.5 * full, rtol=1e-4, atol=3e-7)  # float32 ulps of the weights
+        np.testing.assert_allclose(
+            half, 0.5 * full, rtol=1e-4, atol=3e-7
+        )  # float32 ulps of the weights
 
 
 def test_export_of_a_branched_model_serves_the_main_path(tmp_path):
@@ -417,8 +461,13 @@ def test_export_of_a_branched_model_serves_the_main_path(tmp_path):
 
 # === settings, binaries ========================================================================
 def _settings(**changes):
-    base = dict(dataset="cifar10", model_dir="/tmp/x", method="autolora", lora_rank=4,
-                pretrained="/tmp/p.weights.h5")
+    base = dict(
+        dataset="cifar10",
+        model_dir="/tmp/x",
+        method="autolora",
+        lora_rank=4,
+        pretrained="/tmp/p.weights.h5",
+    )
     return Settings(**{**base, **changes})
 
 
@@ -446,8 +495,7 @@ def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
         AdversarialTrainer(plain, method="autolora", attack=PGD(EPS, ALPHA, 1))
     twin = build_resnet("resnet18", CLASSES, twin=True, input_shape=(16, 16, 3))
     with pytest.raises(ValueError, match="plain-BN model"):
-        AdversarialTrainer(lora.add_lora(twin, RANK), method="autolora",
-                           attack=PGD(EPS, ALPHA, 1))
+        AdversarialTrainer(lora.add_lora(twin, RANK), method="autolora", attack=PGD(EPS, ALPHA, 1))
 
 
 @pytest.mark.slow  # ~50 s with its source run: over the default suite's budget
@@ -458,9 +506,17 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
 
     pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
     model_dir = tmp_path / "run"
-    args = ["--dataset=digits_5_9", *testlib.TINY, "--method=autolora", "--lora_rank=2",
-            "--epochs=1", "--lr=0.01", "--weight_decay=1e-4", f"--pretrained={pretrained}",
-            f"--model_dir={model_dir}"]
+    args = [
+        "--dataset=digits_5_9",
+        *testlib.TINY,
+        "--method=autolora",
+        "--lora_rank=2",
+        "--epochs=1",
+        "--lr=0.01",
+        "--weight_decay=1e-4",
+        f"--pretrained={pretrained}",
+        f"--model_dir={model_dir}",
+    ]
     summary = train.run(testlib.settings("train", args), verbose=0)
     metrics = (model_dir / "metrics.csv").read_text()
     assert "natural_branch_acc" in metrics and "autolora_lambda1" in metrics
@@ -491,9 +547,17 @@ def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory,
 
     pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
     model_dir = tmp_path / "run"
-    args = ["--dataset=digits_5_9", *testlib.TINY, "--method=autolora", "--lora_rank=2",
-            "--epochs=3", "--lr=5e-6", "--weight_decay=1e-4", f"--pretrained={pretrained}",
-            f"--model_dir={model_dir}"]
+    args = [
+        "--dataset=digits_5_9",
+        *testlib.TINY,
+        "--method=autolora",
+        "--lora_rank=2",
+        "--epochs=3",
+        "--lr=5e-6",
+        "--weight_decay=1e-4",
+        f"--pretrained={pretrained}",
+        f"--model_dir={model_dir}",
+    ]
     summary = train.run(testlib.settings("train", args), verbose=0)
     assert (summary["epochs"], summary["trained_epochs"]) == (3, 1)
     files = testlib.file_snapshot(model_dir)

@@ -17,6 +17,7 @@ Conventions it enforces (see the header of BUILD):
     and Bazel forbids cycles). Extra deps are allowed: lazy imports the parser cannot see
     (`importlib.import_module(f"...")`) need them.
 """
+
 import ast
 import dataclasses
 import pathlib
@@ -43,7 +44,7 @@ class Target:
 
 
 def module_name(relative_path):
-    """`twins_tf/attacks/__init__.py` -> `twins_tf.attacks`; `tests/conftest.py` -> `tests.conftest`."""
+    """The dotted name of a file: `twins_tf/attacks/__init__.py` -> `twins_tf.attacks`."""
     parts = list(pathlib.PurePosixPath(relative_path).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -185,7 +186,8 @@ def build_problems(root):
         missing = needed - set(target.deps)
         if missing:
             problems.append(
-                f"{target.kind} {target.name!r} lacks deps {sorted(missing)}; expected:\n{stanza}")
+                f"{target.kind} {target.name!r} lacks deps {sorted(missing)}; expected:\n{stanza}"
+            )
 
     for path in library_files:
         module = module_name(path)
@@ -203,13 +205,19 @@ def build_problems(root):
         if path.startswith(PACKAGE_DIR + "/") and has_main_guard(root / path):
             binary_name = pathlib.PurePosixPath(path).stem
             binary_needed = required_deps({module}, known_modules)
-            binary_stanza = _stanza("py_binary", binary_name, srcs=path, main=path, deps=binary_needed)
+            binary_stanza = _stanza(
+                "py_binary", binary_name, srcs=path, main=path, deps=binary_needed
+            )
             binary = targets.get(binary_name)
             if binary is None or binary.kind != "py_binary":
-                problems.append(f"no py_binary for {path} (it has a __main__ guard); add:\n{binary_stanza}")
+                problems.append(
+                    f"no py_binary for {path} (it has a __main__ guard); add:\n{binary_stanza}"
+                )
             else:
                 if binary.srcs != [path] or binary.main != path:
-                    problems.append(f"py_binary {binary_name!r} must have srcs = [{path!r}] and main = {path!r}")
+                    problems.append(
+                        f"py_binary {binary_name!r} must have srcs = [{path!r}] and main = {path!r}"
+                    )
                 check_deps(binary, binary_needed, binary_stanza)
 
     for path in test_dir_files:
@@ -234,7 +242,10 @@ def build_problems(root):
                 problems.append(f"{target.kind} {target.name!r} names {file}, which does not exist")
         for dep in target.deps:
             if ":" not in dep and "/" not in dep and dep not in targets:
-                problems.append(f"{target.kind} {target.name!r} depends on {dep!r}, which BUILD does not declare")
+                problems.append(
+                    f"{target.kind} {target.name!r} depends on {dep!r}, "
+                    "which BUILD does not declare"
+                )
     return problems
 
 
@@ -306,30 +317,52 @@ def test_toy_repo_with_complete_build_passes(toy_repo):
     "edit, expected",
     [
         # A module without a library.
-        (lambda b: b.replace('py_library(name = "tests.helper", srcs = ["tests/helper.py"])\n', ""),
-         "no py_library for tests/helper.py"),
+        (
+            lambda b: b.replace(
+                'py_library(name = "tests.helper", srcs = ["tests/helper.py"])\n', ""
+            ),
+            "no py_library for tests/helper.py",
+        ),
         # A test file without a test target.
-        (lambda b: b.replace("pytest_test(name = \"test_models\"", "py_library(name = \"x\""),
-         "no pytest_test for tests/test_models.py"),
+        (
+            lambda b: b.replace('pytest_test(name = "test_models"', 'py_library(name = "x"'),
+            "no pytest_test for tests/test_models.py",
+        ),
         # A binary without py_binary.
-        (lambda b: b.replace('py_binary(name = "train"', 'py_library(name = "not_a_binary"'),
-         "no py_binary for twins_tf/train.py"),
+        (
+            lambda b: b.replace('py_binary(name = "train"', 'py_library(name = "not_a_binary"'),
+            "no py_binary for twins_tf/train.py",
+        ),
         # A relative import (models/__init__ -> resnet) missing from deps.
-        (lambda b: b.replace('deps = [":twins_tf.models.resnet"])', "deps = [])"),
-         "py_library 'twins_tf.models' lacks deps ['twins_tf.models.resnet']"),
+        (
+            lambda b: b.replace('deps = [":twins_tf.models.resnet"])', "deps = [])"),
+            "py_library 'twins_tf.models' lacks deps ['twins_tf.models.resnet']",
+        ),
         # The package of an imported module (twins_tf.models) missing from a test.
-        (lambda b: b.replace('":twins_tf.models", ":twins_tf.models.resnet"])', '":twins_tf.models.resnet"])'),
-         "pytest_test 'test_models' lacks deps ['twins_tf.models']"),
+        (
+            lambda b: b.replace(
+                '":twins_tf.models", ":twins_tf.models.resnet"])', '":twins_tf.models.resnet"])'
+            ),
+            "pytest_test 'test_models' lacks deps ['twins_tf.models']",
+        ),
         # A sibling helper imported bare (`import helper`) missing from a test.
-        (lambda b: b.replace('":tests.helper", ', ""),
-         "pytest_test 'test_models' lacks deps ['tests.helper']"),
+        (
+            lambda b: b.replace('":tests.helper", ', ""),
+            "pytest_test 'test_models' lacks deps ['tests.helper']",
+        ),
         # A target naming a file that is not there.
-        (lambda b: b + 'py_library(name = "twins_tf.gone", srcs = ["twins_tf/gone.py"])\n',
-         "names twins_tf/gone.py, which does not exist"),
+        (
+            lambda b: b + 'py_library(name = "twins_tf.gone", srcs = ["twins_tf/gone.py"])\n',
+            "names twins_tf/gone.py, which does not exist",
+        ),
         # A dep on a target BUILD does not declare.
-        (lambda b: b.replace('deps = [":twins_tf.layers"])\npy_library(name = "twins_tf.layers"',
-                             'deps = [":twins_tf.layers", ":nowhere"])\npy_library(name = "twins_tf.layers"'),
-         "depends on 'nowhere', which BUILD does not declare"),
+        (
+            lambda b: b.replace(
+                'deps = [":twins_tf.layers"])\npy_library(name = "twins_tf.layers"',
+                'deps = [":twins_tf.layers", ":nowhere"])\npy_library(name = "twins_tf.layers"',
+            ),
+            "depends on 'nowhere', which BUILD does not declare",
+        ),
     ],
 )
 def test_wrong_build_is_reported(toy_repo, edit, expected):

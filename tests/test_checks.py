@@ -7,14 +7,15 @@ rounding of the input (zero gradients), a variable written in the forward or a g
 computed inside it (dynamic).  Whether each defect is there is a fact of the construction,
 not of the code under test.
 """
+
 import warnings
 
+import attack_testbed as tb
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import attack_testbed as tb
 from twins_tf.attacks import AutoAttack, checks
 
 
@@ -158,8 +159,10 @@ def test_autoattack_checks_zero_gradients_on_every_batch_inside_apgd_t(net):
     # not also the once-on-the-first-batch form
     assert not any(m.startswith("4 of 4") for m in result.warnings)
     # one batch through the attack protocol: that batch's count
-    with pytest.warns(checks.EvaluationWarning, match="AutoAttack: 8 of 8 examples the DLR "
-                      "attack ran on have a zero input gradient"):
+    with pytest.warns(
+        checks.EvaluationWarning,
+        match="AutoAttack: 8 of 8 examples the DLR attack ran on have a zero input gradient",
+    ):
         attack(rounded, x, y)
 
 
@@ -168,8 +171,14 @@ def test_dynamic_models(net):
     assert "variable writes" in checks.check_dynamic(_built(Counting(model), x), x)
     assert "gradient computation" in checks.check_dynamic(_built(AdaptsAtTestTime(model), x), x)
     assert checks.check_dynamic(model, x) is None
-    with_bn = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3),
-                                keras.layers.BatchNormalization(), keras.layers.Flatten()])
+    with_bn = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+        ]
+    )
     assert checks.check_dynamic(with_bn, x) is None  # inference BN updates nothing
 
 
@@ -202,5 +211,6 @@ def test_autoattack_runs_the_checks_once_and_keeps_them_in_its_result(net):
 
     with pytest.warns(checks.EvaluationWarning):
         result = AutoAttack(0.01, apgd_steps=2, fab_steps=2, square_queries=2).run(
-            model, (x, y), batch_size=4, verbose=0)
+            model, (x, y), batch_size=4, verbose=0
+        )
     assert result.warnings == (checks.check_n_classes(4, "standard", 3, {}),)

@@ -4,6 +4,7 @@ The statistics are checked against hand computations with NumPy and Student-t qu
 printed table (not scipy, which the code under test uses); the grid against the runs'
 config.json and an evaluation the test runs itself through `evaluate`.
 """
+
 import base64
 import dataclasses
 import json
@@ -12,9 +13,15 @@ import statistics
 
 import numpy as np
 import pytest
+from binaries_testlib import (
+    FINETUNE_ARGS,
+    TINY,
+    evaluate_settings,
+    run_binary,
+    settings,
+    source_run,
+)
 
-from binaries_testlib import (FINETUNE_ARGS, TINY, evaluate_settings, run_binary, settings,
-                              source_run)
 from twins_tf import comparison, evaluate, run_config
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
@@ -27,9 +34,14 @@ def _reference_interval(a, b):
     return d.mean(), d.mean() - half, d.mean() + half
 
 
-@pytest.mark.parametrize("a, b", [([0.61, 0.58, 0.66], [0.55, 0.57, 0.60]),
-                                  ([0.2, 0.9], [0.3, 0.1]),
-                                  ([0.5, 0.52, 0.47, 0.55], [0.5, 0.49, 0.5, 0.51])])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ([0.61, 0.58, 0.66], [0.55, 0.57, 0.60]),
+        ([0.2, 0.9], [0.3, 0.1]),
+        ([0.5, 0.52, 0.47, 0.55], [0.5, 0.49, 0.5, 0.51]),
+    ],
+)
 def test_paired_difference_is_the_student_t_interval(a, b):
     mean, low, high = comparison.paired_difference(a, b)
     np.testing.assert_allclose((mean, low, high), _reference_interval(a, b), rtol=1e-9)
@@ -51,39 +63,67 @@ def test_mean_and_sd_are_the_sample_statistics():
 
 
 def _fake(method, seed, clean, pgd, epochs=3):
-    metrics = [{"epoch": e + 1, "clean_acc": 0.1 * e + clean / 2, "adv_acc": 0.05 * e,
-                "val_clean_acc": 0.1 * e, "val_adv_acc": 0.04 * e,
-                **({"frozen_acc": 0.03 * e, "adaptive_acc": 0.06 * e}
-                   if method.startswith("twins") else {})} for e in range(epochs)]
-    evaluation = {"results": {"clean": {"accuracy": clean}, "pgd10": {"accuracy": pgd}},
-                  "epsilon": 8 / 255, "examples": 100, "split": "test"}
-    config = {"arch": "resnet18", "dataset": "digits_5_9", "pretrained": "/src.weights.h5",
-              "method": method, "seed": seed, "model_dir": f"/runs/{method}_{seed}", "lr": 0.01,
-              "twin": method.startswith("twins")}
-    return comparison.RunResult(method, seed, f"/runs/{method}_{seed}", config, metrics,
-                                evaluation)
+    metrics = [
+        {
+            "epoch": e + 1,
+            "clean_acc": 0.1 * e + clean / 2,
+            "adv_acc": 0.05 * e,
+            "val_clean_acc": 0.1 * e,
+            "val_adv_acc": 0.04 * e,
+            **(
+                {"frozen_acc": 0.03 * e, "adaptive_acc": 0.06 * e}
+                if method.startswith("twins")
+                else {}
+            ),
+        }
+        for e in range(epochs)
+    ]
+    evaluation = {
+        "results": {"clean": {"accuracy": clean}, "pgd10": {"accuracy": pgd}},
+        "epsilon": 8 / 255,
+        "examples": 100,
+        "split": "test",
+    }
+    config = {
+        "arch": "resnet18",
+        "dataset": "digits_5_9",
+        "pretrained": "/src.weights.h5",
+        "method": method,
+        "seed": seed,
+        "model_dir": f"/runs/{method}_{seed}",
+        "lr": 0.01,
+        "twin": method.startswith("twins"),
+    }
+    return comparison.RunResult(method, seed, f"/runs/{method}_{seed}", config, metrics, evaluation)
 
 
 def test_summary_pairs_runs_by_seed_whatever_their_order():
-    results = [_fake("at", 0, 0.70, 0.40), _fake("at", 1, 0.72, 0.45), _fake("at", 2, 0.69, 0.41),
-               _fake("twins_at", 2, 0.74, 0.43), _fake("twins_at", 0, 0.75, 0.44),
-               _fake("twins_at", 1, 0.71, 0.47)]
+    results = [
+        _fake("at", 0, 0.70, 0.40),
+        _fake("at", 1, 0.72, 0.45),
+        _fake("at", 2, 0.69, 0.41),
+        _fake("twins_at", 2, 0.74, 0.43),
+        _fake("twins_at", 0, 0.75, 0.44),
+        _fake("twins_at", 1, 0.71, 0.47),
+    ]
     summary = comparison.summarise(results, ["clean", "pgd10"], "at")
     at_clean = summary["methods"]["at"]["clean"]
     assert at_clean["mean"] == pytest.approx(np.mean([0.70, 0.72, 0.69]))
     assert at_clean["sd"] == pytest.approx(np.std([0.70, 0.72, 0.69], ddof=1))
     difference = summary["differences"]["twins_at"]["pgd10"]
     expected = _reference_interval([0.44, 0.47, 0.43], [0.40, 0.45, 0.41])  # seeds 0, 1, 2
-    np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
-                               expected, rtol=1e-9)
+    np.testing.assert_allclose(
+        (difference["mean"], difference["low"], difference["high"]), expected, rtol=1e-9
+    )
     table = comparison.format_table(summary, ["clean", "pgd10"])
     assert re.search(r"twins_at - at\s+\+3\.00 \[", table)
     assert "Student-t" in table
 
 
 def test_report_has_the_table_embedded_plots_and_model_cards(tmp_path):
-    results = [_fake(m, s, 0.7 + 0.01 * s, 0.4 + 0.02 * s) for m in ("at", "twins_at")
-               for s in (0, 1)]
+    results = [
+        _fake(m, s, 0.7 + 0.01 * s, 0.4 + 0.02 * s) for m in ("at", "twins_at") for s in (0, 1)
+    ]
     summary, table = comparison.write_report(results, ["clean", "pgd10"], "at", tmp_path)
     page = (tmp_path / "report.html").read_text()
     pngs = re.findall(r"src='data:image/png;base64,([^']+)'", page)
@@ -92,8 +132,19 @@ def test_report_has_the_table_embedded_plots_and_model_cards(tmp_path):
     assert "twins_at - at" in page and (tmp_path / "report.txt").read_text().strip() == table
     json.loads((tmp_path / "report.json").read_text())
     card = json.loads((tmp_path / "model_cards" / "twins_at_seed1.json").read_text())
-    for key in ("clean_acc", "autoattack_acc", "eps", "norm", "architecture", "dataset",
-                "number_forward_passes", "method", "seed", "pretrained", "settings_hash"):
+    for key in (
+        "clean_acc",
+        "autoattack_acc",
+        "eps",
+        "norm",
+        "architecture",
+        "dataset",
+        "number_forward_passes",
+        "method",
+        "seed",
+        "pretrained",
+        "settings_hash",
+    ):
         assert key in card
     assert card["clean_acc"] == pytest.approx(0.71) and card["autoattack_acc"] is None
     assert card["architecture"] == "resnet18" and card["norm"] == "Linf"
@@ -109,8 +160,15 @@ def test_settings_hash_ignores_locations_but_not_what_is_learnt():
 def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_path):
     pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
     base = settings("train", [*FINETUNE_ARGS, "--epochs=1", f"--pretrained={pretrained}"])
-    grid = dict(methods=["at", "twins_at"], seeds=[0, 1], baseline="at", output_dir=tmp_path,
-                attacks=["clean", "pgd2"], max_examples=32, batch_size=32)
+    grid = dict(
+        methods=["at", "twins_at"],
+        seeds=[0, 1],
+        baseline="at",
+        output_dir=tmp_path,
+        attacks=["clean", "pgd2"],
+        max_examples=32,
+        batch_size=32,
+    )
     summary, table = comparison.compare(base, **grid, log=lambda *_: None)
     for method in ("at", "twins_at"):
         for seed in (0, 1):
@@ -119,12 +177,22 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
             assert (config["method"], config["seed"]) == (method, seed)
             stored = json.loads((run / comparison.EVALUATION_FILE).read_text())
             cell = summary["methods"][method]["pgd2"]
-            assert cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            assert (
+                cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            )
             assert stored["examples"] == 32
     assert (tmp_path / "report" / "report.html").is_file()
-    own = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={tmp_path / 'runs' / 'twins_at_seed1'}", "--attacks=clean,pgd2",
-        "--max_examples=32", f"--output={tmp_path / 'own.json'}"]), log=lambda _: None)
+    own = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={tmp_path / 'runs' / 'twins_at_seed1'}",
+                "--attacks=clean,pgd2",
+                "--max_examples=32",
+                f"--output={tmp_path / 'own.json'}",
+            ]
+        ),
+        log=lambda _: None,
+    )
     for attack in ("clean", "pgd2"):
         cell = summary["methods"]["twins_at"][attack]
         assert cell["values"][cell["seeds"].index(1)] == own["results"][attack]["accuracy"]
@@ -135,12 +203,15 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
     assert {p: p.stat().st_mtime for p in before} == before  # nothing retrained
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method=at"], "--method is set per run by compare; use --methods"),
-    (["--methods=at,twins_at", "--baseline=trades"], "--baseline=trades is not among"),
-    (["--seeds=0,x"], "--seeds must be integers"),
-    (["--methods=at,at+bogus=1"], "'bogus' is no variant key; KEY is a train flag: dataset, "),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method=at"], "--method is set per run by compare; use --methods"),
+        (["--methods=at,twins_at", "--baseline=trades"], "--baseline=trades is not among"),
+        (["--seeds=0,x"], "--seeds must be integers"),
+        (["--methods=at,at+bogus=1"], "'bogus' is no variant key; KEY is a train flag: dataset, "),
+    ],
+)
 def test_binary_refuses_bad_flags_in_one_line(tmp_path, args, message):
     result = run_binary("compare", ["--dataset=digits_5_9", f"--output_dir={tmp_path}", *args])
     assert result.returncode != 0
@@ -157,8 +228,16 @@ def test_binary_needs_an_output_dir():
 
 # --- variants and interpolation rows ---------------------------------------------------------
 def _base(tmp_path, *extra):
-    return settings("train", ["--dataset=digits_5_9", *TINY, "--epochs=1",
-                              f"--pretrained={tmp_path / 'src.weights.h5'}", *extra])
+    return settings(
+        "train",
+        [
+            "--dataset=digits_5_9",
+            *TINY,
+            "--epochs=1",
+            f"--pretrained={tmp_path / 'src.weights.h5'}",
+            *extra,
+        ],
+    )
 
 
 def test_a_variant_is_named_by_its_canonical_spelling():
@@ -172,7 +251,9 @@ def test_a_variant_is_named_by_its_canonical_spelling():
     assert re.fullmatch(r"at\+attack_eps-8_255-[0-9a-f]{8}", fraction.dir_name)
     assert fraction.dir_name != comparison.parse_variant("at+attack_eps=8_255").dir_name
     assert comparison.run_dir("/out", plain, 2) == "/out/runs/at_seed2"
-    assert comparison.run_dir("/out", variant, 0) == "/out/runs/twins_at+beta-3+lambda_twins-0.5_seed0"
+    assert (
+        comparison.run_dir("/out", variant, 0) == "/out/runs/twins_at+beta-3+lambda_twins-0.5_seed0"
+    )
 
 
 def test_a_variant_takes_values_as_the_train_flags_parse_them(tmp_path):
@@ -180,85 +261,131 @@ def test_a_variant_takes_values_as_the_train_flags_parse_them(tmp_path):
     variant = comparison.parse_variant("at+attack_eps=4/255+lr_decay_epochs=3:5+epochs=2")
     values = comparison.variant_settings(variant, base, model_dir=str(tmp_path / "r"), seed=3)
     # The reference: the same run spelt as train flags.
-    expected = settings("train", ["--dataset=digits_5_9", *TINY, "--epochs=2",
-                                  f"--pretrained={tmp_path / 'src.weights.h5'}", "--method=at",
-                                  "--attack_eps=4/255", "--lr_decay_epochs=3,5", "--seed=3",
-                                  f"--model_dir={tmp_path / 'r'}"])
+    expected = settings(
+        "train",
+        [
+            "--dataset=digits_5_9",
+            *TINY,
+            "--epochs=2",
+            f"--pretrained={tmp_path / 'src.weights.h5'}",
+            "--method=at",
+            "--attack_eps=4/255",
+            "--lr_decay_epochs=3,5",
+            "--seed=3",
+            f"--model_dir={tmp_path / 'r'}",
+        ],
+    )
     assert values == expected
     assert values["attack_eps"] == pytest.approx(4 / 255)
 
 
-@pytest.mark.parametrize("spelling, message", [
-    ("at+nonsense=3", "'nonsense' is no variant key; KEY is a train flag: "),
-    ("at+seed=3", "'seed' is no variant key (compare sets it per run)"),
-    ("at+epochs", "'epochs' is not KEY=VALUE"),
-    ("at+epochs=2+epochs=3", "sets epochs twice"),
-    ("+epochs=2", "names no method"),
-    ("at+epochs=x", "--methods entry 'at+epochs=x': "),
-    ("at+epochs=0", "--methods entry 'at+epochs=0': --epochs must be at least 1."),
-    ("nomethod+epochs=2", "Unknown --method='nomethod'"),
-])
+@pytest.mark.parametrize(
+    "spelling, message",
+    [
+        ("at+nonsense=3", "'nonsense' is no variant key; KEY is a train flag: "),
+        ("at+seed=3", "'seed' is no variant key (compare sets it per run)"),
+        ("at+epochs", "'epochs' is not KEY=VALUE"),
+        ("at+epochs=2+epochs=3", "sets epochs twice"),
+        ("+epochs=2", "names no method"),
+        ("at+epochs=x", "--methods entry 'at+epochs=x': "),
+        ("at+epochs=0", "--methods entry 'at+epochs=0': --epochs must be at least 1."),
+        ("nomethod+epochs=2", "Unknown --method='nomethod'"),
+    ],
+)
 def test_bad_variants_are_refused_in_one_line_before_any_work(tmp_path, spelling, message):
     with pytest.raises(comparison.SetupError) as error:
-        comparison.compare(_base(tmp_path), methods=["at", spelling], seeds=[0], baseline="at",
-                           output_dir=tmp_path)
+        comparison.compare(
+            _base(tmp_path), methods=["at", spelling], seeds=[0], baseline="at", output_dir=tmp_path
+        )
     assert message in str(error.value) and "\n" not in str(error.value)
     if "KEY is a train flag" in message:
         assert "lambda_twins, l2sp_alpha" in str(error.value)  # the valid keys are named
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("methods, interpolate, message", [
-    (["at"], ["at+epochs=2"], "--interpolate=at+epochs=2 is not among --methods"),
-    (["at", "at+epochs=2"], ["at+epochs=2"], "that variant has init=random"),
-    (["at"], ["at"], "that variant has init=random"),
-])
-def test_interpolation_rows_need_a_variant_with_an_init_stage(tmp_path, methods, interpolate,
-                                                              message):
+@pytest.mark.parametrize(
+    "methods, interpolate, message",
+    [
+        (["at"], ["at+epochs=2"], "--interpolate=at+epochs=2 is not among --methods"),
+        (["at", "at+epochs=2"], ["at+epochs=2"], "that variant has init=random"),
+        (["at"], ["at"], "that variant has init=random"),
+    ],
+)
+def test_interpolation_rows_need_a_variant_with_an_init_stage(
+    tmp_path, methods, interpolate, message
+):
     with pytest.raises(comparison.SetupError, match=re.escape(message)):
-        comparison.compare(_base(tmp_path), methods=methods, seeds=[0], baseline="at",
-                           output_dir=tmp_path, interpolate=interpolate)
+        comparison.compare(
+            _base(tmp_path),
+            methods=methods,
+            seeds=[0],
+            baseline="at",
+            output_dir=tmp_path,
+            interpolate=interpolate,
+        )
     assert not (tmp_path / "runs").exists()
 
 
 def test_interpolation_rows_need_a_held_out_validation_split(tmp_path):
     variant = "at+init=robust_linear_probe"
     with pytest.raises(comparison.SetupError, match="trains with --validation=none"):
-        comparison.compare(_base(tmp_path, "--validation=none"), methods=["at", variant],
-                           seeds=[0], baseline="at", output_dir=tmp_path, interpolate=[variant])
+        comparison.compare(
+            _base(tmp_path, "--validation=none"),
+            methods=["at", variant],
+            seeds=[0],
+            baseline="at",
+            output_dir=tmp_path,
+            interpolate=[variant],
+        )
     assert not (tmp_path / "runs").exists()
-    comparison.plan_rows(_base(tmp_path, "--validation=none"),  # the variant may carve
-                         ["at", variant + "+validation=carve"], [0], tmp_path,
-                         [variant + "+validation=carve"])
+    comparison.plan_rows(
+        _base(tmp_path, "--validation=none"),  # the variant may carve
+        ["at", variant + "+validation=carve"],
+        [0],
+        tmp_path,
+        [variant + "+validation=carve"],
+    )
 
 
 def test_variants_of_one_spelling_are_one_row(tmp_path):
     with pytest.raises(comparison.SetupError, match="must not repeat"):
-        comparison.compare(_base(tmp_path), methods=["at+beta=1+epochs=2", "at+epochs=2+beta=1"],
-                           seeds=[0], baseline="at+beta=1+epochs=2", output_dir=tmp_path)
+        comparison.compare(
+            _base(tmp_path),
+            methods=["at+beta=1+epochs=2", "at+epochs=2+beta=1"],
+            seeds=[0],
+            baseline="at+beta=1+epochs=2",
+            output_dir=tmp_path,
+        )
 
 
 def _fake_wise(variant, seed, clean, pgd, alpha):
     result = _fake(variant, seed, clean, pgd)
-    return dataclasses.replace(result, method=f"wise({variant})", metrics=[],
-                               interpolation={"alpha": alpha, "endpoints": ["/a/init", "/a"],
-                                              "validation": []})
+    return dataclasses.replace(
+        result,
+        method=f"wise({variant})",
+        metrics=[],
+        interpolation={"alpha": alpha, "endpoints": ["/a/init", "/a"], "validation": []},
+    )
 
 
 def test_report_of_variants_and_interpolation_rows(tmp_path):
     variant = "twins_at+init=robust_linear_probe"
-    values = {"at": [(0.70, 0.40), (0.72, 0.45), (0.69, 0.41)],
-              variant: [(0.74, 0.43), (0.75, 0.44), (0.71, 0.47)],
-              f"wise({variant})": [(0.76, 0.46), (0.70, 0.42), (0.73, 0.50)]}
+    values = {
+        "at": [(0.70, 0.40), (0.72, 0.45), (0.69, 0.41)],
+        variant: [(0.74, 0.43), (0.75, 0.44), (0.71, 0.47)],
+        f"wise({variant})": [(0.76, 0.46), (0.70, 0.42), (0.73, 0.50)],
+    }
     results = [_fake("at", s, *values["at"][s]) for s in range(3)]
     results += [_fake(variant, s, *values[variant][s]) for s in range(3)]
-    results += [_fake_wise(variant, s, *values[f"wise({variant})"][s], alpha=0.25 * s)
-                for s in (2, 0, 1)]
+    results += [
+        _fake_wise(variant, s, *values[f"wise({variant})"][s], alpha=0.25 * s) for s in (2, 0, 1)
+    ]
     summary, table = comparison.write_report(results, ["clean", "pgd10"], "at", tmp_path)
     difference = summary["differences"][f"wise({variant})"]["pgd10"]
     expected = _reference_interval([0.46, 0.42, 0.50], [0.40, 0.45, 0.41])
-    np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
-                               expected, rtol=1e-9)
+    np.testing.assert_allclose(
+        (difference["mean"], difference["low"], difference["high"]), expected, rtol=1e-9
+    )
     assert summary["alphas"] == {f"wise({variant})": {"0": 0.0, "1": 0.25, "2": 0.5}}
     assert f"wise({variant}): alpha chosen on validation" in table
     assert "seed 0: 0, seed 1: 0.25, seed 2: 0.5" in table
@@ -267,8 +394,9 @@ def test_report_of_variants_and_interpolation_rows(tmp_path):
     header = table.splitlines()[0]  # columns stay aligned under the long labels
     assert all(rows[row].index("   (3 seeds)") == len(header) for row in values)
     assert re.search(rf"wise\({re.escape(variant)}\) - at\s+\+2\.67 \[.*\] +\+4\.00 \[", table)
-    card = json.loads((tmp_path / "model_cards" /
-                       "wise-twins_at+init-robust_linear_probe_seed1.json").read_text())
+    card = json.loads(
+        (tmp_path / "model_cards" / "wise-twins_at+init-robust_linear_probe_seed1.json").read_text()
+    )
     assert card["interpolation"] == {"alpha": 0.25, "endpoints": ["/a/init", "/a"]}
     assert card["row"] == f"wise({variant})" and card["clean_acc"] == pytest.approx(0.70)
     page = (tmp_path / "report.html").read_text()
@@ -277,11 +405,13 @@ def test_report_of_variants_and_interpolation_rows(tmp_path):
 
 def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
     variant = "twins_at+init=robust_linear_probe"
-    results = [_fake("at", 0, 0.7, 0.4), _fake(variant, 0, 0.7, 0.4),
-               _fake_wise(variant, 0, 0.7, 0.4, 0.5)]
+    results = [
+        _fake("at", 0, 0.7, 0.4),
+        _fake(variant, 0, 0.7, 0.4),
+        _fake_wise(variant, 0, 0.7, 0.4, 0.5),
+    ]
     figure = comparison.plot_wings(results)
-    assert [axis.get_title() for axis in figure.axes] == [
-        f"{variant}: training accuracy per wing"]
+    assert [axis.get_title() for axis in figure.axes] == [f"{variant}: training accuracy per wing"]
     assert comparison.plot_wings(results[:1]) is None
 
 
@@ -293,12 +423,23 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
     # AT, not TWINS-AT: a probed head on the tiny two-epoch source makes its Frozen wing diverge.
     variant = "at+init=robust_linear_probe+init_epochs=1"
     wise = f"wise({variant})"
-    grid = dict(methods=["at", variant], seeds=[0, 1], baseline="at", output_dir=tmp_path,
-                attacks=["clean", "pgd2"], max_examples=32, batch_size=32, interpolate=[variant],
-                interpolation_args={"alphas": [0.0, 0.5, 1.0], "validation_examples": 16})
+    grid = dict(
+        methods=["at", variant],
+        seeds=[0, 1],
+        baseline="at",
+        output_dir=tmp_path,
+        attacks=["clean", "pgd2"],
+        max_examples=32,
+        batch_size=32,
+        interpolate=[variant],
+        interpolation_args={"alphas": [0.0, 0.5, 1.0], "validation_examples": 16},
+    )
     summary, table = comparison.compare(base, **grid, log=lambda *_: None)
-    dirs = {"at": "at", variant: "at+init-robust_linear_probe+init_epochs-1",
-            wise: "wise-at+init-robust_linear_probe+init_epochs-1"}
+    dirs = {
+        "at": "at",
+        variant: "at+init-robust_linear_probe+init_epochs-1",
+        wise: "wise-at+init-robust_linear_probe+init_epochs-1",
+    }
     for seed in (0, 1):
         run = tmp_path / "runs" / f"{dirs['at']}_seed{seed}"
         config = run_config.read_config(run)
@@ -307,38 +448,61 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
         config = run_config.read_config(run)
         assert (config["method"], config["seed"]) == ("at", seed)
         assert (config["init"], config["init_epochs"]) == ("robust_linear_probe", 1)
-        interpolation = json.loads((tmp_path / "runs" / f"{dirs[wise]}_seed{seed}" /
-                                    "interpolation.json").read_text())
+        interpolation = json.loads(
+            (tmp_path / "runs" / f"{dirs[wise]}_seed{seed}" / "interpolation.json").read_text()
+        )
         # The row interpolates this very run's init sub-run (alpha 0) and final weights (1).
         assert interpolation["request"]["run_a"]["model_dir"] == str(run / "init")
         assert interpolation["request"]["run_b"]["model_dir"] == str(run)
         assert summary["alphas"][wise][str(seed)] == interpolation["best_alpha"]
         assert f"seed {seed}: {interpolation['best_alpha']:g}" in table
         for row in (variant, "at", wise):
-            stored = json.loads((tmp_path / "runs" / f"{dirs[row]}_seed{seed}" /
-                                 comparison.EVALUATION_FILE).read_text())
+            stored = json.loads(
+                (
+                    tmp_path / "runs" / f"{dirs[row]}_seed{seed}" / comparison.EVALUATION_FILE
+                ).read_text()
+            )
             cell = summary["methods"][row]["pgd2"]
-            assert cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            assert (
+                cell["values"][cell["seeds"].index(seed)] == stored["results"]["pgd2"]["accuracy"]
+            )
             assert stored["examples"] == 32 and stored["split"] == "test"
     assert (tmp_path / "report" / "report.html").is_file()
-    card = json.loads((tmp_path / "report" / "model_cards" / f"{dirs[wise]}_seed1.json").read_text())
+    card = json.loads(
+        (tmp_path / "report" / "model_cards" / f"{dirs[wise]}_seed1.json").read_text()
+    )
     assert card["interpolation"]["endpoints"][0].endswith("_seed1/init")
     own = {}
     for seed in (0, 1):  # the wise rows evaluated here, through evaluate, not compare
-        report = evaluate.evaluate(evaluate_settings([
-            f"--model_dir={tmp_path / 'runs' / f'{dirs[wise]}_seed{seed}'}",
-            "--attacks=clean,pgd2", "--max_examples=32",
-            f"--output={tmp_path / 'own.json'}"]), log=lambda _: None)
+        report = evaluate.evaluate(
+            evaluate_settings(
+                [
+                    f"--model_dir={tmp_path / 'runs' / f'{dirs[wise]}_seed{seed}'}",
+                    "--attacks=clean,pgd2",
+                    "--max_examples=32",
+                    f"--output={tmp_path / 'own.json'}",
+                ]
+            ),
+            log=lambda _: None,
+        )
         own[seed] = {a: report["results"][a]["accuracy"] for a in ("clean", "pgd2")}
     for attack in ("clean", "pgd2"):
         cell = summary["methods"][wise][attack]
         assert cell["values"] == [own[s][attack] for s in cell["seeds"]]
-        baseline = [json.loads((tmp_path / "runs" / f"at_seed{s}" / comparison.EVALUATION_FILE)
-                               .read_text())["results"][attack]["accuracy"] for s in (0, 1)]
+        baseline = [
+            json.loads(
+                (tmp_path / "runs" / f"at_seed{s}" / comparison.EVALUATION_FILE).read_text()
+            )["results"][attack]["accuracy"]
+            for s in (0, 1)
+        ]
         difference = summary["differences"][wise][attack]
         expected = _reference_interval([own[s][attack] for s in (0, 1)], baseline)
-        np.testing.assert_allclose((difference["mean"], difference["low"], difference["high"]),
-                                   expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            (difference["mean"], difference["low"], difference["high"]),
+            expected,
+            rtol=1e-9,
+            atol=1e-12,
+        )
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.weights.h5")}
     assert any("/init/" in str(p) for p in before) and any("wise-" in str(p) for p in before)
     again, _ = comparison.compare(base, **grid, log=lambda *_: None)
@@ -350,7 +514,10 @@ def test_the_interpolate_flags_become_interpolate_runs_arguments():
     from twins_tf import compare
 
     assert compare.interpolation_args(["0", "0.25", "1"], "clean", 40) == {
-        "alphas": [0.0, 0.25, 1.0], "select": "clean", "validation_examples": 40}
+        "alphas": [0.0, 0.25, 1.0],
+        "select": "clean",
+        "validation_examples": 40,
+    }
     assert compare.interpolation_args(None, "robust", None) == {"select": "robust"}
     with pytest.raises(comparison.SetupError, match="--interpolate_alphas must be numbers"):
         compare.interpolation_args(["0", "half"], "robust", None)

@@ -4,6 +4,7 @@ The binary runs in a subprocess, as a user runs it (absl flags are process-globa
 binaries into the test process could clash with other binaries' flags).  The written file is
 checked against PyTorch's logits for the network that wrote the checkpoint.
 """
+
 import os
 import subprocess
 import sys
@@ -11,14 +12,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
+from binaries_testlib import REPO_ROOT
 from torch_resnet import (
     robustness_state_dict,
     save_robustness_checkpoint,
     torch_logits,
     torch_resnet,
 )
-from binaries_testlib import REPO_ROOT
+
 from twins_tf import weights
 from twins_tf.models import build_resnet
 
@@ -32,7 +33,10 @@ def run_convert(*flags):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         [sys.executable, "-m", "twins_tf.convert", *flags],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -79,8 +83,9 @@ def test_refuses_unsafe_pickles_unless_allowed(tmp_path, net):
             return (os.mkdir, (str(marker),))
 
     checkpoint = tmp_path / "dill_pickled.ckpt"
-    torch.save({"model": robustness_state_dict(net), "epoch": 1, "extra": MakeDirOnLoad()},
-               checkpoint)
+    torch.save(
+        {"model": robustness_state_dict(net), "epoch": 1, "extra": MakeDirOnLoad()}, checkpoint
+    )
     output = tmp_path / "r18.weights.h5"
 
     refused = run_convert(f"--checkpoint={checkpoint}", "--arch=resnet18", f"--output={output}")
@@ -103,11 +108,17 @@ def test_convert_checkpoint_argument_checks(tmp_path, net):
     cases = [
         ((checkpoint, "resnet18", tmp_path / "out.h5"), {}, "must end in .weights.h5"),
         ((checkpoint, "resnet20", tmp_path / "o.weights.h5"), {}, "unknown arch"),
-        ((checkpoint, "resnet18", tmp_path / "o.weights.h5"), {"num_classes": 10},
-         "1000-class head, not the 10 classes"),
+        (
+            (checkpoint, "resnet18", tmp_path / "o.weights.h5"),
+            {"num_classes": 10},
+            "1000-class head, not the 10 classes",
+        ),
         ((text, "resnet18", tmp_path / "o.weights.h5"), {}, "not a checkpoint"),
-        ((checkpoint, "resnet50", tmp_path / "o.weights.h5"), {},
-         "the checkpoint holds a resnet18 but the model is a resnet50"),
+        (
+            (checkpoint, "resnet50", tmp_path / "o.weights.h5"),
+            {},
+            "the checkpoint holds a resnet18 but the model is a resnet50",
+        ),
     ]
     for args, kwargs, expected in cases:
         with pytest.raises(weights.CheckpointError) as info:
@@ -120,8 +131,9 @@ def test_convert_checkpoint_argument_checks(tmp_path, net):
     assert summary["num_classes"] == 1000 and summary["head_from_checkpoint"]
 
 
-@pytest.mark.parametrize("binary", ["compare", "convert", "demo", "evaluate", "export",
-                                    "pretrain", "train"])
+@pytest.mark.parametrize(
+    "binary", ["compare", "convert", "demo", "evaluate", "export", "pretrain", "train"]
+)
 def test_help_shows_the_docstring_command_lines_as_written(binary):
     """`--help` prints the module docstring: a shell continuation must survive (raw string)."""
     import ast
@@ -130,8 +142,9 @@ def test_help_shows_the_docstring_command_lines_as_written(binary):
     path = REPO_ROOT / "twins_tf" / f"{binary}.py"
     source = path.read_text()
     literal = ast.get_source_segment(source, ast.parse(source).body[0].value)
-    shown = [line.strip() for line in importlib.import_module(f"twins_tf.{binary}").__doc__
-             .splitlines()]
+    shown = [
+        line.strip() for line in importlib.import_module(f"twins_tf.{binary}").__doc__.splitlines()
+    ]
     for line in literal.splitlines():
         if line.rstrip().endswith("\\"):
             assert line.strip().lstrip('r"') in shown, f"{binary}: {line.strip()!r} is mangled"

@@ -6,14 +6,16 @@ re-implementation of PIL's antialiased bilinear resize (what torchvision's `Resi
 PIL images) and of torchvision's `RandomResizedCrop` fallback window, and images written to
 disk by the test itself.
 """
+
 import os
 import time
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-
 from tfds_testlib import mocked_tfds, prepare_fake_tfds, split_infos
+
 from twins_tf import data
 
 TFDS_NAMES = [n for n, s in data.DATASETS.items() if s.source == data.TFDS]
@@ -52,7 +54,7 @@ def _np_resize_centre_crop(image, size):
     resized = _np_resize(image, new_h, new_w)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    return resized[top:top + size, left:left + size]
+    return resized[top : top + size, left : left + size]
 
 
 def _np_fallback_window(height, width, ratio=(3 / 4, 4 / 3)):
@@ -74,10 +76,10 @@ def _load_mocked(name, root, num_examples, **spec_overrides):
         spec = data.get_dataset_spec(name, **spec_overrides)
         splits = data.load_splits(spec, tfds_data_dir=str(root))
         batches = {
-            "train": list(data.make_pipeline(splits.train, spec, training=True,
-                                             batch_size=4, seed=1).take(3)),
-            "test": list(data.make_pipeline(splits.test, spec, training=False,
-                                            batch_size=4)),
+            "train": list(
+                data.make_pipeline(splits.train, spec, training=True, batch_size=4, seed=1).take(3)
+            ),
+            "test": list(data.make_pipeline(splits.test, spec, training=False, batch_size=4)),
             "raw_test": list(splits.test),
         }
     return spec, splits, batches, calls
@@ -102,12 +104,19 @@ def test_registry_matches_tfds_and_validation_never_touches_test(name, tmp_path)
 
     def rows(split):
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(
-            {k: s for k, s in zip(sizes, split_infos(sizes))})
-        return {(i.splitname, r) for i in instructions
-                for r in range(i.from_ or 0, sizes[i.splitname] if i.to is None else i.to)}
+            {k: s for k, s in zip(sizes, split_infos(sizes))}
+        )
+        return {
+            (i.splitname, r)
+            for i in instructions
+            for r in range(i.from_ or 0, sizes[i.splitname] if i.to is None else i.to)
+        }
 
-    train, validation, test = (rows(spec.train_split), rows(spec.validation_split),
-                               rows(spec.test_split))
+    train, validation, test = (
+        rows(spec.train_split),
+        rows(spec.validation_split),
+        rows(spec.test_split),
+    )
     assert train and validation and test
     assert not train & validation and not train & test and not validation & test
     if spec.validation_split.startswith("train"):  # carved from train: together all of it
@@ -164,8 +173,9 @@ def test_cifar10_mocked(tmp_path):
 
 def test_stanford_dogs_mocked(tmp_path):
     prepare_fake_tfds("stanford_dogs", tmp_path, {"train": 12000, "test": 8580})
-    spec, splits, batches, calls = _load_mocked("stanford_dogs", tmp_path, num_examples=6,
-                                                image_size=40)
+    spec, splits, batches, calls = _load_mocked(
+        "stanford_dogs", tmp_path, num_examples=6, image_size=40
+    )
     assert calls == ["train[:90%]", "train[90%:]", "test"]
     assert splits.num_classes == 120 and len(splits.class_names) == 120
     for images, labels in batches["train"]:
@@ -226,8 +236,11 @@ def test_folder_dataset_train_test_subfolders(tmp_path):
     labels = np.concatenate([b[1].numpy() for b in batches])
     assert images.shape == (12, 16, 16, 3)
     greys = np.array(sorted(CLASS_GREY.values()))[labels] / 255.0
-    np.testing.assert_allclose(images[:, 4:, 4:, :], np.broadcast_to(
-        greys[:, None, None, None], (12, 12, 12, 3)), atol=1e-5)
+    np.testing.assert_allclose(
+        images[:, 4:, 4:, :],
+        np.broadcast_to(greys[:, None, None, None], (12, 12, 12, 3)),
+        atol=1e-5,
+    )
 
 
 def test_folder_dataset_seeded_per_class_split(tmp_path):
@@ -235,8 +248,10 @@ def test_folder_dataset_seeded_per_class_split(tmp_path):
     first = data.load_splits("folder", data_dir=str(tmp_path), train_per_class=10)
     again = data.load_splits("folder", data_dir=str(tmp_path), train_per_class=10)
     assert first.num_examples == {"train": 27, "validation": 3, "test": 12}
-    sets = [(_identities(s.train), _identities(s.validation), _identities(s.test))
-            for s in (first, again)]
+    sets = [
+        (_identities(s.train), _identities(s.validation), _identities(s.test))
+        for s in (first, again)
+    ]
     assert sets[0] == sets[1]  # seeded: the same split every time
     train, validation, test = sets[0]
     assert not (train & test) and not (validation & test) and not (train & validation)
@@ -344,19 +359,33 @@ def test_random_resized_crop_windows_match_torchvision_distribution():
     from scipy import stats
 
     height, width, n = 120, 200, 4000
-    windows = tf.data.Dataset.range(n).map(
-        lambda i: tf.stack(data.random_resized_crop_window(height, width, tf.stack([
-            tf.constant(7, tf.int64), i])))).batch(n).get_single_element().numpy()
+    windows = (
+        tf.data.Dataset.range(n)
+        .map(
+            lambda i: tf.stack(
+                data.random_resized_crop_window(
+                    height, width, tf.stack([tf.constant(7, tf.int64), i])
+                )
+            )
+        )
+        .batch(n)
+        .get_single_element()
+        .numpy()
+    )
     top, left, h, w = windows.T
     assert np.all(top >= 0) and np.all(left >= 0)
     assert np.all(top + h <= height) and np.all(left + w <= width)
     assert len(set(zip(top, left))) > n // 4  # placed at random
     rng = np.random.default_rng(0)
     reference = np.array([_np_torchvision_window(height, width, rng) for _ in range(n)])
-    for ours, theirs in ((w * h, reference[:, 3] * reference[:, 2]),  # area
-                         (np.log(w / h), np.log(reference[:, 3] / reference[:, 2])),
-                         (top / np.maximum(height - h, 1),
-                          reference[:, 0] / np.maximum(height - reference[:, 2], 1))):
+    for ours, theirs in (
+        (w * h, reference[:, 3] * reference[:, 2]),  # area
+        (np.log(w / h), np.log(reference[:, 3] / reference[:, 2])),
+        (
+            top / np.maximum(height - h, 1),
+            reference[:, 0] / np.maximum(height - reference[:, 2], 1),
+        ),
+    ):
         assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
 
 
@@ -366,14 +395,14 @@ def test_random_resized_crop_is_window_then_antialiased_resize():
         seed = tf.constant([3, s])
         top, left, h, w = (int(v) for v in data.random_resized_crop_window(60, 90, seed))
         out = data.random_resized_crop(tf.constant(image), 32, seed).numpy()
-        expected = _np_resize(image[top:top + h, left:left + w], 32, 32)
+        expected = _np_resize(image[top : top + h, left : left + w], 32, 32)
         np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
 def _match_window(out, padded, size):
     for dy in range(padded.shape[0] - size + 1):
         for dx in range(padded.shape[1] - size + 1):
-            window = padded[dy:dy + size, dx:dx + size]
+            window = padded[dy : dy + size, dx : dx + size]
             if np.array_equal(out, window):
                 return dy, dx, False
             if np.array_equal(out, window[:, ::-1]):
@@ -381,16 +410,20 @@ def _match_window(out, padded, size):
     raise AssertionError("output is no (flipped) window of the padded image")
 
 
-@pytest.mark.parametrize("name, padding, flips", [("cifar10", 4, True),
-                                                  ("digits", 2, False)])
+@pytest.mark.parametrize("name, padding, flips", [("cifar10", 4, True), ("digits", 2, False)])
 def test_pad_crop_flip_against_numpy(name, padding, flips):
     spec = data.get_dataset_spec(name, image_size=16 if name == "digits" else None)
     size = spec.image_size
     image = (np.arange(size * size * 3, dtype=np.float32).reshape(size, size, 3) + 1) / (
-        size * size * 3)
+        size * size * 3
+    )
     padded = np.pad(image, [(padding, padding), (padding, padding), (0, 0)])
-    found = [_match_window(data.augment(tf.constant(image), spec, tf.constant([5, s])).numpy(),
-                           padded, size) for s in range(150)]
+    found = [
+        _match_window(
+            data.augment(tf.constant(image), spec, tf.constant([5, s])).numpy(), padded, size
+        )
+        for s in range(150)
+    ]
     offsets = np.array([(dy, dx) for dy, dx, _ in found])
     assert set(offsets[:, 0]) == set(range(2 * padding + 1)) == set(offsets[:, 1])
     flipped = np.mean([f for _, _, f in found])
@@ -412,8 +445,9 @@ def test_training_pipeline_epochs_drop_remainder_and_resume():
     assert data.steps_per_epoch(10, 4) == 2
 
     def stream(seed, start_epoch, batches):
-        pipeline = data.make_pipeline(ds, spec, training=True, batch_size=4, seed=seed,
-                                      start_epoch=start_epoch)
+        pipeline = data.make_pipeline(
+            ds, spec, training=True, batch_size=4, seed=seed, start_epoch=start_epoch
+        )
         return [(x.numpy(), y.numpy()) for x, y in pipeline.take(batches)]
 
     run = stream(seed=3, start_epoch=0, batches=6)
@@ -455,9 +489,13 @@ def test_check_batch_size():
 
 # --- flagfiles ---------------------------------------------------------------------------
 # Spec §6's table: dataset -> (lr, weight decay, lambda_twins); CIFAR at 32 px upsampled x7.
-SPEC_SETTINGS = {"cifar10": (0.003, 1e-5, 1.0), "cifar100": (0.003, 1e-5, 1.0),
-                 "caltech256": (0.003, 1e-3, 0.4), "caltech_birds2011": (0.003, 1e-3, 0.4),
-                 "stanford_dogs": (0.003, 1e-3, 0.4)}
+SPEC_SETTINGS = {
+    "cifar10": (0.003, 1e-5, 1.0),
+    "cifar100": (0.003, 1e-5, 1.0),
+    "caltech256": (0.003, 1e-3, 0.4),
+    "caltech_birds2011": (0.003, 1e-3, 0.4),
+    "stanford_dogs": (0.003, 1e-3, 0.4),
+}
 FLAGS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "flags")
 
 
@@ -481,10 +519,12 @@ def test_flagfiles_parse_with_the_train_flags_and_follow_the_spec():
         assert values.attack_step == pytest.approx(2 / 255) and values.beta == 6.0, name
         if spec.name in SPEC_SETTINGS:
             assert (values.lr, values.weight_decay, values.lambda_twins) == pytest.approx(
-                SPEC_SETTINGS[spec.name]), name
+                SPEC_SETTINGS[spec.name]
+            ), name
     assert set(SPEC_SETTINGS) <= datasets
-    assert datasets == {n for n, s in data.DATASETS.items()
-                        if s.source == data.TFDS or n == "caltech256"}
+    assert datasets == {
+        n for n, s in data.DATASETS.items() if s.source == data.TFDS or n == "caltech256"
+    }
 
 
 @pytest.mark.parametrize("global_seed", [0, 5, None])
@@ -495,8 +535,9 @@ def test_training_order_ignores_the_global_seed(global_seed):
     ds = _indexed_dataset(12)
 
     def labels():
-        pipeline = data.make_pipeline(ds, spec, training=True, batch_size=4, seed=3,
-                                      shuffle_buffer=5)
+        pipeline = data.make_pipeline(
+            ds, spec, training=True, batch_size=4, seed=3, shuffle_buffer=5
+        )
         return np.concatenate([y.numpy() for _, y in pipeline.take(6)])
 
     tf.random.set_seed(7)
@@ -516,7 +557,8 @@ def test_stateless_shuffle_of_variable_size_images():
     images = [np.full((h, 3, 3), h, np.uint8) for h in (2, 3, 4, 5)]
     ds = tf.data.Dataset.from_generator(
         lambda: ((image, np.int32(image[0, 0, 0])) for image in images),
-        output_signature=(tf.TensorSpec((None, 3, 3), tf.uint8), tf.TensorSpec((), tf.int32)))
+        output_signature=(tf.TensorSpec((None, 3, 3), tf.uint8), tf.TensorSpec((), tf.int32)),
+    )
     orders = []
     for window in (4, 3, 1):  # one pass, two passes, four passes
         out = list(data.stateless_shuffle(ds, seed=1, epoch=0, num_examples=4, window=window))
@@ -551,15 +593,16 @@ def test_first_batches_of_a_class_sorted_split_mix_all_classes(kind):
     against uniform), although the shuffle window (64) is far smaller than the split (600): a
     windowed shuffle starts every epoch with class 0 only."""
     spec = data.get_dataset_spec("digits", image_size=8)
-    pipeline = data.make_pipeline(_class_sorted(kind), spec, training=True, batch_size=30,
-                                  seed=2, shuffle_buffer=64)
+    pipeline = data.make_pipeline(
+        _class_sorted(kind), spec, training=True, batch_size=30, seed=2, shuffle_buffer=64
+    )
     batches = [y.numpy() for _, y in pipeline.take(60)]  # 3 epochs of 20 batches
     for epoch in range(3):
-        first = np.concatenate(batches[20 * epoch:20 * epoch + 3])
+        first = np.concatenate(batches[20 * epoch : 20 * epoch + 3])
         assert len(set(batches[20 * epoch])) == 3
         counts = np.bincount(first, minlength=3)
         assert _chi_square(counts, [30, 30, 30]) < CHI2_CRITICAL[2], counts
-        whole = np.concatenate(batches[20 * epoch:20 * epoch + 20])
+        whole = np.concatenate(batches[20 * epoch : 20 * epoch + 20])
         assert np.array_equal(np.bincount(whole), [200, 200, 200])  # every example once
 
 
@@ -574,9 +617,11 @@ def test_epoch_order_is_uniform_over_the_whole_split():
     ds = tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32)))
     rows = data.Rows(keys=images, labels=np.arange(n, dtype=np.int32), paths=False)
     streamed = tf.data.Dataset.range(4).flat_map(
-        lambda e: data.stateless_shuffle(ds, 9, e, n, window))
+        lambda e: data.stateless_shuffle(ds, 9, e, n, window)
+    )
     gathered = tf.data.Dataset.range(4).flat_map(
-        lambda e: rows.dataset(order=data.epoch_permutation(9, e, n)))
+        lambda e: rows.dataset(order=data.epoch_permutation(9, e, n))
+    )
     for got in (streamed, gathered):
         np.testing.assert_array_equal(np.array([int(y) for _, y in got]), orders[:4].ravel())
     counts = np.zeros((n, n))
@@ -598,9 +643,15 @@ def test_folder_training_order_mixes_classes_and_resumes(tmp_path):
     assert isinstance(splits.source("train"), data.Rows)
 
     def stream(start_epoch, batches):
-        pipeline = data.make_pipeline(splits.source("train"), spec, training=True,
-                                      batch_size=6, seed=4, start_epoch=start_epoch,
-                                      shuffle_buffer=5)
+        pipeline = data.make_pipeline(
+            splits.source("train"),
+            spec,
+            training=True,
+            batch_size=6,
+            seed=4,
+            start_epoch=start_epoch,
+            shuffle_buffer=5,
+        )
         return [(x.numpy(), y.numpy()) for x, y in pipeline.take(batches)]
 
     run = stream(0, 20)  # 2 epochs of 10 batches
@@ -629,15 +680,13 @@ def test_stratified_indices_follow_the_class_shares():
         sizes = np.bincount(labels, minlength=7)
         got = np.bincount(labels[chosen], minlength=7)
         assert np.all(np.abs(got - count * sizes / len(labels)) < 1), (got, sizes, count)
-    np.testing.assert_array_equal(data.stratified_indices(labels, 10_000),
-                                  np.arange(len(labels)))
+    np.testing.assert_array_equal(data.stratified_indices(labels, 10_000), np.arange(len(labels)))
 
 
 @pytest.mark.parametrize("kind", ["dataset", "rows"])
 def test_stratified_subset_of_a_class_sorted_split(kind):
     subset = data.stratified_subset(_class_sorted(kind, per_class=20), 9)
-    labels = (subset.labels if kind == "rows" else
-              np.array([int(label) for _, label in subset]))
+    labels = subset.labels if kind == "rows" else np.array([int(label) for _, label in subset])
     np.testing.assert_array_equal(np.bincount(labels), [3, 3, 3])  # not the first 9 (class 0)
     if kind == "dataset":
         assert int(subset.cardinality()) == 9
@@ -651,16 +700,22 @@ def test_validation_none_trains_on_the_whole_official_train_split(tmp_path):
     _write_class_images(tmp_path / "test", 4, start=100)
     carve = data.load_splits("folder", data_dir=str(tmp_path))
     none = data.load_splits("folder", data_dir=str(tmp_path), validation="none")
-    assert none.validation is None and none.num_examples == {"train": 30, "validation": 0,
-                                                             "test": 12}
+    assert none.validation is None and none.num_examples == {
+        "train": 30,
+        "validation": 0,
+        "test": 12,
+    }
     assert _identities(none.train) == _identities(carve.train) | _identities(carve.validation)
     assert _identities(none.test) == _identities(carve.test)
     with pytest.raises(ValueError, match="without a validation split"):
         none.source("validation")
     digits = data.load_splits("digits_0_4", validation="none")
     carved = data.load_splits("digits_0_4")
-    assert digits.num_examples["train"] == carved.num_examples["train"] + carved.num_examples[
-        "validation"] and digits.num_examples["test"] == carved.num_examples["test"]
+    assert (
+        digits.num_examples["train"]
+        == carved.num_examples["train"] + carved.num_examples["validation"]
+        and digits.num_examples["test"] == carved.num_examples["test"]
+    )
     with pytest.raises(ValueError, match="choose one of carve, none"):
         data.load_splits("digits", validation="test")
 
@@ -684,10 +739,16 @@ def _image_files(folder):
     folder.mkdir(parents=True, exist_ok=True)
     image = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
     png, jpeg = tf.io.encode_png(image).numpy(), tf.io.encode_jpeg(image).numpy()
-    files = {"good.png": png, "good.jpg": jpeg, "png_named.jpg": png,
-             "truncated.png": png[:len(png) // 2], "truncated.jpg": jpeg[:len(jpeg) - 40],
-             "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
-             "text.png": b"not an image at all", "empty.jpeg": b""}
+    files = {
+        "good.png": png,
+        "good.jpg": jpeg,
+        "png_named.jpg": png,
+        "truncated.png": png[: len(png) // 2],
+        "truncated.jpg": jpeg[: len(jpeg) - 40],
+        "corrupt.jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        "text.png": b"not an image at all",
+        "empty.jpeg": b"",
+    }
     for name, content in files.items():
         (folder / name).write_bytes(content)
     Image.fromarray(image).save(folder / "good.gif")
@@ -708,7 +769,8 @@ def test_find_bad_images_agrees_with_a_full_decode(tmp_path):
     assert sum(decodes.values()) == 5 and len(decodes) == 11  # the reference sees 6 bad ones
     bad = data.find_bad_images([str(tmp_path / name) for name in sorted(decodes)])
     assert sorted(os.path.basename(p) for p in bad) == sorted(
-        n for n, ok in decodes.items() if not ok)
+        n for n, ok in decodes.items() if not ok
+    )
     assert data.find_bad_images([str(tmp_path / "missing.png")]) == [str(tmp_path / "missing.png")]
 
 
@@ -718,7 +780,8 @@ def test_bad_folder_images_are_listed_or_skipped(tmp_path, caplog):
     for k in range(12):
         (tmp_path / "train" / "dog" / f"bad{k:02d}.jpg").write_bytes(b"\xff\xd8\xffnope")
     (tmp_path / "test" / "emu" / "cut.png").write_bytes(
-        (tmp_path / "test" / "emu" / "100.png").read_bytes()[:30])
+        (tmp_path / "test" / "emu" / "100.png").read_bytes()[:30]
+    )
     with pytest.raises(data.BadImagesError) as raised:
         data.load_splits("folder", data_dir=str(tmp_path))
     message = str(raised.value)
@@ -727,7 +790,8 @@ def test_bad_folder_images_are_listed_or_skipped(tmp_path, caplog):
     assert str(tmp_path / "test" / "emu" / "cut.png") in message
     assert all(str(tmp_path / "train" / "dog" / f"bad{k:02d}.jpg") in message for k in range(9))
     assert "bad09.jpg" not in message and message.endswith(
-        "; delete or replace them, or pass --skip_bad_images to leave them out.")
+        "; delete or replace them, or pass --skip_bad_images to leave them out."
+    )
     with caplog.at_level("WARNING"):
         splits = data.load_splits("folder", data_dir=str(tmp_path), skip_bad_images=True)
     assert "Skipped 13 image file(s)" in caplog.text
@@ -743,16 +807,48 @@ def test_bad_folder_images_are_listed_or_skipped(tmp_path, caplog):
 # Every public name of the single-module twins_tf/data.py before the split into a package,
 # written out by hand: callers use them as twins_tf.data.X and must keep working.
 PUBLIC_NAMES_BEFORE_THE_SPLIT = (
-    "ALIASES", "BadImagesError", "CENTRE_CROP_FRACTION", "CIFAR", "CIFAR_PADDING", "DATASETS",
-    "DIGITS", "DatasetNotFoundError", "DatasetSpec", "DatasetSplits", "FOLDER", "IMAGENET",
-    "IMAGE_EXTENSIONS", "PREPROCESSING_KINDS", "RANDOM_RESIZED_CROP_RATIO",
-    "RANDOM_RESIZED_CROP_SCALE", "Rows", "SKLEARN_DIGITS", "SPLIT_SEED", "TFDS",
-    "VALIDATION_PROTOCOLS", "augment", "centre_crop", "check_batch_size",
-    "default_tfds_data_dir", "digits_arrays", "epoch_permutation", "evaluation_transform",
-    "find_bad_images", "get_dataset_spec", "load_splits", "make_pipeline",
-    "official_train_split", "pad_and_random_crop", "random_resized_crop",
-    "random_resized_crop_window", "resize_shorter_side", "stateless_shuffle",
-    "steps_per_epoch", "stratified_indices", "stratified_subset", "tfds_builder",
+    "ALIASES",
+    "BadImagesError",
+    "CENTRE_CROP_FRACTION",
+    "CIFAR",
+    "CIFAR_PADDING",
+    "DATASETS",
+    "DIGITS",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "DatasetSplits",
+    "FOLDER",
+    "IMAGENET",
+    "IMAGE_EXTENSIONS",
+    "PREPROCESSING_KINDS",
+    "RANDOM_RESIZED_CROP_RATIO",
+    "RANDOM_RESIZED_CROP_SCALE",
+    "Rows",
+    "SKLEARN_DIGITS",
+    "SPLIT_SEED",
+    "TFDS",
+    "VALIDATION_PROTOCOLS",
+    "augment",
+    "centre_crop",
+    "check_batch_size",
+    "default_tfds_data_dir",
+    "digits_arrays",
+    "epoch_permutation",
+    "evaluation_transform",
+    "find_bad_images",
+    "get_dataset_spec",
+    "load_splits",
+    "make_pipeline",
+    "official_train_split",
+    "pad_and_random_crop",
+    "random_resized_crop",
+    "random_resized_crop_window",
+    "resize_shorter_side",
+    "stateless_shuffle",
+    "steps_per_epoch",
+    "stratified_indices",
+    "stratified_subset",
+    "tfds_builder",
     "to_float_image",
 )
 

@@ -9,6 +9,7 @@ Images are 16 px (CIFAR: its stored 32 px), batches of 4, one step.  What is che
 something independent: the label range and image shapes against the registry row, the number
 of evaluated examples against --max_examples, and that the step moved the weights.
 """
+
 import contextlib
 
 import keras
@@ -18,9 +19,9 @@ import tensorflow as tf
 from tfds_testlib import mocked_tfds, prepare_fake_tfds
 
 from twins_tf import data, evaluate
-from twins_tf.twinify import twinify, untwin
 from twins_tf.attacks.pgd import PGD
 from twins_tf.trainer import AdversarialTrainer
+from twins_tf.twinify import twinify, untwin
 
 IMAGE_SIZE = 16
 BATCH = 4
@@ -85,19 +86,30 @@ def test_dataset_trains_one_step_and_evaluates(name, tmp_path):
 
         model = _twin_model(spec.image_size, num_classes)
         pgd = dict(epsilon=8 / 255, step_size=4 / 255, steps=1, seed=0)
-        trainer = AdversarialTrainer(model, method="twins_at",
-                                     attack=PGD(**pgd, random_start=True),
-                                     eval_attack=PGD(**pgd, random_start=False))
+        trainer = AdversarialTrainer(
+            model,
+            method="twins_at",
+            attack=PGD(**pgd, random_start=True),
+            eval_attack=PGD(**pgd, random_start=False),
+        )
         trainer.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True)  # 1 step: no tracing
         before = [np.array(v) for v in model.trainable_variables]
         history = trainer.fit(batches, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
         assert np.isfinite(history.history["loss"][0])
-        assert any(not np.array_equal(b, np.array(v))
-                   for b, v in zip(before, model.trainable_variables))
+        assert any(
+            not np.array_equal(b, np.array(v)) for b, v in zip(before, model.trainable_variables)
+        )
 
-        settings = {"dataset": name, "image_size": image_size, "upsample": None,
-                    "split": "test", "batch_size": BATCH, "max_examples": 3,
-                    "num_classes": num_classes, **kwargs}
+        settings = {
+            "dataset": name,
+            "image_size": image_size,
+            "upsample": None,
+            "split": "test",
+            "batch_size": BATCH,
+            "max_examples": 3,
+            "num_classes": num_classes,
+            **kwargs,
+        }
         test_batches, count = evaluate.load_examples(settings)
         report = evaluate.evaluate_batched(untwin(model), test_batches, None)
     assert count == report["examples"] == 3
@@ -112,15 +124,27 @@ def _folder_with_bad_images(root):
     corrupt = root / "train" / "class_001" / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))  # JPEG header, no image after it
     truncated = root / "test" / "class_002" / "truncated.png"
-    truncated.write_bytes(good_png[:len(good_png) // 2])
+    truncated.write_bytes(good_png[: len(good_png) // 2])
     return corrupt, truncated
 
 
 def _folder_train_args(root, model_dir, *extra):
-    return ["--dataset=folder", f"--data_dir={root}", f"--model_dir={model_dir}",
-            "--method=at", "--arch=resnet18", "--image_size=16", "--batch_size=4",
-            "--epochs=1", "--attack_steps=1", "--attack_step=4/255", "--lr_decay_epochs=",
-            "--max_train_examples=8", "--max_validation_examples=4", *extra]
+    return [
+        "--dataset=folder",
+        f"--data_dir={root}",
+        f"--model_dir={model_dir}",
+        "--method=at",
+        "--arch=resnet18",
+        "--image_size=16",
+        "--batch_size=4",
+        "--epochs=1",
+        "--attack_steps=1",
+        "--attack_step=4/255",
+        "--lr_decay_epochs=",
+        "--max_train_examples=8",
+        "--max_validation_examples=4",
+        *extra,
+    ]
 
 
 def test_train_refuses_bad_folder_images_before_writing_anything(tmp_path, caplog):
@@ -138,8 +162,9 @@ def test_train_refuses_bad_folder_images_before_writing_anything(tmp_path, caplo
     assert "--skip_bad_images" in lines[-1]
     assert not model_dir.exists() or not any(model_dir.iterdir())
     with caplog.at_level("WARNING"):  # the flag reaches load_splits
-        prepared = train.prepare(settings("train", _folder_train_args(
-            root, model_dir, "--skip_bad_images")))
+        prepared = train.prepare(
+            settings("train", _folder_train_args(root, model_dir, "--skip_bad_images"))
+        )
     assert "Skipped 2 image file(s)" in caplog.text
     counts = prepared.splits.num_examples  # the generated images, without the 2 bad ones
     assert (counts["train"] + counts["validation"], counts["test"]) == (30, 9)
@@ -151,8 +176,9 @@ def test_train_with_skip_bad_images_trains(tmp_path):
 
     root, model_dir = tmp_path / "images", tmp_path / "run"
     _folder_with_bad_images(root)
-    result = run_binary("train", _folder_train_args(root, model_dir, "--skip_bad_images"),
-                        timeout=600)
+    result = run_binary(
+        "train", _folder_train_args(root, model_dir, "--skip_bad_images"), timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Skipped 2 image file(s)" in result.stderr
     assert (model_dir / "best.weights.h5").exists() and (model_dir / "summary.json").exists()

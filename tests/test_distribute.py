@@ -3,6 +3,7 @@
 The multi-worker strategy itself is exercised with two worker processes by the train tests;
 here only TF_CONFIG validation runs (creating the strategy must happen at program start).
 """
+
 import json
 
 import pytest
@@ -45,22 +46,38 @@ def test_multi_worker_needs_tf_config(monkeypatch):
         distribute.get_strategy("multi_worker")
 
 
-@pytest.mark.parametrize("tf_config, message", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"task": {"type": "worker", "index": 0}}), "no cluster.worker list"),
-    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}),
-     "task.type must name a job"),
-    (json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
-                 "task": {"type": "worker", "index": 2}}), "index 2 is outside the 2 worker"),
-])
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"task": {"type": "worker", "index": 0}}), "no cluster.worker list"),
+        (
+            json.dumps(
+                {"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}
+            ),
+            "task.type must name a job",
+        ),
+        (
+            json.dumps(
+                {
+                    "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                    "task": {"type": "worker", "index": 2},
+                }
+            ),
+            "index 2 is outside the 2 worker",
+        ),
+    ],
+)
 def test_bad_tf_config(tf_config, message):
     with pytest.raises(ValueError, match=message):
         distribute.check_tf_config(tf_config)
 
 
 def test_good_tf_config():
-    config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
-              "task": {"type": "worker", "index": 1}}
+    config = {
+        "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+        "task": {"type": "worker", "index": 1},
+    }
     assert distribute.check_tf_config(json.dumps(config)) == config
 
 

@@ -4,13 +4,14 @@ The reference evaluation is written here from the formulas (spec §4, §7): the 
 on clean images, and L-inf PGD by hand (sign steps, projection, clipping) in eager
 TensorFlow, with no twins_tf attack code.
 """
+
 import json
 
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from binaries_testlib import evaluate_settings, finetune_run, source_run
+
 from twins_tf import data as data_lib
 from twins_tf import evaluate, run_config
 from twins_tf.models.resnet import build_resnet
@@ -42,8 +43,11 @@ def _reference_accuracies(model, images, labels, eps, step, steps):
     for _ in range(steps):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
-                y, model(x_adv, training=False), from_logits=True))
+            loss = tf.reduce_mean(
+                tf.keras.losses.sparse_categorical_crossentropy(
+                    y, model(x_adv, training=False), from_logits=True
+                )
+            )
         x_adv = x_adv + step * tf.sign(tape.gradient(loss, x_adv))
         x_adv = tf.clip_by_value(tf.clip_by_value(x_adv, x - eps, x + eps), 0.0, 1.0)
     robust = np.mean(np.argmax(model(x_adv, training=False).numpy(), -1) == labels)
@@ -52,16 +56,28 @@ def _reference_accuracies(model, images, labels, eps, step, steps):
 
 def _model_of_run(model_dir, *, twin):
     config = run_config.read_config(model_dir)
-    model = build_resnet(config["arch"], config["num_classes"], twin=twin,
-                         input_shape=(config["image_size"], config["image_size"], 3))
+    model = build_resnet(
+        config["arch"],
+        config["num_classes"],
+        twin=twin,
+        input_shape=(config["image_size"], config["image_size"], 3),
+    )
     model.load_weights(model_dir / run_config.BEST_WEIGHTS)
     return config, model
 
 
 def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
-    report = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={source}", "--attacks=clean,pgd3", f"--max_examples={EXAMPLES}",
-        "--batch_size=20", "--attack_step=2/255"]))
+    report = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={source}",
+                "--attacks=clean,pgd3",
+                f"--max_examples={EXAMPLES}",
+                "--batch_size=20",
+                "--attack_step=2/255",
+            ]
+        )
+    )
     config, model = _model_of_run(source, twin=False)
     images, labels = _test_examples(config, EXAMPLES)
     clean, robust = _reference_accuracies(model, images, labels, 8 / 255, 2 / 255, 3)
@@ -77,8 +93,11 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
 
     written = json.loads((source / "evaluation_test.json").read_text())
     assert written == json.loads(json.dumps(report))
-    assert (written["split"], written["examples"], written["arch"]) == ("test", EXAMPLES,
-                                                                        "resnet18")
+    assert (written["split"], written["examples"], written["arch"]) == (
+        "test",
+        EXAMPLES,
+        "resnet18",
+    )
     table = evaluate.format_table(report)
     assert f"{100 * clean:.2f}%" in table and "pgd3" in table
     assert "clean: " in capsys.readouterr().out
@@ -86,44 +105,78 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
 
 def test_twin_runs_are_evaluated_through_the_adaptive_wing(tmp_path_factory, tmp_path):
     finetuned = finetune_run(tmp_path_factory)
-    report = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={finetuned}", "--split=validation", "--attacks=clean",
-        f"--output={tmp_path / 'r.json'}"]), log=lambda _: None)
+    report = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={finetuned}",
+                "--split=validation",
+                "--attacks=clean",
+                f"--output={tmp_path / 'r.json'}",
+            ]
+        ),
+        log=lambda _: None,
+    )
     config, twin_model = _model_of_run(finetuned, twin=True)
     spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
     validation = data_lib.load_splits(spec).validation
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in validation])
     predictions = np.argmax(twin_model(np.stack(images), training=False).numpy(), -1)
     assert report["results"]["clean"]["accuracy"] == pytest.approx(
-        np.mean(predictions == np.array(labels)), abs=1e-9)
+        np.mean(predictions == np.array(labels)), abs=1e-9
+    )
     assert report["examples"] == len(labels)
 
 
 def test_explicit_weights_without_a_model_dir(source, tmp_path):
-    by_dir = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={source}", "--attacks=clean", "--max_examples=32",
-        f"--output={tmp_path / 'a.json'}"]), log=lambda _: None)
-    by_file = evaluate.evaluate(evaluate_settings([
-        f"--weights={source / 'best.weights.h5'}", "--arch=resnet18", "--dataset=digits_0_4",
-        "--image_size=16", "--attacks=clean", "--max_examples=32"]), log=lambda _: None)
+    by_dir = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={source}",
+                "--attacks=clean",
+                "--max_examples=32",
+                f"--output={tmp_path / 'a.json'}",
+            ]
+        ),
+        log=lambda _: None,
+    )
+    by_file = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--weights={source / 'best.weights.h5'}",
+                "--arch=resnet18",
+                "--dataset=digits_0_4",
+                "--image_size=16",
+                "--attacks=clean",
+                "--max_examples=32",
+            ]
+        ),
+        log=lambda _: None,
+    )
     assert by_file["results"]["clean"]["accuracy"] == by_dir["results"]["clean"]["accuracy"]
     assert by_file["model_dir"] is None
 
 
 def test_parses_attack_lists():
     assert evaluate.parse_attacks(["clean", "pgd10", "PGD50", "autoattack"]) == [
-        ("clean", None), ("pgd10", 10), ("pgd50", 50), ("autoattack", None)]
+        ("clean", None),
+        ("pgd10", 10),
+        ("pgd50", 50),
+        ("autoattack", None),
+    ]
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--attacks=clean,fgsm"], "unknown attack 'fgsm'"),
-    (["--attacks=pgd0"], "unknown attack 'pgd0'"),
-    (["--attacks=clean,clean"], "names an attack twice"),
-    (["--attack_eps=8"], r"--attack_eps=8 is outside \[0, 1\]"),
-    (["--weights=/nonexistent/x.weights.h5"], "weights file not found"),
-    (["--arch=resnet19"], "Unknown arch 'resnet19'"),
-    (["--dataset=nope"], "Unknown dataset 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--attacks=clean,fgsm"], "unknown attack 'fgsm'"),
+        (["--attacks=pgd0"], "unknown attack 'pgd0'"),
+        (["--attacks=clean,clean"], "names an attack twice"),
+        (["--attack_eps=8"], r"--attack_eps=8 is outside \[0, 1\]"),
+        (["--weights=/nonexistent/x.weights.h5"], "weights file not found"),
+        (["--arch=resnet19"], "Unknown arch 'resnet19'"),
+        (["--dataset=nope"], "Unknown dataset 'nope'"),
+    ],
+)
 def test_bad_input(source, args, match):
     before = sorted(p.name for p in source.iterdir())
     with pytest.raises(SetupError, match=match) as error:
@@ -145,10 +198,20 @@ def test_the_binary_prints_each_sub_attack_at_the_full_budget(source, tmp_path):
     from binaries_testlib import run_binary
 
     output = tmp_path / "aa.json"
-    result = run_binary("evaluate", [
-        f"--weights={source / 'best.weights.h5'}", "--arch=resnet18", "--dataset=digits_0_4",
-        "--image_size=16", "--attacks=autoattack", "--max_examples=10", "--batch_size=10",
-        f"--output={output}"], timeout=900)
+    result = run_binary(
+        "evaluate",
+        [
+            f"--weights={source / 'best.weights.h5'}",
+            "--arch=resnet18",
+            "--dataset=digits_0_4",
+            "--image_size=16",
+            "--attacks=autoattack",
+            "--max_examples=10",
+            "--batch_size=10",
+            f"--output={output}",
+        ],
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     aa = json.loads(output.read_text())["results"]["autoattack"]
     assert aa["budget"] == dict(apgd_steps=100, fab_steps=100, square_queries=5000, eot_iter=20)
@@ -159,20 +222,26 @@ def test_the_binary_prints_each_sub_attack_at_the_full_budget(source, tmp_path):
     assert "standard version, 4 target classes, seed 0" in result.stdout
 
 
-def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_path,
-                                                                  monkeypatch):
+def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_path, monkeypatch):
     import keras
 
     from twins_tf.evaluation import inputs
 
-    args = [f"--model_dir={source}", "--attacks=clean", "--max_examples=8",
-            f"--output={tmp_path / 'r.json'}"]
+    args = [
+        f"--model_dir={source}",
+        "--attacks=clean",
+        "--max_examples=8",
+        f"--output={tmp_path / 'r.json'}",
+    ]
     report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None)
     assert report["checks"] == [] and report["seed"] == 0  # a plain deterministic ResNet
 
     load_model = evaluate.load_model
-    monkeypatch.setattr(inputs, "load_model", lambda settings: keras.Sequential(
-        [load_model(settings), keras.layers.Softmax()]))  # outputs probabilities
+    monkeypatch.setattr(
+        inputs,
+        "load_model",
+        lambda settings: keras.Sequential([load_model(settings), keras.layers.Softmax()]),
+    )  # outputs probabilities
     logged = []
     report = evaluate.evaluate(evaluate_settings(args), log=logged.append)
     assert len(report["checks"]) == 1 and "probabilities, not logits" in report["checks"][0]
@@ -182,9 +251,16 @@ def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_p
 
 def test_a_weights_file_of_another_arch(source):
     with pytest.raises(SetupError, match="--weights: .*does not hold resnet34 weights"):
-        evaluate.evaluate(evaluate_settings([
-            f"--weights={source / 'best.weights.h5'}", "--arch=resnet34",
-            "--dataset=digits_0_4", "--attacks=clean"]))
+        evaluate.evaluate(
+            evaluate_settings(
+                [
+                    f"--weights={source / 'best.weights.h5'}",
+                    "--arch=resnet34",
+                    "--dataset=digits_0_4",
+                    "--attacks=clean",
+                ]
+            )
+        )
 
 
 def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkeypatch):
@@ -196,9 +272,16 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
             super().__init__(epsilon, apgd_steps=5, fab_steps=5, square_queries=20, **kwargs)
 
     monkeypatch.setattr(autoattack, "AutoAttack", QuickAutoAttack)
-    args = [f"--weights={source / 'best.weights.h5'}", "--arch=resnet18",
-            "--dataset=digits_0_4", "--image_size=16", "--attacks=clean,autoattack",
-            "--max_examples=24", "--batch_size=8", f"--output={tmp_path / 'aa.json'}"]
+    args = [
+        f"--weights={source / 'best.weights.h5'}",
+        "--arch=resnet18",
+        "--dataset=digits_0_4",
+        "--image_size=16",
+        "--attacks=clean,autoattack",
+        "--max_examples=24",
+        "--batch_size=8",
+        f"--output={tmp_path / 'aa.json'}",
+    ]
     report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None, progress=False)
     results = report["results"]
     aa = results["autoattack"]
@@ -213,7 +296,9 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
     assert aa["epsilon"] == pytest.approx(8 / 255) and aa["twins_tf_version"]
     assert aa["budget"] == dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=20)
     assert set(aa["seconds_each_attack"]) == set(aa["after_each_attack"])
-    assert all(0 <= t <= results["autoattack"]["seconds"] for t in aa["seconds_each_attack"].values())
+    assert all(
+        0 <= t <= results["autoattack"]["seconds"] for t in aa["seconds_each_attack"].values()
+    )
     assert any("4 target class(es)" in m for m in aa["checks"])  # checks.check_n_classes
     assert report["checks"] is None  # AutoAttack ran the checks, they are in its result
     assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == aa
@@ -231,9 +316,13 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
         raise AssertionError("the saved AutoAttack state was not resumed")
 
     monkeypatch.setattr(QuickAutoAttack, "_attack_batch", no_attacks)  # what run() attacks with
-    again = evaluate.evaluate(evaluate_settings([*args[:-1], "--attacks=autoattack",
-                                                 f"--output={tmp_path / 'again.json'}"]),
-                              log=lambda _: None, progress=False)
+    again = evaluate.evaluate(
+        evaluate_settings(
+            [*args[:-1], "--attacks=autoattack", f"--output={tmp_path / 'again.json'}"]
+        ),
+        log=lambda _: None,
+        progress=False,
+    )
     assert again["results"]["autoattack"]["after_each_attack"] == aa["after_each_attack"]
 
 
@@ -253,14 +342,20 @@ def test_weights_holding_a_nan_are_refused(source, tmp_path):
     model_dir = _copy_of_run(source, tmp_path / "diverged")
     with h5py.File(model_dir / run_config.BEST_WEIGHTS, "r+") as f:
         kernels = []
-        f.visititems(lambda name, obj: kernels.append(obj)
-                     if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None)
+        f.visititems(
+            lambda name, obj: (
+                kernels.append(obj) if isinstance(obj, h5py.Dataset) and obj.ndim == 4 else None
+            )
+        )
         poisoned = kernels[3][()]
         poisoned.flat[0] = np.nan
         kernels[3][...] = poisoned
-    with pytest.raises(SetupError, match=r"--weights: .*diverged/best.weights.h5 holds "
-                       r"non-finite weights \(first: \S+/kernel\): the training that wrote it "
-                       "diverged") as error:
+    with pytest.raises(
+        SetupError,
+        match=r"--weights: .*diverged/best.weights.h5 holds "
+        r"non-finite weights \(first: \S+/kernel\): the training that wrote it "
+        "diverged",
+    ) as error:
         evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
     assert "\n" not in str(error.value)
     assert not list(model_dir.glob("evaluation_*"))
@@ -269,14 +364,26 @@ def test_weights_holding_a_nan_are_refused(source, tmp_path):
 def test_a_data_path_of_the_run_that_is_gone_names_config_json_and_the_flag(source, tmp_path):
     gone = tmp_path / "moved_away"
     model_dir = _copy_of_run(source, tmp_path / "run", tfds_data_dir=str(gone))
-    with pytest.raises(SetupError, match=(
+    with pytest.raises(
+        SetupError,
+        match=(
             rf"tfds_data_dir={gone} \(from the run's {model_dir}/config.json\) does not exist: "
-            r"pass --tfds_data_dir= to say where the data is now")):
+            r"pass --tfds_data_dir= to say where the data is now"
+        ),
+    ):
         evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
     # the flag overrides the run's path
-    report = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={model_dir}", "--attacks=clean", "--max_examples=8",
-        f"--tfds_data_dir={tmp_path}"]), log=lambda *_: None)
+    report = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={model_dir}",
+                "--attacks=clean",
+                "--max_examples=8",
+                f"--tfds_data_dir={tmp_path}",
+            ]
+        ),
+        log=lambda *_: None,
+    )
     assert report["results"]["clean"]["examples"] == 8
 
 
@@ -285,23 +392,50 @@ def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source,
     from twins_tf import evaluation
 
     args = {"model_dir": str(source), "attacks": ["clean", "pgd2"], "max_examples": 16}
-    by_library = evaluation.evaluate({**args, "output": str(tmp_path / "lib.json")},
-                                     log=lambda _: None)
-    by_flags = evaluate.evaluate(evaluate_settings([
-        f"--model_dir={source}", "--attacks=clean,pgd2", "--max_examples=16",
-        f"--output={tmp_path / 'flags.json'}"]), log=lambda _: None)
+    by_library = evaluation.evaluate(
+        {**args, "output": str(tmp_path / "lib.json")}, log=lambda _: None
+    )
+    by_flags = evaluate.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={source}",
+                "--attacks=clean,pgd2",
+                "--max_examples=16",
+                f"--output={tmp_path / 'flags.json'}",
+            ]
+        ),
+        log=lambda _: None,
+    )
     for name in ("clean", "pgd2"):
         assert by_library["results"][name]["correct"] == by_flags["results"][name]["correct"]
     assert by_library["results"]["pgd2"]["restarts"] == 1 and by_library["seed"] == 0
     # the flags' defaults, written out here (the flags are built from DEFAULTS, so comparing
     # the two would prove nothing): a run's value (None) where the run decides
     assert evaluate_settings([]) == {
-        "model_dir": None, "weights": None, "arch": None, "dataset": None, "data_dir": None,
-        "tfds_data_dir": None, "image_size": None, "upsample": None, "train_per_class": None,
-        "split": "test", "attacks": ["clean", "pgd10", "autoattack"], "attack_eps": None,
-        "attack_step": None, "pgd_restarts": 1, "autoattack_version": "standard",
-        "batch_size": 128, "max_examples": None, "skip_bad_images": None, "seed": 0,
-        "output": None}
-    with pytest.raises(SetupError, match=r"unknown evaluation setting\(s\) attack; the "
-                       "settings are model_dir, weights"):
+        "model_dir": None,
+        "weights": None,
+        "arch": None,
+        "dataset": None,
+        "data_dir": None,
+        "tfds_data_dir": None,
+        "image_size": None,
+        "upsample": None,
+        "train_per_class": None,
+        "split": "test",
+        "attacks": ["clean", "pgd10", "autoattack"],
+        "attack_eps": None,
+        "attack_step": None,
+        "pgd_restarts": 1,
+        "autoattack_version": "standard",
+        "batch_size": 128,
+        "max_examples": None,
+        "skip_bad_images": None,
+        "seed": 0,
+        "output": None,
+    }
+    with pytest.raises(
+        SetupError,
+        match=r"unknown evaluation setting\(s\) attack; the "
+        "settings are model_dir, weights",
+    ):
         evaluation.evaluate({"model_dir": str(source), "attack": ["clean"]})

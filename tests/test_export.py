@@ -4,6 +4,7 @@ Each test reloads the SavedModel with `tf.saved_model.load` (no Keras involved) 
 its serving signature with the Keras model's inference output (`training=False`: Adaptive
 wing, moving statistics), and the probabilities with a numpy softmax of the served logits.
 """
+
 import json
 import os
 import subprocess
@@ -75,8 +76,7 @@ def test_plain_model_export_and_size_check(tmp_path):
     images = np.random.default_rng(2).random((5, 8, 8, 3)).astype("float32")
     export.export_saved_model(model, str(tmp_path / "sm"), image_size=8)
     _, out = _serve(str(tmp_path / "sm"), images)
-    np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="image_size=16 does not match the model's input 8x8"):
         export.export_saved_model(model, str(tmp_path / "other"), image_size=16)
 
@@ -95,8 +95,15 @@ def _flag_values(*argv):
     return values
 
 
-RUN_SETTINGS = {"arch": "resnet18", "num_classes": 3, "image_size": 16, "upsample": 1,
-                "twin": True, "dataset": "digits_5_9", "method": "twins_at"}
+RUN_SETTINGS = {
+    "arch": "resnet18",
+    "num_classes": 3,
+    "image_size": 16,
+    "upsample": 1,
+    "twin": True,
+    "dataset": "digits_5_9",
+    "method": "twins_at",
+}
 
 
 def test_export_binary_from_a_run_directory(tmp_path):
@@ -107,14 +114,18 @@ def test_export_binary_from_a_run_directory(tmp_path):
     output = str(tmp_path / "exported")
     result = subprocess.run(
         [sys.executable, "-m", "twins_tf.export", f"--model_dir={run}", f"--output={output}"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "images float32 [N, 16, 16, 3] in [0, 1]" in result.stdout
     images = np.random.default_rng(4).random((4, 16, 16, 3)).astype("float32")
     _, out = _serve(output, images)
-    np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        out["logits"], model(images, training=False).numpy(), atol=1e-4, rtol=1e-4
+    )
     # A second export to the same place is refused; nothing is overwritten.
     before = os.path.getmtime(os.path.join(output, "saved_model.pb"))
     with pytest.raises(SystemExit, match="exists and is not empty; refusing to overwrite"):
@@ -125,25 +136,24 @@ def test_export_binary_from_a_run_directory(tmp_path):
 def test_export_binary_errors(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="holds no config.json"):
-        export.main(["export"], _flag_values(f"--model_dir={run}",
-                                             f"--output={tmp_path / 'a'}"))
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--output={tmp_path / 'a'}"))
     os.makedirs(run)
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump(RUN_SETTINGS, f)
     with pytest.raises(SystemExit, match="No weights file .*best.weights.h5"):
-        export.main(["export"], _flag_values(f"--model_dir={run}",
-                                             f"--output={tmp_path / 'b'}"))
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--output={tmp_path / 'b'}"))
     other = build_resnet("resnet18", 7, twin=True, input_shape=(16, 16, 3))
     wrong = os.path.join(run, "other.weights.h5")
     other.save_weights(wrong)
     with pytest.raises(SystemExit, match="does not fit the run's resnet18"):
-        export.main(["export"], _flag_values(f"--model_dir={run}", f"--weights={wrong}",
-                                             f"--output={tmp_path / 'c'}"))
+        export.main(
+            ["export"],
+            _flag_values(f"--model_dir={run}", f"--weights={wrong}", f"--output={tmp_path / 'c'}"),
+        )
     with open(os.path.join(run, "config.json"), "w") as f:
         json.dump({"arch": "resnet18"}, f)
     with pytest.raises(SystemExit, match="lacks num_classes, image_size, upsample, twin"):
-        export.main(["export"], _flag_values(f"--model_dir={run}",
-                                             f"--output={tmp_path / 'd'}"))
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--output={tmp_path / 'd'}"))
 
 
 def test_export_refuses_weights_holding_a_nan(tmp_path):
@@ -152,11 +162,14 @@ def test_export_refuses_weights_holding_a_nan(tmp_path):
     layer.frozen_variance.assign(np.full(layer.frozen_variance.shape, np.inf, "float32"))
     run = str(tmp_path / "run")
     _write_run(run, model, RUN_SETTINGS)
-    with pytest.raises(SystemExit, match=(
+    with pytest.raises(
+        SystemExit,
+        match=(
             r"error: \S+/best.weights.h5 holds non-finite weights \(first: "
-            rf"\S*{layer.name}/frozen_variance\): the training that wrote it diverged")):
-        export.main(["export"], _flag_values(f"--model_dir={run}",
-                                             f"--output={tmp_path / 'out'}"))
+            rf"\S*{layer.name}/frozen_variance\): the training that wrote it diverged"
+        ),
+    ):
+        export.main(["export"], _flag_values(f"--model_dir={run}", f"--output={tmp_path / 'out'}"))
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -173,24 +186,35 @@ def test_serving_refuses_0_255_pixels_and_another_image_size(served_32):
     """The documented behaviour: a clear error, not a silent clamp or a silent other size."""
     model, serve = served_32
     images = np.random.default_rng(5).random((2, 32, 32, 3)).astype("float32")
-    np.testing.assert_allclose(serve(images=tf.constant(images))["logits"],
-                               model(images, training=False).numpy(), atol=1e-4, rtol=1e-4)
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"twins_tf serving: pixel values must be in \[0, 1\] \(divide "
-                             r"0-255 images by 255"):
+    np.testing.assert_allclose(
+        serve(images=tf.constant(images))["logits"],
+        model(images, training=False).numpy(),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"twins_tf serving: pixel values must be in \[0, 1\] \(divide "
+        r"0-255 images by 255",
+    ):
         serve(images=tf.constant(images * 255))
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"twins_tf serving: images must have shape \(batch, 32, 32, 3\)"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"twins_tf serving: images must have shape \(batch, 32, 32, 3\)",
+    ):
         serve(images=tf.constant(images[:, :16, :16]))
 
 
-@pytest.mark.parametrize("values, accepted", [
-    ((0.0, 1.0), True),
-    ((-export.RANGE_TOLERANCE, 1.0 + export.RANGE_TOLERANCE), True),  # float rounding
-    ((-0.01, 0.5), False),  # e.g. mean/std-normalised input
-    ((0.0, 1.01), False),
-    ((0.0, np.nan), False),
-])
+@pytest.mark.parametrize(
+    "values, accepted",
+    [
+        ((0.0, 1.0), True),
+        ((-export.RANGE_TOLERANCE, 1.0 + export.RANGE_TOLERANCE), True),  # float rounding
+        ((-0.01, 0.5), False),  # e.g. mean/std-normalised input
+        ((0.0, 1.01), False),
+        ((0.0, np.nan), False),
+    ],
+)
 def test_serving_range_bounds(served_32, values, accepted):
     _, serve = served_32
     images = np.full((1, 32, 32, 3), 0.5, "float32")
@@ -211,8 +235,11 @@ def test_export_errors_carry_the_binary_name(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     cases = [
         (f"--model_dir={tmp_path / 'nothing'}", f"--output={tmp_path / 'a'}"),
-        (f"--model_dir={run}", f"--weights={tmp_path / 'missing.weights.h5'}",
-         f"--output={tmp_path / 'b'}"),
+        (
+            f"--model_dir={run}",
+            f"--weights={tmp_path / 'missing.weights.h5'}",
+            f"--output={tmp_path / 'b'}",
+        ),
         (f"--model_dir={run}", f"--output={tmp_path / 'full'}"),
         (f"--model_dir={run}",),
     ]

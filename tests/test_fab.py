@@ -8,6 +8,8 @@
 The projections against the official ones, and FAB-T against the official FAB-T, are in
 `test_autoattack_official.py`.
 """
+
+import attack_testbed as tb
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +17,6 @@ import torch
 from pyautoattack.fab_pt import FABAttack_PT
 from scipy import optimize
 
-import attack_testbed as tb
 from twins_tf.attacks import FAB
 from twins_tf.attacks.fab import project_onto_hyperplane_in_box
 
@@ -27,17 +28,28 @@ def linf_program(t, w, b):
     eye = np.eye(d)
     inequalities = np.block([[eye, -np.ones((d, 1))], [-eye, -np.ones((d, 1))]])
     bounds = [(-ti, 1 - ti) for ti in t] + [(0, None)]
-    solution = optimize.linprog(cost, A_ub=inequalities, b_ub=np.zeros(2 * d),
-                                A_eq=np.r_[w, 0.0][None], b_eq=[b - w @ t], bounds=bounds)
+    solution = optimize.linprog(
+        cost,
+        A_ub=inequalities,
+        b_ub=np.zeros(2 * d),
+        A_eq=np.r_[w, 0.0][None],
+        b_eq=[b - w @ t],
+        bounds=bounds,
+    )
     return solution
 
 
 def l2_program(t, w, b):
     d = len(t)
     solution = optimize.minimize(
-        lambda z: 0.5 * np.sum(z ** 2), np.zeros(d), jac=lambda z: z,
+        lambda z: 0.5 * np.sum(z**2),
+        np.zeros(d),
+        jac=lambda z: z,
         constraints=[{"type": "eq", "fun": lambda z: w @ (t + z) - b, "jac": lambda z: w}],
-        bounds=[(-ti, 1 - ti) for ti in t], method="SLSQP", options={"ftol": 1e-12})
+        bounds=[(-ti, 1 - ti) for ti in t],
+        method="SLSQP",
+        options={"ftol": 1e-12},
+    )
     return solution
 
 
@@ -70,7 +82,7 @@ def test_projection_solves_the_program(norm):
 def fab_robust_accuracy(bed, x, y, x_adv, eps, norm):
     """Accuracy judged by the PyTorch copy, after checking ball, box and misclassification."""
     delta = (x_adv - x).reshape(len(x), -1)
-    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+    size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
     assert size.max() <= eps + 1e-5
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     predicted = tb.torch_predict(bed.torch_model, x_adv)
@@ -85,8 +97,16 @@ def test_untargeted_fab_matches_official():
     eps = tb.epsilon("linf")
     ours = FAB(eps, targeted=False, steps=30)(bed.keras_model, x, y).numpy()
     ours_acc = fab_robust_accuracy(bed, x, y, ours, eps, "linf")
-    official = FABAttack_PT(bed.torch_model, norm="Linf", n_restarts=1, n_iter=30, eps=eps,
-                            seed=0, targeted=False, device="cpu")
+    official = FABAttack_PT(
+        bed.torch_model,
+        norm="Linf",
+        n_restarts=1,
+        n_iter=30,
+        eps=eps,
+        seed=0,
+        targeted=False,
+        device="cpu",
+    )
     with tb.torch_threads(1):
         x_adv = official.perturb(tb.torch_nchw(x), torch.from_numpy(y))
         with torch.no_grad():
@@ -100,10 +120,12 @@ def test_random_restart_stays_in_the_ball():
     bed = tb.robust_digits()
     x, y = bed.x_test[:32], bed.y_test[:32]
     eps = tb.epsilon("linf")
-    ours = FAB(eps, targeted=True, steps=10, restarts=2,
-               n_target_classes=2)(bed.keras_model, x, y, seed=3).numpy()
-    again = FAB(eps, targeted=True, steps=10, restarts=2,
-                n_target_classes=2)(bed.keras_model, x, y, seed=3).numpy()
+    ours = FAB(eps, targeted=True, steps=10, restarts=2, n_target_classes=2)(
+        bed.keras_model, x, y, seed=3
+    ).numpy()
+    again = FAB(eps, targeted=True, steps=10, restarts=2, n_target_classes=2)(
+        bed.keras_model, x, y, seed=3
+    ).numpy()
     np.testing.assert_array_equal(ours, again)
     fab_robust_accuracy(bed, x, y, ours, eps, "linf")
 
@@ -115,5 +137,4 @@ def test_bad_arguments_fail_clearly():
     with pytest.raises(ValueError, match="needs at least 10 classes"):
         FAB(0.1, steps=1)(model, np.zeros((2, 16, 16, 3), np.float32), [0, 1])
     with pytest.raises(ValueError, match="integer class labels"):
-        FAB(0.1, steps=1)(model, np.zeros((2, 16, 16, 3), np.float32),
-                          tf.constant([0.0, 1.0]))
+        FAB(0.1, steps=1)(model, np.zeros((2, 16, 16, 3), np.float32), tf.constant([0.0, 1.0]))

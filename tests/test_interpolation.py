@@ -12,14 +12,15 @@ interpolation of the *evaluated* Adaptive wing reproduces it); run B is run A's 
 every variable moved (kernels, gamma/beta and the moving statistics), saved with the same
 config.json, so no second training run is needed.
 """
+
 import json
 import shutil
 
 import numpy as np
 import pytest
+from binaries_testlib import read_weights, run_binary, settings, source_run
 
 import twins_tf
-from binaries_testlib import read_weights, run_binary, settings, source_run
 from twins_tf import interpolation, run_config
 from twins_tf.interpolation import InterpolationRow, interpolate_runs, select_alpha
 from twins_tf.layers import twin_layers
@@ -30,8 +31,13 @@ from twins_tf.twinify import twinify
 
 def _build(config, twin):
     size = config["image_size"]
-    return build_resnet(config["arch"], config["num_classes"], twin=twin,
-                        input_shape=(size, size, 3), upsample=config["upsample"])
+    return build_resnet(
+        config["arch"],
+        config["num_classes"],
+        twin=twin,
+        input_shape=(size, size, 3),
+        upsample=config["upsample"],
+    )
 
 
 def _keras_model(model_dir, twin=None):
@@ -95,10 +101,18 @@ def runs(tmp_path_factory):
         layer.frozen_gamma.assign(rng.uniform(0.2, 3.0, n).astype("float32"))
         layer.frozen_mean.assign(rng.normal(0, 1.0, n).astype("float32"))
         layer.frozen_variance.assign(rng.uniform(0.1, 5.0, n).astype("float32"))
-    _write_run(root / "twin_a", {**config, "binary": "train", "method": "twins_at", "twin": True},
-               twin)
-    return {"a": source, "twin_a": root / "twin_a", "b": root / "b", "config": config,
-            "a_arrays": arrays_a, "b_arrays": arrays_b, "root": root}
+    _write_run(
+        root / "twin_a", {**config, "binary": "train", "method": "twins_at", "twin": True}, twin
+    )
+    return {
+        "a": source,
+        "twin_a": root / "twin_a",
+        "b": root / "b",
+        "config": config,
+        "a_arrays": arrays_a,
+        "b_arrays": arrays_b,
+        "root": root,
+    }
 
 
 def _images(config, count=6, seed=1):
@@ -110,8 +124,9 @@ def test_written_weights_are_numpy_interpolation_of_every_variable(runs, tmp_pat
     """Every dataset of the written .weights.h5, moving statistics included, is
     (1 - a) A + a B of the sources' files (read with h5py, combined in float64)."""
     alpha = 0.3
-    result = interpolate_runs(runs["a"], runs["b"], tmp_path / "out", alphas=[alpha],
-                              validation_examples=8, verbose=0)
+    result = interpolate_runs(
+        runs["a"], runs["b"], tmp_path / "out", alphas=[alpha], validation_examples=8, verbose=0
+    )
     assert result.best_alpha == alpha
     a = read_weights(runs["a"] / run_config.BEST_WEIGHTS)
     b = read_weights(runs["b"] / run_config.BEST_WEIGHTS)
@@ -143,8 +158,9 @@ def test_alpha_0_and_1_reproduce_the_sources_logits(runs):
     for alpha, source in ((0.0, "twin_a"), (1.0, "b")):
         model.set_weights(interpolation.interpolate(values_a, values_b, alpha))
         expected = _keras_model(runs[source])(images, training=False).numpy()
-        np.testing.assert_allclose(model(images, training=False).numpy(), expected,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            model(images, training=False).numpy(), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def _validation_examples(config, count):
@@ -152,18 +168,28 @@ def _validation_examples(config, count):
     from twins_tf import data as data_lib
     from twins_tf.training.trainer_setup import pipelines
 
-    s = settings("pretrain", [f"--{k}={v}" for k, v in (
-        ("dataset", config["dataset"]), ("image_size", config["image_size"]),
-        ("batch_size", 16), ("max_validation_examples", count), ("model_dir", "unused"))])
-    spec = data_lib.get_dataset_spec(s["dataset"], image_size=s["image_size"],
-                                     upsample=s["upsample"])
+    s = settings(
+        "pretrain",
+        [
+            f"--{k}={v}"
+            for k, v in (
+                ("dataset", config["dataset"]),
+                ("image_size", config["image_size"]),
+                ("batch_size", 16),
+                ("max_validation_examples", count),
+                ("model_dir", "unused"),
+            )
+        ],
+    )
+    spec = data_lib.get_dataset_spec(
+        s["dataset"], image_size=s["image_size"], upsample=s["upsample"]
+    )
     _, validation = pipelines(s, spec, data_lib.load_splits(spec), 0)
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in validation])
     return np.concatenate(images), np.concatenate(labels)
 
 
-def test_the_table_equals_an_independent_evaluation_on_the_validation_split(runs, tmp_path,
-                                                                            capsys):
+def test_the_table_equals_an_independent_evaluation_on_the_validation_split(runs, tmp_path, capsys):
     """Through the binary's main (in process: flags, then interpolate_runs), a TWINS run A and
     a plain run B; the reference is the plain network of A's arrays interpolated in numpy."""
     from absl import flags
@@ -174,33 +200,48 @@ def test_the_table_equals_an_independent_evaluation_on_the_validation_split(runs
     out = tmp_path / "out"
     flag_values = flags.FlagValues()
     interpolate.define_flags(flag_values)
-    flag_values(["interpolate", f"--run_a={runs['twin_a']}", f"--run_b={runs['b']}",
-                 f"--output_dir={out}", "--alphas=0,0.5,0.8,1", "--validation_examples=24"])
+    flag_values(
+        [
+            "interpolate",
+            f"--run_a={runs['twin_a']}",
+            f"--run_b={runs['b']}",
+            f"--output_dir={out}",
+            "--alphas=0,0.5,0.8,1",
+            "--validation_examples=24",
+        ]
+    )
     interpolate.main(["interpolate"], flag_values)
     printed = capsys.readouterr().out
     alphas = [0.0, 0.5, 0.8, 1.0]
     written = (out / interpolation.INTERPOLATION_FILE).stat().st_mtime_ns
     # the same request again is the stored result (no second evaluation)
-    result = interpolate_runs(runs["twin_a"], runs["b"], out, alphas=alphas,
-                              validation_examples=24, verbose=0)
+    result = interpolate_runs(
+        runs["twin_a"], runs["b"], out, alphas=alphas, validation_examples=24, verbose=0
+    )
     assert (out / interpolation.INTERPOLATION_FILE).stat().st_mtime_ns == written
 
     config = runs["config"]
     images, labels = _validation_examples(config, 24)
     assert result.validation_examples == len(labels) == 24
-    pgd = PGD(config["attack_eps"], config["attack_step"], config["attack_steps"],
-              random_start=False)
+    pgd = PGD(
+        config["attack_eps"], config["attack_step"], config["attack_steps"], random_start=False
+    )
     reference = _build(config, twin=False)
     expected, arrays = [], {}
     for alpha in alphas:
-        arrays[alpha] = [((1 - alpha) * a + alpha * b).astype("float32")
-                         for a, b in zip(runs["a_arrays"], runs["b_arrays"])]
+        arrays[alpha] = [
+            ((1 - alpha) * a + alpha * b).astype("float32")
+            for a, b in zip(runs["a_arrays"], runs["b_arrays"])
+        ]
         reference.set_weights(arrays[alpha])
         clean = np.argmax(reference(images, training=False).numpy(), axis=-1)
         adversarial = pgd(reference, images, labels).numpy()
         robust = np.argmax(reference(adversarial, training=False).numpy(), axis=-1)
-        expected.append(InterpolationRow(alpha, float(np.mean(clean == labels)),
-                                         float(np.mean(robust == labels))))
+        expected.append(
+            InterpolationRow(
+                alpha, float(np.mean(clean == labels)), float(np.mean(robust == labels))
+            )
+        )
     assert list(result.rows) == expected
     assert len({(r.clean_accuracy, r.pgd_accuracy) for r in expected}) > 1  # the path varies
     best = max(expected, key=lambda r: (r.pgd_accuracy, r.clean_accuracy, -r.alpha))
@@ -212,21 +253,33 @@ def test_the_table_equals_an_independent_evaluation_on_the_validation_split(runs
     assert record["validation"]["split"] == "validation"
     written_config = json.loads((out / "config.json").read_text())
     assert written_config == {**config, "model_dir": str(out), "twin": False}  # B's, plain
-    with pytest.raises(SetupError, match="holds another interpolation .*use a new output_dir "
-                       r"or overwrite=True \(--overwrite\)") as error:
+    with pytest.raises(
+        SetupError,
+        match="holds another interpolation .*use a new output_dir "
+        r"or overwrite=True \(--overwrite\)",
+    ) as error:
         interpolate_runs(runs["twin_a"], runs["b"], out, alphas=[0.5], validation_examples=24)
     _one_line(error)
     # the written run is the selected alpha's network
     reference.set_weights(arrays[best.alpha])
     probe = _images(config)
-    np.testing.assert_allclose(twins_tf.load_run(out)(probe, training=False).numpy(),
-                               reference(probe, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        twins_tf.load_run(out)(probe, training=False).numpy(),
+        reference(probe, training=False).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_selection_is_the_argmax_with_the_stated_tie_rule():
-    rows = [InterpolationRow(0.0, 0.50, 0.20), InterpolationRow(0.2, 0.70, 0.30),
-            InterpolationRow(0.4, 0.80, 0.30), InterpolationRow(0.6, 0.80, 0.30),
-            InterpolationRow(0.8, 0.90, 0.25), InterpolationRow(1.0, 0.90, 0.10)]
+    rows = [
+        InterpolationRow(0.0, 0.50, 0.20),
+        InterpolationRow(0.2, 0.70, 0.30),
+        InterpolationRow(0.4, 0.80, 0.30),
+        InterpolationRow(0.6, 0.80, 0.30),
+        InterpolationRow(0.8, 0.90, 0.25),
+        InterpolationRow(1.0, 0.90, 0.10),
+    ]
     # robust: PGD 0.30 three times; the clean tie-break leaves 0.4 and 0.6; the smaller alpha
     assert select_alpha(rows, "robust") == 0.4
     # clean: 0.90 twice; PGD breaks it
@@ -241,32 +294,45 @@ def _one_line(error):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("key, value", [("arch", "resnet34"), ("num_classes", 7),
-                                        ("image_size", 24), ("dataset", "digits_5_9"),
-                                        ("upsample", 2)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("arch", "resnet34"),
+        ("num_classes", 7),
+        ("image_size", 24),
+        ("dataset", "digits_5_9"),
+        ("upsample", 2),
+    ],
+)
 def test_runs_that_do_not_match_are_refused_in_one_line(runs, tmp_path, key, value):
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(runs["b"] / run_config.BEST_WEIGHTS, other / run_config.BEST_WEIGHTS)
     (other / "config.json").write_text(json.dumps({**runs["config"], key: value}))
-    with pytest.raises(SetupError, match=rf"the runs differ in {key} .*: only runs of the same "
-                       "architecture, head, input size and dataset interpolate") as error:
+    with pytest.raises(
+        SetupError,
+        match=rf"the runs differ in {key} .*: only runs of the same "
+        "architecture, head, input size and dataset interpolate",
+    ) as error:
         interpolate_runs(runs["a"], other, tmp_path / "out", verbose=0)
     _one_line(error)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(alphas=[]), "the alpha grid is empty"),
-    (dict(alphas=[0, 1.5]), r"alpha 1.5 is outside \[0, 1\]"),
-    (dict(alphas=[0.5, 0.5]), "names an alpha twice"),
-    (dict(alphas=["x"]), "are not numbers"),
-    (dict(select="best"), "select='best': choose one of robust, clean"),
-    (dict(validation_examples=0), "validation_examples must be at least 1"),
-    (dict(batch_size=0), "batch_size must be at least 1"),
-    (dict(attack_eps=8), r"attack_eps=8 is outside \[0, 1\]: .* write e.g. 8/255"),
-    (dict(attack_steps=0), "attack_steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alphas=[]), "the alpha grid is empty"),
+        (dict(alphas=[0, 1.5]), r"alpha 1.5 is outside \[0, 1\]"),
+        (dict(alphas=[0.5, 0.5]), "names an alpha twice"),
+        (dict(alphas=["x"]), "are not numbers"),
+        (dict(select="best"), "select='best': choose one of robust, clean"),
+        (dict(validation_examples=0), "validation_examples must be at least 1"),
+        (dict(batch_size=0), "batch_size must be at least 1"),
+        (dict(attack_eps=8), r"attack_eps=8 is outside \[0, 1\]: .* write e.g. 8/255"),
+        (dict(attack_steps=0), "attack_steps must be at least 1"),
+    ],
+)
 def test_bad_arguments_are_refused_in_one_line(runs, tmp_path, kwargs, message):
     with pytest.raises(SetupError, match=message) as error:
         interpolate_runs(runs["a"], runs["b"], tmp_path / "out", verbose=0, **kwargs)
@@ -293,8 +359,11 @@ def test_missing_runs_used_outputs_and_other_validation_are_refused(runs, tmp_pa
     steps = tmp_path / "steps"
     shutil.copytree(runs["b"], steps)
     (steps / "config.json").write_text(json.dumps({**runs["config"], "attack_steps": 5}))
-    with pytest.raises(SetupError, match=r"different attack_steps \(1 and 5\): pass "
-                       "attack_steps=") as error:
+    with pytest.raises(
+        SetupError,
+        match=r"different attack_steps \(1 and 5\): pass "
+        "attack_steps=",
+    ) as error:
         interpolate_runs(runs["a"], steps, tmp_path / "out", verbose=0)
     cases.append(error)
     used = tmp_path / "used"
@@ -316,16 +385,23 @@ def test_binary_end_to_end_then_evaluate_and_export_accept_the_run(runs, tmp_pat
     """The binary on a TWINS run and a plain run; evaluate on the written run reproduces the
     selected row (same validation examples and PGD); export serves load_run's logits."""
     import tensorflow as tf
-
-    from binaries_testlib import evaluate_settings
     from absl import flags
+    from binaries_testlib import evaluate_settings
 
     from twins_tf import evaluation, export
 
     out = tmp_path / "wise"
-    process = run_binary("interpolate", [f"--run_a={runs['twin_a']}", f"--run_b={runs['b']}",
-                                         f"--output_dir={out}", "--alphas=0,0.5,1",
-                                         "--validation_examples=16", "--select=clean"])
+    process = run_binary(
+        "interpolate",
+        [
+            f"--run_a={runs['twin_a']}",
+            f"--run_b={runs['b']}",
+            f"--output_dir={out}",
+            "--alphas=0,0.5,1",
+            "--validation_examples=16",
+            "--select=clean",
+        ],
+    )
     assert process.returncode == 0, process.stderr[-3000:]
     record = json.loads((out / interpolation.INTERPOLATION_FILE).read_text())
     assert [r["alpha"] for r in record["rows"]] == [0.0, 0.5, 1.0]
@@ -333,36 +409,62 @@ def test_binary_end_to_end_then_evaluate_and_export_accept_the_run(runs, tmp_pat
     assert f"best alpha (clean): {record['best_alpha']:g}" in process.stdout
     best = next(r for r in record["rows"] if r["alpha"] == record["best_alpha"])
 
-    report = evaluation.evaluate(evaluate_settings([
-        f"--model_dir={out}", "--split=validation", "--max_examples=16",
-        f"--attacks=clean,pgd{runs['config']['attack_steps']}"]), log=lambda *_: None)
+    report = evaluation.evaluate(
+        evaluate_settings(
+            [
+                f"--model_dir={out}",
+                "--split=validation",
+                "--max_examples=16",
+                f"--attacks=clean,pgd{runs['config']['attack_steps']}",
+            ]
+        ),
+        log=lambda *_: None,
+    )
     assert report["results"]["clean"]["accuracy"] == best["clean_accuracy"]
-    assert report["results"][f"pgd{runs['config']['attack_steps']}"]["accuracy"] == \
-        best["pgd_accuracy"]
+    assert (
+        report["results"][f"pgd{runs['config']['attack_steps']}"]["accuracy"]
+        == best["pgd_accuracy"]
+    )
 
     flag_values = flags.FlagValues()  # python -m twins_tf.export, in process
     export.define_flags(flag_values)
     flag_values(["export", f"--model_dir={out}", f"--output={tmp_path / 'saved'}"])
     export.main(["export"], flag_values)
     images = _images(runs["config"])
-    served = tf.saved_model.load(str(tmp_path / "saved")).signatures["serving_default"](
-        images=tf.constant(images))["logits"].numpy()
-    np.testing.assert_allclose(served, twins_tf.load_run(out)(images, training=False).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    served = (
+        tf.saved_model.load(str(tmp_path / "saved"))
+        .signatures["serving_default"](images=tf.constant(images))["logits"]
+        .numpy()
+    )
+    np.testing.assert_allclose(
+        served, twins_tf.load_run(out)(images, training=False).numpy(), rtol=1e-5, atol=1e-5
+    )
 
-    refused = run_binary("interpolate", [f"--run_a={runs['a']}", f"--run_b={runs['b']}",
-                                         f"--output_dir={out}", "--alphas=0,1"])
+    refused = run_binary(
+        "interpolate",
+        [f"--run_a={runs['a']}", f"--run_b={runs['b']}", f"--output_dir={out}", "--alphas=0,1"],
+    )
     assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].startswith(
-        "interpolate: error: output_dir=")
+    assert refused.stderr.strip().splitlines()[-1].startswith("interpolate: error: output_dir=")
     # --overwrite replaces it, and drops the evaluation report of the network that is gone
     assert (out / "evaluation_validation.json").exists()
-    replaced = run_binary("interpolate", [f"--run_a={runs['a']}", f"--run_b={runs['b']}",
-                                          f"--output_dir={out}", "--alphas=1",
-                                          "--validation_examples=16", "--overwrite"])
+    replaced = run_binary(
+        "interpolate",
+        [
+            f"--run_a={runs['a']}",
+            f"--run_b={runs['b']}",
+            f"--output_dir={out}",
+            "--alphas=1",
+            "--validation_examples=16",
+            "--overwrite",
+        ],
+    )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert json.loads((out / interpolation.INTERPOLATION_FILE).read_text())["best_alpha"] == 1.0
     assert not (out / "evaluation_validation.json").exists()
-    np.testing.assert_allclose(twins_tf.load_run(out)(images, training=False).numpy(),
-                               _keras_model(runs["b"])(images, training=False).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        twins_tf.load_run(out)(images, training=False).numpy(),
+        _keras_model(runs["b"])(images, training=False).numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

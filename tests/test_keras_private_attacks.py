@@ -6,6 +6,7 @@ pinned in tests/test_keras_private_trainer.py): assigning `Layer._dtype_policy` 
 If an upgrade changes either, these fail before a mixed-precision PGD silently attacks in
 bfloat16.
 """
+
 import keras
 import numpy as np
 import pytest
@@ -22,8 +23,14 @@ def mixed_bfloat16():
 
 def nested_model():
     """A functional model holding a Sequential sub-model and a layer used twice."""
-    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, name="inner_dense"),
-                              keras.layers.ReLU(name="inner_relu")], name="inner")
+    inner = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, name="inner_dense"),
+            keras.layers.ReLU(name="inner_relu"),
+        ],
+        name="inner",
+    )
     shared = keras.layers.Dense(4, name="shared")
     inputs = keras.Input((4,))
     outputs = keras.layers.Dense(3, name="head")(inner(shared(shared(inputs))))

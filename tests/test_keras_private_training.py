@@ -6,14 +6,15 @@ BackupAndRestore's file names and metadata format (what `training.backup` repair
 determinism getter and the way back, and the two trainer internals the multi-worker fixes
 replace, which must be Keras's own again once the fixes' scope is left (also after a run).
 """
+
 import json
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from binaries_testlib import SOURCE_ARGS, settings
+
 from twins_tf import keras_private, multi_worker
 from twins_tf.training import backup, loop
 
@@ -42,11 +43,21 @@ def test_backup_and_restore_writes_the_files_and_format_training_backup_reads(tm
     x, y = _data()
     weights, metadata, suffix = keras_private.backup_file_names()
     model = _tiny_model()
-    model.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path), double_checkpoint=True,
-                                         delete_checkpoint=False)])
+    model.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=4,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(
+                str(tmp_path), double_checkpoint=True, delete_checkpoint=False
+            )
+        ],
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [weights, metadata, weights + suffix, metadata + suffix])
+        [weights, metadata, weights + suffix, metadata + suffix]
+    )
     # the metadata is JSON with the number of finished epochs, read here without twins_tf
     assert json.loads((tmp_path / metadata).read_text())["epoch"] == 2
     assert json.loads((tmp_path / (metadata + suffix)).read_text())["epoch"] == 1
@@ -60,9 +71,19 @@ def test_backup_and_restore_writes_the_files_and_format_training_backup_reads(tm
     # fit resumes at the recorded epoch: epochs 2 and 3 (0-based) of 4 are left
     seen = _EpochsSeen()
     resumed = _tiny_model()
-    resumed.fit(x, y, epochs=4, batch_size=4, verbose=0, callbacks=[
-        seen, keras.callbacks.BackupAndRestore(str(tmp_path), double_checkpoint=True,
-                                               delete_checkpoint=False)])
+    resumed.fit(
+        x,
+        y,
+        epochs=4,
+        batch_size=4,
+        verbose=0,
+        callbacks=[
+            seen,
+            keras.callbacks.BackupAndRestore(
+                str(tmp_path), double_checkpoint=True, delete_checkpoint=False
+            ),
+        ],
+    )
     assert seen.epochs == [2, 3]
     # a half-written metadata file: no epoch (training.backup then uses the previous pair)
     (tmp_path / metadata).write_text('{"epo')
@@ -74,14 +95,24 @@ def test_training_backup_uses_keras_names(tmp_path):
     """resume_epoch reads model_dir/backup/ under the names Keras writes."""
     x, y = _data()
     model = _tiny_model()
-    model.fit(x, y, epochs=3, batch_size=4, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(str(tmp_path / backup.BACKUP_DIR),
-                                         double_checkpoint=True, delete_checkpoint=False)])
+    model.fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=4,
+        verbose=0,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(
+                str(tmp_path / backup.BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False
+            )
+        ],
+    )
     assert backup.resume_epoch(tmp_path) == 3
     assert backup.has_backup(tmp_path)
     backup.drop_previous_pair(tmp_path)
     assert sorted(p.name for p in (tmp_path / backup.BACKUP_DIR).iterdir()) == sorted(
-        [backup.BACKUP_WEIGHTS, backup.BACKUP_METADATA])
+        [backup.BACKUP_WEIGHTS, backup.BACKUP_METADATA]
+    )
 
 
 def test_op_determinism_getter_and_way_back():
@@ -106,12 +137,14 @@ def _spies():
         def reduce_per_replica(values, strategy, reduction):
             calls["reduce"] += 1
             return original(values, strategy, reduction)
+
         return reduce_per_replica
 
     def build_factory(original):
         def maybe_symbolic_build(self, iterator=None, data_batch=None):
             calls["build"] += 1
             return original(self, iterator=iterator, data_batch=data_batch)
+
         return maybe_symbolic_build
 
     return calls, dict(reduce_per_replica=reduce_factory, maybe_symbolic_build=build_factory)
@@ -155,10 +188,23 @@ def test_a_run_fits_inside_the_fixes_and_leaves_keras_originals(tmp_path, monkey
     process cannot be a multi-worker job), the run must end with Keras's own functions."""
     originals = keras_private.keras_trainer_functions()
     calls, spies = _spies()
-    monkeypatch.setattr(multi_worker, "keras_fixes_for",
-                        lambda strategy: keras_private.multi_worker_trainer_fixes(**spies))
-    loop.run(settings("pretrain", [*SOURCE_ARGS, "--epochs=1", "--max_validation_examples=16",
-                                   f"--model_dir={tmp_path / 'run'}"]), verbose=0)
+    monkeypatch.setattr(
+        multi_worker,
+        "keras_fixes_for",
+        lambda strategy: keras_private.multi_worker_trainer_fixes(**spies),
+    )
+    loop.run(
+        settings(
+            "pretrain",
+            [
+                *SOURCE_ARGS,
+                "--epochs=1",
+                "--max_validation_examples=16",
+                f"--model_dir={tmp_path / 'run'}",
+            ],
+        ),
+        verbose=0,
+    )
     assert calls["build"] >= 1 and calls["reduce"] >= 1
     restored = keras_private.keras_trainer_functions()
     assert restored[0] is originals[0] and restored[1] is originals[1]

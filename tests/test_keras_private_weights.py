@@ -5,6 +5,7 @@ reports a file that does not fit, these fail first, rather than `load_pretrained
 a file's architecture deep inside a training run.  The expected group names and shapes are
 written out by hand from the layers' definitions, not computed by the code under test.
 """
+
 import h5py
 import keras
 import numpy as np
@@ -60,9 +61,7 @@ def test_a_plain_bn_file_has_no_twin_groups(tmp_path):
     _model(1, twin=False).save_weights(path)
     with h5py.File(path, "r") as f:
         assert keras_private.saved_layer_shapes(f, TwinBatchNormalization) == []
-        assert keras_private.saved_layer_shapes(f, keras.layers.BatchNormalization) == [
-            [(2,)] * 4
-        ]
+        assert keras_private.saved_layer_shapes(f, keras.layers.BatchNormalization) == [[(2,)] * 4]
 
 
 def test_load_weights_collecting_skips(saved, tmp_path):

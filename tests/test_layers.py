@@ -1,4 +1,5 @@
 """TwinBatchNormalization against a numpy re-implementation of spec §1-2."""
+
 import os
 
 import keras
@@ -12,8 +13,14 @@ EPS = 1e-5
 MOMENTUM = 0.9
 CHANNELS = 3
 WEIGHT_NAMES = (
-    "gamma", "beta", "moving_mean", "moving_variance",
-    "frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance",
+    "gamma",
+    "beta",
+    "moving_mean",
+    "moving_variance",
+    "frozen_gamma",
+    "frozen_beta",
+    "frozen_mean",
+    "frozen_variance",
 )
 
 
@@ -25,8 +32,9 @@ def np_bn(x, mean, var, gamma, beta):
 def np_twin_train(x, p):
     """Returns (output, new moving mean, new moving variance) of one training forward."""
     half = x.shape[0] // 2
-    frozen = np_bn(x[:half], p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"],
-                   p["frozen_beta"])
+    frozen = np_bn(
+        x[:half], p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"], p["frozen_beta"]
+    )
     xa = x[half:].astype(np.float64)
     axes = tuple(range(x.ndim - 1))
     mean, var = xa.mean(axes), xa.var(axes)
@@ -38,9 +46,10 @@ def np_twin_train(x, p):
 
 
 def random_params(rng):
-    p = {name: rng.normal(size=CHANNELS) for name in ("gamma", "beta", "frozen_gamma",
-                                                      "frozen_beta", "moving_mean",
-                                                      "frozen_mean")}
+    p = {
+        name: rng.normal(size=CHANNELS)
+        for name in ("gamma", "beta", "frozen_gamma", "frozen_beta", "moving_mean", "frozen_mean")
+    }
     p["moving_variance"] = rng.uniform(0.5, 2.0, CHANNELS)
     p["frozen_variance"] = rng.uniform(0.5, 2.0, CHANNELS)
     return {k: v.astype(np.float32) for k, v in p.items()}
@@ -244,7 +253,7 @@ def mirrored_step(layer, strategy, x):
 
     def value_fn(ctx):
         i = ctx.replica_id_in_sync_group
-        return tf.constant(x[i * per_replica:(i + 1) * per_replica])
+        return tf.constant(x[i * per_replica : (i + 1) * per_replica])
 
     inputs = strategy.experimental_distribute_values_from_function(value_fn)
     outputs = strategy.run(lambda t: layer(t, training=True), args=(inputs,))
@@ -257,7 +266,8 @@ def test_mirrored_strategy_splits_per_replica_and_keeps_statistics_equal(rng, sy
     # devices in one process clash (tensorflow/tensorflow#62790), and test_train's binary run
     # needs them.
     strategy = tf.distribute.MirroredStrategy(
-        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     p = random_params(rng)
     with strategy.scope():
         layer = make_layer(p, synchronized=synchronized)
@@ -271,13 +281,27 @@ def test_mirrored_strategy_splits_per_replica_and_keeps_statistics_equal(rng, sy
             axes = (0, 1, 2)
             mean, var = adaptive.mean(axes), adaptive.var(axes)
             n = adaptive.size / CHANNELS
-            want = np.concatenate([np.concatenate([
-                np_bn(r[:2], p["frozen_mean"], p["frozen_variance"], p["frozen_gamma"],
-                      p["frozen_beta"]),
-                np_bn(r[2:], mean, var, p["gamma"], p["beta"])]) for r in replicas])
+            want = np.concatenate(
+                [
+                    np.concatenate(
+                        [
+                            np_bn(
+                                r[:2],
+                                p["frozen_mean"],
+                                p["frozen_variance"],
+                                p["frozen_gamma"],
+                                p["frozen_beta"],
+                            ),
+                            np_bn(r[2:], mean, var, p["gamma"], p["beta"]),
+                        ]
+                    )
+                    for r in replicas
+                ]
+            )
             ref["moving_mean"] = MOMENTUM * ref["moving_mean"] + (1 - MOMENTUM) * mean
-            ref["moving_variance"] = (MOMENTUM * ref["moving_variance"]
-                                      + (1 - MOMENTUM) * var * n / (n - 1))
+            ref["moving_variance"] = MOMENTUM * ref["moving_variance"] + (
+                1 - MOMENTUM
+            ) * var * n / (n - 1)
         else:
             # Each replica behaves like the plain call on its own slice; the moving
             # statistics are the mean of the replicas' EMA updates.
@@ -287,8 +311,9 @@ def test_mirrored_strategy_splits_per_replica_and_keeps_statistics_equal(rng, sy
             ref["moving_variance"] = np.mean([r[2] for r in results], axis=0)
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     for name in ("moving_mean", "moving_variance"):
-        copies = [np.asarray(v) for v in strategy.experimental_local_results(
-            getattr(layer, name).value)]
+        copies = [
+            np.asarray(v) for v in strategy.experimental_local_results(getattr(layer, name).value)
+        ]
         np.testing.assert_array_equal(copies[0], copies[1])
         np.testing.assert_allclose(copies[0], ref[name], rtol=1e-5, atol=1e-6)
     for name in ("frozen_mean", "frozen_variance"):
@@ -364,10 +389,10 @@ def test_one_element_per_channel_feeds_a_zero_variance_to_the_ema(rng):
     layer = make_layer(p, input_shape=(None, CHANNELS))
     x = rng.normal(size=(2, CHANNELS)).astype(np.float32)
     layer(x, training=True)
-    np.testing.assert_allclose(layer.moving_variance, MOMENTUM * p["moving_variance"],
-                               rtol=1e-6)
-    np.testing.assert_allclose(layer.moving_mean,
-                               MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * x[1], rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, MOMENTUM * p["moving_variance"], rtol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_mean, MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * x[1], rtol=1e-5
+    )
 
 
 # --- plain BatchNormalization on the fused kernel (issue 11) -------------------------------
@@ -380,9 +405,11 @@ def np_plain_train(x, p):
     axes = tuple(range(x.ndim - 1))
     x64 = x.astype(np.float64)
     mean, var = x64.mean(axes), x64.var(axes)
-    return (np_bn(x64, mean, var, p["gamma"], p["beta"]),
-            MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * mean,
-            MOMENTUM * p["moving_variance"] + (1 - MOMENTUM) * var)
+    return (
+        np_bn(x64, mean, var, p["gamma"], p["beta"]),
+        MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * mean,
+        MOMENTUM * p["moving_variance"] + (1 - MOMENTUM) * var,
+    )
 
 
 def np_plain_input_and_affine_gradients(x, upstream, gamma):
@@ -422,8 +449,7 @@ def test_plain_bn_training_forward_ema_and_gradients_match_numpy(rng, shape):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
-    want_dx, want_dgamma, want_dbeta = np_plain_input_and_affine_gradients(x, upstream,
-                                                                           p["gamma"])
+    want_dx, want_dgamma, want_dbeta = np_plain_input_and_affine_gradients(x, upstream, p["gamma"])
     np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dgamma, want_dgamma, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dbeta, want_dbeta, rtol=1e-5, atol=1e-5)
@@ -442,6 +468,7 @@ def test_plain_bn_runs_the_fused_kernel_in_training_and_the_affine_map_in_infere
                 tape.watch(x)
                 loss = tf.reduce_sum(tf.square(layer(x, training=training)))
             return tape.gradient(loss, [x] + layer.trainable_weights)
+
         return f
 
     types = _op_types(gradients(True), x)
@@ -451,20 +478,30 @@ def test_plain_bn_runs_the_fused_kernel_in_training_and_the_affine_map_in_infere
     assert not {"FusedBatchNormV3", "FusedBatchNormGradV3", "Mean"} & types, sorted(types)
     frozen = make_plain(random_params(rng))
     frozen.trainable = False  # Keras: a frozen BN runs in inference mode, also in training
-    want = np_bn(x.numpy(), *(np.asarray(getattr(frozen, n)) for n in
-                              ("moving_mean", "moving_variance", "gamma", "beta")))
+    want = np_bn(
+        x.numpy(),
+        *(
+            np.asarray(getattr(frozen, n))
+            for n in ("moving_mean", "moving_variance", "gamma", "beta")
+        ),
+    )
     np.testing.assert_allclose(frozen(x, training=True), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, input_shape", [
-    (dict(axis=1), (None, CHANNELS, 5, 5)),
-    (dict(center=False, scale=False), (None, 5, 5, CHANNELS)),
-    (dict(renorm=True), (None, 5, 5, CHANNELS)),
-], ids=["channels_first", "no_affine", "renorm"])
+@pytest.mark.parametrize(
+    "kwargs, input_shape",
+    [
+        (dict(axis=1), (None, CHANNELS, 5, 5)),
+        (dict(center=False, scale=False), (None, 5, 5, CHANNELS)),
+        (dict(renorm=True), (None, 5, 5, CHANNELS)),
+    ],
+    ids=["channels_first", "no_affine", "renorm"],
+)
 def test_plain_bn_outside_the_fused_layouts_is_kerass_own_layer(rng, kwargs, input_shape):
     p = random_params(rng)
-    ours, theirs = (make_plain(p, input_shape, cls, **kwargs)
-                    for cls in (None, keras.layers.BatchNormalization))
+    ours, theirs = (
+        make_plain(p, input_shape, cls, **kwargs) for cls in (None, keras.layers.BatchNormalization)
+    )
     x = (rng.normal(size=(4,) + input_shape[1:]) * 2 + 1).astype(np.float32)
     for _ in range(2):
         np.testing.assert_array_equal(ours(x, training=True), theirs(x, training=True))
@@ -484,8 +521,7 @@ def test_plain_bn_weights_files_and_keras_files_interchange_with_kerass_bn(rng, 
 
     keras_model, ours = model(keras.layers.BatchNormalization), model(BatchNormalization)
     for layer in keras_model.layers[1:]:
-        layer.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2
-                           for w in layer.weights])
+        layer.set_weights([rng.normal(size=w.shape).astype(np.float32) ** 2 for w in layer.weights])
     x = rng.normal(size=(4, 5, 5, CHANNELS)).astype(np.float32)
     keras_model.save_weights(os.path.join(tmp_path, "k.weights.h5"))
     ours.load_weights(os.path.join(tmp_path, "k.weights.h5"))

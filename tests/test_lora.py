@@ -5,6 +5,7 @@ conv W_nat = W + reshape(B @ A, (out, in, k, k)) / r with A (r*k, in*k), B (out*
 dense W_nat = W + B @ A / r.  The convolution reference is PyTorch's F.conv2d on the torch
 layout, so the Keras layout transposes are checked too.
 """
+
 import keras
 import numpy as np
 import pytest
@@ -48,8 +49,11 @@ def test_conv_and_dense_branches_equal_the_merged_kernels_of_the_paper():
     w_torch = model.get_layer("conv").kernel.numpy().transpose(3, 2, 0, 1)  # (out, in, k, k)
     merged_torch = w_torch + (b @ a).reshape(5, 4, 3, 3) / RANK
     stem = model.get_layer("stem")(x).numpy()
-    y = F.conv2d(torch.tensor(stem.transpose(0, 3, 1, 2)), torch.tensor(merged_torch),
-                 stride=2).numpy().transpose(0, 2, 3, 1)
+    y = (
+        F.conv2d(torch.tensor(stem.transpose(0, 3, 1, 2)), torch.tensor(merged_torch), stride=2)
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     dense = branches["hidden"]
     hidden = model.get_layer("hidden")
     w_nat = hidden.kernel.numpy() + (dense.lora_b.numpy() @ dense.lora_a.numpy()).T / RANK
@@ -85,8 +89,12 @@ def test_resnet_targets_are_the_convolutions_inside_the_residual_blocks():
     nn.Conv2d), not the shortcuts (called without thread=), not the head."""
     model = build_resnet("resnet18", 3, twin=False, input_shape=(16, 16, 3))
     targets = [b.target for b in lora.lora_branches(lora.add_lora(model, RANK))]
-    assert targets == [f"layer{stage}_{block}_conv{conv}" for stage in (1, 2, 3, 4)
-                       for block in (0, 1) for conv in (1, 2)]
+    assert targets == [
+        f"layer{stage}_{block}_conv{conv}"
+        for stage in (1, 2, 3, 4)
+        for block in (0, 1)
+        for conv in (1, 2)
+    ]
 
 
 def test_one_traced_function_runs_both_paths():
@@ -114,8 +122,9 @@ def test_merge_equals_the_natural_forward_and_main_branch_the_main_one():
     model = build_resnet("resnet18", 3, twin=False, input_shape=(16, 16, 3))
     wrapped = lora.add_lora(model, RANK)
     for branch in lora.lora_branches(wrapped):
-        branch.lora_b.assign(0.01 * np.random.default_rng(3).normal(
-            size=branch.lora_b.shape).astype("float32"))
+        branch.lora_b.assign(
+            0.01 * np.random.default_rng(3).normal(size=branch.lora_b.shape).astype("float32")
+        )
     x = np.random.default_rng(4).uniform(size=(3, 16, 16, 3)).astype("float32")
     with lora.natural_branch():
         natural = wrapped(x).numpy()

@@ -4,6 +4,7 @@ The reference losses are written here from spec §5 in PyTorch (`F.cross_entropy
 with reduction="sum", the reductions spelled out), so a wrong reduction, a swapped half or a
 stop-gradient in twins_tf shows up as a different value or gradient.
 """
+
 import zlib
 
 import numpy as np
@@ -39,8 +40,10 @@ def torch_loss(name, z_nat, z_adv, y):
         return LAMBDA * _torch_ce(z_adv[:h], y[:h]) + _torch_ce(z_adv[h:], y[h:])
     if name == "twins_trades":
         natural = LAMBDA * _torch_ce(z_nat[:h], y[:h]) + _torch_ce(z_nat[h:], y[h:])
-        robust = LAMBDA * _torch_kl_sum(z_nat[:h], z_adv[:h]) / b + _torch_kl_sum(
-            z_nat[h:], z_adv[h:]) / b
+        robust = (
+            LAMBDA * _torch_kl_sum(z_nat[:h], z_adv[:h]) / b
+            + _torch_kl_sum(z_nat[h:], z_adv[h:]) / b
+        )
         return natural + BETA * robust
     raise ValueError(name)
 
@@ -94,8 +97,9 @@ def test_l2sp_penalty_matches_numpy():
     alpha, beta = 0.03, 0.2
     pull = sum(((c.astype(np.float64) - a) ** 2).sum() for c, a in zip(current, anchors))
     decay = sum((h.astype(np.float64) ** 2).sum() for h in head)
-    got = methods.l2sp_penalty([tf.constant(c) for c in current], anchors, head,
-                               alpha=alpha, beta=beta)
+    got = methods.l2sp_penalty(
+        [tf.constant(c) for c in current], anchors, head, alpha=alpha, beta=beta
+    )
     np.testing.assert_allclose(float(got), alpha / 2 * pull + beta / 2 * decay, rtol=1e-5)
     with pytest.raises(ValueError, match="anchors"):
         methods.l2sp_penalty(current, anchors[:2], head, alpha=alpha, beta=beta)
@@ -149,8 +153,9 @@ def test_method_fields_are_keywords_and_validated():
 
 
 def test_register_adds_a_method_once():
-    custom = methods.Method(name="test_registry_at", objective=methods.get("at").objective,
-                            adversarial=True)
+    custom = methods.Method(
+        name="test_registry_at", objective=methods.get("at").objective, adversarial=True
+    )
     try:
         assert methods.register(custom) is custom
         assert methods.get("test_registry_at") is custom
@@ -162,5 +167,12 @@ def test_register_adds_a_method_once():
             methods.register("at")
     finally:
         methods.METHODS.pop("test_registry_at", None)
-    assert set(methods.METHODS) == {"clean", "at", "trades", "l2sp", "twins_at", "twins_trades",
-                                    "autolora"}
+    assert set(methods.METHODS) == {
+        "clean",
+        "at",
+        "trades",
+        "l2sp",
+        "twins_at",
+        "twins_trades",
+        "autolora",
+    }

@@ -6,6 +6,7 @@ twins_tf.weights, and the Keras logits must equal PyTorch's to 1e-4 relative to 
 logit (issue 3, item 5).  An element-wise relative tolerance would be meaningless for logits
 near zero, so the criterion is max|keras - torch| <= 1e-4 * max|torch|.
 """
+
 import copy
 import functools
 import math
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-
 from torch_resnet import (
     ARCH_SPECS,
     TorchPixelResNet,
@@ -23,6 +23,7 @@ from torch_resnet import (
     torch_logits,
     torch_resnet,
 )
+
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.models import (
     ARCHITECTURES,
@@ -227,15 +228,21 @@ def _one_at_step_moving_means(strategy, synchronized, batch):
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = build_resnet("resnet18", 4, twin=False, input_shape=(16, 16, 3),
-                             synchronized=synchronized)
+        model = build_resnet(
+            "resnet18", 4, twin=False, input_shape=(16, 16, 3), synchronized=synchronized
+        )
         trainer = AdversarialTrainer(model, method="at", attack=PGD(8 / 255, 2 / 255, 1))
         trainer.compile(keras.optimizers.SGD(0.01, momentum=0.9))
     dataset = tf.data.Dataset.from_tensor_slices(batch).batch(len(batch[0]))
     trainer.fit(dataset, epochs=1, verbose=0)
-    return {layer.name: [np.asarray(copy) for copy in
-                         strategy.experimental_local_results(layer.moving_mean.value)]
-            for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    return {
+        layer.name: [
+            np.asarray(copy)
+            for copy in strategy.experimental_local_results(layer.moving_mean.value)
+        ]
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
 
 
 def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
@@ -244,14 +251,17 @@ def test_plain_model_on_two_replicas_keeps_equal_moving_statistics():
     replicas) must keep the copies equal, and equal to a one-device step on the global batch
     (unsynchronized copies fail both: each replica saw other images)."""
     rng = np.random.default_rng(0)
-    batch = (rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
-             rng.integers(0, 4, size=8).astype("int32"))
+    batch = (
+        rng.uniform(size=(8, 16, 16, 3)).astype("float32"),
+        rng.integers(0, 4, size=8).astype("int32"),
+    )
     # Reduction through one device, not collective ops: TensorFlow numbers collective
     # instances per strategy, so several strategies over the same devices in one process
     # clash ("Shape mismatch in the collective instance", tensorflow/tensorflow#62790).
     mirrored = tf.distribute.MirroredStrategy(
         [d.name for d in tf.config.list_logical_devices("CPU")[:2]],
-        cross_device_ops=tf.distribute.ReductionToOneDevice())
+        cross_device_ops=tf.distribute.ReductionToOneDevice(),
+    )
     one_device = _one_at_step_moving_means(tf.distribute.get_strategy(), False, batch)
     synced = _one_at_step_moving_means(mirrored, True, batch)
     for name, (reference,) in one_device.items():
@@ -278,8 +288,9 @@ def _input_gradient_torch(net, x, weights, upsample):
 
 @pytest.mark.parametrize("twin", [True, False], ids=["twin", "plain"])
 @pytest.mark.parametrize("arch,size,upsample", [("resnet18", 32, 2), ("resnet50", 64, 1)])
-def test_folded_model_matches_pytorch_logits_and_input_gradients(reference, arch, size,
-                                                                 upsample, twin):
+def test_folded_model_matches_pytorch_logits_and_input_gradients(
+    reference, arch, size, upsample, twin
+):
     """What the attack needs from the folded view: PyTorch's eval-mode logits and input
     gradients, with every conv + BN pair folded (none left unfolded).
 
@@ -294,9 +305,12 @@ def test_folded_model_matches_pytorch_logits_and_input_gradients(reference, arch
     net, model = loaded_model(reference, arch, size, twin, upsample)
     folded = fold_batch_norm(model)
     assert sum(isinstance(l, FoldedConvBatchNormalization) for l in folded.layers) == len(
-        [l for l in model.layers if isinstance(l, keras.layers.Conv2D)])
-    assert not any(isinstance(l, (TwinBatchNormalization, keras.layers.BatchNormalization))
-                   for l in folded.layers)
+        [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    )
+    assert not any(
+        isinstance(l, (TwinBatchNormalization, keras.layers.BatchNormalization))
+        for l in folded.layers
+    )
     x = images(size, seed=8)
     assert_logits_close(folded(x, training=False).numpy(), torch_logits(net, x, upsample))
     weights = np.random.default_rng(9).normal(size=(BATCH, 1000)).astype(np.float32)
@@ -364,8 +378,10 @@ def test_keras_file_round_trip_gives_identical_outputs(tmp_path, twin):
     assert [type(l) for l in loaded.layers] == [type(l) for l in model.layers]
     assert loaded.get_layer("normalize").get_config() == model.get_layer("normalize").get_config()
     x = images(16, seed=14)
-    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
-                                  model(x, training=False).numpy())
+    np.testing.assert_array_equal(
+        loaded(x, training=False).numpy(), model(x, training=False).numpy()
+    )
     if twin:
-        np.testing.assert_array_equal(loaded(x, training=True).numpy(),
-                                      model(x, training=True).numpy())
+        np.testing.assert_array_equal(
+            loaded(x, training=True).numpy(), model(x, training=True).numpy()
+        )

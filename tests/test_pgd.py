@@ -5,13 +5,14 @@
   start, restarts; eager, graph and XLA.
 * A small conv net with BatchNorm in inference mode, attacked by a PyTorch PGD written here.
 """
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import torch
-
 from torch_resnet import torch_pgd
+
 from twins_tf.attacks import PGD
 
 SHAPE, CLASSES, BATCH = (4, 4, 2), 3, 6
@@ -20,7 +21,9 @@ SHAPE, CLASSES, BATCH = (4, 4, 2), 3, 6
 # --- the linear model and its numpy PGD ------------------------------------------------------
 def linear_model(seed=0):
     rng = np.random.default_rng(seed)
-    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(CLASSES)])
+    model = keras.Sequential(
+        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(CLASSES)]
+    )
     kernel = rng.normal(size=(np.prod(SHAPE), CLASSES))
     # centred logits (x - 0.5) @ W: classes compete, so examples sit near decision boundaries
     weights = [kernel, -0.5 * kernel.sum(0) + 0.1 * rng.normal(size=CLASSES)]
@@ -112,8 +115,11 @@ def test_random_start_from_explicit_seed(mode):
     model, weights = linear_model()
     x, y = _data()
     eps, seed = 0.1, tf.constant([11, 5], tf.int64)
-    draw = tf.function(lambda s: tf.random.stateless_uniform(x.shape, s, -eps, eps),
-                       jit_compile=mode == "xla", autograph=False)
+    draw = tf.function(
+        lambda s: tf.random.stateless_uniform(x.shape, s, -eps, eps),
+        jit_compile=mode == "xla",
+        autograph=False,
+    )
     noise = draw(seed).numpy()
     expected = numpy_pgd(weights, x, y, eps, 0.02, 3, start=np.clip(x + noise, 0, 1))
     got = _run(PGD(eps, 0.02, 3, random_start=True), model, x, y, mode, seed=seed)
@@ -158,8 +164,14 @@ def test_restarts_keep_the_first_fooling_restart():
     y = numpy_predict(weights, x.astype(np.float64))  # all clean-correct
     eps, alpha, steps, restarts = 0.1, 0.03, 1, 4
     seed = tf.constant([2, 9], tf.int64)
-    got = _run(PGD(eps, alpha, steps, random_start=True, restarts=restarts), model, x, y,
-               "graph", seed=seed)
+    got = _run(
+        PGD(eps, alpha, steps, random_start=True, restarts=restarts),
+        model,
+        x,
+        y,
+        "graph",
+        seed=seed,
+    )
 
     runs = []
     for restart_seed in tf.random.split(seed, restarts):
@@ -168,7 +180,7 @@ def test_restarts_keep_the_first_fooling_restart():
     expected, chosen = runs[0].copy(), np.zeros(len(x), int)
     for i in range(len(x)):
         for r, run in enumerate(runs):
-            if numpy_predict(weights, run[i:i + 1])[0] != y[i]:
+            if numpy_predict(weights, run[i : i + 1])[0] != y[i]:
                 expected[i], chosen[i] = run[i], r
                 break
     assert (chosen > 0).any(), "the case must exercise a later restart"
@@ -189,7 +201,9 @@ def test_float32_attack_under_mixed_precision():
         low = _run(PGD(8 / 255, 2 / 255, 7, compute_dtype=None), model, x, y, "graph")
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    np.testing.assert_allclose(got.numpy(), numpy_pgd(weights, x, y, 8 / 255, 2 / 255, 7), atol=2e-6)
+    np.testing.assert_allclose(
+        got.numpy(), numpy_pgd(weights, x, y, 8 / 255, 2 / 255, 7), atol=2e-6
+    )
     assert logits.dtype == tf.bfloat16  # the policy is restored after the attack's trace
     assert np.abs(low - x).max() <= 8 / 255 + 1e-6
 
@@ -219,14 +233,19 @@ def _conv_nets(seed=0):
     model.set_weights([kernel, gamma, beta, mean, var, dense_w, dense_b])
 
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.ReLU(),
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.ReLU(),
         torch.nn.Linear(4, CLASSES),
     )
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor(kernel.transpose(3, 2, 0, 1)))
-        for t, v in zip((net[1].weight, net[1].bias, net[1].running_mean, net[1].running_var),
-                        (gamma, beta, mean, var)):
+        for t, v in zip(
+            (net[1].weight, net[1].bias, net[1].running_mean, net[1].running_var),
+            (gamma, beta, mean, var),
+        ):
             t.copy_(torch.tensor(v))
         net[5].weight.copy_(torch.tensor(dense_w.T))
         net[5].bias.zero_()
@@ -240,18 +259,22 @@ def test_conv_net_with_batchnorm_matches_pytorch():
     x = rng.uniform(size=(8, 6, 6, 3)).astype("float32")
     y = rng.integers(0, CLASSES, 8)
     got = _run(PGD(8 / 255, 2 / 255, 5), model, x, y, "graph")
-    expected = torch_pgd(net, torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(y),
-                         8 / 255, 2 / 255, 5)
+    expected = torch_pgd(
+        net, torch.tensor(x.transpose(0, 3, 1, 2)), torch.tensor(y), 8 / 255, 2 / 255, 5
+    )
     np.testing.assert_allclose(got, expected.numpy().transpose(0, 2, 3, 1), atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(norm="l1"), "norm must be one of"),
-    (dict(epsilon=-0.1), "epsilon must be >= 0"),
-    (dict(steps=2.5), "steps must be a non-negative integer"),
-    (dict(restarts=0), "restarts must be a positive integer"),
-    (dict(compute_dtype="bfloat16"), "compute_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(norm="l1"), "norm must be one of"),
+        (dict(epsilon=-0.1), "epsilon must be >= 0"),
+        (dict(steps=2.5), "steps must be a non-negative integer"),
+        (dict(restarts=0), "restarts must be a positive integer"),
+        (dict(compute_dtype="bfloat16"), "compute_dtype"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     args = dict(epsilon=0.1, step_size=0.01, steps=3)
     args.update(kwargs)
@@ -267,16 +290,21 @@ def _one_line_error(call, match):
 
 
 def test_budgets_in_0_255_units_fail_at_construction():
-    _one_line_error(lambda: PGD(8, 2, 1), "epsilon=8 is more than the whole \\[0, 1\\] pixel "
-                    "range: give it in \\[0, 1\\] units, e.g. 8/255")
+    _one_line_error(
+        lambda: PGD(8, 2, 1),
+        "epsilon=8 is more than the whole \\[0, 1\\] pixel "
+        "range: give it in \\[0, 1\\] units, e.g. 8/255",
+    )
     _one_line_error(lambda: PGD(8 / 255, 2, 1), "step_size=2 is more than the whole")
     PGD(1.0, 1.0, 1)  # the whole box is a legal (if useless) L-inf radius
     model, _ = linear_model()
     x, y = _data()
     # L2 radii above 1 are ordinary; one beyond the box's diagonal (sqrt(32) here) is not
     PGD(3.0, 0.5, 1, norm="l2")(model, x, y)
-    _one_line_error(lambda: PGD(2 * 255, 0.5, 1, norm="l2")(model, x, y),
-                    "L2 epsilon=510 is longer than the diagonal")
+    _one_line_error(
+        lambda: PGD(2 * 255, 0.5, 1, norm="l2")(model, x, y),
+        "L2 epsilon=510 is longer than the diagonal",
+    )
 
 
 def test_bad_images_and_labels_fail_clearly():
@@ -286,10 +314,13 @@ def test_bad_images_and_labels_fail_clearly():
     _one_line_error(lambda: pgd(model, x * 255, y), "images in \\[0, 1\\]")
     _one_line_error(lambda: pgd(model, x[0], y[:1]), "one image, not a batch: add a batch axis")
     _one_line_error(lambda: pgd(model, x, y[:3]), "got 6 images but 3 labels")
-    _one_line_error(lambda: pgd(model, x, y + CLASSES), "class ids in \\[3, 5\\], but the model "
-                    "has 3 classes")
-    _one_line_error(lambda: pgd(model, x, np.eye(4)[y % 4]), "labels of shape \\(6, 4\\), but "
-                    "the model has 3 classes")
+    _one_line_error(
+        lambda: pgd(model, x, y + CLASSES), "class ids in \\[3, 5\\], but the model has 3 classes"
+    )
+    _one_line_error(
+        lambda: pgd(model, x, np.eye(4)[y % 4]),
+        "labels of shape \\(6, 4\\), but the model has 3 classes",
+    )
     soft = np.full((BATCH, CLASSES), 1 / CLASSES, np.float32)
     _one_line_error(lambda: pgd(model, x, soft), "not one-hot")
     # one-hot rows of the model's width are the class ids they encode (eager and traced)
@@ -297,27 +328,32 @@ def test_bad_images_and_labels_fail_clearly():
         np.testing.assert_array_equal(pgd(model, x, one_hot).numpy(), pgd(model, x, y).numpy())
     np.testing.assert_array_equal(
         _run(pgd, model, x, np.eye(CLASSES, dtype=np.float32)[y], "graph"),
-        _run(pgd, model, x, y, "graph"))
+        _run(pgd, model, x, y, "graph"),
+    )
 
 
 # --- Keras serialisation (issue 14): the trainer's attack saves with the trainer ---------------
 def test_serialised_pgd_attacks_identically():
     model, _ = linear_model()
     x, y = _data()
-    for pgd in (PGD(0.1, 0.02, 3, random_start=True, restarts=2),  # drawn seed
-                PGD(1.0, 0.5, 2, norm="l2", random_start=True, seed=5, compute_dtype=None)):
+    for pgd in (
+        PGD(0.1, 0.02, 3, random_start=True, restarts=2),  # drawn seed
+        PGD(1.0, 0.5, 2, norm="l2", random_start=True, seed=5, compute_dtype=None),
+    ):
         config = keras.saving.serialize_keras_object(pgd)
         assert config["registered_name"] == "twins_tf>PGD"
         again = keras.saving.deserialize_keras_object(config)
         assert type(again) is PGD and again.get_config() == pgd.get_config()
         seed = tf.constant([3, 4])
-        np.testing.assert_array_equal(again(model, x, y, seed=seed).numpy(),
-                                      pgd(model, x, y, seed=seed).numpy())
+        np.testing.assert_array_equal(
+            again(model, x, y, seed=seed).numpy(), pgd(model, x, y, seed=seed).numpy()
+        )
         # without a seed each object's generator starts from the recorded seed
         np.testing.assert_array_equal(again(model, x, y).numpy(), pgd(model, x, y).numpy())
         # an int seed is the stateless seed (seed, 0)
-        np.testing.assert_array_equal(pgd(model, x, y, seed=3).numpy(),
-                                      pgd(model, x, y, seed=tf.constant([3, 0])).numpy())
+        np.testing.assert_array_equal(
+            pgd(model, x, y, seed=3).numpy(), pgd(model, x, y, seed=tf.constant([3, 0])).numpy()
+        )
 
 
 def test_the_old_attack_method_warns_and_still_works():

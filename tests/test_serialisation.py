@@ -8,6 +8,7 @@ strongest check is that both then train on to the same weights, which only holds
 momentum and the step counter came back.  A fresh Python process shows what a user without
 `import twins_tf` gets.
 """
+
 import json
 import os
 import subprocess
@@ -18,9 +19,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_trainer import (
+    ALPHA,
+    BETA,
+    EPS,
+    L2SP_ALPHA,
+    LAMBDA,
+    LR,
+    MOMENTUM,
+    WD,
+    _dataset,
+    make_batches,
+    small_pair,
+)
 
-from test_trainer import ALPHA, BETA, EPS, L2SP_ALPHA, LAMBDA, LR, MOMENTUM, WD, _dataset, \
-    make_batches, small_pair
 from twins_tf import AdversarialTrainer
 from twins_tf.attacks import PGD
 
@@ -32,9 +44,15 @@ def _trainer(method, kind, seed=0):
     # every hyperparameter off its default, and an eval attack "auto" would not derive, so a
     # value from_config drops shows as a different config
     trainer = AdversarialTrainer(
-        model, method=method, attack=PGD(EPS, ALPHA, 2, random_start=True, seed=5),
+        model,
+        method=method,
+        attack=PGD(EPS, ALPHA, 2, random_start=True, seed=5),
         eval_attack=PGD(EPS / 2, ALPHA, 1, random_start=True, seed=7),
-        lambda_twins=LAMBDA, beta=BETA / 2, weight_decay=WD, l2sp_alpha=L2SP_ALPHA)
+        lambda_twins=LAMBDA,
+        beta=BETA / 2,
+        weight_decay=WD,
+        l2sp_alpha=L2SP_ALPHA,
+    )
     trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM))
     return trainer
 
@@ -63,7 +81,7 @@ def assert_same_trainer(loaded, saved, images):
 @pytest.mark.parametrize("method,kind", [("twins_trades", "twin"), ("l2sp", "keras")])
 def test_keras_file_round_trip_keeps_weights_optimizer_and_config(tmp_path, method, kind):
     data = _dataset(make_batches(3, seed=11))
-    (x, _), = make_batches(1, seed=12)
+    ((x, _),) = make_batches(1, seed=12)
     trainer = _trainer(method, kind)
     trainer.fit(data, epochs=1, verbose=0, validation_data=data)
     assert int(trainer.optimizer.iterations) == 3
@@ -79,24 +97,26 @@ def test_keras_file_round_trip_keeps_weights_optimizer_and_config(tmp_path, meth
     assert momentum and any(np.abs(np.asarray(v)).sum() > 0 for v in momentum)
     if method == "l2sp":  # the anchors are the pre-trained start, not the trained weights
         anchors = [np.asarray(a) for a in loaded._l2sp_anchors]
-        assert not all(np.array_equal(a, np.asarray(v))
-                       for a, v in zip(anchors, loaded._l2sp_variables))
+        assert not all(
+            np.array_equal(a, np.asarray(v)) for a, v in zip(anchors, loaded._l2sp_variables)
+        )
     # the optimizer state came back: one more epoch gives the same weights on both sides
-    logs = [t.fit(data, epochs=1, verbose=0, validation_data=data).history
-            for t in (trainer, loaded)]
+    logs = [
+        t.fit(data, epochs=1, verbose=0, validation_data=data).history for t in (trainer, loaded)
+    ]
     assert logs[0] == logs[1]
     for key, want in _values(trainer.weights).items():
-        np.testing.assert_allclose(_values(loaded.weights)[key], want, rtol=1e-6, atol=1e-7,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            _values(loaded.weights)[key], want, rtol=1e-6, atol=1e-7, err_msg=key
+        )
 
 
 def test_model_checkpoint_saves_a_keras_file_every_epoch(tmp_path):
     data = _dataset(make_batches(2, seed=13))
-    (x, _), = make_batches(1, seed=14)
+    ((x, _),) = make_batches(1, seed=14)
     trainer = _trainer("twins_at", "twin", seed=1)
     pattern = str(tmp_path / "ckpt-{epoch}.keras")
-    trainer.fit(data, epochs=2, verbose=0,
-                callbacks=[keras.callbacks.ModelCheckpoint(pattern)])
+    trainer.fit(data, epochs=2, verbose=0, callbacks=[keras.callbacks.ModelCheckpoint(pattern)])
     for epoch in (1, 2):
         assert os.path.getsize(pattern.format(epoch=epoch)) > 0
     assert_same_trainer(keras.models.load_model(pattern.format(epoch=2)), trainer, x)
@@ -113,8 +133,9 @@ def test_an_unregistered_attack_is_a_clear_error_and_leaves_no_file(tmp_path):
     trainer = AdversarialTrainer(model, method="twins_at", attack=shift)
     trainer.compile("sgd")
     path = tmp_path / "trainer.keras"
-    with pytest.raises(ValueError, match="attack .* is not a registered Keras serialisable.*"
-                                         "save_weights_only=True"):
+    with pytest.raises(
+        ValueError, match="attack .* is not a registered Keras serialisable.*save_weights_only=True"
+    ):
         trainer.save(str(path))
     assert not path.exists()
 
@@ -135,8 +156,10 @@ def test_keras_files_in_a_fresh_process_need_import_twins_tf(tmp_path):
     trainer = _trainer("twins_at", "twin", seed=2)
     trainer.fit(_dataset(make_batches(1, seed=15)), verbose=0)
     trainer.save(str(tmp_path / "trainer.keras"))
-    np.save(tmp_path / "trainer_logits.npy",
-            np.asarray(trainer(tf.constant(make_batches(1, seed=16)[0][0]))))
+    np.save(
+        tmp_path / "trainer_logits.npy",
+        np.asarray(trainer(tf.constant(make_batches(1, seed=16)[0][0]))),
+    )
     np.save(tmp_path / "trainer_images.npy", make_batches(1, seed=16)[0][0])
 
     script = textwrap.dedent("""
@@ -160,8 +183,14 @@ def test_keras_files_in_a_fresh_process_need_import_twins_tf(tmp_path):
         print("LOADED AFTER import twins_tf")
     """)
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "LOADED WITHOUT twins_tf" not in out

@@ -1,19 +1,18 @@
 """AdversarialTrainer against a PyTorch implementation of the same steps, written here from spec.
 
-The reference (PyTorch, below) implements spec §1-6 independently: a two-wing BN module,
-PGD in eval mode, the five objectives with their reductions, and
-`torch.optim.SGD(lr, momentum=0.9, weight_decay=wd)` (coupled decay); L2-SP from Li et al.'s
-formula, alpha/2 ||w_S - w_S^0||^2 + wd/2 ||w_head||^2 added to the loss and no other decay.  Each parity case loads
-the same weights into both frameworks, runs two training steps on the same batches
-(`random_start=False`) and compares the step-1 adversarial examples, the losses, the metrics
-and every weight and moving statistic.  Distribution is compared against a reference that
-simulates the replicas (each replica attacks, normalises and differentiates its own slice;
-gradients and moving statistics are averaged), XLA against the same reference.
+The reference (PyTorch, below) implements spec §1-6 independently: a two-wing BN module, PGD in
+eval mode, the five objectives with their reductions, and `torch.optim.SGD(lr, momentum=0.9,
+weight_decay=wd)` (coupled decay); L2-SP from Li et al.'s formula, alpha/2 ||w_S - w_S^0||^2 +
+wd/2 ||w_head||^2 added to the loss and no other decay. Each parity case loads the same weights
+into both frameworks, runs two training steps on the same batches (`random_start=False`) and
+compares the step-1 adversarial examples, the losses, the metrics and every weight and moving
+statistic.  Distribution is compared against a reference that simulates the replicas (each
+replica attacks, normalises and differentiates its own slice; gradients and moving statistics
+are averaged), XLA against the same reference.
 
 A small conv net (conv-BN-ReLU twice, GAP, dense) built identically in both frameworks keeps
 the cases fast; one case runs ResNet-18 loaded through `twins_tf.weights`.
 """
-import os
 
 import keras
 import numpy as np
@@ -22,8 +21,8 @@ import tensorflow as tf
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
+
 from twins_tf import AdversarialTrainer
 from twins_tf.attacks import PGD
 from twins_tf.layers import TwinBatchNormalization, set_twin_mode
@@ -55,22 +54,35 @@ class TorchTwinBN(nn.Module):
     def from_batchnorm(cls, bn):
         twin = cls(bn.num_features)
         with torch.no_grad():
-            for a, f, source in (("weight", "frozen_weight", bn.weight), ("bias", "frozen_bias", bn.bias),
-                                 ("running_mean", "frozen_mean", bn.running_mean),
-                                 ("running_var", "frozen_var", bn.running_var)):
+            for a, f, source in (
+                ("weight", "frozen_weight", bn.weight),
+                ("bias", "frozen_bias", bn.bias),
+                ("running_mean", "frozen_mean", bn.running_mean),
+                ("running_var", "frozen_var", bn.running_var),
+            ):
                 getattr(twin, a).copy_(source)
                 getattr(twin, f).copy_(source)
         return twin
 
     def forward(self, x):
         if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.1, 1e-5)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5
+            )
         half = x.shape[0] // 2
-        frozen = F.batch_norm(x[:half], self.frozen_mean, self.frozen_var, self.frozen_weight,
-                              self.frozen_bias, False, 0.1, 1e-5)
-        adaptive = F.batch_norm(x[half:], self.running_mean, self.running_var, self.weight,
-                                self.bias, True, 0.1, 1e-5)
+        frozen = F.batch_norm(
+            x[:half],
+            self.frozen_mean,
+            self.frozen_var,
+            self.frozen_weight,
+            self.frozen_bias,
+            False,
+            0.1,
+            1e-5,
+        )
+        adaptive = F.batch_norm(
+            x[half:], self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, 1e-5
+        )
         return torch.cat([frozen, adaptive])
 
 
@@ -88,7 +100,8 @@ class TorchKerasBN(nn.BatchNorm2d):
             self.running_var.mul_(0.9).add_(0.1 * var)
         shape = (1, -1, 1, 1)
         return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * self.weight.view(
-            shape) + self.bias.view(shape)
+            shape
+        ) + self.bias.view(shape)
 
 
 class TorchSmallNet(nn.Module):
@@ -126,11 +139,15 @@ def torch_objective(method, net, x, x_adv, y, anchors, wd=WD):
     elif method == "twins_at":
         loss = LAMBDA * ce(z_adv[:h], y[:h]) + ce(z_adv[h:], y[h:])
     else:  # twins_trades
-        loss = LAMBDA * ce(z_nat[:h], y[:h]) + ce(z_nat[h:], y[h:]) + BETA * (
-            LAMBDA * _kl_sum(z_nat[:h], z_adv[:h]) / b + _kl_sum(z_nat[h:], z_adv[h:]) / b)
+        loss = (
+            LAMBDA * ce(z_nat[:h], y[:h])
+            + ce(z_nat[h:], y[h:])
+            + BETA
+            * (LAMBDA * _kl_sum(z_nat[:h], z_adv[:h]) / b + _kl_sum(z_nat[h:], z_adv[h:]) / b)
+        )
     if method == "l2sp":  # Li et al. 2018: Omega = alpha/2 ||w_S - w_S^0||^2 + beta/2 ||w_new||^2
         loss = loss + L2SP_ALPHA / 2 * sum(((p - a) ** 2).sum() for p, a in anchors)
-        loss = loss + wd / 2 * sum((p ** 2).sum() for p in net.fc.parameters())
+        loss = loss + wd / 2 * sum((p**2).sum() for p in net.fc.parameters())
     return loss, z_adv if z_adv is not None else z_nat
 
 
@@ -139,8 +156,9 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
     # L2-SP's regulariser is in its loss: no decay towards zero on top of it
     coupled = 0.0 if method == "l2sp" else wd
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=coupled)
-    anchors = [(p, p.detach().clone()) for n, p in net.named_parameters()
-               if n.split(".")[-2] != "fc"]  # L2-SP: every pre-trained weight, not the head
+    anchors = [
+        (p, p.detach().clone()) for n, p in net.named_parameters() if n.split(".")[-2] != "fc"
+    ]  # L2-SP: every pre-trained weight, not the head
     buffers = [b for n, b in net.named_buffers() if "running" in n]
     records = []
     for x_nhwc, y_np in batches:
@@ -164,15 +182,17 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
                 b.copy_(torch.stack([e[i] for e in ends]).mean(0))
         optimizer.step()
         correct = [(z.argmax(1) == yr).float() for z, yr in zip(logits, y.chunk(replicas))]
-        halves = [(c[:len(c) // 2], c[len(c) // 2:]) for c in correct]
-        records.append(dict(
-            x_adv=torch.cat(advs).numpy().transpose(0, 2, 3, 1),
-            loss=float(np.mean(losses)),
-            acc=torch.cat(correct).mean().item(),
-            frozen_acc=torch.cat([f for f, _ in halves]).mean().item(),
-            adaptive_acc=torch.cat([a for _, a in halves]).mean().item(),
-            state=torch_state(net),
-        ))
+        halves = [(c[: len(c) // 2], c[len(c) // 2 :]) for c in correct]
+        records.append(
+            dict(
+                x_adv=torch.cat(advs).numpy().transpose(0, 2, 3, 1),
+                loss=float(np.mean(losses)),
+                acc=torch.cat(correct).mean().item(),
+                frozen_acc=torch.cat([f for f, _ in halves]).mean().item(),
+                adaptive_acc=torch.cat([a for _, a in halves]).mean().item(),
+                state=torch_state(net),
+            )
+        )
     return records
 
 
@@ -183,14 +203,19 @@ def _pairs(layer, module):
         return [(layer.kernel, lambda m: m.weight.permute(2, 3, 1, 0))]
     if isinstance(module, nn.Linear):
         return [(layer.kernel, lambda m: m.weight.T), (layer.bias, lambda m: m.bias)]
-    pairs = [(layer.gamma, lambda m: m.weight), (layer.beta, lambda m: m.bias),
-             (layer.moving_mean, lambda m: m.running_mean),
-             (layer.moving_variance, lambda m: m.running_var)]
+    pairs = [
+        (layer.gamma, lambda m: m.weight),
+        (layer.beta, lambda m: m.bias),
+        (layer.moving_mean, lambda m: m.running_mean),
+        (layer.moving_variance, lambda m: m.running_var),
+    ]
     if isinstance(module, TorchTwinBN):
-        pairs += [(layer.frozen_gamma, lambda m: m.frozen_weight),
-                  (layer.frozen_beta, lambda m: m.frozen_bias),
-                  (layer.frozen_mean, lambda m: m.frozen_mean),
-                  (layer.frozen_variance, lambda m: m.frozen_var)]
+        pairs += [
+            (layer.frozen_gamma, lambda m: m.frozen_weight),
+            (layer.frozen_beta, lambda m: m.frozen_bias),
+            (layer.frozen_mean, lambda m: m.frozen_mean),
+            (layer.frozen_variance, lambda m: m.frozen_var),
+        ]
     return pairs
 
 
@@ -203,13 +228,16 @@ def _modules(net):
 
 def torch_state(net):
     """{"<keras layer>/<keras variable>": value in Keras layout} for every tensor of `net`."""
+
     class VariableNames:  # stands in for a Keras layer: attribute -> its own name
         def __getattr__(self, item):
             return item
 
-    return {f"{name}/{variable_name}": fn(module).detach().numpy().copy()
-            for name, module in _modules(net)
-            for variable_name, fn in _pairs(VariableNames(), module)}
+    return {
+        f"{name}/{variable_name}": fn(module).detach().numpy().copy()
+        for name, module in _modules(net)
+        for variable_name, fn in _pairs(VariableNames(), module)
+    }
 
 
 def keras_state(model):
@@ -271,7 +299,9 @@ def small_pair(kind, seed=0):
             if hasattr(module, "running_var"):
                 for name in ("weight", "frozen_weight"):
                     if hasattr(module, name):
-                        getattr(module, name).copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+                        getattr(module, name).copy_(
+                            0.5 + torch.rand(module.weight.shape, generator=generator)
+                        )
                 for name in ("bias", "running_mean", "frozen_bias", "frozen_mean"):
                     if hasattr(module, name):
                         t = getattr(module, name)
@@ -310,19 +340,36 @@ def make_batches(count=2, batch=BATCH, size=SIZE, seed=0):
     return batches
 
 
-def make_trainer(model, method, jit_compile=False, pgd_steps=PGD_STEPS, attack="pgd", wd=WD,
-                 **kwargs):
+def make_trainer(
+    model, method, jit_compile=False, pgd_steps=PGD_STEPS, attack="pgd", wd=WD, **kwargs
+):
     if attack == "pgd":
         attack = PGD(EPS, ALPHA, pgd_steps) if method != "clean" else None
     trainer = AdversarialTrainer(
-        model, method=method, attack=attack,
-        lambda_twins=LAMBDA, beta=BETA, weight_decay=wd, l2sp_alpha=L2SP_ALPHA, **kwargs)
+        model,
+        method=method,
+        attack=attack,
+        lambda_twins=LAMBDA,
+        beta=BETA,
+        weight_decay=wd,
+        l2sp_alpha=L2SP_ALPHA,
+        **kwargs,
+    )
     trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM), jit_compile=jit_compile)
     return trainer
 
 
-def run_parity(model, net, method, *, jit_compile=False, strategy=None, batches=None,
-               pgd_steps=PGD_STEPS, wd=WD):
+def run_parity(
+    model,
+    net,
+    method,
+    *,
+    jit_compile=False,
+    strategy=None,
+    batches=None,
+    pgd_steps=PGD_STEPS,
+    wd=WD,
+):
     """Two steps (or as many as `batches`): 1e-4 relative on the first, 1e-3 on the second."""
     batches = batches or make_batches()
     replicas = strategy.num_replicas_in_sync if strategy else 1
@@ -347,7 +394,9 @@ def run_parity(model, net, method, *, jit_compile=False, strategy=None, batches=
             np.testing.assert_allclose(logs[accuracy_key], expected["acc"], atol=1e-6)
             if method.startswith("twins"):
                 np.testing.assert_allclose(logs["frozen_acc"], expected["frozen_acc"], atol=1e-6)
-                np.testing.assert_allclose(logs["adaptive_acc"], expected["adaptive_acc"], atol=1e-6)
+                np.testing.assert_allclose(
+                    logs["adaptive_acc"], expected["adaptive_acc"], atol=1e-6
+                )
             assert_same_state(model, expected["state"], 1e-4, before, update_rtol=1e-3)
         else:
             assert_same_state(model, expected["state"], 1e-3)
@@ -369,16 +418,27 @@ def mirrored_strategy():
     if not _STRATEGY:
         devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
         assert len(devices) == 2, "conftest configures two logical CPU devices"
-        _STRATEGY.append(tf.distribute.MirroredStrategy(
-            devices, cross_device_ops=tf.distribute.ReductionToOneDevice()))
+        _STRATEGY.append(
+            tf.distribute.MirroredStrategy(
+                devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+            )
+        )
     return _STRATEGY[0]
 
 
 # === parity ==================================================================================
-@pytest.mark.parametrize("method,kind", [
-    ("twins_at", "twin"), ("twins_trades", "twin"), ("at", "keras"), ("trades", "keras"),
-    ("l2sp", "keras"), ("clean", "keras"), ("at", "adaptive"),
-])
+@pytest.mark.parametrize(
+    "method,kind",
+    [
+        ("twins_at", "twin"),
+        ("twins_trades", "twin"),
+        ("at", "keras"),
+        ("trades", "keras"),
+        ("l2sp", "keras"),
+        ("clean", "keras"),
+        ("at", "adaptive"),
+    ],
+)
 def test_two_steps_match_pytorch(method, kind):
     model, net = small_pair(kind)
     run_parity(model, net, method)
@@ -441,7 +501,7 @@ def test_resnet18_twins_trades_matches_pytorch():
 def test_evaluate_reports_clean_and_pgd_accuracy_in_inference_mode():
     model, net = small_pair("twin", seed=5)
     trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1, batch=16, seed=5)
+    ((x, y),) = make_batches(1, batch=16, seed=5)
     trainer.attack = PGD(EPS, ALPHA, PGD_STEPS, random_start=True, seed=0)
     trainer.eval_attack = PGD(EPS, ALPHA, PGD_STEPS)  # what "auto" derives (no random start)
     logs = trainer.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
@@ -450,7 +510,9 @@ def test_evaluate_reports_clean_and_pgd_accuracy_in_inference_mode():
     with torch.no_grad():
         clean = (net(xt).argmax(1) == yt).float().mean().item()
         loss = F.cross_entropy(net(xt), yt).item()
-    adv_x = torch.cat([torch_pgd(net, xt[i:i + 8], yt[i:i + 8], EPS, ALPHA, PGD_STEPS) for i in (0, 8)])
+    adv_x = torch.cat(
+        [torch_pgd(net, xt[i : i + 8], yt[i : i + 8], EPS, ALPHA, PGD_STEPS) for i in (0, 8)]
+    )
     with torch.no_grad():
         adversarial = (net(adv_x).argmax(1) == yt).float().mean().item()
     assert abs(logs["clean_acc"] - clean) < 1e-6
@@ -462,15 +524,22 @@ def test_default_eval_attack_drops_the_random_start():
     model, _ = small_pair("twin")
     attack = PGD(EPS, ALPHA, 10, random_start=True, restarts=2, seed=1)
     trainer = AdversarialTrainer(model, method="twins_at", attack=attack)
-    assert trainer.eval_attack.get_config() == dict(attack.get_config(), random_start=False, restarts=1)
-    assert AdversarialTrainer(model, method="twins_at", attack=attack, eval_attack=None).eval_attack is None
+    assert trainer.eval_attack.get_config() == dict(
+        attack.get_config(), random_start=False, restarts=1
+    )
+    assert (
+        AdversarialTrainer(model, method="twins_at", attack=attack, eval_attack=None).eval_attack
+        is None
+    )
 
 
 # === fit: XLA, mixed precision, resume ========================================================
 def _dataset(batches):
     xs = np.concatenate([x for x, _ in batches])
     ys = np.concatenate([y for _, y in batches])
-    return tf.data.Dataset.from_tensor_slices((xs, ys)).batch(len(batches[0][1]), drop_remainder=True)
+    return tf.data.Dataset.from_tensor_slices((xs, ys)).batch(
+        len(batches[0][1]), drop_remainder=True
+    )
 
 
 @pytest.mark.parametrize("method", ["twins_trades"])
@@ -479,8 +548,12 @@ def test_fit_with_xla_and_mixed_bfloat16(method):
     try:
         model, _ = small_pair("twin" if method.startswith("twins") else "keras", seed=6)
         trainer = make_trainer(model, method, jit_compile=True)
-        history = trainer.fit(_dataset(make_batches(3, seed=6)), epochs=2, verbose=0,
-                              validation_data=_dataset(make_batches(1, seed=7)))
+        history = trainer.fit(
+            _dataset(make_batches(3, seed=6)),
+            epochs=2,
+            verbose=0,
+            validation_data=_dataset(make_batches(1, seed=7)),
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("conv1").kernel.dtype == "float32"
@@ -523,9 +596,10 @@ def _calibrated_resnet18(twin, size, rng):
     return model
 
 
-@pytest.mark.parametrize("method", [
-    m if m == "twins_trades" else pytest.param(m, marks=pytest.mark.slow)
-    for m in ALL_METHODS])
+@pytest.mark.parametrize(
+    "method",
+    [m if m == "twins_trades" else pytest.param(m, marks=pytest.mark.slow) for m in ALL_METHODS],
+)
 def test_resnet18_fit_with_xla_matches_fit_without(method):
     """Every method trains a ResNet-18 under `fit` with jit_compile=True and its first step
     gives the weights and moving statistics of the same step in plain graph mode (issue 4);
@@ -536,13 +610,17 @@ def test_resnet18_fit_with_xla_matches_fit_without(method):
     keras.utils.set_random_seed(9)
     twin = method.startswith("twins")
     start = [np.asarray(w) for w in _calibrated_resnet18(twin, 32, rng).weights]
-    (x, y), = make_batches(1, batch=8, size=32, seed=9)
+    ((x, y),) = make_batches(1, batch=8, size=32, seed=9)
     trained = []
     for jit_compile in (False, True):
         model = build_resnet("resnet18", CLASSES, twin=twin, input_shape=(32, 32, 3))
         model.set_weights(start)
-        trainer = make_trainer(model, method, jit_compile=jit_compile,
-                               attack=_fixed_perturbation if method != "clean" else None)
+        trainer = make_trainer(
+            model,
+            method,
+            jit_compile=jit_compile,
+            attack=_fixed_perturbation if method != "clean" else None,
+        )
         trainer.fit(tf.data.Dataset.from_tensors((x, y)), verbose=0)
         trained.append((model, [np.asarray(w) for w in model.weights], trainer))
     (graph, graph_weights, _), (xla, xla_weights, xla_trainer) = trained
@@ -550,8 +628,9 @@ def test_resnet18_fit_with_xla_matches_fit_without(method):
     # XLA and oneDNN convolutions round differently; through 20 BN layers' backward passes
     # that reaches ~1e-4 of a tensor's scale (measured), far below what one step moves.
     for variable, a, b in zip(graph.weights, graph_weights, xla_weights):
-        np.testing.assert_allclose(b, a, rtol=0, atol=5e-4 * np.abs(a).max() + 1e-7,
-                                   err_msg=variable.path)
+        np.testing.assert_allclose(
+            b, a, rtol=0, atol=5e-4 * np.abs(a).max() + 1e-7, err_msg=variable.path
+        )
     history = xla_trainer.fit(tf.data.Dataset.from_tensors((x, y)), verbose=0)
     assert np.isfinite(history.history["loss"]).all()
 
@@ -564,8 +643,12 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
 
     def new_trainer():
         model, _ = small_pair("twin", seed=8)
-        trainer = AdversarialTrainer(model, method="twins_at", weight_decay=WD,
-                                     attack=PGD(EPS, ALPHA, 2, random_start=True, seed=5))
+        trainer = AdversarialTrainer(
+            model,
+            method="twins_at",
+            weight_decay=WD,
+            attack=PGD(EPS, ALPHA, 2, random_start=True, seed=5),
+        )
         trainer.compile(keras.optimizers.SGD(LR, momentum=MOMENTUM))
         return trainer
 
@@ -584,7 +667,9 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
     resumed.fit(data, epochs=2, verbose=0, callbacks=[backup])
     assert int(resumed.optimizer.iterations) == 6
     for a, b in zip(straight.model.weights, resumed.model.weights):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path)
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=a.path
+        )
 
 
 # === bad input ===============================================================================
@@ -619,9 +704,11 @@ def test_dataset_errors_are_raised_outside_compiled_code():
     """XLA drops runtime assertions: the checks run in the tf.data pipeline instead."""
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at", jit_compile=True)
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     bad_labels = tf.data.Dataset.from_tensor_slices((x, y + CLASSES)).batch(4)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels must be class ids in \[0, 4\)"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"labels must be class ids in \[0, 4\)"
+    ):
         trainer.fit(bad_labels, verbose=0)
     bright = tf.data.Dataset.from_tensor_slices((x * 2, y)).batch(4)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"images must lie in \[0, 1\]"):
@@ -634,7 +721,7 @@ def test_dataset_errors_are_raised_outside_compiled_code():
 def test_static_errors_before_training():
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     before = keras_state(model)
     with pytest.raises(ValueError, match="floats in"):
         trainer.fit(tf.data.Dataset.from_tensor_slices(((x * 255).astype("uint8"), y)).batch(4))
@@ -659,7 +746,7 @@ def test_odd_per_replica_batch_under_mirrored_strategy():
     with strategy.scope():
         model, _ = small_pair("twin")
         trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     six = tf.data.Dataset.from_tensor_slices((x[:6], y[:6])).batch(6, drop_remainder=True)
     with pytest.raises(ValueError, match=r"multiple of 2 x 2 replica\(s\); got batch 6"):
         trainer.fit(six, verbose=0)
@@ -675,7 +762,7 @@ def test_one_hot_labels_of_the_models_width_train_as_their_class_ids():
     """One-hot rows of the model's width (integer or float, numpy or tf.data) are taken by
     argmax, as the attacks take them: training on them gives the weights of training on the
     class ids.  Soft rows and other widths are refused in one line."""
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     trained = []
     for labels in (y, np.eye(CLASSES, dtype="int64")[y], np.eye(CLASSES, dtype="float32")[y]):
         model, _ = small_pair("twin", seed=4)
@@ -694,8 +781,11 @@ def test_one_hot_labels_of_the_models_width_train_as_their_class_ids():
     with pytest.raises(ValueError, match="not one-hot") as error:
         trainer.fit(tf.data.Dataset.from_tensor_slices((x, soft)).batch(4), verbose=0)
     _one_line(error)
-    with pytest.raises(ValueError, match=r"class ids, shape \(batch,\), or one-hot rows of the "
-                                         r"model's 4 classes, got shape \(8, 3\)") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"class ids, shape \(batch,\), or one-hot rows of the "
+        r"model's 4 classes, got shape \(8, 3\)",
+    ) as error:
         trainer.evaluate(x, np.eye(3, dtype="int64")[y % 3], batch_size=4, verbose=0)
     _one_line(error)
     trainer.evaluate(x, y[:, None], batch_size=4, verbose=0)  # (batch, 1) class ids are fine
@@ -704,9 +794,12 @@ def test_one_hot_labels_of_the_models_width_train_as_their_class_ids():
 def test_unbatched_data_is_refused_with_the_fix():
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1)
-    with pytest.raises(ValueError, match=r"the dataset is not batched.*dataset.batch\(batch_size"
-                                         r"\)") as error:
+    ((x, y),) = make_batches(1)
+    with pytest.raises(
+        ValueError,
+        match=r"the dataset is not batched.*dataset.batch\(batch_size"
+        r"\)",
+    ) as error:
         trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)), verbose=0)
     _one_line(error)
     with pytest.raises(ValueError, match=r"one image, not a batch.*images\[None\]"):
@@ -719,12 +812,15 @@ def test_odd_last_batch_of_a_pipeline_is_found_before_training():
     the map/prefetch a pipeline adds after batch()."""
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     before = keras_state(model)
     tail = tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).batch(4)
     for dataset in (tail, tail.map(lambda a, b: (a, b)).prefetch(2)):
-        with pytest.raises(ValueError, match=r"multiple of 2 x 1 replica\(s\); got batch 3.*"
-                                             r"drop_remainder=True") as error:
+        with pytest.raises(
+            ValueError,
+            match=r"multiple of 2 x 1 replica\(s\); got batch 3.*"
+            r"drop_remainder=True",
+        ) as error:
             trainer.fit(dataset, verbose=0)
         _one_line(error)
     for key, value in keras_state(model).items():
@@ -740,15 +836,16 @@ def test_odd_batch_found_while_training_is_one_line():
 
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at")
-    (x, y), = make_batches(1)
+    ((x, y),) = make_batches(1)
     unknown = tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).filter(lambda a, b: True)
     for data in (unknown.batch(4), tf.data.Dataset.from_tensor_slices((x * 2, y)).batch(4)):
         with pytest.raises(InputCheckError) as error:
             trainer.fit(data, verbose=0)
         assert isinstance(error.value, ValueError)
         assert isinstance(error.value, tf.errors.InvalidArgumentError)
-        assert "multiple of 2 x 1 replica(s)" in _one_line(error) or \
-            "images must lie in [0, 1]" in _one_line(error)
+        assert "multiple of 2 x 1 replica(s)" in _one_line(
+            error
+        ) or "images must lie in [0, 1]" in _one_line(error)
 
 
 def test_an_attack_in_0_255_units_is_refused():
@@ -767,7 +864,8 @@ def test_an_attack_in_0_255_units_is_refused():
         AdversarialTrainer(model, method="twins_at", attack=PGD(8, 2, 1))
     with pytest.raises(ValueError, match=r"eval_attack step_size=2 is in 0-255 units"):
         ShiftAttack.epsilon = 8 / 255
-        AdversarialTrainer(model, method="twins_at", attack=PGD(EPS, ALPHA, 1),
-                           eval_attack=ShiftAttack())
+        AdversarialTrainer(
+            model, method="twins_at", attack=PGD(EPS, ALPHA, 1), eval_attack=ShiftAttack()
+        )
     l2 = PGD(3.0, 0.5, 1, norm="l2")  # an L2 budget above 1 is ordinary (ImageNet: 3.0)
     assert AdversarialTrainer(model, method="twins_at", attack=l2).attack is l2

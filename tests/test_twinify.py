@@ -1,8 +1,8 @@
 """twinify / untwin on keras.applications.ResNet50 and a small Sequential model."""
+
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import twins_tf
 from twins_tf import bn_wings
@@ -14,32 +14,47 @@ def randomize_batchnorms(model, rng):
     for layer in model._flatten_layers(include_self=False):
         if type(layer) is keras.layers.BatchNormalization:
             c = layer.moving_mean.shape[0]
-            layer.set_weights([
-                rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
-                rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c),
-            ])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0, 0.1, c),
+                    rng.normal(0, 0.1, c),
+                    rng.uniform(0.5, 1.5, c),
+                ]
+            )
 
 
 def batchnorms(model):
-    return [l for l in model._flatten_layers(include_self=False)
-            if type(l) is keras.layers.BatchNormalization]
+    return [
+        l
+        for l in model._flatten_layers(include_self=False)
+        if type(l) is keras.layers.BatchNormalization
+    ]
 
 
 def check_twin_of(plain, twin):
     assert not batchnorms(twin)
-    twin_layers = {l.name: l for l in twin._flatten_layers(include_self=False)
-                   if isinstance(l, TwinBatchNormalization)}
+    twin_layers = {
+        l.name: l
+        for l in twin._flatten_layers(include_self=False)
+        if isinstance(l, TwinBatchNormalization)
+    }
     assert len(twin_layers) == len(batchnorms(plain)) > 0
     for bn in batchnorms(plain):
         layer = twin_layers[bn.name]
         gamma, beta, mean, var = [np.asarray(w) for w in bn.weights]
-        for wing in (("gamma", "beta", "moving_mean", "moving_variance"),
-                     ("frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance")):
+        for wing in (
+            ("gamma", "beta", "moving_mean", "moving_variance"),
+            ("frozen_gamma", "frozen_beta", "frozen_mean", "frozen_variance"),
+        ):
             for name, want in zip(wing, (gamma, beta, mean, var)):
                 np.testing.assert_array_equal(getattr(layer, name), want)
         assert (layer.epsilon, layer.momentum) == (bn.epsilon, bn.momentum)
-    plain_other = {l.name: l for l in plain._flatten_layers(include_self=False)
-                   if type(l) is not keras.layers.BatchNormalization and l.weights}
+    plain_other = {
+        l.name: l
+        for l in plain._flatten_layers(include_self=False)
+        if type(l) is not keras.layers.BatchNormalization and l.weights
+    }
     for name, layer in plain_other.items():
         for a, b in zip(layer.weights, twin.get_layer(name).weights):
             np.testing.assert_array_equal(a, b)
@@ -56,8 +71,9 @@ def test_resnet50_twin_copies_weights_and_matches_inference(resnet50):
     twin = twins_tf.twinify(resnet50)
     check_twin_of(resnet50, twin)
     x = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
-    np.testing.assert_allclose(twin(x, training=False), resnet50(x, training=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        twin(x, training=False), resnet50(x, training=False), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_resnet50_untwin_keeps_adaptive_wing_after_training(resnet50):
@@ -71,35 +87,46 @@ def test_resnet50_untwin_keeps_adaptive_wing_after_training(resnet50):
     x = rng.uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
     twin(x, training=True)  # moves the adaptive statistics away from the frozen ones
     plain = twins_tf.untwin(twin)
-    assert not any(isinstance(l, TwinBatchNormalization)
-                   for l in plain._flatten_layers(include_self=False))
+    assert not any(
+        isinstance(l, TwinBatchNormalization) for l in plain._flatten_layers(include_self=False)
+    )
     for bn in batchnorms(plain):
         layer = twin.get_layer(bn.name)
-        for got, want in zip(bn.weights, (layer.gamma, layer.beta, layer.moving_mean,
-                                          layer.moving_variance)):
+        for got, want in zip(
+            bn.weights, (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
+        ):
             np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(plain(x, training=False), twin(x, training=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        plain(x, training=False), twin(x, training=False), rtol=1e-5, atol=1e-6
+    )
 
 
 def small_model(rng):
-    model = keras.Sequential([
-        keras.Input((8, 8, 3)),
-        keras.layers.Conv2D(4, 3, use_bias=False),
-        keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
-        keras.layers.ReLU(),
-        keras.layers.BatchNormalization(center=False),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, use_bias=False),
+            keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+            keras.layers.ReLU(),
+            keras.layers.BatchNormalization(center=False),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
     randomize_batchnorms_partial(model, rng)
     return model
 
 
 def randomize_batchnorms_partial(model, rng):
     for layer in batchnorms(model):
-        layer.set_weights([rng.uniform(0.5, 1.5, w.shape) if "var" in w.name or "gamma" in w.name
-                           else rng.normal(0, 0.3, w.shape) for w in layer.weights])
+        layer.set_weights(
+            [
+                rng.uniform(0.5, 1.5, w.shape)
+                if "var" in w.name or "gamma" in w.name
+                else rng.normal(0, 0.3, w.shape)
+                for w in layer.weights
+            ]
+        )
 
 
 def test_small_sequential_round_trip_and_numpy_reference():
@@ -118,8 +145,9 @@ def test_small_sequential_round_trip_and_numpy_reference():
     mu, v = adaptive_in.mean((0, 1, 2)), adaptive_in.var((0, 1, 2))
     adaptive = gamma * (adaptive_in - mu) / np.sqrt(v + 1e-5) + beta
     stem = keras.Model(twin.inputs[0], twin.layers[1].output)
-    np.testing.assert_allclose(stem(x, training=True), np.concatenate([frozen, adaptive]),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        stem(x, training=True), np.concatenate([frozen, adaptive]), rtol=1e-4, atol=1e-5
+    )
 
     # center=False BN: beta absent in the BN, zeros in both wings.
     second = twin.layers[3]
@@ -135,8 +163,9 @@ def test_nested_model_inside_functional():
     twin = twins_tf.twinify(outer)
     assert len([l for l in twin._flatten_layers() if isinstance(l, TwinBatchNormalization)]) == 2
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(twin(x, training=False), outer(x, training=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        twin(x, training=False), outer(x, training=False), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_bad_input():
@@ -208,7 +237,9 @@ def test_bn_assignments_map_each_direction():
 def test_wing_variables_and_bad_input():
     twin = _built(TwinBatchNormalization())
     assert bn_wings.wing_variables(twin, "moving_variance") == [
-        twin.moving_variance, twin.frozen_variance]
+        twin.moving_variance,
+        twin.frozen_variance,
+    ]
     plain = _built(keras.layers.BatchNormalization())
     assert bn_wings.wing_variables(plain, "beta") == [plain.beta]
     with pytest.raises(ValueError, match="not a BatchNormalization weight"):
@@ -221,18 +252,29 @@ def test_wing_variables_and_bad_input():
 
 
 def test_replacement_layers_keep_the_configuration():
-    bn = keras.layers.BatchNormalization(axis=1, momentum=0.8, epsilon=1e-3, synchronized=True,
-                                         name="bn_x", dtype="mixed_float16")
+    bn = keras.layers.BatchNormalization(
+        axis=1, momentum=0.8, epsilon=1e-3, synchronized=True, name="bn_x", dtype="mixed_float16"
+    )
     twin = bn_wings.twin_from_plain(bn)
     assert isinstance(twin, TwinBatchNormalization)
     assert (twin.axis, twin.momentum, twin.epsilon, twin.synchronized, twin.name) == (
-        1, 0.8, 1e-3, True, "bn_x")
+        1,
+        0.8,
+        1e-3,
+        True,
+        "bn_x",
+    )
     assert twin.dtype_policy.name == "mixed_float16"
     assert bn_wings.twin_from_plain(bn, momentum=0.5).momentum == 0.5
     plain = bn_wings.plain_from_twin(twin)
     assert type(plain) is keras.layers.BatchNormalization
     assert (plain.axis, plain.momentum, plain.epsilon, plain.synchronized, plain.name) == (
-        1, 0.8, 1e-3, True, "bn_x")
+        1,
+        0.8,
+        1e-3,
+        True,
+        "bn_x",
+    )
     assert plain.dtype_policy.name == "mixed_float16"
 
 
@@ -284,8 +326,14 @@ def test_build_resnets_fused_plain_bn_twins_and_untwins():
     rng = np.random.default_rng(4)
     for layer in fused:
         c = layer.moving_mean.shape[0]
-        layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
-                           rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+        layer.set_weights(
+            [
+                rng.uniform(0.5, 1.5, c),
+                rng.normal(0, 0.1, c),
+                rng.normal(0, 0.1, c),
+                rng.uniform(0.5, 1.5, c),
+            ]
+        )
     twin = twins_tf.twinify(plain)
     for layer in fused:
         got = twin.get_layer(layer.name)
@@ -294,9 +342,11 @@ def test_build_resnets_fused_plain_bn_twins_and_untwins():
             np.testing.assert_array_equal(getattr(got, name), want)
             np.testing.assert_array_equal(getattr(got, bn_wings.FROZEN_OF[name]), want)
     x = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
-    np.testing.assert_allclose(twin(x, training=False), plain(x, training=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        twin(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-6
+    )
     back = twins_tf.untwin(twin)
     assert len(batchnorms(back)) == 20
-    np.testing.assert_allclose(back(x, training=False), plain(x, training=False),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        back(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-6
+    )

@@ -5,6 +5,7 @@ Sections follow the package's modules; the wing mapping itself is tested in test
 The reference for every value is the PyTorch module that wrote the file (its own
 `state_dict()`), or PyTorch's forward pass; nothing is compared with twins_tf's own output.
 """
+
 import sys
 
 import keras
@@ -12,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file as save_safetensors
-
 from torch_resnet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,6 +21,7 @@ from torch_resnet import (
     torch_logits,
     torch_resnet,
 )
+
 from twins_tf import weights
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.models import build_resnet
@@ -82,8 +83,16 @@ def test_robustness_metadata(tmp_path, net):
 def test_pytorch_examples_checkpoint_keeps_its_entries_as_metadata(tmp_path, net, expected):
     """pytorch/examples' ImageNet script saves {'epoch', 'arch', 'state_dict', 'best_acc1', ...}."""
     state = {f"module.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"epoch": 90, "arch": "resnet50", "state_dict": state, "best_acc1": 76.1,
-                "optimizer": {"state": {}}}, tmp_path / "model_best.pth.tar")
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "resnet50",
+            "state_dict": state,
+            "best_acc1": 76.1,
+            "optimizer": {"state": {}},
+        },
+        tmp_path / "model_best.pth.tar",
+    )
     checkpoint = weights.read_checkpoint(tmp_path / "model_best.pth.tar")
     assert_same_state(checkpoint.state_dict, expected)
     meta = checkpoint.metadata
@@ -160,22 +169,34 @@ def test_pickled_objects_are_refused_without_running_them(tmp_path, net, expecte
     assert marker.exists()
 
 
-def test_dill_pickled_robustness_checkpoint_loads_with_allow_pickle(tmp_path, net, expected,
-                                                                   monkeypatch):
+def test_dill_pickled_robustness_checkpoint_loads_with_allow_pickle(
+    tmp_path, net, expected, monkeypatch
+):
     """MadryLab's robustness library saves with `pickle_module=dill`; what dill pickles (here a
     lambda in the run's arguments, which plain pickle cannot write) names `dill` functions,
     so reading it needs dill installed (the `torch` extra pins it) and allow_pickle=True."""
     import dill  # in the test and torch extras: a missing dill is a broken environment
+
     path = tmp_path / "robustness_dill.ckpt"
-    torch.save({"model": robustness_state_dict(net), "epoch": 7,
-                "args": {"transform": lambda x: x, "eps": 4.0}}, path, pickle_module=dill)
+    torch.save(
+        {
+            "model": robustness_state_dict(net),
+            "epoch": 7,
+            "args": {"transform": lambda x: x, "eps": 4.0},
+        },
+        path,
+        pickle_module=dill,
+    )
     with pytest.raises(weights.UnsafeCheckpointError):
         weights.read_torch_checkpoint(path)
     assert_same_state(weights.read_torch_checkpoint(path, allow_pickle=True), expected)
 
     monkeypatch.setitem(sys.modules, "dill", None)  # as without the extra: dill not importable
     monkeypatch.setitem(sys.modules, "dill._dill", None)
-    with pytest.raises(weights.CheckpointError, match="needs the Python module 'dill(._dill)?' to unpickle; install it"):
+    with pytest.raises(
+        weights.CheckpointError,
+        match="needs the Python module 'dill(._dill)?' to unpickle; install it",
+    ):
         weights.read_torch_checkpoint(path, allow_pickle=True)
 
 
@@ -193,17 +214,22 @@ def test_bad_files_are_one_line_errors(tmp_path, net):
     cases = {
         "truncated torch": (_write(tmp_path / "t.pt", good[: len(good) // 2]), "corrupt"),
         "corrupt torch": (
-            _write(tmp_path / "c.pt", good[:64] + bytes(200) + good[264:]), "corrupt"
+            _write(tmp_path / "c.pt", good[:64] + bytes(200) + good[264:]),
+            "corrupt",
         ),
         "legacy garbage": (_write(tmp_path / "g.pt", b"\x80\x02garbage" * 10), "corrupt"),
-        "text file": (_write(tmp_path / "notes.txt", b"hello, not weights\n" * 5), "not a checkpoint"),
+        "text file": (
+            _write(tmp_path / "notes.txt", b"hello, not weights\n" * 5),
+            "not a checkpoint",
+        ),
         "empty file": (_write(tmp_path / "empty.pt", b""), "not a checkpoint"),
         "truncated safetensors": (
             _write(tmp_path / "t.safetensors", (tmp_path / "good.safetensors").read_bytes()[:5000]),
             "safetensors",
         ),
         "truncated npz": (
-            _write(tmp_path / "t.npz", (tmp_path / "good.npz").read_bytes()[:5000]), "corrupt",
+            _write(tmp_path / "t.npz", (tmp_path / "good.npz").read_bytes()[:5000]),
+            "corrupt",
         ),
         "a list": (tmp_path / "list.pt", "not a state dict"),
         "optimizer only": (tmp_path / "opt.pt", "tensor"),
@@ -346,7 +372,10 @@ def test_converted_file_loads_with_a_fresh_head(converted, net, twin):
     head_before = model.get_layer("fc").kernel.numpy().copy()
     info = weights.load_pretrained(model, converted)
     assert info == {
-        "arch": "resnet18", "source_twin": False, "source_classes": 1000, "head_loaded": False,
+        "arch": "resnet18",
+        "source_twin": False,
+        "source_classes": 1000,
+        "head_loaded": False,
     }
     x = np.random.default_rng(1).uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
     reference = _torch_features(net, x)
@@ -456,10 +485,19 @@ def test_headless_checkpoint_converts_but_refuses_head_true(tmp_path, expected):
 # Every public name of the single-module twins_tf/weights.py before the split into a package,
 # written out by hand: callers (convert, train, evaluate, the README) use twins_tf.weights.X.
 PUBLIC_NAMES_BEFORE_THE_SPLIT = (
-    "HEAD_ATTRIBUTE", "Checkpoint", "CheckpointError", "CheckpointWarning",
-    "UnsafeCheckpointError", "conv_layer_count", "convert_checkpoint", "infer_arch",
-    "infer_arch_from_state_dict", "load_pretrained", "load_torch_state_dict",
-    "read_checkpoint", "read_torch_checkpoint",
+    "HEAD_ATTRIBUTE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointWarning",
+    "UnsafeCheckpointError",
+    "conv_layer_count",
+    "convert_checkpoint",
+    "infer_arch",
+    "infer_arch_from_state_dict",
+    "load_pretrained",
+    "load_torch_state_dict",
+    "read_checkpoint",
+    "read_torch_checkpoint",
 )
 
 

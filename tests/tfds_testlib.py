@@ -4,6 +4,7 @@
 tensorflow-datasets' code, no download) so `data.load_splits` finds the dataset "prepared";
 inside `mocked_tfds`, reading it yields random examples drawn from those features.
 """
+
 import contextlib
 import os
 from unittest import mock
@@ -14,8 +15,10 @@ from tensorflow_datasets.testing import mocking
 
 
 def split_infos(sizes):
-    return [tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
-                                filename_template=None) for name, n in sizes.items()]
+    return [
+        tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
+        for name, n in sizes.items()
+    ]
 
 
 def prepare_fake_tfds(name, root, sizes):
@@ -47,9 +50,10 @@ def mocked_tfds(root, num_examples):
     """`tfds.testing.mock_data` (every split: `num_examples` random examples) with boxes that
     encode; yields the list of split strings passed to `as_dataset`, in call order."""
     calls = []
-    with mock.patch.object(mocking.RandomFakeGenerator, "_generate_random_obj",
-                           _ordered_boxes), \
-            tfds.testing.mock_data(num_examples=num_examples, data_dir=str(root)):
+    with (
+        mock.patch.object(mocking.RandomFakeGenerator, "_generate_random_obj", _ordered_boxes),
+        tfds.testing.mock_data(num_examples=num_examples, data_dir=str(root)),
+    ):
         mocked_as_dataset = tfds.core.DatasetBuilder.as_dataset
 
         def spy(self, split=None, **kwargs):

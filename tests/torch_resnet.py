@@ -20,10 +20,11 @@ Public helpers (other test modules import them; keep the API stable):
   * `torch_logits(module, images_nhwc, upsample=1)`: numpy NHWC [0, 1] images in, numpy logits
     out, through `TorchPixelResNet` in eval mode.
 """
+
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,7 +169,9 @@ def randomize_bn_statistics(module, seed=0):
                 m.bias.copy_(0.1 * torch.randn(c, generator=generator))
                 m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
                 m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=generator))
-                m.num_batches_tracked.fill_(int(torch.randint(1, 10_000, (1,), generator=generator)))
+                m.num_batches_tracked.fill_(
+                    int(torch.randint(1, 10_000, (1,), generator=generator))
+                )
     return module
 
 
@@ -201,7 +204,13 @@ def robustness_state_dict(module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 
 def save_robustness_checkpoint(
-    module, path, prefix_style="robustness", *, epoch=89, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    module,
+    path,
+    prefix_style="robustness",
+    *,
+    epoch=89,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     extra=None,
 ):
     """`torch.save` the weights of `module` (a TorchResNet) as one of the common layouts.
@@ -253,7 +262,7 @@ def torch_pgd(net, x, y, eps, alpha, steps):
     x_adv = x.clone()
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+        (grad,) = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
         x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
         x_adv = x_adv.clamp(0.0, 1.0)
     return x_adv

@@ -3,6 +3,7 @@
 Submodules are imported on first use, so `import twins_tf` stays light and binaries that do
 not need PyTorch or tensorflow-datasets never import them.
 """
+
 import importlib
 
 # Before anything imports TensorFlow: oneDNN's CPU kernels on every x86 CPU (cpu_kernels).
@@ -10,17 +11,28 @@ from twins_tf import cpu_kernels
 
 cpu_kernels.prefer_onednn()
 
-from twins_tf.layers import TwinBatchNormalization  # noqa: E402
-from twins_tf.twinify import twinify, untwin
 # Registers every Keras serialisable (layers, models, trainer, attacks): `import twins_tf` is
 # all keras.models.load_model needs, whichever attack a saved trainer holds.
 from twins_tf import models, trainer  # noqa: F401,E402
 from twins_tf.attacks import apgd, autoattack, fab, pgd, square  # noqa: F401,E402
+from twins_tf.layers import TwinBatchNormalization  # noqa: E402
+from twins_tf.twinify import twinify, untwin  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("attacks", "data", "evaluation", "interpolation", "lora", "methods",
-                    "models", "runs", "trainer", "training", "weights")
+_LAZY_SUBMODULES = (
+    "attacks",
+    "data",
+    "evaluation",
+    "interpolation",
+    "lora",
+    "methods",
+    "models",
+    "runs",
+    "trainer",
+    "training",
+    "weights",
+)
 
 
 def __getattr__(name):
@@ -35,5 +47,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")
 
 
-__all__ = ["TwinBatchNormalization", "twinify", "untwin", "AdversarialTrainer", "load_run",
-           "interpolate_runs", *_LAZY_SUBMODULES]
+__all__ = [
+    "TwinBatchNormalization",
+    "twinify",
+    "untwin",
+    "AdversarialTrainer",
+    "load_run",
+    "interpolate_runs",
+    *_LAZY_SUBMODULES,
+]

@@ -14,6 +14,7 @@ twins_tf goes through this module, so the pairing is written once:
 It also builds the replacement layer for either direction with the BN's axis, momentum,
 epsilon, synchronisation, name and dtype policy, and walks the layers of graph models.
 """
+
 import keras
 import numpy as np
 
@@ -78,8 +79,9 @@ def _plain_values(bn):
     channels = bn.moving_mean.shape[0]
     gamma = np.asarray(bn.gamma) if bn.scale else np.ones(channels, "float32")
     beta = np.asarray(bn.beta) if bn.center else np.zeros(channels, "float32")
-    return dict(zip(PLAIN, (gamma, beta, np.asarray(bn.moving_mean),
-                            np.asarray(bn.moving_variance))))
+    return dict(
+        zip(PLAIN, (gamma, beta, np.asarray(bn.moving_mean), np.asarray(bn.moving_variance)))
+    )
 
 
 def wing_variables(layer, attribute):
@@ -89,8 +91,9 @@ def wing_variables(layer, attribute):
     both wings start from the same pre-trained BN (spec §1).
     """
     if attribute not in PLAIN:
-        raise ValueError(f"{attribute!r} is not a BatchNormalization weight; expected one of "
-                         f"{PLAIN}.")
+        raise ValueError(
+            f"{attribute!r} is not a BatchNormalization weight; expected one of {PLAIN}."
+        )
     variables = [getattr(layer, attribute)]
     if is_twin_bn(layer):
         variables.append(getattr(layer, FROZEN_OF[attribute]))
@@ -117,9 +120,11 @@ def bn_assignments(source, target):
     if not is_twin_bn(target):
         missing = [n for n in ("gamma", "beta") if getattr(target, n, None) is None]
         if missing:
-            raise ValueError(f"{target.name}: a BatchNormalization without {' and '.join(missing)}"
-                             " (scale/center=False) cannot take another BN's weights; build it "
-                             "with scale=True, center=True.")
+            raise ValueError(
+                f"{target.name}: a BatchNormalization without {' and '.join(missing)}"
+                " (scale/center=False) cannot take another BN's weights; build it "
+                "with scale=True, center=True."
+            )
         return [(getattr(target, name), adaptive[name]) for name in PLAIN]
     return [(getattr(target, name), adaptive[name]) for name in ADAPTIVE_WING] + [
         (getattr(target, FROZEN_OF[name]), frozen[name]) for name in ADAPTIVE_WING
@@ -127,8 +132,13 @@ def bn_assignments(source, target):
 
 
 def _shared_config(layer):
-    return dict(axis=layer.axis, epsilon=layer.epsilon, synchronized=layer.synchronized,
-                name=layer.name, dtype=layer.dtype_policy)
+    return dict(
+        axis=layer.axis,
+        epsilon=layer.epsilon,
+        synchronized=layer.synchronized,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+    )
 
 
 def twin_from_plain(bn, momentum=None):
@@ -136,7 +146,8 @@ def twin_from_plain(bn, momentum=None):
     if getattr(bn, "renorm", False):
         raise ValueError(f"{bn.name}: batch renormalisation has no twin equivalent.")
     return TwinBatchNormalization(
-        momentum=bn.momentum if momentum is None else momentum, **_shared_config(bn))
+        momentum=bn.momentum if momentum is None else momentum, **_shared_config(bn)
+    )
 
 
 def plain_from_twin(twin):

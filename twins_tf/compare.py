@@ -1,4 +1,4 @@
-r"""`python -m twins_tf.compare`: methods x seeds on one task, with intervals, plots and model cards.
+r"""`python -m twins_tf.compare`: methods x seeds on one task, intervals, plots and model cards.
 
     python -m twins_tf.compare --flagfile=flags/stanford_dogs.flags \
         --pretrained=robust_r50.weights.h5 --methods=trades,twins_trades --seeds=0,1,2 \
@@ -22,6 +22,7 @@ validation (`twins_tf.interpolation.interpolate_runs`), evaluated like every run
 another machine of the same kind trains the same weights.  The work is
 `twins_tf.comparison.compare`; this binary parses flags.
 """
+
 import sys
 
 from absl import app, flags
@@ -40,33 +41,84 @@ def define_flags(flag_values):
     """Defines compare's own flags and every `train` flag on `flag_values`; returns the former."""
     module = "twins_tf.compare"
     options = dict(flag_values=flag_values, module_name=module)
-    flags.DEFINE_list("methods", ["at", "twins_at"], "Rows to compare: train's --method, or a "
-                      "variant METHOD+KEY=VALUE... with KEY a train flag (e.g. "
-                      "at+init=robust_linear_probe).", **options)
+    flags.DEFINE_list(
+        "methods",
+        ["at", "twins_at"],
+        "Rows to compare: train's --method, or a "
+        "variant METHOD+KEY=VALUE... with KEY a train flag (e.g. "
+        "at+init=robust_linear_probe).",
+        **options,
+    )
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every method runs with each.", **options)
-    flags.DEFINE_string("baseline", None, "Method the paired differences are against "
-                        "(default: the first of --methods).", **options)
+    flags.DEFINE_string(
+        "baseline",
+        None,
+        "Method the paired differences are against (default: the first of --methods).",
+        **options,
+    )
     flags.DEFINE_string("output_dir", None, "Where the runs and the report go.", **options)
-    flags.DEFINE_list("attacks", ["clean", "pgd10"], "evaluate's --attacks for every run "
-                      "(clean, pgdK).", **options)
-    flags.DEFINE_integer("eval_max_examples", None, "Evaluate on this many test examples "
-                         "(class-stratified; default: all).", **options)
+    flags.DEFINE_list(
+        "attacks",
+        ["clean", "pgd10"],
+        "evaluate's --attacks for every run (clean, pgdK).",
+        **options,
+    )
+    flags.DEFINE_integer(
+        "eval_max_examples",
+        None,
+        "Evaluate on this many test examples (class-stratified; default: all).",
+        **options,
+    )
     flags.DEFINE_integer("eval_batch_size", 128, "Evaluation batch size.", **options)
-    flags.DEFINE_integer("autoattack_examples", 0, "> 0: also standard AutoAttack on this many "
-                         "test examples per run.", **options)
-    flags.DEFINE_multi_string("interpolate", [], "A variant of --methods with an init stage "
-                              "(+init=linear_probe or robust_linear_probe): adds the row "
-                              "wise(VARIANT), the interpolation of its init sub-run and final "
-                              "weights at the alpha best on validation. Repeatable.", **options)
-    flags.DEFINE_list("interpolate_alphas", None, "The alphas --interpolate tries (0: the init "
-                      "sub-run, 1: the fine-tuned run; default: interpolate's grid).", **options)
-    flags.DEFINE_enum("interpolate_select", "robust", list(SELECTIONS), "What the alpha of "
-                      "--interpolate maximises on validation: PGD or clean accuracy.", **options)
-    flags.DEFINE_integer("interpolate_validation_examples", None, "Validation examples the "
-                         "alpha is chosen on (default: interpolate's).", **options)
-    own = ["methods", "seeds", "baseline", "output_dir", "attacks", "eval_max_examples",
-           "eval_batch_size", "autoattack_examples", "interpolate", "interpolate_alphas",
-           "interpolate_select", "interpolate_validation_examples"]
+    flags.DEFINE_integer(
+        "autoattack_examples",
+        0,
+        "> 0: also standard AutoAttack on this many test examples per run.",
+        **options,
+    )
+    flags.DEFINE_multi_string(
+        "interpolate",
+        [],
+        "A variant of --methods with an init stage "
+        "(+init=linear_probe or robust_linear_probe): adds the row "
+        "wise(VARIANT), the interpolation of its init sub-run and final "
+        "weights at the alpha best on validation. Repeatable.",
+        **options,
+    )
+    flags.DEFINE_list(
+        "interpolate_alphas",
+        None,
+        "The alphas --interpolate tries (0: the init "
+        "sub-run, 1: the fine-tuned run; default: interpolate's grid).",
+        **options,
+    )
+    flags.DEFINE_enum(
+        "interpolate_select",
+        "robust",
+        list(SELECTIONS),
+        "What the alpha of --interpolate maximises on validation: PGD or clean accuracy.",
+        **options,
+    )
+    flags.DEFINE_integer(
+        "interpolate_validation_examples",
+        None,
+        "Validation examples the alpha is chosen on (default: interpolate's).",
+        **options,
+    )
+    own = [
+        "methods",
+        "seeds",
+        "baseline",
+        "output_dir",
+        "attacks",
+        "eval_max_examples",
+        "eval_batch_size",
+        "autoattack_examples",
+        "interpolate",
+        "interpolate_alphas",
+        "interpolate_select",
+        "interpolate_validation_examples",
+    ]
     define_run_flags(flag_values, TRAIN)
     flag_values.set_default("deterministic", True)
     return own
@@ -88,8 +140,9 @@ def interpolation_args(alphas, select, validation_examples):
         try:
             args["alphas"] = [float(a) for a in alphas]
         except ValueError:
-            raise SetupError(f"--interpolate_alphas must be numbers, got "
-                             f"{','.join(alphas)}.") from None
+            raise SetupError(
+                f"--interpolate_alphas must be numbers, got {','.join(alphas)}."
+            ) from None
     if validation_examples is not None:
         args["validation_examples"] = validation_examples
     return args
@@ -108,18 +161,27 @@ def main(argv):
         if not FLAGS.output_dir:
             raise SetupError("--output_dir is required: where the runs and the report go.")
         if "autoattack" in FLAGS.attacks:
-            raise SetupError("--attacks takes clean and pgdK; AutoAttack runs on "
-                             "--autoattack_examples examples.")
+            raise SetupError(
+                "--attacks takes clean and pgdK; AutoAttack runs on --autoattack_examples examples."
+            )
         base = settings_from_flags(FLAGS, TRAIN)
         _, table = comparison.compare(
-            base, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
-            baseline=FLAGS.baseline or FLAGS.methods[0], output_dir=FLAGS.output_dir,
-            attacks=FLAGS.attacks, max_examples=FLAGS.eval_max_examples,
-            batch_size=FLAGS.eval_batch_size, autoattack_examples=FLAGS.autoattack_examples,
+            base,
+            methods=FLAGS.methods,
+            seeds=parse_seeds(FLAGS.seeds),
+            baseline=FLAGS.baseline or FLAGS.methods[0],
+            output_dir=FLAGS.output_dir,
+            attacks=FLAGS.attacks,
+            max_examples=FLAGS.eval_max_examples,
+            batch_size=FLAGS.eval_batch_size,
+            autoattack_examples=FLAGS.autoattack_examples,
             interpolate=FLAGS.interpolate,
-            interpolation_args=interpolation_args(FLAGS.interpolate_alphas,
-                                                  FLAGS.interpolate_select,
-                                                  FLAGS.interpolate_validation_examples))
+            interpolation_args=interpolation_args(
+                FLAGS.interpolate_alphas,
+                FLAGS.interpolate_select,
+                FLAGS.interpolate_validation_examples,
+            ),
+        )
     except (SetupError, DivergenceError) as error:
         sys.exit(f"compare: error: {error}")
     print(table)

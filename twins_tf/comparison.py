@@ -29,6 +29,7 @@ baseline like every row.
 
 The binary is `python -m twins_tf.compare`; this module holds the logic.
 """
+
 import base64
 import dataclasses
 import hashlib
@@ -42,8 +43,7 @@ import numpy as np
 
 from twins_tf.training import init_stage
 from twins_tf.training import model_dir as run_files
-from twins_tf.training.settings import (EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings,
-                                        SetupError)
+from twins_tf.training.settings import EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings, SetupError
 
 # Metrics of the evaluation table: report key -> label.
 CLEAN = "clean"
@@ -54,8 +54,12 @@ AUTOATTACK = "autoattack"
 AUTOATTACK_FILE = "compare_autoattack.json"
 CONFIDENCE = 0.95
 # Per-epoch curves of metrics.csv: column -> title.
-CURVES = {"clean_acc": "train clean accuracy", "adv_acc": "train PGD accuracy",
-          "val_clean_acc": "validation clean accuracy", "val_adv_acc": "validation PGD accuracy"}
+CURVES = {
+    "clean_acc": "train clean accuracy",
+    "adv_acc": "train PGD accuracy",
+    "val_clean_acc": "validation clean accuracy",
+    "val_adv_acc": "validation PGD accuracy",
+}
 WING_CURVES = {"frozen_acc": "Frozen wing", "adaptive_acc": "Adaptive wing"}
 # Variants: METHOD+KEY=VALUE...; the train settings compare itself sets per run are no KEY.
 VARIANT_SEPARATOR = "+"
@@ -133,19 +137,25 @@ def parse_variant(spelling):
     """
     method, *parts = spelling.strip().split(VARIANT_SEPARATOR)
     if not method:
-        raise SetupError(f"--methods entry {spelling!r} names no method: write METHOD or "
-                         "METHOD+KEY=VALUE..., e.g. at+init=robust_linear_probe.")
+        raise SetupError(
+            f"--methods entry {spelling!r} names no method: write METHOD or "
+            "METHOD+KEY=VALUE..., e.g. at+init=robust_linear_probe."
+        )
     overrides = {}
     for part in parts:
         key, equals, value = part.partition("=")
         if not equals or not key:
-            raise SetupError(f"--methods entry {spelling!r}: {part!r} is not KEY=VALUE "
-                             "(e.g. at+init=robust_linear_probe).")
+            raise SetupError(
+                f"--methods entry {spelling!r}: {part!r} is not KEY=VALUE "
+                "(e.g. at+init=robust_linear_probe)."
+            )
         keys = variant_keys()
         if key not in keys:
             per_run = " (compare sets it per run)" if key in PER_RUN_KEYS else ""
-            raise SetupError(f"--methods entry {spelling!r}: {key!r} is no variant key"
-                             f"{per_run}; KEY is a train flag: {', '.join(keys)}.")
+            raise SetupError(
+                f"--methods entry {spelling!r}: {key!r} is no variant key"
+                f"{per_run}; KEY is a train flag: {', '.join(keys)}."
+            )
         if key in overrides:
             raise SetupError(f"--methods entry {spelling!r} sets {key} twice.")
         overrides[key] = value
@@ -186,8 +196,13 @@ def variant_settings(variant, base_settings, *, model_dir, seed):
     """
     if isinstance(base_settings, Settings):
         base_settings = base_settings.to_dict()
-    values = dict(base_settings, **_override_values(variant), method=variant.method, seed=seed,
-                  model_dir=model_dir)
+    values = dict(
+        base_settings,
+        **_override_values(variant),
+        method=variant.method,
+        seed=seed,
+        model_dir=model_dir,
+    )
     try:
         Settings.from_dict(values)
     except SetupError as error:
@@ -210,7 +225,7 @@ def row_dir_name(row):
     """The directory name of a row label (a variant's spelling or `wise(...)`): what its
     runs' and model cards' names start with."""
     if row.startswith("wise(") and row.endswith(")"):
-        return wise_dir_name(parse_variant(row[len("wise("):-1]))
+        return wise_dir_name(parse_variant(row[len("wise(") : -1]))
     return parse_variant(row).dir_name
 
 
@@ -250,8 +265,7 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     flag_values = flags.FlagValues()
     evaluate.define_flags(flag_values)
     flag_values(["evaluate", f"--model_dir={model_dir}", f"--output={path}", *evaluation_args])
-    report = evaluate.evaluate(evaluate.settings_from_flags(flag_values), log=log,
-                               progress=False)
+    report = evaluate.evaluate(evaluate.settings_from_flags(flag_values), log=log, progress=False)
     report["compare_args"] = list(evaluation_args)
     run_files.write_json(path, report)
     return report
@@ -268,13 +282,16 @@ def _interpolate_one(model_dir_a, model_dir_b, output_dir, interpolation_args, v
     """
     from twins_tf import interpolation
 
-    result = interpolation.interpolate_runs(model_dir_a, model_dir_b, output_dir,
-                                            **interpolation_args, verbose=verbose,
-                                            overwrite=True)
-    return {"alpha": float(result.best_alpha), "select": result.select,
-            "validation": [dataclasses.asdict(row) for row in result.rows],
-            "validation_examples": result.validation_examples,
-            "endpoints": [model_dir_a, model_dir_b]}
+    result = interpolation.interpolate_runs(
+        model_dir_a, model_dir_b, output_dir, **interpolation_args, verbose=verbose, overwrite=True
+    )
+    return {
+        "alpha": float(result.best_alpha),
+        "select": result.select,
+        "validation": [dataclasses.asdict(row) for row in result.rows],
+        "validation_examples": result.validation_examples,
+        "endpoints": [model_dir_a, model_dir_b],
+    }
 
 
 def _result(name, seed, model_dir, evaluation_args, autoattack_args, log, interpolation=None):
@@ -284,12 +301,16 @@ def _result(name, seed, model_dir, evaluation_args, autoattack_args, log, interp
     evaluation = _evaluate_one(model_dir, evaluation_args, log)
     if autoattack_args:
         extra = _evaluate_one(model_dir, autoattack_args, log, AUTOATTACK_FILE)
-        evaluation = dict(evaluation, results={**evaluation["results"], **extra["results"]},
-                          autoattack_examples=extra["examples"])
+        evaluation = dict(
+            evaluation,
+            results={**evaluation["results"], **extra["results"]},
+            autoattack_examples=extra["examples"],
+        )
     metrics_path = os.path.join(model_dir, run_files.METRICS_FILE)
     metrics = run_callbacks.read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
-    return RunResult(name, seed, model_dir, run_files.read_config(model_dir), metrics,
-                     evaluation, interpolation)
+    return RunResult(
+        name, seed, model_dir, run_files.read_config(model_dir), metrics, evaluation, interpolation
+    )
 
 
 def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
@@ -305,8 +326,15 @@ def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
     variants = [parse_variant(m) for m in methods]
     if len({v.name for v in variants}) != len(variants) or len(set(seeds)) != len(seeds):
         raise SetupError("--methods and --seeds must not repeat an entry.")
-    plan = {v: {seed: variant_settings(v, base_settings, model_dir=run_dir(output_dir, v, seed),
-                                       seed=seed) for seed in seeds} for v in variants}
+    plan = {
+        v: {
+            seed: variant_settings(
+                v, base_settings, model_dir=run_dir(output_dir, v, seed), seed=seed
+            )
+            for seed in seeds
+        }
+        for v in variants
+    }
     for runs in plan.values():  # an init stage's sub-run settings, checked now too
         first = Settings.from_dict(runs[seeds[0]])
         if first.init != RANDOM_INIT:
@@ -315,26 +343,42 @@ def plan_rows(base_settings, methods, seeds, output_dir, interpolate=()):
     for spelling in interpolate:
         variant = parse_variant(spelling)
         if variant not in plan:
-            raise SetupError(f"--interpolate={spelling} is not among --methods: add it there "
-                             "(its runs are the interpolation's end points).")
+            raise SetupError(
+                f"--interpolate={spelling} is not among --methods: add it there "
+                "(its runs are the interpolation's end points)."
+            )
         if variant in interpolated:
             raise SetupError(f"--interpolate={spelling} is given twice.")
         checked = Settings.from_dict(plan[variant][seeds[0]])
         if checked.init == RANDOM_INIT:
-            raise SetupError(f"--interpolate={spelling}: that variant has init=random, so its "
-                             "runs have no init sub-run to interpolate from; interpolate a "
-                             "variant with +init=linear_probe or +init=robust_linear_probe.")
+            raise SetupError(
+                f"--interpolate={spelling}: that variant has init=random, so its "
+                "runs have no init sub-run to interpolate from; interpolate a "
+                "variant with +init=linear_probe or +init=robust_linear_probe."
+            )
         if checked.validation == "none":  # interpolate_runs' own refusal, before any training
-            raise SetupError(f"--interpolate={spelling}: that variant trains with "
-                             "--validation=none, so no validation split is held out to choose "
-                             "alpha on; add +validation=carve to the variant.")
+            raise SetupError(
+                f"--interpolate={spelling}: that variant trains with "
+                "--validation=none, so no validation split is held out to choose "
+                "alpha on; add +validation=carve to the variant."
+            )
         interpolated.append(variant)
     return plan, interpolated
 
 
-def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
-             autoattack_args=None, interpolate=(), interpolation_args=None, log=print,
-             verbose=0):
+def run_grid(
+    base_settings,
+    methods,
+    seeds,
+    output_dir,
+    *,
+    evaluation_args,
+    autoattack_args=None,
+    interpolate=(),
+    interpolation_args=None,
+    log=print,
+    verbose=0,
+):
     """Trains (or reuses) and evaluates every (row, seed); returns their `RunResult`s.
 
     Args:
@@ -357,17 +401,34 @@ def run_grid(base_settings, methods, seeds, output_dir, *, evaluation_args,
         for seed, settings in runs.items():
             log(f"compare: {variant.name}, seed {seed}: {settings['model_dir']}")
             _train_one(settings, verbose)
-            results.append(_result(variant.name, seed, settings["model_dir"], evaluation_args,
-                                   autoattack_args, log))
+            results.append(
+                _result(
+                    variant.name, seed, settings["model_dir"], evaluation_args, autoattack_args, log
+                )
+            )
     for variant in interpolated:
         for seed in seeds:
             source = plan[variant][seed]["model_dir"]
             model_dir = run_dir(output_dir, wise_dir_name(variant), seed)
             log(f"compare: {wise_name(variant)}, seed {seed}: {model_dir}")
-            chosen = _interpolate_one(os.path.join(source, init_stage.INIT_DIR), source,
-                                      model_dir, dict(interpolation_args or {}), verbose)
-            results.append(_result(wise_name(variant), seed, model_dir, evaluation_args,
-                                   autoattack_args, log, interpolation=chosen))
+            chosen = _interpolate_one(
+                os.path.join(source, init_stage.INIT_DIR),
+                source,
+                model_dir,
+                dict(interpolation_args or {}),
+                verbose,
+            )
+            results.append(
+                _result(
+                    wise_name(variant),
+                    seed,
+                    model_dir,
+                    evaluation_args,
+                    autoattack_args,
+                    log,
+                    interpolation=chosen,
+                )
+            )
     return results
 
 
@@ -390,8 +451,9 @@ def paired_difference(values, baseline_values, confidence=CONFIDENCE):
     values = np.asarray(values, dtype=np.float64)
     baseline_values = np.asarray(baseline_values, dtype=np.float64)
     if values.shape != baseline_values.shape:
-        raise ValueError(f"paired values need the same seeds: {values.shape} vs "
-                         f"{baseline_values.shape}")
+        raise ValueError(
+            f"paired values need the same seeds: {values.shape} vs {baseline_values.shape}"
+        )
     difference = float(np.mean(values - baseline_values))
     if len(values) < 2:
         return difference, None, None
@@ -411,16 +473,21 @@ def summarise(results, attacks, baseline):
        "baseline", "confidence", "interval": description}.
     """
     methods = list(dict.fromkeys(r.method for r in results))
-    by_method = {m: sorted((r for r in results if r.method == m), key=lambda r: r.seed)
-                 for m in methods}
+    by_method = {
+        m: sorted((r for r in results if r.method == m), key=lambda r: r.seed) for m in methods
+    }
     table = {}
     for method, runs in by_method.items():
         table[method] = {}
         for attack in attacks:
             values = [r.accuracy(attack) for r in runs]
             mean, sd = mean_and_sd(values)
-            table[method][attack] = {"mean": mean, "sd": sd, "values": values,
-                                     "seeds": [r.seed for r in runs]}
+            table[method][attack] = {
+                "mean": mean,
+                "sd": sd,
+                "values": values,
+                "seeds": [r.seed for r in runs],
+            }
     differences = {}
     if baseline in by_method:
         for method in methods:
@@ -428,20 +495,37 @@ def summarise(results, attacks, baseline):
                 continue
             differences[method] = {}
             for attack in attacks:
-                seeds = sorted(set(table[method][attack]["seeds"])
-                               & set(table[baseline][attack]["seeds"]))
-                ours = [table[method][attack]["values"][table[method][attack]["seeds"].index(s)]
-                        for s in seeds]
-                theirs = [table[baseline][attack]["values"][
-                    table[baseline][attack]["seeds"].index(s)] for s in seeds]
+                seeds = sorted(
+                    set(table[method][attack]["seeds"]) & set(table[baseline][attack]["seeds"])
+                )
+                ours = [
+                    table[method][attack]["values"][table[method][attack]["seeds"].index(s)]
+                    for s in seeds
+                ]
+                theirs = [
+                    table[baseline][attack]["values"][table[baseline][attack]["seeds"].index(s)]
+                    for s in seeds
+                ]
                 mean, low, high = paired_difference(ours, theirs)
-                differences[method][attack] = {"mean": mean, "low": low, "high": high,
-                                               "seeds": seeds}
-    alphas = {method: {str(r.seed): r.interpolation["alpha"] for r in runs}
-              for method, runs in by_method.items() if runs[0].interpolation is not None}
-    return {"methods": table, "differences": differences, "alphas": alphas,
-            "baseline": baseline, "confidence": CONFIDENCE,
-            "interval": "paired Student-t over seeds (scipy.stats.ttest_rel)"}
+                differences[method][attack] = {
+                    "mean": mean,
+                    "low": low,
+                    "high": high,
+                    "seeds": seeds,
+                }
+    alphas = {
+        method: {str(r.seed): r.interpolation["alpha"] for r in runs}
+        for method, runs in by_method.items()
+        if runs[0].interpolation is not None
+    }
+    return {
+        "methods": table,
+        "differences": differences,
+        "alphas": alphas,
+        "baseline": baseline,
+        "confidence": CONFIDENCE,
+        "interval": "paired Student-t over seeds (scipy.stats.ttest_rel)",
+    }
 
 
 def _percent(value):
@@ -451,8 +535,10 @@ def _percent(value):
 def format_table(summary, attacks):
     """The printed table: mean +- sd per method, then paired differences with intervals."""
     width = 28
-    labels = [*summary["methods"], *(f"{m} - {summary['baseline']}"
-                                     for m in summary["differences"])]
+    labels = [
+        *summary["methods"],
+        *(f"{m} - {summary['baseline']}" for m in summary["differences"]),
+    ]
     first = max(16, *(len(label) + 2 for label in labels))
     lines = [f"{'method':<{first}}" + "".join(f"{a:>{width}}" for a in attacks)]
     for method, row in summary["methods"].items():
@@ -462,24 +548,30 @@ def format_table(summary, attacks):
             sd = "" if cell["sd"] is None else f" +- {100 * cell['sd']:.2f}"
             cells.append(f"{_percent(cell['mean']) + sd:>{width}}")
         n = len(row[attacks[0]]["values"])
-        lines.append(f"{method:<{first}}" + "".join(cells) +
-                     f"   ({n} seed{'s' if n > 1 else ''})")
+        lines.append(f"{method:<{first}}" + "".join(cells) + f"   ({n} seed{'s' if n > 1 else ''})")
     confidence = int(round(100 * summary["confidence"]))
     for method, row in summary["differences"].items():
         cells = []
         for attack in attacks:
             d = row[attack]
-            interval = ("no interval (1 seed)" if d["low"] is None else
-                        f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]")
+            interval = (
+                "no interval (1 seed)"
+                if d["low"] is None
+                else f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+            )
             cells.append(f"{100 * d['mean']:+.2f} {interval}".rjust(width))
         lines.append(f"{method + ' - ' + summary['baseline']:<{first}}" + "".join(cells))
     if summary["differences"]:
-        lines.append(f"differences: percentage points, paired by seed, {confidence} % "
-                     "Student-t interval; an interval that contains 0 separates nothing.")
+        lines.append(
+            f"differences: percentage points, paired by seed, {confidence} % "
+            "Student-t interval; an interval that contains 0 separates nothing."
+        )
     for method, by_seed in summary.get("alphas", {}).items():
         chosen = ", ".join(f"seed {seed}: {alpha:g}" for seed, alpha in by_seed.items())
-        lines.append(f"{method}: alpha chosen on validation (0: the init sub-run, 1: the "
-                     f"fine-tuned run): {chosen}")
+        lines.append(
+            f"{method}: alpha chosen on validation (0: the init sub-run, 1: the "
+            f"fine-tuned run): {chosen}"
+        )
     return "\n".join(lines)
 
 
@@ -490,8 +582,9 @@ def model_card(result):
     return {
         "clean_acc": result.accuracy(CLEAN),
         "autoattack_acc": result.accuracy(AUTOATTACK),
-        "pgd_acc": {k: v["accuracy"] for k, v in result.evaluation["results"].items()
-                    if k.startswith("pgd")},
+        "pgd_acc": {
+            k: v["accuracy"] for k, v in result.evaluation["results"].items() if k.startswith("pgd")
+        },
         "eps": result.evaluation["epsilon"],
         "norm": "Linf",
         "architecture": s["arch"],
@@ -506,8 +599,11 @@ def model_card(result):
         "pretrained": s.get("pretrained"),
         "settings_hash": settings_hash(s),
         "model_dir": result.model_dir,
-        "interpolation": (None if result.interpolation is None else
-                          {k: result.interpolation[k] for k in ("alpha", "endpoints")}),
+        "interpolation": (
+            None
+            if result.interpolation is None
+            else {k: result.interpolation[k] for k in ("alpha", "endpoints")}
+        ),
     }
 
 
@@ -536,15 +632,27 @@ def _curves_by_method(results, column):
 
 def _band_plot(axis, curves, title):
     for method, (epochs, values) in curves.items():
-        line, = axis.plot(epochs, 100 * values.mean(axis=0), marker="o", label=method)
+        (line,) = axis.plot(epochs, 100 * values.mean(axis=0), marker="o", label=method)
         if len(values) > 1:
-            axis.fill_between(epochs, 100 * values.min(axis=0), 100 * values.max(axis=0),
-                              color=line.get_color(), alpha=0.2)
+            axis.fill_between(
+                epochs,
+                100 * values.min(axis=0),
+                100 * values.max(axis=0),
+                color=line.get_color(),
+                alpha=0.2,
+            )
     from matplotlib.ticker import MaxNLocator
 
     if not curves:
-        axis.text(0.5, 0.5, "not recorded by these runs", ha="center", va="center",
-                  transform=axis.transAxes, color="grey")
+        axis.text(
+            0.5,
+            0.5,
+            "not recorded by these runs",
+            ha="center",
+            va="center",
+            transform=axis.transAxes,
+            color="grey",
+        )
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_title(title)
     axis.set_xlabel("epoch")
@@ -569,19 +677,29 @@ def plot_wings(results):
 
     Twin rows are those trained with a twin method (a variant of one too); an interpolation
     row trains nothing and has no wings' curves."""
-    twin_methods = [m for m in dict.fromkeys(r.method for r in results
-                                             if r.settings.get("twin") and r.interpolation is None)]
+    twin_methods = [
+        m
+        for m in dict.fromkeys(
+            r.method for r in results if r.settings.get("twin") and r.interpolation is None
+        )
+    ]
     if not twin_methods:
         return None
     pyplot = _pyplot()
-    figure, axes = pyplot.subplots(1, len(twin_methods), figsize=(5 * len(twin_methods), 3.8),
-                                   squeeze=False)
+    figure, axes = pyplot.subplots(
+        1, len(twin_methods), figsize=(5 * len(twin_methods), 3.8), squeeze=False
+    )
     for axis, method in zip(axes.flat, twin_methods):
         runs = [r for r in results if r.method == method]
-        curves = {label: _curves_by_method(runs, column).get(method)
-                  for column, label in WING_CURVES.items()}
-        _band_plot(axis, {k: v for k, v in curves.items() if v is not None},
-                   f"{method}: training accuracy per wing")
+        curves = {
+            label: _curves_by_method(runs, column).get(method)
+            for column, label in WING_CURVES.items()
+        }
+        _band_plot(
+            axis,
+            {k: v for k, v in curves.items() if v is not None},
+            f"{method}: training accuracy per wing",
+        )
     figure.tight_layout()
     return figure
 
@@ -592,8 +710,12 @@ def plot_scatter(results, robust_attack):
     figure, axis = pyplot.subplots(figsize=(5.5, 4.5))
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
-        axis.scatter([100 * r.accuracy(CLEAN) for r in runs],
-                     [100 * r.accuracy(robust_attack) for r in runs], label=method, s=40)
+        axis.scatter(
+            [100 * r.accuracy(CLEAN) for r in runs],
+            [100 * r.accuracy(robust_attack) for r in runs],
+            label=method,
+            s=40,
+        )
     axis.set_xlabel("clean accuracy (%)")
     axis.set_ylabel(f"{robust_attack} accuracy (%)")
     axis.set_title("test accuracy, one point per seed")
@@ -628,41 +750,68 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
     for result in results:
         card = model_card(result)
         cards[f"{result.method}_seed{result.seed}"] = card
-        run_files.write_json(os.path.join(report_dir, "model_cards",
-                                          f"{row_dir_name(result.method)}_seed{result.seed}.json"),
-                             card)
+        run_files.write_json(
+            os.path.join(
+                report_dir, "model_cards", f"{row_dir_name(result.method)}_seed{result.seed}.json"
+            ),
+            card,
+        )
     robust = next((a for a in attacks if a != CLEAN), None)
-    figures = {"curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)",
-                              plot_curves(results))}
+    figures = {
+        "curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)", plot_curves(results))
+    }
     wings = plot_wings(results)
     if wings is not None:
         figures["wings.png"] = ("Training accuracy of each wing (twin methods)", wings)
     if robust is not None and CLEAN in attacks:
-        figures["scatter.png"] = ("Clean against robust test accuracy", plot_scatter(results,
-                                                                                     robust))
+        figures["scatter.png"] = (
+            "Clean against robust test accuracy",
+            plot_scatter(results, robust),
+        )
     images = []
     for name, (caption, figure) in figures.items():
         data = _png(figure, os.path.join(report_dir, name))
-        images.append(f"<h2>{html.escape(caption)}</h2>\n<img alt='{name}' "
-                      f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+        images.append(
+            f"<h2>{html.escape(caption)}</h2>\n<img alt='{name}' "
+            f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        )
     card_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_percent(c['clean_acc'])}</td>"
         f"<td>{_percent(c['autoattack_acc'])}</td><td>{html.escape(str(c['settings_hash'][:12]))}"
-        f"</td></tr>" for k, c in cards.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title></head><body><h1>{html.escape(title)}</h1>\n"
-            f"<pre>{html.escape(table)}</pre>\n" + "\n".join(images) +
-            "\n<h2>Model cards</h2><table border='1'><tr><th>run</th><th>clean %</th>"
-            f"<th>AutoAttack %</th><th>settings</th></tr>{card_rows}</table></body></html>\n")
+        f"</td></tr>"
+        for k, c in cards.items()
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title></head><body><h1>{html.escape(title)}</h1>\n"
+        f"<pre>{html.escape(table)}</pre>\n"
+        + "\n".join(images)
+        + "\n<h2>Model cards</h2><table border='1'><tr><th>run</th><th>clean %</th>"
+        f"<th>AutoAttack %</th><th>settings</th></tr>{card_rows}</table></body></html>\n"
+    )
     with open(os.path.join(report_dir, "report.html"), "w") as f:
         f.write(page)
     return summary, table
 
 
-def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("clean", "pgd10"),
-            max_examples=None, batch_size=128, autoattack_examples=0, interpolate=(),
-            interpolation_args=None, report_dir=None, title="twins_tf comparison", log=print,
-            verbose=0):
+def compare(
+    base_settings,
+    *,
+    methods,
+    seeds,
+    baseline,
+    output_dir,
+    attacks=("clean", "pgd10"),
+    max_examples=None,
+    batch_size=128,
+    autoattack_examples=0,
+    interpolate=(),
+    interpolation_args=None,
+    report_dir=None,
+    title="twins_tf comparison",
+    log=print,
+    verbose=0,
+):
     """Runs the grid, evaluates every run, writes the report; returns (summary, table).
 
     Args:
@@ -681,20 +830,38 @@ def compare(base_settings, *, methods, seeds, baseline, output_dir, attacks=("cl
     """
     names = [parse_variant(m).name for m in methods]
     if parse_variant(baseline).name not in names:
-        raise SetupError(f"--baseline={baseline} is not among --methods="
-                         f"{','.join(methods)}: add it or pick one of them.")
+        raise SetupError(
+            f"--baseline={baseline} is not among --methods="
+            f"{','.join(methods)}: add it or pick one of them."
+        )
     plan_rows(base_settings, methods, seeds, output_dir, interpolate)  # every check, no work
     evaluation_args = [f"--attacks={','.join(attacks)}", f"--batch_size={batch_size}"]
     if max_examples:
         evaluation_args.append(f"--max_examples={max_examples}")
     autoattack_args = None
     if autoattack_examples:
-        autoattack_args = [f"--attacks={AUTOATTACK}", f"--max_examples={autoattack_examples}",
-                           f"--batch_size={batch_size}"]
-    results = run_grid(base_settings, methods, seeds, output_dir,
-                       evaluation_args=evaluation_args, autoattack_args=autoattack_args,
-                       interpolate=interpolate, interpolation_args=interpolation_args,
-                       log=log, verbose=verbose)
+        autoattack_args = [
+            f"--attacks={AUTOATTACK}",
+            f"--max_examples={autoattack_examples}",
+            f"--batch_size={batch_size}",
+        ]
+    results = run_grid(
+        base_settings,
+        methods,
+        seeds,
+        output_dir,
+        evaluation_args=evaluation_args,
+        autoattack_args=autoattack_args,
+        interpolate=interpolate,
+        interpolation_args=interpolation_args,
+        log=log,
+        verbose=verbose,
+    )
     reported = list(attacks) + ([AUTOATTACK] if autoattack_examples else [])
-    return write_report(results, reported, parse_variant(baseline).name,
-                        report_dir or os.path.join(output_dir, REPORT_DIR), title=title)
+    return write_report(
+        results,
+        reported,
+        parse_variant(baseline).name,
+        report_dir or os.path.join(output_dir, REPORT_DIR),
+        title=title,
+    )

@@ -10,6 +10,7 @@ files you trust, since unpickling runs code), loads every tensor into
 twin or plain models with a fresh head.  The work is `twins_tf.weights.convert_checkpoint`;
 this binary parses flags and prints what it read.
 """
+
 import sys
 
 from absl import app, flags
@@ -21,12 +22,14 @@ flags.DEFINE_string("checkpoint", None, "PyTorch (.ckpt/.pt/.pth), .safetensors 
 flags.DEFINE_enum("arch", None, sorted(ARCHITECTURES), "Architecture of the checkpoint.")
 flags.DEFINE_string("output", None, "Keras weights file to write (must end in .weights.h5).")
 flags.DEFINE_bool(
-    "allow_pickle", False,
+    "allow_pickle",
+    False,
     "Let torch.load unpickle arbitrary objects. This RUNS CODE from the file: only for "
     "checkpoints from a source you trust.",
 )
 flags.DEFINE_integer(
-    "num_classes", None,
+    "num_classes",
+    None,
     "Expected head size (an error if the checkpoint's differs); the head size to write for a "
     "checkpoint without fc (default 1000).",
 )
@@ -68,8 +71,11 @@ def main(argv):
 
     try:
         summary = weights.convert_checkpoint(
-            FLAGS.checkpoint, FLAGS.arch, FLAGS.output,
-            allow_pickle=FLAGS.allow_pickle, num_classes=FLAGS.num_classes,
+            FLAGS.checkpoint,
+            FLAGS.arch,
+            FLAGS.output,
+            allow_pickle=FLAGS.allow_pickle,
+            num_classes=FLAGS.num_classes,
         )
     except (weights.CheckpointError, FileNotFoundError, ImportError) as e:
         print(f"convert: error: {e}", file=sys.stderr)

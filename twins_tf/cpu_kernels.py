@@ -14,6 +14,7 @@ TensorFlow was imported first, the variable would come too late: if oneDNN is th
 warning says so and how to fix it.  An environment variable is the only switch TensorFlow has
 for this; there is no API to call after import.
 """
+
 import os
 import sys
 import warnings
@@ -38,4 +39,7 @@ def prefer_onednn():
             "steps on an AMD EPYC AVX2 machine; docs/benchmarks.md): set "
             "TF_ENABLE_ONEDNN_OPTS=1 in the environment, or import twins_tf before "
             "tensorflow.  (TF_ENABLE_ONEDNN_OPTS=0 silences this and keeps TensorFlow's "
-            "kernels.)", RuntimeWarning, stacklevel=2)
+            "kernels.)",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -31,13 +31,27 @@ the published protocol (train on the whole small training split, keep the final 
 prints whatever comes out: with three seeds on ~180 test images an interval that contains 0
 separates nothing.  `--deterministic` makes the same command give the same table.
 """
+
 import sys
 
 from absl import app, flags
 
 from twins_tf.demo_pipeline import (  # noqa: F401 (the library side, under its old names)
-    COMMON, DEFAULT_METHODS, DEFAULT_SEEDS, EXPORTED_METHOD, FULL, METHOD_NAMES, QUICK,
-    RESULTS_FILE, SOURCE, TARGET, TARGET_PER_CLASS, export_and_check, run_demo, run_training)
+    COMMON,
+    DEFAULT_METHODS,
+    DEFAULT_SEEDS,
+    EXPORTED_METHOD,
+    FULL,
+    METHOD_NAMES,
+    QUICK,
+    RESULTS_FILE,
+    SOURCE,
+    TARGET,
+    TARGET_PER_CLASS,
+    export_and_check,
+    run_demo,
+    run_training,
+)
 from twins_tf.training.settings import SetupError
 
 FLAGS = flags.FLAGS
@@ -45,21 +59,44 @@ FLAGS = flags.FLAGS
 
 def define_flags(flag_values):
     """Defines the demo's flags on `flag_values`."""
-    flags.DEFINE_string("output_dir", "demo_out", "Where the runs, reports and the exported "
-                        "model go.", flag_values=flag_values)
-    flags.DEFINE_list("methods", list(DEFAULT_METHODS), "Fine-tuning methods to compare "
-                      "(the first is the baseline): " + ", ".join(METHOD_NAMES) + ".",
-                      flag_values=flag_values)
-    flags.DEFINE_list("seeds", [str(seed) for seed in DEFAULT_SEEDS], "Seeds of every "
-                      "fine-tuning method.", flag_values=flag_values)
-    flags.DEFINE_enum("autoattack", "off", ["on", "off"], "Also run AutoAttack (standard) on "
-                      "--autoattack_examples test images (class-stratified) of each model. Off by "
-                      "default: on 2 CPU cores it costs minutes per model (Square's 5000 "
-                      "queries dominate).", flag_values=flag_values)
-    flags.DEFINE_integer("autoattack_examples", 64, "Test images AutoAttack runs on.",
-                         flag_values=flag_values)
-    flags.DEFINE_bool("quick", False, "Tiny settings (seconds per step) to check the "
-                      "pipeline, not to read the numbers.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "output_dir",
+        "demo_out",
+        "Where the runs, reports and the exported model go.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_list(
+        "methods",
+        list(DEFAULT_METHODS),
+        "Fine-tuning methods to compare "
+        "(the first is the baseline): " + ", ".join(METHOD_NAMES) + ".",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_list(
+        "seeds",
+        [str(seed) for seed in DEFAULT_SEEDS],
+        "Seeds of every fine-tuning method.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "autoattack",
+        "off",
+        ["on", "off"],
+        "Also run AutoAttack (standard) on "
+        "--autoattack_examples test images (class-stratified) of each model. Off by "
+        "default: on 2 CPU cores it costs minutes per model (Square's 5000 "
+        "queries dominate).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "autoattack_examples", 64, "Test images AutoAttack runs on.", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "quick",
+        False,
+        "Tiny settings (seconds per step) to check the pipeline, not to read the numbers.",
+        flag_values=flag_values,
+    )
 
 
 def main(argv):
@@ -76,10 +113,15 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)
     tf.get_logger().setLevel("ERROR")
     try:
-        run_demo(FLAGS.output_dir, methods=FLAGS.methods, seeds=parse_seeds(FLAGS.seeds),
-                 autoattack=FLAGS.autoattack,
-                 autoattack_examples=FLAGS.autoattack_examples, quick=FLAGS.quick,
-                 log=lambda line: print(line, flush=True))
+        run_demo(
+            FLAGS.output_dir,
+            methods=FLAGS.methods,
+            seeds=parse_seeds(FLAGS.seeds),
+            autoattack=FLAGS.autoattack,
+            autoattack_examples=FLAGS.autoattack_examples,
+            quick=FLAGS.quick,
+            log=lambda line: print(line, flush=True),
+        )
     except (SetupError, DivergenceError) as error:
         sys.exit(f"demo: error: {error}")
 

@@ -4,6 +4,7 @@ What it runs and why is the docstring of `twins_tf.demo`, the binary that define
 and calls `run_demo`; this module is the library side, so a test or a notebook runs the
 demo without absl flags.
 """
+
 import json
 import os
 import time
@@ -15,34 +16,78 @@ from twins_tf.training.settings import PRETRAIN, TRAIN, SetupError
 SOURCE = "digits_0_4"
 TARGET = "digits_5_9"
 TARGET_PER_CLASS = 30
-METHOD_NAMES = {"at": "AT", "twins_at": "TWINS-AT", "trades": "TRADES",
-                "twins_trades": "TWINS-TRADES"}
+METHOD_NAMES = {
+    "at": "AT",
+    "twins_at": "TWINS-AT",
+    "trades": "TRADES",
+    "twins_trades": "TWINS-TRADES",
+}
 DEFAULT_METHODS = ("at", "twins_at")
 DEFAULT_SEEDS = (0, 1, 2)
 EXPORTED_METHOD = "twins_at"
 RESULTS_FILE = "results.json"
 
 # Shared by every training run (the source's and the fine-tunings').
-COMMON = ["--arch=resnet18", "--attack_eps=8/255", "--attack_step=2/255", "--attack_steps=3",
-          "--deterministic"]
+COMMON = [
+    "--arch=resnet18",
+    "--attack_eps=8/255",
+    "--attack_step=2/255",
+    "--attack_steps=3",
+    "--deterministic",
+]
 FULL = {
-    "pretrain": ["--method=at", "--epochs=10", "--lr=0.05", "--lr_decay_epochs=7,9",
-                 "--weight_decay=5e-4", "--batch_size=64", "--seed=0"],
-    "train": ["--epochs=15", "--lr=0.01", "--lr_decay_epochs=10", "--weight_decay=1e-3",
-              "--lambda_twins=0.4", "--beta=6.0", "--batch_size=32", "--validation=none",
-              f"--max_train_examples={5 * TARGET_PER_CLASS}"],
-    "attacks": ["clean", "pgd10"], "max_examples": None,
+    "pretrain": [
+        "--method=at",
+        "--epochs=10",
+        "--lr=0.05",
+        "--lr_decay_epochs=7,9",
+        "--weight_decay=5e-4",
+        "--batch_size=64",
+        "--seed=0",
+    ],
+    "train": [
+        "--epochs=15",
+        "--lr=0.01",
+        "--lr_decay_epochs=10",
+        "--weight_decay=1e-3",
+        "--lambda_twins=0.4",
+        "--beta=6.0",
+        "--batch_size=32",
+        "--validation=none",
+        f"--max_train_examples={5 * TARGET_PER_CLASS}",
+    ],
+    "attacks": ["clean", "pgd10"],
+    "max_examples": None,
 }
 # --quick: the same pipeline on a few batches (the tests' smoke run).
 QUICK = {
-    "pretrain": ["--method=at", "--epochs=1", "--lr=0.02", "--lr_decay_epochs=",
-                 "--weight_decay=5e-4", "--image_size=16", "--max_train_examples=32",
-                 "--max_validation_examples=16", "--batch_size=16", "--attack_steps=1",
-                 "--seed=0"],
-    "train": ["--epochs=1", "--lr=0.01", "--lr_decay_epochs=", "--weight_decay=1e-3",
-              "--lambda_twins=0.4", "--image_size=16", "--max_train_examples=32",
-              "--validation=none", "--batch_size=16", "--attack_steps=1"],
-    "attacks": ["clean", "pgd2"], "max_examples": 32,
+    "pretrain": [
+        "--method=at",
+        "--epochs=1",
+        "--lr=0.02",
+        "--lr_decay_epochs=",
+        "--weight_decay=5e-4",
+        "--image_size=16",
+        "--max_train_examples=32",
+        "--max_validation_examples=16",
+        "--batch_size=16",
+        "--attack_steps=1",
+        "--seed=0",
+    ],
+    "train": [
+        "--epochs=1",
+        "--lr=0.01",
+        "--lr_decay_epochs=",
+        "--weight_decay=1e-3",
+        "--lambda_twins=0.4",
+        "--image_size=16",
+        "--max_train_examples=32",
+        "--validation=none",
+        "--batch_size=16",
+        "--attack_steps=1",
+    ],
+    "attacks": ["clean", "pgd2"],
+    "max_examples": 32,
 }
 
 
@@ -75,8 +120,13 @@ def export_and_check(model_dir, output_dir, evaluation_report, log):
     if not tf.io.gfile.exists(os.path.join(output_dir, "saved_model.pb")):
         serving.export_run(model_dir, output_dir)
     served = tf.saved_model.load(output_dir).signatures["serving_default"]
-    settings = evaluation.resolve({"model_dir": model_dir, "split": evaluation_report["split"],
-                                   "max_examples": evaluation_report["examples"]})
+    settings = evaluation.resolve(
+        {
+            "model_dir": model_dir,
+            "split": evaluation_report["split"],
+            "max_examples": evaluation_report["examples"],
+        }
+    )
     batches, _ = evaluation.load_examples(settings)
     correct = total = 0
     for images, labels in batches:
@@ -84,26 +134,37 @@ def export_and_check(model_dir, output_dir, evaluation_report, log):
         correct += int(np.sum(predictions == labels.numpy()))
         total += int(labels.shape[0])
     accuracy = correct / total
-    log(f"SavedModel {output_dir} reloaded: clean test accuracy {100 * accuracy:.2f}% "
+    log(
+        f"SavedModel {output_dir} reloaded: clean test accuracy {100 * accuracy:.2f}% "
         f"(evaluate on the Keras model: "
-        f"{100 * evaluation_report['results']['clean']['accuracy']:.2f}%)")
+        f"{100 * evaluation_report['results']['clean']['accuracy']:.2f}%)"
+    )
     return accuracy
 
 
 def _check_choices(methods, seeds, autoattack, autoattack_examples):
     unknown = [m for m in methods if m not in METHOD_NAMES]
     if unknown or not methods:
-        raise SetupError(f"--methods must name some of {', '.join(METHOD_NAMES)}; "
-                         f"got {','.join(methods) or 'nothing'}.")
+        raise SetupError(
+            f"--methods must name some of {', '.join(METHOD_NAMES)}; "
+            f"got {','.join(methods) or 'nothing'}."
+        )
     if not seeds or len(set(seeds)) != len(seeds):
         raise SetupError("--seeds must list distinct integers.")
     if autoattack not in ("on", "off") or autoattack_examples < 1:
-        raise SetupError("--autoattack must be on or off and "
-                         "--autoattack_examples at least 1.")
+        raise SetupError("--autoattack must be on or off and --autoattack_examples at least 1.")
 
 
-def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoattack="off",
-             autoattack_examples=64, quick=False, log=print):
+def run_demo(
+    output_dir,
+    *,
+    methods=DEFAULT_METHODS,
+    seeds=DEFAULT_SEEDS,
+    autoattack="off",
+    autoattack_examples=64,
+    quick=False,
+    log=print,
+):
     """The whole demo; returns the results written to `output_dir/results.json`.
 
     Raises:
@@ -119,64 +180,98 @@ def run_demo(output_dir, *, methods=DEFAULT_METHODS, seeds=DEFAULT_SEEDS, autoat
     timings = {}
     source_dir = os.path.join(output_dir, "source_at")
 
-    log(f"== 1. robust pre-training on the source task ({SOURCE}: the whole training split "
-        "of digits 0-4)")
+    log(
+        f"== 1. robust pre-training on the source task ({SOURCE}: the whole training split "
+        "of digits 0-4)"
+    )
     step = time.time()
-    run_training(PRETRAIN, [f"--dataset={SOURCE}", *COMMON, *recipe["pretrain"],
-                            f"--model_dir={source_dir}"], log)
+    run_training(
+        PRETRAIN,
+        [f"--dataset={SOURCE}", *COMMON, *recipe["pretrain"], f"--model_dir={source_dir}"],
+        log,
+    )
     timings["pretrain"] = time.time() - step
     pretrained = os.path.join(source_dir, run_files.BEST_WEIGHTS)
 
     names = ", ".join(METHOD_NAMES[m] for m in methods)
-    log(f"== 2-3. fine-tuning on the target task ({TARGET}, {TARGET_PER_CLASS} training "
+    log(
+        f"== 2-3. fine-tuning on the target task ({TARGET}, {TARGET_PER_CLASS} training "
         f"images per class) with {names}, seeds {','.join(map(str, seeds))}, and evaluation "
-        "on its test split")
-    train_args = [f"--dataset={TARGET}", *COMMON, *recipe["train"],
-                  f"--pretrained={pretrained}"]
+        "on its test split"
+    )
+    train_args = [f"--dataset={TARGET}", *COMMON, *recipe["train"], f"--pretrained={pretrained}"]
     evaluation = [f"--attacks={','.join(recipe['attacks'])}"]
     if recipe["max_examples"]:
         evaluation.append(f"--eval_max_examples={recipe['max_examples']}")
     aa = [f"--autoattack_examples={autoattack_examples}"] if autoattack == "on" else []
-    log(_command("compare", [*train_args, f"--methods={','.join(methods)}",
-                             f"--seeds={','.join(map(str, seeds))}", *evaluation, *aa,
-                             f"--output_dir={output_dir}"]))
+    log(
+        _command(
+            "compare",
+            [
+                *train_args,
+                f"--methods={','.join(methods)}",
+                f"--seeds={','.join(map(str, seeds))}",
+                *evaluation,
+                *aa,
+                f"--output_dir={output_dir}",
+            ],
+        )
+    )
     step = time.time()
     summary, table = comparison.compare(
-        settings_from_args(TRAIN, train_args), methods=methods,
-        seeds=seeds, baseline=methods[0], output_dir=output_dir, attacks=recipe["attacks"],
+        settings_from_args(TRAIN, train_args),
+        methods=methods,
+        seeds=seeds,
+        baseline=methods[0],
+        output_dir=output_dir,
+        attacks=recipe["attacks"],
         max_examples=recipe["max_examples"],
         autoattack_examples=autoattack_examples if autoattack == "on" else 0,
-        report_dir=output_dir, title=f"twins_tf demo: {SOURCE} -> {TARGET}",
-        log=lambda line: log(line) if line.startswith("compare:") else None, verbose=0)
+        report_dir=output_dir,
+        title=f"twins_tf demo: {SOURCE} -> {TARGET}",
+        log=lambda line: log(line) if line.startswith("compare:") else None,
+        verbose=0,
+    )
     timings["compare"] = time.time() - step
 
     exported = served_accuracy = None
     if EXPORTED_METHOD in methods:
-        log(f"== 4. SavedModel export of the {METHOD_NAMES[EXPORTED_METHOD]} model "
-            f"(seed {seeds[0]})")
+        log(
+            f"== 4. SavedModel export of the {METHOD_NAMES[EXPORTED_METHOD]} model "
+            f"(seed {seeds[0]})"
+        )
         run = comparison.run_dir(output_dir, EXPORTED_METHOD, seeds[0])
         exported = os.path.join(output_dir, f"exported_{EXPORTED_METHOD}")
         with open(os.path.join(run, comparison.EVALUATION_FILE)) as f:
             report = json.load(f)
         served_accuracy = export_and_check(run, exported, report, log)
-    log(f"== 5. results: {TARGET} test split, L-inf eps 8/255, fine-tuned from a PGD-AT "
+    log(
+        f"== 5. results: {TARGET} test split, L-inf eps 8/255, fine-tuned from a PGD-AT "
         f"ResNet-18 pre-trained on {SOURCE}; accuracy in %, mean +- sd over "
-        f"{len(seeds)} seeds")
+        f"{len(seeds)} seeds"
+    )
     log(table)
     if autoattack == "off":
         log("AutoAttack: not run (--autoattack=on adds it on --autoattack_examples images).")
     results = {
-        "source": SOURCE, "target": TARGET, "quick": quick, "methods": methods, "seeds": seeds,
+        "source": SOURCE,
+        "target": TARGET,
+        "quick": quick,
+        "methods": methods,
+        "seeds": seeds,
         "summary": summary,
         "report": os.path.join(output_dir, "report.html"),
-        "runs": {f"{m}_seed{s}": comparison.run_dir(output_dir, m, s)
-                 for m in methods for s in seeds},
+        "runs": {
+            f"{m}_seed{s}": comparison.run_dir(output_dir, m, s) for m in methods for s in seeds
+        },
         "exported": exported,
         "saved_model_clean_accuracy": served_accuracy,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "total_seconds": round(time.time() - started, 1),
     }
     run_files.write_json(os.path.join(output_dir, RESULTS_FILE), results)
-    log(f"total {results['total_seconds']:.0f} s; plots and table in {results['report']}; "
-        f"results in {os.path.join(output_dir, RESULTS_FILE)}")
+    log(
+        f"total {results['total_seconds']:.0f} s; plots and table in {results['report']}; "
+        f"results in {os.path.join(output_dir, RESULTS_FILE)}"
+    )
     return results

@@ -18,6 +18,7 @@ Example:
   >>> with strategy.scope():
   ...     model = build_model()
 """
+
 import json
 import os
 
@@ -27,7 +28,8 @@ STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 _TF_CONFIG_EXAMPLE = (
     'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-    '"task": {"type": "worker", "index": 0}}\'')
+    '"task": {"type": "worker", "index": 0}}\''
+)
 
 
 def get_strategy(name, *, tpu_address=None, devices=None):
@@ -71,36 +73,48 @@ def check_tf_config(tf_config):
     if not tf_config:
         raise ValueError(
             "--strategy=multi_worker needs the TF_CONFIG environment variable on every worker, "
-            f"e.g. {_TF_CONFIG_EXAMPLE} (index = this worker's position in the list).")
+            f"e.g. {_TF_CONFIG_EXAMPLE} (index = this worker's position in the list)."
+        )
     try:
         config = json.loads(tf_config)
     except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON ({error}); expected e.g. "
-                         f"{_TF_CONFIG_EXAMPLE}.") from None
+        raise ValueError(
+            f"TF_CONFIG is not valid JSON ({error}); expected e.g. {_TF_CONFIG_EXAMPLE}."
+        ) from None
     cluster = config.get("cluster") if isinstance(config, dict) else None
     task = config.get("task") if isinstance(config, dict) else None
     if not isinstance(cluster, dict) or not (cluster.get("worker") or cluster.get("chief")):
-        raise ValueError(f"TF_CONFIG has no cluster.worker list of host:port addresses; "
-                         f"expected e.g. {_TF_CONFIG_EXAMPLE}.")
+        raise ValueError(
+            f"TF_CONFIG has no cluster.worker list of host:port addresses; "
+            f"expected e.g. {_TF_CONFIG_EXAMPLE}."
+        )
     if not isinstance(task, dict) or task.get("type") not in cluster:
-        raise ValueError(f"TF_CONFIG's task.type must name a job of the cluster "
-                         f"({', '.join(cluster)}), got {task!r}.")
+        raise ValueError(
+            f"TF_CONFIG's task.type must name a job of the cluster "
+            f"({', '.join(cluster)}), got {task!r}."
+        )
     index = task.get("index", 0)
     if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
-        raise ValueError(f"TF_CONFIG's task.index {index!r} is outside the "
-                         f"{len(cluster[task['type']])} {task['type']} address(es).")
+        raise ValueError(
+            f"TF_CONFIG's task.index {index!r} is outside the "
+            f"{len(cluster[task['type']])} {task['type']} address(es)."
+        )
     return config
 
 
 def _tpu_strategy(address):
     if not address:
-        raise ValueError("--strategy=tpu needs --tpu_address (a TPU name, grpc://host:port, "
-                         "or 'local' on a TPU VM) or the TPU_NAME environment variable.")
+        raise ValueError(
+            "--strategy=tpu needs --tpu_address (a TPU name, grpc://host:port, "
+            "or 'local' on a TPU VM) or the TPU_NAME environment variable."
+        )
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as error:
-        raise RuntimeError(f"--strategy=tpu could not reach the TPU {address!r}: "
-                           f"{str(error).splitlines()[0] if str(error) else error!r}") from error
+        raise RuntimeError(
+            f"--strategy=tpu could not reach the TPU {address!r}: "
+            f"{str(error).splitlines()[0] if str(error) else error!r}"
+        ) from error
     return tf.distribute.TPUStrategy(resolver)

@@ -32,16 +32,31 @@ Results go to a printed table and a JSON report (`--output`, by default
 carved from train (`--split`); `--max_examples` evaluates N examples only, a class-stratified
 subset seeded by the split seed.
 """
+
 import sys
 
 from absl import app, flags
 
-from twins_tf.evaluation import (AUTOATTACK, CLEAN, DEFAULTS, REPORT_PREFIX,  # noqa: F401
-                                 SPLITS, autoattack_state_path, evaluate, evaluate_batched,
-                                 format_table, load_examples, load_model, model_checks,
-                                 parse_attacks, report_path, resolve, run_autoattack)
-from twins_tf.training.settings import SetupError
+from twins_tf.evaluation import (  # noqa: F401
+    AUTOATTACK,
+    CLEAN,
+    DEFAULTS,
+    REPORT_PREFIX,
+    SPLITS,
+    autoattack_state_path,
+    evaluate,
+    evaluate_batched,
+    format_table,
+    load_examples,
+    load_model,
+    model_checks,
+    parse_attacks,
+    report_path,
+    resolve,
+    run_autoattack,
+)
 from twins_tf.training.flags import define_data_flags, define_fraction
+from twins_tf.training.settings import SetupError
 
 # The names above are the library's (twins_tf.evaluation); they stay importable from here for
 # code written against this module before the split.
@@ -57,8 +72,9 @@ def define_flags(flag_values):
 
     def define(kind, name, help_text, enum_values=None):
         choices = [] if enum_values is None else [enum_values]  # DEFINE_enum's third argument
-        getattr(flags, f"DEFINE_{kind}")(name, DEFAULTS[name], *choices, help_text,
-                                         flag_values=flag_values)
+        getattr(flags, f"DEFINE_{kind}")(
+            name, DEFAULTS[name], *choices, help_text, flag_values=flag_values
+        )
         names.append(name)
 
     define("string", "model_dir", "A train/pretrain run: config.json and weights.")
@@ -67,20 +83,40 @@ def define_flags(flag_values):
     names += define_data_flags(flag_values, from_run=True)  # as train's, default: the run's
     define("enum", "split", "Split to evaluate on.", enum_values=list(SPLITS))
     define("list", "attacks", "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
-    define_fraction("attack_eps", DEFAULTS["attack_eps"], "L-inf radius in [0, 1] pixel units "
-                    "(default: the run's, else 8/255).", flag_values, None)
-    define_fraction("attack_step", DEFAULTS["attack_step"], "PGD step size (default: the run's, "
-                    "else 2/255).", flag_values, None)
+    define_fraction(
+        "attack_eps",
+        DEFAULTS["attack_eps"],
+        "L-inf radius in [0, 1] pixel units (default: the run's, else 8/255).",
+        flag_values,
+        None,
+    )
+    define_fraction(
+        "attack_step",
+        DEFAULTS["attack_step"],
+        "PGD step size (default: the run's, else 2/255).",
+        flag_values,
+        None,
+    )
     names += ["attack_eps", "attack_step"]
     define("integer", "pgd_restarts", "PGD restarts (> 1 uses random starts).")
-    define("enum", "autoattack_version", "AutoAttack version (rand: for randomised defences).",
-           enum_values=["standard", "rand"])
+    define(
+        "enum",
+        "autoattack_version",
+        "AutoAttack version (rand: for randomised defences).",
+        enum_values=["standard", "rand"],
+    )
     define("integer", "batch_size", "Evaluation batch size.")
-    define("integer", "max_examples",
-           "Evaluate only N examples of the split, stratified by class (seeded).")
+    define(
+        "integer",
+        "max_examples",
+        "Evaluate only N examples of the split, stratified by class (seeded).",
+    )
     define("integer", "seed", "Seed of random starts and AutoAttack.")
-    define("string", "output", "JSON report path (default: "
-           "model_dir/evaluation_<split>.json; none without --model_dir).")
+    define(
+        "string",
+        "output",
+        "JSON report path (default: model_dir/evaluation_<split>.json; none without --model_dir).",
+    )
     return names
 
 

@@ -6,13 +6,19 @@ The export and its serving signature (input checks, outputs) are `twins_tf.servi
 (`export_saved_model`, `export_run`, re-exported here under their old names); this file
 defines the flags and calls it.
 """
+
 import sys
 
 import tensorflow as tf
 from absl import app, flags, logging
 
 from twins_tf.serving import (  # noqa: F401 (the library side, under its old names)
-    RANGE_TOLERANCE, SERVING_ERROR, SERVING_INPUT, export_run, export_saved_model)
+    RANGE_TOLERANCE,
+    SERVING_ERROR,
+    SERVING_INPUT,
+    export_run,
+    export_saved_model,
+)
 
 
 def define_flags(flag_values):
@@ -21,13 +27,22 @@ def define_flags(flag_values):
     Called only when run as a program, so importing this module (e.g. next to
     `twins_tf.convert`, which also has an `--output`) defines no global flags.
     """
-    flags.DEFINE_string("model_dir", None, "The --model_dir of a train or pretrain run.",
-                        flag_values=flag_values)
-    flags.DEFINE_string("output", None, "SavedModel directory to write (must not exist yet, or "
-                        "be empty).", flag_values=flag_values)
-    flags.DEFINE_string("weights", None, "Weights file to export (default: "
-                        "<model_dir>/best.weights.h5; e.g. <model_dir>/last.weights.h5).",
-                        flag_values=flag_values)
+    flags.DEFINE_string(
+        "model_dir", None, "The --model_dir of a train or pretrain run.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "SavedModel directory to write (must not exist yet, or be empty).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "weights",
+        None,
+        "Weights file to export (default: "
+        "<model_dir>/best.weights.h5; e.g. <model_dir>/last.weights.h5).",
+        flag_values=flag_values,
+    )
 
 
 def main(argv, flag_values=flags.FLAGS):
@@ -37,21 +52,27 @@ def main(argv, flag_values=flags.FLAGS):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     model_dir, output = flag_values.model_dir, flag_values.output
     if not model_dir or not output:
-        sys.exit("export: error: --model_dir and --output are required (e.g. "
-                 "--model_dir=runs/dogs --output=exported/dogs).")
+        sys.exit(
+            "export: error: --model_dir and --output are required (e.g. "
+            "--model_dir=runs/dogs --output=exported/dogs)."
+        )
     if "verbosity" in flag_values and not flag_values["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # SavedModel writing logs pages of INFO lines
     if tf.io.gfile.exists(output) and tf.io.gfile.listdir(output):
-        sys.exit(f"export: error: --output={output} exists and is not empty; refusing to overwrite "
-                 "it: choose a new directory.")
+        sys.exit(
+            f"export: error: --output={output} exists and is not empty; refusing to overwrite "
+            "it: choose a new directory."
+        )
     try:
         config = export_run(model_dir, output, weights=flag_values.weights)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"export: error: {error}")
     size = int(config["image_size"])
-    print(f"Exported {config['arch']} ({config['num_classes']} classes) to {output}\n"
-          f"  signature serving_default: images float32 [N, {size}, {size}, 3] in [0, 1] -> "
-          f"logits, probabilities [N, {config['num_classes']}]")
+    print(
+        f"Exported {config['arch']} ({config['num_classes']} classes) to {output}\n"
+        f"  signature serving_default: images float32 [N, {size}, {size}, 3] in [0, 1] -> "
+        f"logits, probabilities [N, {config['num_classes']}]"
+    )
 
 
 if __name__ == "__main__":

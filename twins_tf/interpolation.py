@@ -41,6 +41,7 @@ examples, attack) returns the stored result; a different request into an output_
 an interpolation is refused unless `overwrite=True` (never into a directory holding anything
 else).
 """
+
 import dataclasses
 import hashlib
 import os
@@ -57,8 +58,10 @@ SELECTIONS = ("robust", "clean")
 # The runs' network and data, which must agree for an interpolation to mean anything.
 _SAME_KEYS = ("arch", "num_classes", "image_size", "upsample", "dataset", "train_per_class")
 _ATTACK_KEYS = ("attack_eps", "attack_step", "attack_steps")
-TIE_RULE = ("the highest accuracy of the selected kind (PGD for robust, clean for clean); "
-            "ties broken by the other accuracy, then by the smaller alpha (closer to run A)")
+TIE_RULE = (
+    "the highest accuracy of the selected kind (PGD for robust, clean for clean); "
+    "ties broken by the other accuracy, then by the smaller alpha (closer to run A)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +118,11 @@ def select_alpha(rows, select="robust"):
     robust = select == "robust"
 
     def key(row):
-        first, second = ((row.pgd_accuracy, row.clean_accuracy) if robust
-                         else (row.clean_accuracy, row.pgd_accuracy))
+        first, second = (
+            (row.pgd_accuracy, row.clean_accuracy)
+            if robust
+            else (row.clean_accuracy, row.pgd_accuracy)
+        )
         return (first, second, -row.alpha)
 
     return max(rows, key=key).alpha
@@ -127,17 +133,21 @@ def check_alphas(alphas):
     try:
         alphas = tuple(float(a) for a in alphas)
     except (TypeError, ValueError):
-        raise SetupError(f"alphas={alphas!r} are not numbers; pass e.g. 0,0.25,0.5,0.75,1.") \
-            from None
+        raise SetupError(
+            f"alphas={alphas!r} are not numbers; pass e.g. 0,0.25,0.5,0.75,1."
+        ) from None
     if not alphas:
         raise SetupError("the alpha grid is empty; pass e.g. --alphas=0,0.25,0.5,0.75,1.")
     outside = [a for a in alphas if not 0.0 <= a <= 1.0]
     if outside:
-        raise SetupError(f"alpha {outside[0]:g} is outside [0, 1] (0 is run A, 1 is run B); "
-                         "extrapolation is not offered.")
+        raise SetupError(
+            f"alpha {outside[0]:g} is outside [0, 1] (0 is run A, 1 is run B); "
+            "extrapolation is not offered."
+        )
     if len(set(alphas)) != len(alphas):
-        raise SetupError(f"the alpha grid {', '.join(f'{a:g}' for a in alphas)} names an alpha "
-                         "twice.")
+        raise SetupError(
+            f"the alpha grid {', '.join(f'{a:g}' for a in alphas)} names an alpha twice."
+        )
     return alphas
 
 
@@ -150,21 +160,27 @@ def _source_config(model_dir, name):
         raise SetupError(f"{name}: {error}") from None
     weights = os.path.abspath(runs.run_weights_path(model_dir, "best"))
     if not os.path.isfile(weights):
-        raise SetupError(f"{name}: {model_dir} holds no {run_files.BEST_WEIGHTS} (the run has "
-                         "not finished an epoch yet?).")
+        raise SetupError(
+            f"{name}: {model_dir} holds no {run_files.BEST_WEIGHTS} (the run has "
+            "not finished an epoch yet?)."
+        )
     if config.get("validation", "carve") == "none":
-        raise SetupError(f"{name}: the run in {model_dir} trained on the whole train split "
-                         "(--validation=none), so no validation split is held out from it to "
-                         "choose alpha on: interpolate runs trained with --validation=carve.")
+        raise SetupError(
+            f"{name}: the run in {model_dir} trained on the whole train split "
+            "(--validation=none), so no validation split is held out from it to "
+            "choose alpha on: interpolate runs trained with --validation=carve."
+        )
     return config, weights
 
 
 def _check_compatible(config_a, config_b, model_dir_a, model_dir_b):
     for key in _SAME_KEYS:
         if config_a.get(key) != config_b.get(key):
-            raise SetupError(f"the runs differ in {key} ({config_a.get(key)!r} in {model_dir_a}, "
-                             f"{config_b.get(key)!r} in {model_dir_b}): only runs of the same "
-                             "architecture, head, input size and dataset interpolate.")
+            raise SetupError(
+                f"the runs differ in {key} ({config_a.get(key)!r} in {model_dir_a}, "
+                f"{config_b.get(key)!r} in {model_dir_b}): only runs of the same "
+                "architecture, head, input size and dataset interpolate."
+            )
 
 
 def _attack_settings(config_a, config_b, overrides):
@@ -173,15 +189,19 @@ def _attack_settings(config_a, config_b, overrides):
         if overrides.get(key) is not None:
             attack[key] = overrides[key]
         elif config_a.get(key) != config_b.get(key):
-            raise SetupError(f"the runs validate with different {key} ({config_a.get(key)!r} "
-                             f"and {config_b.get(key)!r}): pass {key}= (--{key}) to say which "
-                             "PGD chooses alpha.")
+            raise SetupError(
+                f"the runs validate with different {key} ({config_a.get(key)!r} "
+                f"and {config_b.get(key)!r}): pass {key}= (--{key}) to say which "
+                "PGD chooses alpha."
+            )
         else:
             attack[key] = config_a[key]
     for key in ("attack_eps", "attack_step"):
         if not 0.0 <= float(attack[key]) <= 1.0:
-            raise SetupError(f"{key}={attack[key]:g} is outside [0, 1]: images are in [0, 1] "
-                             "pixel units, so write e.g. 8/255 (not 8).")
+            raise SetupError(
+                f"{key}={attack[key]:g} is outside [0, 1]: images are in [0, 1] "
+                "pixel units, so write e.g. 8/255 (not 8)."
+            )
     if int(attack["attack_steps"]) < 1:
         raise SetupError("attack_steps must be at least 1.")
     return attack
@@ -205,24 +225,33 @@ def _stored_result(output_dir, request, overwrite):
         with open(path) as f:
             stored = json.load(f)
         if stored.get("request") == request and os.path.isfile(
-                os.path.join(output_dir, run_files.BEST_WEIGHTS)):
+            os.path.join(output_dir, run_files.BEST_WEIGHTS)
+        ):
             return _result_from_record(stored, output_dir)
         if overwrite:
             return None
-        raise SetupError(f"output_dir={output_dir} holds another interpolation (other sources, "
-                         "weights, grid, selection, examples or attack); refusing to overwrite "
-                         "it: use a new output_dir or overwrite=True (--overwrite).")
+        raise SetupError(
+            f"output_dir={output_dir} holds another interpolation (other sources, "
+            "weights, grid, selection, examples or attack); refusing to overwrite "
+            "it: use a new output_dir or overwrite=True (--overwrite)."
+        )
     if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise SetupError(f"output_dir={output_dir} exists and is not empty; refusing to "
-                         "overwrite it: use a new output_dir.")
+        raise SetupError(
+            f"output_dir={output_dir} exists and is not empty; refusing to "
+            "overwrite it: use a new output_dir."
+        )
     return None
 
 
 def _result_from_record(record, output_dir):
     rows = tuple(InterpolationRow(**row) for row in record["rows"])
-    return InterpolationResult(rows=rows, best_alpha=record["best_alpha"],
-                               select=record["request"]["select"], output_dir=output_dir,
-                               validation_examples=record["validation"]["examples"])
+    return InterpolationResult(
+        rows=rows,
+        best_alpha=record["best_alpha"],
+        select=record["request"]["select"],
+        output_dir=output_dir,
+        validation_examples=record["validation"]["examples"],
+    )
 
 
 def plain_network(model_dir):
@@ -246,24 +275,29 @@ def _weights_by_path(model):
 def _validation_batches(config, examples, batch_size):
     from twins_tf import data as data_lib
 
-    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"],
-                                     upsample=config["upsample"])
+    spec = data_lib.get_dataset_spec(
+        config["dataset"], image_size=config["image_size"], upsample=config["upsample"]
+    )
     try:
-        splits = data_lib.load_splits(spec, data_dir=config.get("data_dir"),
-                                      tfds_data_dir=config.get("tfds_data_dir"),
-                                      train_per_class=config.get("train_per_class"),
-                                      skip_bad_images=bool(config.get("skip_bad_images")),
-                                      validation="carve")
+        splits = data_lib.load_splits(
+            spec,
+            data_dir=config.get("data_dir"),
+            tfds_data_dir=config.get("tfds_data_dir"),
+            train_per_class=config.get("train_per_class"),
+            skip_bad_images=bool(config.get("skip_bad_images")),
+            validation="carve",
+        )
     except (ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from None
     if int(splits.num_classes) != int(config["num_classes"]):
-        raise SetupError(f"the runs have {config['num_classes']} classes but {spec.name} has "
-                         f"{splits.num_classes}.")
+        raise SetupError(
+            f"the runs have {config['num_classes']} classes but {spec.name} has "
+            f"{splits.num_classes}."
+        )
     validation = data_lib.stratified_subset(splits.source("validation"), examples)
     count = splits.num_examples["validation"]
     count = count if examples is None else min(count, int(examples))
-    return data_lib.make_pipeline(validation, spec, training=False,
-                                  batch_size=batch_size), count
+    return data_lib.make_pipeline(validation, spec, training=False, batch_size=batch_size), count
 
 
 def _accuracy(counter, batches):
@@ -284,8 +318,9 @@ def _write_plot(path, rows, best_alpha, select):
     figure, axis = pyplot.subplots(figsize=(6, 4))
     axis.plot(alphas, [100 * row.clean_accuracy for row in rows], marker="o", label="clean")
     axis.plot(alphas, [100 * row.pgd_accuracy for row in rows], marker="o", label="PGD")
-    axis.axvline(best_alpha, color="grey", linestyle="--",
-                 label=f"selected ({select}): alpha {best_alpha:g}")
+    axis.axvline(
+        best_alpha, color="grey", linestyle="--", label=f"selected ({select}): alpha {best_alpha:g}"
+    )
     axis.set_xlabel("alpha  (0: run A, 1: run B)")
     axis.set_ylabel("validation accuracy (%)")
     axis.set_title("Weight-space interpolation")
@@ -304,10 +339,21 @@ def _verbosity(verbose):
     return verbose
 
 
-def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALPHAS,
-                     select="robust", validation_examples=None, batch_size=None,
-                     verbose="auto", attack_eps=None, attack_step=None, attack_steps=None,
-                     overwrite=False):
+def interpolate_runs(
+    model_dir_a,
+    model_dir_b,
+    output_dir,
+    *,
+    alphas=DEFAULT_ALPHAS,
+    select="robust",
+    validation_examples=None,
+    batch_size=None,
+    verbose="auto",
+    attack_eps=None,
+    attack_step=None,
+    attack_steps=None,
+    overwrite=False,
+):
     """Interpolates run A and run B in weight space; writes the best-on-validation point.
 
     Args:
@@ -342,8 +388,9 @@ def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALP
     config_b, weights_b = _source_config(model_dir_b, "run B")
     _check_compatible(config_a, config_b, model_dir_a, model_dir_b)
     if output_dir in (os.path.abspath(model_dir_a), os.path.abspath(model_dir_b)):
-        raise SetupError("output_dir is one of the two runs; write the interpolation to a new "
-                         "directory.")
+        raise SetupError(
+            "output_dir is one of the two runs; write the interpolation to a new directory."
+        )
     alphas = check_alphas(alphas)
     if select not in SELECTIONS:
         raise SetupError(f"select={select!r}: choose one of {', '.join(SELECTIONS)}.")
@@ -355,14 +402,24 @@ def interpolate_runs(model_dir_a, model_dir_b, output_dir, *, alphas=DEFAULT_ALP
     if batch_size < 1:
         raise SetupError("batch_size must be at least 1.")
     verbose = _verbosity(verbose)
-    attack = _attack_settings(config_a, config_b, dict(
-        attack_eps=attack_eps, attack_step=attack_step, attack_steps=attack_steps))
+    attack = _attack_settings(
+        config_a,
+        config_b,
+        dict(attack_eps=attack_eps, attack_step=attack_step, attack_steps=attack_steps),
+    )
     request = {
-        "run_a": {"model_dir": os.path.abspath(model_dir_a), "weights": weights_a,
-                  "sha256": _sha256(weights_a)},
-        "run_b": {"model_dir": os.path.abspath(model_dir_b), "weights": weights_b,
-                  "sha256": _sha256(weights_b)},
-        "alphas": list(alphas), "select": select,
+        "run_a": {
+            "model_dir": os.path.abspath(model_dir_a),
+            "weights": weights_a,
+            "sha256": _sha256(weights_a),
+        },
+        "run_b": {
+            "model_dir": os.path.abspath(model_dir_b),
+            "weights": weights_b,
+            "sha256": _sha256(weights_b),
+        },
+        "alphas": list(alphas),
+        "select": select,
         "validation_examples": None if validation_examples is None else int(validation_examples),
         "attack": attack,
     }
@@ -389,37 +446,61 @@ def _run(config_a, config_b, request, output_dir, batch_size, verbose):
     model_b = plain_network(request["run_b"]["model_dir"])
     by_path_a, by_path_b = _weights_by_path(model_a), _weights_by_path(model_b)
     if sorted(by_path_a) != sorted(by_path_b):
-        raise SetupError("the runs' networks hold different variables (not the same "
-                         "architecture after untwin); they cannot interpolate.")
+        raise SetupError(
+            "the runs' networks hold different variables (not the same "
+            "architecture after untwin); they cannot interpolate."
+        )
     paths = list(by_path_a)
     values_a = [by_path_a[p].numpy() for p in paths]
     values_b = [by_path_b[p].numpy() for p in paths]
     for path, a, b in zip(paths, values_a, values_b):
         if not np.issubdtype(a.dtype, np.floating) and not np.array_equal(a, b):
-            raise SetupError(f"the runs differ in the non-float variable {path}; cannot "
-                             "interpolate it.")
+            raise SetupError(
+                f"the runs differ in the non-float variable {path}; cannot interpolate it."
+            )
     del model_b
     batches, count = _validation_batches(config_a, request["validation_examples"], batch_size)
     attack = request["attack"]
-    pgd = PGD(attack["attack_eps"], attack["attack_step"], int(attack["attack_steps"]),
-              random_start=False, seed=int(config_a.get("seed") or 0))
+    pgd = PGD(
+        attack["attack_eps"],
+        attack["attack_step"],
+        int(attack["attack_steps"]),
+        random_start=False,
+        seed=int(config_a.get("seed") or 0),
+    )
     # One compiled counter each, reused along the path: they read the variables assigned below.
     clean_counter = accuracy_counter(model_a, None)
     pgd_counter = accuracy_counter(model_a, pgd)
     targets = [by_path_a[p] for p in paths]
 
     alphas = request["alphas"]
-    progress = keras.utils.Progbar(len(alphas), verbose=verbose,
-                                   stateful_metrics=["alpha", "clean", "pgd"]) if verbose else None
+    progress = (
+        keras.utils.Progbar(
+            len(alphas), verbose=verbose, stateful_metrics=["alpha", "clean", "pgd"]
+        )
+        if verbose
+        else None
+    )
     rows = []
     for index, alpha in enumerate(alphas):
         for variable, value in zip(targets, interpolate(values_a, values_b, alpha)):
             variable.assign(value)
-        rows.append(InterpolationRow(alpha=alpha, clean_accuracy=_accuracy(clean_counter, batches),
-                                     pgd_accuracy=_accuracy(pgd_counter, batches)))
+        rows.append(
+            InterpolationRow(
+                alpha=alpha,
+                clean_accuracy=_accuracy(clean_counter, batches),
+                pgd_accuracy=_accuracy(pgd_counter, batches),
+            )
+        )
         if progress is not None:
-            progress.update(index + 1, values=[("alpha", alpha), ("clean", rows[-1].clean_accuracy),
-                                               ("pgd", rows[-1].pgd_accuracy)])
+            progress.update(
+                index + 1,
+                values=[
+                    ("alpha", alpha),
+                    ("clean", rows[-1].clean_accuracy),
+                    ("pgd", rows[-1].pgd_accuracy),
+                ],
+            )
     best_alpha = select_alpha(rows, request["select"])
 
     os.makedirs(output_dir, exist_ok=True)
@@ -435,9 +516,13 @@ def _run(config_a, config_b, request, output_dir, batch_size, verbose):
     record = {
         "request": request,
         "formula": "theta = (1 - alpha) * theta_A + alpha * theta_B over every variable of the "
-                   "evaluated (untwinned) network, BN moving statistics included (WiSE-FT)",
-        "validation": {"split": "validation", "dataset": config_a["dataset"],
-                       "examples": count, "batch_size": batch_size},
+        "evaluated (untwinned) network, BN moving statistics included (WiSE-FT)",
+        "validation": {
+            "split": "validation",
+            "dataset": config_a["dataset"],
+            "examples": count,
+            "batch_size": batch_size,
+        },
         "attack": {**request["attack"], "random_start": False},
         "tie_rule": TIE_RULE,
         "rows": [dataclasses.asdict(row) for row in rows],
@@ -456,8 +541,14 @@ def _remove_earlier_interpolation(output_dir):
     from twins_tf.evaluation.inputs import REPORT_PREFIX
 
     reports = [n for n in os.listdir(output_dir) if n.startswith(REPORT_PREFIX)]
-    for name in (INTERPOLATION_FILE, run_files.BEST_WEIGHTS, run_files.LAST_WEIGHTS,
-                 run_files.CONFIG_FILE, PLOT_FILE, *reports):
+    for name in (
+        INTERPOLATION_FILE,
+        run_files.BEST_WEIGHTS,
+        run_files.LAST_WEIGHTS,
+        run_files.CONFIG_FILE,
+        PLOT_FILE,
+        *reports,
+    ):
         if os.path.exists(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
     shutil.rmtree(os.path.join(output_dir, run_files.TENSORBOARD_DIR), ignore_errors=True)

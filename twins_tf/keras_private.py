@@ -6,6 +6,7 @@ and has a test in tests/test_keras_private*.py that pins the behaviour it relies
 upgrade that changes it fails there first instead of deep inside a training run. No other
 module imports `keras.src` or `tensorflow.python`.
 """
+
 # --- training and runs: multi-worker trainer fix, BackupAndRestore's files, op determinism ---
 # The backup: keras.callbacks.BackupAndRestore keeps its state in files whose names and
 # format Keras does not document; twins_tf's model_dir contract repairs a backup a kill cut
@@ -98,8 +99,10 @@ def in_multi_worker_mode(strategy):
     """
     import tensorflow as tf
 
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def _multi_worker_reduce_per_replica(original):
@@ -109,12 +112,17 @@ def _multi_worker_reduce_per_replica(original):
 
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and (
-                keras_tf_trainer._collective_all_reduce_multi_worker(strategy)):
+            keras_tf_trainer._collective_all_reduce_multi_worker(strategy)
+        ):
+
             def reduce(value):
                 if not isinstance(value, (tf.Tensor, tf.distribute.DistributedValues)):
                     return value
-                rank = value.shape.rank if isinstance(value, tf.Tensor) else (
-                    strategy.experimental_local_results(value)[0].shape.rank)
+                rank = (
+                    value.shape.rank
+                    if isinstance(value, tf.Tensor)
+                    else (strategy.experimental_local_results(value)[0].shape.rank)
+                )
                 return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
 
             return tf.nest.map_structure(reduce, values)
@@ -132,9 +140,13 @@ def _multi_worker_symbolic_build(original):
             for _, _, batches in iterator:
                 batch = next(batches)
                 data_batch = tf.nest.map_structure(
-                    lambda v: (self.distribute_strategy.experimental_local_results(v)[0]
-                               if isinstance(v, tf.distribute.DistributedValues) else v),
-                    batch)
+                    lambda v: (
+                        self.distribute_strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues)
+                        else v
+                    ),
+                    batch,
+                )
                 break
             iterator = None
         return original(self, iterator=iterator, data_batch=data_batch)
@@ -147,8 +159,10 @@ def keras_trainer_functions():
     Keras has them now: what `multi_worker_trainer_fixes` replaces and restores."""
     from keras.src.backend.tensorflow import trainer as keras_tf_trainer
 
-    return (keras_tf_trainer.reduce_per_replica,
-            keras_tf_trainer.TensorFlowTrainer.__dict__["_maybe_symbolic_build"])
+    return (
+        keras_tf_trainer.reduce_per_replica,
+        keras_tf_trainer.TensorFlowTrainer.__dict__["_maybe_symbolic_build"],
+    )
 
 
 class multi_worker_trainer_fixes:  # noqa: N801 (used as a context manager, like a function)
@@ -182,10 +196,12 @@ class multi_worker_trainer_fixes:  # noqa: N801 (used as a context manager, like
         if self._saved is not None:
             raise RuntimeError("multi_worker_trainer_fixes is already active.")
         reduce, build = self._saved = keras_trainer_functions()
-        keras_tf_trainer.reduce_per_replica = (self._reduce or
-                                               _multi_worker_reduce_per_replica)(reduce)
+        keras_tf_trainer.reduce_per_replica = (self._reduce or _multi_worker_reduce_per_replica)(
+            reduce
+        )
         keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = (
-            self._build or _multi_worker_symbolic_build)(build)
+            self._build or _multi_worker_symbolic_build
+        )(build)
         return self
 
     def __exit__(self, *exc_info):
@@ -195,7 +211,6 @@ class multi_worker_trainer_fixes:  # noqa: N801 (used as a context manager, like
         keras_tf_trainer.TensorFlowTrainer._maybe_symbolic_build = build
         self._saved = None
         return False
-
 
 
 # --- attacks: per-layer dtype policy while tracing an attack ---
@@ -216,7 +231,8 @@ def float32_compute(model):
     re-runs the quantization hooks, so it is not undone by setting the old value back.
 
     Relies on (checked against keras 3.15.1 / TF 2.21.0): `flatten_layers` below (pinned in
-    tests/test_keras_private_trainer.py); `Layer._dtype_policy` is the attribute `Layer.compute_dtype` (and so `Layer.__call__`'s
+    tests/test_keras_private_trainer.py); `Layer._dtype_policy` is the attribute
+    `Layer.compute_dtype` (and so `Layer.__call__`'s
     input casting and `Layer.add_weight`'s autocast) reads; assigning it changes nothing
     else.  Quantized layers keep their policy (their kernels need it).
     """
@@ -268,9 +284,10 @@ def saved_layer_shapes(h5file, layer_class):
     layers = h5file["layers"]
     found = []
     for name in layers:
-        suffix = name[len(base):]
-        if not name.startswith(base) or not (suffix == "" or suffix[:1] == "_"
-                                             and suffix[1:].isdigit()):
+        suffix = name[len(base) :]
+        if not name.startswith(base) or not (
+            suffix == "" or suffix[:1] == "_" and suffix[1:].isdigit()
+        ):
             continue
         variables = layers[name].get("vars")
         if variables is not None and len(variables):
@@ -310,10 +327,17 @@ def load_weights_collecting_skips(model, path):
 # layers at any depth of the model.
 
 # Datasets that yield their input's elements (batches) unchanged in size.
-_SIZE_PRESERVING_DATASETS = frozenset({
-    "_MapDataset", "_ParallelMapDataset", "_PrefetchDataset", "_OptionsDataset",
-    "_RepeatDataset", "_ShuffleDataset", "CacheDataset",
-})
+_SIZE_PRESERVING_DATASETS = frozenset(
+    {
+        "_MapDataset",
+        "_ParallelMapDataset",
+        "_PrefetchDataset",
+        "_OptionsDataset",
+        "_RepeatDataset",
+        "_ShuffleDataset",
+        "CacheDataset",
+    }
+)
 
 
 def dataset_batch_sizes(dataset):

@@ -17,6 +17,7 @@ Distribution: the moving statistics are created with `aggregation="mean"`, so un
 identical (plain Keras BN keeps per-replica values that drift apart).  `synchronized=True`
 additionally computes the Adaptive wing's batch statistics over all replicas' halves.
 """
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -171,7 +172,12 @@ class TwinBatchNormalization(keras.layers.Layer):
 
     def _normalize(self, x, mean, variance, gamma, beta):
         return ops.batch_normalization(
-            x, mean, variance, axis=self._channel_axis, offset=beta, scale=gamma,
+            x,
+            mean,
+            variance,
+            axis=self._channel_axis,
+            offset=beta,
+            scale=gamma,
             epsilon=self.epsilon,
         )
 
@@ -182,9 +188,7 @@ class TwinBatchNormalization(keras.layers.Layer):
 
     def _adaptive_wing(self, x, training):
         if not training:
-            return self._normalize(
-                x, self.moving_mean, self.moving_variance, self.gamma, self.beta
-            )
+            return self._normalize(x, self.moving_mean, self.moving_variance, self.gamma, self.beta)
         if self._fusable(x) and not self.synchronized:
             # With one element per channel the kernel returns a zero variance, as the
             # composed path's n / max(n - 1, 1) does (pinned in tests/test_layers.py).
@@ -290,7 +294,11 @@ def set_twin_mode(model, mode):
 
 def twin_layers(model):
     """All TwinBatchNormalization layers of a (possibly nested) Keras model."""
-    return [layer for layer in keras_private.flatten_layers(model) if isinstance(layer, TwinBatchNormalization)]
+    return [
+        layer
+        for layer in keras_private.flatten_layers(model)
+        if isinstance(layer, TwinBatchNormalization)
+    ]
 
 
 # --- plain BatchNormalization on the fused kernel ------------------------------------------
@@ -309,8 +317,15 @@ def _fused_batch_statistics(x, gamma, beta, epsilon):
         rank4 = tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
     empty = tf.zeros([0], tf.float32)
     y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=rank4, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
-        exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+        x=rank4,
+        scale=gamma,
+        offset=beta,
+        mean=empty,
+        variance=empty,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
     )
     if len(x.shape) != 4:
         y = tf.reshape(y, tf.shape(x))
@@ -348,10 +363,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
     """
 
     def _fusable(self, inputs, training, mask):
-        return (bool(training) and self.trainable and mask is None and not self.synchronized
-                and not self.renorm and self.scale and self.center
-                and len(inputs.shape) >= 2 and self.axis % len(inputs.shape) == len(inputs.shape) - 1
-                and inputs.dtype != "float64")
+        return (
+            bool(training)
+            and self.trainable
+            and mask is None
+            and not self.synchronized
+            and not self.renorm
+            and self.scale
+            and self.center
+            and len(inputs.shape) >= 2
+            and self.axis % len(inputs.shape) == len(inputs.shape) - 1
+            and inputs.dtype != "float64"
+        )
 
     def call(self, inputs, training=None, mask=None):
         inputs = ops.convert_to_tensor(inputs)

@@ -27,6 +27,7 @@ The switch is read when a layer is called, so inside one traced train step the n
 forward (in `with natural_branch():`) and the adversarial forward trace different graphs.
 It is thread-local: tf.distribute runs each replica's step in its own thread.
 """
+
 import contextlib
 import math
 import threading
@@ -68,8 +69,18 @@ class LoRABranch(keras.layers.Layer):
       strides, padding, dilation_rate: the adapted convolution's.
     """
 
-    def __init__(self, kind, rank, filters, kernel_size=1, strides=(1, 1), padding="valid",
-                 dilation_rate=(1, 1), target=None, **kwargs):
+    def __init__(
+        self,
+        kind,
+        rank,
+        filters,
+        kernel_size=1,
+        strides=(1, 1),
+        padding="valid",
+        dilation_rate=(1, 1),
+        target=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if kind not in ("conv", "dense"):
             raise ValueError(f"LoRABranch kind must be 'conv' or 'dense', got {kind!r}.")
@@ -110,21 +121,31 @@ class LoRABranch(keras.layers.Layer):
         if not branch_active():
             return main
         if self.kind == "dense":
-            low = keras.ops.matmul(keras.ops.matmul(x, keras.ops.transpose(self.lora_a)),
-                                   keras.ops.transpose(self.lora_b))
+            low = keras.ops.matmul(
+                keras.ops.matmul(x, keras.ops.transpose(self.lora_a)),
+                keras.ops.transpose(self.lora_b),
+            )
             return main + keras.ops.cast(low * self.scale, main.dtype)
         delta = keras.ops.cast(self.delta_kernel(), x.dtype)
-        return main + keras.ops.conv(x, delta, strides=self.strides, padding=self.padding,
-                                     dilation_rate=self.dilation_rate)
+        return main + keras.ops.conv(
+            x, delta, strides=self.strides, padding=self.padding, dilation_rate=self.dilation_rate
+        )
 
     def compute_output_shape(self, input_shape):
         return input_shape[1]
 
     def get_config(self):
-        return {**super().get_config(), "kind": self.kind, "rank": self.rank,
-                "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": list(self.strides), "padding": self.padding,
-                "dilation_rate": list(self.dilation_rate), "target": self.target}
+        return {
+            **super().get_config(),
+            "kind": self.kind,
+            "rank": self.rank,
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": list(self.strides),
+            "padding": self.padding,
+            "dilation_rate": list(self.dilation_rate),
+            "target": self.target,
+        }
 
 
 def default_targets(model):
@@ -139,22 +160,35 @@ def default_targets(model):
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
     shortcuts = [layer for layer in convs if layer.name.endswith("_downsample_0")]
     outputs = set(getattr(model, "output_names", None) or [])
-    dense = [layer for layer in layers
-             if isinstance(layer, keras.layers.Dense) and layer.name not in outputs]
+    dense = [
+        layer
+        for layer in layers
+        if isinstance(layer, keras.layers.Dense) and layer.name not in outputs
+    ]
     return [layer for layer in convs[1:] if layer not in shortcuts] + dense
 
 
 def _branch_for(layer, rank):
     if isinstance(layer, keras.layers.Conv2D):
         if layer.groups != 1 or len(set(layer.kernel_size)) != 1:
-            raise ValueError(f"add_lora: {layer.name} has groups={layer.groups} or a "
-                             f"non-square kernel {layer.kernel_size}; AutoLoRa's conv branch "
-                             "needs groups=1 and a square kernel.")
+            raise ValueError(
+                f"add_lora: {layer.name} has groups={layer.groups} or a "
+                f"non-square kernel {layer.kernel_size}; AutoLoRa's conv branch "
+                "needs groups=1 and a square kernel."
+            )
         if layer.data_format != "channels_last":
             raise ValueError(f"add_lora: {layer.name} is channels_first; use channels_last.")
-        return LoRABranch("conv", rank, layer.filters, layer.kernel_size[0], layer.strides,
-                          layer.padding, layer.dilation_rate, target=layer.name,
-                          name=f"{layer.name}_lora")
+        return LoRABranch(
+            "conv",
+            rank,
+            layer.filters,
+            layer.kernel_size[0],
+            layer.strides,
+            layer.padding,
+            layer.dilation_rate,
+            target=layer.name,
+            name=f"{layer.name}_lora",
+        )
     return LoRABranch("dense", rank, layer.units, target=layer.name, name=f"{layer.name}_lora")
 
 
@@ -182,14 +216,12 @@ def add_lora(model, rank, targets=None):
         branch = chosen.get(id(layer))
         return out if branch is None else branch([args[0], out])
 
-    return keras.models.clone_model(model, clone_function=lambda layer: layer,
-                                    call_function=call)
+    return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
 
 
 def lora_branches(model):
     """The `LoRABranch` layers of `model`, in graph order."""
-    return [layer for layer in keras_private.flatten_layers(model)
-            if isinstance(layer, LoRABranch)]
+    return [layer for layer in keras_private.flatten_layers(model) if isinstance(layer, LoRABranch)]
 
 
 def lora_variables(model):

@@ -19,6 +19,7 @@ and whether it needs a twin model, an attack, and which training forwards (adver
 natural) it runs, in that order.  `get(name)` looks one up (an unknown name is an error there,
 so at the trainer's construction); `register(Method(...))` adds one.
 """
+
 import dataclasses
 from typing import Callable
 
@@ -108,8 +109,11 @@ def autolora(logits_natural, logits_adversarial, labels, *, lambda1, lambda2):
     branch's forward trains only the LoRA branch and the head, docs/autolora.md).
     """
     robust = kl_sum(logits_natural, logits_adversarial) / _batch_size(logits_natural)
-    return (lambda1 * cross_entropy(logits_natural, labels)
-            + (1.0 - lambda1) * cross_entropy(logits_adversarial, labels) + lambda2 * robust)
+    return (
+        lambda1 * cross_entropy(logits_natural, labels)
+        + (1.0 - lambda1) * cross_entropy(logits_adversarial, labels)
+        + lambda2 * robust
+    )
 
 
 def autolora_lambdas(natural_accuracy, *, beta=6.0):
@@ -137,13 +141,17 @@ def odd_batch_message(batch, *, replicas=None, layer=None):
     if layer is not None:
         head, rule, seen = (
             f"TwinBatchNormalization layer '{layer}' got a training batch of size {batch}: ",
-            "so the batch must be even", "")
+            "so the batch must be even",
+            "",
+        )
     elif replicas is None:
         head, rule, seen = "", "so it must be even", f"; got a per-replica batch of {batch}"
     else:
         head, rule, seen = (
-            "", f"so the global batch must be a multiple of 2 x {replicas} replica(s)",
-            f"; got batch {batch}")
+            "",
+            f"so the global batch must be a multiple of 2 x {replicas} replica(s)",
+            f"; got batch {batch}",
+        )
     return (
         f"{head}twin methods split each per-replica batch into a Frozen and an Adaptive half, "
         f"{rule}{seen}. Use an even per-replica batch size and drop_remainder=True in tf.data."
@@ -294,22 +302,57 @@ def register(method):
 
 
 for _method in (
-    Method(name="clean", objective=_clean_objective, natural=True,
-           description="CE on clean images (no attack)"),
-    Method(name="at", objective=_at_objective, adversarial=True,
-           description="adversarial training: CE on PGD images"),
-    Method(name="trades", objective=_trades_objective, adversarial=True, natural=True,
-           description="TRADES: clean CE + beta * KL(clean||adv)/B"),
-    Method(name="l2sp", objective=_at_objective, adversarial=True, l2sp=True,
-           description="AT + alpha/2 * ||w_S - w_S^0||^2 on the pre-trained weights "
-           "+ beta/2 * ||w_new||^2 on the head (L2-SP)"),
-    Method(name="twins_at", objective=_twins_at_objective, twin=True, adversarial=True,
-           description="TWINS-AT: lambda*CE_frozen + CE_adaptive"),
-    Method(name="twins_trades", objective=_twins_trades_objective, twin=True, adversarial=True,
-           natural=True, description="TWINS-TRADES: per-wing clean CE + beta * per-wing KL / B"),
-    Method(name="autolora", objective=autolora, adversarial=True, natural=True, lora=True,
-           description="AutoLoRa: l1*CE(LoRA branch, x) + (1-l1)*CE(main, x_adv) + "
-           "l2*KL/B, l1/l2 and the lr automated (needs --lora_rank)"),
+    Method(
+        name="clean",
+        objective=_clean_objective,
+        natural=True,
+        description="CE on clean images (no attack)",
+    ),
+    Method(
+        name="at",
+        objective=_at_objective,
+        adversarial=True,
+        description="adversarial training: CE on PGD images",
+    ),
+    Method(
+        name="trades",
+        objective=_trades_objective,
+        adversarial=True,
+        natural=True,
+        description="TRADES: clean CE + beta * KL(clean||adv)/B",
+    ),
+    Method(
+        name="l2sp",
+        objective=_at_objective,
+        adversarial=True,
+        l2sp=True,
+        description="AT + alpha/2 * ||w_S - w_S^0||^2 on the pre-trained weights "
+        "+ beta/2 * ||w_new||^2 on the head (L2-SP)",
+    ),
+    Method(
+        name="twins_at",
+        objective=_twins_at_objective,
+        twin=True,
+        adversarial=True,
+        description="TWINS-AT: lambda*CE_frozen + CE_adaptive",
+    ),
+    Method(
+        name="twins_trades",
+        objective=_twins_trades_objective,
+        twin=True,
+        adversarial=True,
+        natural=True,
+        description="TWINS-TRADES: per-wing clean CE + beta * per-wing KL / B",
+    ),
+    Method(
+        name="autolora",
+        objective=autolora,
+        adversarial=True,
+        natural=True,
+        lora=True,
+        description="AutoLoRa: l1*CE(LoRA branch, x) + (1-l1)*CE(main, x_adv) + "
+        "l2*KL/B, l1/l2 and the lr automated (needs --lora_rank)",
+    ),
 ):
     register(_method)
 del _method

@@ -20,6 +20,7 @@ inside the `with` block and put Keras's own back on leaving it, so other models 
 the process never run with them.
 No other library fixes this: it is Keras's own multi-worker path.
 """
+
 import contextlib
 import os
 import warnings
@@ -73,9 +74,12 @@ def fix_keras_for(strategy):
     Idempotent, as it was: a second call does not wrap Keras's functions again."""
     if not in_multi_worker_mode(strategy) or _INSTALLED_FOR_GOOD:
         return
-    warnings.warn("multi_worker.fix_keras_for patches Keras for the rest of the process; use "
-                  "`with multi_worker.keras_fixes_for(strategy):` around fit.",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "multi_worker.fix_keras_for patches Keras for the rest of the process; use "
+        "`with multi_worker.keras_fixes_for(strategy):` around fit.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     fixes = keras_private.multi_worker_trainer_fixes()
     fixes.__enter__()
     _INSTALLED_FOR_GOOD.append(fixes)

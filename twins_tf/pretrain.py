@@ -17,6 +17,7 @@ applies, with the same model_dir contract, resumption, extension by a higher `--
 `model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through
 `twins_tf.weights.load_pretrained`) loads into a twin or plain model with a fresh head.
 """
+
 from absl import app
 
 from twins_tf import train
@@ -36,8 +37,10 @@ def run(settings, *, verbose="auto"):
     """
     binary = settings.binary if isinstance(settings, Settings) else settings.get("binary")
     if binary != BINARY:
-        raise ValueError(f"pretrain.run needs pretrain settings (binary={BINARY!r}); build them "
-                         "with training.flags.settings_from_args('pretrain', args).")
+        raise ValueError(
+            f"pretrain.run needs pretrain settings (binary={BINARY!r}); build them "
+            "with training.flags.settings_from_args('pretrain', args)."
+        )
     return loop.run(settings, verbose=verbose)
 
 

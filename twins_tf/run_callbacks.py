@@ -16,6 +16,7 @@ weight, before any of them saves it: the weights files keep the last finite epoc
 
 Epochs in these files count from 1 (the epoch just finished), unlike Keras's 0-based indices.
 """
+
 import csv
 import json
 import math
@@ -49,9 +50,11 @@ def check_finite_weights(model, weights_path):
     hold a NaN or infinity: a diverged model would be evaluated at chance or shipped."""
     variable = non_finite_variable(model.weights)
     if variable is not None:
-        raise ValueError(f"{weights_path} holds non-finite weights (first: {variable}): the "
-                         "training that wrote it diverged; use weights of a run that trained "
-                         "to finite values.")
+        raise ValueError(
+            f"{weights_path} holds non-finite weights (first: {variable}): the "
+            "training that wrote it diverged; use weights of a run that trained "
+            "to finite values."
+        )
 
 
 def frozen_logit_max(classifier, images):
@@ -103,34 +106,48 @@ class StopOnDivergence(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(np.asarray(loss))):
             step = self._epoch * self.steps_per_epoch + batch + 1
-            self._fail(f"the training loss became {float(np.asarray(loss))} at step {step} "
-                       f"(epoch {self._epoch + 1}, batch {batch + 1} of "
-                       f"{self.steps_per_epoch})")
+            self._fail(
+                f"the training loss became {float(np.asarray(loss))} at step {step} "
+                f"(epoch {self._epoch + 1}, batch {batch + 1} of "
+                f"{self.steps_per_epoch})"
+            )
 
     def on_epoch_end(self, epoch, logs=None):
         where = f"at the end of epoch {epoch + 1} (step {(epoch + 1) * self.steps_per_epoch})"
         variable = non_finite_variable(self.classifier.weights)
         if variable is not None:
             self._fail(f"the weight {variable} became non-finite {where}")
-        bad = sorted(k for k, v in (logs or {}).items()
-                     if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v)))
+        bad = sorted(
+            k
+            for k, v in (logs or {}).items()
+            if isinstance(v, (int, float, np.number)) and not math.isfinite(float(v))
+        )
         if bad:
             self._fail(f"the metrics {', '.join(bad)} became non-finite {where}")
 
     def _fail(self, what):
         if self.probe is not None:
-            cause = (f"the Frozen wing's max |logit| on a batch of the task's images was "
-                     f"{self.frozen_max:.3g} at the start")
+            cause = (
+                f"the Frozen wing's max |logit| on a batch of the task's images was "
+                f"{self.frozen_max:.3g} at the start"
+            )
             if not self.frozen_max <= FROZEN_LOGIT_ALARM:  # NaN and inf included
-                cause += (": the source's BatchNorm statistics (--pretrained) are far from "
-                          "converged; fine-tune a source trained to convergence")
+                cause += (
+                    ": the source's BatchNorm statistics (--pretrained) are far from "
+                    "converged; fine-tune a source trained to convergence"
+                )
             else:
-                cause += ("; likely the source's BatchNorm statistics (--pretrained) or a "
-                          f"learning rate too high (--lr={self.lr})")
+                cause += (
+                    "; likely the source's BatchNorm statistics (--pretrained) or a "
+                    f"learning rate too high (--lr={self.lr})"
+                )
         else:
             cause = f"likely a learning rate too high (--lr={self.lr}) for this model"
-        kept = (f"last.weights.h5 keeps epoch {self._epoch}, the last finite one"
-                if self._epoch else "no epoch had finished, so no weights were saved")
+        kept = (
+            f"last.weights.h5 keeps epoch {self._epoch}, the last finite one"
+            if self._epoch
+            else "no epoch had finished, so no weights were saved"
+        )
         raise DivergenceError(f"training diverged: {what}; {cause}; {kept}.")
 
 
@@ -226,14 +243,20 @@ class BestWeights(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is None:
             _save_weights(self.classifier, self.weights_path)
-            self.best = {"epoch": epoch + 1, "monitor": None, "value": None,
-                         "selection": run_files.FINAL_EPOCH_SELECTION}
+            self.best = {
+                "epoch": epoch + 1,
+                "monitor": None,
+                "value": None,
+                "selection": run_files.FINAL_EPOCH_SELECTION,
+            }
             run_files.write_json(self.record_path, self.best)
             return
         value = (logs or {}).get(self.monitor)
         if value is None:
-            raise ValueError(f"BestWeights monitors {self.monitor!r} but the epoch's logs only "
-                             f"have {sorted(logs or {})}.")
+            raise ValueError(
+                f"BestWeights monitors {self.monitor!r} but the epoch's logs only "
+                f"have {sorted(logs or {})}."
+            )
         value = float(value)
         if self.best is not None and not value > self.best["value"]:
             return

@@ -28,6 +28,7 @@ Example (Python):
   >>> out["logits"].shape
   TensorShape([1, 120])
 """
+
 import keras
 import tensorflow as tf
 
@@ -46,8 +47,9 @@ def _check_input_size(model, image_size):
         raise ValueError(f"Expected a model taking NHWC RGB images, its input shape is {shape}.")
     fixed = [s for s in shape[1:3] if s is not None]
     if any(s != image_size for s in fixed):
-        raise ValueError(f"image_size={image_size} does not match the model's input "
-                         f"{shape[1]}x{shape[2]}.")
+        raise ValueError(
+            f"image_size={image_size} does not match the model's input {shape[1]}x{shape[2]}."
+        )
 
 
 def _serving_input_checks(images, image_size):
@@ -58,20 +60,33 @@ def _serving_input_checks(images, image_size):
     """
     shape = tf.shape(images)
     expected = tf.constant([image_size, image_size, 3])
-    size_ok = tf.cond(tf.equal(tf.size(shape), 4),
-                      lambda: tf.reduce_all(tf.equal(shape[1:], expected)),
-                      lambda: tf.constant(False))
-    size = tf.debugging.Assert(size_ok, [
-        f"{SERVING_ERROR} images must have shape (batch, {image_size}, {image_size}, 3); "
-        f"resize and crop them to {image_size}x{image_size} RGB before serving (as "
-        "twins_tf.data.evaluation_transform does). Shape given:", shape])
-    in_range = tf.logical_and(tf.reduce_all(images >= -RANGE_TOLERANCE),
-                              tf.reduce_all(images <= 1.0 + RANGE_TOLERANCE))
+    size_ok = tf.cond(
+        tf.equal(tf.size(shape), 4),
+        lambda: tf.reduce_all(tf.equal(shape[1:], expected)),
+        lambda: tf.constant(False),
+    )
+    size = tf.debugging.Assert(
+        size_ok,
+        [
+            f"{SERVING_ERROR} images must have shape (batch, {image_size}, {image_size}, 3); "
+            f"resize and crop them to {image_size}x{image_size} RGB before serving (as "
+            "twins_tf.data.evaluation_transform does). Shape given:",
+            shape,
+        ],
+    )
+    in_range = tf.logical_and(
+        tf.reduce_all(images >= -RANGE_TOLERANCE), tf.reduce_all(images <= 1.0 + RANGE_TOLERANCE)
+    )
     with tf.control_dependencies([size]):
-        value_range = tf.debugging.Assert(in_range, [
-            f"{SERVING_ERROR} pixel values must be in [0, 1] (divide 0-255 images by 255; do "
-            "not mean/std-normalise: the model does). Smallest and largest value given:",
-            tf.reduce_min(images), tf.reduce_max(images)])
+        value_range = tf.debugging.Assert(
+            in_range,
+            [
+                f"{SERVING_ERROR} pixel values must be in [0, 1] (divide 0-255 images by 255; do "
+                "not mean/std-normalise: the model does). Smallest and largest value given:",
+                tf.reduce_min(images),
+                tf.reduce_max(images),
+            ],
+        )
     return [size, value_range]
 
 
@@ -104,9 +119,12 @@ def export_saved_model(model, output_dir, *, image_size):
     archive = keras.export.ExportArchive()
     archive.track(plain)
     archive.add_endpoint(
-        name="serve", fn=serve,
-        input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32,
-                                       name=SERVING_INPUT)])
+        name="serve",
+        fn=serve,
+        input_signature=[
+            tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=SERVING_INPUT)
+        ],
+    )
     archive.write_out(output_dir, verbose=False)
     return plain
 

@@ -47,13 +47,13 @@ are that package's, re-exported.  They take a run's complete settings (a `Settin
 dict of a whole run, checked as one); `pipelines(prepared, start_epoch)` is gone: it is
 `twins_tf.training.pipelines(settings, spec, splits, start_epoch)`.
 """
+
 import sys
 
 from absl import app, flags
 
 from twins_tf.training.flags import define_flags, settings_from_flags
-from twins_tf.training.loop import (  # noqa: F401 (the library side, under its old names)
-    PreparedRun, fit, prepare, run, seed_everything)
+from twins_tf.training.loop import PreparedRun, fit, prepare, run, seed_everything  # noqa: F401 (the library side, under its old names)
 from twins_tf.training.model import build_model  # noqa: F401
 from twins_tf.training.schedule import learning_rate_schedule  # noqa: F401
 from twins_tf.training.settings import TRAIN, SetupError

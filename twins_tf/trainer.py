@@ -45,6 +45,7 @@ hyperparameters (`get_config`), every weight, and the optimizer state.  The file
 twins_tf's classes; Keras imports only its own packages when loading, so `import twins_tf`
 first (that import registers every twins_tf serialisable).
 """
+
 import contextlib
 import inspect
 import math
@@ -138,8 +139,12 @@ class AdversarialTrainer(keras.Model):
                 f"method {self.method.name!r} trains on adversarial examples: pass an attack, "
                 "e.g. attack=twins_tf.attacks.PGD(8/255, 2/255, 10, random_start=True)."
             )
-        for arg, value in (("lambda_twins", lambda_twins), ("beta", beta),
-                           ("weight_decay", weight_decay), ("l2sp_alpha", l2sp_alpha)):
+        for arg, value in (
+            ("lambda_twins", lambda_twins),
+            ("beta", beta),
+            ("weight_decay", weight_decay),
+            ("l2sp_alpha", l2sp_alpha),
+        ):
             if not value >= 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}.")
         self.model = model
@@ -162,8 +167,12 @@ class AdversarialTrainer(keras.Model):
         self.adaptive_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adaptive_acc")
         # Seeds a random-start eval attack; one counter for all replicas.
         self._eval_batches = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False,
-            aggregation="only_first_replica", name="eval_batches",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation="only_first_replica",
+            name="eval_batches",
         )
         self._l2sp_variables, self._l2sp_anchors, self._l2sp_new = [], [], []
         if self.method.l2sp:
@@ -172,7 +181,10 @@ class AdversarialTrainer(keras.Model):
             self._l2sp_new = [v for v in model.trainable_variables if id(v) not in anchored]
             self._l2sp_anchors = [
                 self.add_weight(
-                    shape=v.shape, dtype=v.dtype, initializer="zeros", trainable=False,
+                    shape=v.shape,
+                    dtype=v.dtype,
+                    initializer="zeros",
+                    trainable=False,
                     name=f"l2sp_anchor_{i}",
                 )
                 for i, v in enumerate(self._l2sp_variables)
@@ -189,14 +201,24 @@ class AdversarialTrainer(keras.Model):
         if not self._lora_variables:
             raise ValueError(
                 f"method {self.method.name!r} trains a LoRA branch but {model.name!r} has "
-                "none: wrap it with twins_tf.lora.add_lora(model, rank) (--lora_rank=8).")
+                "none: wrap it with twins_tf.lora.add_lora(model, rank) (--lora_rank=8)."
+            )
         heads = set(_output_layer_names(model))
-        self._head_variables = [v for layer in keras_private.flatten_layers(model)
-                                if layer.name in heads for v in layer.trainable_weights]
+        self._head_variables = [
+            v
+            for layer in keras_private.flatten_layers(model)
+            if layer.name in heads
+            for v in layer.trainable_weights
+        ]
 
         def scalar(name, value, shape=()):
-            return self.add_weight(shape=shape, dtype="float32", trainable=False, name=name,
-                                   initializer=keras.initializers.Constant(value))
+            return self.add_weight(
+                shape=shape,
+                dtype="float32",
+                trainable=False,
+                name=name,
+                initializer=keras.initializers.Constant(value),
+            )
 
         lambda1, lambda2 = methods_lib.autolora_lambdas(0.0, beta=self.beta)
         self.autolora_lambda1 = scalar("autolora_lambda1", lambda1)
@@ -208,9 +230,15 @@ class AdversarialTrainer(keras.Model):
         self._autolora_etas = scalar("autolora_lr_per_window", 0.0, (windows,))
         self._autolora_counters = scalar("autolora_window_and_max", 0.0, (2,))
         self._autolora_shadow = [
-            self.add_weight(shape=v.shape, dtype=v.dtype, trainable=False,
-                            initializer="zeros", name=f"autolora_best_{i}")
-            for i, v in enumerate(model.weights)]
+            self.add_weight(
+                shape=v.shape,
+                dtype=v.dtype,
+                trainable=False,
+                initializer="zeros",
+                name=f"autolora_best_{i}",
+            )
+            for i, v in enumerate(model.weights)
+        ]
         self._autolora_etas.assign(np.eye(1, windows, dtype="float32")[0])  # eta_0 = 1 x lr
         self._autolora_counters.assign([1.0, -1.0])  # window index 1, best val so far -1
 
@@ -227,8 +255,11 @@ class AdversarialTrainer(keras.Model):
     @property
     def metrics(self):
         return [
-            self.loss_metric, self.clean_accuracy, self.adversarial_accuracy,
-            self.frozen_accuracy, self.adaptive_accuracy,
+            self.loss_metric,
+            self.clean_accuracy,
+            self.adversarial_accuracy,
+            self.frozen_accuracy,
+            self.adaptive_accuracy,
         ]
 
     def compile(self, optimizer="rmsprop", **kwargs):
@@ -333,8 +364,11 @@ class AdversarialTrainer(keras.Model):
             )
             if self.method.l2sp:
                 loss += methods_lib.l2sp_penalty(
-                    self._l2sp_variables, self._l2sp_anchors, self._l2sp_new,
-                    alpha=self.l2sp_alpha, beta=self.weight_decay,
+                    self._l2sp_variables,
+                    self._l2sp_anchors,
+                    self._l2sp_new,
+                    alpha=self.l2sp_alpha,
+                    beta=self.weight_decay,
                 )
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
 
@@ -378,16 +412,24 @@ class AdversarialTrainer(keras.Model):
         with tf.GradientTape() as loss_tape:
             loss_tape.watch([logits_nat, logits_adv])
             loss = self.method.objective(
-                logits_nat, logits_adv, labels, lambda1=self.autolora_lambda1,
-                lambda2=self.autolora_lambda2)
+                logits_nat,
+                logits_adv,
+                labels,
+                lambda1=self.autolora_lambda1,
+                lambda2=self.autolora_lambda2,
+            )
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
         grad_nat, grad_adv = loss_tape.gradient(scaled_loss, [logits_nat, logits_adv])
         variables = self.model.trainable_variables
         natural_ids = {id(v) for v in self._lora_variables + self._head_variables}
         natural_vars = [v for v in variables if id(v) in natural_ids]
         from_adv = adversarial_tape.gradient(logits_adv, variables, output_gradients=grad_adv)
-        from_nat = dict(zip(map(id, natural_vars), natural_tape.gradient(
-            logits_nat, natural_vars, output_gradients=grad_nat)))
+        from_nat = dict(
+            zip(
+                map(id, natural_vars),
+                natural_tape.gradient(logits_nat, natural_vars, output_gradients=grad_nat),
+            )
+        )
         used = []
         for g, v in zip(from_adv, variables):
             extra = from_nat.get(id(v))
@@ -396,20 +438,23 @@ class AdversarialTrainer(keras.Model):
                 used.append((g, v))
         scale = self.autolora_lr_scale
         decay = self.optimizer.scale_loss(tf.constant(self.weight_decay / replicas))
-        used = [(tf.cast(scale, v.dtype) * (g + tf.cast(decay, v.dtype) * v), v)
-                for g, v in used]
+        used = [(tf.cast(scale, v.dtype) * (g + tf.cast(decay, v.dtype) * v), v) for g, v in used]
         self.optimizer.apply_gradients(used)
 
         self.loss_metric.update_state(loss)
         self.clean_accuracy.update_state(labels, logits_nat)
         self.adversarial_accuracy.update_state(labels, logits_adv)
-        return {"loss": self.loss_metric.result(), "clean_acc": self.clean_accuracy.result(),
-                "adv_acc": self.adversarial_accuracy.result()}
+        return {
+            "loss": self.loss_metric.result(),
+            "clean_acc": self.clean_accuracy.result(),
+            "adv_acc": self.adversarial_accuracy.result(),
+        }
 
     def natural_branch_accuracy(self, dataset, steps=None):
         """Clean accuracy of the LoRA (natural) path in inference mode over `dataset`'s
         (images, labels) batches (at most `steps`): AutoLoRa's lambda input."""
         if not hasattr(self, "_natural_counts"):
+
             @tf.function
             def counts(images, labels):
                 with lora_lib.natural_branch():
@@ -417,6 +462,7 @@ class AdversarialTrainer(keras.Model):
                 labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
                 hits = tf.equal(tf.argmax(logits, axis=-1), labels)
                 return tf.reduce_sum(tf.cast(hits, tf.int64)), tf.size(labels, tf.int64)
+
             self._natural_counts = counts
         correct = total = 0
         for images, labels in dataset.take(-1 if steps is None else steps):
@@ -437,9 +483,14 @@ class AdversarialTrainer(keras.Model):
         accuracy `val_adv_acc`: keeps the best weights, halves the lr (restoring them) when a
         window check fails (`autolora_schedule`).  Returns the scheme's actions."""
         window, best = (float(c) for c in self._autolora_counters.numpy())
-        state = dict(history=self._autolora_history.numpy(), window=int(window),
-                     max_acc=best, best=self._autolora_best.numpy(),
-                     etas=self._autolora_etas.numpy(), eta=float(self.autolora_lr_scale.numpy()))
+        state = dict(
+            history=self._autolora_history.numpy(),
+            window=int(window),
+            max_acc=best,
+            best=self._autolora_best.numpy(),
+            etas=self._autolora_etas.numpy(),
+            eta=float(self.autolora_lr_scale.numpy()),
+        )
         state, actions = autolora_schedule(state, epoch + 1, float(val_adv_acc))
         if actions["new_best"]:
             for shadow, variable in zip(self._autolora_shadow, self.model.weights):
@@ -468,9 +519,7 @@ class AdversarialTrainer(keras.Model):
                 seed = self._seed(self.eval_attack, self._eval_batches)
                 self._eval_batches.assign_add(1)
             adversarial = self._run_attack(self.eval_attack, images, labels, seed)
-            self.adversarial_accuracy.update_state(
-                labels, self.model(adversarial, training=False)
-            )
+            self.adversarial_accuracy.update_state(labels, self.model(adversarial, training=False))
             logs["adv_acc"] = self.adversarial_accuracy.result()
         return logs
 
@@ -496,18 +545,29 @@ class AdversarialTrainer(keras.Model):
     # --- input checks before compiled code ------------------------------------------------
     def fit(self, x=None, y=None, batch_size=None, **kwargs):
         if self.check_inputs:
-            x, y = self._checked(x, y, batch_size, training=True,
-                                 validation_split=kwargs.get("validation_split", 0.0))
+            x, y = self._checked(
+                x,
+                y,
+                batch_size,
+                training=True,
+                validation_split=kwargs.get("validation_split", 0.0),
+            )
             if kwargs.get("validation_data") is not None:
                 kwargs["validation_data"] = self._checked_validation(kwargs["validation_data"])
         if self.method.lora:
-            data = x if isinstance(x, tf.data.Dataset) else tf.data.Dataset.from_tensor_slices(
-                (x, y)).batch(batch_size or 32)
+            data = (
+                x
+                if isinstance(x, tf.data.Dataset)
+                else tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size or 32)
+            )
             steps = kwargs.get("steps_per_epoch")
             callbacks = list(kwargs.get("callbacks") or [])
             # the epoch-end update first (the backup saves it), the start after a restore
-            kwargs["callbacks"] = ([_AutoLoraEpochEnd(self, data, steps)] + callbacks
-                                   + [_AutoLoraStart(self, data, steps)])
+            kwargs["callbacks"] = (
+                [_AutoLoraEpochEnd(self, data, steps)]
+                + callbacks
+                + [_AutoLoraStart(self, data, steps)]
+            )
         with _one_line_data_errors():
             return super().fit(x, y, batch_size=batch_size, **kwargs)
 
@@ -622,29 +682,40 @@ class AdversarialTrainer(keras.Model):
             if one_hot:  # exact one-hot rows, as the attacks take them (soft labels refused)
                 hot = tf.logical_or(tf.equal(labels, 0), tf.equal(labels, 1))
                 rows = tf.reduce_sum(tf.cast(labels, tf.float32), axis=-1)
-                with tf.control_dependencies([
-                    tf.debugging.assert_equal(
-                        tf.logical_and(tf.reduce_all(hot), tf.reduce_all(tf.equal(rows, 1.0))),
-                        True, message=messages["soft"]),
-                ]):
+                with tf.control_dependencies(
+                    [
+                        tf.debugging.assert_equal(
+                            tf.logical_and(tf.reduce_all(hot), tf.reduce_all(tf.equal(rows, 1.0))),
+                            True,
+                            message=messages["soft"],
+                        ),
+                    ]
+                ):
                     labels = tf.argmax(labels, axis=-1)
             checks = [
                 tf.debugging.assert_greater_equal(
-                    tf.reduce_min(images), tf.constant(0, images.dtype),
-                    message=messages["low"]),
+                    tf.reduce_min(images), tf.constant(0, images.dtype), message=messages["low"]
+                ),
                 tf.debugging.assert_less_equal(
-                    tf.reduce_max(images), tf.constant(1, images.dtype),
-                    message=messages["high"]),
+                    tf.reduce_max(images), tf.constant(1, images.dtype), message=messages["high"]
+                ),
                 tf.debugging.assert_greater_equal(
-                    tf.reduce_min(labels), tf.constant(0, labels.dtype),
-                    message=messages["negative"]),
+                    tf.reduce_min(labels),
+                    tf.constant(0, labels.dtype),
+                    message=messages["negative"],
+                ),
                 tf.debugging.assert_less(
-                    tf.reduce_max(labels), tf.constant(num_classes, labels.dtype),
-                    message=messages["large"]),
+                    tf.reduce_max(labels),
+                    tf.constant(num_classes, labels.dtype),
+                    message=messages["large"],
+                ),
             ]
             if even:
-                checks.append(tf.debugging.assert_equal(
-                    tf.shape(images)[0] % (2 * replicas), 0, message=messages["odd"]))
+                checks.append(
+                    tf.debugging.assert_equal(
+                        tf.shape(images)[0] % (2 * replicas), 0, message=messages["odd"]
+                    )
+                )
             with tf.control_dependencies(checks):
                 return tf.identity(images), tf.identity(labels)
 
@@ -673,8 +744,10 @@ def autolora_schedule(state, epoch, val_adv_acc):
       (new state, actions): actions["new_best"] (keep these weights as the best),
       actions["halve"] (the lr was halved: restore the best weights).
     """
-    state = {k: (np.array(v, dtype=np.float64) if isinstance(v, np.ndarray) else v)
-             for k, v in state.items()}
+    state = {
+        k: (np.array(v, dtype=np.float64) if isinstance(v, np.ndarray) else v)
+        for k, v in state.items()
+    }
     history, best, etas = state["history"], state["best"], state["etas"]
     window = int(state["window"])
     if epoch - 1 < len(history):
@@ -728,14 +801,20 @@ class _AutoLoraEpochEnd(keras.callbacks.Callback):
         if "val_adv_acc" in logs:
             actions = trainer.autolora_epoch_end(epoch, logs["val_adv_acc"])
             if actions["halve"]:
-                print(f"AutoLoRa: epoch {epoch + 1}: lr halved to "
-                      f"{float(trainer.autolora_lr_scale.numpy()):g} x --lr, best weights "
-                      "restored.", flush=True)
+                print(
+                    f"AutoLoRa: epoch {epoch + 1}: lr halved to "
+                    f"{float(trainer.autolora_lr_scale.numpy()):g} x --lr, best weights "
+                    "restored.",
+                    flush=True,
+                )
             lr = trainer.optimizer.learning_rate
             lr = float(lr.numpy() if hasattr(lr, "numpy") else lr)
             if lr * float(trainer.autolora_lr_scale.numpy()) < AUTOLORA_MIN_LR:
-                print(f"AutoLoRa: epoch {epoch + 1}: lr below {AUTOLORA_MIN_LR:g}, training "
-                      "stops (the paper's rule).", flush=True)
+                print(
+                    f"AutoLoRa: epoch {epoch + 1}: lr below {AUTOLORA_MIN_LR:g}, training "
+                    "stops (the paper's rule).",
+                    flush=True,
+                )
                 trainer.stop_training = True
         logs["autolora_lambda1"] = float(trainer.autolora_lambda1.numpy())
         logs["autolora_lr_scale"] = float(trainer.autolora_lr_scale.numpy())
@@ -758,20 +837,23 @@ def _pipeline_messages(num_classes, replicas):
     """The messages of the tf.data checks of `_checked_dataset`, by check."""
     return {
         "low": "images must lie in [0, 1] (pixel space); found a value below 0. Scale images "
-               "to [0, 1] (e.g. /255) and do not normalise them: the model normalises inside.",
+        "to [0, 1] (e.g. /255) and do not normalise them: the model normalises inside.",
         "high": "images must lie in [0, 1] (pixel space); found a value above 1. Scale images "
-                "to [0, 1] (e.g. divide uint8 images by 255).",
+        "to [0, 1] (e.g. divide uint8 images by 255).",
         "negative": f"labels must be class ids in [0, {num_classes}); found a negative one.",
         "large": f"labels must be class ids in [0, {num_classes}) (the model has {num_classes} "
-                 "outputs); found a larger one.",
-        "odd": methods_lib.odd_batch_message(f"not a multiple of {2 * replicas}",
-                                             replicas=replicas),
+        "outputs); found a larger one.",
+        "odd": methods_lib.odd_batch_message(
+            f"not a multiple of {2 * replicas}", replicas=replicas
+        ),
         "soft": _SOFT_LABELS,
     }
 
 
-_SOFT_LABELS = ("labels are 2-D but not one-hot (soft or mixed labels?): the objectives take "
-                "hard labels; pass class ids (batch,) or one-hot rows.")
+_SOFT_LABELS = (
+    "labels are 2-D but not one-hot (soft or mixed labels?): the objectives take "
+    "hard labels; pass class ids (batch,) or one-hot rows."
+)
 
 
 # Every message a pipeline check of this process may raise, to recognise it in TF's error.
@@ -800,8 +882,11 @@ def _input_rank(model):
         shape = model.input_shape
     except (AttributeError, ValueError):
         return None
-    return len(shape) if isinstance(shape, tuple) and all(
-        d is None or isinstance(d, int) for d in shape) else None
+    return (
+        len(shape)
+        if isinstance(shape, tuple) and all(d is None or isinstance(d, int) for d in shape)
+        else None
+    )
 
 
 def _is_one_hot_shape(shape, num_classes):
@@ -914,9 +999,7 @@ def _pretrained_variables(model, exclude):
     unknown = exclude - known
     if unknown:
         raise ValueError(f"l2sp_exclude names layers not in the model: {sorted(unknown)}.")
-    skipped = {
-        id(v) for layer in layers if layer.name in exclude for v in layer.weights
-    }
+    skipped = {id(v) for layer in layers if layer.name in exclude for v in layer.weights}
     return [v for v in model.trainable_variables if id(v) not in skipped]
 
 

@@ -5,6 +5,7 @@ swapped; the weights are then copied layer by layer (matched by name, which clon
 Which BN weight goes into which wing, and how the replacement layer is configured, is
 `twins_tf.bn_wings`'s job, shared with the pre-trained weight loaders.
 """
+
 import keras
 
 from twins_tf import bn_wings
@@ -63,9 +64,12 @@ def twinify(model, momentum=None):
     Returns:
       A new model; `model` is left untouched.
     """
-    return _convert(model, bn_wings.is_plain_bn,
-                    lambda bn: bn_wings.twin_from_plain(bn, momentum),
-                    "twinify: model '{name}' has no BatchNormalization layer to twin.")
+    return _convert(
+        model,
+        bn_wings.is_plain_bn,
+        lambda bn: bn_wings.twin_from_plain(bn, momentum),
+        "twinify: model '{name}' has no BatchNormalization layer to twin.",
+    )
 
 
 def untwin(model):
@@ -74,5 +78,9 @@ def untwin(model):
     The result's inference output equals the twin model's inference output (which uses the
     Adaptive wing with its moving statistics); it is what gets exported.
     """
-    return _convert(model, bn_wings.is_twin_bn, bn_wings.plain_from_twin,
-                    "untwin: model '{name}' has no TwinBatchNormalization layer.")
+    return _convert(
+        model,
+        bn_wings.is_twin_bn,
+        bn_wings.plain_from_twin,
+        "untwin: model '{name}' has no TwinBatchNormalization layer.",
+    )

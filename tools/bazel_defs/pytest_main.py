@@ -8,6 +8,7 @@ The virtualenv installs twins_tf in editable mode, whose import hook finds any t
 in the source tree. Under Bazel that hook would hide a dependency missing from BUILD, so it is
 removed before pytest starts: a module that is not in the test's runfiles fails to import.
 """
+
 import os
 import sys
 
@@ -42,8 +43,10 @@ class _SelectionCounter:
 def main(argv):
     """Runs pytest with `argv[1:]` and returns the process exit code."""
     if len(argv) < 2:
-        print("usage: pytest_main.py TEST_FILE [PYTEST_ARGS...]: name the test file to run",
-              file=sys.stderr)
+        print(
+            "usage: pytest_main.py TEST_FILE [PYTEST_ARGS...]: name the test file to run",
+            file=sys.stderr,
+        )
         return 2
     drop_editable_finders()
     args = list(argv[1:])

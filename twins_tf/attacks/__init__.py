@@ -20,6 +20,7 @@ Deprecated for one release (DeprecationWarning): `APGD(model, eps)`, `FAB(model,
 
 One attack per module, as in the auto-attack reference; names are imported on first use.
 """
+
 import importlib
 
 _EXPORTS = {

@@ -5,6 +5,7 @@ perturbations per example in L-inf or L2; these few functions keep that arithmet
 error messages for bad input) identical across `apgd.py`, `fab.py`, `square.py` and
 `autoattack.py`.
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -30,12 +31,16 @@ def check_epsilon(epsilon, who, norm="linf", *, name="epsilon", allow_zero=False
     """
     epsilon = float(epsilon)
     if not (epsilon >= 0 if allow_zero else epsilon > 0):
-        raise ValueError(f"{who} {name} must be {'>=' if allow_zero else '>'} 0 (in [0, 1] "
-                         f"pixel units, e.g. 8/255), got {epsilon}.")
+        raise ValueError(
+            f"{who} {name} must be {'>=' if allow_zero else '>'} 0 (in [0, 1] "
+            f"pixel units, e.g. 8/255), got {epsilon}."
+        )
     if norm == "linf" and epsilon > 1:
-        raise ValueError(f"{who} {name}={epsilon:g} is more than the whole [0, 1] pixel range: "
-                         f"give it in [0, 1] units, e.g. {epsilon:g}/255 = "
-                         f"{epsilon / 255:.6g} for {epsilon:g} levels of 255.")
+        raise ValueError(
+            f"{who} {name}={epsilon:g} is more than the whole [0, 1] pixel range: "
+            f"give it in [0, 1] units, e.g. {epsilon:g}/255 = "
+            f"{epsilon / 255:.6g} for {epsilon:g} levels of 255."
+        )
     return epsilon
 
 
@@ -45,9 +50,11 @@ def check_radius_fits(value, norm, x, who, name):
         return
     diameter = float(np.sqrt(np.prod(x.shape[1:])))
     if value > diameter:
-        raise ValueError(f"{who} L2 {name}={value:g} is longer than the diagonal of the [0, 1] "
-                         f"image box ({diameter:.4g} for {tuple(x.shape[1:])} images): give it "
-                         f"in [0, 1] pixel units (a value in 0-255 units divided by 255).")
+        raise ValueError(
+            f"{who} L2 {name}={value:g} is longer than the diagonal of the [0, 1] "
+            f"image box ({diameter:.4g} for {tuple(x.shape[1:])} images): give it "
+            f"in [0, 1] pixel units (a value in 0-255 units divided by 255)."
+        )
 
 
 def check_positive_int(value, name, who):
@@ -123,8 +130,10 @@ def check_images_and_labels(x, y, who, *, model=None, image_rank=4):
     """
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
-        raise ValueError(f"{who} expects float images in [0, 1], got dtype {x.dtype.name}; "
-                         "convert with tf.cast(images, tf.float32) / 255.")
+        raise ValueError(
+            f"{who} expects float images in [0, 1], got dtype {x.dtype.name}; "
+            "convert with tf.cast(images, tf.float32) / 255."
+        )
     x = tf.cast(x, tf.float32)
     rank = image_rank
     if rank is None and model is not None:
@@ -133,55 +142,75 @@ def check_images_and_labels(x, y, who, *, model=None, image_rank=4):
         except (AttributeError, TypeError, ValueError, RuntimeError):
             rank = None
     if rank is not None and x.shape.rank is not None and x.shape.rank != rank:
-        hint = ("one image, not a batch: add a batch axis (x[None]) or .batch() the dataset"
-                if x.shape.rank == rank - 1 else "expected (batch, height, width, channels)")
-        raise ValueError(f"{who} expects a batch of images of rank {rank}, got shape "
-                         f"{tuple(x.shape)}: {hint}.")
+        hint = (
+            "one image, not a batch: add a batch axis (x[None]) or .batch() the dataset"
+            if x.shape.rank == rank - 1
+            else "expected (batch, height, width, channels)"
+        )
+        raise ValueError(
+            f"{who} expects a batch of images of rank {rank}, got shape {tuple(x.shape)}: {hint}."
+        )
     classes = num_classes_of(model) if model is not None else None
     y = tf.convert_to_tensor(y)
     if y.dtype == tf.bool or not (y.dtype.is_integer or y.dtype.is_floating):
-        raise ValueError(f"{who} expects integer class ids or one-hot labels, got dtype "
-                         f"{y.dtype.name}.")
+        raise ValueError(
+            f"{who} expects integer class ids or one-hot labels, got dtype {y.dtype.name}."
+        )
     if y.shape.rank == 2 and y.shape[1] is not None and y.shape[1] > 1:
         if classes is not None and y.shape[1] != classes:
-            raise ValueError(f"{who} got labels of shape {tuple(y.shape)}, but the model has "
-                             f"{classes} classes: pass class ids (batch,) or one-hot rows of "
-                             f"width {classes}.")
+            raise ValueError(
+                f"{who} got labels of shape {tuple(y.shape)}, but the model has "
+                f"{classes} classes: pass class ids (batch,) or one-hot rows of "
+                f"width {classes}."
+            )
         if _is_concrete(y):
             rows = y.numpy()
             if not (np.all((rows == 0) | (rows == 1)) and np.all(rows.sum(1) == 1)):
-                raise ValueError(f"{who} got 2-D labels that are not one-hot (soft or mixed "
-                                 "labels?): pass class ids (batch,) or one-hot rows.")
+                raise ValueError(
+                    f"{who} got 2-D labels that are not one-hot (soft or mixed "
+                    "labels?): pass class ids (batch,) or one-hot rows."
+                )
         y = tf.argmax(y, axis=-1, output_type=tf.int32)
     elif y.dtype.is_floating:
-        raise ValueError(f"{who} expects integer class labels, got dtype {y.dtype.name} and shape "
-                         f"{tuple(y.shape)}; cast them with tf.cast(labels, tf.int32).")
+        raise ValueError(
+            f"{who} expects integer class labels, got dtype {y.dtype.name} and shape "
+            f"{tuple(y.shape)}; cast them with tf.cast(labels, tf.int32)."
+        )
     elif y.shape.rank is not None and y.shape.rank > 1 and y.shape[1:].num_elements() != 1:
         raise ValueError(f"{who} expects class ids of shape (batch,), got {tuple(y.shape)}.")
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
-    if x.shape.rank and x.shape[0] is not None and y.shape[0] is not None \
-            and y.shape[0] != x.shape[0]:
+    if (
+        x.shape.rank
+        and x.shape[0] is not None
+        and y.shape[0] is not None
+        and y.shape[0] != x.shape[0]
+    ):
         raise ValueError(f"{who} got {x.shape[0]} images but {y.shape[0]} labels.")
     if _is_concrete(x) and x.shape[0]:
         low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
         if low < 0.0 or high > 1.0:
-            raise ValueError(f"{who} expects images in [0, 1], got values in [{low:.4g}, "
-                             f"{high:.4g}]; divide uint8 images by 255 and leave "
-                             "normalisation to the model.")
+            raise ValueError(
+                f"{who} expects images in [0, 1], got values in [{low:.4g}, "
+                f"{high:.4g}]; divide uint8 images by 255 and leave "
+                "normalisation to the model."
+            )
     if _is_concrete(y) and y.shape[0]:
         low, high = int(tf.reduce_min(y)), int(tf.reduce_max(y))
         if low < 0:
             raise ValueError(f"{who} got a negative class id ({low}); class ids are 0, 1, ...")
         if classes is not None and high >= classes:
-            raise ValueError(f"{who} got class ids in [{low}, {high}], but the model has "
-                             f"{classes} classes (ids 0 to {classes - 1}).")
+            raise ValueError(
+                f"{who} got class ids in [{low}, {high}], but the model has "
+                f"{classes} classes (ids 0 to {classes - 1})."
+            )
     return x, y
 
 
 def check_num_classes(num_classes, needed, who, why):
     if num_classes < needed:
-        raise ValueError(f"{who} needs at least {needed} classes ({why}); the model has "
-                         f"{num_classes}.")
+        raise ValueError(
+            f"{who} needs at least {needed} classes ({why}); the model has {num_classes}."
+        )
 
 
 def run_seed(seed, *salt):

@@ -37,6 +37,7 @@ with z_pi1 >= z_pi2 >= ... the sorted logits.  APGD-T runs once per target class
 being the 2nd, 3rd, ... 10th most likely classes at the clean input, each run only on the
 examples no earlier run fooled.
 """
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -126,11 +127,33 @@ class APGD(base.Attack):
     """
 
     who = "APGD"
-    config_keys = ("epsilon", "norm", "loss", "targeted", "steps", "restarts",
-                   "n_target_classes", "rho", "eot_iter", "seed")
+    config_keys = (
+        "epsilon",
+        "norm",
+        "loss",
+        "targeted",
+        "steps",
+        "restarts",
+        "n_target_classes",
+        "rho",
+        "eot_iter",
+        "seed",
+    )
 
-    def __init__(self, *args, epsilon=None, norm="linf", loss="ce", targeted=False, steps=100,
-                 restarts=1, n_target_classes=9, rho=0.75, eot_iter=1, seed=0):
+    def __init__(
+        self,
+        *args,
+        epsilon=None,
+        norm="linf",
+        loss="ce",
+        targeted=False,
+        steps=100,
+        restarts=1,
+        n_target_classes=9,
+        rho=0.75,
+        eot_iter=1,
+        seed=0,
+    ):
         who = self.who
         epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
@@ -138,8 +161,10 @@ class APGD(base.Attack):
         if loss not in LOSSES:
             raise ValueError(f"APGD loss must be one of {LOSSES}, got {loss!r}.")
         if targeted and loss != "dlr":
-            raise ValueError("APGD targeted=True runs the targeted DLR loss (APGD-T): "
-                             f"pass loss='dlr', got loss={loss!r}.")
+            raise ValueError(
+                "APGD targeted=True runs the targeted DLR loss (APGD-T): "
+                f"pass loss='dlr', got loss={loss!r}."
+            )
         self.loss = loss
         self.targeted = bool(targeted)
         self.steps = _lp.check_positive_int(steps, "steps", who)
@@ -162,8 +187,7 @@ class APGD(base.Attack):
         self.attacked = 0
 
     def _compile(self):
-        self._run_once = tf.function(self._run_once_impl, reduce_retracing=True,
-                                     autograph=False)
+        self._run_once = tf.function(self._run_once_impl, reduce_retracing=True, autograph=False)
 
     @property
     def name(self):
@@ -172,14 +196,20 @@ class APGD(base.Attack):
         return f"apgd-{self.loss}"
 
     def __repr__(self):
-        return (f"APGD(epsilon={self.epsilon:.6g}, norm={self.norm!r}, loss={self.loss!r}, "
-                f"targeted={self.targeted}, steps={self.steps}, restarts={self.restarts})")
+        return (
+            f"APGD(epsilon={self.epsilon:.6g}, norm={self.norm!r}, loss={self.loss!r}, "
+            f"targeted={self.targeted}, steps={self.steps}, restarts={self.restarts})"
+        )
 
     def _attack(self, model, x, y, seed):
         base_seed, logits, num_classes = self._start_call(model, x, seed)
         if self.targeted:
-            _lp.check_num_classes(num_classes, max(4, self.n_target_classes + 1), "APGD-T",
-                                  f"the targeted DLR loss with {self.n_target_classes} targets")
+            _lp.check_num_classes(
+                num_classes,
+                max(4, self.n_target_classes + 1),
+                "APGD-T",
+                f"the targeted DLR loss with {self.n_target_classes} targets",
+            )
         elif self.loss == "dlr":
             _lp.check_num_classes(num_classes, 3, "APGD", "the DLR loss")
         robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y).numpy()
@@ -212,8 +242,7 @@ class APGD(base.Attack):
                 total = tf.reduce_sum(loss)
             # ZERO: a model that cuts the gradient (tf.round) gets a zero one, which the
             # zero-gradient check reports, instead of a None that fails the sum
-            grad += tape.gradient(total, x_adv,
-                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            grad += tape.gradient(total, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return logits, loss, grad / float(self.eot_iter)
 
     def _step_direction(self, grad):
@@ -250,12 +279,19 @@ class APGD(base.Attack):
         batch = tf.shape(x)[0]
         state = dict(
             i=tf.constant(0),
-            x_adv=x_adv, x_prev=x_adv, grad=grad,
-            x_best=x_adv, grad_best=grad, loss_best=loss,
-            x_fooled=x_adv, correct=correct,
+            x_adv=x_adv,
+            x_prev=x_adv,
+            grad=grad,
+            x_best=x_adv,
+            grad_best=grad,
+            loss_best=loss,
+            x_fooled=x_adv,
+            correct=correct,
             step=tf.fill([batch], 2.0 * eps),
-            loss_prev=tf.zeros([batch]), increases=tf.zeros([batch]),
-            loss_best_at_check=loss, halved_at_check=tf.ones([batch], tf.bool),
+            loss_prev=tf.zeros([batch]),
+            increases=tf.zeros([batch]),
+            loss_best_at_check=loss,
+            halved_at_check=tf.ones([batch], tf.bool),
         )
         is_check = tf.constant(self._is_check)
         window = tf.constant(self._window)
@@ -293,8 +329,13 @@ class APGD(base.Attack):
             s["i"] = s["i"] + 1
             return (s,)
 
-        (state,) = tf.while_loop(lambda s: s["i"] < self.steps, body, (state,),
-                                 maximum_iterations=self.steps)
-        return (state["x_fooled"], ~state["correct"], state["x_best"], state["loss_best"],
-                zero_start)
-
+        (state,) = tf.while_loop(
+            lambda s: s["i"] < self.steps, body, (state,), maximum_iterations=self.steps
+        )
+        return (
+            state["x_fooled"],
+            ~state["correct"],
+            state["x_best"],
+            state["loss_best"],
+            zero_start,
+        )

@@ -38,6 +38,7 @@ same data, settings and path it skips the batches already done.  The random draw
 depend only on the seed and the batch's index, so a resumed run gives the same numbers as an
 uninterrupted one.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -142,11 +143,31 @@ class AutoAttack(base.Attack):
     """
 
     who = "AutoAttack"
-    config_keys = ("epsilon", "norm", "version", "seed", "apgd_steps", "fab_steps",
-                   "square_queries", "n_target_classes", "eot_iter")
+    config_keys = (
+        "epsilon",
+        "norm",
+        "version",
+        "seed",
+        "apgd_steps",
+        "fab_steps",
+        "square_queries",
+        "n_target_classes",
+        "eot_iter",
+    )
 
-    def __init__(self, epsilon, *, norm="linf", version="standard", seed=0, apgd_steps=100,
-                 fab_steps=100, square_queries=5000, n_target_classes=None, eot_iter=20):
+    def __init__(
+        self,
+        epsilon,
+        *,
+        norm="linf",
+        version="standard",
+        seed=0,
+        apgd_steps=100,
+        fab_steps=100,
+        square_queries=5000,
+        n_target_classes=None,
+        eot_iter=20,
+    ):
         who = self.who
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
@@ -157,8 +178,11 @@ class AutoAttack(base.Attack):
         self.apgd_steps = _lp.check_positive_int(apgd_steps, "apgd_steps", who)
         self.fab_steps = _lp.check_positive_int(fab_steps, "fab_steps", who)
         self.square_queries = _lp.check_positive_int(square_queries, "square_queries", who)
-        self.n_target_classes = (None if n_target_classes is None else _lp.check_positive_int(
-            n_target_classes, "n_target_classes", who))
+        self.n_target_classes = (
+            None
+            if n_target_classes is None
+            else _lp.check_positive_int(n_target_classes, "n_target_classes", who)
+        )
         self.eot_iter = _lp.check_positive_int(eot_iter, "eot_iter", who)
         self._model = None
         self._attacks = None
@@ -168,8 +192,10 @@ class AutoAttack(base.Attack):
         self._zero = [0, 0]  # examples with a zero DLR gradient, examples the DLR attack ran on
 
     def __repr__(self):
-        return (f"AutoAttack(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
-                f"version={self.version!r}, seed={self.seed})")
+        return (
+            f"AutoAttack(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
+            f"version={self.version!r}, seed={self.seed})"
+        )
 
     @property
     def attack_names(self):
@@ -185,24 +211,31 @@ class AutoAttack(base.Attack):
           ValueError: fewer than 2 classes, or more targets asked for than other classes.
         """
         if num_classes < 2:
-            raise ValueError(f"AutoAttack needs a classifier with at least 2 classes; the model "
-                             f"has {num_classes} output(s).")
+            raise ValueError(
+                f"AutoAttack needs a classifier with at least 2 classes; the model "
+                f"has {num_classes} output(s)."
+            )
         targets = min(9, num_classes - 1)
         if self.n_target_classes is not None:
             if self.n_target_classes > num_classes - 1:
                 raise ValueError(
                     f"AutoAttack n_target_classes={self.n_target_classes} but the model has "
                     f"{num_classes} classes, so at most {num_classes - 1} targets: lower "
-                    "n_target_classes or leave it unset (min(9, classes - 1)).")
+                    "n_target_classes or leave it unset (min(9, classes - 1))."
+                )
             targets = self.n_target_classes
         skipped = {}
         if self.version == "standard" and num_classes < checks.TARGETED_DLR_MIN_CLASSES:
-            skipped["apgd-t"] = (f"its targeted DLR loss needs at least "
-                                 f"{checks.TARGETED_DLR_MIN_CLASSES} classes, the model has "
-                                 f"{num_classes}")
+            skipped["apgd-t"] = (
+                f"its targeted DLR loss needs at least "
+                f"{checks.TARGETED_DLR_MIN_CLASSES} classes, the model has "
+                f"{num_classes}"
+            )
         if self.version == "rand" and num_classes < checks.DLR_MIN_CLASSES:
-            skipped["apgd-dlr"] = (f"the DLR loss needs at least {checks.DLR_MIN_CLASSES} "
-                                   f"classes, the model has {num_classes}")
+            skipped["apgd-dlr"] = (
+                f"the DLR loss needs at least {checks.DLR_MIN_CLASSES} "
+                f"classes, the model has {num_classes}"
+            )
         names = tuple(name for name in self.attack_names if name not in skipped)
         return names, targets, skipped
 
@@ -212,17 +245,30 @@ class AutoAttack(base.Attack):
             eps, norm, seed = self.epsilon, self.norm, self.seed
             names, targets, _ = self.plan(self._num_classes(model))
             build = {
-                "apgd-ce": lambda: APGD(eps, norm=norm, loss="ce", steps=self.apgd_steps,
-                                        eot_iter=self._eot, seed=seed),
-                "apgd-t": lambda: APGD(eps, norm=norm, loss="dlr", targeted=True,
-                                       steps=self.apgd_steps, n_target_classes=targets,
-                                       seed=seed),
-                "fab-t": lambda: FAB(eps, norm=norm, targeted=True, steps=self.fab_steps,
-                                     n_target_classes=targets, seed=seed),
-                "square": lambda: Square(eps, norm=norm, n_queries=self.square_queries,
-                                         seed=seed),
-                "apgd-dlr": lambda: APGD(eps, norm=norm, loss="dlr",
-                                         steps=self.apgd_steps, eot_iter=self._eot, seed=seed),
+                "apgd-ce": lambda: APGD(
+                    eps, norm=norm, loss="ce", steps=self.apgd_steps, eot_iter=self._eot, seed=seed
+                ),
+                "apgd-t": lambda: APGD(
+                    eps,
+                    norm=norm,
+                    loss="dlr",
+                    targeted=True,
+                    steps=self.apgd_steps,
+                    n_target_classes=targets,
+                    seed=seed,
+                ),
+                "fab-t": lambda: FAB(
+                    eps,
+                    norm=norm,
+                    targeted=True,
+                    steps=self.fab_steps,
+                    n_target_classes=targets,
+                    seed=seed,
+                ),
+                "square": lambda: Square(eps, norm=norm, n_queries=self.square_queries, seed=seed),
+                "apgd-dlr": lambda: APGD(
+                    eps, norm=norm, loss="dlr", steps=self.apgd_steps, eot_iter=self._eot, seed=seed
+                ),
             }
             self._model, self._attacks = model, [build[name]() for name in names]
         return self._attacks
@@ -240,9 +286,19 @@ class AutoAttack(base.Attack):
         x_adv = self._attack_batch(model, x, y, batch_index=batch_index)[0]
         # outside `run` (which reports the whole evaluation), warn for this batch, as the
         # official APGD does for each batch it attacks
-        checks.warn([m for m in [checks.zero_gradient_message(
-            self._zero[0] - before[0], self._zero[1] - before[1],
-            "examples the DLR attack ran on")] if m])
+        checks.warn(
+            [
+                m
+                for m in [
+                    checks.zero_gradient_message(
+                        self._zero[0] - before[0],
+                        self._zero[1] - before[1],
+                        "examples the DLR attack ran on",
+                    )
+                ]
+                if m
+            ]
+        )
         return tf.constant(x_adv)
 
     def perturb(self, model, x, y, *, batch_index=0):
@@ -250,9 +306,12 @@ class AutoAttack(base.Attack):
         `aa.run(model, (x, y))` for who broke which example."""
         import warnings
 
-        warnings.warn(f"AutoAttack.perturb(model, x, y) {base.DEPRECATION}: call "
-                      "aa(model, x, y) for x_adv or aa.run(model, (x, y)) for the result.",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"AutoAttack.perturb(model, x, y) {base.DEPRECATION}: call "
+            "aa(model, x, y) for x_adv or aa.run(model, (x, y)) for the result.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self._attack_batch(model, x, y, batch_index=batch_index)
 
     def _attack_batch(self, model, x, y, *, batch_index=0):
@@ -309,9 +368,16 @@ class AutoAttack(base.Attack):
             num_classes = self._num_classes(model)
             _, targets, skipped = self.plan(num_classes)
             messages = checks.before_evaluation(
-                model, x, y, version=self.version, eot_iter=self.eot_iter,
-                num_classes=num_classes, n_target_classes=targets, skipped=skipped,
-                dlr_attack=self._dlr_attack(self.plan(num_classes)[0]))
+                model,
+                x,
+                y,
+                version=self.version,
+                eot_iter=self.eot_iter,
+                num_classes=num_classes,
+                n_target_classes=targets,
+                skipped=skipped,
+                dlr_attack=self._dlr_attack(self.plan(num_classes)[0]),
+            )
             checks.warn(messages)
             self._checked = (model, messages)
         return list(self._checked[1])
@@ -324,13 +390,16 @@ class AutoAttack(base.Attack):
     def zero_gradient_warning(self):
         """The zero-gradient message over every batch `perturb` attacked so far, or None."""
         return checks.zero_gradient_message(
-            self._zero[0], self._zero[1], "examples the DLR attack ran on (all batches)")
+            self._zero[0], self._zero[1], "examples the DLR attack ran on (all batches)"
+        )
 
     def _check_model(self, model, x):
         logits = _lp.logits_of(model, x[:2])
         if logits.shape.rank != 2:
-            raise ValueError(f"AutoAttack needs a model returning logits (batch, classes), got "
-                             f"output shape {logits.shape}.")
+            raise ValueError(
+                f"AutoAttack needs a model returning logits (batch, classes), got "
+                f"output shape {logits.shape}."
+            )
         self._classes = (model, int(logits.shape[-1]))
 
     def _num_classes(self, model):
@@ -340,32 +409,45 @@ class AutoAttack(base.Attack):
         try:
             return int(model.output_shape[-1])
         except (AttributeError, TypeError, ValueError):
-            raise ValueError("AutoAttack cannot tell how many classes the model has: build it "
-                             "as a functional keras.Model or run perturb() on a batch first."
-                             ) from None
+            raise ValueError(
+                "AutoAttack cannot tell how many classes the model has: build it "
+                "as a functional keras.Model or run perturb() on a batch first."
+            ) from None
 
     def _verify(self, model, x, y, x_adv, broken_by):
         """The guarantees of the module docstring, on one batch; raises if one fails."""
         x_adv_t = tf.constant(x_adv)
         distance = _lp.lp_norm(x_adv_t - x, self.norm).numpy()
         if np.any(distance > self.epsilon + _BALL_TOLERANCE):
-            raise RuntimeError(f"AutoAttack produced a perturbation of {self.norm} norm "
-                               f"{distance.max():.6g} > epsilon {self.epsilon:.6g}; please "
-                               "report this bug.")
+            raise RuntimeError(
+                f"AutoAttack produced a perturbation of {self.norm} norm "
+                f"{distance.max():.6g} > epsilon {self.epsilon:.6g}; please "
+                "report this bug."
+            )
         if np.min(x_adv) < 0.0 or np.max(x_adv) > 1.0:
-            raise RuntimeError("AutoAttack produced images outside [0, 1]; please report this "
-                               "bug.")
+            raise RuntimeError("AutoAttack produced images outside [0, 1]; please report this bug.")
         predicted = _lp.predict(model, x_adv_t).numpy()
         claimed = broken_by != NOT_BROKEN
         if np.any(predicted[claimed] == y.numpy()[claimed]):
-            raise RuntimeError("AutoAttack: points it reported fooled are classified correctly "
-                               "when re-evaluated; the model is not deterministic (dropout "
-                               "or BN in training mode?); evaluate it in inference mode or "
-                               "use version='rand'.")
+            raise RuntimeError(
+                "AutoAttack: points it reported fooled are classified correctly "
+                "when re-evaluated; the model is not deterministic (dropout "
+                "or BN in training mode?); evaluate it in inference mode or "
+                "use version='rand'."
+            )
 
     # --- a whole evaluation -------------------------------------------------------------------
-    def run(self, model, data, *, batch_size=250, state_path=None, save_every=10,
-            keep_adversarial=True, verbose=1):
+    def run(
+        self,
+        model,
+        data,
+        *,
+        batch_size=250,
+        state_path=None,
+        save_every=10,
+        keep_adversarial=True,
+        verbose=1,
+    ):
         """Evaluate `model` on a whole test set, resumably, with a progress bar.
 
         Args:
@@ -389,7 +471,8 @@ class AutoAttack(base.Attack):
         self._zero = [0, 0]
         if state_path and os.path.exists(state_path):
             labels, broken, adversarial, done, self._seconds, self._zero = self._load(
-                state_path, fingerprint, keep_adversarial)
+                state_path, fingerprint, keep_adversarial
+            )
             if verbose:
                 logging.info("AutoAttack: resuming from %s after %d batches.", state_path, done)
         first = next(iter(batches), None)
@@ -411,28 +494,53 @@ class AutoAttack(base.Attack):
                 adversarial.append(x_adv)
             index += 1
             if state_path and (index - done) % save_every == 0:
-                self._save(state_path, fingerprint, labels, broken, adversarial, index,
-                           self._seconds, self._zero)
+                self._save(
+                    state_path,
+                    fingerprint,
+                    labels,
+                    broken,
+                    adversarial,
+                    index,
+                    self._seconds,
+                    self._zero,
+                )
             if progress is not None:
                 progress.update(index, [("robust", self._robust_so_far(broken))])
         if state_path and index > done:
-            self._save(state_path, fingerprint, labels, broken, adversarial, index,
-                       self._seconds, self._zero)
+            self._save(
+                state_path,
+                fingerprint,
+                labels,
+                broken,
+                adversarial,
+                index,
+                self._seconds,
+                self._zero,
+            )
         names, targets, skipped = self.plan(self._num_classes(model))
         result = AutoAttackResult(
             attacks=names,
             labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
             broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
             x_adv=np.concatenate(adversarial) if keep_adversarial and adversarial else None,
-            n_target_classes=targets, skipped=dict(skipped),
-            seconds={name: self._seconds.get(name, 0.0) for name in names})
-        after = [m for m in (self.zero_gradient_warning(), checks.check_square(result.accuracy))
-                 if m]
+            n_target_classes=targets,
+            skipped=dict(skipped),
+            seconds={name: self._seconds.get(name, 0.0) for name in names},
+        )
+        after = [
+            m for m in (self.zero_gradient_warning(), checks.check_square(result.accuracy)) if m
+        ]
         checks.warn(after)
         result.warnings = tuple(self._checked[1] if self._checked else ()) + tuple(after)
         if verbose:
-            logging.info("AutoAttack %s (%s, eps=%.6g) on %d examples:\n%s", self.version,
-                         self.norm, self.epsilon, len(result.labels), result.summary())
+            logging.info(
+                "AutoAttack %s (%s, eps=%.6g) on %d examples:\n%s",
+                self.version,
+                self.norm,
+                self.epsilon,
+                len(result.labels),
+                result.summary(),
+            )
         return result
 
     @staticmethod
@@ -448,19 +556,24 @@ class AutoAttack(base.Attack):
             if image_spec.shape.rank == 3:
                 data = data.batch(batch_size)
             elif image_spec.shape.rank != 4:
-                raise ValueError("AutoAttack.run expects a dataset of (image, label) pairs or "
-                                 f"batches, got image shape {image_spec.shape}.")
+                raise ValueError(
+                    "AutoAttack.run expects a dataset of (image, label) pairs or "
+                    f"batches, got image shape {image_spec.shape}."
+                )
             cardinality = int(data.cardinality())
             return data, (cardinality if cardinality >= 0 else None)
         if not isinstance(data, (tuple, list)) or len(data) != 2:
-            raise ValueError("AutoAttack.run expects (images, labels) arrays or a "
-                             "tf.data.Dataset of (image, label) pairs.")
+            raise ValueError(
+                "AutoAttack.run expects (images, labels) arrays or a "
+                "tf.data.Dataset of (image, label) pairs."
+            )
         images, labels = np.asarray(data[0]), np.asarray(data[1])
         if len(images) != len(labels):
-            raise ValueError(f"AutoAttack.run got {len(images)} images but {len(labels)} "
-                             "labels.")
-        batches = [(images[i:i + batch_size], labels[i:i + batch_size])
-                   for i in range(0, len(images), batch_size)]
+            raise ValueError(f"AutoAttack.run got {len(images)} images but {len(labels)} labels.")
+        batches = [
+            (images[i : i + batch_size], labels[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
         return batches, len(batches)
 
     def _fingerprint(self, batch_size):
@@ -492,21 +605,31 @@ class AutoAttack(base.Attack):
         with np.load(path) as state:
             saved = str(state["fingerprint"])
             if saved != fingerprint:
-                raise ValueError(f"AutoAttack state {path} was written with other settings "
-                                 f"({saved}); now {fingerprint}. Delete the file or pass another "
-                                 "state_path.")
+                raise ValueError(
+                    f"AutoAttack state {path} was written with other settings "
+                    f"({saved}); now {fingerprint}. Delete the file or pass another "
+                    "state_path."
+                )
             if keep_adversarial and "x_adv" not in state.files and int(state["batches_done"]):
-                raise ValueError(f"AutoAttack state {path} holds no adversarial images; resume "
-                                 "with keep_adversarial=False or delete the file.")
+                raise ValueError(
+                    f"AutoAttack state {path} holds no adversarial images; resume "
+                    "with keep_adversarial=False or delete the file."
+                )
             splits = np.cumsum(state["batch_sizes"])[:-1]
             labels = list(np.split(state["labels"], splits))
             broken = list(np.split(state["broken_by"], splits))
-            adversarial = (list(np.split(state["x_adv"], splits))
-                           if keep_adversarial and "x_adv" in state.files else [])
+            adversarial = (
+                list(np.split(state["x_adv"], splits))
+                if keep_adversarial and "x_adv" in state.files
+                else []
+            )
             done = int(state["batches_done"])
             seconds = json.loads(str(state["seconds"])) if "seconds" in state.files else {}
-            zero = ([int(v) for v in state["zero_gradients"]]
-                    if "zero_gradients" in state.files else [0, 0])
+            zero = (
+                [int(v) for v in state["zero_gradients"]]
+                if "zero_gradients" in state.files
+                else [0, 0]
+            )
         if done == 0:
             return [], [], [], 0, {}, [0, 0]
         return labels, broken, adversarial, done, seconds, zero

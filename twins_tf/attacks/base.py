@@ -22,7 +22,7 @@ The spellings before this protocol still work for one release, with a Deprecatio
 `APGD(model, eps, ...)` / `FAB(model, ...)` / `Square(model, ...)` with `.perturb(x, y)`,
 and `AutoAttack(...).perturb(model, x, y)`.
 """
-import numbers
+
 import warnings
 
 import numpy as np
@@ -98,22 +98,32 @@ class Attack:
         if len(args) == 1 and epsilon is None and not callable(first):
             return first
         if callable(first) and len(rest) + (epsilon is not None) == 1:
-            warnings.warn(f"{self.who}(model, epsilon, ...) {DEPRECATION}: build "
-                          f"{self.who}(epsilon, ...) and call attack(model, x, y).",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.who}(model, epsilon, ...) {DEPRECATION}: build "
+                f"{self.who}(epsilon, ...) and call attack(model, x, y).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             self._bound_model = first
             return rest[0] if rest else epsilon
-        raise TypeError(f"{self.who} takes epsilon, once, as its only positional argument or "
-                        f"as epsilon= (in [0, 1] pixel units, e.g. 8/255), got {len(args)} "
-                        f"positional argument(s){' and epsilon=' if epsilon is not None else ''}.")
+        raise TypeError(
+            f"{self.who} takes epsilon, once, as its only positional argument or "
+            f"as epsilon= (in [0, 1] pixel units, e.g. 8/255), got {len(args)} "
+            f"positional argument(s){' and epsilon=' if epsilon is not None else ''}."
+        )
 
     def perturb(self, x, y, *, seed=None):
         """Deprecated: `Cls(model, eps).perturb(x, y)` is now `Cls(eps)(model, x, y)`."""
-        warnings.warn(f"{self.who}.perturb(x, y) {DEPRECATION}: call attack(model, x, y).",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{self.who}.perturb(x, y) {DEPRECATION}: call attack(model, x, y).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if getattr(self, "_bound_model", None) is None:
-            raise TypeError(f"{self.who}.perturb(x, y) needs the model given at construction "
-                            f"(the old {self.who}(model, epsilon)); call attack(model, x, y).")
+            raise TypeError(
+                f"{self.who}.perturb(x, y) needs the model given at construction "
+                f"(the old {self.who}(model, epsilon)); call attack(model, x, y)."
+            )
         return self(self._bound_model, x, y, seed=seed)
 
 
@@ -130,8 +140,10 @@ def base_seed(attack, seed):
         return (attack.seed, attack._calls)
     values = [int(v) for v in np.ravel(np.asarray(seed))]
     if len(values) not in (1, 2):
-        raise ValueError(f"{attack.who} seed must be an int or a shape-(2,) int tensor, got "
-                         f"{len(values)} values.")
+        raise ValueError(
+            f"{attack.who} seed must be an int or a shape-(2,) int tensor, got "
+            f"{len(values)} values."
+        )
     return tuple(values) if len(values) == 2 else (values[0], 0)
 
 

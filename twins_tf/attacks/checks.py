@@ -32,6 +32,7 @@ Each check returns its message, or None, so a caller can both warn and record it
 issues them as `EvaluationWarning`s.  The thresholds are the official ones (1e-4 between the
 normalised outputs of 5 calls, 1e-5 for probabilities, 0.2 points for Square).
 """
+
 import warnings
 
 import numpy as np
@@ -48,8 +49,13 @@ REFERENCE_EOT_ITER = 20
 TARGETED_DLR_MIN_CLASSES = 4
 DLR_MIN_CLASSES = 3  # the untargeted DLR loss needs z_pi3
 # Op types an inference forward has no business running: variable writes, gradients.
-_DYNAMIC_OP_TYPES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
-                     "ResourceScatterUpdate", "ResourceApplyGradientDescent")
+_DYNAMIC_OP_TYPES = (
+    "AssignVariableOp",
+    "AssignAddVariableOp",
+    "AssignSubVariableOp",
+    "ResourceScatterUpdate",
+    "ResourceApplyGradientDescent",
+)
 
 
 class EvaluationWarning(UserWarning):
@@ -74,45 +80,61 @@ def check_randomized(model, x, y, *, calls=RANDOMIZED_CALLS, tolerance=RANDOMIZE
         logits = _logits(model, x).numpy().astype(np.float64)
         outputs.append(logits / (np.linalg.norm(logits, axis=1, keepdims=True) + 1e-10))
         correct.append(int(np.sum(logits.argmax(1) == y)))
-    spread = max(float(np.max(np.linalg.norm(a - b, axis=1)))
-                 for i, a in enumerate(outputs) for b in outputs[i + 1:])
+    spread = max(
+        float(np.max(np.linalg.norm(a - b, axis=1)))
+        for i, a in enumerate(outputs)
+        for b in outputs[i + 1 :]
+    )
     if spread > tolerance or len(set(correct)) > 1:
-        return (f"the model's outputs differ between {calls} calls on the same images "
-                f"(normalised difference up to {spread:.3g}, correct predictions "
-                f"{sorted(set(correct))}): a randomised defence? AutoAttack's standard version "
-                "assumes a deterministic model; use version='rand' (EOT over 20 draws).")
+        return (
+            f"the model's outputs differ between {calls} calls on the same images "
+            f"(normalised difference up to {spread:.3g}, correct predictions "
+            f"{sorted(set(correct))}): a randomised defence? AutoAttack's standard version "
+            "assumes a deterministic model; use version='rand' (EOT over 20 draws)."
+        )
     return None
 
 
 def check_rand_version(randomized, eot_iter):
     """For version="rand": a message if the model is deterministic or EOT is under 20 draws."""
     if not randomized:
-        return ("version='rand' on a deterministic model (the same outputs on every call): its "
-                f"{eot_iter}-draw EOT only repeats the same gradient; use version='standard', "
-                "the stronger evaluation of a deterministic model.")
+        return (
+            "version='rand' on a deterministic model (the same outputs on every call): its "
+            f"{eot_iter}-draw EOT only repeats the same gradient; use version='standard', "
+            "the stronger evaluation of a deterministic model."
+        )
     if eot_iter < REFERENCE_EOT_ITER:
-        return (f"version='rand' with eot_iter={eot_iter}: the reference averages "
-                f"{REFERENCE_EOT_ITER} gradients per step on a randomised model; fewer make the "
-                "attack weaker and the robust accuracy optimistic.")
+        return (
+            f"version='rand' with eot_iter={eot_iter}: the reference averages "
+            f"{REFERENCE_EOT_ITER} gradients per step on a randomised model; fewer make the "
+            "attack weaker and the robust accuracy optimistic."
+        )
     return None
 
 
 def check_logits(model, x, *, tolerance=PROBABILITY_TOLERANCE):
     """A message if the model's rows look like probabilities (in [0, 1], summing to 1)."""
     output = _logits(model, x).numpy()
-    if (output.max() < 1 + tolerance and output.min() > -tolerance
-            and np.all(np.abs(output.sum(-1) - 1) < tolerance)):
-        return ("the model's outputs are in [0, 1] and every row sums to 1: probabilities, "
-                "not logits? AutoAttack's losses need logits; remove the final softmax.")
+    if (
+        output.max() < 1 + tolerance
+        and output.min() > -tolerance
+        and np.all(np.abs(output.sum(-1) - 1) < tolerance)
+    ):
+        return (
+            "the model's outputs are in [0, 1] and every row sums to 1: probabilities, "
+            "not logits? AutoAttack's losses need logits; remove the final softmax."
+        )
     return None
 
 
 def zero_gradient_message(zero, examples, where="examples"):
     """The zero-gradient warning for `zero` of `examples` examples, or None if `zero` is 0."""
     if zero:
-        return (f"{zero} of {examples} {where} have a zero input gradient (a rounding or "
-                "stop_gradient in the model?): the gradient attacks cannot move them, so their "
-                "robustness may be overestimated.")
+        return (
+            f"{zero} of {examples} {where} have a zero input gradient (a rounding or "
+            "stop_gradient in the model?): the gradient attacks cannot move them, so their "
+            "robustness may be overestimated."
+        )
     return None
 
 
@@ -138,9 +160,14 @@ def check_zero_gradients(model, x, y):
     if gradient is None:
         zero = int(x.shape[0])
     else:
-        zero = int(tf.reduce_sum(tf.cast(
-            tf.reduce_all(tf.equal(tf.reshape(gradient, [x.shape[0], -1]), 0.0), axis=1),
-            tf.int32)))
+        zero = int(
+            tf.reduce_sum(
+                tf.cast(
+                    tf.reduce_all(tf.equal(tf.reshape(gradient, [x.shape[0], -1]), 0.0), axis=1),
+                    tf.int32,
+                )
+            )
+        )
     return zero_gradient_message(zero, int(x.shape[0]))
 
 
@@ -153,15 +180,19 @@ def check_dynamic(model, x):
     forward = tf.function(lambda images: model(images, training=False))
     graph = forward.get_concrete_function(tf.TensorSpec(x.shape, tf.float32)).graph
     operations = _operations(graph)
-    found = sorted({f"variable writes ({op.type})" for op in operations
-                    if op.type in _DYNAMIC_OP_TYPES})
-    if any(op.name.startswith("gradient_tape") or "/gradient_tape/" in op.name
-           for op in operations):
+    found = sorted(
+        {f"variable writes ({op.type})" for op in operations if op.type in _DYNAMIC_OP_TYPES}
+    )
+    if any(
+        op.name.startswith("gradient_tape") or "/gradient_tape/" in op.name for op in operations
+    ):
         found.append("gradient computation")
     if found:
-        return (f"the model's inference forward runs {' and '.join(found)}: a dynamic defence "
-                "that adapts or optimises at test time? AutoAttack attacks a fixed model, so "
-                "its number may not bound this one's robustness; use an adaptive attack too.")
+        return (
+            f"the model's inference forward runs {' and '.join(found)}: a dynamic defence "
+            "that adapts or optimises at test time? AutoAttack attacks a fixed model, so "
+            "its number may not bound this one's robustness; use an adaptive attack too."
+        )
     return None
 
 
@@ -190,8 +221,10 @@ def check_n_classes(num_classes, version, n_target_classes, skipped):
     """
     parts = []
     if version == "standard" and n_target_classes < 9:
-        parts.append(f"APGD-T and FAB-T use {n_target_classes} target class(es), not the "
-                     f"reference's 9 (the model has {num_classes} classes)")
+        parts.append(
+            f"APGD-T and FAB-T use {n_target_classes} target class(es), not the "
+            f"reference's 9 (the model has {num_classes} classes)"
+        )
     parts += [f"{name} is skipped: {why}" for name, why in skipped.items()]
     if parts:
         return "; ".join(parts) + ". Report the numbers with these settings."
@@ -208,15 +241,18 @@ def check_square(accuracy, *, tolerance=SQUARE_TOLERANCE):
         return None
     before = min(value for name, value in accuracy.items() if name != "square")
     if accuracy["square"] < before - tolerance:
-        return (f"Square, a black-box attack, lowered the robust accuracy by "
-                f"{100 * (before - accuracy['square']):.2f} points after every gradient attack: "
-                "a sign of gradient masking; the evaluation may be unreliable, so try Square "
-                "with more queries and restarts, or an adaptive attack.")
+        return (
+            f"Square, a black-box attack, lowered the robust accuracy by "
+            f"{100 * (before - accuracy['square']):.2f} points after every gradient attack: "
+            "a sign of gradient masking; the evaluation may be unreliable, so try Square "
+            "with more queries and restarts, or an adaptive attack."
+        )
     return None
 
 
-def model_checks(model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EOT_ITER,
-                 zero_gradients=True):
+def model_checks(
+    model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EOT_ITER, zero_gradients=True
+):
     """The checks of the model itself, on one batch; returns the messages.
 
     Args:
@@ -231,14 +267,18 @@ def model_checks(model, x, y, *, randomized_defence=False, eot_iter=REFERENCE_EO
     randomized = check_randomized(model, x, y)
     if randomized_defence:
         randomized = check_rand_version(randomized is not None, eot_iter)
-    messages = [randomized, check_logits(model, x),
-                check_zero_gradients(model, x, y) if zero_gradients else None,
-                check_dynamic(model, x)]
+    messages = [
+        randomized,
+        check_logits(model, x),
+        check_zero_gradients(model, x, y) if zero_gradients else None,
+        check_dynamic(model, x),
+    ]
     return [m for m in messages if m is not None]
 
 
-def before_evaluation(model, x, y, *, version, eot_iter, num_classes, n_target_classes,
-                      skipped, dlr_attack=None):
+def before_evaluation(
+    model, x, y, *, version, eot_iter, num_classes, n_target_classes, skipped, dlr_attack=None
+):
     """Every check that runs before an AutoAttack evaluation, on one batch; the messages.
 
     Args:
@@ -248,8 +288,14 @@ def before_evaluation(model, x, y, *, version, eot_iter, num_classes, n_target_c
       dlr_attack: the planned sub-attack with the DLR loss ("apgd-t", "apgd-dlr"), which checks
         zero gradients on every batch itself; None (none planned): checked here, once.
     """
-    messages = model_checks(model, x, y, randomized_defence=version == "rand",
-                            eot_iter=eot_iter, zero_gradients=dlr_attack is None)
+    messages = model_checks(
+        model,
+        x,
+        y,
+        randomized_defence=version == "rand",
+        eot_iter=eot_iter,
+        zero_gradients=dlr_attack is None,
+    )
     targets = check_n_classes(num_classes, version, n_target_classes, skipped)
     return messages + ([targets] if targets else [])
 

@@ -27,6 +27,7 @@ lambda (L-inf: a_i = |w_i|, q_i = p_i; L2: a_i = w_i^2, q_i = p_i / |w_i|).  Sor
 gives its breakpoints, and lambda solves it = c exactly; if even the box corner (lambda = inf)
 does not reach the hyperplane, the corner is returned, as in the paper.
 """
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -117,11 +118,33 @@ class FAB(base.Attack):
     """
 
     who = "FAB"
-    config_keys = ("epsilon", "norm", "targeted", "steps", "restarts", "n_target_classes",
-                   "alpha_max", "eta", "beta", "seed")
+    config_keys = (
+        "epsilon",
+        "norm",
+        "targeted",
+        "steps",
+        "restarts",
+        "n_target_classes",
+        "alpha_max",
+        "eta",
+        "beta",
+        "seed",
+    )
 
-    def __init__(self, *args, epsilon=None, norm="linf", targeted=True, steps=100, restarts=1,
-                 n_target_classes=9, alpha_max=0.1, eta=1.05, beta=0.9, seed=0):
+    def __init__(
+        self,
+        *args,
+        epsilon=None,
+        norm="linf",
+        targeted=True,
+        steps=100,
+        restarts=1,
+        n_target_classes=9,
+        alpha_max=0.1,
+        eta=1.05,
+        beta=0.9,
+        seed=0,
+    ):
         who = self.who
         epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
@@ -141,22 +164,27 @@ class FAB(base.Attack):
         self._use(self._bound_model)
 
     def _compile(self):
-        self._run_once = tf.function(self._run_once_impl, reduce_retracing=True,
-                                     autograph=False)
+        self._run_once = tf.function(self._run_once_impl, reduce_retracing=True, autograph=False)
 
     @property
     def name(self):
         return "fab-t" if self.targeted else "fab"
 
     def __repr__(self):
-        return (f"FAB(epsilon={self.epsilon:.6g}, norm={self.norm!r}, targeted={self.targeted}, "
-                f"steps={self.steps}, restarts={self.restarts})")
+        return (
+            f"FAB(epsilon={self.epsilon:.6g}, norm={self.norm!r}, targeted={self.targeted}, "
+            f"steps={self.steps}, restarts={self.restarts})"
+        )
 
     def _attack(self, model, x, y, seed):
         base_seed, logits, num_classes = self._start_call(model, x, seed)
         if self.targeted:
-            _lp.check_num_classes(num_classes, self.n_target_classes + 1, "FAB-T",
-                                  f"{self.n_target_classes} target classes")
+            _lp.check_num_classes(
+                num_classes,
+                self.n_target_classes + 1,
+                "FAB-T",
+                f"{self.n_target_classes} target classes",
+            )
         robust = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y).numpy()
         targets = base.ranked_targets(logits, self.n_target_classes) if self.targeted else [None]
 
@@ -167,8 +195,9 @@ class FAB(base.Attack):
             within = _lp.lp_norm(adv - x_todo, self.norm) <= self.epsilon
             return adv, (fooled & within & (distance < _FAR)).numpy()
 
-        return tf.constant(base.run_on_survivors(x, y, robust, targets, self.restarts,
-                                                 base_seed, run))
+        return tf.constant(
+            base.run_on_survivors(x, y, robust, targets, self.restarts, base_seed, run)
+        )
 
     # --- one run ------------------------------------------------------------------------------
     def _boundary(self, x1, y, target):
@@ -177,8 +206,9 @@ class FAB(base.Attack):
             with tf.GradientTape() as tape:
                 tape.watch(x1)
                 logits = _lp.logits_of(self.model, x1)
-                gap = (tf.gather(logits, target, axis=-1, batch_dims=1)
-                       - tf.gather(logits, y, axis=-1, batch_dims=1))
+                gap = tf.gather(logits, target, axis=-1, batch_dims=1) - tf.gather(
+                    logits, y, axis=-1, batch_dims=1
+                )
                 total = tf.reduce_sum(gap)
             return gap, tape.gradient(total, x1, unconnected_gradients=_ZERO)
         with tf.GradientTape() as tape:
@@ -191,11 +221,16 @@ class FAB(base.Attack):
         gaps = tf.where(is_true, _FAR, gaps)
         flat = tf.reshape(grads, [tf.shape(grads)[0], tf.shape(grads)[1], -1])
         dual = "l1" if self.norm == "linf" else "l2"
-        grad_norm = (tf.reduce_sum(tf.abs(flat), -1) if dual == "l1"
-                     else tf.sqrt(tf.reduce_sum(tf.square(flat), -1)))
+        grad_norm = (
+            tf.reduce_sum(tf.abs(flat), -1)
+            if dual == "l1"
+            else tf.sqrt(tf.reduce_sum(tf.square(flat), -1))
+        )
         closest = tf.argmin(tf.abs(gaps) / (grad_norm + _lp.TINY), axis=-1, output_type=tf.int32)
-        return (tf.gather(gaps, closest, axis=1, batch_dims=1),
-                tf.gather(grads, closest, axis=1, batch_dims=1))
+        return (
+            tf.gather(gaps, closest, axis=1, batch_dims=1),
+            tf.gather(grads, closest, axis=1, batch_dims=1),
+        )
 
     def _run_once_impl(self, x0, y, target, seed, random_start):
         eps, norm = self.epsilon, self.norm
@@ -214,14 +249,18 @@ class FAB(base.Attack):
             b = tf.reduce_sum(w * tf.reshape(x1, [n, -1]), axis=1) - gap
             steps = project_onto_hyperplane_in_box(
                 tf.concat([tf.reshape(x1, [n, -1]), x0_flat], 0),
-                tf.concat([w, w], 0), tf.concat([b, b], 0), norm)
+                tf.concat([w, w], 0),
+                tf.concat([b, b], 0),
+                norm,
+            )
             d1 = tf.reshape(steps[:n], tf.shape(x0))
             d2 = tf.reshape(steps[n:], tf.shape(x0))
             a1 = tf.maximum(_lp.lp_norm(d1, norm), 1e-8)
             a2 = tf.maximum(_lp.lp_norm(d2, norm), 1e-8)
             alpha = _lp.per_example(tf.clip_by_value(a1 / (a1 + a2), 0.0, self.alpha_max), x0)
             x1 = tf.clip_by_value(
-                (x1 + self.eta * d1) * (1.0 - alpha) + (x0 + self.eta * d2) * alpha, 0.0, 1.0)
+                (x1 + self.eta * d1) * (1.0 - alpha) + (x0 + self.eta * d2) * alpha, 0.0, 1.0
+            )
             fooled = tf.not_equal(_lp.predict(self.model, x1), y)
             dist = _lp.lp_norm(x1 - x0, norm)
             closer = fooled & (dist < distance)
@@ -231,7 +270,9 @@ class FAB(base.Attack):
             return i + 1, x1, best, distance
 
         _, _, best, distance = tf.while_loop(
-            lambda i, *_: i < self.steps, body,
+            lambda i, *_: i < self.steps,
+            body,
             (tf.constant(0), x1, x0, tf.fill([n], _FAR)),
-            maximum_iterations=self.steps)
+            maximum_iterations=self.steps,
+        )
         return best, distance

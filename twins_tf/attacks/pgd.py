@@ -35,6 +35,7 @@ Choices, each stated where a user could trip over it:
   * `restarts > 1` (evaluation): each example keeps the first restart whose x_adv the model
     misclassifies; an example no restart fools keeps the first restart's x_adv.
 """
+
 import contextlib
 import random
 
@@ -74,8 +75,16 @@ class PGD(base.Attack):
     """
 
     who = "PGD"
-    config_keys = ("epsilon", "step_size", "steps", "norm", "random_start", "restarts", "seed",
-                   "compute_dtype")
+    config_keys = (
+        "epsilon",
+        "step_size",
+        "steps",
+        "norm",
+        "random_start",
+        "restarts",
+        "seed",
+        "compute_dtype",
+    )
 
     def __init__(
         self,
@@ -92,8 +101,9 @@ class PGD(base.Attack):
         who = self.who
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm, allow_zero=True)
-        self.step_size = _lp.check_epsilon(step_size, who, self.norm, name="step_size",
-                                           allow_zero=True)
+        self.step_size = _lp.check_epsilon(
+            step_size, who, self.norm, name="step_size", allow_zero=True
+        )
         if int(steps) != steps or steps < 0:
             raise ValueError(f"PGD steps must be a non-negative integer, got {steps!r}.")
         self.steps = int(steps)
@@ -136,8 +146,11 @@ class PGD(base.Attack):
         """Deprecated: `pgd.attack(model, x, y)` is `pgd(model, x, y)`."""
         import warnings
 
-        warnings.warn(f"PGD.attack(model, x, y) {base.DEPRECATION}: call pgd(model, x, y).",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"PGD.attack(model, x, y) {base.DEPRECATION}: call pgd(model, x, y).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self(model, x, y, seed=seed)
 
     def _attack(self, model, x, y, seed):
@@ -204,8 +217,7 @@ class PGD(base.Attack):
             )
         else:
             direction_seed, radius_seed = tf.unstack(tf.random.split(seed, 2))
-            direction = _lp.normalize(tf.random.stateless_normal(tf.shape(x), direction_seed),
-                                      "l2")
+            direction = _lp.normalize(tf.random.stateless_normal(tf.shape(x), direction_seed), "l2")
             dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
             u = tf.random.stateless_uniform(tf.shape(x)[:1], radius_seed)
             noise = direction * _lp.per_example(self.epsilon * u ** (1.0 / dims), x)

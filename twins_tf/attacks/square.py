@@ -28,6 +28,7 @@ The pseudo-Gaussian bump of side s: two halves of concentric rectangles weighted
 (r = ring index from the centre), the lower half negated, unit L2 norm, transposed with
 probability 1/2.
 """
+
 import math
 
 import keras
@@ -37,8 +38,17 @@ import tensorflow as tf
 from twins_tf.attacks import _lp, base
 
 # (last iteration of the phase, divisor of p_init) of the paper's schedule (10,000 iterations)
-_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
-             (6000, 128), (8000, 256))
+_SCHEDULE = (
+    (10, 1),
+    (50, 2),
+    (200, 4),
+    (500, 8),
+    (1000, 16),
+    (2000, 32),
+    (4000, 64),
+    (6000, 128),
+    (8000, 256),
+)
 
 
 def p_schedule(iteration, p_init, n_queries, rescale=False):
@@ -56,12 +66,13 @@ def rectangle_rings(rows, cols):
     sum_{k >= r} 1/(k+1)^2, normalised to unit L2 norm."""
     centre_r, centre_c = rows // 2, cols // 2
     rings = max(centre_r + 1, centre_c + 1)
-    ring = np.maximum(np.abs(np.arange(rows)[:, None] - centre_r),
-                      np.abs(np.arange(cols)[None, :] - centre_c))
+    ring = np.maximum(
+        np.abs(np.arange(rows)[:, None] - centre_r), np.abs(np.arange(cols)[None, :] - centre_c)
+    )
     weights = 1.0 / (np.arange(rings) + 1.0) ** 2
     tail = np.cumsum(weights[::-1])[::-1]  # tail[r] = sum_{k >= r} weights[k]
     patch = tail[ring]
-    return patch / np.sqrt(np.sum(patch ** 2))
+    return patch / np.sqrt(np.sum(patch**2))
 
 
 def bump(side):
@@ -70,7 +81,7 @@ def bump(side):
     patch = np.zeros([side, side])
     patch[:top] = rectangle_rings(top, side) if top else 0.0
     patch[top:] = -rectangle_rings(side - top, side)
-    return (patch / np.sqrt(np.sum(patch ** 2))).astype(np.float32)
+    return (patch / np.sqrt(np.sum(patch**2))).astype(np.float32)
 
 
 def _window_mask(height, width, top, left, side):
@@ -122,11 +133,19 @@ class Square(base.Attack):
     """
 
     who = "Square"
-    config_keys = ("epsilon", "norm", "n_queries", "p_init", "restarts", "rescale_schedule",
-                   "seed")
+    config_keys = ("epsilon", "norm", "n_queries", "p_init", "restarts", "rescale_schedule", "seed")
 
-    def __init__(self, *args, epsilon=None, norm="linf", n_queries=5000, p_init=0.8, restarts=1,
-                 rescale_schedule=False, seed=0):
+    def __init__(
+        self,
+        *args,
+        epsilon=None,
+        norm="linf",
+        n_queries=5000,
+        p_init=0.8,
+        restarts=1,
+        rescale_schedule=False,
+        seed=0,
+    ):
         who = self.who
         epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
@@ -147,8 +166,10 @@ class Square(base.Attack):
     name = "square"
 
     def __repr__(self):
-        return (f"Square(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
-                f"n_queries={self.n_queries}, p_init={self.p_init})")
+        return (
+            f"Square(epsilon={self.epsilon:.6g}, norm={self.norm!r}, "
+            f"n_queries={self.n_queries}, p_init={self.p_init})"
+        )
 
     def side_length(self, p, height, width):
         """Side of the square covering a fraction p of the h x w pixels."""
@@ -181,16 +202,24 @@ class Square(base.Attack):
             for first, count, side in self.phases(height, width):
                 if not np.any(margin_min.numpy() > 0):
                     break
-                pattern = tf.constant(bump(side) if self.norm == "l2" else np.zeros([1, 1]),
-                                      tf.float32)
+                pattern = tf.constant(
+                    bump(side) if self.norm == "l2" else np.zeros([1, 1]), tf.float32
+                )
                 x_best, margin_min = self._phase(
-                    x_todo, y_todo, x_best, margin_min, tf.constant(first), tf.constant(count),
-                    tf.constant(side), pattern, key)
+                    x_todo,
+                    y_todo,
+                    x_best,
+                    margin_min,
+                    tf.constant(first),
+                    tf.constant(count),
+                    tf.constant(side),
+                    pattern,
+                    key,
+                )
             return x_best, margin_min.numpy() <= 0
 
         robust = self._margin(x, y).numpy() > 0
-        return tf.constant(base.run_on_survivors(x, y, robust, None, self.restarts, base_seed,
-                                                 run))
+        return tf.constant(base.run_on_survivors(x, y, robust, None, self.restarts, base_seed, run))
 
     # --- graph pieces -------------------------------------------------------------------------
     def _margin(self, x, y):
@@ -223,15 +252,12 @@ class Square(base.Attack):
                     pair = tf.random.experimental.stateless_split(draws[draw], 2)
                     draw += 1
                     transpose = tf.random.stateless_uniform([n], pair[0]) < 0.5
-                    placed = _place(pattern, h, w, tf.fill([n], top), tf.fill([n], left),
-                                    transpose)
+                    placed = _place(pattern, h, w, tf.fill([n], top), tf.fill([n], left), transpose)
                     delta += placed * self._signs([n, 1, 1, channels], pair[1])
             x_best = tf.clip_by_value(x + self.epsilon * _lp.normalize(delta, "l2"), 0.0, 1.0)
         return x_best, self._margin(x_best, y)
 
     def _phase_impl(self, x, y, x_best, margin_min, first, count, side, pattern, seed):
-        height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-
         def body(i, x_best, margin_min):
             todo = tf.where(margin_min > 0)[:, 0]
             xs, bests, ys = (tf.gather(x, todo), tf.gather(x_best, todo), tf.gather(y, todo))
@@ -246,13 +272,16 @@ class Square(base.Attack):
             bests = tf.where(_lp.per_example(better, xs), candidate, bests)
             index = todo[:, None]
             x_best = tf.tensor_scatter_nd_update(x_best, index, bests)
-            margin_min = tf.tensor_scatter_nd_update(margin_min, index,
-                                                     tf.where(better, margin, old))
+            margin_min = tf.tensor_scatter_nd_update(
+                margin_min, index, tf.where(better, margin, old)
+            )
             return i + 1, x_best, margin_min
 
         _, x_best, margin_min = tf.while_loop(
             lambda i, x_best, margin_min: (i < count) & tf.reduce_any(margin_min > 0),
-            body, (tf.constant(0), x_best, margin_min))
+            body,
+            (tf.constant(0), x_best, margin_min),
+        )
         return x_best, margin_min
 
     def _positions(self, n, height, width, side, seed):
@@ -263,10 +292,16 @@ class Square(base.Attack):
         AutoAttack's (600 of the tests' digits, L-inf 0.15, 5000 queries: 57.8 % robust
         against the official 63.3 %; 62.3 % with this range), and AutoAttack numbers are
         quoted against the reference."""
-        top = tf.random.stateless_uniform([n], seed, 0, tf.maximum(height - side, 1),
-                                          dtype=tf.int32)
-        left = tf.random.stateless_uniform([n], tf.random.experimental.stateless_fold_in(seed, 1),
-                                           0, tf.maximum(width - side, 1), dtype=tf.int32)
+        top = tf.random.stateless_uniform(
+            [n], seed, 0, tf.maximum(height - side, 1), dtype=tf.int32
+        )
+        left = tf.random.stateless_uniform(
+            [n],
+            tf.random.experimental.stateless_fold_in(seed, 1),
+            0,
+            tf.maximum(width - side, 1),
+            dtype=tf.int32,
+        )
         return top, left
 
     def _linf_candidate(self, x, x_best, side, seed):
@@ -300,8 +335,10 @@ class Square(base.Attack):
         fresh = _place(pattern, height, width, top, left, transpose)
         fresh = fresh * self._signs([n, 1, 1, channels], seeds[3])
         update = fresh + window * delta / (norm_window + _lp.TINY)
-        budget = tf.sqrt(tf.maximum(self.epsilon ** 2 - tf.square(norm_image), 0.0) / channels
-                         + tf.square(norm_windows))
+        budget = tf.sqrt(
+            tf.maximum(self.epsilon**2 - tf.square(norm_image), 0.0) / channels
+            + tf.square(norm_windows)
+        )
         update_norm = tf.sqrt(tf.reduce_sum(tf.square(update), [1, 2], keepdims=True))
         update = update / (update_norm + _lp.TINY) * budget
         delta = delta * (1.0 - window2)

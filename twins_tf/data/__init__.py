@@ -44,6 +44,7 @@ Example:
   >>> train = make_pipeline(splits.source("train"), spec, training=True, batch_size=32, seed=0)
   >>> steps = steps_per_epoch(splits.num_examples["train"], 32)
 """
+
 from twins_tf.data.augmentation import (
     CENTRE_CROP_FRACTION,
     CIFAR_PADDING,

@@ -13,6 +13,7 @@
 Randomness is stateless (`tf.image.stateless_*`, seeds passed in), so an augmented image is a
 pure function of the image and its seed; `twins_tf.data.pipeline` says why.
 """
+
 import math
 
 import tensorflow as tf
@@ -35,8 +36,15 @@ def to_float_image(image):
     return image
 
 
-def random_resized_crop_window(height, width, seed, *, scale=RANDOM_RESIZED_CROP_SCALE,
-                               ratio=RANDOM_RESIZED_CROP_RATIO, attempts=10):
+def random_resized_crop_window(
+    height,
+    width,
+    seed,
+    *,
+    scale=RANDOM_RESIZED_CROP_SCALE,
+    ratio=RANDOM_RESIZED_CROP_RATIO,
+    attempts=10,
+):
     """Samples a crop window exactly as torchvision's `RandomResizedCrop.get_params`.
 
     Up to `attempts` draws of an area share U(scale) and a log-uniform aspect ratio
@@ -54,10 +62,16 @@ def random_resized_crop_window(height, width, seed, *, scale=RANDOM_RESIZED_CROP
     h = tf.cast(height, tf.float64)
     w = tf.cast(width, tf.float64)
     seeds = tf.random.experimental.stateless_split(seed, 4)
-    target_area = h * w * tf.random.stateless_uniform(
-        [attempts], seeds[0], scale[0], scale[1], dtype=tf.float64)
-    aspect = tf.exp(tf.random.stateless_uniform(
-        [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1]), dtype=tf.float64))
+    target_area = (
+        h
+        * w
+        * tf.random.stateless_uniform([attempts], seeds[0], scale[0], scale[1], dtype=tf.float64)
+    )
+    aspect = tf.exp(
+        tf.random.stateless_uniform(
+            [attempts], seeds[1], math.log(ratio[0]), math.log(ratio[1]), dtype=tf.float64
+        )
+    )
     crop_w = tf.round(tf.sqrt(target_area * aspect))  # round half to even, like Python's
     crop_h = tf.round(tf.sqrt(target_area / aspect))
     fits = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
@@ -69,18 +83,15 @@ def random_resized_crop_window(height, width, seed, *, scale=RANDOM_RESIZED_CROP
     crop_h = tf.cast(tf.where(found, crop_h[first], fallback_h), tf.int32)
     crop_w = tf.cast(tf.where(found, crop_w[first], fallback_w), tf.int32)
     height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
-    random_top = tf.random.stateless_uniform(
-        [], seeds[2], 0, height - crop_h + 1, dtype=tf.int32)
-    random_left = tf.random.stateless_uniform(
-        [], seeds[3], 0, width - crop_w + 1, dtype=tf.int32)
+    random_top = tf.random.stateless_uniform([], seeds[2], 0, height - crop_h + 1, dtype=tf.int32)
+    random_left = tf.random.stateless_uniform([], seeds[3], 0, width - crop_w + 1, dtype=tf.int32)
     top = tf.where(found, random_top, (height - crop_h) // 2)
     left = tf.where(found, random_left, (width - crop_w) // 2)
     return top, left, crop_h, crop_w
 
 
 def _resize(image, height, width):
-    resized = tf.image.resize(image, tf.stack([height, width]), method="bilinear",
-                              antialias=True)
+    resized = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
     return tf.clip_by_value(resized, 0.0, 1.0)
 
 
@@ -88,7 +99,7 @@ def random_resized_crop(image, size, seed):
     """torchvision-style random resized crop of a float HWC image to (size, size)."""
     shape = tf.shape(image)
     top, left, crop_h, crop_w = random_resized_crop_window(shape[0], shape[1], seed)
-    crop = image[top:top + crop_h, left:left + crop_w]
+    crop = image[top : top + crop_h, left : left + crop_w]
     return _resize(crop, size, size)
 
 
@@ -109,7 +120,7 @@ def centre_crop(image, size):
     shape = tf.shape(image)
     top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def pad_and_random_crop(image, size, padding, seed):
@@ -125,14 +136,17 @@ def augment(image, spec, seed):
     if spec.preprocessing == IMAGENET:
         image = random_resized_crop(image, size, crop_seed)
     elif spec.preprocessing == CIFAR:
-        image = pad_and_random_crop(tf.ensure_shape(image, [size, size, 3]), size,
-                                    CIFAR_PADDING, crop_seed)
+        image = pad_and_random_crop(
+            tf.ensure_shape(image, [size, size, 3]), size, CIFAR_PADDING, crop_seed
+        )
     elif spec.preprocessing == DIGITS:
-        image = pad_and_random_crop(tf.ensure_shape(image, [size, size, 3]), size,
-                                    max(1, size // 8), crop_seed)
+        image = pad_and_random_crop(
+            tf.ensure_shape(image, [size, size, 3]), size, max(1, size // 8), crop_seed
+        )
     else:
-        raise ValueError(f"Unknown preprocessing {spec.preprocessing!r}; choose one of "
-                         f"{PREPROCESSING_KINDS}.")
+        raise ValueError(
+            f"Unknown preprocessing {spec.preprocessing!r}; choose one of {PREPROCESSING_KINDS}."
+        )
     if spec.preprocessing in (IMAGENET, CIFAR):
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return tf.ensure_shape(image, [size, size, 3])
@@ -145,6 +159,7 @@ def evaluation_transform(image, spec):
         shorter = int(round(size / CENTRE_CROP_FRACTION))
         image = centre_crop(resize_shorter_side(image, shorter), size)
     elif spec.preprocessing not in (CIFAR, DIGITS):
-        raise ValueError(f"Unknown preprocessing {spec.preprocessing!r}; choose one of "
-                         f"{PREPROCESSING_KINDS}.")
+        raise ValueError(
+            f"Unknown preprocessing {spec.preprocessing!r}; choose one of {PREPROCESSING_KINDS}."
+        )
     return tf.ensure_shape(image, [size, size, 3])

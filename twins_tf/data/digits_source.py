@@ -1,4 +1,5 @@
 """scikit-learn's handwritten digits as a dataset: shipped with scikit-learn, no download."""
+
 import numpy as np
 import tensorflow as tf
 
@@ -35,10 +36,11 @@ def load_digits(spec, carve):
         n_test = int(round(len(members) * spec.test_fraction))
         n_validation = int(round(len(members) * spec.validation_fraction)) if carve else 0
         index["test"].extend(members[:n_test])
-        index["validation"].extend(members[n_test:n_test + n_validation])
-        index["train"].extend(members[n_test + n_validation:])
+        index["validation"].extend(members[n_test : n_test + n_validation])
+        index["train"].extend(members[n_test + n_validation :])
     if not carve:
         del index["validation"]
-    rows = {key: all_rows.take(np.sort(np.asarray(members, np.int64)))
-            for key, members in index.items()}
+    rows = {
+        key: all_rows.take(np.sort(np.asarray(members, np.int64))) for key, members in index.items()
+    }
     return splits_from_rows(spec, rows, [str(c) for c in spec.classes])

@@ -1,4 +1,5 @@
 """Bad-image checks of image folders, before anything is written (`find_bad_images`)."""
+
 import os
 
 import tensorflow as tf
@@ -11,9 +12,9 @@ class BadImagesError(ValueError):
 # (signature at the start, marker that must be near the end) of each format decode_image reads.
 # A file that is not an image, or whose end was cut off (interrupted copy or download), fails.
 _SIGNATURES = {
-    "jpeg": (b"\xff\xd8\xff", b"\xff\xd9"),            # SOI ... EOI
+    "jpeg": (b"\xff\xd8\xff", b"\xff\xd9"),  # SOI ... EOI
     "png": (b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"),  # signature ... IEND chunk + CRC
-    "gif": (b"GIF8", b";"),                              # GIF87a/GIF89a ... trailer
+    "gif": (b"GIF8", b";"),  # GIF87a/GIF89a ... trailer
 }
 _TAIL_BYTES = 1024
 
@@ -23,7 +24,7 @@ def _image_file_is_whole(path):
     # Python's open, 30x faster here than GFile (0.3 s against 9.5 s for 10,000 files).
     remote = "://" in path
     try:
-        with (tf.io.gfile.GFile(path, "rb") if remote else open(path, "rb")) as f:
+        with tf.io.gfile.GFile(path, "rb") if remote else open(path, "rb") as f:
             size = f.size() if remote else os.fstat(f.fileno()).st_size
             head = f.read(16)
             f.seek(max(0, size - _TAIL_BYTES))
@@ -63,15 +64,23 @@ def checked_images(root, file_dicts, skip_bad_images):
         raise BadImagesError(
             f"{len(bad)} image file(s) under {root} are not whole JPEG/PNG/GIF/BMP images: "
             f"{', '.join(listed[:10])}{', ...' if len(bad) > 10 else ''}; delete or replace "
-            f"them, or pass --skip_bad_images to leave them out.")
+            f"them, or pass --skip_bad_images to leave them out."
+        )
     from absl import logging
 
-    logging.warning("Skipped %d image file(s) under %s that are not whole images (first: %s).",
-                    len(bad), root, ", ".join(listed[:10]))
-    kept = tuple({c: [p for p in ps if p not in bad] for c, ps in files.items()}
-                 for files in file_dicts)
+    logging.warning(
+        "Skipped %d image file(s) under %s that are not whole images (first: %s).",
+        len(bad),
+        root,
+        ", ".join(listed[:10]),
+    )
+    kept = tuple(
+        {c: [p for p in ps if p not in bad] for c, ps in files.items()} for files in file_dicts
+    )
     empty = sorted({c for files in kept for c, ps in files.items() if not ps})
     if empty:
-        raise BadImagesError(f"{root}: class folder(s) {', '.join(empty[:5])} hold no good "
-                             f"image after skipping bad ones; add images or remove the folder.")
+        raise BadImagesError(
+            f"{root}: class folder(s) {', '.join(empty[:5])} hold no good "
+            f"image after skipping bad ones; add images or remove the folder."
+        )
     return kept

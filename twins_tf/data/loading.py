@@ -1,4 +1,5 @@
 """`load_splits`: a registered dataset's splits from local files, whatever their source."""
+
 from twins_tf.data.digits_source import load_digits
 from twins_tf.data.folder_source import load_folder
 from twins_tf.data.registry import (
@@ -13,8 +14,15 @@ from twins_tf.data.tfds_source import default_tfds_data_dir, load_tfds
 VALIDATION_PROTOCOLS = ("carve", "none")
 
 
-def load_splits(dataset, *, data_dir=None, tfds_data_dir=None, train_per_class=None,
-                validation="carve", skip_bad_images=False):
+def load_splits(
+    dataset,
+    *,
+    data_dir=None,
+    tfds_data_dir=None,
+    train_per_class=None,
+    validation="carve",
+    skip_bad_images=False,
+):
     """Loads a registered dataset's train / validation / test splits from local files.
 
     Validation protocols (`validation`):
@@ -50,14 +58,17 @@ def load_splits(dataset, *, data_dir=None, tfds_data_dir=None, train_per_class=N
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_dataset_spec(dataset)
     if validation not in VALIDATION_PROTOCOLS:
-        raise ValueError(f"validation={validation!r} is not a protocol; choose one of "
-                         f"{', '.join(VALIDATION_PROTOCOLS)}.")
+        raise ValueError(
+            f"validation={validation!r} is not a protocol; choose one of "
+            f"{', '.join(VALIDATION_PROTOCOLS)}."
+        )
     carve = validation == "carve"
     if spec.source == TFDS:
         return load_tfds(spec, tfds_data_dir or default_tfds_data_dir(), carve)
     if spec.source == FOLDER:
-        return load_folder(spec, data_dir, train_per_class or spec.train_per_class, carve,
-                            skip_bad_images)
+        return load_folder(
+            spec, data_dir, train_per_class or spec.train_per_class, carve, skip_bad_images
+        )
     if spec.source == SKLEARN_DIGITS:
         return load_digits(spec, carve)
     raise ValueError(f"{spec.name}: unknown source {spec.source!r}.")

@@ -5,6 +5,7 @@ Every training epoch visits the whole training split in a uniform permutation ke
 passes (`stateless_shuffle`).  Subsets (`--max_*`) are stratified by class
 (`stratified_subset`).
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -17,7 +18,7 @@ _SHUFFLE_STREAM = 1_000_003
 
 def element_seed(seed, epoch, index):
     """The stateless seed of the example at `index` of epoch `epoch`."""
-    return tf.stack([tf.cast(seed, tf.int64), epoch * (2 ** 32) + index])
+    return tf.stack([tf.cast(seed, tf.int64), epoch * (2**32) + index])
 
 
 def epoch_permutation(seed, epoch, num_examples):
@@ -35,7 +36,8 @@ def epoch_permutation(seed, epoch, num_examples):
     """
     key = tf.stack([tf.cast(seed, tf.int64) + _SHUFFLE_STREAM, tf.cast(epoch, tf.int64)])
     return tf.random.experimental.stateless_shuffle(
-        tf.range(num_examples, dtype=tf.int64), seed=key)
+        tf.range(num_examples, dtype=tf.int64), seed=key
+    )
 
 
 def stateless_shuffle(ds, seed, epoch, num_examples, window):
@@ -65,22 +67,27 @@ def stateless_shuffle(ds, seed, epoch, num_examples, window):
         kept = ds.enumerate().filter(lambda i, element: place[i] // window == j)
         placed = kept.map(lambda i, element: (place[i], element))
         placed = placed.batch(window) if uniform else placed.ragged_batch(window)
-        return placed.map(lambda places, elements: tf.nest.map_structure(
-            lambda t: tf.gather(t, tf.argsort(places)), elements)).unbatch()
+        return placed.map(
+            lambda places, elements: tf.nest.map_structure(
+                lambda t: tf.gather(t, tf.argsort(places)), elements
+            )
+        ).unbatch()
 
     out = tf.data.Dataset.range(passes).flat_map(one_pass)
     if not uniform:  # back from ragged to the dense elements of `ds`
-        out = out.map(lambda *e: tf.nest.map_structure(
-            lambda t: t.to_tensor() if isinstance(t, tf.RaggedTensor) else t,
-            e if len(e) > 1 else e[0]))
+        out = out.map(
+            lambda *e: tf.nest.map_structure(
+                lambda t: t.to_tensor() if isinstance(t, tf.RaggedTensor) else t,
+                e if len(e) > 1 else e[0],
+            )
+        )
     return out
 
 
 def _labels(source):
     if isinstance(source, Rows):
         return source.labels
-    return np.fromiter((int(label) for label in source.map(lambda image, label: label)),
-                       np.int64)
+    return np.fromiter((int(label) for label in source.map(lambda image, label: label)), np.int64)
 
 
 def stratified_indices(labels, count, seed=SPLIT_SEED):
@@ -99,7 +106,7 @@ def stratified_indices(labels, count, seed=SPLIT_SEED):
     exact = count * sizes / total
     quota = np.floor(exact).astype(np.int64)
     by_remainder = sorted(range(len(classes)), key=lambda k: (-(exact[k] - quota[k]), k))
-    quota[by_remainder[:count - int(quota.sum())]] += 1
+    quota[by_remainder[: count - int(quota.sum())]] += 1
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     return np.sort(np.concatenate(chosen))

@@ -12,6 +12,7 @@ crops differ from torchvision's `RandomResizedCrop`).
 
 Images come out as float32 in [0, 1], NHWC; labels as int32.
 """
+
 import tensorflow as tf
 
 from twins_tf.data.augmentation import augment, evaluation_transform, to_float_image
@@ -27,28 +28,36 @@ def check_batch_size(batch_size, num_replicas, twin):
     2 x num_replicas.
     """
     if batch_size < 1 or num_replicas < 1:
-        raise ValueError(f"batch_size ({batch_size}) and the number of replicas "
-                         f"({num_replicas}) must be positive.")
+        raise ValueError(
+            f"batch_size ({batch_size}) and the number of replicas "
+            f"({num_replicas}) must be positive."
+        )
     multiple = num_replicas * (2 if twin else 1)
     if batch_size % multiple:
-        what = (f"2 x {num_replicas} replica(s) = {multiple} (each replica's batch is split "
-                f"into a Frozen and an Adaptive half)" if twin else
-                f"the {num_replicas} replicas")
-        raise ValueError(f"--batch_size={batch_size} must be a multiple of {what}; use e.g. "
-                         f"{max(multiple, batch_size // multiple * multiple)}.")
+        what = (
+            f"2 x {num_replicas} replica(s) = {multiple} (each replica's batch is split "
+            f"into a Frozen and an Adaptive half)"
+            if twin
+            else f"the {num_replicas} replicas"
+        )
+        raise ValueError(
+            f"--batch_size={batch_size} must be a multiple of {what}; use e.g. "
+            f"{max(multiple, batch_size // multiple * multiple)}."
+        )
 
 
 def steps_per_epoch(num_examples, batch_size):
     """Full batches per epoch of a training pipeline (the last partial batch is dropped)."""
     steps = num_examples // batch_size
     if steps < 1:
-        raise ValueError(f"The training split has {num_examples} examples, fewer than one "
-                         f"batch of {batch_size}; lower --batch_size.")
+        raise ValueError(
+            f"The training split has {num_examples} examples, fewer than one "
+            f"batch of {batch_size}; lower --batch_size."
+        )
     return steps
 
 
-def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
-                  shuffle_buffer=10_000):
+def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0, shuffle_buffer=10_000):
     """Decoded, augmented, batched and prefetched batches of `(images, labels)`.
 
     Training (`training=True`): an endless stream of epochs `start_epoch, start_epoch+1, ...`.
@@ -86,14 +95,17 @@ def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
         num_examples = int(ds.cardinality())
     image_spec = ds.element_spec[0]
     if image_spec.dtype != tf.string and image_spec.shape.rank != 3:
-        raise ValueError(f"Expected (image, label) elements with HWC images, got "
-                         f"{ds.element_spec}.")
+        raise ValueError(
+            f"Expected (image, label) elements with HWC images, got {ds.element_spec}."
+        )
     seed = int(seed)
 
     if training:
         if num_examples < 0:
-            raise ValueError("The training split's size is unknown; give it one with "
-                             "ds.apply(tf.data.experimental.assert_cardinality(n)).")
+            raise ValueError(
+                "The training split's size is unknown; give it one with "
+                "ds.apply(tf.data.experimental.assert_cardinality(n))."
+            )
 
         def one_epoch(epoch):
             if rows is not None:
@@ -106,15 +118,18 @@ def make_pipeline(ds, spec, *, training, batch_size, seed=0, start_epoch=0,
                 image = augment(to_float_image(image), spec, element_seed(seed, epoch, index))
                 return image, label
 
-            return (shuffled.enumerate()
-                    .map(transform, num_parallel_calls=tf.data.AUTOTUNE)
-                    .batch(batch_size, drop_remainder=True))
+            return (
+                shuffled.enumerate()
+                .map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch_size, drop_remainder=True)
+            )
 
         out = tf.data.Dataset.counter(start=int(start_epoch)).flat_map(one_epoch)
     else:
-        out = ds.map(lambda image, label: (evaluation_transform(to_float_image(image), spec),
-                                           label),
-                     num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+        out = ds.map(
+            lambda image, label: (evaluation_transform(to_float_image(image), spec), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        ).batch(batch_size)
     options = tf.data.Options()
     options.deterministic = True
     # Every worker builds the same stream and keeps its share of the batches; file-based

@@ -8,6 +8,7 @@ upsampling the model applies (spec §3), and the preprocessing kind (see
 the dataset's official validation split), never out of the test set: model selection on the
 test set is one of the reference code's defects (spec §9).
 """
+
 import dataclasses
 
 CIFAR = "cifar"
@@ -67,46 +68,107 @@ class DatasetSpec:
     description: str = ""
 
 
-def _tfds(name, num_classes, *, image_size=224, upsample=1, preprocessing=IMAGENET,
-          train="train[:90%]", validation="train[90%:]", test="test", description=""):
+def _tfds(
+    name,
+    num_classes,
+    *,
+    image_size=224,
+    upsample=1,
+    preprocessing=IMAGENET,
+    train="train[:90%]",
+    validation="train[90%:]",
+    test="test",
+    description="",
+):
     return DatasetSpec(
-        name=name, source=TFDS, tfds_name=name, num_classes=num_classes, image_size=image_size,
-        upsample=upsample, preprocessing=preprocessing, train_split=train,
-        validation_split=validation, test_split=test, description=description)
+        name=name,
+        source=TFDS,
+        tfds_name=name,
+        num_classes=num_classes,
+        image_size=image_size,
+        upsample=upsample,
+        preprocessing=preprocessing,
+        train_split=train,
+        validation_split=validation,
+        test_split=test,
+        description=description,
+    )
 
 
 def _digits(name, classes, description):
     return DatasetSpec(
-        name=name, source=SKLEARN_DIGITS, num_classes=len(classes), image_size=32, upsample=1,
-        preprocessing=DIGITS, classes=tuple(classes), description=description)
+        name=name,
+        source=SKLEARN_DIGITS,
+        num_classes=len(classes),
+        image_size=32,
+        upsample=1,
+        preprocessing=DIGITS,
+        classes=tuple(classes),
+        description=description,
+    )
 
 
 DATASETS = {
     spec.name: spec
     for spec in (
-        _tfds("cifar10", 10, image_size=32, upsample=7, preprocessing=CIFAR,
-              description="CIFAR-10, 32 px upsampled x7 to 224 inside the model"),
-        _tfds("cifar100", 100, image_size=32, upsample=7, preprocessing=CIFAR,
-              description="CIFAR-100, 32 px upsampled x7 to 224 inside the model"),
+        _tfds(
+            "cifar10",
+            10,
+            image_size=32,
+            upsample=7,
+            preprocessing=CIFAR,
+            description="CIFAR-10, 32 px upsampled x7 to 224 inside the model",
+        ),
+        _tfds(
+            "cifar100",
+            100,
+            image_size=32,
+            upsample=7,
+            preprocessing=CIFAR,
+            description="CIFAR-100, 32 px upsampled x7 to 224 inside the model",
+        ),
         _tfds("stanford_dogs", 120, description="Stanford Dogs, 12,000 train / 8,580 test"),
         _tfds("caltech_birds2011", 200, description="CUB-200-2011, 5,994 train / 5,794 test"),
         _tfds("caltech101", 102, description="Caltech-101 (tfds: 30 train images per class)"),
-        _tfds("oxford_flowers102", 102, validation="validation",
-              description="Oxford Flowers-102 with its official validation split"),
+        _tfds(
+            "oxford_flowers102",
+            102,
+            validation="validation",
+            description="Oxford Flowers-102 with its official validation split",
+        ),
         _tfds("oxford_iiit_pet", 37, description="Oxford-IIIT Pet"),
-        _tfds("dtd", 47, validation="validation",
-              description="Describable Textures (split 1) with its official validation split"),
-        _tfds("food101", 101, test="validation",
-              description="Food-101; tfds calls the official test images 'validation'"),
+        _tfds(
+            "dtd",
+            47,
+            validation="validation",
+            description="Describable Textures (split 1) with its official validation split",
+        ),
+        _tfds(
+            "food101",
+            101,
+            test="validation",
+            description="Food-101; tfds calls the official test images 'validation'",
+        ),
         DatasetSpec(
-            name="caltech256", source=FOLDER, num_classes=257, image_size=224, upsample=1,
-            preprocessing=IMAGENET, train_per_class=60,
-            description="Caltech-256 (257 folders incl. clutter), seeded 60 train images per "
-                        "class, the rest test; --data_dir=.../256_ObjectCategories"),
-        DatasetSpec(
-            name="folder", source=FOLDER, num_classes=None, image_size=224, upsample=1,
+            name="caltech256",
+            source=FOLDER,
+            num_classes=257,
+            image_size=224,
+            upsample=1,
             preprocessing=IMAGENET,
-            description="your images: --data_dir=PATH with train/ and test/ of class folders"),
+            train_per_class=60,
+            description="Caltech-256 (257 folders incl. clutter), seeded 60 train images per "
+            "class, the rest test; --data_dir=.../256_ObjectCategories",
+        ),
+        DatasetSpec(
+            name="folder",
+            source=FOLDER,
+            num_classes=None,
+            image_size=224,
+            upsample=1,
+            preprocessing=IMAGENET,
+            description="your images: --data_dir=PATH with train/ and test/ of class folders",
+        ),
         _digits("digits", range(10), "scikit-learn's 8x8 digits 0-9, resized (no download)"),
         _digits("digits_0_4", range(5), "scikit-learn's digits 0-4 (the demo's source task)"),
         _digits("digits_5_9", range(5, 10), "scikit-learn's digits 5-9 (the demo's target task)"),
@@ -140,7 +202,8 @@ def get_dataset_spec(name, *, image_size=None, upsample=None, classes=None):
         if spec.preprocessing == CIFAR and int(image_size) != spec.image_size:
             raise ValueError(
                 f"{spec.name} images are stored at {spec.image_size} px, so image_size cannot "
-                f"be {image_size}; set upsample to enlarge them inside the model instead.")
+                f"be {image_size}; set upsample to enlarge them inside the model instead."
+            )
         spec = dataclasses.replace(spec, image_size=int(image_size))
     if upsample is not None:
         if int(upsample) < 1:

@@ -1,4 +1,5 @@
 """What loading a dataset gives: `Rows` (in-memory splits) and `DatasetSplits`."""
+
 import dataclasses
 
 import numpy as np
@@ -41,8 +42,10 @@ class Rows:
             keys, labels = tf.gather(keys, order), tf.gather(labels, order)
         ds = tf.data.Dataset.from_tensor_slices((keys, labels))
         if self.paths:
-            ds = ds.map(lambda path, label: (tf.io.read_file(path), label),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(
+                lambda path, label: (tf.io.read_file(path), label),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
         return ds
 
 
@@ -78,8 +81,10 @@ class DatasetSplits:
         if name not in ("train", "validation", "test"):
             raise ValueError(f"Unknown split {name!r}; choose train, validation or test.")
         if getattr(self, name) is None:
-            raise ValueError(f"{self.spec.name} was loaded without a {name} split "
-                             f"(validation='none'); load it with validation='carve'.")
+            raise ValueError(
+                f"{self.spec.name} was loaded without a {name} split "
+                f"(validation='none'); load it with validation='carve'."
+            )
         return getattr(self, name)
 
     def source(self, name):
@@ -94,5 +99,11 @@ def splits_from_rows(spec, rows, class_names):
     counts = {key: len(split_rows) for key, split_rows in rows.items()}
     datasets.setdefault("validation", None)
     counts.setdefault("validation", 0)
-    return DatasetSplits(spec=spec, num_examples=counts, num_classes=len(class_names),
-                         class_names=tuple(class_names), rows=rows, **datasets)
+    return DatasetSplits(
+        spec=spec,
+        num_examples=counts,
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        rows=rows,
+        **datasets,
+    )

@@ -6,6 +6,7 @@ minutes before failing; `tfds_builder` instead checks that
 `DatasetNotFoundError` at once, naming the files to download and where to put them.  Only then
 are the prepared files read with `builder.as_dataset`, which never downloads.
 """
+
 import os
 
 import tensorflow as tf
@@ -29,10 +30,14 @@ def _missing_tfds_message(spec, builder, root):
     dataset_root = os.path.join(root, name)
     if tf.io.gfile.isdir(dataset_root):
         found = sorted(tf.io.gfile.listdir(dataset_root))
-        parts.append(f"Found only {', '.join(f.rstrip('/') for f in found) or 'nothing'} in "
-                     f"{dataset_root}; this tensorflow-datasets reads version {version}.")
-    parts.append(f"With network: `tfds build {name} --data_dir={root}` (or build it elsewhere "
-                 f"and copy {name}/{version}/ into {root}/).")
+        parts.append(
+            f"Found only {', '.join(f.rstrip('/') for f in found) or 'nothing'} in "
+            f"{dataset_root}; this tensorflow-datasets reads version {version}."
+        )
+    parts.append(
+        f"With network: `tfds build {name} --data_dir={root}` (or build it elsewhere "
+        f"and copy {name}/{version}/ into {root}/)."
+    )
     files = {}
     for url, info in sorted((type(builder).url_infos or {}).items()):
         if info.filename and info.filename not in files and "drive.google" not in url:
@@ -40,8 +45,10 @@ def _missing_tfds_message(spec, builder, root):
     manual = os.path.join(root, "downloads", "manual")
     if files:
         listing = "; ".join(files.values())
-        parts.append(f"Offline: download {listing} into {manual}/ and run `tfds build {name} "
-                     f"--data_dir={root} --manual_dir={manual}`.")
+        parts.append(
+            f"Offline: download {listing} into {manual}/ and run `tfds build {name} "
+            f"--data_dir={root} --manual_dir={manual}`."
+        )
     return " ".join(parts)
 
 
@@ -49,8 +56,9 @@ def _import_tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:  # pragma: no cover - it is an install requirement
-        raise ImportError("tfds datasets need tensorflow-datasets: pip install "
-                          "tensorflow-datasets==4.9.10") from error
+        raise ImportError(
+            "tfds datasets need tensorflow-datasets: pip install tensorflow-datasets==4.9.10"
+        ) from error
     return tfds
 
 
@@ -82,24 +90,38 @@ def load_tfds(spec, tfds_data_dir, carve):
     if label_feature.num_classes != spec.num_classes:
         raise ValueError(
             f"{spec.name}: tfds {spec.tfds_name} {builder.version} has "
-            f"{label_feature.num_classes} classes, the registry says {spec.num_classes}.")
+            f"{label_feature.num_classes} classes, the registry says {spec.num_classes}."
+        )
     # Images are decoded later in the pipeline's parallel map; skip every image-like feature
     # (segmentation masks included) so tfds does not decode what we never use.
-    decoders = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
-                if isinstance(feature, tfds.features.Image)}
+    decoders = {
+        key: tfds.decode.SkipDecoding()
+        for key, feature in features.items()
+        if isinstance(feature, tfds.features.Image)
+    }
 
     def read(split):
         ds = builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
-        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
-                      num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(
+            lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
 
-    names = {"train": spec.train_split, "validation": spec.validation_split,
-             "test": spec.test_split}
+    names = {
+        "train": spec.train_split,
+        "validation": spec.validation_split,
+        "test": spec.test_split,
+    }
     if not carve:
         names = {"train": official_train_split(spec.train_split), "test": spec.test_split}
     datasets = {key: read(split) for key, split in names.items()}
     counts = {key: int(ds.cardinality()) for key, ds in datasets.items()}
     datasets.setdefault("validation", None)
     counts.setdefault("validation", 0)
-    return DatasetSplits(spec=spec, num_examples=counts, num_classes=spec.num_classes,
-                         class_names=tuple(label_feature.names), **datasets)
+    return DatasetSplits(
+        spec=spec,
+        num_examples=counts,
+        num_classes=spec.num_classes,
+        class_names=tuple(label_feature.names),
+        **datasets,
+    )

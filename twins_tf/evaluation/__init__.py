@@ -11,16 +11,43 @@ importing a binary:
     report.py          the report dict, its JSON file and the printed table
     runner.py          one evaluation end to end: `evaluate(settings)`
 """
+
 from twins_tf.evaluation.autoattack_run import autoattack_state_path, run_autoattack
 from twins_tf.evaluation.batched import accuracy_counter, evaluate_batched
-from twins_tf.evaluation.inputs import (AUTOATTACK, CLEAN, DEFAULTS, REPORT_PREFIX, SPLITS,
-                                        load_examples, load_model, parse_attacks, report_path,
-                                        resolve)
 from twins_tf.evaluation.checks import model_checks
+from twins_tf.evaluation.inputs import (
+    AUTOATTACK,
+    CLEAN,
+    DEFAULTS,
+    REPORT_PREFIX,
+    SPLITS,
+    load_examples,
+    load_model,
+    parse_attacks,
+    report_path,
+    resolve,
+)
 from twins_tf.evaluation.report import build_report, format_table, write_report
 from twins_tf.evaluation.runner import evaluate
 
-__all__ = ["AUTOATTACK", "CLEAN", "DEFAULTS", "REPORT_PREFIX", "SPLITS", "accuracy_counter",
-           "autoattack_state_path", "build_report", "evaluate", "evaluate_batched",
-           "format_table", "load_examples", "load_model", "model_checks", "parse_attacks",
-           "report_path", "resolve", "run_autoattack", "write_report"]
+__all__ = [
+    "AUTOATTACK",
+    "CLEAN",
+    "DEFAULTS",
+    "REPORT_PREFIX",
+    "SPLITS",
+    "accuracy_counter",
+    "autoattack_state_path",
+    "build_report",
+    "evaluate",
+    "evaluate_batched",
+    "format_table",
+    "load_examples",
+    "load_model",
+    "model_checks",
+    "parse_attacks",
+    "report_path",
+    "resolve",
+    "run_autoattack",
+    "write_report",
+]

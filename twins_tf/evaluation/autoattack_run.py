@@ -4,6 +4,7 @@ The attack itself (sub-attacks, target classes, budgets) is `twins_tf.attacks.Au
 this module decides where its progress is kept and turns its result into the report's
 `results.autoattack` entry, which records everything a rerun needs.
 """
+
 import hashlib
 import json
 import os
@@ -16,15 +17,24 @@ def autoattack_state_path(settings):
     only ever resumed for the same model and data (AutoAttack itself checks its settings).
     """
     directory = settings.get("model_dir") or (
-        os.path.dirname(os.path.abspath(settings["output"])) if settings.get("output") else None)
+        os.path.dirname(os.path.abspath(settings["output"])) if settings.get("output") else None
+    )
     if directory is None:
         return None
     digest = hashlib.sha1()
     with open(settings["weights"], "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    digest.update(json.dumps([settings["dataset"], settings["split"], settings["image_size"],
-                              settings.get("max_examples")]).encode())
+    digest.update(
+        json.dumps(
+            [
+                settings["dataset"],
+                settings["split"],
+                settings["image_size"],
+                settings.get("max_examples"),
+            ]
+        ).encode()
+    )
     return os.path.join(directory, f"autoattack_{settings['split']}_{digest.hexdigest()[:12]}.npz")
 
 
@@ -38,11 +48,21 @@ def run_autoattack(model, batches, settings, *, progress=True):
     import twins_tf
     from twins_tf.attacks import AutoAttack  # looked up at call time: tests lower its budget
 
-    attack = AutoAttack(settings["attack_eps"], norm="linf",
-                        version=settings["autoattack_version"], seed=settings["seed"])
+    attack = AutoAttack(
+        settings["attack_eps"],
+        norm="linf",
+        version=settings["autoattack_version"],
+        seed=settings["seed"],
+    )
     state_path = autoattack_state_path(settings)
-    result = attack.run(model, batches, batch_size=settings["batch_size"], state_path=state_path,
-                        keep_adversarial=False, verbose=int(progress))
+    result = attack.run(
+        model,
+        batches,
+        batch_size=settings["batch_size"],
+        state_path=state_path,
+        keep_adversarial=False,
+        verbose=int(progress),
+    )
     accuracy = result.accuracy
     config = attack.get_config()
     return {
@@ -58,8 +78,9 @@ def run_autoattack(model, batches, settings, *, progress=True):
         "norm": attack.norm,
         "n_target_classes": result.n_target_classes,
         "seed": attack.seed,
-        "budget": {key: config[key] for key in ("apgd_steps", "fab_steps", "square_queries",
-                                                "eot_iter")},
+        "budget": {
+            key: config[key] for key in ("apgd_steps", "fab_steps", "square_queries", "eot_iter")
+        },
         "batch_size": settings["batch_size"],
         "checks": list(result.warnings),
         "state": state_path,

@@ -35,5 +35,8 @@ def evaluate_batched(model, batches, attack):
     for images, labels in batches:
         correct += int(correct_fn(images, labels))
         total += int(labels.shape[0])
-    return {"accuracy": correct / total if total else float("nan"), "correct": correct,
-            "examples": total}
+    return {
+        "accuracy": correct / total if total else float("nan"),
+        "correct": correct,
+        "examples": total,
+    }

@@ -1,4 +1,5 @@
 """The official code's sanity checks on the model, run once before an evaluation's attacks."""
+
 from twins_tf.evaluation.inputs import AUTOATTACK
 
 

@@ -5,6 +5,7 @@ complete ones, filling what the flags leave open from the run's `config.json`, a
 value before anything is loaded, so a typo costs a one-line `SetupError`, not a traceback
 after minutes of data loading.
 """
+
 import os
 import re
 
@@ -21,17 +22,41 @@ _PGD_NAME = re.compile(r"pgd(\d+)$")
 # None: taken from the run's config.json (with --model_dir), else from the dataset or the
 # defaults written in `resolve`.
 DEFAULTS = {
-    "model_dir": None, "weights": None, "arch": None, "dataset": None, "data_dir": None,
-    "tfds_data_dir": None, "image_size": None, "upsample": None, "train_per_class": None,
-    "split": "test", "attacks": [CLEAN, "pgd10", AUTOATTACK], "attack_eps": None,
-    "attack_step": None, "pgd_restarts": 1, "autoattack_version": "standard",
-    "batch_size": 128, "max_examples": None, "skip_bad_images": None, "seed": 0,
+    "model_dir": None,
+    "weights": None,
+    "arch": None,
+    "dataset": None,
+    "data_dir": None,
+    "tfds_data_dir": None,
+    "image_size": None,
+    "upsample": None,
+    "train_per_class": None,
+    "split": "test",
+    "attacks": [CLEAN, "pgd10", AUTOATTACK],
+    "attack_eps": None,
+    "attack_step": None,
+    "pgd_restarts": 1,
+    "autoattack_version": "standard",
+    "batch_size": 128,
+    "max_examples": None,
+    "skip_bad_images": None,
+    "seed": 0,
     "output": None,
 }
 
 # Settings an evaluation takes from the run's config.json when its flag is not given.
-_FROM_THE_RUN = ("arch", "dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
-                 "train_per_class", "skip_bad_images", "attack_eps", "attack_step")
+_FROM_THE_RUN = (
+    "arch",
+    "dataset",
+    "data_dir",
+    "tfds_data_dir",
+    "image_size",
+    "upsample",
+    "train_per_class",
+    "skip_bad_images",
+    "attack_eps",
+    "attack_step",
+)
 
 
 def parse_attacks(names):
@@ -45,8 +70,9 @@ def parse_attacks(names):
         elif match and int(match.group(1)) >= 1:
             attacks.append((name, int(match.group(1))))
         else:
-            raise SetupError(f"unknown attack {name!r} in --attacks; use clean, pgdK (e.g. "
-                             "pgd10) or autoattack.")
+            raise SetupError(
+                f"unknown attack {name!r} in --attacks; use clean, pgdK (e.g. pgd10) or autoattack."
+            )
     if not attacks:
         raise SetupError("--attacks is empty; use e.g. --attacks=clean,pgd10,autoattack.")
     if len({a for a, _ in attacks}) != len(attacks):
@@ -86,8 +112,10 @@ def resolve(settings):
 
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
-        raise SetupError(f"unknown evaluation setting(s) {', '.join(unknown)}; the settings "
-                         f"are {', '.join(DEFAULTS)} (evaluate's flags).")
+        raise SetupError(
+            f"unknown evaluation setting(s) {', '.join(unknown)}; the settings "
+            f"are {', '.join(DEFAULTS)} (evaluate's flags)."
+        )
     s = {**DEFAULTS, **settings}
     config = {}
     if s.get("model_dir"):
@@ -99,25 +127,35 @@ def resolve(settings):
         if s.get("output") is None:
             s["output"] = report_path(s["model_dir"], s["split"])
         for key in ("data_dir", "tfds_data_dir"):
-            if (settings.get(key) is None and s.get(key) is not None
-                    and not _path_exists(s[key])):
-                raise SetupError(f"{key}={s[key]} (from the run's "
-                                 f"{os.path.join(s['model_dir'], run_files.CONFIG_FILE)}) "
-                                 f"does not exist: pass --{key}= to say where the data is now.")
+            if settings.get(key) is None and s.get(key) is not None and not _path_exists(s[key]):
+                raise SetupError(
+                    f"{key}={s[key]} (from the run's "
+                    f"{os.path.join(s['model_dir'], run_files.CONFIG_FILE)}) "
+                    f"does not exist: pass --{key}= to say where the data is now."
+                )
         if s["split"] == "validation" and config.get("validation") == "none":
-            raise SetupError("the run trained on the whole train split (--validation=none), so "
-                             "it has no held-out validation split: use --split=test.")
-    for key, example in (("weights", "--weights=model.weights.h5"),
-                         ("arch", "--arch=resnet50"), ("dataset", "--dataset=cifar10")):
+            raise SetupError(
+                "the run trained on the whole train split (--validation=none), so "
+                "it has no held-out validation split: use --split=test."
+            )
+    for key, example in (
+        ("weights", "--weights=model.weights.h5"),
+        ("arch", "--arch=resnet50"),
+        ("dataset", "--dataset=cifar10"),
+    ):
         if not s.get(key):
-            raise SetupError(f"without --model_dir, {example.split('=')[0]} is required "
-                             f"(e.g. {example}); or pass the --model_dir of a run.")
+            raise SetupError(
+                f"without --model_dir, {example.split('=')[0]} is required "
+                f"(e.g. {example}); or pass the --model_dir of a run."
+            )
     if s["arch"] not in ARCHITECTURES:
-        raise SetupError(f"Unknown arch {s['arch']!r}; choose one of "
-                         f"{', '.join(sorted(ARCHITECTURES))}.")
+        raise SetupError(
+            f"Unknown arch {s['arch']!r}; choose one of {', '.join(sorted(ARCHITECTURES))}."
+        )
     try:
-        spec = data_lib.get_dataset_spec(s["dataset"], image_size=s.get("image_size"),
-                                         upsample=s.get("upsample"))
+        spec = data_lib.get_dataset_spec(
+            s["dataset"], image_size=s.get("image_size"), upsample=s.get("upsample")
+        )
     except ValueError as error:
         raise SetupError(str(error)) from None
     s["dataset"], s["image_size"], s["upsample"] = spec.name, spec.image_size, spec.upsample
@@ -125,16 +163,20 @@ def resolve(settings):
     s["attack_step"] = 2 / 255 if s.get("attack_step") is None else s["attack_step"]
     for name in ("attack_eps", "attack_step"):
         if not 0.0 <= s[name] <= 1.0:
-            raise SetupError(f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
-                             "pixel units, so write e.g. 8/255 (not 8).")
+            raise SetupError(
+                f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
+                "pixel units, so write e.g. 8/255 (not 8)."
+            )
     s["attack_list"] = parse_attacks(s["attacks"])
     if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
         raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
     if s.get("max_examples") is not None and s["max_examples"] < 1:
         raise SetupError("--max_examples must be at least 1.")
     if not os.path.isfile(s["weights"]):
-        raise SetupError(f"weights file not found: {s['weights']}"
-                         + (" (the run has not finished an epoch yet?)" if config else ""))
+        raise SetupError(
+            f"weights file not found: {s['weights']}"
+            + (" (the run has not finished an epoch yet?)" if config else "")
+        )
     s["num_classes"] = config.get("num_classes")
     return s
 
@@ -149,9 +191,13 @@ def load_model(settings):
     from twins_tf.models.resnet import build_resnet
 
     s = settings
-    model = build_resnet(s["arch"], s["num_classes"], twin=False,
-                         input_shape=(s["image_size"], s["image_size"], 3),
-                         upsample=s["upsample"])
+    model = build_resnet(
+        s["arch"],
+        s["num_classes"],
+        twin=False,
+        input_shape=(s["image_size"], s["image_size"], 3),
+        upsample=s["upsample"],
+    )
     try:
         weights.load_pretrained(model, s["weights"], head=True)
         run_callbacks.check_finite_weights(model, s["weights"])
@@ -169,23 +215,30 @@ def load_examples(settings):
     from twins_tf import data as data_lib
 
     s = settings
-    spec = data_lib.get_dataset_spec(s["dataset"], image_size=s["image_size"],
-                                     upsample=s["upsample"])
+    spec = data_lib.get_dataset_spec(
+        s["dataset"], image_size=s["image_size"], upsample=s["upsample"]
+    )
     try:
-        splits = data_lib.load_splits(spec, data_dir=s.get("data_dir"),
-                                      tfds_data_dir=s.get("tfds_data_dir"),
-                                      train_per_class=s.get("train_per_class"),
-                                      skip_bad_images=bool(s.get("skip_bad_images")))
+        splits = data_lib.load_splits(
+            spec,
+            data_dir=s.get("data_dir"),
+            tfds_data_dir=s.get("tfds_data_dir"),
+            train_per_class=s.get("train_per_class"),
+            skip_bad_images=bool(s.get("skip_bad_images")),
+        )
     except (ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from None
     if s["num_classes"] is not None and s["num_classes"] != splits.num_classes:
-        raise SetupError(f"the model has {s['num_classes']} classes but {spec.name} has "
-                         f"{splits.num_classes}.")
+        raise SetupError(
+            f"the model has {s['num_classes']} classes but {spec.name} has {splits.num_classes}."
+        )
     s["num_classes"] = splits.num_classes
     split = splits.source(s["split"])
     count = splits.num_examples[s["split"]]
     if s.get("max_examples"):  # a class-stratified subset, not the first (sorted) classes
-        split, count = (data_lib.stratified_subset(split, s["max_examples"]),
-                        min(count, s["max_examples"]))
+        split, count = (
+            data_lib.stratified_subset(split, s["max_examples"]),
+            min(count, s["max_examples"]),
+        )
     batches = data_lib.make_pipeline(split, spec, training=False, batch_size=s["batch_size"])
     return batches, count

@@ -3,10 +3,11 @@
 The dict is the contract between `evaluate` and its readers (`compare`'s tables, the demo,
 users' scripts), so it is built in one place and `format_table` reads only what is in it.
 """
+
 import os
 
-from twins_tf.training import model_dir as run_files
 from twins_tf.evaluation.inputs import AUTOATTACK
+from twins_tf.training import model_dir as run_files
 
 
 def build_report(settings, examples, checks, results):
@@ -43,9 +44,11 @@ def write_report(path, report):
 
 def format_table(report):
     """The printed table: one row per attack (accuracy in %, examples)."""
-    lines = [f"{report['arch']} on {report['dataset']} ({report['split']}, "
-             f"{report['examples']} examples), L-inf eps {report['epsilon'] * 255:.4g}/255",
-             f"{'attack':<24}{'accuracy':>10}{'time':>12}"]
+    lines = [
+        f"{report['arch']} on {report['dataset']} ({report['split']}, "
+        f"{report['examples']} examples), L-inf eps {report['epsilon'] * 255:.4g}/255",
+        f"{'attack':<24}{'accuracy':>10}{'time':>12}",
+    ]
     for name, result in report["results"].items():
         lines.append(f"{name:<24}{100 * result['accuracy']:>9.2f}%{result['seconds']:>10.1f} s")
         seconds = result.get("seconds_each_attack", {})
@@ -54,8 +57,10 @@ def format_table(report):
         for sub, why in result.get("skipped", {}).items():
             lines.append(f"{'  ' + sub:<24} skipped: {why}")
         if name == AUTOATTACK:
-            lines.append(f"  {result['version']} version, {result['n_target_classes']} target "
-                         f"classes, seed {result['seed']}, twins_tf {result['twins_tf_version']}")
+            lines.append(
+                f"  {result['version']} version, {result['n_target_classes']} target "
+                f"classes, seed {result['seed']}, twins_tf {result['twins_tf_version']}"
+            )
     checks = report.get("checks")
     if checks is None:  # AutoAttack ran them
         checks = report["results"].get(AUTOATTACK, {}).get("checks", [])

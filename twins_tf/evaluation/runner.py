@@ -3,6 +3,7 @@
 This is what `python -m twins_tf.evaluate` does after parsing its flags, and what `compare`
 and library users call with a settings dict (one key per evaluate flag).
 """
+
 import time
 
 from twins_tf.evaluation import autoattack_run, batched, checks, inputs, report
@@ -32,11 +33,18 @@ def _pgd_result(model, batches, s, steps):
     from twins_tf.attacks.pgd import PGD
 
     restarts = s["pgd_restarts"]
-    pgd = PGD(s["attack_eps"], s["attack_step"], steps, random_start=restarts > 1,
-              restarts=restarts, seed=s["seed"])
+    pgd = PGD(
+        s["attack_eps"],
+        s["attack_step"],
+        steps,
+        random_start=restarts > 1,
+        restarts=restarts,
+        seed=s["seed"],
+    )
     result = batched.evaluate_batched(model, batches, pgd)
-    result.update(steps=steps, step_size=s["attack_step"], restarts=restarts,
-                  random_start=restarts > 1)
+    result.update(
+        steps=steps, step_size=s["attack_step"], restarts=restarts, random_start=restarts > 1
+    )
     return result
 
 

@@ -20,6 +20,7 @@ TensorFlow's own route to this, grappler's remapper fusing Conv2D + FusedBatchNo
 (is_training=False), does not apply to an attack: its backward pass needs the BN's input, so
 the convolution's output stays alive and the fusion is refused.
 """
+
 import keras
 import tensorflow as tf
 
@@ -63,7 +64,10 @@ class FoldedConvBatchNormalization(keras.layers.Layer):
         kernel = tf.cast(self.conv.kernel, tf.float32) * scale  # scales output channels
         x = tf.cast(inputs, tf.float32)
         y = tf.nn.conv2d(
-            x, kernel, strides=self.conv.strides, padding=self.conv.padding.upper(),
+            x,
+            kernel,
+            strides=self.conv.strides,
+            padding=self.conv.padding.upper(),
             dilations=self.conv.dilation_rate,
         )
         y = tf.nn.bias_add(y, bias)
@@ -162,8 +166,9 @@ def fold_batch_norm(model, name=None):
                 folded_norms[norm.name] = layer
 
     tensors = {}
-    images = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype,
-                         name=inputs_spec[0])
+    images = keras.Input(
+        batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype, name=inputs_spec[0]
+    )
     tensors[inputs_spec[0]] = images
 
     for layer_config in config["layers"]:

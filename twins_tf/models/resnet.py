@@ -32,6 +32,7 @@ Max-pooling: PyTorch pads a max-pool with -inf; we pad with zeros.  The two agre
 because the pool follows a ReLU (every value is >= 0 and every window holds at least one real
 value).  Do not reuse `_stem`'s pooling on inputs that can be negative.
 """
+
 import math
 
 import keras
@@ -88,8 +89,9 @@ def head_initializer(fan_in):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
-def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), upsample=1,
-                 synchronized=False):
+def build_resnet(
+    arch, num_classes, *, twin=True, input_shape=(224, 224, 3), upsample=1, synchronized=False
+):
     """A torchvision-layout ResNet taking [0, 1] NHWC images and returning logits.
 
     Args:
@@ -166,8 +168,9 @@ def build_resnet(arch, num_classes, *, twin=True, input_shape=(224, 224, 3), ups
 def _norm_factory(twin, synchronized):
     def norm(name):
         if twin:
-            return TwinBatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                          synchronized=synchronized, name=name)
+            return TwinBatchNormalization(
+                momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized, name=name
+            )
         return BatchNormalization(
             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, synchronized=synchronized, name=name
         )

@@ -19,8 +19,13 @@ imports them directly.  Submodules, in the order the data flows through a run:
 The names below are its public surface; each submodule keeps heavy imports (Keras models,
 PyTorch) inside the functions that need them.
 """
+
 from twins_tf.training.flags import (
-    define_data_flags, define_flags, settings_from_args, settings_from_flags)
+    define_data_flags,
+    define_flags,
+    settings_from_args,
+    settings_from_flags,
+)
 from twins_tf.training.loop import PreparedRun, fit, prepare, run, seed_everything
 from twins_tf.training.model import build_model
 from twins_tf.training.model_dir import read_settings
@@ -29,6 +34,20 @@ from twins_tf.training.settings import Settings, SetupError
 from twins_tf.training.trainer_setup import make_trainer, pipelines
 
 __all__ = [
-    "PreparedRun", "Settings", "SetupError", "build_model", "define_data_flags",
-    "define_flags", "fit", "learning_rate_schedule", "make_trainer", "pipelines", "prepare",
-    "read_settings", "run", "seed_everything", "settings_from_args", "settings_from_flags"]
+    "PreparedRun",
+    "Settings",
+    "SetupError",
+    "build_model",
+    "define_data_flags",
+    "define_flags",
+    "fit",
+    "learning_rate_schedule",
+    "make_trainer",
+    "pipelines",
+    "prepare",
+    "read_settings",
+    "run",
+    "seed_everything",
+    "settings_from_args",
+    "settings_from_flags",
+]

@@ -7,6 +7,7 @@ metadata file, on which Keras crashes.  `repair_backup` puts the copy back in th
 `resume_epoch` says which epoch a restart continues from.  The file names and format are
 Keras's (`twins_tf.keras_private.backup_file_names`).
 """
+
 import os
 import shutil
 
@@ -43,10 +44,12 @@ def _backup_pairs(model_dir):
     previous one does (a file cut short while written holds fewer)."""
     backup = os.path.join(model_dir, BACKUP_DIR)
     weights, metadata = (os.path.join(backup, n) for n in (BACKUP_WEIGHTS, BACKUP_METADATA))
-    previous_names = _array_names(weights + PREVIOUS_SUFFIX) if os.path.exists(
-        weights + PREVIOUS_SUFFIX) else None
-    previous = (keras_private.backup_epoch(metadata + PREVIOUS_SUFFIX) if previous_names
-                else None)
+    previous_names = (
+        _array_names(weights + PREVIOUS_SUFFIX)
+        if os.path.exists(weights + PREVIOUS_SUFFIX)
+        else None
+    )
+    previous = keras_private.backup_epoch(metadata + PREVIOUS_SUFFIX) if previous_names else None
     latest = keras_private.backup_epoch(metadata)
     if latest is not None:
         names = _array_names(weights)
@@ -74,9 +77,11 @@ def resume_epoch(model_dir):
     if previous is not None:
         return previous
     if os.path.exists(metadata):  # a backup was complete once: refuse to start over silently
-        raise SetupError(f"{backup} is broken (the run was killed while writing it?) and holds "
-                         f"no usable previous backup: delete {backup} to restart the run from "
-                         "epoch 0, or use a new --model_dir.")
+        raise SetupError(
+            f"{backup} is broken (the run was killed while writing it?) and holds "
+            f"no usable previous backup: delete {backup} to restart the run from "
+            "epoch 0, or use a new --model_dir."
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ the data flags too (`define_data_flags`), so a dataset is named the same way eve
 The flags are defined on a `FlagValues` passed in, so tests can parse argument lists without
 touching the global `absl.flags.FLAGS` (and `train` and `pretrain` can live in one process).
 """
+
 import fractions
 
 from absl import flags
@@ -16,12 +17,28 @@ from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
 from twins_tf.models.resnet import ARCHITECTURES
 from twins_tf.training.settings import (
-    ADDED_SETTINGS, BINARIES, DEFAULTS, INIT_CHOICES, JIT_CHOICES, MIXED_PRECISION, PRETRAIN,
-    PRETRAIN_METHODS, STRATEGIES, TRAIN)
+    ADDED_SETTINGS,
+    BINARIES,
+    DEFAULTS,
+    INIT_CHOICES,
+    JIT_CHOICES,
+    MIXED_PRECISION,
+    PRETRAIN,
+    PRETRAIN_METHODS,
+    STRATEGIES,
+    TRAIN,
+)
 
 # The flags `define_data_flags` defines, in order.
-DATA_FLAGS = ("dataset", "data_dir", "tfds_data_dir", "image_size", "upsample",
-              "train_per_class", "skip_bad_images")
+DATA_FLAGS = (
+    "dataset",
+    "data_dir",
+    "tfds_data_dir",
+    "image_size",
+    "upsample",
+    "train_per_class",
+    "skip_bad_images",
+)
 
 
 class _FractionParser(flags.FloatParser):
@@ -32,14 +49,23 @@ class _FractionParser(flags.FloatParser):
             try:
                 return float(fractions.Fraction(argument.strip()))
             except (ValueError, ZeroDivisionError):
-                raise ValueError(f"{argument!r} is neither a number nor a fraction like 8/255")
+                raise ValueError(
+                    f"{argument!r} is neither a number nor a fraction like 8/255"
+                ) from None
         return super().convert(argument)
 
 
 def define_fraction(name, default, help_text, flag_values, module_name):
     """Defines a float flag that accepts `a/b` (used for the attack radius and step)."""
-    flags.DEFINE(_FractionParser(), name, default, help_text, flag_values=flag_values,
-                 serializer=flags.ArgumentSerializer(), module_name=module_name)
+    flags.DEFINE(
+        _FractionParser(),
+        name,
+        default,
+        help_text,
+        flag_values=flag_values,
+        serializer=flags.ArgumentSerializer(),
+        module_name=module_name,
+    )
 
 
 def define_data_flags(flag_values, module_name=None, *, from_run=False):
@@ -61,30 +87,59 @@ def define_data_flags(flag_values, module_name=None, *, from_run=False):
     run = "the run's, else " if from_run else ""
 
     def define(kind, name, default, help_text):
-        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values,
-                                         module_name=module_name)
+        getattr(flags, f"DEFINE_{kind}")(
+            name, default, help_text, flag_values=flag_values, module_name=module_name
+        )
 
-    define("string", "dataset", None,
-           "Registered dataset (twins_tf.data.DATASETS): " + ", ".join(sorted(data_lib.DATASETS))
-           + (" (default: the run's; without --model_dir: required)." if from_run else "."))
-    define("string", "data_dir", None,
-           "Image folder of --dataset=folder (train/ and test/ of class folders) or caltech256"
-           + (" (default: the run's)." if from_run else "."))
-    define("string", "tfds_data_dir", None,
-           f"tensorflow-datasets data_dir holding prepared tfds datasets (default: {run}"
-           "$TFDS_DATA_DIR or ~/tensorflow_datasets). Nothing is ever downloaded.")
-    define("integer", "image_size", None,
-           f"Side of the images fed to the model (default: {run}the dataset's).")
-    define("integer", "upsample", None,
-           f"Nearest-neighbour upsampling inside the model (default: {run}the dataset's; "
-           "CIFAR: 7).")
-    define("integer", "train_per_class", None,
-           "For a folder of class folders without train/ and test/: training images per class "
-           f"(a seeded split, the rest is the test set; default: {run}caltech256's 60).")
-    define("bool", "skip_bad_images", None if from_run else False,
-           "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (their count is "
-           "logged) instead of stopping before anything is written"
-           + (" (default: the run's, else false)." if from_run else "."))
+    define(
+        "string",
+        "dataset",
+        None,
+        "Registered dataset (twins_tf.data.DATASETS): "
+        + ", ".join(sorted(data_lib.DATASETS))
+        + (" (default: the run's; without --model_dir: required)." if from_run else "."),
+    )
+    define(
+        "string",
+        "data_dir",
+        None,
+        "Image folder of --dataset=folder (train/ and test/ of class folders) or caltech256"
+        + (" (default: the run's)." if from_run else "."),
+    )
+    define(
+        "string",
+        "tfds_data_dir",
+        None,
+        f"tensorflow-datasets data_dir holding prepared tfds datasets (default: {run}"
+        "$TFDS_DATA_DIR or ~/tensorflow_datasets). Nothing is ever downloaded.",
+    )
+    define(
+        "integer",
+        "image_size",
+        None,
+        f"Side of the images fed to the model (default: {run}the dataset's).",
+    )
+    define(
+        "integer",
+        "upsample",
+        None,
+        f"Nearest-neighbour upsampling inside the model (default: {run}the dataset's; CIFAR: 7).",
+    )
+    define(
+        "integer",
+        "train_per_class",
+        None,
+        "For a folder of class folders without train/ and test/: training images per class "
+        f"(a seeded split, the rest is the test set; default: {run}caltech256's 60).",
+    )
+    define(
+        "bool",
+        "skip_bad_images",
+        None if from_run else False,
+        "Leave out folder images that are not whole JPEG/PNG/GIF/BMP files (their count is "
+        "logged) instead of stopping before anything is written"
+        + (" (default: the run's, else false)." if from_run else "."),
+    )
     return list(DATA_FLAGS)
 
 
@@ -115,97 +170,218 @@ def define_flags(flag_values, binary):
 
     # data
     names += define_data_flags(flag_values, group("data"))
-    define("integer", "max_train_examples", None,
-           "Use only N training examples, a class-stratified subset seeded by the split seed "
-           "(quick runs and tests).", "data")
-    define("integer", "max_validation_examples", None,
-           "Use only N validation examples, stratified by class like --max_train_examples.",
-           "data")
-    define("enum", "validation", "carve",
-           "carve: hold out part of the training data (or use the official validation split) "
-           "to select the best epoch; none: train on the whole official train split and keep "
-           "the final epoch (the protocol of the published numbers).", "data",
-           enum_values=list(data_lib.VALIDATION_PROTOCOLS))
+    define(
+        "integer",
+        "max_train_examples",
+        None,
+        "Use only N training examples, a class-stratified subset seeded by the split seed "
+        "(quick runs and tests).",
+        "data",
+    )
+    define(
+        "integer",
+        "max_validation_examples",
+        None,
+        "Use only N validation examples, stratified by class like --max_train_examples.",
+        "data",
+    )
+    define(
+        "enum",
+        "validation",
+        "carve",
+        "carve: hold out part of the training data (or use the official validation split) "
+        "to select the best epoch; none: train on the whole official train split and keep "
+        "the final epoch (the protocol of the published numbers).",
+        "data",
+        enum_values=list(data_lib.VALIDATION_PROTOCOLS),
+    )
     # model
-    define("string", "arch", defaults["arch"],
-           "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".", "model")
+    define(
+        "string",
+        "arch",
+        defaults["arch"],
+        "Architecture: " + ", ".join(sorted(ARCHITECTURES)) + ".",
+        "model",
+    )
     if binary == TRAIN:
-        define("string", "pretrained", None,
-               "Robust pre-trained weights (.weights.h5 from `python -m twins_tf.convert` or "
-               "`python -m twins_tf.pretrain`); the head is always fresh.", "model")
-        define("bool", "allow_random_init", False,
-               "Let a twin method (twins_at, twins_trades) start without --pretrained, from "
-               "random weights (its Frozen wing then normalises with 0/1 statistics).", "model")
+        define(
+            "string",
+            "pretrained",
+            None,
+            "Robust pre-trained weights (.weights.h5 from `python -m twins_tf.convert` or "
+            "`python -m twins_tf.pretrain`); the head is always fresh.",
+            "model",
+        )
+        define(
+            "bool",
+            "allow_random_init",
+            False,
+            "Let a twin method (twins_at, twins_trades) start without --pretrained, from "
+            "random weights (its Frozen wing then normalises with 0/1 statistics).",
+            "model",
+        )
     # method
     methods = PRETRAIN_METHODS if binary == PRETRAIN else tuple(methods_lib.METHODS)
-    define("string", "method", defaults["method"],
-           "Training objective: " + ", ".join(methods) + ".", "method")
+    define(
+        "string",
+        "method",
+        defaults["method"],
+        "Training objective: " + ", ".join(methods) + ".",
+        "method",
+    )
     if binary == TRAIN:
-        define("float", "lambda_twins", 1.0, "TWINS: weight of the Frozen wing's loss.",
-               "method")
-        define("float", "l2sp_alpha", 0.01, "L2-SP (Li et al. 2018): alpha of the pull "
-               "alpha/2 * ||w - w_pre||^2 of every pre-trained weight (BN gamma/beta included) "
-               "to its pre-trained value; --weight_decay then decays only the new head.",
-               "method")
-    define("float", "beta", 6.0, "TRADES / TWINS-TRADES: weight of the KL term; AutoLoRa: "
-           "lambda2 = beta x the LoRA branch's training accuracy (the paper: 6).", "method")
+        define("float", "lambda_twins", 1.0, "TWINS: weight of the Frozen wing's loss.", "method")
+        define(
+            "float",
+            "l2sp_alpha",
+            0.01,
+            "L2-SP (Li et al. 2018): alpha of the pull "
+            "alpha/2 * ||w - w_pre||^2 of every pre-trained weight (BN gamma/beta included) "
+            "to its pre-trained value; --weight_decay then decays only the new head.",
+            "method",
+        )
+    define(
+        "float",
+        "beta",
+        6.0,
+        "TRADES / TWINS-TRADES: weight of the KL term; AutoLoRa: "
+        "lambda2 = beta x the LoRA branch's training accuracy (the paper: 6).",
+        "method",
+    )
     if binary == TRAIN:
-        define("integer", "lora_rank", 0,
-               "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
-               "the low-rank branch on every convolution inside the residual blocks (the "
-               "paper: 8). The lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and "
-               "is halved automatically on the validation robust accuracy, on top of any "
-               "--lr_decay_epochs (with --validation=none only those apply).", "method")
+        define(
+            "integer",
+            "lora_rank",
+            0,
+            "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
+            "the low-rank branch on every convolution inside the residual blocks (the "
+            "paper: 8). The lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and "
+            "is halved automatically on the validation robust accuracy, on top of any "
+            "--lr_decay_epochs (with --validation=none only those apply).",
+            "method",
+        )
     if binary == TRAIN:  # the head's initialisation (training.init_stage)
-        define("enum", "init", "random",
-               "How the fresh head starts: random; linear_probe (natural CE) or "
-               "robust_linear_probe (PGD-AT, RoLI) on the frozen --pretrained backbone for "
-               "--init_epochs first, a sub-run in <model_dir>/init, then --method from there.",
-               "init", enum_values=list(INIT_CHOICES))
-        define("integer", "init_epochs", ADDED_SETTINGS["init_epochs"],
-               "Epochs of the --init probe (RoLI's CIFAR linear probes: 20).", "init")
-        define("float", "init_lr", ADDED_SETTINGS["init_lr"],
-               "Learning rate of the --init probe: SGD (momentum 0.9), cosine decay to 0 over "
-               "its steps (RoLI's CIFAR-100: 0.1).", "init")
-        define("float", "init_weight_decay", ADDED_SETTINGS["init_weight_decay"],
-               "Coupled L2 weight decay of the head during the --init probe (RoLI's "
-               "CIFAR-100: 1e-3).", "init")
+        define(
+            "enum",
+            "init",
+            "random",
+            "How the fresh head starts: random; linear_probe (natural CE) or "
+            "robust_linear_probe (PGD-AT, RoLI) on the frozen --pretrained backbone for "
+            "--init_epochs first, a sub-run in <model_dir>/init, then --method from there.",
+            "init",
+            enum_values=list(INIT_CHOICES),
+        )
+        define(
+            "integer",
+            "init_epochs",
+            ADDED_SETTINGS["init_epochs"],
+            "Epochs of the --init probe (RoLI's CIFAR linear probes: 20).",
+            "init",
+        )
+        define(
+            "float",
+            "init_lr",
+            ADDED_SETTINGS["init_lr"],
+            "Learning rate of the --init probe: SGD (momentum 0.9), cosine decay to 0 over "
+            "its steps (RoLI's CIFAR-100: 0.1).",
+            "init",
+        )
+        define(
+            "float",
+            "init_weight_decay",
+            ADDED_SETTINGS["init_weight_decay"],
+            "Coupled L2 weight decay of the head during the --init probe (RoLI's CIFAR-100: 1e-3).",
+            "init",
+        )
     # attack
-    define_fraction("attack_eps", 8 / 255, "L-inf radius in [0, 1] pixel units (8/255 or "
-                    "0.0314 both work), training and validation PGD.", flag_values,
-                    group("attack"))
-    define_fraction("attack_step", 2 / 255, "PGD step size in [0, 1] pixel units.",
-                    flag_values, group("attack"))
+    define_fraction(
+        "attack_eps",
+        8 / 255,
+        "L-inf radius in [0, 1] pixel units (8/255 or "
+        "0.0314 both work), training and validation PGD.",
+        flag_values,
+        group("attack"),
+    )
+    define_fraction(
+        "attack_step", 2 / 255, "PGD step size in [0, 1] pixel units.", flag_values, group("attack")
+    )
     names += ["attack_eps", "attack_step"]
     define("integer", "attack_steps", 10, "PGD steps (training and validation).", "attack")
     # optimisation
     define("integer", "epochs", defaults["epochs"], "Training epochs.", "optimisation")
-    define("integer", "batch_size", 128,
-           "Global batch size (a multiple of 2 x replicas for twin methods).", "optimisation")
-    define("float", "lr", defaults["lr"], "Initial learning rate of SGD (momentum 0.9).",
-           "optimisation")
-    define("list", "lr_decay_epochs", list(defaults["lr_decay_epochs"]),
-           "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration).",
-           "optimisation")
-    define("float", "weight_decay", defaults["weight_decay"],
-           "Coupled L2 weight decay (added to every gradient; with --method=l2sp only to the "
-           "new head's, L2-SP's beta).", "optimisation")
+    define(
+        "integer",
+        "batch_size",
+        128,
+        "Global batch size (a multiple of 2 x replicas for twin methods).",
+        "optimisation",
+    )
+    define(
+        "float",
+        "lr",
+        defaults["lr"],
+        "Initial learning rate of SGD (momentum 0.9).",
+        "optimisation",
+    )
+    define(
+        "list",
+        "lr_decay_epochs",
+        list(defaults["lr_decay_epochs"]),
+        "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration).",
+        "optimisation",
+    )
+    define(
+        "float",
+        "weight_decay",
+        defaults["weight_decay"],
+        "Coupled L2 weight decay (added to every gradient; with --method=l2sp only to the "
+        "new head's, L2-SP's beta).",
+        "optimisation",
+    )
     # run / distribution
-    define("string", "model_dir", None,
-           "Where the run keeps config.json, weights, metrics, TensorBoard logs and its "
-           "backup; start again with the same flags to resume.", "run")
-    define("integer", "seed", 0, "Seed of initialisation, data order, augmentation and "
-           "attacks.", "run")
-    define("enum", "strategy", "default", "tf.distribute strategy.", "run",
-           enum_values=list(STRATEGIES))
-    define("string", "tpu_address", None, "TPU name or grpc://host:port for --strategy=tpu.",
-           "run")
-    define("enum", "jit_compile", "auto", "XLA compilation of the train step (Keras 'auto': "
-           "on for GPUs/TPUs, off on CPUs).", "run", enum_values=list(JIT_CHOICES))
-    define("enum", "mixed_precision", "none", "Keras dtype policy of the model.", "run",
-           enum_values=list(MIXED_PRECISION))
-    define("bool", "deterministic", False, "Deterministic TensorFlow ops "
-           "(tf.config.experimental.enable_op_determinism); slower.", "run")
+    define(
+        "string",
+        "model_dir",
+        None,
+        "Where the run keeps config.json, weights, metrics, TensorBoard logs and its "
+        "backup; start again with the same flags to resume.",
+        "run",
+    )
+    define(
+        "integer", "seed", 0, "Seed of initialisation, data order, augmentation and attacks.", "run"
+    )
+    define(
+        "enum",
+        "strategy",
+        "default",
+        "tf.distribute strategy.",
+        "run",
+        enum_values=list(STRATEGIES),
+    )
+    define("string", "tpu_address", None, "TPU name or grpc://host:port for --strategy=tpu.", "run")
+    define(
+        "enum",
+        "jit_compile",
+        "auto",
+        "XLA compilation of the train step (Keras 'auto': on for GPUs/TPUs, off on CPUs).",
+        "run",
+        enum_values=list(JIT_CHOICES),
+    )
+    define(
+        "enum",
+        "mixed_precision",
+        "none",
+        "Keras dtype policy of the model.",
+        "run",
+        enum_values=list(MIXED_PRECISION),
+    )
+    define(
+        "bool",
+        "deterministic",
+        False,
+        "Deterministic TensorFlow ops (tf.config.experimental.enable_op_determinism); slower.",
+        "run",
+    )
     return names
 
 

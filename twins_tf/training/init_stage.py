@@ -43,6 +43,7 @@ cosine is stepped per iteration without RoLI's linear warm-up (its base config w
 backbone layers are `trainable = False` rather than a features-then-logistic-regression
 solver, because the robust probe needs PGD through the whole network at every step.
 """
+
 import os
 
 from twins_tf.training.settings import INIT_METHODS, as_settings
@@ -57,17 +58,26 @@ def init_settings(settings):
         raise ValueError(f"--init={s.init} has no probing stage.")
     # lora_rank=0: the probe trains the head of the plain network (an AutoLoRa main run's
     # branches start at B = 0, so its natural path equals that network until trained)
-    return s.replace(stage="init", method=INIT_METHODS[s.init], epochs=s.init_epochs,
-                     lr=s.init_lr, lr_decay_epochs=(), weight_decay=s.init_weight_decay,
-                     lora_rank=0, model_dir=os.path.join(s.model_dir, INIT_DIR))
+    return s.replace(
+        stage="init",
+        method=INIT_METHODS[s.init],
+        epochs=s.init_epochs,
+        lr=s.init_lr,
+        lr_decay_epochs=(),
+        weight_decay=s.init_weight_decay,
+        lora_rank=0,
+        model_dir=os.path.join(s.model_dir, INIT_DIR),
+    )
 
 
 def head_layer(model):
     """The layer producing the classifier's logits (`fc` of `build_resnet`)."""
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != 1:
-        raise ValueError(f"cannot find the single output layer of {model.name!r}: the init "
-                         "stage needs a functional classifier with one output.")
+        raise ValueError(
+            f"cannot find the single output layer of {model.name!r}: the init "
+            "stage needs a functional classifier with one output."
+        )
     return model.get_layer(names[0])
 
 

@@ -8,10 +8,12 @@ finished and return its summary.  Process-global state a run sets (the Keras dty
 of Keras's trainer) is put back when it returns, so the next run in the process (compare, the
 demo, a notebook) gets only its own settings.
 """
+
 import dataclasses
 import os
 
-from twins_tf.training import backup, init_stage, model_dir as model_dir_lib
+from twins_tf.training import backup, init_stage
+from twins_tf.training import model_dir as model_dir_lib
 from twins_tf.training.model import build_model
 from twins_tf.training.settings import Settings, SetupError, as_settings
 from twins_tf.training.trainer_setup import make_trainer, pipelines
@@ -80,17 +82,26 @@ def prepare(settings):
         data_lib.check_batch_size(s.batch_size, strategy.num_replicas_in_sync, s.twin)
     except ValueError as error:
         raise SetupError(str(error)) from None
-    if s.strategy == "mirrored" and s.jit_compile == "true" and not (
-            tf.config.list_logical_devices("GPU")):
-        raise SetupError("--jit_compile=true with --strategy=mirrored over CPU devices fails "
-                         "inside TensorFlow; use --jit_compile=auto or false.")
+    if (
+        s.strategy == "mirrored"
+        and s.jit_compile == "true"
+        and not (tf.config.list_logical_devices("GPU"))
+    ):
+        raise SetupError(
+            "--jit_compile=true with --strategy=mirrored over CPU devices fails "
+            "inside TensorFlow; use --jit_compile=auto or false."
+        )
     output_dir = multi_worker.output_dir(s.model_dir, strategy)
     spec = data_lib.get_dataset_spec(s.dataset, image_size=s.image_size, upsample=s.upsample)
     try:
-        splits = data_lib.load_splits(spec, data_dir=s.data_dir, tfds_data_dir=s.tfds_data_dir,
-                                      train_per_class=s.train_per_class,
-                                      skip_bad_images=s.skip_bad_images,
-                                      validation=s.validation)
+        splits = data_lib.load_splits(
+            spec,
+            data_dir=s.data_dir,
+            tfds_data_dir=s.tfds_data_dir,
+            train_per_class=s.train_per_class,
+            skip_bad_images=s.skip_bad_images,
+            validation=s.validation,
+        )
         s = s.replace(num_classes=int(splits.num_classes))
         train_examples = _limited(splits.num_examples["train"], s.max_train_examples)
         steps = data_lib.steps_per_epoch(train_examples, s.batch_size)
@@ -101,14 +112,22 @@ def prepare(settings):
         model_dir_lib.check_model_dir(s.model_dir, s)
     state = model_dir_lib.check_model_dir(output_dir, s)
     init_stage.check(s)  # <model_dir>/init, the --init probe's sub-run
-    prepared = PreparedRun(settings=s, output_dir=output_dir, state=state, strategy=strategy,
-                           spec=spec, splits=splits, steps_per_epoch=steps,
-                           chief=multi_worker.is_chief(strategy))
+    prepared = PreparedRun(
+        settings=s,
+        output_dir=output_dir,
+        state=state,
+        strategy=strategy,
+        spec=spec,
+        splits=splits,
+        steps_per_epoch=steps,
+        chief=multi_worker.is_chief(strategy),
+    )
     if state == "finished":
         return prepared
     seed_everything(s.seed)
     keras.mixed_precision.set_dtype_policy(
-        "float32" if s.mixed_precision == "none" else s.mixed_precision)
+        "float32" if s.mixed_precision == "none" else s.mixed_precision
+    )
     with strategy.scope():
         prepared.model = build_model(s, strategy.num_replicas_in_sync)
     return prepared
@@ -124,24 +143,32 @@ def _callbacks(prepared, validation_ds, train_ds):
     probe = None
     if s.twin:  # a few task images (validation's if any), for the Frozen wing's logits
         probe = next(iter(validation_ds if validation_ds is not None else train_ds))[0][:32]
-    best = run_callbacks.BestWeights(prepared.model, out,
-                                     monitor="val_adv_acc" if validation_ds is not None else None)
+    best = run_callbacks.BestWeights(
+        prepared.model, out, monitor="val_adv_acc" if validation_ds is not None else None
+    )
     callbacks = [  # StopOnDivergence first: it raises before the others save a NaN epoch
-        run_callbacks.StopOnDivergence(prepared.model, prepared.steps_per_epoch, probe=probe,
-                                       lr=s.lr),
+        run_callbacks.StopOnDivergence(
+            prepared.model, prepared.steps_per_epoch, probe=probe, lr=s.lr
+        ),
         run_callbacks.MetricsCsv(os.path.join(out, model_dir_lib.METRICS_FILE)),
         best,
         run_callbacks.LastWeights(prepared.model, out),
     ]
     if prepared.chief:
-        callbacks.append(keras.callbacks.TensorBoard(
-            os.path.join(out, model_dir_lib.TENSORBOARD_DIR), write_graph=False))
+        callbacks.append(
+            keras.callbacks.TensorBoard(
+                os.path.join(out, model_dir_lib.TENSORBOARD_DIR), write_graph=False
+            )
+        )
     # Last, so a kill between the files above and the backup repeats the epoch (harmless)
     # instead of losing it.  double_checkpoint keeps the previous epoch's backup while the
     # new one is written, so a kill during that write resumes from the previous epoch.
     # Kept when the run finishes, so that a higher --epochs can extend it.
-    callbacks.append(keras.callbacks.BackupAndRestore(
-        os.path.join(out, backup.BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False))
+    callbacks.append(
+        keras.callbacks.BackupAndRestore(
+            os.path.join(out, backup.BACKUP_DIR), double_checkpoint=True, delete_checkpoint=False
+        )
+    )
     return callbacks, best
 
 
@@ -175,15 +202,24 @@ def fit(prepared, *, verbose="auto"):
     with prepared.strategy.scope():
         trainer = make_trainer(prepared.model, s, prepared.steps_per_epoch)
     callbacks, best_weights = _callbacks(prepared, validation_ds, train_ds)
-    print(f"{s.binary}: {s.method} {s.arch} on {s.dataset} "
-          f"({prepared.steps_per_epoch} steps/epoch, {s.epochs} epochs, "
-          f"{prepared.strategy.num_replicas_in_sync} replica(s)); "
-          + (f"resuming after epoch {start_epoch}" if start_epoch else "starting") + f"; {out}",
-          flush=True)
+    print(
+        f"{s.binary}: {s.method} {s.arch} on {s.dataset} "
+        f"({prepared.steps_per_epoch} steps/epoch, {s.epochs} epochs, "
+        f"{prepared.strategy.num_replicas_in_sync} replica(s)); "
+        + (f"resuming after epoch {start_epoch}" if start_epoch else "starting")
+        + f"; {out}",
+        flush=True,
+    )
     with multi_worker.keras_fixes_for(prepared.strategy):
-        trainer.fit(train_ds, validation_data=validation_ds, epochs=s.epochs,
-                    steps_per_epoch=prepared.steps_per_epoch, callbacks=callbacks,
-                    verbose=verbose, shuffle=False)  # the pipeline shuffles, per (seed, epoch)
+        trainer.fit(
+            train_ds,
+            validation_data=validation_ds,
+            epochs=s.epochs,
+            steps_per_epoch=prepared.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the pipeline shuffles, per (seed, epoch)
     best = best_weights.best
     final = run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))[-1]
     summary = {
@@ -205,8 +241,11 @@ def _run_init_stage(prepared, verbose):
     `<model_dir>/init`, then sets the main model's head to the probe's best one."""
     s = prepared.settings
     sub = init_stage.init_settings(s)
-    print(f"{s.binary}: --init={s.init}: the head first, on the frozen backbone "
-          f"({sub.method}, {sub.epochs} epochs); {sub.model_dir}", flush=True)
+    print(
+        f"{s.binary}: --init={s.init}: the head first, on the frozen backbone "
+        f"({sub.method}, {sub.epochs} epochs); {sub.model_dir}",
+        flush=True,
+    )
     run(sub, verbose=verbose)
     init_stage.load_head(prepared.model, sub.model_dir, strategy=prepared.strategy)
 
@@ -232,8 +271,11 @@ def run(settings, *, verbose="auto"):
     try:
         prepared = prepare(settings)
         if prepared.state == "finished":
-            print(f"{prepared.output_dir} already holds this finished run; nothing to do (use "
-                  "a new --model_dir to train again).", flush=True)
+            print(
+                f"{prepared.output_dir} already holds this finished run; nothing to do (use "
+                "a new --model_dir to train again).",
+                flush=True,
+            )
             return model_dir_lib.read_summary(prepared.output_dir)
         return fit(prepared, verbose=verbose)
     finally:

@@ -1,4 +1,5 @@
 """`build_model`: the classifier a run trains, from its settings."""
+
 from twins_tf.training.settings import SetupError, as_settings
 
 
@@ -21,11 +22,18 @@ def build_model(settings, num_replicas=1):
 
     s = as_settings(settings)
     if s.num_classes is None:
-        raise ValueError("build_model needs settings with num_classes (the run's data sets "
-                         "it): pass settings.replace(num_classes=...).")
-    model = build_resnet(s.arch, s.num_classes, twin=s.twin,
-                         input_shape=(s.image_size, s.image_size, 3), upsample=s.upsample,
-                         synchronized=num_replicas > 1 and not s.twin)
+        raise ValueError(
+            "build_model needs settings with num_classes (the run's data sets "
+            "it): pass settings.replace(num_classes=...)."
+        )
+    model = build_resnet(
+        s.arch,
+        s.num_classes,
+        twin=s.twin,
+        input_shape=(s.image_size, s.image_size, 3),
+        upsample=s.upsample,
+        synchronized=num_replicas > 1 and not s.twin,
+    )
     if s.pretrained:
         try:
             weights.load_pretrained(model, s.pretrained)
@@ -33,5 +41,6 @@ def build_model(settings, num_replicas=1):
             raise SetupError(f"--pretrained: {error}") from None
     if s.lora_rank:  # AutoLoRa: its weights file still loads as the plain (main) network
         from twins_tf import lora
+
         model = lora.add_lora(model, s.lora_rank)
     return model

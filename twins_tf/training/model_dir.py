@@ -19,13 +19,13 @@ which may be raised to extend a run (the learning-rate schedule, `--lr_decay_epo
 the same: the epochs already trained followed it).  Paths in config.json are absolute, so
 `evaluate` and `export` find them from any working directory.
 """
+
 import json
 import math
 import os
 
 from twins_tf.training.backup import BACKUP_DIR, has_backup, resume_epoch
-from twins_tf.training.settings import (
-    ADDED_SETTINGS, UNCOMPARED_KEYS, SetupError, Settings)
+from twins_tf.training.settings import ADDED_SETTINGS, UNCOMPARED_KEYS, Settings, SetupError
 
 CONFIG_FILE = "config.json"
 BEST_WEIGHTS = "best.weights.h5"
@@ -47,14 +47,16 @@ def read_config(model_dir):
     """
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise SetupError(f"{model_dir} holds no {CONFIG_FILE}: pass the --model_dir of a "
-                         "train or pretrain run.")
+        raise SetupError(
+            f"{model_dir} holds no {CONFIG_FILE}: pass the --model_dir of a train or pretrain run."
+        )
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise SetupError(f"{path} is unreadable ({error}); it was not written by "
-                         "twins_tf.") from None
+        raise SetupError(
+            f"{path} is unreadable ({error}); it was not written by twins_tf."
+        ) from None
 
 
 def read_settings(model_dir):
@@ -104,30 +106,40 @@ def check_model_dir(model_dir, settings):
     if not os.path.exists(config_path):
         leftovers = [n for n in RUN_ARTEFACTS if os.path.exists(os.path.join(model_dir, n))]
         if leftovers:
-            raise SetupError(f"--model_dir={model_dir} holds {', '.join(leftovers)} but no "
-                             f"{CONFIG_FILE}; refusing to overwrite it: use a new --model_dir.")
+            raise SetupError(
+                f"--model_dir={model_dir} holds {', '.join(leftovers)} but no "
+                f"{CONFIG_FILE}; refusing to overwrite it: use a new --model_dir."
+            )
         return "new"
     # settings added since earlier runs were written: their values in those runs
     added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings}
     stored = {**added, **read_config(model_dir)}
     differing = differing_keys(stored, settings)
     if differing:
-        changes = "; ".join(f"{k}: {stored.get(k)!r} in the run, {settings.get(k)!r} now"
-                            for k in differing)
-        why = (" (--lr_decay_epochs is the learning-rate schedule the trained epochs "
-               "followed, so it must stay the same to extend a run)"
-               if "lr_decay_epochs" in differing else "")
-        raise SetupError(f"--model_dir={model_dir} holds a run with different settings "
-                         f"({changes}){why}; refusing to resume into it: use a new --model_dir "
-                         "or the run's own flags.")
+        changes = "; ".join(
+            f"{k}: {stored.get(k)!r} in the run, {settings.get(k)!r} now" for k in differing
+        )
+        why = (
+            " (--lr_decay_epochs is the learning-rate schedule the trained epochs "
+            "followed, so it must stay the same to extend a run)"
+            if "lr_decay_epochs" in differing
+            else ""
+        )
+        raise SetupError(
+            f"--model_dir={model_dir} holds a run with different settings "
+            f"({changes}){why}; refusing to resume into it: use a new --model_dir "
+            "or the run's own flags."
+        )
     trained = resume_epoch(model_dir)
     finished = os.path.exists(os.path.join(model_dir, SUMMARY_FILE))
     if finished and not os.path.isdir(os.path.join(model_dir, BACKUP_DIR)):
         trained = int(stored.get("epochs", 0))  # a run finished before backups were kept
     if settings.get("epochs") is not None and settings["epochs"] < trained:
-        raise SetupError(f"--model_dir={model_dir} holds a run that has trained {trained} "
-                         f"epochs; --epochs={settings['epochs']} cannot undo them: pass "
-                         f"--epochs={trained} or more, or use a new --model_dir.")
+        raise SetupError(
+            f"--model_dir={model_dir} holds a run that has trained {trained} "
+            f"epochs; --epochs={settings['epochs']} cannot undo them: pass "
+            f"--epochs={trained} or more, or use a new --model_dir."
+        )
     if not finished:
         return "resume"
     if settings.get("epochs") is None or settings["epochs"] == trained:
@@ -136,14 +148,18 @@ def check_model_dir(model_dir, settings):
     if summary.get("trained_epochs", summary["epochs"]) < summary["epochs"]:
         if settings["epochs"] == summary["epochs"]:
             return "finished"  # stopped early: what it would train next, it stopped to avoid
-        raise SetupError(f"--model_dir={model_dir} holds a run that stopped early after "
-                         f"{summary['trained_epochs']} of its {summary['epochs']} epochs "
-                         "(AutoLoRa's learning rate fell below its floor); more epochs would "
-                         "not train it further: use a new --model_dir.")
+        raise SetupError(
+            f"--model_dir={model_dir} holds a run that stopped early after "
+            f"{summary['trained_epochs']} of its {summary['epochs']} epochs "
+            "(AutoLoRa's learning rate fell below its floor); more epochs would "
+            "not train it further: use a new --model_dir."
+        )
     if not has_backup(model_dir):
-        raise SetupError(f"--model_dir={model_dir} holds a finished run of {trained} epochs "
-                         f"but no {BACKUP_DIR}/ to extend it to --epochs={settings['epochs']} "
-                         "from (deleted?): use a new --model_dir.")
+        raise SetupError(
+            f"--model_dir={model_dir} holds a finished run of {trained} epochs "
+            f"but no {BACKUP_DIR}/ to extend it to --epochs={settings['epochs']} "
+            "from (deleted?): use a new --model_dir."
+        )
     return "resume"
 
 

@@ -12,6 +12,7 @@ earlier versions had, so runs written before `Settings` existed resume, and `eva
 `export` read them as before.  Settings added since (`ADDED_SETTINGS`) take, for a run that
 predates them, the value those runs had.
 """
+
 import dataclasses
 import os
 
@@ -42,21 +43,50 @@ UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
 # Settings holding paths, stored absolute in config.json.
 PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
 # Settings newer than some config.json files, with the value such runs had.
-ADDED_SETTINGS = {"validation": "carve", "allow_random_init": False, "skip_bad_images": False,
-                  "init": "random", "init_epochs": 20, "init_lr": 0.1, "init_weight_decay": 1e-3,
-                  "stage": "main", "lora_rank": 0}
+ADDED_SETTINGS = {
+    "validation": "carve",
+    "allow_random_init": False,
+    "skip_bad_images": False,
+    "init": "random",
+    "init_epochs": 20,
+    "init_lr": 0.1,
+    "init_weight_decay": 1e-3,
+    "stage": "main",
+    "lora_rank": 0,
+}
 # Settings only `train` has: a pretrain run's config.json leaves them out.
-TRAIN_ONLY = ("allow_random_init", "lambda_twins", "l2sp_alpha", "init", "init_epochs", "init_lr",
-              "init_weight_decay", "stage", "lora_rank")
+TRAIN_ONLY = (
+    "allow_random_init",
+    "lambda_twins",
+    "l2sp_alpha",
+    "init",
+    "init_epochs",
+    "init_lr",
+    "init_weight_decay",
+    "stage",
+    "lora_rank",
+)
 
 # The defaults of the two binaries where they differ (spec §6 for fine-tuning; a common
 # PGD-AT recipe, shortened, for training from scratch).  `Settings` fills them in for the
 # fields left None, and the flags show them.
 DEFAULTS = {
-    TRAIN: dict(method="twins_at", arch="resnet50", epochs=60, lr=0.003,
-                lr_decay_epochs=("30", "50"), weight_decay=1e-3),
-    PRETRAIN: dict(method="at", arch="resnet18", epochs=100, lr=0.1,
-                   lr_decay_epochs=("50", "75"), weight_decay=5e-4),
+    TRAIN: dict(
+        method="twins_at",
+        arch="resnet50",
+        epochs=60,
+        lr=0.003,
+        lr_decay_epochs=("30", "50"),
+        weight_decay=1e-3,
+    ),
+    PRETRAIN: dict(
+        method="at",
+        arch="resnet18",
+        epochs=100,
+        lr=0.1,
+        lr_decay_epochs=("50", "75"),
+        weight_decay=5e-4,
+    ),
 }
 
 
@@ -144,8 +174,10 @@ class Settings:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SetupError(f"unknown setting(s) {', '.join(unknown)}; settings are the flags "
-                             "of python -m twins_tf.train (see --helpfull).")
+            raise SetupError(
+                f"unknown setting(s) {', '.join(unknown)}; settings are the flags "
+                "of python -m twins_tf.train (see --helpfull)."
+            )
         values = {k: v for k, v in values.items() if k != "twin"}
         return cls(**{**ADDED_SETTINGS, **values})
 
@@ -190,49 +222,83 @@ def _require(condition, message):
 
 
 # Fields whose values must have these types (bool is refused where a number is meant).
-_NUMBERS = {"image_size": int, "upsample": int, "train_per_class": int,
-            "max_train_examples": int, "max_validation_examples": int, "attack_steps": int,
-            "epochs": int, "batch_size": int, "seed": int, "num_classes": int,
-            "lambda_twins": float, "l2sp_alpha": float, "beta": float, "attack_eps": float,
-            "attack_step": float, "lr": float, "weight_decay": float, "init_epochs": int,
-            "init_lr": float, "init_weight_decay": float, "lora_rank": int}
-_CHOICES = {"binary": BINARIES, "validation": data_lib.VALIDATION_PROTOCOLS,
-            "strategy": STRATEGIES, "jit_compile": JIT_CHOICES,
-            "mixed_precision": MIXED_PRECISION, "init": INIT_CHOICES, "stage": STAGES}
+_NUMBERS = {
+    "image_size": int,
+    "upsample": int,
+    "train_per_class": int,
+    "max_train_examples": int,
+    "max_validation_examples": int,
+    "attack_steps": int,
+    "epochs": int,
+    "batch_size": int,
+    "seed": int,
+    "num_classes": int,
+    "lambda_twins": float,
+    "l2sp_alpha": float,
+    "beta": float,
+    "attack_eps": float,
+    "attack_step": float,
+    "lr": float,
+    "weight_decay": float,
+    "init_epochs": int,
+    "init_lr": float,
+    "init_weight_decay": float,
+    "lora_rank": int,
+}
+_CHOICES = {
+    "binary": BINARIES,
+    "validation": data_lib.VALIDATION_PROTOCOLS,
+    "strategy": STRATEGIES,
+    "jit_compile": JIT_CHOICES,
+    "mixed_precision": MIXED_PRECISION,
+    "init": INIT_CHOICES,
+    "stage": STAGES,
+}
 
 
 def _check_types(s):
     for name, kind in _NUMBERS.items():
         value = s[name]
-        ok = value is None or (isinstance(value, (int, float) if kind is float else int)
-                               and not isinstance(value, bool))
-        _require(ok, f"--{name} must be a{'n integer' if kind is int else ' number'}, got "
-                     f"{value!r}.")
+        ok = value is None or (
+            isinstance(value, (int, float) if kind is float else int)
+            and not isinstance(value, bool)
+        )
+        _require(
+            ok, f"--{name} must be a{'n integer' if kind is int else ' number'}, got {value!r}."
+        )
     for name, choices in _CHOICES.items():
-        _require(s[name] in choices, f"--{name}={s[name]!r} is not one of "
-                                     f"{', '.join(map(str, choices))}.")
+        _require(
+            s[name] in choices,
+            f"--{name}={s[name]!r} is not one of {', '.join(map(str, choices))}.",
+        )
 
 
 def _check_init(s):
     """--init and its settings (training.init_stage), and what an init stage's run must be."""
     if s["binary"] == PRETRAIN:
-        _require(s["init"] == "random" and s["stage"] == "main",
-                 f"--init={s['init']} probes a pre-trained backbone; pretrain trains from "
-                 "scratch: drop --init, or fine-tune with python -m twins_tf.train.")
+        _require(
+            s["init"] == "random" and s["stage"] == "main",
+            f"--init={s['init']} probes a pre-trained backbone; pretrain trains from "
+            "scratch: drop --init, or fine-tune with python -m twins_tf.train.",
+        )
         return
     _require(s["init_epochs"] >= 1, "--init_epochs must be at least 1.")
     _require(s["init_lr"] > 0, "--init_lr must be positive.")
     _require(s["init_weight_decay"] >= 0, "--init_weight_decay must be >= 0.")
     if s["init"] != "random" and not s.get("pretrained") and not s.get("allow_random_init"):
-        raise SetupError(f"--init={s['init']} trains a head on the frozen --pretrained backbone "
-                         "but no --pretrained was given: pass --pretrained=... (or "
-                         "--allow_random_init to probe a random backbone).")
+        raise SetupError(
+            f"--init={s['init']} trains a head on the frozen --pretrained backbone "
+            "but no --pretrained was given: pass --pretrained=... (or "
+            "--allow_random_init to probe a random backbone)."
+        )
     if s["stage"] == "init":
-        _require(s["init"] in INIT_METHODS and s["method"] == INIT_METHODS[s["init"]],
-                 f"stage='init' is the head-probing sub-run of --init=linear_probe "
-                 f"(--method=clean) or robust_linear_probe (--method=at), not of "
-                 f"--init={s['init']} --method={s['method']}: run python -m twins_tf.train "
-                 "with --init instead.")
+        _require(
+            s["init"] in INIT_METHODS and s["method"] == INIT_METHODS[s["init"]],
+            f"stage='init' is the head-probing sub-run of --init=linear_probe "
+            f"(--method=clean) or robust_linear_probe (--method=at), not of "
+            f"--init={s['init']} --method={s['method']}: run python -m twins_tf.train "
+            "with --init instead.",
+        )
 
 
 def _check_lora(s):
@@ -240,13 +306,19 @@ def _check_lora(s):
     rank, method = s["lora_rank"], methods_lib.get(s["method"])
     _require(rank >= 0, f"--lora_rank must be >= 0, got {rank}.")
     if method.lora:
-        _require(rank > 0, f"--method={method.name} trains a low-rank branch: pass "
-                           "--lora_rank=R > 0 (the paper's rank: 8).")
+        _require(
+            rank > 0,
+            f"--method={method.name} trains a low-rank branch: pass "
+            "--lora_rank=R > 0 (the paper's rank: 8).",
+        )
         _require(not method.twin, f"--method={method.name} has no twin (two-wing) variant.")
     else:
-        _require(rank == 0, f"--lora_rank={rank} is AutoLoRa's branch and only "
-                            f"--method=autolora trains it; drop --lora_rank for "
-                            f"--method={method.name}.")
+        _require(
+            rank == 0,
+            f"--lora_rank={rank} is AutoLoRa's branch and only "
+            f"--method=autolora trains it; drop --lora_rank for "
+            f"--method={method.name}.",
+        )
 
 
 def _checked_values(settings):
@@ -258,29 +330,39 @@ def _checked_values(settings):
         if s[name] is None:
             s[name] = default
     if not s.get("dataset"):
-        raise SetupError("--dataset is required (e.g. --dataset=cifar10 or "
-                         "--flagfile=flags/cifar10.flags).")
+        raise SetupError(
+            "--dataset is required (e.g. --dataset=cifar10 or --flagfile=flags/cifar10.flags)."
+        )
     try:
-        spec = data_lib.get_dataset_spec(s["dataset"], image_size=s.get("image_size"),
-                                         upsample=s.get("upsample"))
+        spec = data_lib.get_dataset_spec(
+            s["dataset"], image_size=s.get("image_size"), upsample=s.get("upsample")
+        )
     except ValueError as error:
         raise SetupError(str(error)) from None
     s["dataset"] = spec.name
     s["image_size"], s["upsample"] = spec.image_size, spec.upsample
     if s["arch"] not in ARCHITECTURES:
-        raise SetupError(f"Unknown arch {s['arch']!r}; choose one of "
-                         f"{', '.join(sorted(ARCHITECTURES))}.")
+        raise SetupError(
+            f"Unknown arch {s['arch']!r}; choose one of {', '.join(sorted(ARCHITECTURES))}."
+        )
     methods = PRETRAIN_METHODS if binary == PRETRAIN else tuple(methods_lib.METHODS)
     if s["method"] not in methods:
-        hint = (" (twin methods fine-tune a pre-trained model: use python -m twins_tf.train)"
-                if binary == PRETRAIN and s["method"] in methods_lib.METHODS else "")
-        raise SetupError(f"Unknown --method={s['method']!r} for {binary}; choose one of "
-                         f"{', '.join(methods)}{hint}.")
+        hint = (
+            " (twin methods fine-tune a pre-trained model: use python -m twins_tf.train)"
+            if binary == PRETRAIN and s["method"] in methods_lib.METHODS
+            else ""
+        )
+        raise SetupError(
+            f"Unknown --method={s['method']!r} for {binary}; choose one of "
+            f"{', '.join(methods)}{hint}."
+        )
     s["twin"] = bool(methods_lib.get(s["method"]).twin)
     for name in ("attack_eps", "attack_step"):
         if not 0.0 <= s[name] <= 1.0:
-            raise SetupError(f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
-                             "pixel units, so write e.g. 8/255 (not 8).")
+            raise SetupError(
+                f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
+                "pixel units, so write e.g. 8/255 (not 8)."
+            )
     _require(s["attack_steps"] >= 0, "--attack_steps must be >= 0.")
     _require(s["epochs"] >= 1, "--epochs must be at least 1.")
     _require(s["batch_size"] >= 1, "--batch_size must be at least 1.")
@@ -296,23 +378,33 @@ def _checked_values(settings):
     try:
         decay = tuple(int(e) for e in s["lr_decay_epochs"] or ())
     except (TypeError, ValueError):
-        raise SetupError(f"--lr_decay_epochs must be comma-separated epoch numbers, got "
-                         f"{','.join(map(str, s['lr_decay_epochs']))!r}.") from None
-    _require(all(e >= 1 for e in decay) and list(decay) == sorted(set(decay)),
-             "--lr_decay_epochs must be increasing positive epoch numbers, e.g. 30,50.")
+        raise SetupError(
+            f"--lr_decay_epochs must be comma-separated epoch numbers, got "
+            f"{','.join(map(str, s['lr_decay_epochs']))!r}."
+        ) from None
+    _require(
+        all(e >= 1 for e in decay) and list(decay) == sorted(set(decay)),
+        "--lr_decay_epochs must be increasing positive epoch numbers, e.g. 30,50.",
+    )
     s["lr_decay_epochs"] = decay
     if s["twin"] and not s.get("pretrained") and not s.get("allow_random_init"):
-        raise SetupError(f"--method={s['method']} fine-tunes a pre-trained model but no "
-                         "--pretrained was given: its Frozen wing would normalise with the 0/1 "
-                         "statistics of random init, which defeats TWINS; pass --pretrained=... "
-                         "or --allow_random_init if you mean it.")
+        raise SetupError(
+            f"--method={s['method']} fine-tunes a pre-trained model but no "
+            "--pretrained was given: its Frozen wing would normalise with the 0/1 "
+            "statistics of random init, which defeats TWINS; pass --pretrained=... "
+            "or --allow_random_init if you mean it."
+        )
     if binary == PRETRAIN:
-        _require(not s["pretrained"], "pretrain trains from scratch and takes no "
-                                      "--pretrained; fine-tune with python -m twins_tf.train.")
+        _require(
+            not s["pretrained"],
+            "pretrain trains from scratch and takes no "
+            "--pretrained; fine-tune with python -m twins_tf.train.",
+        )
     _check_init(s)
     if not s.get("model_dir"):
-        raise SetupError("--model_dir is required: the run writes its config, weights, "
-                         "metrics and backup there.")
+        raise SetupError(
+            "--model_dir is required: the run writes its config, weights, metrics and backup there."
+        )
     for key in PATH_KEYS:  # config.json names the files used, from wherever it is read
         if s.get(key) and "://" not in s[key]:  # gs://... and other URLs are absolute already
             s[key] = os.path.abspath(os.path.expanduser(s[key]))

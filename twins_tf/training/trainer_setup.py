@@ -1,4 +1,5 @@
 """`make_trainer` and `pipelines`: the compiled `AdversarialTrainer` and the data of a run."""
+
 from twins_tf.training import init_stage
 from twins_tf.training.schedule import cosine_schedule, learning_rate_schedule
 from twins_tf.training.settings import as_settings
@@ -25,8 +26,7 @@ def make_trainer(model, settings, steps_per_epoch):
         schedule = cosine_schedule(s.lr, s.epochs * steps_per_epoch)
     else:
         schedule = learning_rate_schedule(s.lr, s.lr_decay_epochs, steps_per_epoch)
-    pgd = dict(epsilon=s.attack_eps, step_size=s.attack_step, steps=s.attack_steps,
-               seed=s.seed)
+    pgd = dict(epsilon=s.attack_eps, step_size=s.attack_step, steps=s.attack_steps, seed=s.seed)
     trainer = AdversarialTrainer(
         model,
         method=s.method,
@@ -56,12 +56,13 @@ def pipelines(settings, spec, splits, start_epoch):
     s = as_settings(settings)
     # --max_*: class-stratified subsets (seeded by the split seed), not the first N examples.
     train = data_lib.stratified_subset(splits.source("train"), s.max_train_examples)
-    train_ds = data_lib.make_pipeline(train, spec, training=True, batch_size=s.batch_size,
-                                      seed=s.seed, start_epoch=start_epoch)
+    train_ds = data_lib.make_pipeline(
+        train, spec, training=True, batch_size=s.batch_size, seed=s.seed, start_epoch=start_epoch
+    )
     if splits.validation is None:  # --validation=none
         return train_ds, None
-    validation = data_lib.stratified_subset(splits.source("validation"),
-                                            s.max_validation_examples)
-    validation_ds = data_lib.make_pipeline(validation, spec, training=False,
-                                           batch_size=s.batch_size)
+    validation = data_lib.stratified_subset(splits.source("validation"), s.max_validation_examples)
+    validation_ds = data_lib.make_pipeline(
+        validation, spec, training=False, batch_size=s.batch_size
+    )
     return train_ds, validation_ds

@@ -31,6 +31,7 @@ torch.  torch is an optional dependency (`pip install twins_tf[torch]`).
 Every mismatch (missing or unexpected keys, wrong shapes, wrong arch, wrong number of classes)
 is an error that names the offending keys; nothing is ever partially loaded.
 """
+
 from twins_tf.weights.architectures import (
     conv_layer_count,
     infer_arch,

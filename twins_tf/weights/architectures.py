@@ -3,6 +3,7 @@
 Every loader checks the architecture first, so that a file of another ResNet is refused with
 its name ("the checkpoint holds a resnet50") instead of a list of shape mismatches.
 """
+
 import keras
 
 from twins_tf import bn_wings
@@ -59,12 +60,11 @@ def conv_layer_count(arch):
 def weighted_layers(model):
     """{layer name: layer} for the layers that carry torchvision weights."""
     kinds = (
-        keras.layers.Conv2D, keras.layers.BatchNormalization, TwinBatchNormalization,
+        keras.layers.Conv2D,
+        keras.layers.BatchNormalization,
+        TwinBatchNormalization,
         keras.layers.Dense,
     )
     return {
-        layer.name: layer
-        for layer in bn_wings.nested_layers(model)
-        if isinstance(layer, kinds)
+        layer.name: layer for layer in bn_wings.nested_layers(model) if isinstance(layer, kinds)
     }
-

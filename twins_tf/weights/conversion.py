@@ -1,4 +1,5 @@
 """Converting a PyTorch / safetensors / npz checkpoint into a Keras weights file."""
+
 import os
 
 from twins_tf.models.resnet import ARCHITECTURES, build_resnet

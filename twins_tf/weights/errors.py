@@ -11,4 +11,3 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointWarning(UserWarning):
     """Something in a checkpoint is unusual but loadable (e.g. non-ImageNet normaliser)."""
-

@@ -6,6 +6,7 @@ any number of classes.  The file is first loaded into a template of its own kind
 layer by layer, so a twin file can fill a plain model (the Adaptive wing) and a plain file a
 twin model (both wings), through `twins_tf.bn_wings`.
 """
+
 import os
 
 import keras
@@ -76,9 +77,7 @@ def load_pretrained(model, path, *, head=False):
     try:
         skipped = keras_private.load_weights_collecting_skips(template, path)
     except (ValueError, OSError, KeyError) as e:
-        raise CheckpointError(
-            f"{path} does not fit a {arch} ({str(e).splitlines()[0]})."
-        ) from None
+        raise CheckpointError(f"{path} does not fit a {arch} ({str(e).splitlines()[0]}).") from None
     if skipped:
         raise CheckpointError(
             f"{path} does not fit a {arch}: Keras skipped parts of it ({skipped[0]})."

@@ -14,6 +14,7 @@ needs more is refused unless the caller passes `allow_pickle=True` (`--allow_pic
 `.safetensors` and `.npz` (read with `allow_pickle=False`) hold raw arrays only and need no
 torch.  The format is told from the file's bytes, never from its name.
 """
+
 import dataclasses
 import os
 import pickle
@@ -178,7 +179,8 @@ def _needs_unpickling(error):
     return "Weights only load failed" in text and any(
         # torch's messages for a refused Python object (module global, class, reduce call);
         # other failures ("Unsupported operand", ...) are damaged bytes, not unsafe content.
-        marker in text for marker in ("GLOBAL ", "allowlist", "unrecognized function")
+        marker in text
+        for marker in ("GLOBAL ", "allowlist", "unrecognized function")
     )
 
 
@@ -272,15 +274,15 @@ def _normalise_keys(path, raw):
     """Strips robustness/DataParallel prefixes; returns (state dict, metadata)."""
     state_dict, normalizer, dropped, had_model_prefix = {}, {}, 0, False
     for key, value in raw.items():
-        name = key[len("module."):] if key.startswith("module.") else key
+        name = key[len("module.") :] if key.startswith("module.") else key
         if name.startswith("attacker.") or name.endswith("num_batches_tracked"):
             dropped += 1
             continue
         if name.startswith("normalizer."):
-            normalizer[name[len("normalizer."):]] = to_numpy(path, key, value)
+            normalizer[name[len("normalizer.") :]] = to_numpy(path, key, value)
             continue
         if name.startswith("model."):
-            name, had_model_prefix = name[len("model."):], True
+            name, had_model_prefix = name[len("model.") :], True
         array = to_numpy(path, key, value)
         if name in state_dict and not np.array_equal(state_dict[name], array):
             raise CheckpointError(f"{path}: two different tensors map to {name!r}.")

@@ -5,6 +5,7 @@ The Keras layers of `build_resnet` are named after torchvision's modules with `_
 conv kernels go from OIHW to HWIO, the `fc` weight from (out, in) to (in, out), and every BN
 key goes into the BN's variable, in both wings of a twin layer (`twins_tf.bn_wings`).
 """
+
 import keras
 import numpy as np
 
@@ -114,8 +115,6 @@ def _key_mismatch_message(wanted, state_dict, missing, unexpected):
         parts.append(f"missing keys: {_summarise(missing)}")
     if unexpected:
         parts.append(f"unexpected keys: {_summarise(unexpected)}")
-    return (
-        f"checkpoint does not fit {wanted} (expected torchvision {wanted} keys): "
-        + "; ".join(parts)
+    return f"checkpoint does not fit {wanted} (expected torchvision {wanted} keys): " + "; ".join(
+        parts
     )
-
