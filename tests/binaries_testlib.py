@@ -15,7 +15,8 @@ import h5py
 import numpy as np
 from absl import flags
 
-from twins_tf import run_config
+from twins_tf.training import flags as run_flags
+from twins_tf.training import model_dir as run_files
 
 REPO_ROOT = pathlib.Path(__file__).absolute().parent.parent
 
@@ -55,7 +56,7 @@ _CACHE = {}
 
 def settings(binary, args):
     """Settings of `python -m twins_tf.<binary> <args>`, parsed as the binary parses them."""
-    return run_config.settings_from_args(binary, args)
+    return run_flags.settings_from_args(binary, args)
 
 
 def evaluate_settings(args):
@@ -84,7 +85,7 @@ def finetune_run(tmp_path_factory):
     if "finetune" not in _CACHE:
         from twins_tf import train
 
-        pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+        pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
         model_dir = tmp_path_factory.mktemp("finetune") / "run"
         train.run(
             settings(

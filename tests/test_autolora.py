@@ -502,9 +502,11 @@ def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
 def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_path):
     """`train --method=autolora --lora_rank=2` on tiny digits; load_run and export give the
     main path (what the paper evaluates), identical to the trained model's main forward."""
-    from twins_tf import run_config, runs, serving, train
+    from twins_tf import serving, train
+    from twins_tf.training import model_dir as run_files
+    from twins_tf.training import runs
 
-    pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    pretrained = testlib.source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     model_dir = tmp_path / "run"
     args = [
         "--dataset=digits_5_9",
@@ -521,12 +523,12 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
     metrics = (model_dir / "metrics.csv").read_text()
     assert "natural_branch_acc" in metrics and "autolora_lambda1" in metrics
     assert summary["final"]["autolora_lr_scale"] == 1.0  # no window check before epoch 5
-    assert run_config.read_config(str(model_dir))["lora_rank"] == 2
+    assert run_files.read_config(str(model_dir))["lora_rank"] == 2
 
     loaded = runs.load_run(model_dir)
     assert not lora.lora_branches(loaded)
     trained = lora.add_lora(build_resnet("resnet18", 5, twin=False, input_shape=(16, 16, 3)), 2)
-    trained.load_weights(model_dir / run_config.BEST_WEIGHTS)
+    trained.load_weights(model_dir / run_files.BEST_WEIGHTS)
     assert any(np.asarray(b.lora_b).any() for b in lora.lora_branches(trained))
     x = np.random.default_rng(0).uniform(size=(4, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(loaded(x).numpy(), trained(x).numpy(), atol=1e-6)
@@ -543,9 +545,11 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
 def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory, tmp_path):
     """AutoLoRa stops when lr x scale < 1e-5 (the authors' rule): the run is then finished,
     a restart with the same flags trains nothing, and more epochs are refused."""
-    from twins_tf import run_config, train
+    from twins_tf import train
+    from twins_tf.training import model_dir as run_files
+    from twins_tf.training.settings import SetupError
 
-    pretrained = testlib.source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    pretrained = testlib.source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     model_dir = tmp_path / "run"
     args = [
         "--dataset=digits_5_9",

@@ -22,7 +22,8 @@ from binaries_testlib import (
     source_run,
 )
 
-from twins_tf import comparison, evaluate, run_config
+from twins_tf import comparison, evaluate
+from twins_tf.training import model_dir as run_files
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
 T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
@@ -158,7 +159,7 @@ def test_settings_hash_ignores_locations_but_not_what_is_learnt():
 
 
 def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_path):
-    pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     base = settings("train", [*FINETUNE_ARGS, "--epochs=1", f"--pretrained={pretrained}"])
     grid = dict(
         methods=["at", "twins_at"],
@@ -173,7 +174,7 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
     for method in ("at", "twins_at"):
         for seed in (0, 1):
             run = tmp_path / "runs" / f"{method}_seed{seed}"
-            config = run_config.read_config(run)
+            config = run_files.read_config(run)
             assert (config["method"], config["seed"]) == (method, seed)
             stored = json.loads((run / comparison.EVALUATION_FILE).read_text())
             cell = summary["methods"][method]["pgd2"]
@@ -418,7 +419,7 @@ def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
 @pytest.mark.slow
 def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_path):
     """A grid of a method and a variant with an init stage, and the variant's wise(...) row."""
-    pretrained = source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     base = settings("train", [*FINETUNE_ARGS, "--epochs=1", f"--pretrained={pretrained}"])
     # AT, not TWINS-AT: a probed head on the tiny two-epoch source makes its Frozen wing diverge.
     variant = "at+init=robust_linear_probe+init_epochs=1"
@@ -442,10 +443,10 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
     }
     for seed in (0, 1):
         run = tmp_path / "runs" / f"{dirs['at']}_seed{seed}"
-        config = run_config.read_config(run)
+        config = run_files.read_config(run)
         assert (config["method"], config["seed"], config["init"]) == ("at", seed, "random")
         run = tmp_path / "runs" / f"{dirs[variant]}_seed{seed}"
-        config = run_config.read_config(run)
+        config = run_files.read_config(run)
         assert (config["method"], config["seed"]) == ("at", seed)
         assert (config["init"], config["init_epochs"]) == ("robust_linear_probe", 1)
         interpolation = json.loads(

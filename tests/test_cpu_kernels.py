@@ -1,4 +1,4 @@
-"""`import twins_tf` turns TensorFlow's oneDNN kernels on (twins_tf.cpu_kernels), and
+"""`import twins_tf` turns TensorFlow's oneDNN kernels on (twins_tf.platform.cpu_kernels), and
 keras_private.onednn_enabled reads TensorFlow's choice.
 
 Each case is a fresh interpreter: TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import,
@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from twins_tf import cpu_kernels
+from twins_tf.platform import cpu_kernels
 
 REPORT = (
     "import os, warnings; warnings.simplefilter('always'); {first}; "
-    "from twins_tf import keras_private; "
+    "from twins_tf.platform import keras_private; "
     "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), keras_private.onednn_enabled())"
 )
 
@@ -50,7 +50,7 @@ def test_tensorflow_imported_first_warns_only_when_onednn_is_off():
     """On a CPU where TensorFlow turns oneDNN on by itself (AVX512_VNNI / BF16 / AMX) there is
     nothing to say; on the others (this project's AVX2 machines) the warning gives the fix."""
     bare, _ = _python(
-        "import tensorflow; from twins_tf import keras_private; "
+        "import tensorflow; from twins_tf.platform import keras_private; "
         "print('-', keras_private.onednn_enabled())",
         None,
     )

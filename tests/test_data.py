@@ -502,13 +502,13 @@ FLAGS_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "flags")
 def test_flagfiles_parse_with_the_train_flags_and_follow_the_spec():
     from absl import flags
 
-    from twins_tf import run_config
+    from twins_tf.training import flags as run_flags
 
     files = sorted(f for f in os.listdir(FLAGS_DIR) if f.endswith(".flags"))
     datasets = set()
     for name in files:
         values = flags.FlagValues()
-        run_config.define_flags(values, "train")
+        run_flags.define_flags(values, "train")
         values(["train", f"--flagfile={os.path.join(FLAGS_DIR, name)}"])
         spec = data.get_dataset_spec(values.dataset)
         datasets.add(spec.name)

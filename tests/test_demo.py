@@ -18,7 +18,9 @@ import tensorflow as tf
 from binaries_testlib import REPO_ROOT, subprocess_env
 
 from twins_tf import data as data_lib
-from twins_tf import demo, run_config
+from twins_tf import demo
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import SetupError
 
 SEEDS = (0, 1)
 
@@ -76,7 +78,7 @@ def test_report_html_and_results_json(quick_demo):
     assert page.count("data:image/png;base64,") == 3
     for method in ("at", "twins_at"):
         for seed in SEEDS:
-            config = run_config.read_config(output_dir / "runs" / f"{method}_seed{seed}")
+            config = run_files.read_config(output_dir / "runs" / f"{method}_seed{seed}")
             assert (config["dataset"], config["method"], config["seed"]) == (
                 "digits_5_9",
                 method,
@@ -91,7 +93,7 @@ def test_report_html_and_results_json(quick_demo):
                 card["clean_acc"]
                 == _evaluation(output_dir, method, seed)["results"]["clean"]["accuracy"]
             )
-    source = run_config.read_config(output_dir / "source_at")
+    source = run_files.read_config(output_dir / "source_at")
     assert (source["dataset"], source["method"], source["twin"]) == ("digits_0_4", "at", False)
 
 
@@ -105,7 +107,7 @@ def test_exported_model_serves_the_twins_model(quick_demo):
     images = np.stack([x.numpy() for x, _ in data_lib.load_splits(spec).test.take(32)])
     run = output_dir / "runs" / "twins_at_seed0"
     keras_model = build_resnet("resnet18", 5, twin=True, input_shape=(16, 16, 3))
-    weights.load_pretrained(keras_model, str(run / run_config.BEST_WEIGHTS), head=True)
+    weights.load_pretrained(keras_model, str(run / run_files.BEST_WEIGHTS), head=True)
     np.testing.assert_allclose(
         served(images=tf.constant(images))["logits"].numpy(),
         keras_model(images, training=False).numpy(),
@@ -142,7 +144,7 @@ def test_a_second_run_reuses_the_finished_steps(quick_demo, capsys):
     ],
 )
 def test_rejects_bad_choices(tmp_path, methods, seeds, message):
-    with pytest.raises(run_config.SetupError, match=message):
+    with pytest.raises(SetupError, match=message):
         demo.run_demo(str(tmp_path), methods=methods, seeds=seeds, quick=True)
     assert not any(tmp_path.iterdir())
 

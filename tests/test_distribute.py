@@ -1,4 +1,4 @@
-"""Tests of twins_tf.distribute: strategies by name and the errors for a wrong environment.
+"""Tests of twins_tf.training.distribute: strategies by name and the errors for a wrong environment.
 
 The multi-worker strategy itself is exercised with two worker processes by the train tests;
 here only TF_CONFIG validation runs (creating the strategy must happen at program start).
@@ -9,7 +9,7 @@ import json
 import pytest
 import tensorflow as tf
 
-from twins_tf import distribute
+from twins_tf.training import distribute
 
 
 def test_default_strategy_is_the_current_one():

@@ -13,9 +13,10 @@ import tensorflow as tf
 from binaries_testlib import evaluate_settings, finetune_run, source_run
 
 from twins_tf import data as data_lib
-from twins_tf import evaluate, run_config
+from twins_tf import evaluate
 from twins_tf.models.resnet import build_resnet
-from twins_tf.run_config import SetupError
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import SetupError
 
 EXAMPLES = 48
 
@@ -55,14 +56,14 @@ def _reference_accuracies(model, images, labels, eps, step, steps):
 
 
 def _model_of_run(model_dir, *, twin):
-    config = run_config.read_config(model_dir)
+    config = run_files.read_config(model_dir)
     model = build_resnet(
         config["arch"],
         config["num_classes"],
         twin=twin,
         input_shape=(config["image_size"], config["image_size"], 3),
     )
-    model.load_weights(model_dir / run_config.BEST_WEIGHTS)
+    model.load_weights(model_dir / run_files.BEST_WEIGHTS)
     return config, model
 
 
@@ -330,7 +331,7 @@ def _copy_of_run(source, model_dir, **config_changes):
     import shutil
 
     model_dir.mkdir()
-    shutil.copy(source / run_config.BEST_WEIGHTS, model_dir / run_config.BEST_WEIGHTS)
+    shutil.copy(source / run_files.BEST_WEIGHTS, model_dir / run_files.BEST_WEIGHTS)
     config = json.loads((source / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, **config_changes}))
     return model_dir
@@ -340,7 +341,7 @@ def test_weights_holding_a_nan_are_refused(source, tmp_path):
     import h5py
 
     model_dir = _copy_of_run(source, tmp_path / "diverged")
-    with h5py.File(model_dir / run_config.BEST_WEIGHTS, "r+") as f:
+    with h5py.File(model_dir / run_files.BEST_WEIGHTS, "r+") as f:
         kernels = []
         f.visititems(
             lambda name, obj: (

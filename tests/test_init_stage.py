@@ -25,8 +25,9 @@ from binaries_testlib import (
 )
 from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
 
-from twins_tf import evaluate, run_config, runs, serving, train
-from twins_tf.training import init_stage, loop
+from twins_tf import evaluate, serving, train
+from twins_tf.training import init_stage, loop, runs
+from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import Settings, SetupError
 
 CLASSES = 5
@@ -126,7 +127,7 @@ def test_a_probe_step_matches_pytorch_and_leaves_the_backbone_alone(tmp_path, in
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    return source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    return source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
 
 
 @pytest.mark.slow  # ~40 s quiet, ~80 s on the shared machine: three tiny runs

@@ -21,10 +21,11 @@ import pytest
 from binaries_testlib import read_weights, run_binary, settings, source_run
 
 import twins_tf
-from twins_tf import interpolation, run_config
+from twins_tf import interpolation
 from twins_tf.interpolation import InterpolationRow, interpolate_runs, select_alpha
 from twins_tf.layers import twin_layers
 from twins_tf.models.resnet import build_resnet
+from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 from twins_tf.twinify import twinify
 
@@ -44,15 +45,15 @@ def _keras_model(model_dir, twin=None):
     """The run's network loaded by Keras's `load_weights` (no twins_tf loading code)."""
     config = json.loads((model_dir / "config.json").read_text())
     model = _build(config, config["twin"] if twin is None else twin)
-    model.load_weights(model_dir / run_config.BEST_WEIGHTS)
+    model.load_weights(model_dir / run_files.BEST_WEIGHTS)
     return model
 
 
 def _write_run(model_dir, config, model):
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps({**config, "model_dir": str(model_dir)}))
-    model.save_weights(model_dir / run_config.BEST_WEIGHTS)
-    model.save_weights(model_dir / run_config.LAST_WEIGHTS)
+    model.save_weights(model_dir / run_files.BEST_WEIGHTS)
+    model.save_weights(model_dir / run_files.LAST_WEIGHTS)
 
 
 def _fit_head_on_validation(model, config):
@@ -128,9 +129,9 @@ def test_written_weights_are_numpy_interpolation_of_every_variable(runs, tmp_pat
         runs["a"], runs["b"], tmp_path / "out", alphas=[alpha], validation_examples=8, verbose=0
     )
     assert result.best_alpha == alpha
-    a = read_weights(runs["a"] / run_config.BEST_WEIGHTS)
-    b = read_weights(runs["b"] / run_config.BEST_WEIGHTS)
-    out = read_weights(tmp_path / "out" / run_config.BEST_WEIGHTS)
+    a = read_weights(runs["a"] / run_files.BEST_WEIGHTS)
+    b = read_weights(runs["b"] / run_files.BEST_WEIGHTS)
+    out = read_weights(tmp_path / "out" / run_files.BEST_WEIGHTS)
     assert sorted(out) == sorted(a) == sorted(b)
     # a BatchNormalization's vars are gamma, beta, moving mean, moving variance: 2 and 3 here
     assert any("batch_normalization" in key and key.endswith("vars/3") for key in out)
@@ -307,7 +308,7 @@ def _one_line(error):
 def test_runs_that_do_not_match_are_refused_in_one_line(runs, tmp_path, key, value):
     other = tmp_path / "other"
     other.mkdir()
-    shutil.copy(runs["b"] / run_config.BEST_WEIGHTS, other / run_config.BEST_WEIGHTS)
+    shutil.copy(runs["b"] / run_files.BEST_WEIGHTS, other / run_files.BEST_WEIGHTS)
     (other / "config.json").write_text(json.dumps({**runs["config"], key: value}))
     with pytest.raises(
         SetupError,

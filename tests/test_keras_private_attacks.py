@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 
 
 @pytest.fixture

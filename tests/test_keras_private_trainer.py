@@ -1,4 +1,4 @@
-"""Pins the private tf.data and Keras behaviour the trainer relies on (twins_tf.keras_private,
+"""Pins the private tf.data and Keras behaviour the trainer relies on (keras_private,
 "serialisation and the trainer" section): a TensorFlow or Keras upgrade that changes it fails
 here, not in a user's first epoch.
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 
 
 def _examples(count):

@@ -1,7 +1,7 @@
 """Pins the Keras / TensorFlow internals the training side relies on (keras_private, training).
 
 Each test runs the real Keras or TensorFlow code and checks the behaviour a
-`twins_tf.keras_private` function documents, so a Keras upgrade that changes it fails here:
+`twins_tf.platform.keras_private` function documents, so a Keras upgrade that changes it fails here:
 BackupAndRestore's file names and metadata format (what `training.backup` repairs), the op
 determinism getter and the way back, and the two trainer internals the multi-worker fixes
 replace, which must be Keras's own again once the fixes' scope is left (also after a run).
@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 from binaries_testlib import SOURCE_ARGS, settings
 
-from twins_tf import keras_private, multi_worker
-from twins_tf.training import backup, loop
+from twins_tf.platform import keras_private
+from twins_tf.training import backup, loop, multi_worker
 
 
 def _tiny_model():

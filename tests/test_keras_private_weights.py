@@ -1,4 +1,4 @@
-"""Pins the Keras weights-file behaviour twins_tf.keras_private's models-and-weights part uses.
+"""Pins the Keras weights-file behaviour keras_private's models-and-weights part uses.
 
 If an upgrade of Keras changes how `save_weights` names its HDF5 groups or how `load_weights`
 reports a file that does not fit, these fail first, rather than `load_pretrained` misreading
@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import pytest
 
-from twins_tf import keras_private
 from twins_tf.layers import TwinBatchNormalization
+from twins_tf.platform import keras_private
 
 
 def _model(convs, *, twin=True):

@@ -12,8 +12,10 @@ import pytest
 from absl import flags
 from binaries_testlib import SOURCE_ARGS, evaluate_settings, read_weights, settings, source_run
 
-from twins_tf import pretrain, run_config
+from twins_tf import pretrain
 from twins_tf.models.resnet import build_resnet
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import SetupError
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def source(tmp_path_factory):
 
 
 def _metrics(model_dir):
-    with open(model_dir / run_config.METRICS_FILE, newline="") as f:
+    with open(model_dir / run_files.METRICS_FILE, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -124,7 +126,7 @@ def test_a_second_start_finds_the_run_finished_and_changes_nothing(source, capsy
 
 
 def test_refuses_twin_methods_and_has_no_pretrained_flag(tmp_path):
-    with pytest.raises(run_config.SetupError, match="use python -m twins_tf.train"):
+    with pytest.raises(SetupError, match="use python -m twins_tf.train"):
         pretrain.run(
             settings(
                 "pretrain", [*SOURCE_ARGS, "--method=twins_at", f"--model_dir={tmp_path / 'run'}"]

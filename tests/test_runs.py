@@ -13,9 +13,9 @@ import pytest
 from binaries_testlib import finetune_run, source_run
 
 import twins_tf
-from twins_tf import run_config
 from twins_tf.layers import twin_layers
 from twins_tf.models.resnet import build_resnet
+from twins_tf.training import model_dir as run_files
 
 
 def _keras_loaded(model_dir, weights_file):
@@ -34,7 +34,7 @@ def _keras_loaded(model_dir, weights_file):
 
 @pytest.mark.parametrize("which", ["source", "finetune"])
 @pytest.mark.parametrize(
-    "weights, weights_file", [("best", run_config.BEST_WEIGHTS), ("last", run_config.LAST_WEIGHTS)]
+    "weights, weights_file", [("best", run_files.BEST_WEIGHTS), ("last", run_files.LAST_WEIGHTS)]
 )
 def test_load_run_gives_the_run_model_with_its_weights(
     tmp_path_factory, which, weights, weights_file
@@ -63,18 +63,18 @@ def test_best_and_last_are_the_files_they_name(tmp_path_factory, tmp_path):
     source = source_run(tmp_path_factory)
     model_dir = tmp_path / "run"
     model_dir.mkdir()
-    for name in ("config.json", run_config.BEST_WEIGHTS):
+    for name in ("config.json", run_files.BEST_WEIGHTS):
         shutil.copy(source / name, model_dir / name)
-    later, size = _keras_loaded(source, run_config.BEST_WEIGHTS)
+    later, size = _keras_loaded(source, run_files.BEST_WEIGHTS)
     rng = np.random.default_rng(1)
     for variable in later.trainable_weights:
         variable.assign(variable.numpy() * rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
-    later.save_weights(model_dir / run_config.LAST_WEIGHTS)
+    later.save_weights(model_dir / run_files.LAST_WEIGHTS)
 
     images = np.random.default_rng(2).random((4, size, size, 3)).astype("float32")
     for weights, weights_file in (
-        ("best", run_config.BEST_WEIGHTS),
-        ("last", run_config.LAST_WEIGHTS),
+        ("best", run_files.BEST_WEIGHTS),
+        ("last", run_files.LAST_WEIGHTS),
     ):
         reference, _ = _keras_loaded(model_dir, weights_file)
         np.testing.assert_allclose(
@@ -129,7 +129,7 @@ def test_weights_of_the_other_bn_kind_are_refused(tmp_path_factory, tmp_path):
     """load_pretrained converts plain <-> twin for fine-tuning; a run's model must not be
     converted, or export ships another network (same arch and head, other BN) without a word."""
     model_dir = finetune_run(tmp_path_factory)  # a twin run
-    twin_model, _ = _keras_loaded(model_dir, run_config.BEST_WEIGHTS)
+    twin_model, _ = _keras_loaded(model_dir, run_files.BEST_WEIGHTS)
     plain_file = tmp_path / "plain.weights.h5"
     twins_tf.untwin(twin_model).save_weights(plain_file)
     with pytest.raises(

@@ -31,14 +31,15 @@ from binaries_testlib import (
     subprocess_env,
 )
 
-from twins_tf import run_callbacks, run_config, train
-from twins_tf.run_config import SetupError
-from twins_tf.training import trainer_setup
+from twins_tf import train
+from twins_tf.training import model_dir as run_files
+from twins_tf.training import run_callbacks, trainer_setup
+from twins_tf.training.settings import Settings, SetupError
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    return source_run(tmp_path_factory) / run_config.BEST_WEIGHTS
+    return source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +197,8 @@ def test_refuses_a_model_dir_with_run_files_but_no_config(tmp_path, pretrained):
 def test_location_and_execution_flags_may_change_between_restarts():
     stored = {"lr": 0.1, "data_dir": "/a", "strategy": "default", "jit_compile": "auto"}
     now = {"lr": 0.1, "data_dir": "/b", "strategy": "mirrored", "jit_compile": "false"}
-    assert run_config.differing_keys(stored, now) == []
-    assert run_config.differing_keys(stored, {**now, "lr": 0.2}) == ["lr"]
+    assert run_files.differing_keys(stored, now) == []
+    assert run_files.differing_keys(stored, {**now, "lr": 0.2}) == ["lr"]
 
 
 def test_command_line_error_is_one_line_and_nonzero(tmp_path):
@@ -229,7 +230,7 @@ def _flagfile_values(path):
     "flagfile", sorted((REPO_ROOT / "flags").glob("*.flags")), ids=lambda p: p.stem
 )
 def test_every_shipped_flagfile_is_a_valid_train_configuration(flagfile):
-    checked = run_config.check_settings(
+    checked = _checked_settings(
         settings(
             "train",
             [f"--flagfile={flagfile}", "--model_dir=unused", "--pretrained=source.weights.h5"],
@@ -415,7 +416,7 @@ def _strict_json(path):
 
 def test_json_writer_writes_non_finite_numbers_as_null(tmp_path):
     path = tmp_path / "report.json"
-    run_config.write_json(
+    run_files.write_json(
         path,
         {
             "loss": float("nan"),
@@ -439,18 +440,18 @@ def test_a_twin_method_without_pretrained_weights_is_refused(tmp_path):
             f"--method={method} fine-tunes a pre-trained model but no --pretrained was given",
         )
         assert "--allow_random_init" in message
-    checked = run_config.check_settings(
+    checked = _checked_settings(
         settings("train", [*FINETUNE_ARGS, "--allow_random_init", f"--model_dir={model_dir}"])
     )
     assert checked["twin"] and checked["pretrained"] is None
-    run_config.check_settings(
+    _checked_settings(
         settings("train", [*FINETUNE_ARGS, "--method=at", f"--model_dir={model_dir}"])
     )  # plain: fine
 
 
 def test_paths_in_the_settings_are_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    checked = run_config.check_settings(
+    checked = _checked_settings(
         settings(
             "train",
             [
@@ -725,36 +726,36 @@ def test_resume_epoch_and_repair_of_a_backup_killed_while_written(tmp_path):
     backup = tmp_path / "backup"
     _backup_pair(backup, 1, suffix=".bkp")
     _backup_pair(backup, 2)
-    assert run_config.resume_epoch(tmp_path) == 2  # both pairs whole: the latest
+    assert backup.resume_epoch(tmp_path) == 2  # both pairs whole: the latest
     # weights cut short (2 of 3 arrays), metadata not yet rewritten: epoch 1's pair
     _backup_pair(backup, 2, arrays=2)
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 1}))
-    assert run_config.resume_epoch(tmp_path) == 1
-    run_config.repair_backup(tmp_path)
+    assert backup.resume_epoch(tmp_path) == 1
+    backup.repair_backup(tmp_path)
     restored = read_weights(backup / "latest.weights.h5")
     assert sorted(restored) == [f"layers/dense/vars/{i}" for i in range(3)]
     assert all(np.all(v == 1) for v in restored.values())
     # weights whole, metadata half written
     _backup_pair(backup, 2)
     (backup / "training_metadata.json").write_text('{"epo')
-    assert run_config.resume_epoch(tmp_path) == 1
+    assert backup.resume_epoch(tmp_path) == 1
     # the first backup cut short: nothing to resume, start from epoch 0
     for p in backup.iterdir():
         p.unlink()
     (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
-    assert run_config.resume_epoch(tmp_path) == 0
-    run_config.repair_backup(tmp_path)
+    assert backup.resume_epoch(tmp_path) == 0
+    backup.repair_backup(tmp_path)
     assert not (backup / "latest.weights.h5").exists()
     # a broken latest pair and no previous one: refused, not silently restarted
     (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3}))
     with pytest.raises(SetupError, match="is broken .* no usable previous backup: delete"):
-        run_config.resume_epoch(tmp_path)
+        backup.resume_epoch(tmp_path)
 
 
 def test_a_run_written_before_the_validation_and_random_init_flags_still_resumes(tmp_path):
     model_dir = tmp_path / "run"
-    checked = run_config.check_settings(
+    checked = _checked_settings(
         settings("train", [*FINETUNE_ARGS, "--pretrained=x.weights.h5", f"--model_dir={model_dir}"])
     )
     older = {
@@ -762,10 +763,10 @@ def test_a_run_written_before_the_validation_and_random_init_flags_still_resumes
         for k, v in checked.items()
         if k not in ("validation", "allow_random_init", "skip_bad_images")
     }
-    run_config.write_config(model_dir, older)
-    assert run_config.check_model_dir(str(model_dir), checked) == "resume"
+    run_files.write_config(model_dir, older)
+    assert run_files.check_model_dir(str(model_dir), checked) == "resume"
     with pytest.raises(SetupError, match="validation: 'carve' in the run, 'none' now"):
-        run_config.check_model_dir(str(model_dir), {**checked, "validation": "none"})
+        run_files.check_model_dir(str(model_dir), {**checked, "validation": "none"})
 
 
 def test_a_deterministic_run_leaves_op_determinism_as_it_found_it(tmp_path, pretrained):
@@ -782,3 +783,8 @@ def test_a_deterministic_run_leaves_op_determinism_as_it_found_it(tmp_path, pret
             verbose=0,
         )
     assert not tf_config.is_op_determinism_enabled()
+
+
+def _checked_settings(settings):
+    """The settings dict config.json stores: every value checked, dataset defaults filled in."""
+    return Settings.from_dict(settings).to_dict()

@@ -7,7 +7,7 @@ not need PyTorch or tensorflow-datasets never import them.
 import importlib
 
 # Before anything imports TensorFlow: oneDNN's CPU kernels on every x86 CPU (cpu_kernels).
-from twins_tf import cpu_kernels
+from twins_tf.platform import cpu_kernels
 
 cpu_kernels.prefer_onednn()
 
@@ -28,7 +28,6 @@ _LAZY_SUBMODULES = (
     "lora",
     "methods",
     "models",
-    "runs",
     "trainer",
     "training",
     "weights",
@@ -40,8 +39,8 @@ def __getattr__(name):
         return importlib.import_module(f"twins_tf.{name}")
     if name == "AdversarialTrainer":
         return importlib.import_module("twins_tf.trainer").AdversarialTrainer
-    if name == "load_run":  # the model of a train/pretrain run (twins_tf.runs)
-        return importlib.import_module("twins_tf.runs").load_run
+    if name == "load_run":  # the model of a train/pretrain run (twins_tf.training.runs)
+        return importlib.import_module("twins_tf.training.runs").load_run
     if name == "interpolate_runs":  # WiSE-FT between two runs (twins_tf.interpolation)
         return importlib.import_module("twins_tf.interpolation").interpolate_runs
     raise AttributeError(f"module 'twins_tf' has no attribute {name!r}")

@@ -150,7 +150,7 @@ def interpolation_args(alphas, select, validation_examples):
 
 def main(argv):
     from twins_tf import comparison
-    from twins_tf.run_callbacks import DivergenceError
+    from twins_tf.training.run_callbacks import DivergenceError
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -296,7 +296,7 @@ def _interpolate_one(model_dir_a, model_dir_b, output_dir, interpolation_args, v
 
 def _result(name, seed, model_dir, evaluation_args, autoattack_args, log, interpolation=None):
     """The `RunResult` of a finished run dir: its evaluation(s), metrics and config."""
-    from twins_tf import run_callbacks
+    from twins_tf.training import run_callbacks
 
     evaluation = _evaluate_one(model_dir, evaluation_args, log)
     if autoattack_args:

@@ -106,7 +106,7 @@ def main(argv):
     from absl import logging
 
     from twins_tf.compare import parse_seeds
-    from twins_tf.run_callbacks import DivergenceError
+    from twins_tf.training.run_callbacks import DivergenceError
 
     # Many runs in one process: keep TensorFlow's retracing notes and SavedModel chatter out
     # of the demo's output (errors still show).

@@ -152,7 +152,7 @@ def check_alphas(alphas):
 
 
 def _source_config(model_dir, name):
-    from twins_tf import runs
+    from twins_tf.training import runs
 
     try:
         config = runs.read_run_config(model_dir)
@@ -257,8 +257,8 @@ def _result_from_record(record, output_dir):
 def plain_network(model_dir):
     """The network of the run in `model_dir` as it is evaluated: `load_run`'s best weights,
     through `untwin` when the run is a twin one (its Adaptive wing)."""
-    from twins_tf import runs
     from twins_tf.layers import twin_layers
+    from twins_tf.training import runs
     from twins_tf.twinify import untwin
 
     try:

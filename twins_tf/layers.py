@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 
 TWIN = "twin"
 FROZEN = "frozen"

@@ -35,7 +35,7 @@ import threading
 import keras
 import numpy as np
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 
 _SWITCH = threading.local()
 

@@ -146,7 +146,7 @@ def export_run(model_dir, output_dir, *, weights=None):
       ValueError: the config lacks a key the model needs, or the weights do not fit or hold
         a NaN or infinity.
     """
-    from twins_tf import runs
+    from twins_tf.training import runs
 
     config = runs.read_run_config(model_dir)
     model = runs.load_run(model_dir, weights or "best")

@@ -68,7 +68,7 @@ def main_for(binary):
     def main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        from twins_tf.run_callbacks import DivergenceError
+        from twins_tf.training.run_callbacks import DivergenceError
 
         try:
             run(settings_from_flags(flags.FLAGS, binary))

@@ -54,11 +54,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from twins_tf import keras_private
 from twins_tf import lora as lora_lib
 from twins_tf import methods as methods_lib
 from twins_tf.attacks.pgd import PGD
 from twins_tf.layers import TWIN, twin_layers
+from twins_tf.platform import keras_private
 
 
 @keras.saving.register_keras_serializable(package="twins_tf")

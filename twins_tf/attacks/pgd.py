@@ -42,8 +42,8 @@ import random
 import keras
 import tensorflow as tf
 
-from twins_tf import keras_private
 from twins_tf.attacks import _lp, base
+from twins_tf.platform import keras_private
 
 NORMS = _lp.NORMS
 

@@ -187,8 +187,9 @@ def load_model(settings):
     Raises:
       SetupError: the weights file is corrupt or of another architecture or head size.
     """
-    from twins_tf import run_callbacks, weights
+    from twins_tf import weights
     from twins_tf.models.resnet import build_resnet
+    from twins_tf.training import run_callbacks
 
     s = settings
     model = build_resnet(

@@ -5,13 +5,13 @@ then the metadata.  It falls back to the copy only when the weights file does no
 kill can also leave one that opens but is cut short (fewer arrays), or a half-written
 metadata file, on which Keras crashes.  `repair_backup` puts the copy back in those cases, and
 `resume_epoch` says which epoch a restart continues from.  The file names and format are
-Keras's (`twins_tf.keras_private.backup_file_names`).
+Keras's (`twins_tf.platform.keras_private.backup_file_names`).
 """
 
 import os
 import shutil
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 from twins_tf.training.settings import SetupError
 
 BACKUP_DIR = "backup"

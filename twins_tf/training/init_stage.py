@@ -112,7 +112,7 @@ def load_head(model, init_dir, *, strategy=None):
     backbone of `model`, the source's, is left as it is)."""
     import contextlib
 
-    from twins_tf import runs
+    from twins_tf.training import runs
 
     probe = runs.load_run(init_dir, "best")
     with strategy.scope() if strategy is not None else contextlib.nullcontext():

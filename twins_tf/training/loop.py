@@ -69,7 +69,7 @@ def prepare(settings):
     import tensorflow as tf
 
     from twins_tf import data as data_lib
-    from twins_tf import distribute, multi_worker
+    from twins_tf.training import distribute, multi_worker
 
     s = as_settings(settings)
     if s.deterministic:
@@ -137,7 +137,7 @@ def _callbacks(prepared, validation_ds, train_ds):
     """The run's callbacks, in the order they must run, and the BestWeights one among them."""
     import keras
 
-    from twins_tf import run_callbacks
+    from twins_tf.training import run_callbacks
 
     s, out = prepared.settings, prepared.output_dir
     probe = None
@@ -187,7 +187,7 @@ def fit(prepared, *, verbose="auto"):
       run_callbacks.DivergenceError: the loss or the weights became non-finite; the weights
         files keep the last finite epoch.
     """
-    from twins_tf import multi_worker, run_callbacks
+    from twins_tf.training import multi_worker, run_callbacks
 
     s, out = prepared.settings, prepared.output_dir
     start_epoch = 0
@@ -262,7 +262,7 @@ def run(settings, *, verbose="auto"):
     """
     import keras
 
-    from twins_tf import keras_private
+    from twins_tf.platform import keras_private
 
     # --mixed_precision sets the global dtype policy and --deterministic TensorFlow's global
     # op determinism: both are put back, so the next run in this process gets only its own.

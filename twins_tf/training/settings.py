@@ -17,9 +17,9 @@ import dataclasses
 import os
 
 from twins_tf import data as data_lib
-from twins_tf import distribute
 from twins_tf import methods as methods_lib
 from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.training import distribute
 
 TRAIN = "train"
 PRETRAIN = "pretrain"

@@ -11,9 +11,10 @@ import os
 
 import keras
 
-from twins_tf import bn_wings, keras_private
+from twins_tf import bn_wings
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.models.resnet import ARCHITECTURES, build_resnet
+from twins_tf.platform import keras_private
 from twins_tf.weights.architectures import conv_layer_count, infer_arch, weighted_layers
 from twins_tf.weights.errors import CheckpointError
 

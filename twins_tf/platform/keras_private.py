@@ -74,7 +74,7 @@ def disable_op_determinism():
 
 
 # oneDNN: TensorFlow says at import whether its oneDNN kernels are on, but has no public
-# getter; twins_tf.cpu_kernels warns when they are off because TensorFlow came first.
+# getter; twins_tf.platform.cpu_kernels warns when they are off because TensorFlow came first.
 def onednn_enabled():
     """Whether this process's TensorFlow runs oneDNN's CPU kernels (imports TensorFlow).
 
@@ -88,7 +88,7 @@ def onednn_enabled():
 
 
 # Multi-worker: Keras 3.15's TensorFlow trainer breaks under MultiWorkerMirroredStrategy in
-# two places (see twins_tf.multi_worker); the fix replaces two of its internals while `fit`
+# two places (see twins_tf.training.multi_worker); the fix replaces two of its internals while `fit`
 # runs and puts Keras's own back afterwards.
 def in_multi_worker_mode(strategy):
     """Whether `strategy` is a MultiWorkerMirroredStrategy spanning more than one worker.

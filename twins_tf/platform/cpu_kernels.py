@@ -30,7 +30,7 @@ def prefer_onednn():
     if "tensorflow" not in sys.modules:
         os.environ[ENV] = "1"
         return
-    from twins_tf import keras_private
+    from twins_tf.platform import keras_private
 
     if not keras_private.onednn_enabled():
         warnings.warn(

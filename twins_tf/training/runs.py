@@ -77,9 +77,9 @@ def load_run(model_dir, weights="best"):
       ValueError: the config lacks a key the network needs, or the weights do not fit it or
         hold a NaN or infinity (a diverged run).
     """
-    from twins_tf import run_callbacks
     from twins_tf import weights as weights_lib
     from twins_tf.models.resnet import build_resnet
+    from twins_tf.training import run_callbacks
 
     config = read_run_config(model_dir)
     path = run_weights_path(model_dir, weights)

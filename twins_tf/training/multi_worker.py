@@ -15,7 +15,7 @@ fixed while `fit` runs under a multi-worker strategy (`with keras_fixes_for(stra
   * every step's metrics go through `strategy.reduce("MEAN", value, axis=0)`, which fails for
     the scalar metrics a train step returns ("Invalid reduction dimension 0 for input with 0
     dimensions").  The fix reduces scalars with `axis=None` (the mean over replicas).
-The fixes replace Keras internals (`twins_tf.keras_private.multi_worker_trainer_fixes`) only
+The fixes replace Keras internals (`keras_private.multi_worker_trainer_fixes`) only
 inside the `with` block and put Keras's own back on leaving it, so other models trained in
 the process never run with them.
 No other library fixes this: it is Keras's own multi-worker path.
@@ -25,7 +25,7 @@ import contextlib
 import os
 import warnings
 
-from twins_tf import keras_private
+from twins_tf.platform import keras_private
 
 in_multi_worker_mode = keras_private.in_multi_worker_mode
 

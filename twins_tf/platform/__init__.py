@@ -1,0 +1,7 @@
+"""What twins_tf needs from the platform beneath it, kept apart from the method's code.
+
+    cpu_kernels    oneDNN's CPU kernels on every x86 CPU (set before TensorFlow is imported)
+    keras_private  the Keras and TensorFlow internals twins_tf relies on, each pinned by a test
+
+Nothing here imports the rest of twins_tf, and importing this package imports no TensorFlow.
+"""
