@@ -1,4 +1,4 @@
-"""Where a twins_tf training step's time goes: a TensorFlow profiler op breakdown (issue 11).
+"""Where a twins_tf training step's time goes: a TensorFlow profiler op breakdown.
 
     python benchmarks/profile_step.py                       # ResNet-18 AT, 64 px, batch 32, PGD-3
     python benchmarks/profile_step.py --method twins_at --arch resnet50

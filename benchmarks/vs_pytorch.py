@@ -1,4 +1,4 @@
-"""One training step of twins_tf against a plain PyTorch PGD-AT / TRADES step (issue 11).
+"""One training step of twins_tf against a plain PyTorch PGD-AT / TRADES step.
 
     python benchmarks/vs_pytorch.py            # 24 processes; see "Cost" below
     python benchmarks/vs_pytorch.py --archs resnet18 --rounds 5

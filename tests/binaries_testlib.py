@@ -72,10 +72,10 @@ def evaluate_settings(args):
 def source_run(tmp_path_factory):
     """model_dir of a finished tiny `pretrain` run (PGD-AT on digits 0-4), made once."""
     if "source" not in _CACHE:
-        from twins_tf import pretrain
+        from twins_tf.training import loop
 
         model_dir = tmp_path_factory.mktemp("source") / "run"
-        pretrain.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={model_dir}"]), verbose=0)
+        loop.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={model_dir}"]), verbose=0)
         _CACHE["source"] = model_dir
     return _CACHE["source"]
 
@@ -83,11 +83,11 @@ def source_run(tmp_path_factory):
 def finetune_run(tmp_path_factory):
     """model_dir of a finished tiny TWINS-AT `train` run from the source run, made once."""
     if "finetune" not in _CACHE:
-        from twins_tf import train
+        from twins_tf.training import loop
 
         pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
         model_dir = tmp_path_factory.mktemp("finetune") / "run"
-        train.run(
+        loop.run(
             settings(
                 "train", [*FINETUNE_ARGS, f"--pretrained={pretrained}", f"--model_dir={model_dir}"]
             ),

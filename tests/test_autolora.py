@@ -54,22 +54,6 @@ class TorchLoRAConv(nn.Module):
         return F.conv2d(x, weight, None, self.conv.stride, self.conv.padding)
 
 
-class TorchBiasedBN(nn.BatchNorm2d):
-    """BatchNorm2d whose running variance takes the biased batch variance (Keras's EMA)."""
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        with torch.no_grad():
-            self.running_mean.mul_(0.9).add_(0.1 * mean)
-            self.running_var.mul_(0.9).add_(0.1 * var)
-        shape = (1, -1, 1, 1)
-        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * self.weight.view(
-            shape
-        ) + self.bias.view(shape)
-
-
 def _replace(net, kind, make):
     for name, module in list(net.named_modules()):
         if isinstance(module, kind) and name:
@@ -79,14 +63,7 @@ def _replace(net, kind, make):
 
 
 def torch_autolora_net(seed):
-    net = torch_resnet("resnet18", num_classes=CLASSES, seed=seed)
-
-    def biased(_, bn):
-        new = TorchBiasedBN(bn.num_features)
-        new.load_state_dict(bn.state_dict())
-        return new
-
-    _replace(net, nn.BatchNorm2d, biased)
+    net = torch_resnet("resnet18", num_classes=CLASSES, seed=seed)  # torchvision's BatchNorm2d
     _replace(
         net,
         nn.Conv2d,
@@ -227,7 +204,7 @@ def test_autolora_step_matches_the_authors_pytorch_step():
         np.testing.assert_allclose(before[key], value, atol=1e-6, err_msg=key)
 
     torch_loss, torch_adv = torch_autolora_step(net, x, y, lambda1, lambda2)
-    x_adv = tf.function(trainer.attack.attack)(wrapped, x, y)
+    x_adv = tf.function(trainer.attack)(wrapped, x, y)
     np.testing.assert_allclose(x_adv.numpy(), torch_adv, atol=1e-6)
     logs = trainer.train_on_batch(x, y, return_dict=True)
     np.testing.assert_allclose(logs["loss"], torch_loss, rtol=1e-4)
@@ -361,7 +338,7 @@ def paper_schedule(accuracies, max_epoch=60):
 
 
 def _run_schedule(accuracies):
-    from twins_tf.trainer import AUTOLORA_WINDOWS, autolora_schedule
+    from twins_tf.autolora import AUTOLORA_WINDOWS, autolora_schedule
 
     n = len(AUTOLORA_WINDOWS)
     state = dict(
@@ -502,9 +479,9 @@ def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
 def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_path):
     """`train --method=autolora --lora_rank=2` on tiny digits; load_run and export give the
     main path (what the paper evaluates), identical to the trained model's main forward."""
-    from twins_tf import serving, train
+    from twins_tf import serving
+    from twins_tf.training import loop, runs
     from twins_tf.training import model_dir as run_files
-    from twins_tf.training import runs
 
     pretrained = testlib.source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     model_dir = tmp_path / "run"
@@ -519,7 +496,7 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
         f"--pretrained={pretrained}",
         f"--model_dir={model_dir}",
     ]
-    summary = train.run(testlib.settings("train", args), verbose=0)
+    summary = loop.run(testlib.settings("train", args), verbose=0)
     metrics = (model_dir / "metrics.csv").read_text()
     assert "natural_branch_acc" in metrics and "autolora_lambda1" in metrics
     assert summary["final"]["autolora_lr_scale"] == 1.0  # no window check before epoch 5
@@ -545,7 +522,7 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
 def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory, tmp_path):
     """AutoLoRa stops when lr x scale < 1e-5 (the authors' rule): the run is then finished,
     a restart with the same flags trains nothing, and more epochs are refused."""
-    from twins_tf import train
+    from twins_tf.training import loop
     from twins_tf.training import model_dir as run_files
     from twins_tf.training.settings import SetupError
 
@@ -562,11 +539,11 @@ def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory,
         f"--pretrained={pretrained}",
         f"--model_dir={model_dir}",
     ]
-    summary = train.run(testlib.settings("train", args), verbose=0)
+    summary = loop.run(testlib.settings("train", args), verbose=0)
     assert (summary["epochs"], summary["trained_epochs"]) == (3, 1)
     files = testlib.file_snapshot(model_dir)
-    assert train.run(testlib.settings("train", args), verbose=0) == summary
+    assert loop.run(testlib.settings("train", args), verbose=0) == summary
     assert testlib.file_snapshot(model_dir) == files  # nothing trained or rewritten
     with pytest.raises(SetupError, match="stopped early after 1 of its 3 epochs"):
-        train.run(testlib.settings("train", [*args, "--epochs=4"]), verbose=0)
+        loop.run(testlib.settings("train", [*args, "--epochs=4"]), verbose=0)
     assert testlib.file_snapshot(model_dir) == files

@@ -22,8 +22,10 @@ from binaries_testlib import (
     source_run,
 )
 
-from twins_tf import comparison, evaluate
+from twins_tf import comparison
+from twins_tf.evaluation import evaluate
 from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import SetupError
 
 # Two-sided 95 % Student-t quantiles t(0.975, df), from a statistics table.
 T_975 = {1: 12.706204736174707, 2: 4.302652729911275, 3: 3.182446305284263}
@@ -183,7 +185,7 @@ def test_grid_trains_evaluates_and_reuses_finished_runs(tmp_path_factory, tmp_pa
             )
             assert stored["examples"] == 32
     assert (tmp_path / "report" / "report.html").is_file()
-    own = evaluate.evaluate(
+    own = evaluate(
         evaluate_settings(
             [
                 f"--model_dir={tmp_path / 'runs' / 'twins_at_seed1'}",
@@ -294,7 +296,7 @@ def test_a_variant_takes_values_as_the_train_flags_parse_them(tmp_path):
     ],
 )
 def test_bad_variants_are_refused_in_one_line_before_any_work(tmp_path, spelling, message):
-    with pytest.raises(comparison.SetupError) as error:
+    with pytest.raises(SetupError) as error:
         comparison.compare(
             _base(tmp_path), methods=["at", spelling], seeds=[0], baseline="at", output_dir=tmp_path
         )
@@ -315,7 +317,7 @@ def test_bad_variants_are_refused_in_one_line_before_any_work(tmp_path, spelling
 def test_interpolation_rows_need_a_variant_with_an_init_stage(
     tmp_path, methods, interpolate, message
 ):
-    with pytest.raises(comparison.SetupError, match=re.escape(message)):
+    with pytest.raises(SetupError, match=re.escape(message)):
         comparison.compare(
             _base(tmp_path),
             methods=methods,
@@ -329,7 +331,7 @@ def test_interpolation_rows_need_a_variant_with_an_init_stage(
 
 def test_interpolation_rows_need_a_held_out_validation_split(tmp_path):
     variant = "at+init=robust_linear_probe"
-    with pytest.raises(comparison.SetupError, match="trains with --validation=none"):
+    with pytest.raises(SetupError, match="trains with --validation=none"):
         comparison.compare(
             _base(tmp_path, "--validation=none"),
             methods=["at", variant],
@@ -349,7 +351,7 @@ def test_interpolation_rows_need_a_held_out_validation_split(tmp_path):
 
 
 def test_variants_of_one_spelling_are_one_row(tmp_path):
-    with pytest.raises(comparison.SetupError, match="must not repeat"):
+    with pytest.raises(SetupError, match="must not repeat"):
         comparison.compare(
             _base(tmp_path),
             methods=["at+beta=1+epochs=2", "at+epochs=2+beta=1"],
@@ -475,7 +477,7 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
     assert card["interpolation"]["endpoints"][0].endswith("_seed1/init")
     own = {}
     for seed in (0, 1):  # the wise rows evaluated here, through evaluate, not compare
-        report = evaluate.evaluate(
+        report = evaluate(
             evaluate_settings(
                 [
                     f"--model_dir={tmp_path / 'runs' / f'{dirs[wise]}_seed{seed}'}",
@@ -520,5 +522,5 @@ def test_the_interpolate_flags_become_interpolate_runs_arguments():
         "validation_examples": 40,
     }
     assert compare.interpolation_args(None, "robust", None) == {"select": "robust"}
-    with pytest.raises(comparison.SetupError, match="--interpolate_alphas must be numbers"):
+    with pytest.raises(SetupError, match="--interpolate_alphas must be numbers"):
         compare.interpolation_args(["0", "half"], "robust", None)

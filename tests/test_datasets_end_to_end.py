@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from tfds_testlib import mocked_tfds, prepare_fake_tfds
 
-from twins_tf import data, evaluate
+from twins_tf import data, evaluation
 from twins_tf.attacks.pgd import PGD
 from twins_tf.trainer import AdversarialTrainer
 from twins_tf.twinify import twinify, untwin
@@ -93,11 +93,11 @@ def test_dataset_trains_one_step_and_evaluates(name, tmp_path):
             eval_attack=PGD(**pgd, random_start=False),
         )
         trainer.compile(optimizer=keras.optimizers.SGD(0.1), run_eagerly=True)  # 1 step: no tracing
-        before = [np.array(v) for v in model.trainable_variables]
+        before = [v.numpy() for v in model.trainable_variables]
         history = trainer.fit(batches, steps_per_epoch=1, epochs=1, verbose=0, shuffle=False)
         assert np.isfinite(history.history["loss"][0])
         assert any(
-            not np.array_equal(b, np.array(v)) for b, v in zip(before, model.trainable_variables)
+            not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables)
         )
 
         settings = {
@@ -110,8 +110,8 @@ def test_dataset_trains_one_step_and_evaluates(name, tmp_path):
             "num_classes": num_classes,
             **kwargs,
         }
-        test_batches, count = evaluate.load_examples(settings)
-        report = evaluate.evaluate_batched(untwin(model), test_batches, None)
+        test_batches, count = evaluation.load_examples(settings)
+        report = evaluation.evaluate_batched(untwin(model), test_batches, None)
     assert count == report["examples"] == 3
     assert 0.0 <= report["accuracy"] <= 1.0
 
@@ -150,7 +150,7 @@ def _folder_train_args(root, model_dir, *extra):
 def test_train_refuses_bad_folder_images_before_writing_anything(tmp_path, caplog):
     from binaries_testlib import run_binary, settings
 
-    from twins_tf import train
+    from twins_tf.training import loop
 
     root, model_dir = tmp_path / "images", tmp_path / "run"
     corrupt, truncated = _folder_with_bad_images(root)
@@ -162,7 +162,7 @@ def test_train_refuses_bad_folder_images_before_writing_anything(tmp_path, caplo
     assert "--skip_bad_images" in lines[-1]
     assert not model_dir.exists() or not any(model_dir.iterdir())
     with caplog.at_level("WARNING"):  # the flag reaches load_splits
-        prepared = train.prepare(
+        prepared = loop.prepare(
             settings("train", _folder_train_args(root, model_dir, "--skip_bad_images"))
         )
     assert "Skipped 2 image file(s)" in caplog.text

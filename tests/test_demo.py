@@ -18,7 +18,7 @@ import tensorflow as tf
 from binaries_testlib import REPO_ROOT, subprocess_env
 
 from twins_tf import data as data_lib
-from twins_tf import demo
+from twins_tf.comparison import demo_pipeline
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -29,7 +29,7 @@ SEEDS = (0, 1)
 def quick_demo(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("demo")
     lines = []
-    results = demo.run_demo(
+    results = demo_pipeline.run_demo(
         str(output_dir),
         methods=("at", "twins_at"),
         seeds=SEEDS,
@@ -122,7 +122,7 @@ def test_a_second_run_reuses_the_finished_steps(quick_demo, capsys):
     output_dir, first, _ = quick_demo
     capsys.readouterr()
     started = time.time()
-    again = demo.run_demo(
+    again = demo_pipeline.run_demo(
         str(output_dir),
         methods=("at", "twins_at"),
         seeds=SEEDS,
@@ -145,7 +145,7 @@ def test_a_second_run_reuses_the_finished_steps(quick_demo, capsys):
 )
 def test_rejects_bad_choices(tmp_path, methods, seeds, message):
     with pytest.raises(SetupError, match=message):
-        demo.run_demo(str(tmp_path), methods=methods, seeds=seeds, quick=True)
+        demo_pipeline.run_demo(str(tmp_path), methods=methods, seeds=seeds, quick=True)
     assert not any(tmp_path.iterdir())
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 from binaries_testlib import evaluate_settings, finetune_run, source_run
 
 from twins_tf import data as data_lib
-from twins_tf import evaluate
+from twins_tf import evaluation
 from twins_tf.models.resnet import build_resnet
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
@@ -68,7 +68,7 @@ def _model_of_run(model_dir, *, twin):
 
 
 def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
-    report = evaluate.evaluate(
+    report = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={source}",
@@ -99,14 +99,14 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
         EXAMPLES,
         "resnet18",
     )
-    table = evaluate.format_table(report)
+    table = evaluation.format_table(report)
     assert f"{100 * clean:.2f}%" in table and "pgd3" in table
     assert "clean: " in capsys.readouterr().out
 
 
 def test_twin_runs_are_evaluated_through_the_adaptive_wing(tmp_path_factory, tmp_path):
     finetuned = finetune_run(tmp_path_factory)
-    report = evaluate.evaluate(
+    report = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={finetuned}",
@@ -129,7 +129,7 @@ def test_twin_runs_are_evaluated_through_the_adaptive_wing(tmp_path_factory, tmp
 
 
 def test_explicit_weights_without_a_model_dir(source, tmp_path):
-    by_dir = evaluate.evaluate(
+    by_dir = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={source}",
@@ -140,7 +140,7 @@ def test_explicit_weights_without_a_model_dir(source, tmp_path):
         ),
         log=lambda _: None,
     )
-    by_file = evaluate.evaluate(
+    by_file = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--weights={source / 'best.weights.h5'}",
@@ -158,7 +158,7 @@ def test_explicit_weights_without_a_model_dir(source, tmp_path):
 
 
 def test_parses_attack_lists():
-    assert evaluate.parse_attacks(["clean", "pgd10", "PGD50", "autoattack"]) == [
+    assert evaluation.parse_attacks(["clean", "pgd10", "PGD50", "autoattack"]) == [
         ("clean", None),
         ("pgd10", 10),
         ("pgd50", 50),
@@ -181,16 +181,16 @@ def test_parses_attack_lists():
 def test_bad_input(source, args, match):
     before = sorted(p.name for p in source.iterdir())
     with pytest.raises(SetupError, match=match) as error:
-        evaluate.evaluate(evaluate_settings([f"--model_dir={source}", *args]))
+        evaluation.evaluate(evaluate_settings([f"--model_dir={source}", *args]))
     assert "\n" not in str(error.value)
     assert sorted(p.name for p in source.iterdir()) == before
 
 
 def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
     with pytest.raises(SetupError, match="without --model_dir, --weights is required"):
-        evaluate.evaluate(evaluate_settings(["--attacks=clean"]))
+        evaluation.evaluate(evaluate_settings(["--attacks=clean"]))
     with pytest.raises(SetupError, match="holds no config.json"):
-        evaluate.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
+        evaluation.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
 
 
 @pytest.mark.slow
@@ -234,17 +234,17 @@ def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_p
         "--max_examples=8",
         f"--output={tmp_path / 'r.json'}",
     ]
-    report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None)
+    report = evaluation.evaluate(evaluate_settings(args), log=lambda _: None)
     assert report["checks"] == [] and report["seed"] == 0  # a plain deterministic ResNet
 
-    load_model = evaluate.load_model
+    load_model = evaluation.load_model
     monkeypatch.setattr(
         inputs,
         "load_model",
         lambda settings: keras.Sequential([load_model(settings), keras.layers.Softmax()]),
     )  # outputs probabilities
     logged = []
-    report = evaluate.evaluate(evaluate_settings(args), log=logged.append)
+    report = evaluation.evaluate(evaluate_settings(args), log=logged.append)
     assert len(report["checks"]) == 1 and "probabilities, not logits" in report["checks"][0]
     assert f"warning: {report['checks'][0]}" in logged
     assert json.loads((tmp_path / "r.json").read_text())["checks"] == report["checks"]
@@ -252,7 +252,7 @@ def test_pgd_only_evaluations_run_the_model_checks_and_report_them(source, tmp_p
 
 def test_a_weights_file_of_another_arch(source):
     with pytest.raises(SetupError, match="--weights: .*does not hold resnet34 weights"):
-        evaluate.evaluate(
+        evaluation.evaluate(
             evaluate_settings(
                 [
                     f"--weights={source / 'best.weights.h5'}",
@@ -283,7 +283,7 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
         "--batch_size=8",
         f"--output={tmp_path / 'aa.json'}",
     ]
-    report = evaluate.evaluate(evaluate_settings(args), log=lambda _: None, progress=False)
+    report = evaluation.evaluate(evaluate_settings(args), log=lambda _: None, progress=False)
     results = report["results"]
     aa = results["autoattack"]
     assert list(aa["after_each_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -297,13 +297,14 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
     assert aa["epsilon"] == pytest.approx(8 / 255) and aa["twins_tf_version"]
     assert aa["budget"] == dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=20)
     assert set(aa["seconds_each_attack"]) == set(aa["after_each_attack"])
+    assert isinstance(aa["unconfirmed"], int)  # fooled points the whole batch did not confirm
     assert all(
         0 <= t <= results["autoattack"]["seconds"] for t in aa["seconds_each_attack"].values()
     )
     assert any("4 target class(es)" in m for m in aa["checks"])  # checks.check_n_classes
     assert report["checks"] is None  # AutoAttack ran the checks, they are in its result
     assert json.loads((tmp_path / "aa.json").read_text())["results"]["autoattack"] == aa
-    table = evaluate.format_table(report)
+    table = evaluation.format_table(report)
     for name, accuracy in aa["after_each_attack"].items():
         seconds = aa["seconds_each_attack"][name]
         assert f"  after {name:<16}{100 * accuracy:>9.2f}%{seconds:>10.1f} s" in table
@@ -317,7 +318,7 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
         raise AssertionError("the saved AutoAttack state was not resumed")
 
     monkeypatch.setattr(QuickAutoAttack, "_attack_batch", no_attacks)  # what run() attacks with
-    again = evaluate.evaluate(
+    again = evaluation.evaluate(
         evaluate_settings(
             [*args[:-1], "--attacks=autoattack", f"--output={tmp_path / 'again.json'}"]
         ),
@@ -357,7 +358,7 @@ def test_weights_holding_a_nan_are_refused(source, tmp_path):
         r"non-finite weights \(first: \S+/kernel\): the training that wrote it "
         "diverged",
     ) as error:
-        evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
+        evaluation.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
     assert "\n" not in str(error.value)
     assert not list(model_dir.glob("evaluation_*"))
 
@@ -372,9 +373,9 @@ def test_a_data_path_of_the_run_that_is_gone_names_config_json_and_the_flag(sour
             r"pass --tfds_data_dir= to say where the data is now"
         ),
     ):
-        evaluate.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
+        evaluation.evaluate(evaluate_settings([f"--model_dir={model_dir}", "--attacks=clean"]))
     # the flag overrides the run's path
-    report = evaluate.evaluate(
+    report = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={model_dir}",
@@ -396,7 +397,7 @@ def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source,
     by_library = evaluation.evaluate(
         {**args, "output": str(tmp_path / "lib.json")}, log=lambda _: None
     )
-    by_flags = evaluate.evaluate(
+    by_flags = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={source}",
@@ -440,3 +441,23 @@ def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source,
         "settings are model_dir, weights",
     ):
         evaluation.evaluate({"model_dir": str(source), "attack": ["clean"]})
+
+
+def test_an_accuracy_counter_traces_once_whatever_the_batch_size():
+    """An evaluation's last batch is usually smaller; a counter traced per batch size traced
+    its whole graph (a PGD-k loop around the model) twice per evaluation."""
+    traces = []
+
+    def model(images, training=False):  # class 0 where the mean pixel exceeds 1/2
+        traces.append(images.shape[0])  # Python runs only while the counter is traced
+        means = tf.reduce_mean(images, axis=[1, 2, 3])
+        return tf.stack([means, tf.fill(tf.shape(means), 0.5)], axis=-1)
+
+    counter = evaluation.accuracy_counter(model)
+    rng = np.random.default_rng(0)
+    for size in (5, 3, 5, 1):
+        x = rng.uniform(size=(size, 4, 4, 3)).astype("float32")
+        y = rng.integers(0, 2, size)
+        predicted = np.where(x.mean(axis=(1, 2, 3)) > 0.5, 0, 1)
+        assert int(counter(x, y)) == int(np.sum(predicted == y))
+    assert len(traces) == 1, traces

@@ -1,4 +1,5 @@
-"""Tests of twins_tf.export: the SavedModel serves what the Keras model infers.
+"""Tests of twins_tf.serving and its binary, twins_tf.export: the SavedModel serves what
+the Keras model infers.
 
 Each test reloads the SavedModel with `tf.saved_model.load` (no Keras involved) and compares
 its serving signature with the Keras model's inference output (`training=False`: Adaptive
@@ -16,7 +17,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from twins_tf import export
+from twins_tf import export, serving
 from twins_tf.layers import set_twin_mode, twin_layers
 from twins_tf.models import build_resnet
 
@@ -55,7 +56,7 @@ def test_twin_resnet_export_serves_the_adaptive_inference(tmp_path):
     set_twin_mode(model, "twin")
     assert np.abs(frozen - expected).max() > 1e-2  # the wings really differ
 
-    plain = export.export_saved_model(model, str(tmp_path / "sm"), image_size=16)
+    plain = serving.export_saved_model(model, str(tmp_path / "sm"), image_size=16)
     assert not twin_layers(plain)
     inputs, out = _serve(str(tmp_path / "sm"), images)
     assert inputs["images"].shape.as_list() == [None, 16, 16, 3]
@@ -74,11 +75,11 @@ def test_plain_model_export_and_size_check(tmp_path):
     bn.moving_mean.assign(np.linspace(-1, 1, 4).astype("float32"))
     bn.moving_variance.assign(np.linspace(0.5, 2, 4).astype("float32"))
     images = np.random.default_rng(2).random((5, 8, 8, 3)).astype("float32")
-    export.export_saved_model(model, str(tmp_path / "sm"), image_size=8)
+    serving.export_saved_model(model, str(tmp_path / "sm"), image_size=8)
     _, out = _serve(str(tmp_path / "sm"), images)
     np.testing.assert_allclose(out["logits"], model(images, training=False).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="image_size=16 does not match the model's input 8x8"):
-        export.export_saved_model(model, str(tmp_path / "other"), image_size=16)
+        serving.export_saved_model(model, str(tmp_path / "other"), image_size=16)
 
 
 def _write_run(model_dir, model, settings):
@@ -178,7 +179,7 @@ def served_32(tmp_path_factory):
     """The serving signature of an exported 32x32 twin ResNet-18, reloaded without Keras."""
     model = build_resnet("resnet18", 4, twin=True, input_shape=(32, 32, 3))
     path = str(tmp_path_factory.mktemp("served") / "sm")
-    export.export_saved_model(model, path, image_size=32)
+    serving.export_saved_model(model, path, image_size=32)
     return model, tf.saved_model.load(path).signatures["serving_default"]
 
 
@@ -209,7 +210,7 @@ def test_serving_refuses_0_255_pixels_and_another_image_size(served_32):
     "values, accepted",
     [
         ((0.0, 1.0), True),
-        ((-export.RANGE_TOLERANCE, 1.0 + export.RANGE_TOLERANCE), True),  # float rounding
+        ((-serving.RANGE_TOLERANCE, 1.0 + serving.RANGE_TOLERANCE), True),  # float rounding
         ((-0.01, 0.5), False),  # e.g. mean/std-normalised input
         ((0.0, 1.01), False),
         ((0.0, np.nan), False),

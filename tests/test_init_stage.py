@@ -25,7 +25,8 @@ from binaries_testlib import (
 )
 from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
 
-from twins_tf import evaluate, serving, train
+from twins_tf import evaluation, serving
+from twins_tf.models.heads import head_layer
 from twins_tf.training import init_stage, loop, runs
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import Settings, SetupError
@@ -139,7 +140,7 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
     make_trainer = loop.make_trainer
 
     def spy(model, s, steps_per_epoch):  # the head each stage's trainer starts from
-        heads.append((s.stage, [w.copy() for w in init_stage.head_layer(model).get_weights()]))
+        heads.append((s.stage, [w.copy() for w in head_layer(model).get_weights()]))
         return make_trainer(model, s, steps_per_epoch)
 
     monkeypatch.setattr(loop, "make_trainer", spy)
@@ -153,7 +154,7 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
         "--init_lr=0.005",
         "--epochs=1",
     ]
-    train.run(settings("train", args), verbose=0)
+    loop.run(settings("train", args), verbose=0)
 
     assert [stage for stage, _ in heads] == ["init", "main"]
     sub = model_dir / init_stage.INIT_DIR
@@ -200,7 +201,7 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
     shutil.copytree(sub, restarted / init_stage.INIT_DIR)
     snapshot = file_snapshot(restarted / init_stage.INIT_DIR)
     heads.clear()
-    train.run(
+    loop.run(
         settings(
             "train",
             [f"--model_dir={restarted}" if a.startswith("--model_dir=") else a for a in args],
@@ -213,7 +214,7 @@ def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretra
         np.testing.assert_array_equal(got, best[key])
 
     # the other binaries take the probe as a run of its own
-    report = evaluate.evaluate(
+    report = evaluation.evaluate(
         evaluate_settings(
             [f"--model_dir={sub}", "--attacks=clean", "--max_examples=8", "--batch_size=8"]
         )

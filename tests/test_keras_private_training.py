@@ -208,3 +208,29 @@ def test_a_run_fits_inside_the_fixes_and_leaves_keras_originals(tmp_path, monkey
     assert calls["build"] >= 1 and calls["reduce"] >= 1
     restored = keras_private.keras_trainer_functions()
     assert restored[0] is originals[0] and restored[1] is originals[1]
+
+
+def test_forget_tracing_history_counts_each_run_alone(caplog):
+    """TensorFlow's retracing warning counts the traces of every tf.function of one Python
+    function together, as compare's runs make them (one new model each); forgetting the record
+    at each run's start counts each run alone."""
+
+    def new_function():
+        def step(x):
+            return x + 1.0
+
+        return tf.function(step)
+
+    def trace_new_functions(count):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tensorflow"):
+            for _ in range(count):
+                new_function()(tf.constant(0.0))  # a new function: one trace
+        return "triggered tf.function retracing" in caplog.text
+
+    keras_private.forget_tracing_history()
+    assert trace_new_functions(5)  # what TensorFlow does: 5 new functions read as 5 retraces
+    keras_private.forget_tracing_history()
+    assert not trace_new_functions(4)
+    keras_private.forget_tracing_history()  # a new run
+    assert not trace_new_functions(4)

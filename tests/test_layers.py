@@ -1,4 +1,5 @@
-"""TwinBatchNormalization against a numpy re-implementation of spec §1-2."""
+"""TwinBatchNormalization against a numpy re-implementation of spec §1-2, the plain
+BatchNormalization against PyTorch's own nn.BatchNorm1d/2d/3d."""
 
 import os
 
@@ -6,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import torch
 
 from twins_tf.layers import TwinBatchNormalization, set_twin_mode
 
@@ -336,7 +338,7 @@ def _op_types(function, *args):
 
 
 def test_batch_statistics_run_tensorflows_fused_kernel_forward_and_backward(rng):
-    """Issue 11: the Adaptive wing's batch statistics are one FusedBatchNormV3 with its fused
+    """The Adaptive wing's batch statistics are one FusedBatchNormV3 with its fused
     gradient, not Keras's composed moments + batch_normalization graph; inference stays the
     affine map (PyTorch's eval arithmetic, a one-multiplication backward for attacks)."""
     layer = make_layer(random_params(rng))
@@ -395,31 +397,14 @@ def test_one_element_per_channel_feeds_a_zero_variance_to_the_ema(rng):
     )
 
 
-# --- plain BatchNormalization on the fused kernel (issue 11) -------------------------------
+# --- plain BatchNormalization against PyTorch's nn.BatchNorm -------------------------------
 PLAIN_WEIGHTS = ("gamma", "beta", "moving_mean", "moving_variance")
-
-
-def np_plain_train(x, p):
-    """Keras BN's training forward: (output, new moving mean, new moving variance), the
-    moving variance updated with the *biased* batch variance (Keras's convention)."""
-    axes = tuple(range(x.ndim - 1))
-    x64 = x.astype(np.float64)
-    mean, var = x64.mean(axes), x64.var(axes)
-    return (
-        np_bn(x64, mean, var, p["gamma"], p["beta"]),
-        MOMENTUM * p["moving_mean"] + (1 - MOMENTUM) * mean,
-        MOMENTUM * p["moving_variance"] + (1 - MOMENTUM) * var,
-    )
-
-
-def np_plain_input_and_affine_gradients(x, upstream, gamma):
-    """d(sum(upstream * y))/d(x, gamma, beta) of a batch-statistics BN, written out."""
-    axes = tuple(range(x.ndim - 1))
-    x64, g = x.astype(np.float64), upstream.astype(np.float64)
-    sigma = np.sqrt(x64.var(axes) + EPS)
-    x_hat = (x64 - x64.mean(axes)) / sigma
-    dx = gamma / sigma * (g - g.mean(axes) - x_hat * (g * x_hat).mean(axes))
-    return dx, (g * x_hat).sum(axes), g.sum(axes)
+TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+TORCH_BN[5] = torch.nn.BatchNorm3d
+# Float32 against a float64 reference: outputs and moving statistics are a few roundings of
+# O(1) values (1e-5); the gradients' sums run over up to 200 elements per channel, each
+# rounding 2^-24 of an O(1) term, so 1e-4.
+RTOL, GRAD_TOL = 1e-5, 1e-4
 
 
 def make_plain(params, input_shape=(None, 5, 5, CHANNELS), cls=None, **kwargs):
@@ -433,28 +418,166 @@ def make_plain(params, input_shape=(None, 5, 5, CHANNELS), cls=None, **kwargs):
     return layer
 
 
-@pytest.mark.parametrize("shape", [(8, 5, 5, CHANNELS), (6, CHANNELS), (4, 2, 3, 2, CHANNELS)])
-def test_plain_bn_training_forward_ema_and_gradients_match_numpy(rng, shape):
+def torch_plain(params, rank, affine=True):
+    """PyTorch's own BatchNorm for inputs of `rank` (1d, 2d or 3d), PyTorch's momentum 0.1
+    (Keras's 0.9), in float64, starting from `params`."""
+    bn = TORCH_BN[rank](CHANNELS, eps=EPS, momentum=1 - MOMENTUM, affine=affine).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(params["moving_mean"]))
+        bn.running_var.copy_(torch.tensor(params["moving_variance"]))
+        if affine:
+            bn.weight.copy_(torch.tensor(params["gamma"]))
+            bn.bias.copy_(torch.tensor(params["beta"]))
+    return bn
+
+
+def torch_plain_step(bn, x, upstream, channel_axis):
+    """One training forward and backward of `sum(upstream * bn(x))`: y, dx, dgamma, dbeta
+    (None without affine), in `x`'s layout."""
+    xt = torch.tensor(np.moveaxis(x, channel_axis, 1), dtype=torch.float64, requires_grad=True)
+    bn.train()
+    bn.zero_grad()
+    y = bn(xt)
+    (y * torch.tensor(np.moveaxis(upstream, channel_axis, 1), dtype=torch.float64)).sum().backward()
+
+    def back(t):
+        return np.moveaxis(t.detach().numpy(), 1, channel_axis)
+
+    affine = [None, None] if bn.weight is None else [bn.weight.grad.numpy(), bn.bias.grad.numpy()]
+    return [back(y), back(xt.grad)] + affine
+
+
+@pytest.mark.parametrize(
+    "shape, kwargs",
+    [
+        ((8, 5, 5, CHANNELS), {}),
+        ((6, CHANNELS), {}),
+        ((4, 7, CHANNELS), {}),
+        ((4, 2, 3, 2, CHANNELS), {}),
+        ((4, CHANNELS, 5, 5), dict(axis=1)),
+        ((8, 5, 5, CHANNELS), dict(center=False, scale=False)),
+        ((8, 5, 5, CHANNELS), dict(dtype="float64")),
+    ],
+    ids=["nhwc", "dense", "sequence", "volume", "channels_first", "no_affine", "float64"],
+)
+def test_plain_bn_trains_as_torch_batchnorm(rng, shape, kwargs):
+    """Three training steps against nn.BatchNorm{1,2,3}d: each step's output and gradients
+    (input, gamma, beta), the moving statistics after each EMA update (the unbiased batch
+    variance, as PyTorch), then the inference output.  Covers the fused kernel and every
+    layout that takes the composed ops."""
     p = random_params(rng)
-    layer = make_plain(p, input_shape=(None,) + shape[1:])
-    x = (rng.normal(size=shape) * 2 + 1).astype(np.float32)
-    upstream = rng.normal(size=shape).astype(np.float32)
-    xt = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(xt, training=True)
-        loss = tf.reduce_sum(y * upstream)
-    dx, dgamma, dbeta = tape.gradient(loss, [xt, layer.gamma, layer.beta])
-    want, want_mean, want_var = np_plain_train(x, p)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(layer.moving_mean, want_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance, want_var, rtol=1e-5, atol=1e-6)
-    want_dx, want_dgamma, want_dbeta = np_plain_input_and_affine_gradients(x, upstream, p["gamma"])
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dgamma, want_dgamma, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dbeta, want_dbeta, rtol=1e-5, atol=1e-5)
-    want_infer = np_bn(x, want_mean, want_var, p["gamma"], p["beta"])
-    np.testing.assert_allclose(layer(x, training=False), want_infer, rtol=1e-4, atol=1e-5)
+    channel_axis = kwargs.get("axis", -1) % len(shape)
+    affine = kwargs.get("scale", True)
+    layer = make_plain(p, input_shape=(None,) + shape[1:], **kwargs)
+    reference = torch_plain(p, len(shape), affine)
+    dtype = kwargs.get("dtype", "float32")
+    for _ in range(3):
+        x = (rng.normal(size=shape) * 2 + 1).astype(dtype)
+        upstream = rng.normal(size=shape).astype(dtype)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(tf.cast(y, dtype) * upstream)
+        got = tape.gradient(loss, [xt] + layer.trainable_weights)
+        want_y, *want_grads = torch_plain_step(reference, x, upstream, channel_axis)
+        np.testing.assert_allclose(y, want_y, rtol=RTOL, atol=RTOL)
+        for g, w in zip(got, [w for w in want_grads if w is not None]):
+            np.testing.assert_allclose(g, w, rtol=GRAD_TOL, atol=GRAD_TOL)
+        np.testing.assert_allclose(layer.moving_mean, reference.running_mean, rtol=RTOL, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_variance, reference.running_var, rtol=RTOL)
+    reference.eval()
+    with torch.no_grad():
+        want = reference(torch.tensor(np.moveaxis(x, channel_axis, 1), dtype=torch.float64))
+    np.testing.assert_allclose(
+        layer(x, training=False), np.moveaxis(want.numpy(), 1, channel_axis), rtol=RTOL, atol=RTOL
+    )
+
+
+def test_plain_bn_with_a_mask_trains_as_torch_batchnorm_on_the_unmasked_elements(rng):
+    """Masked-out time steps take no part in the statistics: the unmasked elements' output
+    and the EMA are nn.BatchNorm1d's on those elements alone, n their count."""
+    p = random_params(rng)
+    layer = make_plain(p, input_shape=(None, 6, CHANNELS))
+    reference = torch_plain(p, 2)
+    x = (rng.normal(size=(4, 6, CHANNELS)) * 2 + 1).astype(np.float32)
+    mask = rng.uniform(size=(4, 6)) < 0.6
+    mask[0, 0] = mask[1, 1] = True
+    y = layer(x, training=True, mask=tf.constant(mask))
+    reference.train()
+    want = reference(torch.tensor(x[mask], dtype=torch.float64)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(y)[mask], want, rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(layer.moving_mean, reference.running_mean, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance, reference.running_var, rtol=RTOL)
+
+
+def test_plain_bn_synchronized_under_mirrored_strategy_is_sync_batchnorm(rng):
+    """nn.SyncBatchNorm's semantics: two replicas each see half of the batch, and the layer
+    behaves as one nn.BatchNorm2d over the whole batch (global mean and biased variance for
+    the output, the unbiased one with the global count for the EMA, gradients through the
+    global statistics); both replicas' moving statistics stay equal, over three steps."""
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    p = random_params(rng)
+    with strategy.scope():
+        layer = make_plain(p, synchronized=True)
+    reference = torch_plain(p, 4)
+
+    def per_replica(a):
+        def value_fn(ctx):
+            i = ctx.replica_id_in_sync_group
+            return tf.constant(a[i * 4 : (i + 1) * 4])
+
+        return strategy.experimental_distribute_values_from_function(value_fn)
+
+    @tf.function
+    def step(x, upstream):
+        def replica_step(x, upstream):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, training=True) * upstream)
+            return tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+        return strategy.run(replica_step, args=(x, upstream))
+
+    def local(value):
+        return [np.asarray(v) for v in strategy.experimental_local_results(value)]
+
+    for _ in range(3):
+        x = (rng.normal(size=(8, 5, 5, CHANNELS)) * 2 + 3).astype(np.float32)
+        upstream = rng.normal(size=x.shape).astype(np.float32)
+        dx, dgamma, dbeta = step(per_replica(x), per_replica(upstream))
+        _, want_dx, want_dgamma, want_dbeta = torch_plain_step(reference, x, upstream, 3)
+        # Each replica's input gradient is the global one for its rows; the replicas' gamma
+        # and beta gradients add up to the global ones (what the optimizer applies).
+        np.testing.assert_allclose(np.concatenate(local(dx)), want_dx, rtol=RTOL, atol=RTOL)
+        np.testing.assert_allclose(sum(local(dgamma)), want_dgamma, rtol=GRAD_TOL, atol=GRAD_TOL)
+        np.testing.assert_allclose(sum(local(dbeta)), want_dbeta, rtol=GRAD_TOL, atol=GRAD_TOL)
+        for variable, want in (
+            (layer.moving_mean, reference.running_mean),
+            (layer.moving_variance, reference.running_var),
+        ):
+            copies = local(variable.value)
+            np.testing.assert_array_equal(copies[0], copies[1])
+            np.testing.assert_allclose(copies[0], want, rtol=RTOL, atol=1e-6)
+    outputs = strategy.run(lambda x: layer(x, training=True), args=(per_replica(x),))
+    reference.train()
+    want = reference(torch.tensor(x.transpose(0, 3, 1, 2), dtype=torch.float64))
+    np.testing.assert_allclose(
+        np.concatenate(local(outputs)),
+        want.detach().numpy().transpose(0, 2, 3, 1),
+        rtol=RTOL,
+        atol=RTOL,
+    )
+
+
+def test_plain_bn_refuses_batch_renormalisation():
+    from twins_tf.layers import BatchNormalization
+
+    with pytest.raises(ValueError, match="renormalisation"):
+        BatchNormalization(renorm=True)
+    BatchNormalization(renorm=False)  # a Keras config's default still loads
 
 
 def test_plain_bn_runs_the_fused_kernel_in_training_and_the_affine_map_in_inference(rng):
@@ -486,27 +609,6 @@ def test_plain_bn_runs_the_fused_kernel_in_training_and_the_affine_map_in_infere
         ),
     )
     np.testing.assert_allclose(frozen(x, training=True), want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "kwargs, input_shape",
-    [
-        (dict(axis=1), (None, CHANNELS, 5, 5)),
-        (dict(center=False, scale=False), (None, 5, 5, CHANNELS)),
-        (dict(renorm=True), (None, 5, 5, CHANNELS)),
-    ],
-    ids=["channels_first", "no_affine", "renorm"],
-)
-def test_plain_bn_outside_the_fused_layouts_is_kerass_own_layer(rng, kwargs, input_shape):
-    p = random_params(rng)
-    ours, theirs = (
-        make_plain(p, input_shape, cls, **kwargs) for cls in (None, keras.layers.BatchNormalization)
-    )
-    x = (rng.normal(size=(4,) + input_shape[1:]) * 2 + 1).astype(np.float32)
-    for _ in range(2):
-        np.testing.assert_array_equal(ours(x, training=True), theirs(x, training=True))
-    for a, b in zip(ours.weights, theirs.weights):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_plain_bn_weights_files_and_keras_files_interchange_with_kerass_bn(rng, tmp_path):

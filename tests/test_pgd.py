@@ -273,6 +273,8 @@ def test_conv_net_with_batchnorm_matches_pytorch():
         (dict(steps=2.5), "steps must be a non-negative integer"),
         (dict(restarts=0), "restarts must be a positive integer"),
         (dict(compute_dtype="bfloat16"), "compute_dtype"),
+        # without a random start every restart would repeat the first run exactly
+        (dict(restarts=2), "restarts=2 without random_start would repeat one identical run"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -282,7 +284,7 @@ def test_bad_arguments(kwargs, match):
         PGD(**args)
 
 
-# --- input checks (issue 14): each mistake a one-line error that says what to do --------------
+# --- input checks: each mistake a one-line error that says what to do ---------------------------
 def _one_line_error(call, match):
     with pytest.raises(ValueError, match=match) as caught:
         call()
@@ -332,7 +334,7 @@ def test_bad_images_and_labels_fail_clearly():
     )
 
 
-# --- Keras serialisation (issue 14): the trainer's attack saves with the trainer ---------------
+# --- Keras serialisation: the trainer's attack saves with the trainer ----------------------------
 def test_serialised_pgd_attacks_identically():
     model, _ = linear_model()
     x, y = _data()
@@ -354,12 +356,3 @@ def test_serialised_pgd_attacks_identically():
         np.testing.assert_array_equal(
             pgd(model, x, y, seed=3).numpy(), pgd(model, x, y, seed=tf.constant([3, 0])).numpy()
         )
-
-
-def test_the_old_attack_method_warns_and_still_works():
-    model, _ = linear_model()
-    x, y = _data()
-    pgd = PGD(0.1, 0.02, 2)
-    with pytest.warns(DeprecationWarning, match="call pgd\\(model, x, y\\)"):
-        old = pgd.attack(model, x, y)
-    np.testing.assert_array_equal(old.numpy(), pgd(model, x, y).numpy())

@@ -12,8 +12,8 @@ import pytest
 from absl import flags
 from binaries_testlib import SOURCE_ARGS, evaluate_settings, read_weights, settings, source_run
 
-from twins_tf import pretrain
 from twins_tf.models.resnet import build_resnet
+from twins_tf.training import loop
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -76,9 +76,9 @@ def test_best_weights_are_those_of_the_best_validation_pgd_epoch(source, tmp_pat
     assert best["epoch"] == int(np.argmax(values)) + 1  # the first epoch reaching the max
     assert best["value"] == pytest.approx(max(values))
     # The saved weights reproduce that epoch's validation PGD accuracy when evaluated anew.
-    from twins_tf import evaluate
+    from twins_tf import evaluation
 
-    report = evaluate.evaluate(
+    report = evaluation.evaluate(
         evaluate_settings(
             [
                 f"--model_dir={source}",
@@ -119,7 +119,7 @@ def test_weights_load_into_the_train_binarys_twin_model(source):
 
 def test_a_second_start_finds_the_run_finished_and_changes_nothing(source, capsys):
     before = {p: p.read_bytes() for p in source.iterdir() if p.is_file()}
-    summary = pretrain.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={source}"]), verbose=0)
+    summary = loop.run(settings("pretrain", [*SOURCE_ARGS, f"--model_dir={source}"]), verbose=0)
     assert "already holds this finished run" in capsys.readouterr().out
     assert summary == json.loads((source / "summary.json").read_text())
     assert {p: p.read_bytes() for p in source.iterdir() if p.is_file()} == before
@@ -127,7 +127,7 @@ def test_a_second_start_finds_the_run_finished_and_changes_nothing(source, capsy
 
 def test_refuses_twin_methods_and_has_no_pretrained_flag(tmp_path):
     with pytest.raises(SetupError, match="use python -m twins_tf.train"):
-        pretrain.run(
+        loop.run(
             settings(
                 "pretrain", [*SOURCE_ARGS, "--method=twins_at", f"--model_dir={tmp_path / 'run'}"]
             )

@@ -78,7 +78,7 @@ def assert_same_trainer(loaded, saved, images):
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{what}: {key}")
 
 
-@pytest.mark.parametrize("method,kind", [("twins_trades", "twin"), ("l2sp", "keras")])
+@pytest.mark.parametrize("method,kind", [("twins_trades", "twin"), ("l2sp", "plain")])
 def test_keras_file_round_trip_keeps_weights_optimizer_and_config(tmp_path, method, kind):
     data = _dataset(make_batches(3, seed=11))
     ((x, _),) = make_batches(1, seed=12)

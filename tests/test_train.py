@@ -2,7 +2,7 @@
 
 Subprocess runs (a fresh TensorFlow each: ~5 s of start-up) are kept to the cases that need a
 process of their own: the command-line error format, a run killed with SIGKILL and restarted,
-and two workers of a multi-worker job.  Everything else calls `train.run` in this process.
+and two workers of a multi-worker job.  Everything else calls `training.loop.run` in this process.
 """
 
 import json
@@ -31,9 +31,9 @@ from binaries_testlib import (
     subprocess_env,
 )
 
-from twins_tf import train
+from twins_tf.training import backup, loop, run_callbacks, trainer_setup
 from twins_tf.training import model_dir as run_files
-from twins_tf.training import run_callbacks, trainer_setup
+from twins_tf.training.schedule import learning_rate_schedule
 from twins_tf.training.settings import Settings, SetupError
 
 
@@ -47,7 +47,7 @@ def one_epoch_run(tmp_path_factory, pretrained):
     """model_dir of the cached fine-tuning run's settings stopped after its first epoch
     (`--epochs=1`; the schedule has no decay, so epoch 1 is the same as in 2-epoch runs)."""
     model_dir = tmp_path_factory.mktemp("one_epoch") / "run"
-    train.run(settings("train", _args(pretrained, model_dir, "--epochs=1")), verbose=0)
+    loop.run(settings("train", _args(pretrained, model_dir, "--epochs=1")), verbose=0)
     return model_dir
 
 
@@ -59,7 +59,7 @@ def _refused(args, model_dir, match):
     """Runs train with `args`, expects a one-line SetupError matching `match`, nothing written."""
     before = file_snapshot(model_dir)
     with pytest.raises(SetupError) as error:
-        train.run(settings("train", args), verbose=0)
+        loop.run(settings("train", args), verbose=0)
     message = str(error.value)
     assert "\n" not in message
     assert re.search(match, message), message
@@ -366,7 +366,7 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, pretrained
 
     # The same job as one process with two replicas (conftest's two logical CPUs).
     mirrored_dir = tmp_path / "mirrored"
-    train.run(
+    loop.run(
         settings("train", _args(pretrained, mirrored_dir, "--strategy=mirrored", "--epochs=1")),
         verbose=0,
     )
@@ -379,7 +379,7 @@ def test_mixed_bfloat16_run_keeps_float32_weights_and_restores_the_policy(tmp_pa
     import keras
 
     model_dir = tmp_path / "bf16"
-    summary = train.run(
+    summary = loop.run(
         settings(
             "train", _args(pretrained, model_dir, "--epochs=1", "--mixed_precision=mixed_bfloat16")
         ),
@@ -396,12 +396,12 @@ def test_mixed_bfloat16_run_keeps_float32_weights_and_restores_the_policy(tmp_pa
 
 # --- the learning-rate schedule ----------------------------------------------------------------
 def test_learning_rate_is_divided_by_ten_from_each_decay_epoch_on():
-    schedule = train.learning_rate_schedule(0.3, [2, 4], steps_per_epoch=5)
+    schedule = learning_rate_schedule(0.3, [2, 4], steps_per_epoch=5)
     steps = np.arange(0, 30)
     expected = 0.3 * 0.1 ** ((steps >= 10).astype(int) + (steps >= 20).astype(int))
     actual = np.array([float(schedule(int(k))) for k in steps])
     np.testing.assert_allclose(actual, expected, rtol=1e-6)
-    assert train.learning_rate_schedule(0.3, [], steps_per_epoch=5) == 0.3
+    assert learning_rate_schedule(0.3, [], steps_per_epoch=5) == 0.3
 
 
 # --- no silent failure: divergence, valid JSON, random init --------------------------------------
@@ -491,7 +491,7 @@ def test_a_twin_run_from_unconverged_bn_statistics_stops_with_the_cause(tmp_path
     source = _unconverged_source(pretrained, tmp_path / "unconverged.weights.h5")
     model_dir = tmp_path / "run"
     with pytest.raises(run_callbacks.DivergenceError) as error:
-        train.run(settings("train", _args(source, model_dir)), verbose=0)
+        loop.run(settings("train", _args(source, model_dir)), verbose=0)
     message = str(error.value)
     assert "\n" not in message
     match = re.match(
@@ -537,7 +537,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_epoch(
         run_callbacks.DivergenceError,
         match=re.escape("the training loss became nan at step 6 (epoch 2, batch 2 of 4)"),
     ) as error:
-        train.run(settings("train", _args(pretrained, model_dir)), verbose=0)
+        loop.run(settings("train", _args(pretrained, model_dir)), verbose=0)
     assert str(error.value).endswith("last.weights.h5 keeps epoch 1, the last finite one.")
     assert_same_weights(one_epoch_run / "last.weights.h5", model_dir / "last.weights.h5")
     assert_same_weights(one_epoch_run / "best.weights.h5", model_dir / "best.weights.h5")
@@ -572,7 +572,7 @@ def test_a_finished_run_is_extended_by_raising_epochs(
     model_dir = tmp_path / "extended"
     shutil.copytree(one_epoch_run, model_dir)
     capsys.readouterr()
-    summary = train.run(settings("train", _args(pretrained, model_dir, "--epochs=2")), verbose=0)
+    summary = loop.run(settings("train", _args(pretrained, model_dir, "--epochs=2")), verbose=0)
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert summary["epochs"] == 2
     assert_same_weights(two_epochs / "last.weights.h5", model_dir / "last.weights.h5")
@@ -604,13 +604,13 @@ def test_validation_none_trains_on_the_whole_train_split_and_keeps_the_final_epo
         for a in _args(pretrained, model_dir, "--validation=none")
         if not a.startswith("--max_train_examples")
     ] + ["--max_train_examples=32"]
-    prepared = train.prepare(settings("train", args))
+    prepared = loop.prepare(settings("train", args))
     carved = data_lib.load_splits("digits_5_9").num_examples
     assert carved["validation"] > 0
     # nothing carved out: the train split is carve's train and validation together
     assert prepared.splits.num_examples["train"] == carved["train"] + carved["validation"]
     assert prepared.splits.validation is None
-    summary = train.fit(prepared, verbose=0)
+    summary = loop.fit(prepared, verbose=0)
     assert summary["best_epoch"] == 2 and summary["best_val_adv_acc"] is None
     best = _strict_json(model_dir / "best.json")
     assert best["epoch"] == 2 and best["selection"] == "final epoch (--validation=none)"
@@ -622,14 +622,14 @@ def test_validation_none_trains_on_the_whole_train_split_and_keeps_the_final_epo
 
     from binaries_testlib import evaluate_settings
 
-    from twins_tf import evaluate
+    from twins_tf import evaluation
 
     with pytest.raises(
         SetupError,
         match=r"--validation=none\), so it has no held-out "
         "validation split: use --split=test",
     ):
-        evaluate.evaluate(
+        evaluation.evaluate(
             evaluate_settings([f"--model_dir={model_dir}", "--split=validation", "--attacks=clean"])
         )
 
@@ -723,32 +723,32 @@ def _backup_pair(backup, epoch, arrays=3, suffix=""):
 
 
 def test_resume_epoch_and_repair_of_a_backup_killed_while_written(tmp_path):
-    backup = tmp_path / "backup"
-    _backup_pair(backup, 1, suffix=".bkp")
-    _backup_pair(backup, 2)
+    backup_dir = tmp_path / "backup"
+    _backup_pair(backup_dir, 1, suffix=".bkp")
+    _backup_pair(backup_dir, 2)
     assert backup.resume_epoch(tmp_path) == 2  # both pairs whole: the latest
     # weights cut short (2 of 3 arrays), metadata not yet rewritten: epoch 1's pair
-    _backup_pair(backup, 2, arrays=2)
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 1}))
+    _backup_pair(backup_dir, 2, arrays=2)
+    (backup_dir / "training_metadata.json").write_text(json.dumps({"epoch": 1}))
     assert backup.resume_epoch(tmp_path) == 1
     backup.repair_backup(tmp_path)
-    restored = read_weights(backup / "latest.weights.h5")
+    restored = read_weights(backup_dir / "latest.weights.h5")
     assert sorted(restored) == [f"layers/dense/vars/{i}" for i in range(3)]
     assert all(np.all(v == 1) for v in restored.values())
     # weights whole, metadata half written
-    _backup_pair(backup, 2)
-    (backup / "training_metadata.json").write_text('{"epo')
+    _backup_pair(backup_dir, 2)
+    (backup_dir / "training_metadata.json").write_text('{"epo')
     assert backup.resume_epoch(tmp_path) == 1
     # the first backup cut short: nothing to resume, start from epoch 0
-    for p in backup.iterdir():
+    for p in backup_dir.iterdir():
         p.unlink()
-    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (backup_dir / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     assert backup.resume_epoch(tmp_path) == 0
     backup.repair_backup(tmp_path)
-    assert not (backup / "latest.weights.h5").exists()
+    assert not (backup_dir / "latest.weights.h5").exists()
     # a broken latest pair and no previous one: refused, not silently restarted
-    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 3}))
+    (backup_dir / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (backup_dir / "training_metadata.json").write_text(json.dumps({"epoch": 3}))
     with pytest.raises(SetupError, match="is broken .* no usable previous backup: delete"):
         backup.resume_epoch(tmp_path)
 
@@ -776,7 +776,7 @@ def test_a_deterministic_run_leaves_op_determinism_as_it_found_it(tmp_path, pret
     assert not tf_config.is_op_determinism_enabled()
     # refused after prepare() has turned determinism on (the batch check comes later)
     with pytest.raises(SetupError, match="batch"):
-        train.run(
+        loop.run(
             settings(
                 "train", _args(pretrained, tmp_path / "run", "--deterministic", "--batch_size=15")
             ),

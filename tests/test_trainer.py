@@ -25,7 +25,7 @@ from torch_resnet import TorchPixelResNet, torch_pgd, torch_resnet
 
 from twins_tf import AdversarialTrainer
 from twins_tf.attacks import PGD
-from twins_tf.layers import TwinBatchNormalization, set_twin_mode
+from twins_tf.layers import BatchNormalization, TwinBatchNormalization, set_twin_mode
 
 LR, MOMENTUM, WD = 0.01, 0.9, 1e-3
 EPS, ALPHA, PGD_STEPS = 8 / 255, 2 / 255, 3
@@ -84,24 +84,6 @@ class TorchTwinBN(nn.Module):
             x[half:], self.running_mean, self.running_var, self.weight, self.bias, True, 0.1, 1e-5
         )
         return torch.cat([frozen, adaptive])
-
-
-class TorchKerasBN(nn.BatchNorm2d):
-    """Keras BatchNormalization's semantics: like BatchNorm2d, but the moving variance is
-    updated with the *biased* batch variance (Keras documents its EMA this way)."""
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        mean = x.mean((0, 2, 3))
-        var = x.var((0, 2, 3), unbiased=False)
-        with torch.no_grad():
-            self.running_mean.mul_(0.9).add_(0.1 * mean)
-            self.running_var.mul_(0.9).add_(0.1 * var)
-        shape = (1, -1, 1, 1)
-        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5) * self.weight.view(
-            shape
-        ) + self.bias.view(shape)
 
 
 class TorchSmallNet(nn.Module):
@@ -287,11 +269,14 @@ def small_pair(kind, seed=0):
     """Keras and PyTorch small nets with identical random weights.
 
     kind: "twin" (twin BN, the two wings deliberately different so a swapped wing shows),
-    "keras" (Keras BatchNormalization vs TorchKerasBN), "adaptive" (twin layers in adaptive
-    mode vs PyTorch's own BatchNorm2d).
+    "plain" (`twins_tf.layers.BatchNormalization`, the plain-BN methods' layer, vs PyTorch's
+    own BatchNorm2d), "plain_synchronized" (the same with `synchronized=True`, as `train`
+    builds a plain model for several replicas: under a strategy, one BatchNorm2d over the
+    global batch, nn.SyncBatchNorm's semantics), "adaptive" (twin layers in adaptive mode vs
+    BatchNorm2d).
     """
     torch.manual_seed(seed)
-    norm = {"twin": TorchTwinBN, "keras": TorchKerasBN, "adaptive": nn.BatchNorm2d}[kind]
+    norm = TorchTwinBN if kind == "twin" else nn.BatchNorm2d
     net = TorchSmallNet(norm)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -312,8 +297,10 @@ def small_pair(kind, seed=0):
                         t.copy_(0.5 + 1.5 * torch.rand(t.shape, generator=generator))
 
     def keras_norm(name):
-        if kind == "keras":
-            return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=name)
+        if kind.startswith("plain"):
+            return BatchNormalization(
+                momentum=0.9, epsilon=1e-5, synchronized=kind == "plain_synchronized", name=name
+            )
         return TwinBatchNormalization(name=name)
 
     inputs = keras.Input((SIZE, SIZE, 3))
@@ -369,19 +356,27 @@ def run_parity(
     batches=None,
     pgd_steps=PGD_STEPS,
     wd=WD,
+    reference_replicas=None,
 ):
-    """Two steps (or as many as `batches`): 1e-4 relative on the first, 1e-3 on the second."""
+    """Two steps (or as many as `batches`): 1e-4 relative on the first, 1e-3 on the second.
+
+    The reference simulates the strategy's replicas, or `reference_replicas` of them (1: one
+    network over the global batch, what synchronized BN computes under any strategy)."""
     batches = batches or make_batches()
     replicas = strategy.num_replicas_in_sync if strategy else 1
+    if reference_replicas is None:
+        reference_replicas = replicas
     if strategy is not None:
         with strategy.scope():
             trainer = make_trainer(model, method, jit_compile, pgd_steps, wd=wd)
     else:
         trainer = make_trainer(model, method, jit_compile, pgd_steps, wd=wd)
     before = keras_state(model)
-    reference = torch_train(net, batches, method, replicas=replicas, pgd_steps=pgd_steps, wd=wd)
+    reference = torch_train(
+        net, batches, method, replicas=reference_replicas, pgd_steps=pgd_steps, wd=wd
+    )
     if method != "clean":  # the step-1 attack, in inference mode, before any update
-        x_adv = tf.function(trainer.attack.attack)(model, batches[0][0], batches[0][1])
+        x_adv = tf.function(trainer.attack)(model, batches[0][0], batches[0][1])
         np.testing.assert_allclose(x_adv.numpy(), reference[0]["x_adv"], atol=1e-6)
 
     for step, ((x, y), expected) in enumerate(zip(batches, reference)):
@@ -432,10 +427,10 @@ def mirrored_strategy():
     [
         ("twins_at", "twin"),
         ("twins_trades", "twin"),
-        ("at", "keras"),
-        ("trades", "keras"),
-        ("l2sp", "keras"),
-        ("clean", "keras"),
+        ("at", "plain"),
+        ("trades", "plain"),
+        ("l2sp", "plain"),
+        ("clean", "plain"),
         ("at", "adaptive"),
     ],
 )
@@ -448,7 +443,7 @@ def test_l2sp_pulls_the_backbone_to_its_start_and_decays_only_the_head():
     """Li et al.'s L2-SP with a weight decay large enough that decaying the backbone as well
     (today's coupled decay on every weight) would move it visibly: four steps, so the pull
     alpha * (w - w_S^0), zero at the first step, acts on the later ones."""
-    model, net = small_pair("keras", seed=3)
+    model, net = small_pair("plain", seed=3)
     trainer = run_parity(model, net, "l2sp", batches=make_batches(count=4, seed=3), wd=0.5)
     head = {id(v) for v in model.get_layer("fc").weights}
     assert {id(v) for v in trainer._l2sp_new} == head
@@ -457,7 +452,7 @@ def test_l2sp_pulls_the_backbone_to_its_start_and_decays_only_the_head():
 
 @pytest.mark.parametrize("method", ["twins_trades", "trades"])
 def test_xla_matches_pytorch(method):
-    model, net = small_pair("twin" if method.startswith("twins") else "keras", seed=1)
+    model, net = small_pair("twin" if method.startswith("twins") else "plain", seed=1)
     run_parity(model, net, method, jit_compile=True)
 
 
@@ -468,6 +463,18 @@ def test_mirrored_strategy_matches_replicated_reference(method, kind):
     with strategy.scope():
         model, net = small_pair(kind, seed=2)
     run_parity(model, net, method, strategy=strategy)
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_mirrored_synchronized_plain_bn_matches_one_batchnorm2d_over_the_global_batch(method):
+    """Two replicas of 4 rows with synchronized plain BN (what `train` builds for a plain
+    method on several replicas): nn.SyncBatchNorm's semantics, so the reference is one
+    BatchNorm2d over all 8 rows: global batch statistics, the EMA with the unbiased variance of
+    the global count, gradients through the global statistics."""
+    strategy = mirrored_strategy()
+    with strategy.scope():
+        model, net = small_pair("plain_synchronized", seed=2)
+    run_parity(model, net, method, strategy=strategy, reference_replicas=1)
 
 
 def test_resnet18_twins_trades_matches_pytorch():
@@ -495,6 +502,22 @@ def test_resnet18_twins_trades_matches_pytorch():
     rng = np.random.default_rng(4)
     batches = [(rng.uniform(size=(16, 32, 32, 3)).astype("float32"), rng.integers(0, CLASSES, 16))]
     run_parity(model, net, "twins_trades", batches=batches, pgd_steps=2)
+
+
+def test_resnet18_plain_at_matches_pytorch_batchnorm2d():
+    """`build_resnet(twin=False)`, the network of every plain-BN method, in an AT step against
+    torchvision's ResNet-18 with its own BatchNorm2d.  Batch 16 at 32 px leaves layer4 16
+    values per channel, where the moving variance's unbiased update differs from a biased one
+    by 16/15; one step, as in the twin case above."""
+    from twins_tf.models import build_resnet
+    from twins_tf.weights import load_torch_state_dict
+
+    source = torch_resnet("resnet18", num_classes=CLASSES, seed=3)
+    model = build_resnet("resnet18", CLASSES, twin=False, input_shape=(32, 32, 3))
+    load_torch_state_dict(model, {k: v.numpy() for k, v in source.state_dict().items()}, head=True)
+    rng = np.random.default_rng(4)
+    batches = [(rng.uniform(size=(16, 32, 32, 3)).astype("float32"), rng.integers(0, CLASSES, 16))]
+    run_parity(model, TorchPixelResNet(source), "at", batches=batches, pgd_steps=2)
 
 
 # === evaluation ==============================================================================
@@ -546,7 +569,7 @@ def _dataset(batches):
 def test_fit_with_xla_and_mixed_bfloat16(method):
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model, _ = small_pair("twin" if method.startswith("twins") else "keras", seed=6)
+        model, _ = small_pair("twin" if method.startswith("twins") else "plain", seed=6)
         trainer = make_trainer(model, method, jit_compile=True)
         history = trainer.fit(
             _dataset(make_batches(3, seed=6)),
@@ -674,7 +697,7 @@ def test_backup_and_restore_resumes_exactly(tmp_path):
 
 # === bad input ===============================================================================
 def test_twin_method_needs_twin_model_and_plain_method_refuses_one():
-    plain, _ = small_pair("keras")
+    plain, _ = small_pair("plain")
     twin, _ = small_pair("twin")
     attack = PGD(EPS, ALPHA, 1)
     with pytest.raises(ValueError, match="needs a twin model.*twinify"):
@@ -688,7 +711,7 @@ def test_twin_method_needs_twin_model_and_plain_method_refuses_one():
 
 
 def test_constructor_and_compile_errors():
-    model, _ = small_pair("keras")
+    model, _ = small_pair("plain")
     with pytest.raises(ValueError, match="pass an attack"):
         AdversarialTrainer(model, method="at")
     with pytest.raises(ValueError, match="unknown method"):
@@ -832,7 +855,7 @@ def test_odd_batch_found_while_training_is_one_line():
     """Where tf.data does not tell the sizes (a filter makes the cardinality unknown), the
     pipeline's own check fires at the odd batch: one line from twins_tf, not TF's graph error
     (still an InvalidArgumentError, as before)."""
-    from twins_tf.trainer import InputCheckError
+    from twins_tf.trainer.checks import InputCheckError
 
     model, _ = small_pair("twin")
     trainer = make_trainer(model, "twins_at")

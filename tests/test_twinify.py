@@ -6,7 +6,7 @@ import pytest
 
 import twins_tf
 from twins_tf import bn_wings
-from twins_tf.layers import TwinBatchNormalization
+from twins_tf.layers import BatchNormalization, TwinBatchNormalization
 
 
 def randomize_batchnorms(model, rng):
@@ -25,14 +25,12 @@ def randomize_batchnorms(model, rng):
 
 
 def batchnorms(model):
-    return [
-        l
-        for l in model._flatten_layers(include_self=False)
-        if type(l) is keras.layers.BatchNormalization
-    ]
+    return [l for l in model._flatten_layers(include_self=False) if bn_wings.is_plain_bn(l)]
 
 
-def check_twin_of(plain, twin):
+def check_twin_of(plain, twin, momentum=0.9):
+    """`twin` is `plain` with every BN a twin layer: both wings from the BN, the BN's epsilon,
+    `momentum` (None: the BN's own), every other weight unchanged."""
     assert not batchnorms(twin)
     twin_layers = {
         l.name: l
@@ -49,11 +47,12 @@ def check_twin_of(plain, twin):
         ):
             for name, want in zip(wing, (gamma, beta, mean, var)):
                 np.testing.assert_array_equal(getattr(layer, name), want)
-        assert (layer.epsilon, layer.momentum) == (bn.epsilon, bn.momentum)
+        want_momentum = bn.momentum if momentum is None else momentum
+        assert (layer.epsilon, layer.momentum) == (bn.epsilon, want_momentum)
     plain_other = {
         l.name: l
         for l in plain._flatten_layers(include_self=False)
-        if type(l) is not keras.layers.BatchNormalization and l.weights
+        if not bn_wings.is_plain_bn(l) and l.weights
     }
     for name, layer in plain_other.items():
         for a, b in zip(layer.weights, twin.get_layer(name).weights):
@@ -76,6 +75,30 @@ def test_resnet50_twin_copies_weights_and_matches_inference(resnet50):
     )
 
 
+def test_twinify_takes_the_specs_momentum_unless_told_otherwise(resnet50):
+    """keras.applications builds its BN with Keras's momentum 0.99; TWINS's EMA is
+    0.9 * old + 0.1 * batch (spec §1), so a twinified model gets 0.9 by default, the source's
+    momentum with momentum=None, any other on request, and its Adaptive wing's EMA runs
+    with it."""
+    sources = {bn.momentum for bn in batchnorms(resnet50)}
+    assert sources == {0.99}
+    check_twin_of(resnet50, twins_tf.twinify(resnet50))
+    check_twin_of(resnet50, twins_tf.twinify(resnet50, momentum=None), momentum=None)
+    check_twin_of(resnet50, twins_tf.twinify(resnet50, momentum=0.5), momentum=0.5)
+
+    # The EMA itself: one twin training forward moves the Adaptive wing's moving mean a
+    # tenth of the way from its start to the batch mean of its half.
+    twin = twins_tf.twinify(resnet50)
+    layer = twin.get_layer("conv1_bn")
+    start = np.asarray(layer.moving_mean)
+    x = np.random.default_rng(8).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    conv = keras.Model(twin.inputs, twin.get_layer("conv1_conv").output)(x).numpy()
+    layer(conv, training=True)
+    want = 0.9 * start + 0.1 * conv[2:].astype(np.float64).mean((0, 1, 2))
+    # float32 sums of 2048 values per channel: relative error up to ~2048 * 2^-24 = 1.2e-4.
+    np.testing.assert_allclose(layer.moving_mean, want, rtol=2e-4, atol=1e-4)
+
+
 def test_resnet50_untwin_keeps_adaptive_wing_after_training(resnet50):
     twin = twins_tf.twinify(resnet50)
     rng = np.random.default_rng(3)
@@ -90,6 +113,7 @@ def test_resnet50_untwin_keeps_adaptive_wing_after_training(resnet50):
     assert not any(
         isinstance(l, TwinBatchNormalization) for l in plain._flatten_layers(include_self=False)
     )
+    assert {type(bn) for bn in batchnorms(plain)} == {BatchNormalization}  # PyTorch's BN step
     for bn in batchnorms(plain):
         layer = twin.get_layer(bn.name)
         for got, want in zip(
@@ -267,7 +291,8 @@ def test_replacement_layers_keep_the_configuration():
     assert twin.dtype_policy.name == "mixed_float16"
     assert bn_wings.twin_from_plain(bn, momentum=0.5).momentum == 0.5
     plain = bn_wings.plain_from_twin(twin)
-    assert type(plain) is keras.layers.BatchNormalization
+    # twins_tf's plain BN, so a plain method training an untwinned model keeps PyTorch's step
+    assert type(plain) is BatchNormalization
     assert (plain.axis, plain.momentum, plain.epsilon, plain.synchronized, plain.name) == (
         1,
         0.8,
@@ -314,10 +339,9 @@ def test_nested_layers_descend_into_models_and_list_shared_layers_once():
 
 
 def test_build_resnets_fused_plain_bn_twins_and_untwins():
-    """build_resnet(twin=False) holds twins_tf's fused-kernel BatchNormalization (issue 11):
+    """build_resnet(twin=False) holds twins_tf's own BatchNormalization:
     twinify must still find every BN (bn_wings.is_plain_bn), fill both wings from it, and
-    untwin give back Keras's own BN with the Adaptive wing."""
-    from twins_tf.layers import BatchNormalization
+    untwin give back the same plain BN with the Adaptive wing."""
     from twins_tf.models import build_resnet
 
     plain = build_resnet("resnet18", 4, twin=False, input_shape=(16, 16, 3))
@@ -346,7 +370,7 @@ def test_build_resnets_fused_plain_bn_twins_and_untwins():
         twin(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-6
     )
     back = twins_tf.untwin(twin)
-    assert len(batchnorms(back)) == 20
+    assert sum(type(l) is BatchNormalization for l in back.layers) == 20
     np.testing.assert_allclose(
         back(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-6
     )

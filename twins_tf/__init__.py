@@ -6,10 +6,12 @@ not need PyTorch or tensorflow-datasets never import them.
 
 import importlib
 
-# Before anything imports TensorFlow: oneDNN's CPU kernels on every x86 CPU (cpu_kernels).
-from twins_tf.platform import cpu_kernels
+# Before anything imports TensorFlow: oneDNN's CPU kernels on every x86 CPU (cpu_kernels),
+# and TensorFlow's INFO logs off unless asked for (tensorflow_logs, which imports it).
+from twins_tf.platform import cpu_kernels, tensorflow_logs
 
 cpu_kernels.prefer_onednn()
+tensorflow_logs.import_tensorflow()
 
 # Registers every Keras serialisable (layers, models, trainer, attacks): `import twins_tf` is
 # all keras.models.load_model needs, whichever attack a saved trainer holds.

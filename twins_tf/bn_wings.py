@@ -29,9 +29,9 @@ FROZEN_OF = dict(zip(ADAPTIVE_WING, FROZEN_WING))
 
 
 def is_plain_bn(layer):
-    """True for exactly Keras's BatchNormalization or twins_tf's fused-kernel version of it
-    (`twins_tf.layers.BatchNormalization`, the same layer); other subclasses may compute
-    something else."""
+    """True for exactly Keras's BatchNormalization or twins_tf's (`twins_tf.layers`: the same
+    weights and inference, PyTorch's training step); other subclasses may compute something
+    else."""
     return type(layer) in (keras.layers.BatchNormalization, twins_layers.BatchNormalization)
 
 
@@ -151,5 +151,10 @@ def twin_from_plain(bn, momentum=None):
 
 
 def plain_from_twin(twin):
-    """A new BatchNormalization configured like the twin layer (its Adaptive wing)."""
-    return keras.layers.BatchNormalization(momentum=twin.momentum, **_shared_config(twin))
+    """A new plain BatchNormalization configured like the twin layer (its Adaptive wing).
+
+    twins_tf's layer (`twins_tf.layers.BatchNormalization`), not Keras's: an untwinned model
+    is exported and evaluated, where the two compute the same, but it is also what a plain
+    method trains, and there it must keep the twin layer's (PyTorch's) training step.
+    """
+    return twins_layers.BatchNormalization(momentum=twin.momentum, **_shared_config(twin))

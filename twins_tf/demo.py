@@ -30,27 +30,19 @@ the published protocol (train on the whole small training split, keep the final 
 60 epochs of ~120 steps.  They were not chosen by which method comes out ahead, and the table
 prints whatever comes out: with three seeds on ~180 test images an interval that contains 0
 separates nothing.  `--deterministic` makes the same command give the same table.
+
+The work is `twins_tf.comparison.demo_pipeline.run_demo`; this binary parses flags.
 """
 
 import sys
 
 from absl import app, flags
 
-from twins_tf.demo_pipeline import (  # noqa: F401 (the library side, under its old names)
-    COMMON,
+from twins_tf.comparison.demo_pipeline import (
     DEFAULT_METHODS,
     DEFAULT_SEEDS,
-    EXPORTED_METHOD,
-    FULL,
     METHOD_NAMES,
-    QUICK,
-    RESULTS_FILE,
-    SOURCE,
-    TARGET,
-    TARGET_PER_CLASS,
-    export_and_check,
     run_demo,
-    run_training,
 )
 from twins_tf.training.settings import SetupError
 

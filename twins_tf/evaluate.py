@@ -31,35 +31,18 @@ Results go to a printed table and a JSON report (`--output`, by default
 `model_dir/evaluation_<split>.json`).  The split is the test split or the validation split
 carved from train (`--split`); `--max_examples` evaluates N examples only, a class-stratified
 subset seeded by the split seed.
+
+TensorFlow's INFO log lines are off (its warnings and errors stay); `--verbosity=1` on the
+command line brings them back (`twins_tf.platform.tensorflow_logs`).
 """
 
 import sys
 
 from absl import app, flags
 
-from twins_tf.evaluation import (  # noqa: F401
-    AUTOATTACK,
-    CLEAN,
-    DEFAULTS,
-    REPORT_PREFIX,
-    SPLITS,
-    autoattack_state_path,
-    evaluate,
-    evaluate_batched,
-    format_table,
-    load_examples,
-    load_model,
-    model_checks,
-    parse_attacks,
-    report_path,
-    resolve,
-    run_autoattack,
-)
+from twins_tf.evaluation import DEFAULTS, SPLITS, evaluate, format_table, report_path
 from twins_tf.training.flags import define_data_flags, define_fraction
 from twins_tf.training.settings import SetupError
-
-# The names above are the library's (twins_tf.evaluation); they stay importable from here for
-# code written against this module before the split.
 
 
 def define_flags(flag_values):

@@ -3,8 +3,8 @@
     python -m twins_tf.export --model_dir=runs/dogs --output=exported/dogs
 
 The export and its serving signature (input checks, outputs) are `twins_tf.serving`
-(`export_saved_model`, `export_run`, re-exported here under their old names); this file
-defines the flags and calls it.
+(`export_run` for a run, `export_saved_model` for any model); this file defines the flags and
+calls `export_run`.
 """
 
 import sys
@@ -12,13 +12,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from twins_tf.serving import (  # noqa: F401 (the library side, under its old names)
-    RANGE_TOLERANCE,
-    SERVING_ERROR,
-    SERVING_INPUT,
-    export_run,
-    export_saved_model,
-)
+from twins_tf.serving import export_run
 
 
 def define_flags(flag_values):

@@ -48,6 +48,8 @@ import os
 
 import numpy as np
 
+from twins_tf.accuracy import accuracy_counter, count_correct
+from twins_tf.input_checks import check_pixel_budget
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -197,11 +199,7 @@ def _attack_settings(config_a, config_b, overrides):
         else:
             attack[key] = config_a[key]
     for key in ("attack_eps", "attack_step"):
-        if not 0.0 <= float(attack[key]) <= 1.0:
-            raise SetupError(
-                f"{key}={attack[key]:g} is outside [0, 1]: images are in [0, 1] "
-                "pixel units, so write e.g. 8/255 (not 8)."
-            )
+        check_pixel_budget(attack[key], key, given_as="flag", error=SetupError)
     if int(attack["attack_steps"]) < 1:
         raise SetupError("attack_steps must be at least 1.")
     return attack
@@ -273,38 +271,28 @@ def _weights_by_path(model):
 
 
 def _validation_batches(config, examples, batch_size):
-    from twins_tf import data as data_lib
+    """The batches the alphas are chosen on and their count: run A's carved validation split
+    (`examples` of it, class-stratified; all when None), loaded as an evaluation loads a split."""
+    from twins_tf.evaluation.inputs import load_examples
 
-    spec = data_lib.get_dataset_spec(
-        config["dataset"], image_size=config["image_size"], upsample=config["upsample"]
-    )
-    try:
-        splits = data_lib.load_splits(
-            spec,
-            data_dir=config.get("data_dir"),
-            tfds_data_dir=config.get("tfds_data_dir"),
-            train_per_class=config.get("train_per_class"),
-            skip_bad_images=bool(config.get("skip_bad_images")),
-            validation="carve",
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise SetupError(str(error)) from None
-    if int(splits.num_classes) != int(config["num_classes"]):
-        raise SetupError(
-            f"the runs have {config['num_classes']} classes but {spec.name} has "
-            f"{splits.num_classes}."
-        )
-    validation = data_lib.stratified_subset(splits.source("validation"), examples)
-    count = splits.num_examples["validation"]
-    count = count if examples is None else min(count, int(examples))
-    return data_lib.make_pipeline(validation, spec, training=False, batch_size=batch_size), count
+    settings = {
+        "dataset": config["dataset"],
+        "image_size": config["image_size"],
+        "upsample": config["upsample"],
+        **{
+            key: config.get(key)
+            for key in ("data_dir", "tfds_data_dir", "train_per_class", "skip_bad_images")
+        },
+        "num_classes": int(config["num_classes"]),
+        "split": "validation",
+        "max_examples": examples,
+        "batch_size": batch_size,
+    }
+    return load_examples(settings, whose_classes="the runs have")
 
 
 def _accuracy(counter, batches):
-    correct = total = 0
-    for images, labels in batches:
-        correct += int(counter(images, labels))
-        total += int(labels.shape[0])
+    correct, total = count_correct(counter, batches)
     return correct / total if total else float("nan")
 
 
@@ -440,7 +428,6 @@ def _run(config_a, config_b, request, output_dir, batch_size, verbose):
     import tensorflow as tf
 
     from twins_tf.attacks.pgd import PGD
-    from twins_tf.evaluation.batched import accuracy_counter
 
     model_a = plain_network(request["run_a"]["model_dir"])
     model_b = plain_network(request["run_b"]["model_dir"])

@@ -6,16 +6,24 @@ half with its own batch statistics (the Adaptive wing), each with its own gamma/
 convolutions run once over the whole batch and only the normalisation differs.  Nothing in
 Keras, keras-cv or keras-hub does this, hence our own layer.
 
-Numerics follow PyTorch's BatchNorm2d, which the pre-trained weights come from:
-normalisation uses the biased batch variance, the moving variance is updated with the
-unbiased one (times n/(n-1), n = elements per channel), momentum 0.9 in Keras's convention
-(PyTorch's 0.1), epsilon 1e-5.  Statistics and the affine transform are computed in float32
-under mixed precision, as in Keras's BatchNormalization.
+Both BN layers here (the twin layer and the plain `BatchNormalization` of the baselines)
+follow PyTorch's `nn.BatchNorm2d`, which the pre-trained weights and the reference code come
+from, so that TWINS and its plain-BN baselines differ only in the method, never in the BN
+arithmetic: normalisation uses the biased batch variance, the moving variance is updated with
+the unbiased one (times n/(n-1), n = elements per channel), momentum 0.9 in Keras's
+convention (PyTorch's 0.1), epsilon 1e-5.  With `synchronized=True` under `tf.distribute` the
+batch statistics are `nn.SyncBatchNorm`'s: mean and variance over every replica's examples,
+n the global count.  Statistics and the affine transform are computed in float32 under mixed
+precision, as in Keras's BatchNormalization.  Both layers compute a training forward with the
+one function `batch_norm_training`, which is why they share this module (over 400 lines).
 
-Distribution: the moving statistics are created with `aggregation="mean"`, so under
-`tf.distribute` every replica's EMA update is averaged across replicas and the copies stay
-identical (plain Keras BN keeps per-replica values that drift apart).  `synchronized=True`
-additionally computes the Adaptive wing's batch statistics over all replicas' halves.
+Distribution: the twin layer's moving statistics are created with `aggregation="mean"`, so
+under `tf.distribute` every replica's EMA update is averaged across replicas and the copies
+stay identical (Keras's BN, and so the plain layer, keeps per-replica values that drift
+apart unless `synchronized=True` gives every replica the same batch statistics, which is
+how `build_model` builds a plain model for several replicas).  For the twin layer
+`synchronized=True` additionally computes the Adaptive wing's batch statistics over all
+replicas' halves.
 """
 
 import keras
@@ -28,6 +36,146 @@ TWIN = "twin"
 FROZEN = "frozen"
 ADAPTIVE = "adaptive"
 MODES = (TWIN, FROZEN, ADAPTIVE)
+
+
+# --- a training-mode BatchNorm, shared by both layers ---------------------------------------
+# Batch statistics run TensorFlow's FusedBatchNormV3 op, and FusedBatchNormGradV3 in the
+# backward pass, where the layout allows it, instead of the elementwise graph of Keras 3's
+# `ops.moments` + `ops.batch_normalization`: the fused kernels read the activations once or
+# twice instead of five to eight times, and the fused gradient replaces the chain rule through
+# mean and variance (every training forward of every method pays for BN).  The raw op is
+# called because `tf.nn.fused_batch_norm` raises epsilon to at least 1.001e-5 (a cuDNN
+# limit), which would move us off PyTorch's 1e-5.  It returns the *unbiased* batch variance
+# (pinned in tests/test_layers.py), what the EMA needs, and normalises with the biased one,
+# as PyTorch does.  What the op cannot take (a channel axis that is not the last, statistics
+# across replicas, a mask, no gamma or beta, float64) keeps the composed ops, with the same
+# numerics.
+#
+# Population statistics (inference, and the Frozen wing) stay the per-channel affine map
+# `x * a + b`, `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`
+# (`ops.batch_normalization`), not the fused op in inference mode, on purpose: it is
+# PyTorch's own eval-mode arithmetic, so the attack's input gradients keep their signs where
+# they are close to zero (the fused op rounds differently and flipped 8 of 49152 PGD pixel
+# steps in tests/test_trainer.py's ResNet-18 parity test), and its backward is one
+# multiplication, where FusedBatchNormGradV3 would also reduce for the gamma and beta
+# gradients an attack never uses.
+def _fused_batch_norm(x, gamma, beta, epsilon):
+    """(y, batch mean, unbiased batch variance): FusedBatchNormV3 in training mode on `x`
+    with the channel axis last, any rank >= 2 (reshaped to rank 4 for the op)."""
+    rank4 = x
+    if len(x.shape) != 4:
+        shape = tf.shape(x)
+        rank4 = tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
+    empty = tf.zeros([0], tf.float32)
+    y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=rank4,
+        scale=gamma,
+        offset=beta,
+        mean=empty,
+        variance=empty,
+        epsilon=epsilon,
+        exponential_avg_factor=1.0,
+        data_format="NHWC",
+        is_training=True,
+    )
+    if len(x.shape) != 4:
+        y = tf.reshape(y, tf.shape(x))
+    return y, mean, variance
+
+
+def _sync_context(synchronized):
+    """The replica context to all-reduce statistics in, or None for local statistics."""
+    if not synchronized:
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _batch_moments(x, channel_axis, sync_context=None, mask=None):
+    """(mean, biased variance, count) per channel; count = elements the statistics cover.
+
+    With a replica context the sums run over every replica's elements (`nn.SyncBatchNorm`):
+    the global mean first, then the global sum of squared deviations from it (two passes,
+    not E[x^2] - E[x]^2, which cancels catastrophically when the mean is large).  Under
+    `tf.distribute` the all-reduces are differentiable, so the backward pass is global too.
+    With a mask (shape: `x`'s without the channel axis), masked-out elements count for
+    nothing, as in Keras's BatchNormalization.
+    """
+    axes = [a for a in range(len(x.shape)) if a != channel_axis]
+    if sync_context is None and mask is None:
+        mean, variance = ops.moments(x, axes=axes)
+        shape = ops.shape(x)
+        count = 1
+        for a in axes:
+            count = count * shape[a]
+        return mean, variance, ops.cast(count, x.dtype)
+    ones = ops.ones_like(x)
+    if mask is not None:
+        ones = ones * ops.cast(ops.expand_dims(mask, channel_axis), x.dtype)
+    sums = ops.stack([ops.sum(x * ones, axis=axes), ops.sum(ones, axis=axes)])
+    if sync_context is not None:
+        sums = sync_context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+    total, count = sums[0], sums[1]
+    mean = ops.divide_no_nan(total, count)
+    squares = ops.sum(ops.square(x - _broadcastable(mean, x, channel_axis)) * ones, axis=axes)
+    if sync_context is not None:
+        squares = sync_context.all_reduce(tf.distribute.ReduceOp.SUM, squares)
+    return mean, ops.divide_no_nan(squares, count), count
+
+
+def _broadcastable(per_channel, x, channel_axis):
+    shape = [1] * len(x.shape)
+    shape[channel_axis] = -1
+    return ops.reshape(per_channel, shape)
+
+
+def batch_norm_training(x, gamma, beta, *, axis, epsilon, synchronized=False, mask=None):
+    """A training-mode BatchNorm as `nn.BatchNorm2d` (`nn.SyncBatchNorm` when synchronized).
+
+    Args:
+      x: float32 or float64 input.
+      gamma, beta: per-channel scale and offset in `x`'s dtype, or None for none.
+      axis: the channel axis.
+      epsilon: added to the biased batch variance before the square root.
+      synchronized: statistics over all replicas of a `tf.distribute` strategy (none without
+        one).
+      mask: optional, `x`'s shape without the channel axis; zeros leave elements out of the
+        statistics.
+
+    Returns:
+      (y, batch mean, unbiased batch variance): y normalised with the biased variance; the
+      unbiased one, times n/(n-1) with n the (global) elements per channel, is what the
+      moving variance takes.  With n = 1 it is 0 (PyTorch refuses to train on one value).
+    """
+    channel_axis = axis % len(x.shape)
+    sync_context = _sync_context(synchronized)
+    if (
+        channel_axis == len(x.shape) - 1
+        and len(x.shape) >= 2
+        and sync_context is None
+        and mask is None
+        and gamma is not None
+        and beta is not None
+        and x.dtype == "float32"
+    ):
+        # With one element per channel the kernel returns a zero variance, as the
+        # composed path's n / max(n - 1, 1) does (pinned in tests/test_layers.py).
+        return _fused_batch_norm(x, gamma, beta, epsilon)
+    mean, variance, count = _batch_moments(x, channel_axis, sync_context, mask)
+    unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
+    y = ops.batch_normalization(
+        x, mean, variance, axis=channel_axis, offset=beta, scale=gamma, epsilon=epsilon
+    )
+    return y, mean, unbiased
+
+
+def _update_moving_statistics(layer, mean, unbiased_variance):
+    """PyTorch's running-statistics EMA in Keras's momentum convention (0.9 = PyTorch 0.1)."""
+    m = layer.momentum
+    for variable, batch in ((layer.moving_mean, mean), (layer.moving_variance, unbiased_variance)):
+        variable.assign(variable * m + ops.cast(batch, variable.dtype) * (1.0 - m))
 
 
 @keras.saving.register_keras_serializable(package="twins_tf")
@@ -97,7 +245,6 @@ class TwinBatchNormalization(keras.layers.Layer):
         channels = input_shape[self._channel_axis]
         if channels is None:
             raise ValueError(f"{self.name}: the channel axis {self.axis} has unknown size.")
-        self._reduction_axes = [a for a in range(rank) if a != self._channel_axis]
         self.input_spec = keras.InputSpec(ndim=rank, axes={self._channel_axis: channels})
         shape = (channels,)
 
@@ -123,53 +270,6 @@ class TwinBatchNormalization(keras.layers.Layer):
         self.frozen_variance = weight("frozen_variance", self.moving_variance_initializer, False)
 
     # --- the two wings -------------------------------------------------------------------
-    # Batch statistics (the Adaptive wing in training) run TensorFlow's FusedBatchNormV3 op,
-    # and FusedBatchNormGradV3 in the backward pass, where the layout allows it, instead of
-    # the elementwise graph of Keras 3's `ops.moments` + `ops.batch_normalization`: the fused
-    # kernels read the activations once or twice instead of five to eight times, and the
-    # fused gradient replaces the chain rule through mean and variance.  The raw op is called
-    # because `tf.nn.fused_batch_norm` raises epsilon to at least 1.001e-5 (a cuDNN limit),
-    # which would move us off PyTorch's 1e-5.  It returns the *unbiased* batch variance
-    # (pinned in tests/test_layers.py), what the EMA needs, and normalises with the biased
-    # one, as PyTorch does.  Layouts the op cannot take (a channel axis that is not the
-    # last, a synchronized batch statistic) keep the composed ops, with the same numerics.
-    #
-    # Population statistics (inference, and the Frozen wing) stay the per-channel affine map
-    # `x * a + b`, `a = gamma / sqrt(var + eps)`, `b = beta - mean * a`
-    # (`ops.batch_normalization`), not the fused op in inference mode, on purpose: it is
-    # PyTorch's own eval-mode arithmetic, so the attack's input gradients keep their signs
-    # where they are close to zero (the fused op rounds differently and flipped 8 of 49152
-    # PGD pixel steps in tests/test_trainer.py's ResNet-18 parity test), and its backward is
-    # one multiplication, where FusedBatchNormGradV3 would also reduce for the gamma and beta
-    # gradients an attack never uses.
-    def _fusable(self, x):
-        return self._channel_axis == len(x.shape) - 1 and len(x.shape) >= 2
-
-    def _as_nhwc(self, x):
-        """x with the channel axis last, as rank 4 (N, 1, spatial, C) for the fused op."""
-        if len(x.shape) == 4:
-            return x
-        shape = tf.shape(x)
-        return tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
-
-    def _fused(self, x, gamma, beta):
-        """(y, batch mean, unbiased batch variance) of a batch-statistics normalisation."""
-        empty = tf.zeros([0], tf.float32)
-        y, batch_mean, batch_variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=self._as_nhwc(x),
-            scale=gamma,
-            offset=beta,
-            mean=empty,
-            variance=empty,
-            epsilon=self.epsilon,
-            exponential_avg_factor=1.0,
-            data_format="NHWC",
-            is_training=True,
-        )
-        if len(x.shape) != 4:
-            y = tf.reshape(y, tf.shape(x))
-        return y, batch_mean, batch_variance
-
     def _normalize(self, x, mean, variance, gamma, beta):
         return ops.batch_normalization(
             x,
@@ -189,30 +289,16 @@ class TwinBatchNormalization(keras.layers.Layer):
     def _adaptive_wing(self, x, training):
         if not training:
             return self._normalize(x, self.moving_mean, self.moving_variance, self.gamma, self.beta)
-        if self._fusable(x) and not self.synchronized:
-            # With one element per channel the kernel returns a zero variance, as the
-            # composed path's n / max(n - 1, 1) does (pinned in tests/test_layers.py).
-            y, mean, unbiased = self._fused(x, self.gamma, self.beta)
-        else:
-            mean, variance = ops.moments(
-                x, axes=self._reduction_axes, synchronized=self.synchronized
-            )
-            count = ops.cast(self._elements_per_channel(x), "float32")
-            unbiased = variance * count / ops.maximum(count - 1.0, 1.0)
-            y = self._normalize(x, mean, variance, self.gamma, self.beta)
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-        self.moving_variance.assign(self.moving_variance * m + unbiased * (1.0 - m))
+        y, mean, unbiased = batch_norm_training(
+            x,
+            self.gamma,
+            self.beta,
+            axis=self._channel_axis,
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
+        )
+        _update_moving_statistics(self, mean, unbiased)
         return y
-
-    def _elements_per_channel(self, x):
-        shape = ops.shape(x)
-        count = 1
-        for a in self._reduction_axes:
-            count = count * shape[a]
-        if self.synchronized:
-            count = count * tf.distribute.get_replica_context().num_replicas_in_sync
-        return count
 
     # --- forward -------------------------------------------------------------------------
     def call(self, inputs, training=None, mask=None):
@@ -301,90 +387,54 @@ def twin_layers(model):
     ]
 
 
-# --- plain BatchNormalization on the fused kernel ------------------------------------------
-def _fused_batch_statistics(x, gamma, beta, epsilon):
-    """(y, batch mean, unbiased batch variance): TensorFlow's FusedBatchNormV3 in training
-    mode on `x` with the channel axis last, any rank >= 2 (reshaped to rank 4 for the op).
-
-    Its gradient is FusedBatchNormGradV3, one kernel for x, gamma and beta.  The raw op, not
-    `tf.nn.fused_batch_norm`, which raises epsilon to at least 1.001e-5 (a cuDNN limit) and
-    would move us off PyTorch's 1e-5.  The op normalises with the biased variance and returns
-    the unbiased one (pinned in tests/test_layers.py).
-    """
-    rank4 = x
-    if len(x.shape) != 4:
-        shape = tf.shape(x)
-        rank4 = tf.reshape(x, tf.stack([shape[0], 1, -1, shape[-1]]))
-    empty = tf.zeros([0], tf.float32)
-    y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-        x=rank4,
-        scale=gamma,
-        offset=beta,
-        mean=empty,
-        variance=empty,
-        epsilon=epsilon,
-        exponential_avg_factor=1.0,
-        data_format="NHWC",
-        is_training=True,
-    )
-    if len(x.shape) != 4:
-        y = tf.reshape(y, tf.shape(x))
-    return y, mean, variance
-
-
+# --- plain BatchNormalization -------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="twins_tf")
 class BatchNormalization(keras.layers.BatchNormalization):
-    """Keras's BatchNormalization whose training forward runs TensorFlow's fused kernel.
+    """Keras's BatchNormalization with `nn.BatchNorm2d`'s training step, for the baselines.
 
-    The same layer, arguments, weights, config and results as `keras.layers.BatchNormalization`
-    (it is a subclass and only `call` differs), so it loads Keras BN weights and its weights
-    load into a Keras BN.  Keras 3 computes training-mode BN from composed elementwise ops
-    (`ops.moments`, then `tf.nn.batch_normalization`) that read the activations five to eight
-    times in the forward and again through the chain rule in the backward; here the batch
-    statistics, the normalisation and their gradient are FusedBatchNormV3 /
-    FusedBatchNormGradV3, which read them once or twice (issue 11: every training forward of
-    the AT, TRADES, clean and L2-SP methods pays for BN).
+    The plain-BN methods (clean, AT, TRADES, L2-SP, AutoLoRa) are compared with TWINS and
+    reproduce reference code written with `nn.BatchNorm2d`; Keras's own training step (the
+    moving variance updated with the *biased* batch variance, (n-1)/n of PyTorch's) would
+    confound both.  So the training forward is `batch_norm_training`, as the twin layer's
+    Adaptive wing: the unbiased EMA, `synchronized=True` as `nn.SyncBatchNorm` under
+    `tf.distribute`, the fused kernel where the layout allows it.  Build it with momentum 0.9
+    for PyTorch's 0.1.  Inference (moving statistics, or `trainable=False`) is Keras's own
+    affine map, the arithmetic of PyTorch's eval-mode BN.
 
-    Kept from Keras on purpose:
-      * the moving variance is updated with the *biased* batch variance, as Keras's layer
-        does (PyTorch uses the unbiased one; `TwinBatchNormalization` follows PyTorch);
-      * inference (moving statistics) is Keras's own per-channel affine map `x * a + b`, the
-        arithmetic of PyTorch's eval-mode BN: the fused op in inference mode rounds
-        differently, which flips PGD gradient signs where they are near zero (see
-        `TwinBatchNormalization`), and its backward would also reduce for gamma and beta
-        gradients an attack never uses.
-    Layouts or options the fused op cannot take (a channel axis that is not the last, a
-    mask, `synchronized=True`, batch renormalisation, `center`/`scale` False, float64) run
-    Keras's own `call`.
-
-    The class name is Keras's on purpose: `model.save_weights` files name a layer's group
-    after its class (`batch_normalization_3`), so the same name keeps weights files of plain
-    models interchangeable with those written by Keras's BN (older runs, other code).
+    Everything else is Keras's layer: arguments, weights, config and files.  The class name is
+    Keras's on purpose: `model.save_weights` files name a layer's group after its class
+    (`batch_normalization_3`), so weights files of plain models interchange with those of
+    Keras's BN both ways.  `renorm=True` is refused: PyTorch has no batch renormalisation to
+    follow (use `keras.layers.BatchNormalization` for it).
     """
 
-    def _fusable(self, inputs, training, mask):
-        return (
-            bool(training)
-            and self.trainable
-            and mask is None
-            and not self.synchronized
-            and not self.renorm
-            and self.scale
-            and self.center
-            and len(inputs.shape) >= 2
-            and self.axis % len(inputs.shape) == len(inputs.shape) - 1
-            and inputs.dtype != "float64"
-        )
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.renorm:
+            raise ValueError(
+                f"{self.name}: twins_tf's BatchNormalization follows nn.BatchNorm2d, which has "
+                "no batch renormalisation; use keras.layers.BatchNormalization(renorm=True)."
+            )
 
     def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable):
+            return super().call(inputs, training=False, mask=mask)
         inputs = ops.convert_to_tensor(inputs)
-        if not self._fusable(inputs, training, mask):
-            return super().call(inputs, training=training, mask=mask)
-        x = ops.cast(inputs, "float32")
-        y, mean, unbiased = _fused_batch_statistics(x, self.gamma, self.beta, self.epsilon)
-        count = ops.cast(ops.size(x) // ops.shape(x)[-1], "float32")
-        variance = unbiased * ops.maximum(count - 1.0, 0.0) / count  # Keras's biased update
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the inputs. Received: "
+                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        dtype = "float64" if inputs.dtype == "float64" else "float32"
+        x = ops.cast(inputs, dtype)
+        y, mean, unbiased = batch_norm_training(
+            x,
+            ops.cast(self.gamma, dtype) if self.scale else None,
+            ops.cast(self.beta, dtype) if self.center else None,
+            axis=self.axis,
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
+            mask=mask,
+        )
+        _update_moving_statistics(self, mean, unbiased)
         return ops.cast(y, self.compute_dtype)

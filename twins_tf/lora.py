@@ -35,6 +35,7 @@ import threading
 import keras
 import numpy as np
 
+from twins_tf.models.heads import output_layer_names
 from twins_tf.platform import keras_private
 
 _SWITCH = threading.local()
@@ -159,7 +160,7 @@ def default_targets(model):
     layers = keras_private.flatten_layers(model)
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
     shortcuts = [layer for layer in convs if layer.name.endswith("_downsample_0")]
-    outputs = set(getattr(model, "output_names", None) or [])
+    outputs = set(output_layer_names(model))
     dense = [
         layer
         for layer in layers

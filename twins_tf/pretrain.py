@@ -15,35 +15,16 @@ applies, with the same model_dir contract, resumption, extension by a higher `--
 
 `model_dir/best.weights.h5` (best validation PGD accuracy) and `last.weights.h5` are
 `model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through
-`twins_tf.weights.load_pretrained`) loads into a twin or plain model with a fresh head.
+`twins_tf.weights.load_pretrained`) loads into a twin or plain model with a fresh head.  This
+file makes the one call `twins_tf.training.loop.run(settings)` with pretrain's settings
+(`training.flags.settings_from_args("pretrain", args)` for library code).
 """
 
 from absl import app
 
 from twins_tf import train
-from twins_tf.training import loop
-from twins_tf.training.settings import PRETRAIN, Settings
-
-BINARY = PRETRAIN
-
-
-def run(settings, *, verbose="auto"):
-    """Trains (or resumes) the from-scratch run described by `settings`; returns its summary.
-
-    `settings`: pretrain `Settings`, or a dict from `settings_from_flags(..., "pretrain")`.
-
-    Raises:
-      SetupError: a problem with the inputs, before anything is trained or written.
-    """
-    binary = settings.binary if isinstance(settings, Settings) else settings.get("binary")
-    if binary != BINARY:
-        raise ValueError(
-            f"pretrain.run needs pretrain settings (binary={BINARY!r}); build them "
-            "with training.flags.settings_from_args('pretrain', args)."
-        )
-    return loop.run(settings, verbose=verbose)
-
+from twins_tf.training.settings import PRETRAIN
 
 if __name__ == "__main__":
-    train.define_main_flags(BINARY)
-    app.run(train.main_for(BINARY))
+    train.define_main_flags(PRETRAIN)
+    app.run(train.main_for(PRETRAIN))

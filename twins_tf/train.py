@@ -30,8 +30,8 @@ finished run started again with a higher `--epochs` trains the extra epochs.  Wh
 is listed in `twins_tf.training.model_dir`.
 
 A NaN or infinite loss or weight stops the run at once with a one-line error naming the step,
-the epoch and the likely cause (`run_callbacks.StopOnDivergence`); the binary exits 1 and the
-weights files keep the last finite epoch.  A twin method without `--pretrained` is refused
+the epoch and the likely cause (`training.run_callbacks.StopOnDivergence`); the binary exits 1
+and the weights files keep the last finite epoch.  A twin method without `--pretrained` is refused
 unless `--allow_random_init` says it is meant.
 
 Every input problem (unknown dataset or arch, missing data, a `--pretrained` file of another
@@ -39,25 +39,23 @@ arch or a corrupt one, a batch size that does not split over 2 x replicas, an at
 outside [0, 1], a model_dir holding a different run) stops the binary with a one-line error
 before anything is trained or written.
 
+The console shows the run's own progress and results; TensorFlow's INFO log lines are off
+(its warnings and errors stay), and `--verbosity=1` on the command line brings them back
+(`twins_tf.platform.tensorflow_logs`).
+
 `python -m twins_tf.pretrain` is this binary with from-scratch defaults (see pretrain.py).
-This file defines flags and calls the library: the run is `twins_tf.training` (settings,
-model building, trainer, run loop); `twins_tf.train.run(settings)` and the other names this
-module had (`prepare`, `fit`, `build_model`, `make_trainer`, `learning_rate_schedule`, ...)
-are that package's, re-exported.  They take a run's complete settings (a `Settings`, or the
-dict of a whole run, checked as one); `pipelines(prepared, start_epoch)` is gone: it is
-`twins_tf.training.pipelines(settings, spec, splits, start_epoch)`.
+This file defines flags and makes one call: the run is `twins_tf.training.loop.run(settings)`
+(settings, model building, trainer and run loop are `twins_tf.training`), which library code
+calls directly with a `Settings` or the dict of a whole run.
 """
 
 import sys
 
 from absl import app, flags
 
+from twins_tf.training import loop
 from twins_tf.training.flags import define_flags, settings_from_flags
-from twins_tf.training.loop import PreparedRun, fit, prepare, run, seed_everything  # noqa: F401 (the library side, under its old names)
-from twins_tf.training.model import build_model  # noqa: F401
-from twins_tf.training.schedule import learning_rate_schedule  # noqa: F401
 from twins_tf.training.settings import TRAIN, SetupError
-from twins_tf.training.trainer_setup import make_trainer  # noqa: F401
 
 BINARY = TRAIN
 
@@ -71,7 +69,7 @@ def main_for(binary):
         from twins_tf.training.run_callbacks import DivergenceError
 
         try:
-            run(settings_from_flags(flags.FLAGS, binary))
+            loop.run(settings_from_flags(flags.FLAGS, binary))
         except (SetupError, DivergenceError) as error:
             sys.exit(f"{binary}: error: {error}")
 

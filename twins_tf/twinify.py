@@ -51,18 +51,27 @@ def _convert(model, is_source_bn, make_replacement, missing):
     return clone
 
 
-def twinify(model, momentum=None):
+def twinify(model, momentum=0.9):
     """Clone `model` with every BatchNormalization replaced by a TwinBatchNormalization.
 
     Both wings of each twin layer start from the BN's gamma, beta, moving mean and variance;
-    every other weight is copied unchanged.
+    every other weight is copied unchanged.  The Adaptive wing's moving statistics follow
+    TWINS's EMA, `new = 0.9 * old + 0.1 * batch` (PyTorch's BN momentum 0.1, the reference
+    code's), whatever momentum the source BN was built with: keras.applications models use
+    Keras's default 0.99, which would make the Adaptive wing's statistics follow the
+    downstream data ten times more slowly than the method prescribes.
 
     Args:
       model: a functional or Sequential Keras model.
-      momentum: EMA momentum for the twin layers; None keeps each BN's own momentum.
+      momentum: EMA momentum of the twin layers in Keras's convention (0.9 = PyTorch's 0.1,
+        TWINS's); None keeps each BN's own momentum.
 
     Returns:
       A new model; `model` is left untouched.
+
+    Example:
+      >>> base = keras.applications.ResNet50(weights=None)  # BN momentum 0.99
+      >>> twin = twinify(base)  # every twin layer's momentum is 0.9
     """
     return _convert(
         model,

@@ -14,9 +14,6 @@ One protocol for every attack (`base.py` says why it is this one):
     single image, soft or wrong-width labels, class ids outside the model's classes);
   * the official AutoAttack's `APGDAttack(model, eps=e).perturb(x, y)` is `APGD(e)(model, x, y)`;
     `AutoAttack(e).run(model, data)` evaluates a whole test set (resumable, per sub-attack).
-Deprecated for one release (DeprecationWarning): `APGD(model, eps)`, `FAB(model, eps)`,
-`Square(model, eps)` with `.perturb(x, y)`; `AutoAttack(eps).perturb(model, x, y)`;
-`PGD(...).attack(model, x, y)`.
 
 One attack per module, as in the auto-attack reference; names are imported on first use.
 """

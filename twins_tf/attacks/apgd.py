@@ -142,8 +142,8 @@ class APGD(base.Attack):
 
     def __init__(
         self,
-        *args,
-        epsilon=None,
+        epsilon,
+        *,
         norm="linf",
         loss="ce",
         targeted=False,
@@ -155,7 +155,6 @@ class APGD(base.Attack):
         seed=0,
     ):
         who = self.who
-        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         if loss not in LOSSES:
@@ -182,7 +181,6 @@ class APGD(base.Attack):
         for after, window in schedule:
             self._is_check[after - 1] = True
             self._window[after - 1] = window
-        self._use(self._bound_model)
         self.zero_gradients = 0
         self.attacked = 0
 

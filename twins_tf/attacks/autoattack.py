@@ -28,9 +28,15 @@ sub-attack is planned); after a whole run, the Square check.
 
 What is guaranteed, and checked at the end of every batch (a violation raises): every returned
 x_adv lies in the epsilon-ball around its clean image (up to float rounding, 1e-5) and in
-[0, 1]; every point reported non-robust is misclassified at its returned x_adv (or already at
-the clean image).  Each sub-attack's output is projected onto the ball and the box and
-re-classified before it counts, as in the reference.
+[0, 1].  Each sub-attack's output is projected onto the ball and the box and re-classified,
+on the sub-batch it attacked, before it counts, as in the reference.  Every point reported
+fooled is then classified once more at its x_adv within the whole batch; a disagreement is
+counted and reported (`AutoAttackResult.unconfirmed`, a warning), never an abort: a kernel's
+rounding can depend on the batch (oneDNN and XLA pick blocking by batch size), so a point on
+the decision boundary may flip between the two forwards, and one such point must not stop an
+evaluation hours long.  Such a point stays fooled, as in the reference, which judges each
+point on the batch its attack ran on.  A few are expected; many mean a model that is not
+deterministic (dropout, BN in training mode), which the warning says.
 
 Resuming: `run(..., state_path=p, save_every=n)` writes the per-example results (and, by
 default, the adversarial images) to the .npz file `p` every n batches; called again with the
@@ -50,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from twins_tf import input_checks
 from twins_tf.attacks import _lp, base, checks
 from twins_tf.attacks.apgd import APGD
 from twins_tf.attacks.fab import FAB
@@ -76,6 +83,9 @@ class AutoAttackResult:
       skipped: {sub-attack: why} for those the model's classes rule out.
       seconds: {sub-attack: seconds spent in it}, over every batch (resumed ones included).
       warnings: the messages of the sanity checks (`twins_tf.attacks.checks`).
+      unconfirmed: points reported non-robust that the whole batch's forward classified
+        correctly at the same x_adv (batch-dependent rounding at the decision boundary);
+        they count as fooled.
     """
 
     attacks: tuple
@@ -86,6 +96,7 @@ class AutoAttackResult:
     skipped: dict = dataclasses.field(default_factory=dict)
     seconds: dict = dataclasses.field(default_factory=dict)
     warnings: tuple = ()
+    unconfirmed: int = 0
 
     @property
     def robust(self):
@@ -114,6 +125,21 @@ class AutoAttackResult:
             lines.append(f"{name:>9}: {100 * accuracy:6.2f}%{seconds}")
         lines += [f"{name:>9}: skipped ({why})" for name, why in self.skipped.items()]
         return "\n".join(lines)
+
+
+def unconfirmed_message(unconfirmed, reported):
+    """The warning for `unconfirmed` of `reported` non-robust points the whole batch did not
+    confirm, or None."""
+    if not unconfirmed:
+        return None
+    return (
+        f"{unconfirmed} of {reported} points reported non-robust are classified correctly "
+        "when their x_adv is classified again within the whole batch; they count as fooled "
+        "(as in the official code, which judges a point on the batch its attack ran on).  "
+        "A few are boundary points whose logits depend on the batch through kernel rounding; "
+        "many mean a model that is not deterministic (dropout or BN in training mode?): "
+        "evaluate it in inference mode, or use version='rand'."
+    )
 
 
 @keras.saving.register_keras_serializable(package="twins_tf")
@@ -190,6 +216,7 @@ class AutoAttack(base.Attack):
         self._classes = None  # (model, its number of outputs)
         self._seconds = {}
         self._zero = [0, 0]  # examples with a zero DLR gradient, examples the DLR attack ran on
+        self._unconfirmed = [0, 0]  # non-robust points the whole batch did not confirm, of all
 
     def __repr__(self):
         return (
@@ -282,37 +309,20 @@ class AutoAttack(base.Attack):
         """The protocol's call: `seed` (an int) salts the batch's draws as `run`'s batch
         index does."""
         batch_index = 0 if seed is None else base.base_seed(self, seed)[0]
-        before = list(self._zero)
+        zero, unconfirmed = list(self._zero), list(self._unconfirmed)
         x_adv = self._attack_batch(model, x, y, batch_index=batch_index)[0]
         # outside `run` (which reports the whole evaluation), warn for this batch, as the
         # official APGD does for each batch it attacks
-        checks.warn(
-            [
-                m
-                for m in [
-                    checks.zero_gradient_message(
-                        self._zero[0] - before[0],
-                        self._zero[1] - before[1],
-                        "examples the DLR attack ran on",
-                    )
-                ]
-                if m
-            ]
-        )
+        messages = [
+            checks.zero_gradient_message(
+                self._zero[0] - zero[0], self._zero[1] - zero[1], "examples the DLR attack ran on"
+            ),
+            unconfirmed_message(
+                self._unconfirmed[0] - unconfirmed[0], self._unconfirmed[1] - unconfirmed[1]
+            ),
+        ]
+        checks.warn([m for m in messages if m])
         return tf.constant(x_adv)
-
-    def perturb(self, model, x, y, *, batch_index=0):
-        """Deprecated: `aa.perturb(model, x, y)` is `aa(model, x, y)` (x_adv), or
-        `aa.run(model, (x, y))` for who broke which example."""
-        import warnings
-
-        warnings.warn(
-            f"AutoAttack.perturb(model, x, y) {base.DEPRECATION}: call "
-            "aa(model, x, y) for x_adv or aa.run(model, (x, y)) for the result.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self._attack_batch(model, x, y, batch_index=batch_index)
 
     def _attack_batch(self, model, x, y, *, batch_index=0):
         """Run the sub-attacks in sequence on one in-memory batch.
@@ -327,8 +337,8 @@ class AutoAttack(base.Attack):
           (x_adv, broken_by): float32 numpy images and the int8 `broken_by` codes of
           `AutoAttackResult`.
         """
-        x, y = _lp.check_images_and_labels(x, y, self.who, model=model)
-        _lp.check_radius_fits(self.epsilon, self.norm, x, self.who, "epsilon")
+        x, y = input_checks.check_images_and_labels(x, y, self.who, model=model)
+        input_checks.check_radius_fits(self.epsilon, self.norm, x, self.who, "epsilon")
         self._check_model(model, x)
         attacks = self.sub_attacks(model)
         x_adv = x.numpy().copy()
@@ -354,7 +364,9 @@ class AutoAttack(base.Attack):
             if name == self._dlr_attack(names):
                 self._zero[0] += attack.zero_gradients
                 self._zero[1] += attack.attacked
-        self._verify(model, x, y, x_adv, broken_by)
+        unconfirmed = self._verify(model, x, y, x_adv, broken_by)
+        self._unconfirmed[0] += unconfirmed
+        self._unconfirmed[1] += int(np.sum(broken_by != NOT_BROKEN))
         return x_adv, broken_by
 
     def check(self, model, x, y):
@@ -388,7 +400,7 @@ class AutoAttack(base.Attack):
         return next((name for name in names if name in ("apgd-t", "apgd-dlr")), None)
 
     def zero_gradient_warning(self):
-        """The zero-gradient message over every batch `perturb` attacked so far, or None."""
+        """The zero-gradient message over every batch attacked so far, or None."""
         return checks.zero_gradient_message(
             self._zero[0], self._zero[1], "examples the DLR attack ran on (all batches)"
         )
@@ -411,11 +423,13 @@ class AutoAttack(base.Attack):
         except (AttributeError, TypeError, ValueError):
             raise ValueError(
                 "AutoAttack cannot tell how many classes the model has: build it "
-                "as a functional keras.Model or run perturb() on a batch first."
+                "as a functional keras.Model or call the attack on a batch first."
             ) from None
 
     def _verify(self, model, x, y, x_adv, broken_by):
-        """The guarantees of the module docstring, on one batch; raises if one fails."""
+        """The guarantees of the module docstring, on one batch: raises if x_adv leaves the
+        ball or the box; returns how many points reported fooled the whole batch's forward
+        classifies correctly."""
         x_adv_t = tf.constant(x_adv)
         distance = _lp.lp_norm(x_adv_t - x, self.norm).numpy()
         if np.any(distance > self.epsilon + _BALL_TOLERANCE):
@@ -428,13 +442,7 @@ class AutoAttack(base.Attack):
             raise RuntimeError("AutoAttack produced images outside [0, 1]; please report this bug.")
         predicted = _lp.predict(model, x_adv_t).numpy()
         claimed = broken_by != NOT_BROKEN
-        if np.any(predicted[claimed] == y.numpy()[claimed]):
-            raise RuntimeError(
-                "AutoAttack: points it reported fooled are classified correctly "
-                "when re-evaluated; the model is not deterministic (dropout "
-                "or BN in training mode?); evaluate it in inference mode or "
-                "use version='rand'."
-            )
+        return int(np.sum(predicted[claimed] == y.numpy()[claimed]))
 
     # --- a whole evaluation -------------------------------------------------------------------
     def run(
@@ -468,16 +476,17 @@ class AutoAttack(base.Attack):
         batches, total = self._batches(data, batch_size)
         fingerprint = self._fingerprint(batch_size)
         labels, broken, adversarial, done, self._seconds = [], [], [], 0, {}
-        self._zero = [0, 0]
+        self._zero, self._unconfirmed = [0, 0], [0, 0]
         if state_path and os.path.exists(state_path):
-            labels, broken, adversarial, done, self._seconds, self._zero = self._load(
+            labels, broken, adversarial, done, self._seconds, counts = self._load(
                 state_path, fingerprint, keep_adversarial
             )
+            self._zero, self._unconfirmed = counts[:2], counts[2:]
             if verbose:
                 logging.info("AutoAttack: resuming from %s after %d batches.", state_path, done)
         first = next(iter(batches), None)
         if first is not None:  # the checks run before any attack, on the first batch
-            x, y = _lp.check_images_and_labels(*first, self.who, model=model)
+            x, y = input_checks.check_images_and_labels(*first, self.who, model=model)
             self._check_model(model, x)
             self.check(model, x, y)
         progress = keras.utils.Progbar(total, stateful_metrics=["robust"]) if verbose else None
@@ -486,7 +495,7 @@ class AutoAttack(base.Attack):
         index = done
         remaining = batches.skip(done) if isinstance(batches, tf.data.Dataset) else batches[done:]
         for x, y in remaining:
-            x, y = _lp.check_images_and_labels(x, y, self.who, model=model)  # one-hot: ids
+            x, y = input_checks.check_images_and_labels(x, y, self.who, model=model)  # one-hot: ids
             x_adv, broken_by = self._attack_batch(model, x, y, batch_index=index)
             labels.append(y.numpy().astype(np.int64))
             broken.append(broken_by)
@@ -502,7 +511,7 @@ class AutoAttack(base.Attack):
                     adversarial,
                     index,
                     self._seconds,
-                    self._zero,
+                    self._zero + self._unconfirmed,
                 )
             if progress is not None:
                 progress.update(index, [("robust", self._robust_so_far(broken))])
@@ -515,7 +524,7 @@ class AutoAttack(base.Attack):
                 adversarial,
                 index,
                 self._seconds,
-                self._zero,
+                self._zero + self._unconfirmed,
             )
         names, targets, skipped = self.plan(self._num_classes(model))
         result = AutoAttackResult(
@@ -526,9 +535,16 @@ class AutoAttack(base.Attack):
             n_target_classes=targets,
             skipped=dict(skipped),
             seconds={name: self._seconds.get(name, 0.0) for name in names},
+            unconfirmed=self._unconfirmed[0],
         )
         after = [
-            m for m in (self.zero_gradient_warning(), checks.check_square(result.accuracy)) if m
+            m
+            for m in (
+                self.zero_gradient_warning(),
+                unconfirmed_message(*self._unconfirmed),
+                checks.check_square(result.accuracy),
+            )
+            if m
         ]
         checks.warn(after)
         result.warnings = tuple(self._checked[1] if self._checked else ()) + tuple(after)
@@ -581,12 +597,14 @@ class AutoAttack(base.Attack):
         return json.dumps(dict(self.get_config(), batch_size=batch_size), sort_keys=True)
 
     @staticmethod
-    def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds, zero):
+    def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds, counts):
+        """`counts`: zero-gradient examples, DLR-attacked examples, unconfirmed points, fooled
+        points (what the end-of-run warnings report)."""
         arrays = dict(
             fingerprint=np.array(fingerprint),
             batches_done=np.array(batches_done),
             seconds=np.array(json.dumps(seconds)),
-            zero_gradients=np.array(zero, np.int64),
+            counts=np.array(counts, np.int64),
             labels=np.concatenate(labels) if labels else np.zeros([0], np.int64),
             broken_by=np.concatenate(broken) if broken else np.zeros([0], np.int8),
             batch_sizes=np.array([len(b) for b in broken], np.int64),
@@ -625,11 +643,7 @@ class AutoAttack(base.Attack):
             )
             done = int(state["batches_done"])
             seconds = json.loads(str(state["seconds"])) if "seconds" in state.files else {}
-            zero = (
-                [int(v) for v in state["zero_gradients"]]
-                if "zero_gradients" in state.files
-                else [0, 0]
-            )
+            counts = [int(v) for v in state["counts"]]
         if done == 0:
-            return [], [], [], 0, {}, [0, 0]
-        return labels, broken, adversarial, done, seconds, zero
+            return [], [], [], 0, {}, [0, 0, 0, 0]
+        return labels, broken, adversarial, done, seconds, counts

@@ -13,24 +13,17 @@ attack here (PGD, APGD, FAB, Square, AutoAttack):
     class ids (or one-hot rows of the model's width), returning float32 x_adv like `x`, within
     epsilon of `x` and in [0, 1];
   * checks its input first, each problem a one-line ValueError that says how to fix it
-    (`_lp.check_epsilon`, `_lp.check_images_and_labels`).
+    (`_lp.check_epsilon`, `input_checks.check_images_and_labels`).
 `seed`: an int, or a shape-(2,) int tensor (a stateless-RNG seed, which is what a compiled
 train step has); the random draws of the call then derive from it alone (without one, see
 `base_seed`).
-
-The spellings before this protocol still work for one release, with a DeprecationWarning:
-`APGD(model, eps, ...)` / `FAB(model, ...)` / `Square(model, ...)` with `.perturb(x, y)`,
-and `AutoAttack(...).perturb(model, x, y)`.
 """
-
-import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from twins_tf import input_checks
 from twins_tf.attacks import _lp
-
-DEPRECATION = "will be removed in the next release (see twins_tf.attacks.base)"
 
 
 class Attack:
@@ -38,6 +31,7 @@ class Attack:
 
     who = "attack"
     config_keys = ()
+    model = None  # the model the compiled pieces were made for (`_use`)
 
     # --- the protocol -----------------------------------------------------------------------
     def __call__(self, model, x, y, *, seed=None):
@@ -53,8 +47,8 @@ class Attack:
         Returns:
           float32 x_adv like `x`, within epsilon of `x`, in [0, 1].
         """
-        x, y = _lp.check_images_and_labels(x, y, self.who, model=model)
-        _lp.check_radius_fits(self.epsilon, self.norm, x, self.who, "epsilon")
+        x, y = input_checks.check_images_and_labels(x, y, self.who, model=model)
+        input_checks.check_radius_fits(self.epsilon, self.norm, x, self.who, "epsilon")
         return self._attack(model, x, y, seed)
 
     def _attack(self, model, x, y, seed):
@@ -64,7 +58,7 @@ class Attack:
     def _use(self, model):
         """Attack `model` from now on: its compiled pieces (`_compile`) are made anew, to be
         traced for it on first use."""
-        if model is not getattr(self, "model", None):
+        if model is not self.model:
             self.model = model
             self._compile()
 
@@ -85,46 +79,6 @@ class Attack:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
-
-    # --- the deprecated spellings -----------------------------------------------------------
-    def _legacy(self, args, epsilon):
-        """Epsilon from the constructor's positional `args` and keyword `epsilon`: the
-        protocol's `Cls(epsilon, ...)` / `Cls(epsilon=...)`, or (deprecated) the old
-        `Cls(model, epsilon, ...)` / `Cls(model, epsilon=...)`, whose model `perturb` uses."""
-        self._bound_model = self.model = None
-        first, rest = (args[0], args[1:]) if args else (None, ())
-        if not args and epsilon is not None:
-            return epsilon
-        if len(args) == 1 and epsilon is None and not callable(first):
-            return first
-        if callable(first) and len(rest) + (epsilon is not None) == 1:
-            warnings.warn(
-                f"{self.who}(model, epsilon, ...) {DEPRECATION}: build "
-                f"{self.who}(epsilon, ...) and call attack(model, x, y).",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            self._bound_model = first
-            return rest[0] if rest else epsilon
-        raise TypeError(
-            f"{self.who} takes epsilon, once, as its only positional argument or "
-            f"as epsilon= (in [0, 1] pixel units, e.g. 8/255), got {len(args)} "
-            f"positional argument(s){' and epsilon=' if epsilon is not None else ''}."
-        )
-
-    def perturb(self, x, y, *, seed=None):
-        """Deprecated: `Cls(model, eps).perturb(x, y)` is now `Cls(eps)(model, x, y)`."""
-        warnings.warn(
-            f"{self.who}.perturb(x, y) {DEPRECATION}: call attack(model, x, y).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if getattr(self, "_bound_model", None) is None:
-            raise TypeError(
-                f"{self.who}.perturb(x, y) needs the model given at construction "
-                f"(the old {self.who}(model, epsilon)); call attack(model, x, y)."
-            )
-        return self(self._bound_model, x, y, seed=seed)
 
 
 def base_seed(attack, seed):

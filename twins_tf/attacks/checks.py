@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from twins_tf.attacks import apgd
+from twins_tf.attacks import _lp, apgd
 
 RANDOMIZED_CALLS = 5
 RANDOMIZED_TOLERANCE = 1e-4
@@ -62,10 +62,6 @@ class EvaluationWarning(UserWarning):
     """A robustness evaluation may not mean what it seems (see `twins_tf.attacks.checks`)."""
 
 
-def _logits(model, x):
-    return tf.cast(model(x, training=False), tf.float32)
-
-
 def check_randomized(model, x, y, *, calls=RANDOMIZED_CALLS, tolerance=RANDOMIZED_TOLERANCE):
     """A message if `calls` forwards on the same images disagree; None if they agree.
 
@@ -77,7 +73,7 @@ def check_randomized(model, x, y, *, calls=RANDOMIZED_CALLS, tolerance=RANDOMIZE
     y = np.asarray(y).reshape(-1)
     outputs, correct = [], []
     for _ in range(calls):
-        logits = _logits(model, x).numpy().astype(np.float64)
+        logits = _lp.logits_of(model, x).numpy().astype(np.float64)
         outputs.append(logits / (np.linalg.norm(logits, axis=1, keepdims=True) + 1e-10))
         correct.append(int(np.sum(logits.argmax(1) == y)))
     spread = max(
@@ -114,7 +110,7 @@ def check_rand_version(randomized, eot_iter):
 
 def check_logits(model, x, *, tolerance=PROBABILITY_TOLERANCE):
     """A message if the model's rows look like probabilities (in [0, 1], summing to 1)."""
-    output = _logits(model, x).numpy()
+    output = _lp.logits_of(model, x).numpy()
     if (
         output.max() < 1 + tolerance
         and output.min() > -tolerance
@@ -151,7 +147,7 @@ def check_zero_gradients(model, x, y):
     y = tf.reshape(tf.cast(y, tf.int32), [-1])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        logits = _logits(model, x)
+        logits = _lp.logits_of(model, x)
         if logits.shape[-1] >= DLR_MIN_CLASSES:
             loss = apgd.dlr_loss(logits, tf.argmax(logits, -1, output_type=tf.int32))
         else:

@@ -133,8 +133,8 @@ class FAB(base.Attack):
 
     def __init__(
         self,
-        *args,
-        epsilon=None,
+        epsilon,
+        *,
         norm="linf",
         targeted=True,
         steps=100,
@@ -146,7 +146,6 @@ class FAB(base.Attack):
         seed=0,
     ):
         who = self.who
-        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.targeted = bool(targeted)
@@ -161,7 +160,6 @@ class FAB(base.Attack):
             raise ValueError(f"FAB beta (backward step) must be in (0, 1], got {beta}.")
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.seed = int(seed)
-        self._use(self._bound_model)
 
     def _compile(self):
         self._run_once = tf.function(self._run_once_impl, reduce_retracing=True, autograph=False)

@@ -42,6 +42,7 @@ import random
 import keras
 import tensorflow as tf
 
+from twins_tf import input_checks
 from twins_tf.attacks import _lp, base
 from twins_tf.platform import keras_private
 
@@ -59,7 +60,8 @@ class PGD(base.Attack):
       norm: "linf" or "l2".
       random_start: start from a uniform random point of the ball (training) instead of the
         clean input (evaluation, spec §7).
-      restarts: independent runs; per example the first successful one is kept (evaluation).
+      restarts: independent runs, each from its own random start (so `random_start=True` is
+        required when restarts > 1); per example the first successful one is kept (evaluation).
       seed: integer seed of the random start; None draws one at construction, so two PGD
         objects differ but one object's run is reproducible from its construction (and
         `get_config` records the drawn seed, so a deserialised PGD repeats it).
@@ -108,6 +110,12 @@ class PGD(base.Attack):
             raise ValueError(f"PGD steps must be a non-negative integer, got {steps!r}.")
         self.steps = int(steps)
         self.restarts = _lp.check_positive_int(restarts, "restarts", who)
+        if self.restarts > 1 and not random_start:
+            # without a random start every restart is the same deterministic run
+            raise ValueError(
+                f"PGD restarts={self.restarts} without random_start would repeat one identical "
+                "run: pass random_start=True for independent restarts, or restarts=1."
+            )
         if compute_dtype not in ("float32", None):
             raise ValueError(f"PGD compute_dtype must be 'float32' or None, got {compute_dtype!r}.")
         self.random_start = bool(random_start)
@@ -137,21 +145,10 @@ class PGD(base.Attack):
           x_adv, float32, same shape as `x`, with `||x_adv - x|| <= epsilon` and values in
           [0, 1]; no gradient flows through it.
         """
-        x, y = _lp.check_images_and_labels(x, y, self.who, model=model, image_rank=None)
+        x, y = input_checks.check_images_and_labels(x, y, self.who, model=model, image_rank=None)
         for name in ("epsilon", "step_size"):
-            _lp.check_radius_fits(getattr(self, name), self.norm, x, self.who, name)
+            input_checks.check_radius_fits(getattr(self, name), self.norm, x, self.who, name)
         return self._attack(model, x, y, seed)
-
-    def attack(self, model, x, y, *, seed=None):
-        """Deprecated: `pgd.attack(model, x, y)` is `pgd(model, x, y)`."""
-        import warnings
-
-        warnings.warn(
-            f"PGD.attack(model, x, y) {base.DEPRECATION}: call pgd(model, x, y).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self(model, x, y, seed=seed)
 
     def _attack(self, model, x, y, seed):
         x = tf.stop_gradient(x)

@@ -137,8 +137,8 @@ class Square(base.Attack):
 
     def __init__(
         self,
-        *args,
-        epsilon=None,
+        epsilon,
+        *,
         norm="linf",
         n_queries=5000,
         p_init=0.8,
@@ -147,7 +147,6 @@ class Square(base.Attack):
         seed=0,
     ):
         who = self.who
-        epsilon = self._legacy(args, epsilon)
         self.norm = _lp.check_norm(norm, who)
         self.epsilon = _lp.check_epsilon(epsilon, who, self.norm)
         self.n_queries = _lp.check_positive_int(n_queries, "n_queries", who)
@@ -157,7 +156,6 @@ class Square(base.Attack):
         self.restarts = _lp.check_positive_int(restarts, "restarts", who)
         self.rescale_schedule = bool(rescale_schedule)
         self.seed = int(seed)
-        self._use(self._bound_model)
 
     def _compile(self):
         self._start = tf.function(self._start_impl, reduce_retracing=True, autograph=False)

@@ -5,15 +5,17 @@ The library side of `python -m twins_tf.evaluate` (which only parses flags and c
 importing a binary:
 
     inputs.py          the attack list, settings resolved from a run's config.json, model, data
-    batched.py         accuracy over a tf.data pipeline, clean or under an attack(model, x, y)
     autoattack_run.py  resumable AutoAttack (state file beside the report), per sub-attack
     checks.py          the official code's sanity checks on the first batch
     report.py          the report dict, its JSON file and the printed table
     runner.py          one evaluation end to end: `evaluate(settings)`
+
+Clean and PGD accuracy over a pipeline (`evaluate_batched`) count with `twins_tf.accuracy`, the
+loop the trainer and the interpolation path use too.
 """
 
+from twins_tf.accuracy import accuracy_counter, evaluate_batched
 from twins_tf.evaluation.autoattack_run import autoattack_state_path, run_autoattack
-from twins_tf.evaluation.batched import accuracy_counter, evaluate_batched
 from twins_tf.evaluation.checks import model_checks
 from twins_tf.evaluation.inputs import (
     AUTOATTACK,

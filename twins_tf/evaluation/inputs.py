@@ -9,6 +9,7 @@ after minutes of data loading.
 import os
 import re
 
+from twins_tf.input_checks import check_pixel_budget
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -162,11 +163,7 @@ def resolve(settings):
     s["attack_eps"] = 8 / 255 if s.get("attack_eps") is None else s["attack_eps"]
     s["attack_step"] = 2 / 255 if s.get("attack_step") is None else s["attack_step"]
     for name in ("attack_eps", "attack_step"):
-        if not 0.0 <= s[name] <= 1.0:
-            raise SetupError(
-                f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
-                "pixel units, so write e.g. 8/255 (not 8)."
-            )
+        check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
     s["attack_list"] = parse_attacks(s["attacks"])
     if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
         raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
@@ -207,11 +204,13 @@ def load_model(settings):
     return model
 
 
-def load_examples(settings):
+def load_examples(settings, *, whose_classes="the model has"):
     """The evaluation batches of the chosen split and the number of examples in them.
 
     Sets `settings["num_classes"]` to the dataset's when the run did not record it, and
-    refuses a dataset whose class count differs from the model's.
+    refuses a dataset whose class count differs from the model's; `whose_classes` opens that
+    refusal.  The one loader of held-out examples: `twins_tf.interpolation` chooses its alpha
+    on the validation split loaded here too ("the runs have").
     """
     from twins_tf import data as data_lib
 
@@ -231,7 +230,7 @@ def load_examples(settings):
         raise SetupError(str(error)) from None
     if s["num_classes"] is not None and s["num_classes"] != splits.num_classes:
         raise SetupError(
-            f"the model has {s['num_classes']} classes but {spec.name} has {splits.num_classes}."
+            f"{whose_classes} {s['num_classes']} classes but {spec.name} has {splits.num_classes}."
         )
     s["num_classes"] = splits.num_classes
     split = splits.source(s["split"])

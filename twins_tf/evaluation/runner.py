@@ -6,7 +6,8 @@ and library users call with a settings dict (one key per evaluate flag).
 
 import time
 
-from twins_tf.evaluation import autoattack_run, batched, checks, inputs, report
+from twins_tf import accuracy
+from twins_tf.evaluation import autoattack_run, checks, inputs, report
 
 
 def evaluate(settings, *, log=print, progress=True):
@@ -41,7 +42,7 @@ def _pgd_result(model, batches, s, steps):
         restarts=restarts,
         seed=s["seed"],
     )
-    result = batched.evaluate_batched(model, batches, pgd)
+    result = accuracy.evaluate_batched(model, batches, pgd)
     result.update(
         steps=steps, step_size=s["attack_step"], restarts=restarts, random_start=restarts > 1
     )
@@ -56,7 +57,7 @@ def _evaluate(s, log, progress):
     for name, steps in s["attack_list"]:
         started = time.time()
         if name == inputs.CLEAN:
-            results[name] = batched.evaluate_batched(model, batches, None)
+            results[name] = accuracy.evaluate_batched(model, batches, None)
         elif name == inputs.AUTOATTACK:
             results[name] = autoattack_run.run_autoattack(model, batches, s, progress=progress)
         else:

@@ -98,8 +98,8 @@ def build_resnet(
       arch: one of `ARCHITECTURES` (resnet18/34/50/101/152, wide_resnet50_2).
       num_classes: width of the fresh `fc` head.
       twin: `TwinBatchNormalization` layers if True, plain BN otherwise
-        (`twins_tf.layers.BatchNormalization`: Keras's layer, its training forward on
-        TensorFlow's fused kernel); both momentum 0.9, epsilon 1e-5.
+        (`twins_tf.layers.BatchNormalization`: Keras's layer with `nn.BatchNorm2d`'s training
+        step); both momentum 0.9, epsilon 1e-5, both update the moving variance as PyTorch.
       input_shape: (height, width, 3) of the images fed to the model, before upsampling;
         spatial sizes may be None.
       upsample: integer nearest-neighbour upsampling factor applied inside the model

@@ -73,6 +73,35 @@ def disable_op_determinism():
     tf_config.disable_op_determinism()
 
 
+# Retracing warnings: TensorFlow counts the traces of every tf.function of one Python function
+# together; a process running several runs (compare) traces each run's new model anew.
+def forget_tracing_history():
+    """Starts TensorFlow's record of recent tf.function traces afresh.
+
+    Why: TensorFlow warns ("N out of the last M calls to <function> triggered tf.function
+    retracing") when most recent calls of a function traced, and it counts every tf.function
+    made from the same Python code together.  A process that runs several runs in turn
+    (`compare`) builds a new model for each, so new tf.functions of the same code (Keras's
+    train and test steps, the accuracy counters, the attacks' compiled pieces), each traced
+    once for its model's variables: the traces are inherent (a graph holds the variables of
+    the model it was traced for), but from the third run on their count reaches the warning.
+    Forgetting the record when a run starts counts each run's traces alone, so a function
+    retraced within a run (shapes or Python arguments changing between calls: real waste)
+    still warns.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0):
+    `tensorflow.python.eager.polymorphic_function.polymorphic_function.
+    _frequent_tracing_detector_manager`, whose `_detectors` (a WeakKeyDictionary from a
+    function's code object to its `_FrequentTracingDetector`, guarded by `_lock`) hold the
+    counts the warning is decided from.
+    """
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    manager = polymorphic_function._frequent_tracing_detector_manager
+    with manager._lock:
+        manager._detectors.clear()
+
+
 # oneDNN: TensorFlow says at import whether its oneDNN kernels are on, but has no public
 # getter; twins_tf.platform.cpu_kernels warns when they are off because TensorFlow came first.
 def onednn_enabled():

@@ -70,17 +70,6 @@ def init_settings(settings):
     )
 
 
-def head_layer(model):
-    """The layer producing the classifier's logits (`fc` of `build_resnet`)."""
-    names = list(getattr(model, "output_names", None) or [])
-    if len(names) != 1:
-        raise ValueError(
-            f"cannot find the single output layer of {model.name!r}: the init "
-            "stage needs a functional classifier with one output."
-        )
-    return model.get_layer(names[0])
-
-
 def freeze_backbone(model):
     """Makes every layer of `model` but its head non-trainable (in place).
 
@@ -88,6 +77,8 @@ def freeze_backbone(model):
     not update them even when called with training=True: the frozen backbone's BN is in
     inference mode, and `model.trainable_variables` are the head's kernel and bias.
     """
+    from twins_tf.models.heads import head_layer
+
     head = head_layer(model)
     for layer in model.layers:
         layer.trainable = layer is head
@@ -112,6 +103,7 @@ def load_head(model, init_dir, *, strategy=None):
     backbone of `model`, the source's, is left as it is)."""
     import contextlib
 
+    from twins_tf.models.heads import head_layer
     from twins_tf.training import runs
 
     probe = runs.load_run(init_dir, "best")

@@ -224,7 +224,7 @@ def fit(prepared, *, verbose="auto"):
     final = run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))[-1]
     summary = {
         "epochs": s.epochs,
-        # below `epochs` when training stopped early (AutoLoRa's lr rule, trainer.py)
+        # below `epochs` when training stopped early (AutoLoRa's lr rule, twins_tf.autolora)
         "trained_epochs": final["epoch"],
         "validation": s.validation,
         "best_epoch": best["epoch"] if best else None,

@@ -23,7 +23,6 @@ No other library fixes this: it is Keras's own multi-worker path.
 
 import contextlib
 import os
-import warnings
 
 from twins_tf.platform import keras_private
 
@@ -63,23 +62,3 @@ def keras_fixes_for(strategy):
     if in_multi_worker_mode(strategy):
         return keras_private.multi_worker_trainer_fixes()
     return contextlib.nullcontext()
-
-
-_INSTALLED_FOR_GOOD = []  # the one fixes context fix_keras_for entered, never left
-
-
-def fix_keras_for(strategy):
-    """Deprecated: installs the fixes for good; use `with keras_fixes_for(strategy):`.
-
-    Idempotent, as it was: a second call does not wrap Keras's functions again."""
-    if not in_multi_worker_mode(strategy) or _INSTALLED_FOR_GOOD:
-        return
-    warnings.warn(
-        "multi_worker.fix_keras_for patches Keras for the rest of the process; use "
-        "`with multi_worker.keras_fixes_for(strategy):` around fit.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    fixes = keras_private.multi_worker_trainer_fixes()
-    fixes.__enter__()
-    _INSTALLED_FOR_GOOD.append(fixes)

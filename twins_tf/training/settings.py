@@ -18,6 +18,7 @@ import os
 
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
+from twins_tf.input_checks import check_pixel_budget
 from twins_tf.models.resnet import ARCHITECTURES
 from twins_tf.training import distribute
 
@@ -358,11 +359,7 @@ def _checked_values(settings):
         )
     s["twin"] = bool(methods_lib.get(s["method"]).twin)
     for name in ("attack_eps", "attack_step"):
-        if not 0.0 <= s[name] <= 1.0:
-            raise SetupError(
-                f"--{name}={s[name]:g} is outside [0, 1]: images are in [0, 1] "
-                "pixel units, so write e.g. 8/255 (not 8)."
-            )
+        check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
     _require(s["attack_steps"] >= 0, "--attack_steps must be >= 0.")
     _require(s["epochs"] >= 1, "--epochs must be at least 1.")
     _require(s["batch_size"] >= 1, "--batch_size must be at least 1.")

@@ -2,13 +2,16 @@
 
 What it runs and why is the docstring of `twins_tf.demo`, the binary that defines the flags
 and calls `run_demo`; this module is the library side, so a test or a notebook runs the
-demo without absl flags.
+demo without absl flags.  It lives with the comparison because the demo is one: a source
+run, then a methods x seeds grid on the target task, its report, and one model exported.
 """
 
 import json
 import os
 import time
 
+from twins_tf.comparison.grid import EVALUATION_FILE, compare
+from twins_tf.comparison.rows import run_dir
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.flags import settings_from_args
 from twins_tf.training.settings import PRETRAIN, TRAIN, SetupError
@@ -170,8 +173,6 @@ def run_demo(
     Raises:
       SetupError: a bad method name, or an output_dir holding runs with other settings.
     """
-    from twins_tf import comparison
-
     methods, seeds = list(methods), [int(seed) for seed in seeds]
     _check_choices(methods, seeds, autoattack, autoattack_examples)
     output_dir = os.path.abspath(output_dir)
@@ -218,7 +219,7 @@ def run_demo(
         )
     )
     step = time.time()
-    summary, table = comparison.compare(
+    summary, table = compare(
         settings_from_args(TRAIN, train_args),
         methods=methods,
         seeds=seeds,
@@ -240,9 +241,9 @@ def run_demo(
             f"== 4. SavedModel export of the {METHOD_NAMES[EXPORTED_METHOD]} model "
             f"(seed {seeds[0]})"
         )
-        run = comparison.run_dir(output_dir, EXPORTED_METHOD, seeds[0])
+        run = run_dir(output_dir, EXPORTED_METHOD, seeds[0])
         exported = os.path.join(output_dir, f"exported_{EXPORTED_METHOD}")
-        with open(os.path.join(run, comparison.EVALUATION_FILE)) as f:
+        with open(os.path.join(run, EVALUATION_FILE)) as f:
             report = json.load(f)
         served_accuracy = export_and_check(run, exported, report, log)
     log(
@@ -261,9 +262,7 @@ def run_demo(
         "seeds": seeds,
         "summary": summary,
         "report": os.path.join(output_dir, "report.html"),
-        "runs": {
-            f"{m}_seed{s}": comparison.run_dir(output_dir, m, s) for m in methods for s in seeds
-        },
+        "runs": {f"{m}_seed{s}": run_dir(output_dir, m, s) for m in methods for s in seeds},
         "exported": exported,
         "saved_model_clean_accuracy": served_accuracy,
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -1,0 +1,84 @@
+"""Methods x seeds on one task: ordinary runs, their evaluation, a table with intervals, plots.
+
+One run of one seed on a few hundred test images separates nothing, so `compare` trains every
+row (a method or a variant of one) with every seed, each as an ordinary `train` run, evaluates
+each on the same test examples and reports the mean and spread over seeds, the paired
+difference of every row against a baseline with a Student-t interval, plots, a self-contained
+`report.html` and a model card per run.  A row `wise(VARIANT)` is, per seed, the weight-space
+interpolation (`twins_tf.interpolation.interpolate_runs`, WiSE-FT) between that variant's init
+sub-run (`<run>/init`, the linear probe) and its final weights, at the alpha that is best on
+validation; it is evaluated and paired with the baseline like every row.
+
+The binary is `python -m twins_tf.compare`; this package holds the logic, one module per job:
+
+    rows.py           methods, variants (`METHOD+KEY=VALUE...`), wise rows, run dirs, `RunResult`
+    grid.py           the grid checked, then run: train, evaluate, interpolate; `compare`
+    statistics.py     mean and sd over seeds, paired differences, the printed table
+    cards.py          a model card per run
+    report.py         the plots, report.json / .txt / .html and the cards on disk
+    demo_pipeline.py  the demo's pipeline (`python -m twins_tf.demo`): pre-train, compare, export
+"""
+
+from twins_tf.comparison.cards import model_card
+from twins_tf.comparison.grid import (
+    AUTOATTACK_FILE,
+    EVALUATION_FILE,
+    compare,
+    plan_rows,
+    run_grid,
+)
+from twins_tf.comparison.report import (
+    REPORT_DIR,
+    plot_curves,
+    plot_scatter,
+    plot_wings,
+    write_report,
+)
+from twins_tf.comparison.rows import (
+    RUNS_DIR,
+    RunResult,
+    Variant,
+    parse_variant,
+    row_dir_name,
+    run_dir,
+    settings_hash,
+    variant_keys,
+    variant_settings,
+    wise_name,
+)
+from twins_tf.comparison.statistics import (
+    CONFIDENCE,
+    format_table,
+    mean_and_sd,
+    paired_difference,
+    summarise,
+)
+
+__all__ = [
+    "AUTOATTACK_FILE",
+    "CONFIDENCE",
+    "EVALUATION_FILE",
+    "REPORT_DIR",
+    "RUNS_DIR",
+    "RunResult",
+    "Variant",
+    "compare",
+    "format_table",
+    "mean_and_sd",
+    "model_card",
+    "paired_difference",
+    "parse_variant",
+    "plan_rows",
+    "plot_curves",
+    "plot_scatter",
+    "plot_wings",
+    "row_dir_name",
+    "run_dir",
+    "run_grid",
+    "settings_hash",
+    "summarise",
+    "variant_keys",
+    "variant_settings",
+    "wise_name",
+    "write_report",
+]
