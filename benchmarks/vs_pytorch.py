@@ -15,8 +15,8 @@ momentum 0.9, weight decay 1e-5) and the same number of threads.  twins_tf runs 
 trades, twins_trades; PyTorch runs the plain loop a user would write: a PGD loop in eval mode,
 then `train()`, forward(s), loss, backward, `optimizer.step()`, for AT (CE on x_adv) and TRADES
 (CE-PGD attack, as the twins_tf trainer uses, then CE(x) + 6 KL(x || x_adv) / B).  twins_tf's
-AT-style steps do one more inference forward for the `clean_acc` metric (about 1/(3k+4) of a
-PGD-k step); the torch loop does not.
+steps do one more inference forward, over the clean and adversarial batch, for the
+`clean_*` / `adv_*` metrics (about 2/(3k+5) of an AT step with PGD-k); the torch loop does not.
 
 How.  Every (framework, arch, method, variant) runs in its own process (this script re-run with
 a hidden --one flag, printing one JSON line), so the peak RSS (`ru_maxrss`) is that step's and

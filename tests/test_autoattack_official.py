@@ -51,10 +51,10 @@ STANDARD_TRAIN = 1197  # leaves 600 held-out digits for the full-budget comparis
 
 
 # --- running both implementations ----------------------------------------------------------------
-def official_attacks(module, norm, eps, budget):
+def official_attacks(module, norm, eps, budget, seed=0):
     """The official sub-attacks with AutoAttack 'standard''s settings and the given budget."""
     torch_norm = tb.TORCH_NORM[norm]
-    common = dict(norm=torch_norm, eps=eps, seed=0, device="cpu")
+    common = dict(norm=torch_norm, eps=eps, seed=seed, device="cpu")
     return {
         "apgd-ce": APGDAttack(
             module, n_iter=budget["apgd_steps"], n_restarts=1, loss="ce", rho=0.75, **common
@@ -156,6 +156,12 @@ def compare(bed, x, y, norm, budget):
             official = torch_robust(module, theirs[name].perturb(x_t, y_t), y)
             official_s = time.perf_counter() - start
         results[name] = dict(ours=ours, official=official, ours_s=ours_s, official_s=official_s)
+        if name == "square":  # the official search again from another seed: its luck alone
+            reseeded = official_attacks(module, norm, eps, budget, seed=1)["square"]
+            with tb.torch_threads(1):
+                results[name]["official_reseeded"] = torch_robust(
+                    module, reseeded.perturb(x_t, y_t), y
+                )
         print(report({name: results[name]}), flush=True)  # long runs: one line per attack
     start = time.perf_counter()
     x_adv, broken_by = ours_aa._attack_batch(model, x, y)
@@ -181,20 +187,49 @@ def report(results):
             f"  {name}: {r['ours'].mean():.2%} / {r['official'].mean():.2%}, "
             f"{np.mean(r['ours'] == r['official']):.2%}, "
             f"{r['ours_s']:.1f} / {r['official_s']:.1f}"
+            + (
+                " (official vs itself from another seed: "
+                f"{np.mean(r['official_reseeded'] == r['official']):.2%})"
+                if "official_reseeded" in r
+                else ""
+            )
         )
     return "\n".join(lines)
 
 
-def assert_agree(results, accuracy_points, agreement, square_agreement=None):
-    """square_agreement: Square's own floor (default `agreement`); its masks differ by more
-    than the others' because its random search draws from TF's generator on our side and from
-    PyTorch's on the official side, so which borderline examples it breaks is luck."""
+def square_disagreement_bound(luck):
+    """The most examples on which our Square's mask may differ from the official one's.
+
+    Square is a random search: ours draws from TensorFlow's generator, the official code from
+    PyTorch's, so which borderline examples each breaks is luck, not a defect.  `luck` is the
+    number on which the official code disagrees with itself from another seed.  If ours is the
+    same attack, its disagreement with the official run is another draw of the same count:
+    a sum of independent per-example Bernoullis (a Poisson binomial), whose variance is at most
+    its mean.  The difference of two such counts has variance at most 2 x mean, so ours may
+    exceed `luck` by 4 standard deviations (mean estimated by max(luck, 1)): a false alarm
+    below 1e-4 under the normal approximation.  A broken attack (wrong schedule, wrong square
+    placement) differs on a large share of the robust examples and exceeds it.
+    """
+    return luck + 4.0 * np.sqrt(2.0 * max(luck, 1))
+
+
+def assert_agree(results, accuracy_points, agreement):
+    """Robust accuracies within `accuracy_points`, masks agreeing on `agreement` of the
+    examples; Square's masks within the bound its own randomness allows (above)."""
     for name, r in results.items():
         gap = abs(r["ours"].mean() - r["official"].mean())
         assert gap <= accuracy_points / 100 + 1e-9, f"{name}: robust accuracy differs by {gap:.2%}"
+        if "official_reseeded" in r:
+            luck = int(np.sum(r["official_reseeded"] != r["official"]))
+            differ = int(np.sum(r["ours"] != r["official"]))
+            bound = square_disagreement_bound(luck)
+            assert differ <= bound, (
+                f"{name}: masks differ on {differ} examples, more than the {bound:.0f} its "
+                f"randomness allows (the official code differs from itself on {luck})"
+            )
+            continue
         same = np.mean(r["ours"] == r["official"])
-        floor = square_agreement if name == "square" and square_agreement else agreement
-        assert same >= floor, f"{name}: robust masks agree on only {same:.2%}"
+        assert same >= agreement, f"{name}: robust masks agree on only {same:.2%}"
     # the attacks do something on this model, and the cascade is at least as strong as each
     clean = max(r["official"].mean() for r in results.values())
     assert results["cascade"]["ours"].mean() < clean - 0.05
@@ -217,11 +252,10 @@ def test_reduced_budget_matches_official(norm):
         "mask agreement, seconds ours / official"
     )
     results = compare(bed, x, y, norm, REDUCED)
-    # 200 examples: one point is two examples; the masks must still agree on 97 %, Square's on
-    # 96 % (measured, L-inf: >= 98.5 % for the others on both CPU kinds; Square 98.0 % on the
-    # AVX-512 machine and 96.5 %, 7 examples, on the AMD EPYC AVX2 one, whose testbed model
-    # trains on other kernels), and Square's robust accuracy stays within the 2 points
-    assert_agree(results, accuracy_points=2.0, agreement=0.97, square_agreement=0.96)
+    # 200 examples: one point is two examples; the masks must still agree on 97 % (Square's
+    # within its own randomness, see square_disagreement_bound), and Square's robust accuracy
+    # stays within the 2 points
+    assert_agree(results, accuracy_points=2.0, agreement=0.97)
 
 
 @pytest.mark.slow

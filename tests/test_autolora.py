@@ -466,6 +466,118 @@ def test_setup_errors():
     assert Settings.from_dict(_settings(method="at", lora_rank=0).to_dict()).lora_rank == 0
 
 
+# The paper's optimisation, read from the authors' code (RobustSSL_Benchmark,
+# Finetuning_Methods/AutoLoRa/high_resolution): `eta = 0.01` set in Trainer.train, the SGD's
+# `weight_decay=args.weight_decay` with src/argument.py's default 1e-4, and no lr scheduler
+# (the rate only changes by the windows' `eta /= 2`).
+PAPER_LR, PAPER_WD, PAPER_DECAY = 0.01, 1e-4, ()
+FLAGFILES = sorted(p.name for p in (testlib.REPO_ROOT / "flags").glob("*.flags"))
+CIFAR10_FLAGS = testlib.REPO_ROOT / "flags" / "cifar10.flags"
+
+
+def _from_flags(*args):
+    values = testlib.settings(
+        "train", [*args, "--pretrained=/tmp/p.weights.h5", "--model_dir=/tmp/x"]
+    )
+    return Settings.from_dict(values)
+
+
+@pytest.mark.parametrize("flagfile", [None, *FLAGFILES])
+def test_autolora_runs_the_papers_schedule_unless_the_command_line_sets_one(flagfile):
+    """Every flagfile carries the TWINS recipe (lr 0.003, x0.1 at 30 and 50, its weight decay):
+    AutoLoRa takes the paper's instead, a TWINS method keeps the flagfile's, and a value typed
+    on the command line is AutoLoRa's too."""
+    task = [f"--flagfile={testlib.REPO_ROOT / 'flags' / flagfile}"] if flagfile else []
+    task = task or ["--dataset=cifar10"]
+    autolora = [*task, "--method=autolora", "--lora_rank=8"]
+    s = _from_flags(*autolora)
+    assert (s.lr, s.weight_decay, s.lr_decay_epochs) == (PAPER_LR, PAPER_WD, PAPER_DECAY)
+    twins = _from_flags(*task, "--method=twins_trades")
+    assert (twins.lr, twins.lr_decay_epochs) == (0.003, (30, 50))
+    typed = _from_flags(*autolora, "--lr=0.02", "--lr_decay_epochs=20")
+    assert (typed.lr, typed.weight_decay, typed.lr_decay_epochs) == (0.02, PAPER_WD, (20,))
+    assert _from_flags(*autolora, "--weight_decay", "0.003").weight_decay == 0.003
+    # a value typed before the flagfile is overridden by it, so it is not the run's choice
+    if flagfile:
+        assert _from_flags("--lr=0.02", *autolora).lr == PAPER_LR
+
+
+def test_a_flagfile_written_for_autolora_sets_its_schedule(tmp_path):
+    """A flagfile whose own lines set --method=autolora chooses the values it sets; the TWINS
+    flagfile it includes does not."""
+    flagfile = tmp_path / "autolora.flags"
+    flagfile.write_text(
+        f"# AutoLoRa on CIFAR-10\n--flagfile={CIFAR10_FLAGS}\n--method=autolora\n"
+        "--lora_rank=8\n--lr=0.005\n"
+    )
+    s = _from_flags(f"--flagfile={flagfile}")
+    assert (s.lr, s.weight_decay, s.lr_decay_epochs) == (0.005, PAPER_WD, PAPER_DECAY)
+
+
+def test_library_settings_and_compare_rows_take_the_papers_schedule(tmp_path):
+    """`Settings(method="autolora")` without a schedule, a `replace` to it, and an AutoLoRa row
+    of compare on a TWINS flagfile take the paper's; what is given explicitly stays."""
+    from twins_tf import comparison
+
+    assert (_settings().lr, _settings().weight_decay, _settings().lr_decay_epochs) == (
+        PAPER_LR,
+        PAPER_WD,
+        PAPER_DECAY,
+    )
+    assert _settings(lr=0.02).lr == 0.02
+    base = _from_flags(f"--flagfile={CIFAR10_FLAGS}")
+    moved = base.replace(method="autolora", lora_rank=8)
+    assert (moved.lr, moved.weight_decay, moved.lr_decay_epochs) == (0.01, 1e-4, ())
+    assert moved.replace(lr=0.03).lr == 0.03
+    rows = ["twins_trades", "autolora+lora_rank=8", "autolora+lora_rank=8+lr=0.02"]
+    for given in (
+        testlib.settings("train", [f"--flagfile={CIFAR10_FLAGS}", "--pretrained=/p.h5"]),
+        base,
+    ):
+        plan, _ = comparison.plan_rows(given, rows, [0], str(tmp_path))
+        got = {
+            v.name: Settings.from_dict(runs[0]) for v, runs in plan.items()
+        }  # what each run trains with
+        assert (got["twins_trades"].lr, got["twins_trades"].weight_decay) == (0.003, 1e-5)
+        schedule = got["autolora+lora_rank=8"]
+        assert (schedule.lr, schedule.weight_decay, schedule.lr_decay_epochs) == (0.01, 1e-4, ())
+        assert got["autolora+lora_rank=8+lr=0.02"].lr == 0.02
+
+
+def test_autolora_without_validation_is_refused_before_anything_is_written(tmp_path):
+    """The lr halving reads val_adv_acc after every epoch: no validation split, no halving."""
+    from twins_tf.training import loop
+
+    model_dir = tmp_path / "run"
+    values = testlib.settings(
+        "train",
+        [
+            "--dataset=digits_5_9",
+            *testlib.TINY,
+            "--method=autolora",
+            "--lora_rank=2",
+            "--validation=none",
+            "--pretrained=/tmp/p.weights.h5",
+            f"--model_dir={model_dir}",
+        ],
+    )
+    with pytest.raises(
+        SetupError, match="--method=autolora halves its learning rate.*--validation=carve"
+    ) as error:
+        loop.run(values, verbose=0)
+    assert "\n" not in str(error.value) and not model_dir.exists()
+    # the library trainer: fit without validation data would never halve either
+    trainer = _trainer(_tiny_lora_model(), 0.5, 0.5)
+    x = np.zeros((4, 8, 8, 3), "float32")
+    y = np.zeros(4, "int64")
+    with pytest.raises(ValueError, match="pass validation_data="):
+        trainer.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="drop validation_freq"):
+        trainer.fit(
+            x, y, batch_size=4, epochs=1, verbose=0, validation_data=(x, y), validation_freq=2
+        )
+
+
 def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
     plain = build_resnet("resnet18", CLASSES, twin=False, input_shape=(16, 16, 3))
     with pytest.raises(ValueError, match="add_lora"):
@@ -500,6 +612,14 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
     metrics = (model_dir / "metrics.csv").read_text()
     assert "natural_branch_acc" in metrics and "autolora_lambda1" in metrics
     assert summary["final"]["autolora_lr_scale"] == 1.0  # no window check before epoch 5
+    schedule = summary["schedule"]  # what it ran: here the paper's, typed on the command line
+    assert (schedule["lr"], schedule["weight_decay"], schedule["lr_decay_epochs"]) == (
+        PAPER_LR,
+        PAPER_WD,
+        list(PAPER_DECAY),
+    )
+    assert schedule["as_published"] is True
+    assert schedule["automated"]["halved_after_epochs"] == []
     assert run_files.read_config(str(model_dir))["lora_rank"] == 2
 
     loaded = runs.load_run(model_dir)
@@ -541,6 +661,9 @@ def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory,
     ]
     summary = loop.run(testlib.settings("train", args), verbose=0)
     assert (summary["epochs"], summary["trained_epochs"]) == (3, 1)
+    schedule = summary["schedule"]
+    assert (schedule["lr"], schedule["as_published"]) == (5e-6, False)
+    assert schedule["automated"]["stopped_early"] and schedule["automated"]["trained_epochs"] == 1
     files = testlib.file_snapshot(model_dir)
     assert loop.run(testlib.settings("train", args), verbose=0) == summary
     assert testlib.file_snapshot(model_dir) == files  # nothing trained or rewritten

@@ -51,7 +51,11 @@ def test_paired_difference_is_the_student_t_interval(a, b):
 
 
 def test_paired_difference_without_spread_or_with_one_seed():
-    assert comparison.paired_difference([0.6, 0.7], [0.5, 0.6]) == pytest.approx((0.1, 0.1, 0.1))
+    assert comparison.paired_difference([0.6, 0.7], [0.5, 0.6]) == (
+        pytest.approx(0.1),
+        None,
+        None,
+    )
     assert comparison.paired_difference([0.6], [0.5]) == (pytest.approx(0.1), None, None)
     with pytest.raises(ValueError, match="same seeds"):
         comparison.paired_difference([0.6, 0.7], [0.5])
@@ -69,12 +73,17 @@ def _fake(method, seed, clean, pgd, epochs=3):
     metrics = [
         {
             "epoch": e + 1,
+            "loss": 2.0 - 0.1 * e,
+            "clean_loss": 1.5 - 0.1 * e,
             "clean_acc": 0.1 * e + clean / 2,
+            "adv_loss": 2.5 - 0.1 * e,
             "adv_acc": 0.05 * e,
+            "val_clean_loss": 1.6 - 0.1 * e,
             "val_clean_acc": 0.1 * e,
+            "val_adv_loss": 2.6 - 0.1 * e,
             "val_adv_acc": 0.04 * e,
             **(
-                {"frozen_acc": 0.03 * e, "adaptive_acc": 0.06 * e}
+                {"frozen_adv_acc": 0.03 * e, "adaptive_adv_acc": 0.06 * e}
                 if method.startswith("twins")
                 else {}
             ),
@@ -91,10 +100,13 @@ def _fake(method, seed, clean, pgd, epochs=3):
         "arch": "resnet18",
         "dataset": "digits_5_9",
         "pretrained": "/src.weights.h5",
-        "method": method,
+        "method": method.split("+")[0],  # a variant's runs have its method
         "seed": seed,
         "model_dir": f"/runs/{method}_{seed}",
+        "epochs": epochs,
         "lr": 0.01,
+        "lr_decay_epochs": [2],
+        "weight_decay": 1e-3,
         "twin": method.startswith("twins"),
     }
     return comparison.RunResult(method, seed, f"/runs/{method}_{seed}", config, metrics, evaluation)
@@ -123,6 +135,80 @@ def test_summary_pairs_runs_by_seed_whatever_their_order():
     assert "Student-t" in table
 
 
+def _fake_autolora(seed, lr_scales, epochs=12):
+    """An AutoLoRa row's run on the paper's schedule whose rate was halved where `lr_scales`
+    (metrics.csv's autolora_lr_scale after each epoch) drops; fewer rows than `epochs`: the
+    lr floor stopped it."""
+    result = _fake("autolora+lora_rank=8", seed, 0.7, 0.4, epochs=len(lr_scales))
+    for row, scale in zip(result.metrics, lr_scales):
+        row["autolora_lr_scale"] = scale
+    settings = dict(result.settings, lr=0.01, weight_decay=1e-4, lr_decay_epochs=[], epochs=epochs)
+    return dataclasses.replace(result, settings=settings)
+
+
+def test_the_table_shows_the_schedule_each_row_ran():
+    """The fixed schedule of every trained row, whether it is the method's published one
+    (AutoLoRa: lr 0.01, weight decay 1e-4, no step decay), and per seed the epochs after
+    which AutoLoRa halved its rate (the paper's checks fall after epochs 5, 9, 13, ...)."""
+    results = [_fake("at", s, 0.7, 0.4) for s in (0, 1)] + [
+        _fake_autolora(0, [1.0] * 4 + [0.5] * 4 + [0.25]),
+        _fake_autolora(1, [1.0] * 12),
+    ]
+    summary = comparison.summarise(results, ["clean", "pgd10"], "at")
+    table = comparison.format_table(summary, ["clean", "pgd10"])
+    assert "  at: lr 0.01, weight decay 0.001, x0.1 at epochs 2\n" in table
+    assert (
+        "  autolora+lora_rank=8: lr 0.01, weight decay 0.0001, no step decay (the method's "
+        "published schedule)\n" in table
+    )
+    assert (
+        "  autolora+lora_rank=8: lr halved on val_adv_acc after epochs: seed 0: 5, 9 (stopped "
+        "at the lr floor after epoch 9); seed 1: never\n" in table + "\n"
+    )
+    ran = summary["schedules"]["autolora+lora_rank=8"]
+    assert ran["schedule"]["as_published"] is True
+    assert ran["automated"]["0"]["halved_after_epochs"] == [5, 9]
+    assert ran["automated"]["1"]["stopped_early"] is False
+    assert summary["schedules"]["at"]["automated"] is None
+    chosen = dataclasses.replace(
+        results[2], settings=dict(results[2].settings, lr_decay_epochs=[30, 50])
+    )
+    table = comparison.format_table(comparison.summarise([chosen], ["clean"], "x"), ["clean"])
+    assert (
+        "x0.1 at epochs 30, 50 (chosen for the run: not the method's published schedule)" in table
+    )
+
+
+def test_curves_plot_one_meaning_per_name_and_read_earlier_runs_by_theirs():
+    """A run written before the training clean_acc/adv_acc meant the inference forward for
+    every method (TRADES-style runs had the training forward's) is left out of those curves;
+    columns renamed with their meaning unchanged (the wings', val_loss) are read."""
+    from twins_tf.comparison import report
+
+    earlier = {
+        "epoch": 1,
+        "loss": 2.0,
+        "clean_acc": 0.5,
+        "adv_acc": 0.3,
+        "val_loss": 1.1,
+        "val_clean_acc": 0.4,
+        "val_adv_acc": 0.2,
+        "frozen_acc": 0.1,
+        "adaptive_acc": 0.2,
+    }
+    assert [report.metric_value(earlier, c) for c in ("clean_acc", "adv_acc")] == [None, None]
+    assert report.metric_value(earlier, "val_clean_acc") == 0.4
+    assert report.metric_value(earlier, "val_clean_loss") == 1.1
+    assert report.metric_value(earlier, "frozen_adv_acc") == 0.1
+    old = dataclasses.replace(_fake("twins_trades", 0, 0.7, 0.4, epochs=1), metrics=[earlier])
+    now = _fake("twins_at", 0, 0.7, 0.4, epochs=1)
+    assert list(report._curves_by_method([old, now], "clean_acc")) == ["twins_at"]
+    assert list(report._curves_by_method([old, now], "adaptive_adv_acc")) == [
+        "twins_trades",
+        "twins_at",
+    ]
+
+
 def test_report_has_the_table_embedded_plots_and_model_cards(tmp_path):
     results = [
         _fake(m, s, 0.7 + 0.01 * s, 0.4 + 0.02 * s) for m in ("at", "twins_at") for s in (0, 1)
@@ -134,23 +220,16 @@ def test_report_has_the_table_embedded_plots_and_model_cards(tmp_path):
     assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
     assert "twins_at - at" in page and (tmp_path / "report.txt").read_text().strip() == table
     json.loads((tmp_path / "report.json").read_text())
-    card = json.loads((tmp_path / "model_cards" / "twins_at_seed1.json").read_text())
-    for key in (
-        "clean_acc",
-        "autoattack_acc",
-        "eps",
-        "norm",
-        "architecture",
-        "dataset",
-        "number_forward_passes",
-        "method",
-        "seed",
-        "pretrained",
-        "settings_hash",
-    ):
-        assert key in card
-    assert card["clean_acc"] == pytest.approx(0.71) and card["autoattack_acc"] is None
-    assert card["architecture"] == "resnet18" and card["norm"] == "Linf"
+    card = json.loads(
+        (tmp_path / "model_cards" / "digits_5_9" / "Linf" / "twins_at_seed1.json").read_text()
+    )
+    assert card["clean_acc"] == "71.0" and card["autoattack_acc"] == ""  # not measured
+    assert card["architecture"] == "ResNet-18" and card["eps"] == "8/255"
+    extra = card["twins_tf"]
+    for key in ("method", "seed", "pretrained", "settings_hash", "norm", "accuracy"):
+        assert key in extra
+    assert extra["accuracy"]["clean"] == pytest.approx(0.71)
+    assert extra["not_measured"] == ["autoattack_acc"]
 
 
 def test_settings_hash_ignores_locations_but_not_what_is_learnt():
@@ -224,7 +303,8 @@ def test_binary_refuses_bad_flags_in_one_line(tmp_path, args, message):
 
 
 def test_binary_needs_an_output_dir():
-    result = run_binary("compare", ["--dataset=digits_5_9"])
+    """(With a shipped flagfile, which sets --method: only a typed --method is refused.)"""
+    result = run_binary("compare", ["--flagfile=flags/cifar10.flags"])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("compare: error: --output_dir is")
 
@@ -398,10 +478,16 @@ def test_report_of_variants_and_interpolation_rows(tmp_path):
     assert all(rows[row].index("   (3 seeds)") == len(header) for row in values)
     assert re.search(rf"wise\({re.escape(variant)}\) - at\s+\+2\.67 \[.*\] +\+4\.00 \[", table)
     card = json.loads(
-        (tmp_path / "model_cards" / "wise-twins_at+init-robust_linear_probe_seed1.json").read_text()
+        (
+            tmp_path
+            / "model_cards"
+            / "digits_5_9"
+            / "Linf"
+            / "wise-twins_at+init-robust_linear_probe_seed1.json"
+        ).read_text()
     )
-    assert card["interpolation"] == {"alpha": 0.25, "endpoints": ["/a/init", "/a"]}
-    assert card["row"] == f"wise({variant})" and card["clean_acc"] == pytest.approx(0.70)
+    assert card["twins_tf"]["interpolation"] == {"alpha": 0.25, "endpoints": ["/a/init", "/a"]}
+    assert card["twins_tf"]["row"] == f"wise({variant})" and card["clean_acc"] == "70.0"
     page = (tmp_path / "report.html").read_text()
     assert len(re.findall(r"src='data:image/png;base64,", page)) == 3
 
@@ -414,7 +500,9 @@ def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
         _fake_wise(variant, 0, 0.7, 0.4, 0.5),
     ]
     figure = comparison.plot_wings(results)
-    assert [axis.get_title() for axis in figure.axes] == [f"{variant}: training accuracy per wing"]
+    assert [axis.get_title() for axis in figure.axes] == [
+        f"{variant}: PGD accuracy per wing (training forward)"
+    ]
     assert comparison.plot_wings(results[:1]) is None
 
 
@@ -472,9 +560,11 @@ def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_pat
             assert stored["examples"] == 32 and stored["split"] == "test"
     assert (tmp_path / "report" / "report.html").is_file()
     card = json.loads(
-        (tmp_path / "report" / "model_cards" / f"{dirs[wise]}_seed1.json").read_text()
+        (
+            tmp_path / "report" / "model_cards" / "digits_5_9" / "Linf" / f"{dirs[wise]}_seed1.json"
+        ).read_text()
     )
-    assert card["interpolation"]["endpoints"][0].endswith("_seed1/init")
+    assert card["twins_tf"]["interpolation"]["endpoints"][0].endswith("_seed1/init")
     own = {}
     for seed in (0, 1):  # the wise rows evaluated here, through evaluate, not compare
         report = evaluate(

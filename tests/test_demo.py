@@ -87,12 +87,12 @@ def test_report_html_and_results_json(quick_demo):
             assert config["pretrained"] == str(output_dir / "source_at" / "best.weights.h5")
             assert config["deterministic"] and config["validation"] == "none"
             card = json.loads(
-                (output_dir / "model_cards" / f"{method}_seed{seed}.json").read_text()
+                (
+                    output_dir / "model_cards" / "digits_5_9" / "Linf" / f"{method}_seed{seed}.json"
+                ).read_text()
             )
-            assert (
-                card["clean_acc"]
-                == _evaluation(output_dir, method, seed)["results"]["clean"]["accuracy"]
-            )
+            clean = _evaluation(output_dir, method, seed)["results"]["clean"]["accuracy"]
+            assert card["clean_acc"] == str(round(100 * clean, 2))
     source = run_files.read_config(output_dir / "source_at")
     assert (source["dataset"], source["method"], source["twin"]) == ("digits_0_4", "at", False)
 

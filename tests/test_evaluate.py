@@ -297,7 +297,7 @@ def test_autoattack_reports_each_sub_attack_and_resumes(source, tmp_path, monkey
     assert aa["epsilon"] == pytest.approx(8 / 255) and aa["twins_tf_version"]
     assert aa["budget"] == dict(apgd_steps=5, fab_steps=5, square_queries=20, eot_iter=20)
     assert set(aa["seconds_each_attack"]) == set(aa["after_each_attack"])
-    assert isinstance(aa["unconfirmed"], int)  # fooled points the whole batch did not confirm
+    assert isinstance(aa["unconfirmed"], int)  # non-robust points the whole batch did not confirm
     assert all(
         0 <= t <= results["autoattack"]["seconds"] for t in aa["seconds_each_attack"].values()
     )
@@ -333,6 +333,7 @@ def _copy_of_run(source, model_dir, **config_changes):
 
     model_dir.mkdir()
     shutil.copy(source / run_files.BEST_WEIGHTS, model_dir / run_files.BEST_WEIGHTS)
+    shutil.copy(source / run_files.SUMMARY_FILE, model_dir / run_files.SUMMARY_FILE)
     config = json.loads((source / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, **config_changes}))
     return model_dir

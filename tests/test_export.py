@@ -8,6 +8,7 @@ wing, moving statistics), and the probabilities with a numpy softmax of the serv
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -195,8 +196,8 @@ def test_serving_refuses_0_255_pixels_and_another_image_size(served_32):
     )
     with pytest.raises(
         tf.errors.InvalidArgumentError,
-        match=r"twins_tf serving: pixel values must be in \[0, 1\] \(divide "
-        r"0-255 images by 255",
+        match=r"twins_tf serving: pixel values must be in \[0, 1\]; some are above 1 "
+        r"\(divide 0-255 images by 255",
     ):
         serve(images=tf.constant(images * 255))
     with pytest.raises(
@@ -225,6 +226,98 @@ def test_serving_range_bounds(served_32, values, accepted):
     else:
         with pytest.raises(tf.errors.InvalidArgumentError, match="twins_tf serving: pixel"):
             serve(images=tf.constant(images))
+
+
+def _serving_error(serve, images):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        serve(images=tf.constant(images))
+    return error.value.message
+
+
+def _raw_status_message(serve, images, monkeypatch):
+    """The error status as TensorFlow's runtime returns it (what a TF Serving client reads),
+    before the Python runtime writes its `Graph execution error:` header above it, without
+    the `{{function_node ...}}` tags that mark the functions the error passed through (read
+    off with TensorFlow's own parser of those tags)."""
+    from tensorflow.python.eager.polymorphic_function import atomic_function
+    from tensorflow.python.framework import error_interpolation
+
+    monkeypatch.setattr(
+        atomic_function.InterpolateRuntimeError, "__exit__", lambda self, *exc: False
+    )
+    return error_interpolation.parse_message(_serving_error(serve, images))[0].strip()
+
+
+BAD_INPUTS = {  # what a client sent -> the start of the message it must get
+    "another size": (
+        np.zeros((1, 16, 16, 3), "float32"),
+        "images must have shape (batch, 32, 32, 3)",
+    ),
+    "another rank": (np.zeros((32, 32, 3), "float32"), "images must have shape"),
+    "NaN": (np.full((1, 32, 32, 3), np.nan, "float32"), "pixel values must be finite"),
+    "infinity": (np.full((1, 32, 32, 3), np.inf, "float32"), "pixel values must be finite"),
+    "0-255": (
+        np.full((1, 32, 32, 3), 200.0, "float32"),
+        "pixel values must be in [0, 1]; some are above 1 (divide 0-255 images by 255)",
+    ),
+    "normalised": (
+        np.full((1, 32, 32, 3), -1.5, "float32"),
+        "pixel values must be in [0, 1]; some are below 0 (do not mean/std-normalise",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_serving_errors_start_with_what_to_fix(served_32, case, monkeypatch):
+    """The message says what is wrong, starting a line of its own: TensorFlow's Python
+    runtime writes `Graph execution error:` and the node above any error raised in a graph
+    (always), so our text is the first line of the message proper; and the runtime's own
+    status, what a TF Serving client reads, starts with it."""
+    _, serve = served_32
+    images, expected = BAD_INPUTS[case]
+    message = _serving_error(serve, images)
+    lines = message.splitlines()
+    ours = [line for line in lines if line.startswith(serving.SERVING_ERROR)]
+    assert len(ours) == 1 and ours[0].startswith(f"{serving.SERVING_ERROR} {expected}"), message
+    # above it, only TensorFlow's header: no other text of an error
+    assert lines[0] == "Graph execution error:", message
+    assert all(
+        line == "" or line.startswith(("Detected at node twins_tf_serving_", "<stack", "  "))
+        for line in lines[1 : lines.index(ours[0])]
+    ), message
+    raw = _raw_status_message(serve, images, monkeypatch)
+    assert raw.startswith(f"{serving.SERVING_ERROR} {expected}"), raw
+
+
+def test_nan_pixels_are_not_called_out_of_range(served_32):
+    _, serve = served_32
+    images = np.full((1, 32, 32, 3), 0.5, "float32")
+    images[0, 3, 4, 1] = np.nan
+    message = _serving_error(serve, images)
+    assert "NaN or infinite" in message and "[0, 1]; some are" not in message
+
+
+def test_an_empty_batch_gets_an_empty_answer(served_32):
+    model, serve = served_32
+    out = serve(images=tf.zeros((0, 32, 32, 3)))
+    classes = model.output_shape[-1]
+    assert out["logits"].shape == (0, classes) and out["probabilities"].shape == (0, classes)
+    assert out["logits"].dtype == tf.float32
+
+
+def test_the_served_graph_of_a_twin_model_names_no_twin(tmp_path):
+    """The untwinned network is a plain one: its nodes are not named after the twin model."""
+    model = build_resnet("resnet18", 3, twin=True, input_shape=(16, 16, 3))
+    assert model.name == "resnet18_twin"
+    plain = serving.export_saved_model(model, str(tmp_path / "sm"), image_size=16)
+    assert plain.name == "resnet18"
+    graph = tf.saved_model.load(str(tmp_path / "sm")).signatures["serving_default"].graph
+    definition = graph.as_graph_def()
+    names = [n.name for n in definition.node] + [
+        n.name for f in definition.library.function for n in f.node_def
+    ]
+    assert any(re.search(r"(^|/)resnet18(_\d+)?/", name) for name in names)
+    assert not [name for name in names if "twin" in name and "twins_tf_serving" not in name]
 
 
 def test_export_errors_carry_the_binary_name(tmp_path):

@@ -54,6 +54,7 @@ def _write_run(model_dir, config, model):
     (model_dir / "config.json").write_text(json.dumps({**config, "model_dir": str(model_dir)}))
     model.save_weights(model_dir / run_files.BEST_WEIGHTS)
     model.save_weights(model_dir / run_files.LAST_WEIGHTS)
+    run_files.write_json(model_dir / run_files.SUMMARY_FILE, {"epochs": config["epochs"]})
 
 
 def _fit_head_on_validation(model, config):

@@ -133,8 +133,19 @@ def torch_objective(method, net, x, x_adv, y, anchors, wd=WD):
     return loss, z_adv if z_adv is not None else z_nat
 
 
+def torch_inference(net, x, y):
+    """(cross-entropy, accuracy) of `net` in eval mode on (x, y): what every method's
+    `clean_*` / `adv_*` metrics are, whatever its training forwards."""
+    net.eval()
+    with torch.no_grad():
+        z = net(x)
+    return F.cross_entropy(z, y).item(), (z.argmax(1) == y).float().mean().item()
+
+
 def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
-    """Reference steps; returns per step: x_adv (NHWC numpy), loss, accuracies, and the state."""
+    """Reference steps; returns per step: x_adv (NHWC numpy), loss, the inference metrics
+    before the update (`clean_loss`, `clean_acc`, `adv_loss`, `adv_acc`), each wing's
+    adversarial accuracy in the training forward, and the state."""
     # L2-SP's regulariser is in its loss: no decay towards zero on top of it
     coupled = 0.0 if method == "l2sp" else wd
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=coupled)
@@ -148,11 +159,12 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
         y = torch.tensor(y_np)
         optimizer.zero_grad()
         start = [b.clone() for b in buffers]
-        ends, losses, advs, logits = [], [], [], []
+        ends, losses, advs, logits, inference = [], [], [], [], []
         for xr, yr in zip(x.chunk(replicas), y.chunk(replicas)):
             for b, s in zip(buffers, start):
                 b.copy_(s)
             x_adv = torch_pgd(net, xr, yr, EPS, ALPHA, pgd_steps) if method != "clean" else xr
+            inference.append([*torch_inference(net, xr, yr), *torch_inference(net, x_adv, yr)])
             loss, z = torch_objective(method, net, xr, x_adv, yr, anchors, wd)
             (loss / replicas).backward()
             ends.append([b.clone() for b in buffers])
@@ -165,13 +177,17 @@ def torch_train(net, batches, method, replicas=1, pgd_steps=PGD_STEPS, wd=WD):
         optimizer.step()
         correct = [(z.argmax(1) == yr).float() for z, yr in zip(logits, y.chunk(replicas))]
         halves = [(c[: len(c) // 2], c[len(c) // 2 :]) for c in correct]
+        clean_loss, clean_acc, adv_loss, adv_acc = np.mean(inference, axis=0)  # equal slices
         records.append(
             dict(
                 x_adv=torch.cat(advs).numpy().transpose(0, 2, 3, 1),
                 loss=float(np.mean(losses)),
-                acc=torch.cat(correct).mean().item(),
-                frozen_acc=torch.cat([f for f, _ in halves]).mean().item(),
-                adaptive_acc=torch.cat([a for _, a in halves]).mean().item(),
+                clean_loss=clean_loss,
+                clean_acc=clean_acc,
+                adv_loss=adv_loss,
+                adv_acc=adv_acc,
+                frozen_adv_acc=torch.cat([f for f, _ in halves]).mean().item(),
+                adaptive_adv_acc=torch.cat([a for _, a in halves]).mean().item(),
                 state=torch_state(net),
             )
         )
@@ -385,13 +401,16 @@ def run_parity(
         logs = {key: values[0] for key, values in history.history.items()}
         np.testing.assert_allclose(logs["loss"], expected["loss"], rtol=1e-4 * (1 + 9 * step))
         if step == 0:
-            accuracy_key = "clean_acc" if method == "clean" else "adv_acc"
-            np.testing.assert_allclose(logs[accuracy_key], expected["acc"], atol=1e-6)
+            # one meaning per metric name, whatever the method's training forwards
+            names = ["clean_loss", "clean_acc"] + (
+                ["adv_loss", "adv_acc"] if method != "clean" else []
+            )
             if method.startswith("twins"):
-                np.testing.assert_allclose(logs["frozen_acc"], expected["frozen_acc"], atol=1e-6)
-                np.testing.assert_allclose(
-                    logs["adaptive_acc"], expected["adaptive_acc"], atol=1e-6
-                )
+                names += ["frozen_adv_acc", "adaptive_adv_acc"]
+            assert set(logs) == {"loss", *names}
+            for name in names:
+                tolerance = dict(rtol=1e-4) if name.endswith("loss") else dict(atol=1e-6)
+                np.testing.assert_allclose(logs[name], expected[name], err_msg=name, **tolerance)
             assert_same_state(model, expected["state"], 1e-4, before, update_rtol=1e-3)
         else:
             assert_same_state(model, expected["state"], 1e-3)
@@ -538,9 +557,13 @@ def test_evaluate_reports_clean_and_pgd_accuracy_in_inference_mode():
     )
     with torch.no_grad():
         adversarial = (net(adv_x).argmax(1) == yt).float().mean().item()
+    with torch.no_grad():
+        adversarial_loss = F.cross_entropy(net(adv_x), yt).item()
+    assert set(logs) == {"clean_loss", "clean_acc", "adv_loss", "adv_acc"}
     assert abs(logs["clean_acc"] - clean) < 1e-6
     assert abs(logs["adv_acc"] - adversarial) < 1e-6
-    assert abs(logs["loss"] - loss) < 1e-4
+    assert abs(logs["clean_loss"] - loss) < 1e-4
+    assert abs(logs["adv_loss"] - adversarial_loss) < 1e-4
 
 
 def test_default_eval_attack_drops_the_random_start():
@@ -580,9 +603,10 @@ def test_fit_with_xla_and_mixed_bfloat16(method):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("conv1").kernel.dtype == "float32"
-    expected = {"loss", "clean_acc", "adv_acc", "val_loss", "val_clean_acc", "val_adv_acc"}
+    inference = {"clean_loss", "clean_acc", "adv_loss", "adv_acc"}
+    expected = {"loss", *inference, *(f"val_{name}" for name in inference)}
     if method.startswith("twins"):
-        expected |= {"frozen_acc", "adaptive_acc"}
+        expected |= {"frozen_adv_acc", "adaptive_adv_acc"}
     assert set(history.history) == expected
     assert np.isfinite(history.history["loss"]).all()
 

@@ -10,7 +10,10 @@ between steps, and live here beside `lora.py`:
   * the learning rate: windows of epochs (`AUTOLORA_WINDOWS`) after each of which the rate is
     halved, and the best weights so far restored, unless the validation robust accuracy rose
     often enough (`autolora_schedule`, a pure function of the authors' loop); training stops
-    when the rate falls below `AUTOLORA_MIN_LR`.
+    when the rate falls below `AUTOLORA_MIN_LR`.  The rate it starts from, the weight decay and
+    the absence of step decay are the paper's too (`methods.AUTOLORA_SCHEDULE`, which runs take
+    unless the user chose otherwise: `training.settings`), and the windows need a validation
+    robust accuracy every epoch: `fit` without validation data is refused.
 
 Their state is the trainer's own (non-trainable) weights, so `BackupAndRestore` and
 `trainer.save` keep it (`add_state`); two callbacks run them around `fit` (`fit_callbacks`).
@@ -30,6 +33,14 @@ from twins_tf.models.heads import head_layer
 AUTOLORA_WINDOWS = tuple(range(0, 57, 4))
 AUTOLORA_RHO = 0.75
 AUTOLORA_MIN_LR = 1e-5
+# The rule in one line, for summary.json and compare's table.
+SCHEDULE_RULE = (
+    f"lr halved and the best weights restored after each {AUTOLORA_WINDOWS[1]}-epoch window "
+    f"in which val_adv_acc rose in fewer than {AUTOLORA_RHO:.0%} of its epoch-to-epoch steps "
+    f"(or stalled); training stops when the lr falls below {AUTOLORA_MIN_LR:g}"
+)
+# The validation metric the windows read (AdversarialTrainer.test_step's adv_acc).
+MONITOR = "val_adv_acc"
 
 
 def autolora_schedule(state, epoch, val_adv_acc):
@@ -196,6 +207,31 @@ def epoch_end(trainer, epoch, val_adv_acc):
     return actions
 
 
+def check_fit_arguments(trainer, fit_kwargs):
+    """Refuses a `fit` whose epochs would end without `val_adv_acc`: the learning-rate
+    windows read it after every epoch, and without it the rate would silently never change.
+
+    Raises:
+      ValueError: no validation data, no validation attack, or validation_freq != 1.
+    """
+    if fit_kwargs.get("validation_data") is None and not fit_kwargs.get("validation_split"):
+        raise ValueError(
+            f"method {trainer.method.name!r} halves its learning rate on the validation "
+            f"robust accuracy ({MONITOR}) after every epoch: pass validation_data= (the "
+            "authors hold out 5 % of the training data)."
+        )
+    if trainer.eval_attack is None:
+        raise ValueError(
+            f"method {trainer.method.name!r} halves its learning rate on {MONITOR}, which "
+            "eval_attack=None does not measure: leave eval_attack='auto' or pass an attack."
+        )
+    if fit_kwargs.get("validation_freq", 1) != 1:
+        raise ValueError(
+            f"method {trainer.method.name!r} reads {MONITOR} after every epoch: drop "
+            "validation_freq."
+        )
+
+
 def fit_callbacks(trainer, x, y, batch_size, steps, callbacks):
     """`fit`'s callbacks with AutoLoRa's around them: the epoch-end update first (so a
     backup saves it), the start of a fresh run last (after a restore)."""
@@ -222,7 +258,7 @@ class _Start(keras.callbacks.Callback):
 
 class _EpochEnd(keras.callbacks.Callback):
     """After each epoch: lambda1/lambda2 from the natural path's training accuracy, then the
-    learning-rate windows on `val_adv_acc` (without validation data the lr stays as set)."""
+    learning-rate windows on `val_adv_acc` (`check_fit_arguments` made sure it is there)."""
 
     def __init__(self, trainer, data, steps):
         super().__init__()
@@ -232,8 +268,12 @@ class _EpochEnd(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         trainer = self.trainer
         logs["natural_branch_acc"] = update_lambdas(trainer, self.data, self.steps)
-        if "val_adv_acc" in logs:
-            self._windows(epoch, logs["val_adv_acc"])
+        if MONITOR not in logs:
+            raise ValueError(
+                f"AutoLoRa's learning-rate windows read {MONITOR} after every epoch, but "
+                f"epoch {epoch + 1}'s logs only have {sorted(logs)}."
+            )
+        self._windows(epoch, logs[MONITOR])
         logs["autolora_lambda1"] = float(trainer.autolora_lambda1.numpy())
         logs["autolora_lr_scale"] = float(trainer.autolora_lr_scale.numpy())
 

@@ -10,7 +10,7 @@ Every `train` flag applies to every run (the flagfile describes the task); `--me
 `train` accept: kill the comparison and start it again, and finished runs are reused, the
 interrupted one resumes.  The report goes to `output_dir/report/`: `report.txt` (the table),
 `report.json`, `report.html` (table and plots, self-contained), the PNGs and
-`model_cards/<run>.json`.
+`model_cards/<dataset>/<Linf|L2>/<run>.json` (RobustBench's model-info format).
 
 A `--methods` entry may be a variant, `METHOD+KEY=VALUE...` with KEY any train flag (e.g.
 `at+init=robust_linear_probe`, `autolora+lora_rank=8`; a list value separates its items with
@@ -27,9 +27,10 @@ import sys
 
 from absl import app, flags
 
+from twins_tf.comparison.rows import parse_seeds
 from twins_tf.interpolation import SELECTIONS
+from twins_tf.training.flags import command_line_flags, settings_from_flags
 from twins_tf.training.flags import define_flags as define_run_flags
-from twins_tf.training.flags import settings_from_flags
 from twins_tf.training.settings import TRAIN, SetupError
 
 FLAGS = flags.FLAGS
@@ -124,14 +125,6 @@ def define_flags(flag_values):
     return own
 
 
-def parse_seeds(values):
-    """`--seeds` as integers (SetupError otherwise)."""
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise SetupError(f"--seeds must be integers, got {','.join(values)}.") from None
-
-
 def interpolation_args(alphas, select, validation_examples):
     """`interpolate_runs` keyword arguments of the `--interpolate_*` flags (SetupError for an
     alpha that is not a number)."""
@@ -155,8 +148,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
+        typed = command_line_flags(FLAGS, sys.argv)  # a flagfile's --method is the task's
         for name, replacement in PER_RUN_FLAGS.items():
-            if FLAGS[name].present:
+            if name in typed:
                 raise SetupError(f"--{name} is set per run by compare; use {replacement}.")
         if not FLAGS.output_dir:
             raise SetupError("--output_dir is required: where the runs and the report go.")

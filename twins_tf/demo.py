@@ -97,7 +97,7 @@ def main(argv):
     import tensorflow as tf
     from absl import logging
 
-    from twins_tf.compare import parse_seeds
+    from twins_tf.comparison.rows import parse_seeds
     from twins_tf.training.run_callbacks import DivergenceError
 
     # Many runs in one process: keep TensorFlow's retracing notes and SavedModel chatter out

@@ -7,7 +7,9 @@ r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a tra
 The model: with `--model_dir`, the run's `config.json` says what to build and
 `best.weights.h5` (or `--weights`) what to load; without it, `--weights`, `--arch` and
 `--dataset` do.  Twin weights are evaluated through their Adaptive wing (inference mode, the
-network `export` ships), so every model is evaluated as a plain-BN network in float32.
+network `export` ships), so every model is evaluated as a plain-BN network in float32.  A
+`--model_dir` whose run has not finished (no summary.json: killed, or still training) is
+refused unless `--allow_unfinished`; the report then says so ("unfinished").
 
 Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--attack_eps`):
   clean        accuracy on the unperturbed images;
@@ -95,6 +97,12 @@ def define_flags(flag_values):
         "Evaluate only N examples of the split, stratified by class (seeded).",
     )
     define("integer", "seed", "Seed of random starts and AutoAttack.")
+    define(
+        "bool",
+        "allow_unfinished",
+        "Evaluate a --model_dir whose run has not finished (no summary.json: killed or still "
+        "training); the report records it.",
+    )
     define(
         "string",
         "output",

@@ -61,6 +61,13 @@ def define_flags(flag_values):
         "attack_steps", None, "Validation PGD steps (default: the runs').", **options
     )
     flags.DEFINE_bool(
+        "allow_unfinished",
+        False,
+        "Interpolate a run that has not finished (no summary.json: killed or still training); "
+        "interpolation.json records it.",
+        **options,
+    )
+    flags.DEFINE_bool(
         "overwrite",
         False,
         "Replace an earlier interpolation (of another request) in --output_dir.",
@@ -92,6 +99,7 @@ def main(argv, flag_values=flags.FLAGS):
             attack_step=f.attack_step,
             attack_steps=f.attack_steps,
             overwrite=f.overwrite,
+            allow_unfinished=f.allow_unfinished,
         )
     except SetupError as error:
         sys.exit(f"interpolate: error: {error}")

@@ -32,7 +32,8 @@ over a state_dict.  Output files (`output_dir`):
     best.weights.h5        the selected alpha's network; last.weights.h5 the same file (an
                            interpolation has no epochs, and `weights="last"` should not fail)
     interpolation.json     both sources (directory, weights file, sha256), the grid, the
-                           selection rule, the validation examples, the attack and the table
+                           selection rule, the validation examples, the attack and the table;
+                           "unfinished": a source that had not finished (allow_unfinished)
     interpolation.png      clean and PGD validation accuracy against alpha
     tensorboard/           the same curves as TensorBoard scalars (step = grid index)
 
@@ -173,6 +174,26 @@ def _source_config(model_dir, name):
             "choose alpha on: interpolate runs trained with --validation=carve."
         )
     return config, weights
+
+
+def _unfinished_sources(model_dir_a, model_dir_b, allow):
+    """{"run_a"/"run_b": why} for the runs that have not finished; refuses them unless
+    `allow`."""
+    from twins_tf.evaluation.inputs import unfinished_run
+
+    unfinished = {}
+    for key, name, model_dir in (("run_a", "run A", model_dir_a), ("run_b", "run B", model_dir_b)):
+        why = unfinished_run(model_dir)
+        if why is None:
+            continue
+        if not allow:
+            raise SetupError(
+                f"{name}: {why}: its best weights are of its first epochs only; pass "
+                "allow_unfinished=True (--allow_unfinished) to interpolate them anyway "
+                "(interpolation.json records it)."
+            )
+        unfinished[key] = why
+    return unfinished
 
 
 def _check_compatible(config_a, config_b, model_dir_a, model_dir_b):
@@ -341,6 +362,7 @@ def interpolate_runs(
     attack_step=None,
     attack_steps=None,
     overwrite=False,
+    allow_unfinished=False,
 ):
     """Interpolates run A and run B in weight space; writes the best-on-validation point.
 
@@ -360,6 +382,9 @@ def interpolate_runs(
       attack_eps, attack_step, attack_steps: the validation PGD; None: the runs' (which must
         then agree).
       overwrite: replace an earlier interpolation (a different request) in output_dir.
+      allow_unfinished: interpolate a run that has not finished (no summary.json: killed or
+        still training), whose best weights are of its first epochs only; refused otherwise.
+        interpolation.json records it ("unfinished").
 
     Returns:
       An `InterpolationResult`.
@@ -375,6 +400,7 @@ def interpolate_runs(
     config_a, weights_a = _source_config(model_dir_a, "run A")
     config_b, weights_b = _source_config(model_dir_b, "run B")
     _check_compatible(config_a, config_b, model_dir_a, model_dir_b)
+    unfinished = _unfinished_sources(model_dir_a, model_dir_b, allow_unfinished)
     if output_dir in (os.path.abspath(model_dir_a), os.path.abspath(model_dir_b)):
         raise SetupError(
             "output_dir is one of the two runs; write the interpolation to a new directory."
@@ -414,16 +440,18 @@ def interpolate_runs(
     stored = _stored_result(output_dir, request, overwrite)
     if stored is not None:
         return stored
+    for name, why in unfinished.items() if verbose else ():
+        print(f"warning: {name}: {why}; interpolating its weights as they are.", flush=True)
 
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")  # evaluate's arithmetic, whatever the runs used
     try:
-        return _run(config_a, config_b, request, output_dir, batch_size, verbose)
+        return _run(config_a, config_b, request, output_dir, batch_size, verbose, unfinished)
     finally:
         keras.config.set_dtype_policy(policy)
 
 
-def _run(config_a, config_b, request, output_dir, batch_size, verbose):
+def _run(config_a, config_b, request, output_dir, batch_size, verbose, unfinished):
     import keras
     import tensorflow as tf
 
@@ -514,6 +542,8 @@ def _run(config_a, config_b, request, output_dir, batch_size, verbose):
         "tie_rule": TIE_RULE,
         "rows": [dataclasses.asdict(row) for row in rows],
         "best_alpha": best_alpha,
+        # the sources that had not finished (allow_unfinished), with why: {"run_a": ...}
+        "unfinished": unfinished,
     }
     # Written last: its presence says the output_dir is complete (see _stored_result).
     run_files.write_json(os.path.join(output_dir, INTERPOLATION_FILE), record)

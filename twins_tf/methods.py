@@ -228,6 +228,14 @@ def _twins_trades_objective(logits_natural, logits_adversarial, labels, *, lambd
     )
 
 
+# The settings a method's own schedule (`Method.schedule`) sets.
+SCHEDULE_SETTINGS = ("lr", "weight_decay", "lr_decay_epochs")
+# AutoLoRa's published schedule (the authors' high-resolution code, src/argument.py and
+# AutoLoRa_high_resolution.py; docs/autolora.md): SGD from eta = 0.01 with weight decay 1e-4,
+# no step decay; the automated halving (twins_tf.autolora) is the only change of the rate.
+AUTOLORA_SCHEDULE = (("lr", 0.01), ("weight_decay", 1e-4), ("lr_decay_epochs", ()))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
     """One fine-tuning method: its objective and what the trainer must run to feed it.
@@ -251,6 +259,11 @@ class Method:
         forward runs the branch and trains only it and the head, the adversarial forward the
         main path); its objective takes `(logits_natural, logits_adversarial, labels, *,
         lambda1, lambda2)`, the automated scalars, instead of lambda_twins and beta.
+      schedule: the method's own published optimisation schedule, as (setting, value) pairs
+        of `lr`, `weight_decay` and `lr_decay_epochs`, or None: the run's flags decide.
+        Runs of such a method take these values for every one of those settings the user
+        did not choose for it (`training.settings`), because a recipe tuned for another
+        method (a flagfile's step decay, say) is not what the method's paper trained with.
       description: one line for help texts.
     """
 
@@ -261,6 +274,7 @@ class Method:
     natural: bool = False
     l2sp: bool = False
     lora: bool = False
+    schedule: tuple = None
     description: str = ""
 
     def __post_init__(self):
@@ -276,6 +290,13 @@ class Method:
                 f"method {self.name!r} runs no training forward: set adversarial=True, "
                 "natural=True or both."
             )
+        if self.schedule is not None:
+            keys = [key for key, _ in self.schedule]
+            if sorted(keys) != sorted(SCHEDULE_SETTINGS):
+                raise ValueError(
+                    f"method {self.name!r}: schedule must give each of "
+                    f"{', '.join(SCHEDULE_SETTINGS)} once, got {', '.join(keys) or 'nothing'}."
+                )
 
     def loss(self, logits_natural, logits_adversarial, labels, *, lambda_twins, beta):
         """The objective (without L2-SP, which the trainer adds) from the forwards' logits."""
@@ -350,6 +371,7 @@ for _method in (
         adversarial=True,
         natural=True,
         lora=True,
+        schedule=AUTOLORA_SCHEDULE,
         description="AutoLoRa: l1*CE(LoRA branch, x) + (1-l1)*CE(main, x_adv) + "
         "l2*KL/B, l1/l2 and the lr automated (needs --lora_rank)",
     ),

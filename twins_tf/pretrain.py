@@ -22,9 +22,9 @@ file makes the one call `twins_tf.training.loop.run(settings)` with pretrain's s
 
 from absl import app
 
-from twins_tf import train
+from twins_tf.training.main import define_main_flags, main_for
 from twins_tf.training.settings import PRETRAIN
 
 if __name__ == "__main__":
-    train.define_main_flags(PRETRAIN)
-    app.run(train.main_for(PRETRAIN))
+    define_main_flags(PRETRAIN)
+    app.run(main_for(PRETRAIN))

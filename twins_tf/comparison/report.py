@@ -5,6 +5,12 @@ min-max band over seeds), of the two wings' training accuracy for twin methods (
 argument is about them), and of final clean against robust accuracy, all embedded in one
 `report.html` that opens offline and can be mailed, beside `report.json`, `report.txt` and a
 model card per run.
+
+The curves put methods on one axis, so each is a metric with one meaning for every method
+(`AdversarialTrainer.METRICS`: the evaluated network in inference mode).  Runs written before
+the metrics had one meaning are read by what their columns meant: a renamed column of the
+same quantity under its earlier name, and not at all the training `clean_acc` / `adv_acc`,
+which then came from the training forward for some methods.
 """
 
 import base64
@@ -14,21 +20,40 @@ import os
 
 import numpy as np
 
-from twins_tf.comparison.cards import model_card
-from twins_tf.comparison.rows import row_dir_name
-from twins_tf.comparison.statistics import format_percent, format_table, summarise
+from twins_tf.comparison.cards import EXTRA_KEY as CARD_EXTRA_KEY
+from twins_tf.comparison.cards import card_path, model_card
+from twins_tf.comparison.statistics import format_table, summarise
 from twins_tf.evaluation.inputs import CLEAN
 from twins_tf.training import model_dir as run_files
 
 REPORT_DIR = "report"
 # Per-epoch curves of metrics.csv: column -> title.
 CURVES = {
-    "clean_acc": "train clean accuracy",
-    "adv_acc": "train PGD accuracy",
+    "clean_acc": "train clean accuracy (inference mode)",
+    "adv_acc": "train PGD accuracy (inference mode)",
     "val_clean_acc": "validation clean accuracy",
     "val_adv_acc": "validation PGD accuracy",
 }
-WING_CURVES = {"frozen_acc": "Frozen wing", "adaptive_acc": "Adaptive wing"}
+WING_CURVES = {"frozen_adv_acc": "Frozen wing", "adaptive_adv_acc": "Adaptive wing"}
+# Earlier names of columns whose quantity is unchanged.
+EARLIER_NAMES = {
+    "frozen_adv_acc": "frozen_acc",
+    "adaptive_adv_acc": "adaptive_acc",
+    "val_clean_loss": "val_loss",
+}
+# Training columns measured in inference mode only in rows that also have this column.
+INFERENCE_MODE_TRAIN = {"clean_acc", "adv_acc"}
+INFERENCE_MODE_MARKER = "clean_loss"
+
+
+def metric_value(row, column):
+    """A metrics.csv row's value of `column` as the current metrics define it, or None: an
+    earlier name of the same quantity is read, a column that meant something else is not."""
+    if column in INFERENCE_MODE_TRAIN and INFERENCE_MODE_MARKER not in row:
+        return None
+    if column in row:
+        return row[column]
+    return row.get(EARLIER_NAMES.get(column))
 
 
 def _pyplot():
@@ -45,7 +70,7 @@ def _curves_by_method(results, column):
     curves = {}
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
-        rows = [[row.get(column) for row in r.metrics] for r in runs]
+        rows = [[metric_value(row, column) for row in r.metrics] for r in runs]
         if not rows or any(not row or any(not isinstance(v, float) for v in row) for row in rows):
             continue
         length = min(len(row) for row in rows)
@@ -96,7 +121,8 @@ def plot_curves(results):
 
 
 def plot_wings(results):
-    """Figure: each twin row's Frozen and Adaptive wing training accuracy; None if none.
+    """Figure: each twin row's Frozen and Adaptive wing PGD accuracy in the training forward
+    (each wing's half of the batch); None if no row has wings.
 
     Twin rows are those trained with a twin method (a variant of one too); an interpolation
     row trains nothing and has no wings' curves."""
@@ -121,7 +147,7 @@ def plot_wings(results):
         _band_plot(
             axis,
             {k: v for k, v in curves.items() if v is not None},
-            f"{method}: training accuracy per wing",
+            f"{method}: PGD accuracy per wing (training forward)",
         )
     figure.tight_layout()
     return figure
@@ -163,7 +189,7 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
 
     The HTML embeds the PNGs as data URIs, so the single file opens offline and can be mailed.
     """
-    os.makedirs(os.path.join(report_dir, "model_cards"), exist_ok=True)
+    os.makedirs(report_dir, exist_ok=True)
     summary = summarise(results, attacks, baseline)
     table = format_table(summary, attacks)
     run_files.write_json(os.path.join(report_dir, "report.json"), summary)
@@ -173,19 +199,19 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
     for result in results:
         card = model_card(result)
         cards[f"{result.method}_seed{result.seed}"] = card
-        run_files.write_json(
-            os.path.join(
-                report_dir, "model_cards", f"{row_dir_name(result.method)}_seed{result.seed}.json"
-            ),
-            card,
-        )
+        path = os.path.join(report_dir, card_path(result))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        run_files.write_json(path, card)
     robust = next((a for a in attacks if a != CLEAN), None)
     figures = {
         "curves.png": ("Per-epoch accuracy (mean, band: min-max over seeds)", plot_curves(results))
     }
     wings = plot_wings(results)
     if wings is not None:
-        figures["wings.png"] = ("Training accuracy of each wing (twin methods)", wings)
+        figures["wings.png"] = (
+            "PGD accuracy of each wing in the training forward (twin methods)",
+            wings,
+        )
     if robust is not None and CLEAN in attacks:
         figures["scatter.png"] = (
             "Clean against robust test accuracy",
@@ -199,9 +225,9 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
             f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
         )
     card_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{format_percent(c['clean_acc'])}</td>"
-        f"<td>{format_percent(c['autoattack_acc'])}</td>"
-        f"<td>{html.escape(str(c['settings_hash'][:12]))}</td></tr>"
+        f"<tr><td>{html.escape(k)}</td><td>{c['clean_acc'] or 'n/a'}</td>"
+        f"<td>{c['autoattack_acc'] or 'n/a'}</td>"
+        f"<td>{html.escape(str(c[CARD_EXTRA_KEY]['settings_hash'][:12]))}</td></tr>"
         for k, c in cards.items()
     )
     page = (

@@ -14,7 +14,14 @@ import json
 import os
 import re
 
-from twins_tf.training.settings import EXECUTION_KEYS, LOCATION_KEYS, TRAIN, Settings, SetupError
+from twins_tf.training.settings import (
+    EXECUTION_KEYS,
+    LOCATION_KEYS,
+    SCHEDULE_SETTINGS,
+    TRAIN,
+    Settings,
+    SetupError,
+)
 
 RUNS_DIR = "runs"
 # Variants: METHOD+KEY=VALUE...; the train settings compare itself sets per run are no KEY.
@@ -136,7 +143,7 @@ def _override_values(variant):
     except flags.Error as error:
         message = str(error).splitlines()[0]
         raise SetupError(f"--methods entry {variant.name!r}: {message}") from None
-    parsed = settings_from_flags(flag_values, TRAIN)
+    parsed = settings_from_flags(flag_values, TRAIN, argv=[TRAIN, *args])
     return {key: parsed[key] for key, _ in variant.overrides}
 
 
@@ -148,15 +155,20 @@ def variant_settings(variant, base_settings, *, model_dir, seed):
       SetupError: a value the train flag refuses, or settings `Settings` refuses (prefixed
         with the variant's spelling).
     """
-    if isinstance(base_settings, Settings):
-        base_settings = base_settings.to_dict()
+    if isinstance(base_settings, Settings):  # what was chosen for it too (not in to_dict)
+        chosen = list(base_settings.explicit_schedule or ())
+        base_settings = dict(base_settings.to_dict(), explicit_schedule=chosen)
+    overrides = _override_values(variant)
     values = dict(
         base_settings,
-        **_override_values(variant),
+        **overrides,
         method=variant.method,
         seed=seed,
         model_dir=model_dir,
     )
+    if values.get("explicit_schedule") is not None:  # a variant's value is chosen for it
+        chosen = set(values["explicit_schedule"]) | set(overrides)
+        values["explicit_schedule"] = [n for n in SCHEDULE_SETTINGS if n in chosen]
     try:
         Settings.from_dict(values)
     except SetupError as error:
@@ -195,3 +207,11 @@ def settings_hash(settings):
     ignored = LOCATION_KEYS + EXECUTION_KEYS
     kept = {k: v for k, v in sorted(settings.items()) if k not in ignored}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_seeds(values):
+    """`--seeds` as integers (SetupError otherwise)."""
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise SetupError(f"--seeds must be integers, got {','.join(values)}.") from None

@@ -83,6 +83,6 @@ def run_autoattack(model, batches, settings, *, progress=True):
         },
         "batch_size": settings["batch_size"],
         "checks": list(result.warnings),
-        "unconfirmed": int(result.unconfirmed),  # fooled points the whole batch did not confirm
+        "unconfirmed": int(result.unconfirmed),  # non-robust points the whole batch did not confirm
         "state": state_path,
     }

@@ -43,6 +43,7 @@ DEFAULTS = {
     "skip_bad_images": None,
     "seed": 0,
     "output": None,
+    "allow_unfinished": False,
 }
 
 # Settings an evaluation takes from the run's config.json when its flag is not given.
@@ -84,6 +85,35 @@ def parse_attacks(names):
 def report_path(model_dir, split):
     """The default JSON report of an evaluation of `model_dir` on `split`."""
     return os.path.join(model_dir, f"{REPORT_PREFIX}{split}.json")
+
+
+def unfinished_run(model_dir):
+    """None for a finished run directory; for an unfinished one, a sentence saying so.
+
+    A run writes summary.json when it finishes (an interpolation, its interpolation.json
+    last), so without it the directory holds a run that was killed or is still training:
+    its best weights are of an epoch chosen among the first ones only.
+    """
+    from twins_tf.interpolation import INTERPOLATION_FILE
+
+    if any(
+        os.path.exists(os.path.join(model_dir, name))
+        for name in (run_files.SUMMARY_FILE, INTERPOLATION_FILE)
+    ):
+        return None
+    trained = 0
+    metrics = os.path.join(model_dir, run_files.METRICS_FILE)
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            trained = max(0, sum(1 for line in f if line.strip()) - 1)  # rows under the header
+    try:
+        epochs = f" of its {int(run_files.read_config(model_dir)['epochs'])}"
+    except (KeyError, TypeError, ValueError, SetupError):
+        epochs = ""
+    return (
+        f"{model_dir} holds an unfinished run (no {run_files.SUMMARY_FILE}: killed, or still "
+        f"training; {trained}{epochs} epochs done)"
+    )
 
 
 def _path_exists(path):
@@ -134,6 +164,12 @@ def resolve(settings):
                     f"{os.path.join(s['model_dir'], run_files.CONFIG_FILE)}) "
                     f"does not exist: pass --{key}= to say where the data is now."
                 )
+        s["unfinished"] = unfinished_run(s["model_dir"])
+        if s["unfinished"] and not s["allow_unfinished"]:
+            raise SetupError(
+                f"{s['unfinished']}: its weights are not the finished run's; pass "
+                "--allow_unfinished to evaluate them anyway (the report records it)."
+            )
         if s["split"] == "validation" and config.get("validation") == "none":
             raise SetupError(
                 "the run trained on the whole train split (--validation=none), so "

@@ -65,4 +65,6 @@ def format_table(report):
     if checks is None:  # AutoAttack ran them
         checks = report["results"].get(AUTOATTACK, {}).get("checks", [])
     lines += [f"warning: {message}" for message in checks]
+    if report.get("unfinished"):  # evaluated with --allow_unfinished
+        lines.append(f"warning: {report['unfinished']}")
     return "\n".join(lines)

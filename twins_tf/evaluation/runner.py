@@ -50,6 +50,8 @@ def _pgd_result(model, batches, s, steps):
 
 
 def _evaluate(s, log, progress):
+    if s.get("unfinished"):  # --allow_unfinished
+        log(f"warning: {s['unfinished']}; evaluating its weights as they are.")
     batches, count = inputs.load_examples(s)
     model = inputs.load_model(s)
     messages = checks.model_checks(model, batches, s, log)
@@ -65,6 +67,8 @@ def _evaluate(s, log, progress):
         results[name]["seconds"] = round(time.time() - started, 2)
         log(f"{name}: {100 * results[name]['accuracy']:.2f}% of {results[name]['examples']}")
     result = report.build_report(s, count, messages, results)
+    if s.get("unfinished"):
+        result["unfinished"] = s["unfinished"]
     if s.get("output"):
         report.write_report(s["output"], result)
     return result

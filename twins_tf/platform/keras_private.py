@@ -48,6 +48,45 @@ def backup_epoch(metadata_path):
         return None
 
 
+def backup_metadata(epoch):
+    """The text of the metadata file BackupAndRestore writes after finishing `epoch` epochs.
+
+    Why: a kill between Keras writing the backup's weights and its metadata leaves the
+    metadata an epoch behind the weights; twins_tf.training.backup rewrites it to match them.
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): at an epoch's end
+    `BackupAndRestore._save_model` writes `json.dumps({"epoch": <epochs finished>, "batch":
+    0})` (`on_epoch_end` resets the batch to 0 before saving).
+    """
+    import json
+
+    return json.dumps({"epoch": int(epoch), "batch": 0})
+
+
+def saved_optimizer_iterations(weights_path):
+    """The optimizer's iteration count (steps applied) in a `model.save_weights` file of a
+    compiled model; None if the file does not open or holds no optimizer.
+
+    Why: the backup's weights carry the optimizer, so its step count says how far they were
+    trained whatever the metadata file beside them says (twins_tf.training.backup).
+
+    Relies on (checked against keras 3.15.1 / TF 2.21.0): `save_weights` writes the optimizer
+    under the HDF5 group `optimizer`, its variables as `vars/0`, `vars/1`, ... in the order of
+    `optimizer.variables`, the first being `iterations`; a `LossScaleOptimizer` (mixed_float16)
+    keeps its own, never incremented, there and the counting one under `inner_optimizer`.
+    """
+    import h5py
+
+    try:
+        with h5py.File(weights_path, "r") as f:
+            group = f["optimizer"]
+            if "inner_optimizer" in group:
+                group = group["inner_optimizer"]
+            return int(group["vars"]["0"][()])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 # Op determinism: TF 2.21 makes `tf.config.experimental.enable_op_determinism` public, but
 # not the getter nor the way back, which a run needs to leave the process as it found it.
 def op_determinism_enabled():

@@ -20,6 +20,12 @@ One training step (spec §4-6):
 AutoLoRa's step (`method="autolora"`) routes the gradients of its two forwards apart
 (`twins_tf.autolora`, which also holds its loss weights and learning-rate windows).  What the
 trainer is given is checked in `checks.py`; its Keras config is `serialisation.py`'s.
+
+Metrics: one meaning per name, the same for every method, so that runs of different methods
+can be plotted on one axis (`METRICS`).  Accuracies and cross-entropies are of the network
+that is evaluated and exported (a twin model's Adaptive wing, AutoLoRa's main path) in
+inference mode, the same forward `evaluate` runs; only `loss` and the wings' metrics come from
+the training forwards, and say so.  Keras prefixes the validation ones with `val_`.
 """
 
 import keras
@@ -30,6 +36,22 @@ from twins_tf import lora as lora_lib
 from twins_tf import methods as methods_lib
 from twins_tf.attacks.pgd import PGD
 from twins_tf.trainer import checks, l2sp, serialisation
+
+
+# The metrics' names and meanings.  `fit` logs them all (running means over the epoch's
+# batches); `evaluate` and validation (`val_` + name) all but `loss` and the wings'.
+METRICS = {
+    "loss": "the method's objective on the training batch (what the step minimises; for "
+    "l2sp with its regulariser): not comparable across methods",
+    "clean_loss": "cross-entropy on the clean batch, inference mode",
+    "clean_acc": "accuracy on the clean batch, inference mode",
+    "adv_loss": "cross-entropy on the attack's adversarial batch, inference mode (training: "
+    "the training attack's x_adv, before the step's update; evaluation: eval_attack's)",
+    "adv_acc": "accuracy on that adversarial batch, inference mode",
+    "frozen_adv_acc": "twin methods, training only: accuracy of the training forward's Frozen "
+    "half (the batch's first half, on the Frozen wing) on x_adv",
+    "adaptive_adv_acc": "twin methods, training only: the same for the Adaptive half",
+}
 
 
 @keras.saving.register_keras_serializable(package="twins_tf")
@@ -61,13 +83,14 @@ class AdversarialTrainer(keras.Model):
       method may also be a `twins_tf.methods.Method`; to save the trainer it must be the one
         registered under its name (`twins_tf.methods.register`).
 
-    Metrics of `fit` (running means over the epoch): `loss`; `adv_acc`, accuracy of the
-    training forward on the adversarial batch; `clean_acc`, accuracy on the clean batch: of
-    the training forward where the method has one (`clean`, `trades`, `twins_trades`; for a
-    twin model half Frozen, half Adaptive wing), otherwise of one extra inference forward
-    (`at`, `twins_at`, `l2sp`); `frozen_acc` / `adaptive_acc` (twin methods), the adversarial
-    accuracy of each wing's half.  `evaluate` (and validation) reports `clean_acc` and
-    `adv_acc` in inference mode, the latter under `eval_attack`.
+    Metrics (`METRICS`), the same for every method: `fit` reports `loss`, the method's
+    objective, and of the evaluated network in inference mode on the training batch, before
+    the step's update, `clean_loss` / `clean_acc` and (methods with an attack) `adv_loss` /
+    `adv_acc` on the training attack's x_adv; twin methods add `frozen_adv_acc` /
+    `adaptive_adv_acc`, each wing's half of the training forward on x_adv.  `evaluate` (and
+    validation, `val_...`) reports `clean_loss`, `clean_acc`, `adv_loss` and `adv_acc`,
+    the same quantities on its data under `eval_attack`.  The inference forward costs one
+    pass over 2B images per step, about 2/(3k + 5) of an AT step with PGD-k.
 
     Attributes:
       model: the wrapped classifier (save its weights with `trainer.model.save_weights`).
@@ -122,10 +145,12 @@ class AdversarialTrainer(keras.Model):
         self.check_inputs = bool(check_inputs)
 
         self.loss_metric = keras.metrics.Mean(name="loss")
+        self.clean_loss = keras.metrics.Mean(name="clean_loss")
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_acc")
+        self.adversarial_loss = keras.metrics.Mean(name="adv_loss")
         self.adversarial_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adv_acc")
-        self.frozen_accuracy = keras.metrics.SparseCategoricalAccuracy(name="frozen_acc")
-        self.adaptive_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adaptive_acc")
+        self.frozen_accuracy = keras.metrics.SparseCategoricalAccuracy(name="frozen_adv_acc")
+        self.adaptive_accuracy = keras.metrics.SparseCategoricalAccuracy(name="adaptive_adv_acc")
         # Seeds a random-start eval attack; one counter for all replicas.
         self._eval_batches = self.add_weight(
             shape=(),
@@ -159,7 +184,9 @@ class AdversarialTrainer(keras.Model):
     def metrics(self):
         return [
             self.loss_metric,
+            self.clean_loss,
             self.clean_accuracy,
+            self.adversarial_loss,
             self.adversarial_accuracy,
             self.frozen_accuracy,
             self.adaptive_accuracy,
@@ -234,9 +261,7 @@ class AdversarialTrainer(keras.Model):
         adversarial = None
         if self.method.adversarial:
             adversarial = self._run_attack(self.attack, images, labels, self._train_seed())
-            if not self.method.natural:
-                # clean accuracy costs one inference forward (about 1/(3k + 4) of a PGD-k step)
-                self.clean_accuracy.update_state(labels, self.model(images, training=False))
+        self._inference_metrics(images, adversarial, labels)
         with tf.GradientTape() as tape:
             logits_adv = self.model(adversarial, training=True) if self.method.adversarial else None
             logits_nat = self.model(images, training=True) if self.method.natural else None
@@ -244,7 +269,7 @@ class AdversarialTrainer(keras.Model):
             scaled_loss = self.optimizer.scale_loss(loss / replicas)
         variables = self.model.trainable_variables
         self._apply_gradients(tape.gradient(scaled_loss, variables), variables, replicas)
-        return self._train_logs(loss, labels, logits_nat, logits_adv)
+        return self._train_logs(loss, labels, logits_adv)
 
     def _autolora_step(self, images, labels, replicas):
         """AutoLoRa's step (docs/autolora.md): PGD on the main path; the natural forward (LoRA
@@ -253,6 +278,7 @@ class AdversarialTrainer(keras.Model):
         gamma/beta and the stem included) through the adversarial one only, the head both;
         every update is scaled by the automated learning-rate multiplier."""
         adversarial = self._run_attack(self.attack, images, labels, self._train_seed())
+        self._inference_metrics(images, adversarial, labels)  # the main path: what is evaluated
         with tf.GradientTape() as natural_tape:
             with lora_lib.natural_branch():
                 logits_nat = self.model(images, training=True)
@@ -272,23 +298,19 @@ class AdversarialTrainer(keras.Model):
             adversarial=(adversarial_tape, logits_adv, grad_adv),
         )
         self._apply_gradients(gradients, variables, replicas, scale=self.autolora_lr_scale)
-        return self._train_logs(loss, labels, logits_nat, logits_adv)
+        return self._train_logs(loss, labels, logits_adv)
 
     def test_step(self, data):
         images, labels = checks.step_batch(data)
-        logits = self.model(images, training=False)
-        self.loss_metric.update_state(methods_lib.cross_entropy(logits, labels))
-        self.clean_accuracy.update_state(labels, logits)
-        logs = {"loss": self.loss_metric.result(), "clean_acc": self.clean_accuracy.result()}
+        adversarial = None
         if self.eval_attack is not None:
             seed = None
             if isinstance(self.eval_attack, PGD) and self.eval_attack.random_start:
                 seed = self._seed(self.eval_attack, self._eval_batches)
                 self._eval_batches.assign_add(1)
             adversarial = self._run_attack(self.eval_attack, images, labels, seed)
-            self.adversarial_accuracy.update_state(labels, self.model(adversarial, training=False))
-            logs["adv_acc"] = self.adversarial_accuracy.result()
-        return logs
+        self._inference_metrics(images, adversarial, labels)
+        return self._inference_logs(adversarial is not None)
 
     # --- the steps' parts -------------------------------------------------------------------
     def _loss(self, logits_nat, logits_adv, labels):
@@ -322,21 +344,38 @@ class AdversarialTrainer(keras.Model):
             used = [(tf.cast(scale, v.dtype) * g, v) for g, v in used]
         self.optimizer.apply_gradients(used)
 
-    def _train_logs(self, loss, labels, logits_nat, logits_adv):
-        """The training metrics updated with this batch, and the logs `fit` shows."""
-        self.loss_metric.update_state(loss)
-        if logits_nat is not None:
-            self.clean_accuracy.update_state(labels, logits_nat)
-        logs = {"loss": self.loss_metric.result(), "clean_acc": self.clean_accuracy.result()}
-        if logits_adv is not None:
-            self.adversarial_accuracy.update_state(labels, logits_adv)
+    def _inference_metrics(self, images, adversarial, labels):
+        """`clean_*` and `adv_*` of a batch: the evaluated network in inference mode, one
+        forward over the clean and (when there is one) the adversarial batch."""
+        batch = images if adversarial is None else tf.concat([images, adversarial], axis=0)
+        logits = self.model(batch, training=False)
+        clean = logits[: tf.shape(images)[0]]
+        self.clean_loss.update_state(methods_lib.cross_entropy(clean, labels))
+        self.clean_accuracy.update_state(labels, clean)
+        if adversarial is not None:
+            adv = logits[tf.shape(images)[0] :]
+            self.adversarial_loss.update_state(methods_lib.cross_entropy(adv, labels))
+            self.adversarial_accuracy.update_state(labels, adv)
+
+    def _inference_logs(self, adversarial):
+        logs = {"clean_loss": self.clean_loss.result(), "clean_acc": self.clean_accuracy.result()}
+        if adversarial:
+            logs["adv_loss"] = self.adversarial_loss.result()
             logs["adv_acc"] = self.adversarial_accuracy.result()
+        return logs
+
+    def _train_logs(self, loss, labels, logits_adv):
+        """The training metrics updated with this batch's objective and training forward,
+        and the logs `fit` shows (`_inference_metrics` has updated the others)."""
+        self.loss_metric.update_state(loss)
+        logs = {"loss": self.loss_metric.result()}
+        logs.update(self._inference_logs(self.method.adversarial))
         if self.method.twin:
             half = tf.shape(labels)[0] // 2
             self.frozen_accuracy.update_state(labels[:half], logits_adv[:half])
             self.adaptive_accuracy.update_state(labels[half:], logits_adv[half:])
-            logs["frozen_acc"] = self.frozen_accuracy.result()
-            logs["adaptive_acc"] = self.adaptive_accuracy.result()
+            logs["frozen_adv_acc"] = self.frozen_accuracy.result()
+            logs["adaptive_adv_acc"] = self.adaptive_accuracy.result()
         return logs
 
     def _run_attack(self, attack, images, labels, seed):
@@ -371,6 +410,7 @@ class AdversarialTrainer(keras.Model):
             # a dataset keeps its own order; Keras shuffles arrays only (and warns otherwise)
             kwargs.setdefault("shuffle", False)
         if self.method.lora:
+            autolora.check_fit_arguments(self, kwargs)
             kwargs["callbacks"] = autolora.fit_callbacks(
                 self, x, y, batch_size, kwargs.get("steps_per_epoch"), kwargs.get("callbacks")
             )

@@ -1,17 +1,26 @@
 """The backup of a run (`keras.callbacks.BackupAndRestore`, `double_checkpoint=True`).
 
-Keras copies the latest pair (weights, metadata) to `<name>.bkp`, then writes the weights,
-then the metadata.  It falls back to the copy only when the weights file does not open; a
-kill can also leave one that opens but is cut short (fewer arrays), or a half-written
-metadata file, on which Keras crashes.  `repair_backup` puts the copy back in those cases, and
-`resume_epoch` says which epoch a restart continues from.  The file names and format are
-Keras's (`twins_tf.platform.keras_private.backup_file_names`).
+At an epoch's end Keras copies the latest pair (weights, metadata) to `<name>.bkp`, then
+writes the weights, then the metadata, each in place.  It falls back to the copy only when
+the weights file does not open, so a kill leaves three states it gets wrong:
+  * weights that open but are cut short (fewer arrays), on which Keras crashes;
+  * a half-written metadata file, on which Keras crashes;
+  * whole new weights under the previous epoch's metadata (killed between the two writes):
+    Keras restores the new weights and trains their epoch again on top of them, silently.
+The weights carry the optimizer, whose iteration count says how far they were trained: more
+steps than the weights the metadata was written with (the previous pair's, when its metadata
+names the same epoch; none at all before the first backup) means the weights are one epoch
+past their metadata.  `resume_epoch` says which epoch a restart continues from, the epoch the
+weights are at, and `repair_backup` makes the files say so (the metadata rewritten to match
+the weights, or the previous pair put back when the latest weights are broken), each repair a
+one-step replace.  The file names and format are Keras's
+(`twins_tf.platform.keras_private.backup_file_names`).
 """
 
+import dataclasses
 import os
-import shutil
 
-from twins_tf.platform import keras_private
+from twins_tf.platform import atomic_files, keras_private
 from twins_tf.training.settings import SetupError
 
 BACKUP_DIR = "backup"
@@ -37,25 +46,79 @@ def _array_names(weights_path):
     return set(names)
 
 
-def _backup_pairs(model_dir):
-    """(latest epoch or None, previous epoch or None, backup dir, weights, metadata paths).
+@dataclasses.dataclass
+class _Pair:
+    """One pair of backup files as read back: arrays None when the weights do not read back
+    (or are absent), epoch None when the metadata does not (or is absent)."""
 
-    The latest pair counts only if both files read back and it holds every array the
-    previous one does (a file cut short while written holds fewer)."""
+    weights: str
+    metadata: str
+    arrays: object
+    epoch: object
+    iterations: object
+
+    @classmethod
+    def read(cls, weights, metadata):
+        arrays = _array_names(weights) if os.path.exists(weights) else None
+        return cls(
+            weights,
+            metadata,
+            arrays,
+            keras_private.backup_epoch(metadata),
+            keras_private.saved_optimizer_iterations(weights) if arrays else None,
+        )
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Where a restart continues: `epoch`, and what to do to the files first: "none", "metadata"
+    (rewrite the latest metadata to `epoch`), "previous" (put the previous pair back) or
+    "afresh" (remove a first backup that cannot be used)."""
+
+    epoch: int
+    repair: str
+
+
+def _trained_further(latest, previous):
+    """Whether the latest weights hold more optimizer steps than the previous pair's (False
+    when either count is unknown: weights saved without an optimizer)."""
+    if latest.iterations is None or previous.iterations is None:
+        return False
+    return latest.iterations > previous.iterations
+
+
+def _plan(model_dir):
     backup = os.path.join(model_dir, BACKUP_DIR)
     weights, metadata = (os.path.join(backup, n) for n in (BACKUP_WEIGHTS, BACKUP_METADATA))
-    previous_names = (
-        _array_names(weights + PREVIOUS_SUFFIX)
-        if os.path.exists(weights + PREVIOUS_SUFFIX)
-        else None
-    )
-    previous = keras_private.backup_epoch(metadata + PREVIOUS_SUFFIX) if previous_names else None
-    latest = keras_private.backup_epoch(metadata)
-    if latest is not None:
-        names = _array_names(weights)
-        if names is None or (previous is not None and names < previous_names):
-            latest = None
-    return latest, previous, backup, weights, metadata
+    latest = _Pair.read(weights, metadata)
+    previous = _Pair.read(weights + PREVIOUS_SUFFIX, metadata + PREVIOUS_SUFFIX)
+    usable_previous = bool(previous.arrays) and previous.epoch is not None
+    # whole: reads back, and holds every array of the previous pair (cut short holds fewer)
+    whole = latest.arrays is not None and not (usable_previous and latest.arrays < previous.arrays)
+    if whole and latest.epoch is not None:
+        if (
+            usable_previous
+            and previous.epoch == latest.epoch
+            and _trained_further(latest, previous)
+        ):
+            return _Plan(latest.epoch + 1, "metadata")  # killed between weights and metadata
+        return _Plan(latest.epoch, "none")
+    if whole and usable_previous and _trained_further(latest, previous):
+        return _Plan(previous.epoch + 1, "metadata")  # killed while writing the metadata
+    if usable_previous:
+        return _Plan(previous.epoch, "previous")
+    # Keras copies the latest pair before every save but the first: without a copy, this is
+    # the first backup, killed before its metadata was whole.  Its weights have nothing
+    # earlier to be checked against, so the run starts over (consistently: from the initial
+    # weights).  Broken weights under metadata of their own were complete once: refused.
+    first = not any(os.path.exists(p) for p in (previous.weights, previous.metadata))
+    if os.path.exists(metadata) and not (first and whole):
+        raise SetupError(
+            f"{backup} is broken (the run was killed while writing it?) and holds "
+            f"no usable previous backup: delete {backup} to restart the run from "
+            "epoch 0, or use a new --model_dir."
+        )
+    return _Plan(0, "afresh")
 
 
 def has_backup(model_dir):
@@ -64,45 +127,39 @@ def has_backup(model_dir):
 
 
 def resume_epoch(model_dir):
-    """The epoch a restarted run continues from: that of the backup's latest pair, or of the
-    previous pair when the latest is broken (killed while Keras wrote it), or 0 when there is
-    no backup or only a first one cut short.
+    """The epoch a restarted run continues from: the number of epochs its backup's weights
+    have trained, 0 when there is no backup or only a first one cut short.
+
+    That is the latest pair's epoch; one more when the latest weights were trained past what
+    their metadata says (a kill between Keras's two writes, told by the optimizer's step
+    count); the previous pair's when the latest weights are broken.
 
     Raises:
       SetupError: the latest backup is broken and there is no usable previous one.
     """
-    latest, previous, backup, weights, metadata = _backup_pairs(model_dir)
-    if latest is not None:
-        return latest
-    if previous is not None:
-        return previous
-    if os.path.exists(metadata):  # a backup was complete once: refuse to start over silently
-        raise SetupError(
-            f"{backup} is broken (the run was killed while writing it?) and holds "
-            f"no usable previous backup: delete {backup} to restart the run from "
-            "epoch 0, or use a new --model_dir."
-        )
-    return 0
+    return _plan(model_dir).epoch
 
 
 def repair_backup(model_dir):
-    """Makes the backup's latest pair the one `resume_epoch` names, for Keras to restore.
-
-    A broken latest pair is replaced by the previous one; a first backup cut short (weights
-    without metadata, nothing before it) is removed, so the run starts from epoch 0.
-    """
-    epoch = resume_epoch(model_dir)
-    latest, previous, backup, weights, metadata = _backup_pairs(model_dir)
-    if latest is not None:
-        return
-    if epoch == 0:
-        for name in (weights, weights + PREVIOUS_SUFFIX, metadata + PREVIOUS_SUFFIX):
+    """Makes the backup's files say what `resume_epoch` says, for Keras to restore exactly
+    that: the latest metadata rewritten to the epoch of the latest weights, or the previous
+    pair put back over a broken latest one, or a first backup cut short removed (the run
+    starts from epoch 0).  Each file is replaced in one step, so a kill during the repair
+    leaves a backup this repairs again."""
+    plan = _plan(model_dir)
+    backup = os.path.join(model_dir, BACKUP_DIR)
+    weights, metadata = (os.path.join(backup, n) for n in (BACKUP_WEIGHTS, BACKUP_METADATA))
+    if plan.repair == "metadata":
+        atomic_files.write_text(metadata, keras_private.backup_metadata(plan.epoch))
+    elif plan.repair == "previous":
+        # a kill between the two copies leaves a backup planned the same way again
+        for name in (weights, metadata):
+            atomic_files.copy(name + PREVIOUS_SUFFIX, name)
+    elif plan.repair == "afresh":
+        # the metadata first: weights left without it still plan "afresh", not a refusal
+        for name in (metadata, weights, weights + PREVIOUS_SUFFIX, metadata + PREVIOUS_SUFFIX):
             if os.path.exists(name):
                 os.remove(name)
-        return
-    for name in (weights, metadata):
-        shutil.copyfile(name + PREVIOUS_SUFFIX, name + ".partial")
-        os.replace(name + ".partial", name)
 
 
 def drop_previous_pair(model_dir):

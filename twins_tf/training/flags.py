@@ -7,9 +7,20 @@ the data flags too (`define_data_flags`), so a dataset is named the same way eve
 
 The flags are defined on a `FlagValues` passed in, so tests can parse argument lists without
 touching the global `absl.flags.FLAGS` (and `train` and `pretrain` can live in one process).
+
+Where a value came from matters for one thing: a method with its own published schedule
+(AutoLoRa, `methods.Method.schedule`) runs it for each of `--lr`, `--weight_decay` and
+`--lr_decay_epochs` not chosen for it.  Chosen means set on the command line, or in a
+flagfile that itself sets `--method` to such a method (one written for it).  The shipped
+flagfiles carry the TWINS recipe of spec §6 (lr 0.003, x0.1 at epochs 30 and 50, the
+dataset's weight decay), tuned for other methods: absl cannot tell their lines from typed
+ones, so `explicit_flags` reads the command line itself, and `settings_from_flags` hands
+what it finds to `Settings` as `explicit_schedule`.
 """
 
 import fractions
+import os
+import sys
 
 from absl import flags
 
@@ -25,6 +36,7 @@ from twins_tf.training.settings import (
     MIXED_PRECISION,
     PRETRAIN,
     PRETRAIN_METHODS,
+    SCHEDULE_SETTINGS,
     STRATEGIES,
     TRAIN,
 )
@@ -255,9 +267,10 @@ def define_flags(flag_values, binary):
             0,
             "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
             "the low-rank branch on every convolution inside the residual blocks (the "
-            "paper: 8). The lr starts at --lr (the paper: 0.01, --lr_decay_epochs=) and "
-            "is halved automatically on the validation robust accuracy, on top of any "
-            "--lr_decay_epochs (with --validation=none only those apply).",
+            "paper: 8). AutoLoRa runs the paper's schedule (lr 0.01, weight decay 1e-4, no "
+            "step decay) for each of --lr, --weight_decay, --lr_decay_epochs not set on the "
+            "command line, and halves the lr automatically on the validation robust "
+            "accuracy (so --validation=none is refused).",
             "method",
         )
     if binary == TRAIN:  # the head's initialisation (training.init_stage)
@@ -320,14 +333,16 @@ def define_flags(flag_values, binary):
         "float",
         "lr",
         defaults["lr"],
-        "Initial learning rate of SGD (momentum 0.9).",
+        "Initial learning rate of SGD (momentum 0.9); --method=autolora: the paper's 0.01 "
+        "unless set on the command line.",
         "optimisation",
     )
     define(
         "list",
         "lr_decay_epochs",
         list(defaults["lr_decay_epochs"]),
-        "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration).",
+        "Epochs at which the learning rate is multiplied by 0.1 (stepped per iteration); "
+        "--method=autolora: none (the paper's) unless set on the command line.",
         "optimisation",
     )
     define(
@@ -335,7 +350,8 @@ def define_flags(flag_values, binary):
         "weight_decay",
         defaults["weight_decay"],
         "Coupled L2 weight decay (added to every gradient; with --method=l2sp only to the "
-        "new head's, L2-SP's beta).",
+        "new head's, L2-SP's beta); --method=autolora: the paper's 1e-4 unless set on the "
+        "command line.",
         "optimisation",
     )
     # run / distribution
@@ -385,15 +401,76 @@ def define_flags(flag_values, binary):
     return names
 
 
-def settings_from_flags(flag_values, binary):
+def settings_from_flags(flag_values, binary, argv=None):
     """The run settings of `binary` from parsed flags, as a JSON-able dict (not yet checked:
-    `Settings.from_dict` checks it)."""
+    `Settings.from_dict` checks it).
+
+    Args:
+      flag_values: the parsed `FlagValues`.
+      binary: "train" or "pretrain".
+      argv: the command line `flag_values` was parsed from, program name first (default
+        `sys.argv`, what a binary's flags are parsed from): its schedule flags are the
+        run's `explicit_schedule` (`explicit_flags`).
+    """
     names = [n for n in define_flags(flags.FlagValues(), binary) if n in flag_values]
     settings = {name: flag_values[name].value for name in names}
     settings["binary"] = binary
     if binary == PRETRAIN:
         settings["pretrained"] = None
+    chosen = explicit_flags(flag_values, sys.argv if argv is None else argv)
+    settings["explicit_schedule"] = [n for n in SCHEDULE_SETTINGS if n in chosen]
     return settings
+
+
+def explicit_flags(flag_values, argv):
+    """The names of the flags whose value `argv` (program name first) chose for the run: the
+    last setting of each was written on `argv` itself, or in a `--flagfile` whose own lines
+    set `--method` to a method with its own schedule (a flagfile written for that method).
+    A flagfile of the TWINS recipe then sets `--lr` for TWINS but not for AutoLoRa; a value
+    typed after it sets it for both."""
+    return command_line_flags(flag_values, argv, own_schedule_flagfiles=True)
+
+
+def command_line_flags(flag_values, argv, *, own_schedule_flagfiles=False):
+    """The names of the flags whose last setting is written on `argv` (program name first)
+    itself, not read from a `--flagfile` (absl's `present` counts both); with
+    `own_schedule_flagfiles`, also of a flagfile that names a method with its own schedule
+    (`explicit_flags`).  Flagfiles are read as absl reads them (one flag a line, `#` and
+    `//` comments), nested ones judged by their own lines."""
+    chosen = {}
+
+    def walk(tokens, typed):
+        for index, token in enumerate(tokens):
+            if token == "--":
+                break
+            name, _, value = token.lstrip("-").partition("=")
+            if not token.startswith("-") or not name:
+                continue
+            if name == "flagfile":
+                if not value and index + 1 < len(tokens):
+                    value = tokens[index + 1]
+                lines = _flagfile_lines(value)
+                walk(lines, own_schedule_flagfiles and _names_own_schedule_method(lines))
+            elif name in flag_values:
+                chosen[name] = typed
+            elif name.startswith("no") and name[2:] in flag_values:  # --noflag of a bool
+                chosen[name[2:]] = typed
+
+    walk(list(argv[1:]), True)
+    return {name for name, typed in chosen.items() if typed}
+
+
+def _flagfile_lines(path):
+    with open(os.path.expanduser(path)) as f:
+        lines = (line.strip() for line in f)
+        return [line for line in lines if line and not line.startswith(("#", "//"))]
+
+
+def _names_own_schedule_method(lines):
+    """Whether a flagfile's own lines set --method to a method with its own schedule."""
+    methods = [line.partition("=")[2] for line in lines if line.lstrip("-").startswith("method=")]
+    method = methods[-1] if methods else None
+    return method in methods_lib.METHODS and methods_lib.get(method).schedule is not None
 
 
 def settings_from_args(binary, args):
@@ -403,4 +480,4 @@ def settings_from_args(binary, args):
     flag_values = flags.FlagValues()
     define_flags(flag_values, binary)
     flag_values([binary, *args])
-    return settings_from_flags(flag_values, binary)
+    return settings_from_flags(flag_values, binary, argv=[binary, *args])

@@ -15,6 +15,7 @@ import os
 from twins_tf.training import backup, init_stage
 from twins_tf.training import model_dir as model_dir_lib
 from twins_tf.training.model import build_model
+from twins_tf.training.schedule import run_schedule
 from twins_tf.training.settings import Settings, SetupError, as_settings
 from twins_tf.training.trainer_setup import make_trainer, pipelines
 
@@ -32,6 +33,7 @@ class PreparedRun:
     steps_per_epoch: int = 0
     model: object = None
     chief: bool = True
+    bn_batch: object = None  # run_callbacks.BatchNormBatch of the model at its batch size
 
 
 def seed_everything(seed):
@@ -130,7 +132,24 @@ def prepare(settings):
     )
     with strategy.scope():
         prepared.model = build_model(s, strategy.num_replicas_in_sync)
+    _check_batch_norm_batch(prepared)
     return prepared
+
+
+def _check_batch_norm_batch(prepared):
+    """Warns when a BatchNorm layer would normalise with statistics of too few values (few
+    images per wing and replica at a small last map); `StopOnDivergence` names it if the run
+    diverges.  An init stage's backbone is frozen (BN in inference mode): nothing to check."""
+    from twins_tf.training import run_callbacks
+
+    s = prepared.settings
+    if s.stage == "init":
+        return
+    prepared.bn_batch = run_callbacks.batch_norm_batch(
+        prepared.model, s.batch_size, prepared.strategy.num_replicas_in_sync
+    )
+    if prepared.bn_batch is not None and prepared.bn_batch.too_few:
+        print(f"{s.binary}: warning: {prepared.bn_batch.warning()}", flush=True)
 
 
 def _callbacks(prepared, validation_ds, train_ds):
@@ -148,7 +167,11 @@ def _callbacks(prepared, validation_ds, train_ds):
     )
     callbacks = [  # StopOnDivergence first: it raises before the others save a NaN epoch
         run_callbacks.StopOnDivergence(
-            prepared.model, prepared.steps_per_epoch, probe=probe, lr=s.lr
+            prepared.model,
+            prepared.steps_per_epoch,
+            probe=probe,
+            lr=s.lr,
+            bn_batch=prepared.bn_batch,
         ),
         run_callbacks.MetricsCsv(os.path.join(out, model_dir_lib.METRICS_FILE)),
         best,
@@ -221,7 +244,8 @@ def fit(prepared, *, verbose="auto"):
             shuffle=False,
         )  # the pipeline shuffles, per (seed, epoch)
     best = best_weights.best
-    final = run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))[-1]
+    metrics = run_callbacks.read_metrics(os.path.join(out, model_dir_lib.METRICS_FILE))
+    final = metrics[-1]
     summary = {
         "epochs": s.epochs,
         # below `epochs` when training stopped early (AutoLoRa's lr rule, twins_tf.autolora)
@@ -230,6 +254,9 @@ def fit(prepared, *, verbose="auto"):
         "best_epoch": best["epoch"] if best else None,
         "best_val_adv_acc": best["value"] if best else None,
         "final": final,
+        # what the optimiser ran: the flags' or the method's published schedule, and
+        # AutoLoRa's automated halvings (training.schedule.run_schedule)
+        "schedule": run_schedule(s, metrics),
     }
     model_dir_lib.write_json(os.path.join(out, model_dir_lib.SUMMARY_FILE), summary)
     backup.drop_previous_pair(out)

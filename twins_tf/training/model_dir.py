@@ -1,9 +1,10 @@
 """The files a run keeps in `--model_dir`, and what a run may do with a model_dir.
 
     config.json           the settings of the run (what `evaluate` and `export` rebuild from)
-    best.weights.h5       the classifier's weights at the epoch of best validation PGD accuracy
-    best.json             that epoch and accuracy
-    last.weights.h5       the classifier's weights after the latest finished epoch
+    best.weights.h5       the classifier's weights at the epoch of best validation PGD accuracy,
+                          with that epoch and accuracy inside it (an HDF5 attribute)
+    best.json             a copy of that record, for people and tools
+    last.weights.h5       the classifier's weights after the latest finished epoch (and its number)
     metrics.csv           one row of training and validation metrics per epoch
     summary.json          written when the run finishes
     tensorboard/          TensorBoard logs
@@ -18,12 +19,18 @@ may change between restarts; everything that changes the numbers may not, except
 which may be raised to extend a run (the learning-rate schedule, `--lr_decay_epochs`, must stay
 the same: the epochs already trained followed it).  Paths in config.json are absolute, so
 `evaluate` and `export` find them from any working directory.
+
+Each file above but the two directories is replaced in one step (`platform.atomic_files`): a
+kill leaves it as it was before its write or after it, and metadata that must agree with
+weights is inside the weights file.  Keras writes backup/ in place; `training.backup` repairs
+what a kill leaves there.
 """
 
 import json
 import math
 import os
 
+from twins_tf.platform import atomic_files
 from twins_tf.training.backup import BACKUP_DIR, has_backup, resume_epoch
 from twins_tf.training.settings import ADDED_SETTINGS, UNCOMPARED_KEYS, Settings, SetupError
 
@@ -37,6 +44,9 @@ TENSORBOARD_DIR = "tensorboard"
 RUN_ARTEFACTS = (BEST_WEIGHTS, BEST_RECORD, LAST_WEIGHTS, METRICS_FILE, SUMMARY_FILE, BACKUP_DIR)
 # What best.json records as the selection rule of a --validation=none run.
 FINAL_EPOCH_SELECTION = "final epoch (--validation=none)"
+# The HDF5 attribute of best.weights.h5 and last.weights.h5 that says what they hold (JSON:
+# the epoch, and for best the monitored value), written inside the file before it gets its name.
+WEIGHTS_RECORD_ATTRIBUTE = "twins_tf_record"
 
 
 def read_config(model_dir):
@@ -184,16 +194,39 @@ def read_summary(model_dir):
 
 
 def write_json(path, payload):
-    """Writes JSON through a temporary file and a rename, so a kill never leaves half a file.
+    """Writes JSON in one step (`platform.atomic_files`), so a kill never leaves half a file:
+    every JSON record of a run, an evaluation or a comparison goes through here.
 
     NaN and infinities are not JSON (Python's json writes a bare `NaN` other readers reject):
     they are written as null.
     """
-    temporary = f"{path}.partial"
-    with open(temporary, "w") as f:
-        json.dump(_finite_or_null(payload), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    os.replace(temporary, path)
+    atomic_files.write_text(path, _json_text(payload) + "\n")
+
+
+def save_weights(model, path, record):
+    """`model.save_weights(path)` in one step, with `record` (a JSON dict: which epoch, and why
+    these weights) inside the file: a kill can leave the old file or the new one, never new
+    weights under an old record or the reverse."""
+    atomic_files.save_weights(model, path, {WEIGHTS_RECORD_ATTRIBUTE: _json_text(record)})
+
+
+def read_weights_record(path):
+    """The record `save_weights` put inside a weights file; None when the file is missing or
+    unreadable, or holds none (written by a twins_tf from before records went inside)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get(WEIGHTS_RECORD_ATTRIBUTE)
+    except (OSError, KeyError):
+        return None
+    if text is None:
+        return None
+    return json.loads(text.decode() if isinstance(text, bytes) else str(text))
+
+
+def _json_text(payload):
+    return json.dumps(_finite_or_null(payload), indent=2, sort_keys=True, allow_nan=False)
 
 
 def _finite_or_null(value):

@@ -9,8 +9,10 @@ all come from resuming with `BackupAndRestore`:
     while `MetricsCsv` drops the rows of epochs the restarted run is about to redo;
   * `ModelCheckpoint(save_best_only=True)` forgets the best value on restart and would
     overwrite a better `best.weights.h5` with the first epoch after it; `BestWeights` keeps
-    the best value in `best.json` beside the weights.
-Files are written to a temporary name and renamed, so a kill never leaves half a file.
+    the best epoch and value inside `best.weights.h5` (and a copy in `best.json`).
+Each file is replaced in one step, metadata inside the weights it describes
+(`model_dir.save_weights`, `model_dir.write_json`): a kill leaves every file as it was before
+its write or after it, never half a file nor weights under another epoch's record.
 `StopOnDivergence`, first in the callback list, stops the run at the first non-finite loss or
 weight, before any of them saves it: the weights files keep the last finite epoch.
 
@@ -18,6 +20,8 @@ Epochs in these files count from 1 (the epoch just finished), unlike Keras's 0-b
 """
 
 import csv
+import dataclasses
+import io
 import json
 import math
 import os
@@ -25,6 +29,7 @@ import os
 import keras
 import numpy as np
 
+from twins_tf.platform import atomic_files
 from twins_tf.training import model_dir as run_files
 
 # A Frozen wing whose logits exceed this on clean training images normalises with statistics
@@ -57,6 +62,82 @@ def check_finite_weights(model, weights_path):
         )
 
 
+# Below this many values per channel, the batch statistics a BatchNorm layer normalises with
+# in training are noise rather than statistics.  For m values: the sample variance's relative
+# standard error is sqrt(2 / (m - 1)) (Gaussian activations), 50 % at m = 9 and more below;
+# and, whatever the data, no normalised output can exceed sqrt(m - 1) in magnitude
+# (Samuelson's inequality), 2.83 at m = 9 where a unit normal exceeds it 0.5 % of the time,
+# so training sees activations inference never will.  At m = 2 every output is +-1 whatever
+# the images, and the backward pass divides by the two values' difference.
+BN_MIN_VALUES = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormBatch:
+    """How many values a training BatchNorm layer's batch statistics come from, per channel:
+    the layer with the fewest (the smallest spatial map) of a model at a batch size."""
+
+    values: int  # images x map pixels
+    images: int  # per replica, per wing of a twin layer (all replicas' if synchronized)
+    map_size: str  # "HxW"
+    layer: str
+    twin: bool
+
+    @property
+    def too_few(self):
+        return self.values < BN_MIN_VALUES
+
+    def describe(self):
+        per = "wing per replica" if self.twin else "replica"
+        return (
+            f"{self.values} value(s) per channel at {self.layer} ({self.images} image(s) per "
+            f"{per} x its {self.map_size} map)"
+        )
+
+    def warning(self):
+        return (
+            f"BatchNorm batch statistics from {self.describe()}, fewer than {BN_MIN_VALUES}: "
+            f"statistics of so few values are noise (at {BN_MIN_VALUES} the variance's "
+            "standard error is already 50 %) and training may diverge; raise --batch_size "
+            "(or --image_size)."
+        )
+
+
+def batch_norm_batch(model, batch_size, num_replicas):
+    """The `BatchNormBatch` of the trainable BatchNorm layer of `model` whose batch statistics
+    come from the fewest values when it trains on global batches of `batch_size` over
+    `num_replicas` replicas; None without such a layer (LayerNorm models, a frozen backbone).
+
+    A twin layer's Adaptive wing sees half of each replica's batch (its Frozen wing uses
+    population statistics); a plain layer sees the replica's batch; either sees every
+    replica's when synchronized.
+    """
+    from twins_tf import bn_wings
+
+    fewest = None
+    for layer in bn_wings.nested_layers(model):
+        twin = bn_wings.is_twin_bn(layer)
+        if not (twin or isinstance(layer, keras.layers.BatchNormalization)):
+            continue
+        if not layer.trainable:  # inference mode: moving statistics
+            continue
+        try:
+            shape = tuple(layer.input.shape)
+        except (AttributeError, ValueError):  # never called in a graph: no known map
+            continue
+        axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
+        spatial = [d for i, d in enumerate(shape) if i not in (0, axis % len(shape))]
+        if any(d is None for d in spatial):
+            continue
+        images = batch_size if getattr(layer, "synchronized", False) else batch_size // num_replicas
+        images //= 2 if twin else 1
+        values = images * int(np.prod(spatial, dtype=np.int64))
+        if fewest is None or values < fewest.values:
+            map_size = "x".join(str(d) for d in spatial) or "1x1"
+            fewest = BatchNormBatch(values, images, map_size, layer.name, twin)
+    return fewest
+
+
 def frozen_logit_max(classifier, images):
     """max |logit| of a twin classifier's Frozen wing (population statistics) on `images`."""
     from twins_tf.layers import set_twin_mode
@@ -75,23 +156,26 @@ class StopOnDivergence(keras.callbacks.Callback):
 
     Keras's `TerminateOnNaN` only stops quietly: the binary would exit 0 and the callbacks
     after it would still save the NaN weights of that epoch.  The message names the step and
-    epoch and the likely cause; for a twin model that is the source's BatchNorm statistics,
-    judged by the Frozen wing's max |logit| on a batch of the task's images (`probe`) at the
-    start.
+    epoch and the likely cause, from what was measured at the start: for a twin model the
+    source's BatchNorm statistics, judged by the Frozen wing's max |logit| on a batch of the
+    task's images (`probe`); BatchNorm batch statistics of too few values (`bn_batch`); else
+    the learning rate.
 
     Args:
       classifier: the trainer's inner model (whose weights the run saves).
       steps_per_epoch: to number steps across epochs.
       probe: a batch of training images, for a twin model; None for a plain one.
       lr: the run's learning rate, named in the message of a plain model.
+      bn_batch: the run's `BatchNormBatch` (`batch_norm_batch`), or None.
     """
 
-    def __init__(self, classifier, steps_per_epoch, probe=None, lr=None):
+    def __init__(self, classifier, steps_per_epoch, probe=None, lr=None, bn_batch=None):
         super().__init__()
         self.classifier = classifier
         self.steps_per_epoch = int(steps_per_epoch)
         self.probe = probe
         self.lr = lr
+        self.bn_batch = bn_batch
         self.frozen_max = None
         self._epoch = 0
 
@@ -126,6 +210,13 @@ class StopOnDivergence(keras.callbacks.Callback):
             self._fail(f"the metrics {', '.join(bad)} became non-finite {where}")
 
     def _fail(self, what):
+        few = None
+        if self.bn_batch is not None and self.bn_batch.too_few:
+            few = (
+                f"BatchNorm batch statistics from {self.bn_batch.describe()}, fewer than "
+                f"{BN_MIN_VALUES}: statistics of so few values are noise; raise --batch_size "
+                "(or --image_size)"
+            )
         if self.probe is not None:
             cause = (
                 f"the Frozen wing's max |logit| on a batch of the task's images was "
@@ -136,11 +227,17 @@ class StopOnDivergence(keras.callbacks.Callback):
                     ": the source's BatchNorm statistics (--pretrained) are far from "
                     "converged; fine-tune a source trained to convergence"
                 )
+                if few:
+                    cause += f"; also {few}"
+            elif few:
+                cause += f", a normal value; likely the {few}"
             else:
                 cause += (
                     "; likely the source's BatchNorm statistics (--pretrained) or a "
                     f"learning rate too high (--lr={self.lr})"
                 )
+        elif few:
+            cause = f"likely the {few}"
         else:
             cause = f"likely a learning rate too high (--lr={self.lr}) for this model"
         kept = (
@@ -149,12 +246,6 @@ class StopOnDivergence(keras.callbacks.Callback):
             else "no epoch had finished, so no weights were saved"
         )
         raise DivergenceError(f"training diverged: {what}; {cause}; {kept}.")
-
-
-def _save_weights(model, path):
-    temporary = os.path.join(os.path.dirname(path), ".partial-" + os.path.basename(path))
-    model.save_weights(temporary)
-    os.replace(temporary, path)
 
 
 def _number(value):
@@ -194,12 +285,11 @@ class MetricsCsv(keras.callbacks.Callback):
         columns = []
         for r in self._rows:
             columns += [k for k in r if k not in columns]
-        temporary = self.path + ".partial"
-        with open(temporary, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(self._rows)
-        os.replace(temporary, self.path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        atomic_files.write_text(self.path, text.getvalue())  # the whole file, in one step
 
     def _read(self):
         if not os.path.isfile(self.path):
@@ -218,6 +308,11 @@ def read_metrics(path):
 class BestWeights(keras.callbacks.Callback):
     """Saves `classifier`'s weights whenever the monitored validation metric improves.
 
+    The record of the best epoch ({"epoch", "monitor", "value"}) is written inside
+    `best.weights.h5` with the weights, in one step: a restart compares later epochs with the
+    value of the weights that are there, whatever moment a kill chose.  `best.json` is a copy
+    written after; a start rewrites it from the weights file when a kill came in between.
+
     Args:
       classifier: the model whose weights are saved (the trainer's inner model).
       model_dir: where `best.weights.h5` and `best.json` go.
@@ -235,21 +330,31 @@ class BestWeights(keras.callbacks.Callback):
         self.best = self._read_record()
 
     def _read_record(self):
-        if os.path.isfile(self.record_path) and os.path.isfile(self.weights_path):
+        """The record of the weights in best.weights.h5, or None when there are none.
+
+        A run written before the record went inside its weights has it in best.json only."""
+        if not os.path.isfile(self.weights_path):
+            return None
+        record = run_files.read_weights_record(self.weights_path)
+        if record is None and os.path.isfile(self.record_path):
             with open(self.record_path) as f:
-                return json.load(f)
-        return None
+                record = json.load(f)
+        return record
+
+    def on_train_begin(self, logs=None):
+        if self.best is not None and _json_or_none(self.record_path) != self.best:
+            run_files.write_json(self.record_path, self.best)  # killed before the copy
 
     def on_epoch_end(self, epoch, logs=None):
         if self.monitor is None:
-            _save_weights(self.classifier, self.weights_path)
-            self.best = {
-                "epoch": epoch + 1,
-                "monitor": None,
-                "value": None,
-                "selection": run_files.FINAL_EPOCH_SELECTION,
-            }
-            run_files.write_json(self.record_path, self.best)
+            self._save(
+                {
+                    "epoch": epoch + 1,
+                    "monitor": None,
+                    "value": None,
+                    "selection": run_files.FINAL_EPOCH_SELECTION,
+                }
+            )
             return
         value = (logs or {}).get(self.monitor)
         if value is None:
@@ -262,13 +367,25 @@ class BestWeights(keras.callbacks.Callback):
             return
         if math.isnan(value):
             return
-        _save_weights(self.classifier, self.weights_path)
-        self.best = {"epoch": epoch + 1, "monitor": self.monitor, "value": value}
-        run_files.write_json(self.record_path, self.best)
+        self._save({"epoch": epoch + 1, "monitor": self.monitor, "value": value})
+
+    def _save(self, record):
+        run_files.save_weights(self.classifier, self.weights_path, record)
+        self.best = record
+        run_files.write_json(self.record_path, record)
+
+
+def _json_or_none(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 class LastWeights(keras.callbacks.Callback):
-    """Saves `classifier`'s weights to `last.weights.h5` after every epoch."""
+    """Saves `classifier`'s weights to `last.weights.h5` after every epoch, with the epoch's
+    number inside the file ({"epoch": n}, `model_dir.read_weights_record`)."""
 
     def __init__(self, classifier, model_dir):
         super().__init__()
@@ -276,4 +393,4 @@ class LastWeights(keras.callbacks.Callback):
         self.path = os.path.join(model_dir, run_files.LAST_WEIGHTS)
 
     def on_epoch_end(self, epoch, logs=None):
-        _save_weights(self.classifier, self.path)
+        run_files.save_weights(self.classifier, self.path, {"epoch": epoch + 1})

@@ -27,3 +27,68 @@ def cosine_schedule(lr, total_steps):
     import keras
 
     return keras.optimizers.schedules.CosineDecay(lr, decay_steps=int(total_steps), alpha=0.0)
+
+
+def run_schedule(settings, metrics):
+    """The optimisation schedule a run ran: what summary.json and compare's table show.
+
+    Args:
+      settings: the run's `Settings` or settings dict (its config.json).
+      metrics: its metrics.csv rows (`run_callbacks.read_metrics`), in epoch order.
+
+    Returns:
+      {"lr": the initial rate, "weight_decay", "lr_decay_epochs": [...] (x0.1 from each),
+       "published": the method's own schedule (`methods.Method.schedule`) as a dict, or None,
+       "as_published": whether the run's three values are that schedule (None without one),
+       "automated": None, or for AutoLoRa's automated rate {"rule", "halved_after_epochs"
+       (1-based epochs after which the rate was halved and the best weights restored),
+       "final_lr_scale", "trained_epochs", "stopped_early" (the lr floor ended it)}}.
+    """
+    from twins_tf import methods as methods_lib
+
+    values = settings if isinstance(settings, dict) else settings.to_dict()
+    method = methods_lib.get(values["method"])
+    out = {
+        "lr": float(values["lr"]),
+        "weight_decay": float(values["weight_decay"]),
+        "lr_decay_epochs": [int(e) for e in values.get("lr_decay_epochs") or ()],
+        "published": None,
+        "as_published": None,
+        "automated": None,
+    }
+    if method.schedule is not None:
+        published = {k: (list(v) if isinstance(v, tuple) else v) for k, v in method.schedule}
+        out["published"] = published
+        out["as_published"] = all(out[k] == published[k] for k in published)
+    if method.lora:
+        from twins_tf import autolora
+
+        scales = [row.get("autolora_lr_scale") for row in metrics]
+        scales = [s for s in scales if isinstance(s, float)]
+        halved = [i + 1 for i, s in enumerate(scales) if s < ([1.0] + scales)[i]]
+        trained = metrics[-1]["epoch"] if metrics else 0
+        out["automated"] = {
+            "rule": autolora.SCHEDULE_RULE,
+            "halved_after_epochs": halved,
+            "final_lr_scale": scales[-1] if scales else 1.0,
+            "trained_epochs": trained,
+            "stopped_early": bool(metrics) and trained < int(values["epochs"]),
+        }
+    return out
+
+
+def format_schedule(schedule):
+    """A `run_schedule`'s fixed part in one line, e.g. "lr 0.01, weight decay 0.0001, no step
+    decay (the method's published schedule)"."""
+    decay = schedule["lr_decay_epochs"]
+    text = (
+        f"lr {schedule['lr']:g}, weight decay {schedule['weight_decay']:g}, "
+        + (f"x0.1 at epochs {', '.join(map(str, decay))}" if decay else "no step decay")
+    )
+    if schedule["as_published"] is not None:
+        text += (
+            " (the method's published schedule)"
+            if schedule["as_published"]
+            else " (chosen for the run: not the method's published schedule)"
+        )
+    return text

@@ -7,6 +7,13 @@ one-line `SetupError` that says what to do, before anything is built or written.
 frozen so that nothing downstream (the trainer, the callbacks, the report) can change what
 config.json records: a changed value is a new object (`dataclasses.replace`, checked again).
 
+A method with its own published schedule (AutoLoRa: `methods.Method.schedule`) takes that
+schedule for each of `lr`, `weight_decay` and `lr_decay_epochs` that was not chosen for the
+run: left None, or, when `explicit_schedule` lists what was chosen, not listed there.  The
+flags fill `explicit_schedule` with what the command line sets (`training.flags`), so a
+flagfile's recipe for the TWINS methods does not replace the paper's schedule of AutoLoRa;
+`replace` counts what it changes as chosen.
+
 config.json holds `to_dict()`: the same keys and JSON values the untyped settings dict of
 earlier versions had, so runs written before `Settings` existed resume, and `evaluate` and
 `export` read them as before.  Settings added since (`ADDED_SETTINGS`) take, for a run that
@@ -68,6 +75,9 @@ TRAIN_ONLY = (
     "lora_rank",
 )
 
+# The settings a method may have its own values of (`methods.Method.schedule`).
+SCHEDULE_SETTINGS = methods_lib.SCHEDULE_SETTINGS
+
 # The defaults of the two binaries where they differ (spec §6 for fine-tuning; a common
 # PGD-AT recipe, shortened, for training from scratch).  `Settings` fills them in for the
 # fields left None, and the flags show them.
@@ -102,7 +112,10 @@ class Settings:
     Fields left None that have a per-binary default (`DEFAULTS`) take it, so
     `Settings(binary="pretrain", dataset="cifar10", model_dir="runs/x")` is the from-scratch
     recipe.  `twin` is derived from `method`; `num_classes` is filled in by the run from its
-    data (None until then).
+    data (None until then).  A method with its own schedule (AutoLoRa) takes it for `lr`,
+    `weight_decay` and `lr_decay_epochs` where they were not chosen (`explicit_schedule`):
+    `Settings(method="autolora", ...)` runs at the paper's lr 0.01, weight decay 1e-4 and
+    without step decay, `Settings(method="autolora", lr=0.02, ...)` at lr 0.02.
 
     Raises (when built):
       SetupError: the first wrong value, with what to do about it.
@@ -146,6 +159,10 @@ class Settings:
     lr: float = None
     lr_decay_epochs: tuple = None
     weight_decay: float = None
+    # which of SCHEDULE_SETTINGS were chosen for this run (None: each one not None); a method
+    # with its own schedule takes its values for the others.  Kept when built (a `replace` to
+    # such a method needs it) but not in config.json, whose values are the run's.
+    explicit_schedule: tuple = dataclasses.field(default=None, compare=False)
     # run
     model_dir: str = None
     seed: int = 0
@@ -192,13 +209,18 @@ class Settings:
                 continue
             if field.name == "num_classes" and value is None:
                 continue
+            if field.name == "explicit_schedule":  # resolved into the values stored
+                continue
             if field.name == "lora_rank" and not value:  # runs without a LoRA branch keep
                 continue  # the keys they always had (read back as ADDED_SETTINGS' 0)
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     def replace(self, **changes):
-        """A copy with `changes`, checked again."""
+        """A copy with `changes`, checked again; a schedule setting changed is chosen."""
+        if "explicit_schedule" not in changes:
+            chosen = set(self.explicit_schedule or ()) | set(changes)
+            changes["explicit_schedule"] = tuple(n for n in SCHEDULE_SETTINGS if n in chosen)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -302,6 +324,41 @@ def _check_init(s):
         )
 
 
+def _resolve_schedule(s):
+    """lr, weight_decay and lr_decay_epochs: the method's own schedule where it has one and
+    they were not chosen (`explicit_schedule`), else as given, else the binary's defaults."""
+    explicit = s["explicit_schedule"]
+    if explicit is not None:
+        if isinstance(explicit, str) or not all(name in SCHEDULE_SETTINGS for name in explicit):
+            raise SetupError(
+                f"explicit_schedule must list some of {', '.join(SCHEDULE_SETTINGS)}, "
+                f"got {explicit!r}."
+            )
+    own = dict(methods_lib.get(s["method"]).schedule or ())
+    chosen = [
+        name
+        for name in SCHEDULE_SETTINGS
+        if s[name] is not None and (explicit is None or name in explicit)
+    ]
+    for name in SCHEDULE_SETTINGS:
+        if own and name not in chosen:
+            s[name] = own[name]
+        elif s[name] is None:
+            s[name] = DEFAULTS[s["binary"]][name]
+    s["explicit_schedule"] = tuple(chosen)
+
+
+def _check_validation(s):
+    """AutoLoRa's learning rate is halved on the validation robust accuracy: it needs one."""
+    method = methods_lib.get(s["method"])
+    _require(
+        not (method.lora and s["validation"] == "none"),
+        f"--method={method.name} halves its learning rate on the validation robust "
+        "accuracy (val_adv_acc), which --validation=none does not measure: use "
+        "--validation=carve (the authors hold out 5 % of the training data).",
+    )
+
+
 def _check_lora(s):
     """--lora_rank goes with AutoLoRa's method (plain BN: the paper has no wings) and only."""
     rank, method = s["lora_rank"], methods_lib.get(s["method"])
@@ -328,7 +385,7 @@ def _checked_values(settings):
     _check_types(s)
     binary = s["binary"]
     for name, default in DEFAULTS[binary].items():
-        if s[name] is None:
+        if s[name] is None and name not in SCHEDULE_SETTINGS:  # those after the method's
             s[name] = default
     if not s.get("dataset"):
         raise SetupError(
@@ -358,6 +415,7 @@ def _checked_values(settings):
             f"{', '.join(methods)}{hint}."
         )
     s["twin"] = bool(methods_lib.get(s["method"]).twin)
+    _resolve_schedule(s)
     for name in ("attack_eps", "attack_step"):
         check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
     _require(s["attack_steps"] >= 0, "--attack_steps must be >= 0.")
@@ -370,6 +428,7 @@ def _checked_values(settings):
         _require(s["lambda_twins"] >= 0, "--lambda_twins must be >= 0.")
         _require(s["l2sp_alpha"] >= 0, "--l2sp_alpha must be >= 0.")
     _check_lora(s)
+    _check_validation(s)
     for name in ("max_train_examples", "max_validation_examples", "train_per_class"):
         _require(s.get(name) is None or s[name] >= 1, f"--{name} must be at least 1.")
     try:

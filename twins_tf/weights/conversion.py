@@ -3,8 +3,9 @@
 import os
 
 from twins_tf.models.resnet import ARCHITECTURES, build_resnet
+from twins_tf.platform import atomic_files
 from twins_tf.weights.errors import CheckpointError
-from twins_tf.weights.keras_files import HEAD_ATTRIBUTE
+from twins_tf.weights.keras_files import ARCH_ATTRIBUTE, HEAD_ATTRIBUTE
 from twins_tf.weights.reading import read_checkpoint
 from twins_tf.weights.torch_names import load_torch_state_dict
 
@@ -17,6 +18,8 @@ def convert_checkpoint(checkpoint, arch, output, *, allow_pickle=False, num_clas
     tensor of the checkpoint loaded.  C is the checkpoint's head size (`fc.weight` rows, 1000 for
     ImageNet models).  A checkpoint without `fc` gets a fresh C-class head (C = `num_classes`,
     default 1000) and the file is marked so that `load_pretrained(..., head=True)` refuses it.
+    The file appears at `output` whole, marks included, or not at all (`platform.atomic_files`):
+    an interrupted conversion leaves the previous file there, if any, or none.
 
     Args:
       checkpoint: the PyTorch / safetensors / npz file.
@@ -29,8 +32,6 @@ def convert_checkpoint(checkpoint, arch, output, *, allow_pickle=False, num_clas
       The checkpoint's metadata (see `Checkpoint`) plus "tensors" (number of torchvision
       tensors loaded), "num_classes", "head_from_checkpoint" and "output".
     """
-    import h5py
-
     output = os.fspath(output)
     if not output.endswith(".weights.h5"):
         raise CheckpointError(f"output must end in .weights.h5 (Keras's format), got {output}.")
@@ -49,10 +50,9 @@ def convert_checkpoint(checkpoint, arch, output, *, allow_pickle=False, num_clas
     loaded = load_torch_state_dict(model, read.state_dict, head=has_head)
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)
-    model.save_weights(output)
-    with h5py.File(output, "a") as f:
-        f.attrs[HEAD_ATTRIBUTE] = has_head
-        f.attrs["twins_tf_arch"] = arch
+    # One step, the head's origin inside: no kill can leave weights at `output` that do not
+    # say whether their head is the checkpoint's (load_pretrained refuses head=True when not).
+    atomic_files.save_weights(model, output, {HEAD_ATTRIBUTE: has_head, ARCH_ATTRIBUTE: arch})
     return {
         **read.metadata,
         "tensors": len(loaded),

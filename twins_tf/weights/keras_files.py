@@ -18,7 +18,10 @@ from twins_tf.platform import keras_private
 from twins_tf.weights.architectures import conv_layer_count, infer_arch, weighted_layers
 from twins_tf.weights.errors import CheckpointError
 
+# The HDF5 attributes `convert` writes into its output (before the file gets its name, so a
+# conversion's file always has them): whether `fc` came from the checkpoint, and the arch.
 HEAD_ATTRIBUTE = "twins_tf_head_from_checkpoint"
+ARCH_ATTRIBUTE = "twins_tf_arch"
 
 
 def load_pretrained(model, path, *, head=False):
@@ -30,6 +33,13 @@ def load_pretrained(model, path, *, head=False):
     plain -> plain, plain -> both wings of a twin, twin -> twin (both wings as saved),
     twin -> plain (the Adaptive wing, as `untwin` does).  With `head=False` (fine-tuning) the
     model keeps its fresh `fc`; `head=True` copies `fc` too and needs the same num_classes.
+
+    Where the head came from is `convert`'s attribute `HEAD_ATTRIBUTE`: False (the checkpoint
+    had no `fc`, the head is random) refuses `head=True`.  A file without it is not a
+    conversion (`convert` writes it inside the file before the file appears, so no kill
+    leaves a conversion without it) but a `model.save_weights` file, a run's or a user's:
+    its head is the one the saved model held, neither known trained nor known random, and
+    `head=True` copies it as saved, since whoever saved that model chose its head.
 
     Args:
       model: a `build_resnet` model (any num_classes, input_shape, upsample; twin or plain).
@@ -60,7 +70,7 @@ def load_pretrained(model, path, *, head=False):
             convs = len(keras_private.saved_layer_shapes(f, keras.layers.Conv2D))
             heads = keras_private.saved_layer_shapes(f, keras.layers.Dense)
             source_twin = bool(keras_private.saved_layer_shapes(f, TwinBatchNormalization))
-            head_from_checkpoint = bool(f.attrs.get(HEAD_ATTRIBUTE, True))
+            head_from_checkpoint = f.attrs.get(HEAD_ATTRIBUTE)  # None: not a conversion
     except (OSError, KeyError) as e:
         raise CheckpointError(
             f"{path} is corrupt, truncated or not a Keras weights file ({e}); expected a "
@@ -84,7 +94,7 @@ def load_pretrained(model, path, *, head=False):
             f"{path} does not fit a {arch}: Keras skipped parts of it ({skipped[0]})."
         )
     if head:
-        if not head_from_checkpoint:
+        if head_from_checkpoint is not None and not bool(head_from_checkpoint):
             raise CheckpointError(
                 f"{path} was converted from a checkpoint without an fc head, so it has no "
                 "trained head to load: use head=False."
