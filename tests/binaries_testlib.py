@@ -61,12 +61,12 @@ def settings(binary, args):
 
 def evaluate_settings(args):
     """Settings of `python -m twins_tf.evaluate <args>`, parsed as the binary parses them."""
-    from twins_tf import evaluate
+    from twins_tf.evaluation import flags as evaluation_flags
 
     flag_values = flags.FlagValues()
-    evaluate.define_flags(flag_values)
+    evaluation_flags.define_flags(flag_values)
     flag_values(["evaluate", *args])
-    return evaluate.settings_from_flags(flag_values)
+    return evaluation_flags.settings_from_flags(flag_values)
 
 
 def source_run(tmp_path_factory):

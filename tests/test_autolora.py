@@ -502,6 +502,48 @@ def test_autolora_runs_the_papers_schedule_unless_the_command_line_sets_one(flag
         assert _from_flags("--lr=0.02", *autolora).lr == PAPER_LR
 
 
+def test_the_binaries_read_what_was_typed_from_their_own_command_line(monkeypatch, tmp_path):
+    """`train` and `compare` parse sys.argv into the global FLAGS and call
+    `settings_from_flags(FLAGS, binary)`: without argv it reads sys.argv."""
+    from absl import flags
+
+    from twins_tf.training.flags import define_flags, settings_from_flags
+
+    argv = ["train", f"--flagfile={CIFAR10_FLAGS}", "--method=autolora", "--lora_rank=8"]
+    argv += ["--weight_decay=0.002", "--pretrained=/p.h5", f"--model_dir={tmp_path}"]
+    flag_values = flags.FlagValues()
+    define_flags(flag_values, "train")
+    flag_values(argv)
+    monkeypatch.setattr("sys.argv", argv)
+    s = Settings.from_dict(settings_from_flags(flag_values, "train"))
+    assert (s.lr, s.weight_decay, s.lr_decay_epochs) == (PAPER_LR, 0.002, PAPER_DECAY)
+
+
+def test_the_train_binary_refuses_autolora_without_validation_in_one_line(tmp_path):
+    model_dir = tmp_path / "run"
+    result = testlib.run_binary(
+        "train",
+        [
+            f"--flagfile={CIFAR10_FLAGS}",
+            "--method=autolora",
+            "--lora_rank=8",
+            "--validation=none",
+            "--pretrained=/p.weights.h5",
+            f"--model_dir={model_dir}",
+        ],
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "train: error: --method=autolora halves its learning rate on the validation robust "
+            "accuracy (val_adv_acc)"
+        )
+    )
+    assert not model_dir.exists()
+
+
 def test_a_flagfile_written_for_autolora_sets_its_schedule(tmp_path):
     """A flagfile whose own lines set --method=autolora chooses the values it sets; the TWINS
     flagfile it includes does not."""

@@ -435,6 +435,7 @@ def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source,
         "skip_bad_images": None,
         "seed": 0,
         "output": None,
+        "allow_unfinished": False,
     }
     with pytest.raises(
         SetupError,

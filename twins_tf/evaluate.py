@@ -42,81 +42,9 @@ import sys
 
 from absl import app, flags
 
-from twins_tf.evaluation import DEFAULTS, SPLITS, evaluate, format_table, report_path
-from twins_tf.training.flags import define_data_flags, define_fraction
+from twins_tf.evaluation import evaluate, format_table, report_path
+from twins_tf.evaluation.flags import define_flags, settings_from_flags
 from twins_tf.training.settings import SetupError
-
-
-def define_flags(flag_values):
-    """Defines evaluate's flags on `flag_values`; returns their names.
-
-    Each flag's default is `twins_tf.evaluation.DEFAULTS[name]`, so a library call of
-    `twins_tf.evaluation.evaluate` with only some settings behaves as the binary does.
-    """
-    names = []
-
-    def define(kind, name, help_text, enum_values=None):
-        choices = [] if enum_values is None else [enum_values]  # DEFINE_enum's third argument
-        getattr(flags, f"DEFINE_{kind}")(
-            name, DEFAULTS[name], *choices, help_text, flag_values=flag_values
-        )
-        names.append(name)
-
-    define("string", "model_dir", "A train/pretrain run: config.json and weights.")
-    define("string", "weights", "Weights file (default: model_dir/best.weights.h5).")
-    define("string", "arch", "Architecture (without --model_dir).")
-    names += define_data_flags(flag_values, from_run=True)  # as train's, default: the run's
-    define("enum", "split", "Split to evaluate on.", enum_values=list(SPLITS))
-    define("list", "attacks", "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
-    define_fraction(
-        "attack_eps",
-        DEFAULTS["attack_eps"],
-        "L-inf radius in [0, 1] pixel units (default: the run's, else 8/255).",
-        flag_values,
-        None,
-    )
-    define_fraction(
-        "attack_step",
-        DEFAULTS["attack_step"],
-        "PGD step size (default: the run's, else 2/255).",
-        flag_values,
-        None,
-    )
-    names += ["attack_eps", "attack_step"]
-    define("integer", "pgd_restarts", "PGD restarts (> 1 uses random starts).")
-    define(
-        "enum",
-        "autoattack_version",
-        "AutoAttack version (rand: for randomised defences).",
-        enum_values=["standard", "rand"],
-    )
-    define("integer", "batch_size", "Evaluation batch size.")
-    define(
-        "integer",
-        "max_examples",
-        "Evaluate only N examples of the split, stratified by class (seeded).",
-    )
-    define("integer", "seed", "Seed of random starts and AutoAttack.")
-    define(
-        "bool",
-        "allow_unfinished",
-        "Evaluate a --model_dir whose run has not finished (no summary.json: killed or still "
-        "training); the report records it.",
-    )
-    define(
-        "string",
-        "output",
-        "JSON report path (default: model_dir/evaluation_<split>.json; none without --model_dir).",
-    )
-    return names
-
-
-def settings_from_flags(flag_values):
-    """The evaluation settings (one key per flag) from parsed flags."""
-    return {name: flag_values[name].value for name in _FLAG_NAMES if name in flag_values}
-
-
-_FLAG_NAMES = define_flags(flags.FlagValues())
 
 
 def main(argv):

@@ -54,7 +54,7 @@ from twins_tf.input_checks import check_pixel_budget
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
-INTERPOLATION_FILE = "interpolation.json"
+INTERPOLATION_FILE = run_files.INTERPOLATION_FILE
 PLOT_FILE = "interpolation.png"
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 SELECTIONS = ("robust", "clean")

@@ -22,9 +22,10 @@ The serving signature (`serving_default`, also `serve`):
   passes on) starts with `twins_tf serving:`, after only its `{{function_node ...}}` tags;
   TensorFlow's Python runtime writes its `Graph execution error:` header (and the node, e.g.
   `twins_tf_serving_pixels_at_most_1`) above every error raised inside a graph, and
-  `twins_tf serving:` then starts the first line of the message proper.  It neither resizes nor rescales: a served 0-255 image or a 16x16 crop for a 32x32
-  model is a bug in the client's preprocessing, and silently clamping or resizing it would
-  return confident wrong answers.
+  `twins_tf serving:` then starts the first line of the message proper.  It neither resizes
+  nor rescales: a served 0-255 image or a 16x16 crop for a 32x32 model is a bug in the
+  client's preprocessing, and silently clamping or resizing it would return confident wrong
+  answers.
 * an empty batch (0, image_size, image_size, 3) returns empty outputs (0, num_classes).
 * outputs: `logits` (batch, num_classes) float32 and `probabilities`, their softmax.
 

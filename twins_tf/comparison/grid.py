@@ -46,8 +46,8 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
     """
     from absl import flags
 
-    from twins_tf import evaluate as evaluate_binary
     from twins_tf.evaluation import evaluate
+    from twins_tf.evaluation import flags as evaluation_flags
 
     path = os.path.join(model_dir, file_name)
     weights = os.path.join(model_dir, run_files.BEST_WEIGHTS)
@@ -57,9 +57,9 @@ def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
         if stored.get("compare_args") == list(evaluation_args):
             return stored
     flag_values = flags.FlagValues()
-    evaluate_binary.define_flags(flag_values)
+    evaluation_flags.define_flags(flag_values)
     flag_values(["evaluate", f"--model_dir={model_dir}", f"--output={path}", *evaluation_args])
-    settings = evaluate_binary.settings_from_flags(flag_values)
+    settings = evaluation_flags.settings_from_flags(flag_values)
     report = evaluate(settings, log=log, progress=False)
     report["compare_args"] = list(evaluation_args)
     run_files.write_json(path, report)

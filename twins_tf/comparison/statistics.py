@@ -185,7 +185,8 @@ def _schedules(by_method):
 
     schedules = {}
     for method, runs in by_method.items():
-        if runs[0].interpolation is not None or "lr" not in runs[0].settings:
+        recorded = {"method", "lr", "weight_decay"} <= set(runs[0].settings)
+        if runs[0].interpolation is not None or not recorded:
             continue
         ran = {str(r.seed): run_schedule(r.settings, r.metrics) for r in runs}
         automated = {seed: schedule.pop("automated") for seed, schedule in ran.items()}

@@ -94,11 +94,9 @@ def unfinished_run(model_dir):
     last), so without it the directory holds a run that was killed or is still training:
     its best weights are of an epoch chosen among the first ones only.
     """
-    from twins_tf.interpolation import INTERPOLATION_FILE
-
     if any(
         os.path.exists(os.path.join(model_dir, name))
-        for name in (run_files.SUMMARY_FILE, INTERPOLATION_FILE)
+        for name in (run_files.SUMMARY_FILE, run_files.INTERPOLATION_FILE)
     ):
         return None
     trained = 0

@@ -37,7 +37,6 @@ from twins_tf import methods as methods_lib
 from twins_tf.attacks.pgd import PGD
 from twins_tf.trainer import checks, l2sp, serialisation
 
-
 # The metrics' names and meanings.  `fit` logs them all (running means over the epoch's
 # batches); `evaluate` and validation (`val_` + name) all but `loss` and the wings'.
 METRICS = {

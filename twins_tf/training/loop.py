@@ -15,7 +15,7 @@ import os
 from twins_tf.training import backup, init_stage
 from twins_tf.training import model_dir as model_dir_lib
 from twins_tf.training.model import build_model
-from twins_tf.training.schedule import run_schedule
+from twins_tf.training.schedule import format_schedule, run_schedule
 from twins_tf.training.settings import Settings, SetupError, as_settings
 from twins_tf.training.trainer_setup import make_trainer, pipelines
 
@@ -230,7 +230,7 @@ def fit(prepared, *, verbose="auto"):
         f"({prepared.steps_per_epoch} steps/epoch, {s.epochs} epochs, "
         f"{prepared.strategy.num_replicas_in_sync} replica(s)); "
         + (f"resuming after epoch {start_epoch}" if start_epoch else "starting")
-        + f"; {out}",
+        + f"; {out}\n{s.binary}: schedule: {format_schedule(run_schedule(s, []))}",
         flush=True,
     )
     with multi_worker.keras_fixes_for(prepared.strategy):

@@ -40,6 +40,9 @@ BEST_RECORD = "best.json"
 LAST_WEIGHTS = "last.weights.h5"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+# What `twins_tf.interpolation` writes last into the run directory it makes (it has no
+# summary.json): with it, that directory is complete.
+INTERPOLATION_FILE = "interpolation.json"
 TENSORBOARD_DIR = "tensorboard"
 RUN_ARTEFACTS = (BEST_WEIGHTS, BEST_RECORD, LAST_WEIGHTS, METRICS_FILE, SUMMARY_FILE, BACKUP_DIR)
 # What best.json records as the selection rule of a --validation=none run.

@@ -38,6 +38,7 @@ def run_schedule(settings, metrics):
 
     Returns:
       {"lr": the initial rate, "weight_decay", "lr_decay_epochs": [...] (x0.1 from each),
+       "cosine": the `--init` probe's cosine decay to 0 instead (its sub-run),
        "published": the method's own schedule (`methods.Method.schedule`) as a dict, or None,
        "as_published": whether the run's three values are that schedule (None without one),
        "automated": None, or for AutoLoRa's automated rate {"rule", "halved_after_epochs"
@@ -48,10 +49,12 @@ def run_schedule(settings, metrics):
 
     values = settings if isinstance(settings, dict) else settings.to_dict()
     method = methods_lib.get(values["method"])
+    cosine = values.get("stage") == "init"  # training.trainer_setup.make_trainer
     out = {
         "lr": float(values["lr"]),
         "weight_decay": float(values["weight_decay"]),
-        "lr_decay_epochs": [int(e) for e in values.get("lr_decay_epochs") or ()],
+        "lr_decay_epochs": [] if cosine else [int(e) for e in values.get("lr_decay_epochs") or ()],
+        "cosine": cosine,
         "published": None,
         "as_published": None,
         "automated": None,
@@ -63,14 +66,18 @@ def run_schedule(settings, metrics):
     if method.lora:
         from twins_tf import autolora
 
-        scales = [row.get("autolora_lr_scale") for row in metrics]
-        scales = [s for s in scales if isinstance(s, float)]
-        halved = [i + 1 for i, s in enumerate(scales) if s < ([1.0] + scales)[i]]
-        trained = metrics[-1]["epoch"] if metrics else 0
+        halved, scale = [], 1.0  # the multiplier after each epoch's check, from 1
+        for row in metrics:
+            value = row.get("autolora_lr_scale")
+            if isinstance(value, float):
+                if value < scale:
+                    halved.append(int(row["epoch"]))
+                scale = value
+        trained = int(metrics[-1]["epoch"]) if metrics else 0
         out["automated"] = {
             "rule": autolora.SCHEDULE_RULE,
             "halved_after_epochs": halved,
-            "final_lr_scale": scales[-1] if scales else 1.0,
+            "final_lr_scale": scale,
             "trained_epochs": trained,
             "stopped_early": bool(metrics) and trained < int(values["epochs"]),
         }
@@ -81,10 +88,11 @@ def format_schedule(schedule):
     """A `run_schedule`'s fixed part in one line, e.g. "lr 0.01, weight decay 0.0001, no step
     decay (the method's published schedule)"."""
     decay = schedule["lr_decay_epochs"]
-    text = (
-        f"lr {schedule['lr']:g}, weight decay {schedule['weight_decay']:g}, "
-        + (f"x0.1 at epochs {', '.join(map(str, decay))}" if decay else "no step decay")
-    )
+    if schedule.get("cosine"):
+        shape = "cosine decay to 0"
+    else:
+        shape = f"x0.1 at epochs {', '.join(map(str, decay))}" if decay else "no step decay"
+    text = f"lr {schedule['lr']:g}, weight decay {schedule['weight_decay']:g}, {shape}"
     if schedule["as_published"] is not None:
         text += (
             " (the method's published schedule)"
