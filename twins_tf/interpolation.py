@@ -41,6 +41,9 @@ A second call with the same request (sources, weights and their sha256, grid, se
 examples, attack) returns the stored result; a different request into an output_dir that holds
 an interpolation is refused unless `overwrite=True` (never into a directory holding anything
 else).
+
+It is long because it does one job, `interpolate_runs`, end to end: checking the two runs,
+walking the path, choosing the point and keeping the record; its parts have no other caller.
 """
 
 import dataclasses

@@ -43,6 +43,9 @@ default, the adversarial images) to the .npz file `p` every n batches; called ag
 same data, settings and path it skips the batches already done.  The random draws of a batch
 depend only on the seed and the batch's index, so a resumed run gives the same numbers as an
 uninterrupted one.
+
+It is long because the cascade, its resumable state and its verification are one algorithm
+(the official code keeps them together too).
 """
 
 import dataclasses
@@ -492,6 +495,13 @@ class AutoAttack(base.Attack):
         progress = keras.utils.Progbar(total, stateful_metrics=["robust"]) if verbose else None
         if progress is not None and done:
             progress.update(done, [("robust", self._robust_so_far(broken))])
+
+        def save(index):  # the state after `index` batches, for a restart to resume from
+            counts = self._zero + self._unconfirmed
+            self._save(
+                state_path, fingerprint, labels, broken, adversarial, index, self._seconds, counts
+            )
+
         index = done
         remaining = batches.skip(done) if isinstance(batches, tf.data.Dataset) else batches[done:]
         for x, y in remaining:
@@ -503,29 +513,11 @@ class AutoAttack(base.Attack):
                 adversarial.append(x_adv)
             index += 1
             if state_path and (index - done) % save_every == 0:
-                self._save(
-                    state_path,
-                    fingerprint,
-                    labels,
-                    broken,
-                    adversarial,
-                    index,
-                    self._seconds,
-                    self._zero + self._unconfirmed,
-                )
+                save(index)
             if progress is not None:
                 progress.update(index, [("robust", self._robust_so_far(broken))])
         if state_path and index > done:
-            self._save(
-                state_path,
-                fingerprint,
-                labels,
-                broken,
-                adversarial,
-                index,
-                self._seconds,
-                self._zero + self._unconfirmed,
-            )
+            save(index)
         names, targets, skipped = self.plan(self._num_classes(model))
         result = AutoAttackResult(
             attacks=names,

@@ -11,6 +11,7 @@ import re
 
 from twins_tf.input_checks import check_pixel_budget
 from twins_tf.training import model_dir as run_files
+from twins_tf.training.flags import DATA_FLAGS
 from twins_tf.training.settings import SetupError
 
 SPLITS = ("test", "validation")
@@ -49,13 +50,7 @@ DEFAULTS = {
 # Settings an evaluation takes from the run's config.json when its flag is not given.
 _FROM_THE_RUN = (
     "arch",
-    "dataset",
-    "data_dir",
-    "tfds_data_dir",
-    "image_size",
-    "upsample",
-    "train_per_class",
-    "skip_bad_images",
+    *DATA_FLAGS,
     "attack_eps",
     "attack_step",
 )

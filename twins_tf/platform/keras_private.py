@@ -5,6 +5,8 @@ function here wraps one such use, names the Keras / TensorFlow version it was ch
 and has a test in tests/test_keras_private*.py that pins the behaviour it relies on, so an
 upgrade that changes it fails there first instead of deep inside a training run. No other
 module imports `keras.src` or `tensorflow.python`.
+
+It is long by design: one home for every private use, so an upgrade breaks one module.
 """
 
 # --- training and runs: multi-worker trainer fix, BackupAndRestore's files, op determinism ---

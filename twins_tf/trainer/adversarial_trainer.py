@@ -26,6 +26,9 @@ can be plotted on one axis (`METRICS`).  Accuracies and cross-entropies are of t
 that is evaluated and exported (a twin model's Adaptive wing, AutoLoRa's main path) in
 inference mode, the same forward `evaluate` runs; only `loss` and the wings' metrics come from
 the training forwards, and say so.  Keras prefixes the validation ones with `val_`.
+
+Its length is the Keras model's own surface (the steps, the fit/evaluate entry points and
+the AutoLoRa methods callers use); everything that is not the model lives beside it.
 """
 
 import keras

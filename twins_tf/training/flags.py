@@ -16,6 +16,8 @@ flagfiles carry the TWINS recipe of spec §6 (lr 0.003, x0.1 at epochs 30 and 50
 dataset's weight decay), tuned for other methods: absl cannot tell their lines from typed
 ones, so `explicit_flags` reads the command line itself, and `settings_from_flags` hands
 what it finds to `Settings` as `explicit_schedule`.
+
+It is long because it holds every flag of the two run binaries with its help text.
 """
 
 import fractions

@@ -18,6 +18,8 @@ config.json holds `to_dict()`: the same keys and JSON values the untyped setting
 earlier versions had, so runs written before `Settings` existed resume, and `evaluate` and
 `export` read them as before.  Settings added since (`ADDED_SETTINGS`) take, for a run that
 predates them, the value those runs had.
+
+It is long because every rule a run's settings obey is here, so they can be read in one place.
 """
 
 import dataclasses
