@@ -629,7 +629,6 @@ def test_trainer_refuses_a_model_without_branches_and_a_twin_model():
         AdversarialTrainer(lora.add_lora(twin, RANK), method="autolora", attack=PGD(EPS, ALPHA, 1))
 
 
-@pytest.mark.slow  # ~50 s with its source run: over the default suite's budget
 def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_path):
     """`train --method=autolora --lora_rank=2` on tiny digits; load_run and export give the
     main path (what the paper evaluates), identical to the trained model's main forward."""
@@ -680,7 +679,6 @@ def test_train_binary_end_to_end_then_load_run_and_export(tmp_path_factory, tmp_
     np.testing.assert_allclose(out, loaded(x).numpy(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow  # ~30 s with its source run
 def test_a_run_stopped_by_the_lr_floor_is_finished_not_resumed(tmp_path_factory, tmp_path):
     """AutoLoRa stops when lr x scale < 1e-5 (the authors' rule): the run is then finished,
     a restart with the same flags trains nothing, and more epochs are refused."""

@@ -506,7 +506,8 @@ def test_the_wing_plot_has_the_twin_rows_only(tmp_path):
     assert comparison.plot_wings(results[:1]) is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~4 min: 2 rows x 2 seeds, each variant run with its init sub-run, and
+# the interpolation of each: the size of a real grid's bookkeeping, at tiny data
 def test_grid_with_a_variant_and_its_interpolation_row(tmp_path_factory, tmp_path):
     """A grid of a method and a variant with an init stage, and the variant's wise(...) row."""
     pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS

@@ -170,7 +170,6 @@ def test_train_refuses_bad_folder_images_before_writing_anything(tmp_path, caplo
     assert (counts["train"] + counts["validation"], counts["test"]) == (30, 9)
 
 
-@pytest.mark.slow
 def test_train_with_skip_bad_images_trains(tmp_path):
     from binaries_testlib import run_binary
 

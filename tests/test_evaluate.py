@@ -193,7 +193,6 @@ def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
         evaluation.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
 
 
-@pytest.mark.slow
 def test_the_binary_prints_each_sub_attack_at_the_full_budget(source, tmp_path):
     """`python -m twins_tf.evaluate --attacks=autoattack`, standard budget, 10 examples."""
     from binaries_testlib import run_binary

@@ -131,7 +131,6 @@ def pretrained(tmp_path_factory):
     return source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
 
 
-@pytest.mark.slow  # ~40 s quiet, ~80 s on the shared machine: three tiny runs
 def test_a_run_probes_first_starts_from_that_head_and_reuses_it(tmp_path, pretrained, monkeypatch):
     """End to end on tiny data through the train binary's flags: the sub-run exists and
     loads, its backbone is the source's, the main stage starts from its best head, a restarted

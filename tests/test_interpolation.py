@@ -382,7 +382,6 @@ def test_missing_runs_used_outputs_and_other_validation_are_refused(runs, tmp_pa
     assert (used / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.slow
 def test_binary_end_to_end_then_evaluate_and_export_accept_the_run(runs, tmp_path):
     """The binary on a TWINS run and a plain run; evaluate on the written run reproduces the
     selected row (same validation examples and PGD); export serves load_run's logits."""

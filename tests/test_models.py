@@ -98,9 +98,7 @@ def test_inference_logits_match_pytorch(reference, arch, size, upsample, twin):
     assert_logits_close(model(x, training=False).numpy(), torch_logits(net, x, upsample))
 
 
-@pytest.mark.parametrize(
-    "arch", ["resnet34", pytest.param("wide_resnet50_2", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("arch", ["resnet34", "wide_resnet50_2"])
 def test_other_architectures_match_pytorch(reference, arch):
     net, model = loaded_model(reference, arch, 64, twin=False)
     x = images(64, seed=1)

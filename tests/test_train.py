@@ -546,7 +546,6 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_epoch(
     assert not (model_dir / "summary.json").exists()
 
 
-@pytest.mark.slow
 def test_the_diverging_binary_exits_nonzero_with_one_line(tmp_path, pretrained):
     source = _unconverged_source(pretrained, tmp_path / "unconverged.weights.h5")
     result = run_binary("train", _args(source, tmp_path / "run"), timeout=400)
@@ -665,7 +664,6 @@ runpy.run_module("twins_tf.train", run_name="__main__", alter_sys=True)
 """
 
 
-@pytest.mark.slow
 def test_a_kill_while_the_backup_is_written_resumes_from_the_previous_epoch(tmp_path, pretrained):
     """Killed in the middle of writing epoch 2's backup, the run restarts from epoch 1's
     (BackupAndRestore's double_checkpoint) and ends with an uninterrupted run's weights."""
