@@ -3,7 +3,7 @@
 The reference network runs in PyTorch with random weights and random BN statistics; its
 checkpoint is saved the way the robustness library saves it, read and loaded through
 twins_tf.weights, and the Keras logits must equal PyTorch's to 1e-4 relative to the largest
-logit (issue 3, item 5).  An element-wise relative tolerance would be meaningless for logits
+logit.  An element-wise relative tolerance would be meaningless for logits
 near zero, so the criterion is max|keras - torch| <= 1e-4 * max|torch|.
 """
 

@@ -1,4 +1,4 @@
-"""AdversarialTrainer and twins_tf models as Keras serialisables (issue 14 item 1).
+"""AdversarialTrainer and twins_tf models as Keras serialisables.
 
 `trainer.save("x.keras")` + `keras.models.load_model` and `ModelCheckpoint("ckpt.keras")`
 must give back the trainer as it was: the same configuration, the same outputs, every weight

@@ -649,7 +649,7 @@ def _calibrated_resnet18(twin, size, rng):
 )
 def test_resnet18_fit_with_xla_matches_fit_without(method):
     """Every method trains a ResNet-18 under `fit` with jit_compile=True and its first step
-    gives the weights and moving statistics of the same step in plain graph mode (issue 4);
+    gives the weights and moving statistics of the same step in plain graph mode;
     a second step must stay finite."""
     from twins_tf.models import build_resnet
 

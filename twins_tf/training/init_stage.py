@@ -31,7 +31,7 @@ eps 8/255, the model in eval mode while attacking) through the frozen backbone, 
 0.9, batch 64, a cosine schedule, selection by validation PGD accuracy.  Per dataset it uses
 lr 0.05 / wd 0.01 / 20 epochs (CIFAR-10), lr 0.1 / wd 0.001 / 20 epochs (CIFAR-100), lr 1.0 /
 wd 0.01 / 40 (Stanford Dogs), lr 0.5 / wd 0.01 / 40 (Caltech-256), lr 1.0 / wd 0.001 / 60
-(CUB); our defaults are the CIFAR-100 recipe (the first benchmark of issue 15).  RoLI's
+(CUB); our defaults are the CIFAR-100 recipe.  RoLI's
 backbones are ViT/Swin (no BatchNorm); a ResNet's BN is frozen here in inference mode, which
 is what "frozen backbone" means for it.  Deviations, kept for the engine's one training step:
 our probe uses the run's attack settings (default 10 PGD steps, RoLI trains with 7) and the
