@@ -28,11 +28,14 @@ import tensorflow as tf
 
 def cross_entropy(logits, labels):
     """Softmax cross-entropy from logits, mean over the rows (float32)."""
+    return tf.reduce_mean(cross_entropy_per_example(logits, labels))
+
+
+def cross_entropy_per_example(logits, labels):
+    """Softmax cross-entropy from logits, one value per row (float32)."""
     logits = tf.cast(logits, tf.float32)
     labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    )
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
 
 
 def kl_sum(logits_natural, logits_adversarial):

@@ -180,7 +180,11 @@ class AdversarialTrainer(keras.Model):
             anchor.assign(variable)
 
     def call(self, inputs, training=False):
-        return self.model(inputs, training=training)
+        if training:
+            return self.model(inputs, training=True)
+        images = tf.convert_to_tensor(inputs)
+        empty = tf.zeros([0, self.model.output_shape[-1]], self.model.outputs[0].dtype)
+        return _unless_empty(lambda: self.model(images, training=False), images, empty)
 
     @property
     def metrics(self):
@@ -310,9 +314,12 @@ class AdversarialTrainer(keras.Model):
             if isinstance(self.eval_attack, PGD) and self.eval_attack.random_start:
                 seed = self._seed(self.eval_attack, self._eval_batches)
                 self._eval_batches.assign_add(1)
-            adversarial = self._run_attack(self.eval_attack, images, labels, seed)
+            adversarial = _unless_empty(
+                lambda: self._run_attack(self.eval_attack, images, labels, seed), images, images
+            )
         self._inference_metrics(images, adversarial, labels)
-        return self._inference_logs(adversarial is not None)
+        logs = self._inference_logs(adversarial is not None)
+        return _over_replicas(logs, {m.name: m for m in self.metrics})
 
     # --- the steps' parts -------------------------------------------------------------------
     def _loss(self, logits_nat, logits_adv, labels):
@@ -350,13 +357,15 @@ class AdversarialTrainer(keras.Model):
         """`clean_*` and `adv_*` of a batch: the evaluated network in inference mode, one
         forward over the clean and (when there is one) the adversarial batch."""
         batch = images if adversarial is None else tf.concat([images, adversarial], axis=0)
-        logits = self.model(batch, training=False)
+        logits = self(batch, training=False)
         clean = logits[: tf.shape(images)[0]]
-        self.clean_loss.update_state(methods_lib.cross_entropy(clean, labels))
+        # per example: the mean over the evaluated examples, whatever the batches' sizes (a
+        # replica's batch may be empty)
+        self.clean_loss.update_state(methods_lib.cross_entropy_per_example(clean, labels))
         self.clean_accuracy.update_state(labels, clean)
         if adversarial is not None:
             adv = logits[tf.shape(images)[0] :]
-            self.adversarial_loss.update_state(methods_lib.cross_entropy(adv, labels))
+            self.adversarial_loss.update_state(methods_lib.cross_entropy_per_example(adv, labels))
             self.adversarial_accuracy.update_state(labels, adv)
 
     def _inference_logs(self, adversarial):
@@ -445,6 +454,44 @@ class AdversarialTrainer(keras.Model):
     def _checked(self, x, y, batch_size, *, training, **kwargs):
         options = self._check_options(training=training)
         return checks.checked_inputs(x, y, batch_size, **options, **kwargs)
+
+
+def _over_replicas(logs, metrics):
+    """`logs` of Mean-style metrics over every replica's examples so far.
+
+    Keras logs each replica's own running means and averages them over the replicas (it reads
+    the metrics' cross-replica totals only when a step logs every metric of the model, which
+    a test step does not).  That is the mean over all examples only when every replica saw
+    as many; an evaluation's last batch may leave some with fewer, or none.  So the test step
+    sums the totals and counts over replicas itself: one small all-reduce per step.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return logs
+    sums = tf.stack(
+        [
+            tf.cast(v, tf.float32)
+            for name in logs
+            for v in (metrics[name].total, metrics[name].count)
+        ]
+    )
+    sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+    return {
+        name: tf.math.divide_no_nan(sums[2 * i], sums[2 * i + 1]) for i, name in enumerate(logs)
+    }
+
+
+def _unless_empty(compute, images, empty):
+    """`compute()`, or `empty` (a tensor with no rows) when the batch `images` has none.
+
+    A replica's batch is empty when the last global batch of an evaluation has fewer examples
+    than there are replicas (tf.distribute hands the others none); a served client may send
+    one.  The network is not run on zero rows: TensorFlow's oneDNN convolution returns its
+    *input's* shape for an empty batch, and the next layer fails on it.
+    """
+    if images.shape[0] == 0:  # known while tracing: the network is not even traced
+        return empty
+    return tf.cond(tf.shape(images)[0] > 0, compute, lambda: empty)
 
 
 def _default_eval_attack(attack):

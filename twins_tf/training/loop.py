@@ -84,6 +84,7 @@ def prepare(settings):
         data_lib.check_batch_size(s.batch_size, strategy.num_replicas_in_sync, s.twin)
     except ValueError as error:
         raise SetupError(str(error)) from None
+    s = s.replace(replicas=strategy.num_replicas_in_sync)
     if (
         s.strategy == "mirrored"
         and s.jit_compile == "true"
@@ -113,6 +114,15 @@ def prepare(settings):
         # A worker refuses exactly when the chief does, rather than waiting for it forever.
         model_dir_lib.check_model_dir(s.model_dir, s)
     state = model_dir_lib.check_model_dir(output_dir, s)
+    changed = model_dir_lib.changed_replicas(output_dir, s)
+    if changed and state == "resume":
+        print(
+            f"{s.binary}: note: the run trained on {changed[0]} replica(s) and continues on "
+            f"{changed[1]}: its BatchNorm is synchronized over the whole batch on any number, "
+            "but the PGD starts of the epochs to come are drawn per replica, so they differ "
+            "from an uninterrupted run's.",
+            flush=True,
+        )
     init_stage.check(s)  # <model_dir>/init, the --init probe's sub-run
     prepared = PreparedRun(
         settings=s,

@@ -17,7 +17,12 @@ with *different* settings is refused with the differing keys, so nothing is over
 Settings that only say where things are or how to execute (data locations, strategy, XLA)
 may change between restarts; everything that changes the numbers may not, except `--epochs`,
 which may be raised to extend a run (the learning-rate schedule, `--lr_decay_epochs`, must stay
-the same: the epochs already trained followed it).  Paths in config.json are absolute, so
+the same: the epochs already trained followed it).  The number of replicas a run trains on is
+stored too: a twin method's run may not change it (each replica splits its own batch into the
+two wings, so the Adaptive wing's statistics and the PGD starts would not be those of the
+uninterrupted run); a plain-BN run may (its synchronized BN sees the whole batch on any
+number of replicas; only its PGD starts, drawn per replica, differ from the uninterrupted
+run's), and `prepare` says so.  Paths in config.json are absolute, so
 `evaluate` and `export` find them from any working directory.
 
 Each file above but the two directories is replaced in one step (`platform.atomic_files`): a
@@ -143,6 +148,7 @@ def check_model_dir(model_dir, settings):
             f"({changes}){why}; refusing to resume into it: use a new --model_dir "
             "or the run's own flags."
         )
+    _check_replicas(model_dir, stored, settings)
     trained = resume_epoch(model_dir)
     finished = os.path.exists(os.path.join(model_dir, SUMMARY_FILE))
     if finished and not os.path.isdir(os.path.join(model_dir, BACKUP_DIR)):
@@ -174,6 +180,29 @@ def check_model_dir(model_dir, settings):
             "from (deleted?): use a new --model_dir."
         )
     return "resume"
+
+
+def changed_replicas(model_dir, settings):
+    """(replicas the run in `model_dir` trained on, replicas now) if they differ, else None
+    (also for a run stored before replicas were recorded)."""
+    settings = _as_dict(settings)
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    before, now = read_config(model_dir).get("replicas"), settings.get("replicas")
+    return (before, now) if None not in (before, now) and before != now else None
+
+
+def _check_replicas(model_dir, stored, settings):
+    before, now = stored.get("replicas"), settings.get("replicas")
+    if None in (before, now) or before == now or not settings.get("twin"):
+        return
+    raise SetupError(
+        f"--model_dir={model_dir} holds a {settings.get('method')} run trained on {before} "
+        f"replica(s), and this process has {now}: each replica splits its own batch into the "
+        "two BN wings, so the Adaptive wing's statistics and the PGD starts would change; "
+        f"continue it on {before} replica(s) (--strategy) or use a new --model_dir."
+    )
 
 
 def write_config(model_dir, settings):

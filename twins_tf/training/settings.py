@@ -48,8 +48,9 @@ STAGES = ("main", "init")
 # Keys that may differ between a run and its resumption: where data lives, how to execute.
 LOCATION_KEYS = ("model_dir", "data_dir", "tfds_data_dir")
 EXECUTION_KEYS = ("strategy", "tpu_address", "jit_compile", "deterministic")
-# `epochs` may be raised to extend a run; check_model_dir compares it on its own.
-UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs",)
+# `epochs` may be raised to extend a run, and a plain-BN run may change its replicas;
+# check_model_dir compares them on their own.
+UNCOMPARED_KEYS = LOCATION_KEYS + EXECUTION_KEYS + ("epochs", "replicas")
 # Settings holding paths, stored absolute in config.json.
 PATH_KEYS = ("model_dir", "data_dir", "tfds_data_dir", "pretrained")
 # Settings newer than some config.json files, with the value such runs had.
@@ -176,6 +177,9 @@ class Settings:
     # derived
     twin: bool = None
     num_classes: int = None
+    # the strategy's replicas the run trains on (each replica splits its own batch into the
+    # twin wings and draws its own PGD starts), filled in by the run: see model_dir.py
+    replicas: int = None
 
     def __post_init__(self):
         for name, value in _checked_values(self).items():
@@ -209,7 +213,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name in TRAIN_ONLY and self.binary == PRETRAIN:
                 continue
-            if field.name == "num_classes" and value is None:
+            if field.name in ("num_classes", "replicas") and value is None:
                 continue
             if field.name == "explicit_schedule":  # resolved into the values stored
                 continue
@@ -258,6 +262,7 @@ _NUMBERS = {
     "batch_size": int,
     "seed": int,
     "num_classes": int,
+    "replicas": int,
     "lambda_twins": float,
     "l2sp_alpha": float,
     "beta": float,
