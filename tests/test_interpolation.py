@@ -65,7 +65,7 @@ def _fit_head_on_validation(model, config):
 
     images, labels = _validation_examples(config, 24)
     head = model.get_layer("fc")
-    features = keras.Model(model.inputs, head.input)(images, training=False).numpy()
+    features = keras.Model(model.inputs[0], head.input)(images, training=False).numpy()
     design = np.concatenate([features, np.ones((len(features), 1))], axis=1).astype("float64")
     target = np.eye(config["num_classes"])[labels]
     solution = np.linalg.lstsq(design, target, rcond=None)[0].astype("float32")
