@@ -17,6 +17,7 @@ from binaries_testlib import (
     TINY,
     binary_command,
     file_snapshot,
+    free_ports,
     run_binary,
     settings,
     source_run,
@@ -214,3 +215,54 @@ def test_two_compares_on_one_output_dir_train_each_run_once(tmp_path_factory, tm
         err = next(e for p, (_, e) in zip(processes, outputs) if p.returncode == 75)
         assert "still being trained by other processes" in err or "writing the report" in err
     assert file_snapshot(output_dir / "report")  # written, whole
+
+
+def test_under_multi_worker_every_worker_trains_and_only_the_chief_reports(
+    tmp_path_factory, tmp_path
+):
+    """Two workers of one MultiWorkerMirroredStrategy job (TF_CONFIG on 127.0.0.1) run one
+    compare: both train the run (the chief in its model_dir, the other in worker_1), and only
+    the chief evaluates it and writes the report and the model cards."""
+    pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
+    output_dir = tmp_path / "out"
+    args = [
+        f"--flagfile={_flagfile(tmp_path, pretrained)}",
+        "--methods=at",
+        "--seeds=0",
+        f"--output_dir={output_dir}",
+        "--attacks=clean",
+        "--eval_max_examples=16",
+        "--eval_batch_size=16",
+        "--strategy=multi_worker",
+    ]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [
+        subprocess.Popen(
+            binary_command("compare", args),
+            cwd=REPO_ROOT,
+            env=subprocess_env(
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            ),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    try:
+        (chief_out, chief_err), (worker_out, worker_err) = [
+            worker.communicate(timeout=600) for worker in workers
+        ]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [w.returncode for w in workers] == [0, 0], (chief_err[-2000:], worker_err[-2000:])
+    run = output_dir / "runs" / "at_seed0"
+    assert chief_out.count(f"starting; {run}\n") == 1
+    assert worker_out.count(f"starting; {run / 'worker_1'}\n") == 1
+    assert (run / "worker_1" / run_files.SUMMARY_FILE).is_file()
+    assert "report: " in chief_out and "report: " not in worker_out
+    assert "the chief evaluates them and writes the report" in worker_out + worker_err
+    assert (run / comparison.EVALUATION_FILE).is_file()
+    assert not (run / "worker_1" / comparison.EVALUATION_FILE).exists()
+    assert len(list((output_dir / "report" / "model_cards").rglob("*.json"))) == 1

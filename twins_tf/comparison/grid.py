@@ -224,9 +224,9 @@ def _train_or_skip(variant, seed, settings, *, skip_held, log, verbose):
     name = f"{variant.name}, seed {seed}"
     model_dir = settings["model_dir"]
     try:
-        if skip_held and run_lock.live_holder(model_dir) is not None:
+        holder = run_lock.live_holder(model_dir) if skip_held else None
+        if holder is not None:  # seen before the run is prepared (data, model): cheaper
             path = run_lock.lock_path(model_dir)
-            holder = run_lock.read_holder(path)
             raise run_lock.LockHeld(run_lock.held_message(model_dir, path, holder), path, holder)
         _train_one(settings, verbose)
     except run_lock.LockHeld as error:
