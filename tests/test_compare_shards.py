@@ -217,6 +217,7 @@ def test_two_compares_on_one_output_dir_train_each_run_once(tmp_path_factory, tm
     assert file_snapshot(output_dir / "report")  # written, whole
 
 
+@pytest.mark.slow  # ~70 s: two TensorFlow processes joining one job, then a run and evaluation
 def test_under_multi_worker_every_worker_trains_and_only_the_chief_reports(
     tmp_path_factory, tmp_path
 ):
