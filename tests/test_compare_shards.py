@@ -169,6 +169,7 @@ def test_compare_skips_a_held_run_and_reports_once_every_run_is_done(
     assert not lock.exists()
 
 
+@pytest.mark.slow  # ~65 s: two compare processes sharing 2 x 2 tiny runs and their evaluation
 def test_two_compares_on_one_output_dir_train_each_run_once(tmp_path_factory, tmp_path):
     """Two `compare` processes started together on one --output_dir, 2 methods x 2 seeds:
     every run is started once over both (each run prints `starting` when it trains), and one

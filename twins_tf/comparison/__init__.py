@@ -13,6 +13,7 @@ The binary is `python -m twins_tf.compare`; this package holds the logic, one mo
 
     rows.py           methods, variants (`METHOD+KEY=VALUE...`), wise rows, run dirs, `RunResult`
     grid.py           the grid checked, then run: train, evaluate, interpolate; `compare`
+    grid_training.py  the grid's runs trained by many processes at once (run locks)
     commands.py       the grid for many machines: `--shard=K/N` slices, `--plan` commands
     statistics.py     mean and sd over seeds, paired differences, the printed table
     cards.py          a model card per run
@@ -25,14 +26,13 @@ from twins_tf.comparison.commands import parse_shard, run_args, run_command, sha
 from twins_tf.comparison.grid import (
     AUTOATTACK_FILE,
     EVALUATION_FILE,
-    GridUnfinished,
     compare,
     grid_runs,
     plan_grid,
     plan_rows,
     run_grid,
-    train_runs,
 )
+from twins_tf.comparison.grid_training import GridUnfinished, train_runs
 from twins_tf.comparison.report import (
     REPORT_DIR,
     plot_curves,

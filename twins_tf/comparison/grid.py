@@ -5,6 +5,8 @@
 (an evaluation is reused while the weights it measured are unchanged), adds the `wise(...)`
 interpolation rows, and hands the results to `report.write_report`.  `plan_rows` checks the
 whole grid first, so a bad entry fails before the first run rather than hours into the grid.
+Any number of processes may share the grid (`grid_training`); one of them, holding the report
+directory's lock, evaluates and reports.
 """
 
 import dataclasses
@@ -12,6 +14,13 @@ import json
 import os
 
 from twins_tf.comparison.commands import shard_runs
+from twins_tf.comparison.grid_training import (
+    GridUnfinished,
+    in_multi_worker_job,
+    is_chief,
+    train_runs,
+    unfinished_message,
+)
 from twins_tf.comparison.report import REPORT_DIR, write_report
 from twins_tf.comparison.rows import (
     RunResult,
@@ -33,19 +42,6 @@ AUTOATTACK_FILE = "compare_autoattack.json"
 RANDOM_INIT = "random"  # --init of a run without an init sub-run to interpolate from
 # The lock of the report directory: one process evaluates the grid and writes the report.
 REPORT_LOCK = "report.lock"
-MULTI_WORKER = "multi_worker"
-
-
-class GridUnfinished(Exception):
-    """Runs of the grid (or its report) are in use by other processes: this process evaluates
-    nothing and writes no report; a later `compare` with the same flags does."""
-
-
-def _train_one(settings, verbose):
-    from twins_tf.training import loop
-
-    keras_private.forget_tracing_history()  # a new run, new models: its traces count alone
-    loop.run(settings, verbose=verbose)
 
 
 def _evaluate_one(model_dir, evaluation_args, log, file_name=EVALUATION_FILE):
@@ -205,78 +201,6 @@ def grid_runs(plan):
     return [(v, seed, settings) for v, runs in plan.items() for seed, settings in runs.items()]
 
 
-def _in_multi_worker_job(runs):
-    return any(settings["strategy"] == MULTI_WORKER for _, _, settings in runs)
-
-
-def _is_chief(runs):
-    """Whether this process evaluates and reports: the chief of a multi-worker job, else yes."""
-    if not _in_multi_worker_job(runs):
-        return True
-    from twins_tf.training import distribute, multi_worker
-
-    return multi_worker.is_chief(distribute.get_strategy(MULTI_WORKER))
-
-
-def _train_or_skip(variant, seed, settings, *, skip_held, log, verbose):
-    """Trains (resumes, or finds finished) one run; returns None, or the `LockHeld` of a run
-    another process is training when `skip_held`, after a notice naming that process."""
-    name = f"{variant.name}, seed {seed}"
-    model_dir = settings["model_dir"]
-    try:
-        holder = run_lock.live_holder(model_dir) if skip_held else None
-        if holder is not None:  # seen before the run is prepared (data, model): cheaper
-            path = run_lock.lock_path(model_dir)
-            raise run_lock.LockHeld(run_lock.held_message(model_dir, path, holder), path, holder)
-        _train_one(settings, verbose)
-    except run_lock.LockHeld as error:
-        if not skip_held:
-            raise
-        log(f"compare: {name}: skipped: {error}")
-        return error
-    return None
-
-
-def train_runs(runs, *, skip_held=True, log=print, verbose=0):
-    """Trains (resumes, or finds finished) each of `runs` (`grid_runs` items).
-
-    With `skip_held`, a run another process is training is skipped with a notice, and looked
-    at again after the others: by then it may be finished, or its holder gone (then it is
-    taken over and trained here).  Without it (the workers of one multi-worker job train
-    every run together) a held run raises.
-
-    Returns:
-      [(variant, seed, LockHeld)] of the runs still held by other processes.
-    """
-    held = []
-    for variant, seed, settings in runs:
-        log(f"compare: {variant.name}, seed {seed}: {settings['model_dir']}")
-        error = _train_or_skip(
-            variant, seed, settings, skip_held=skip_held, log=log, verbose=verbose
-        )
-        if error is not None:
-            held.append((variant, seed, settings))
-    still = []
-    for variant, seed, settings in held:
-        log(f"compare: {variant.name}, seed {seed}: looked at again: {settings['model_dir']}")
-        error = _train_or_skip(
-            variant, seed, settings, skip_held=skip_held, log=log, verbose=verbose
-        )
-        if error is not None:
-            still.append((variant, seed, error))
-    return still
-
-
-def _unfinished_message(held):
-    names = "; ".join(
-        f"{v.name}, seed {seed} ({run_lock.describe(error.holder)})" for v, seed, error in held
-    )
-    return (
-        f"{len(held)} run(s) are still being trained by other processes: {names}; a later "
-        "compare with the same flags evaluates them and writes the report."
-    )
-
-
 def evaluate_runs(
     plan,
     seeds,
@@ -358,9 +282,9 @@ def run_grid(
     """
     plan, interpolated = plan_rows(base_settings, methods, seeds, output_dir, interpolate)
     runs = grid_runs(plan)
-    held = train_runs(runs, skip_held=not _in_multi_worker_job(runs), log=log, verbose=verbose)
+    held = train_runs(runs, skip_held=not in_multi_worker_job(runs), log=log, verbose=verbose)
     if held:
-        raise GridUnfinished(_unfinished_message(held))
+        raise GridUnfinished(unfinished_message(held))
     return evaluate_runs(
         plan,
         seeds,
@@ -434,19 +358,19 @@ def compare(
             f"--batch_size={batch_size}",
         ]
     runs = grid_runs(plan)
-    multi_worker_job = _in_multi_worker_job(runs)
+    multi_worker_job = in_multi_worker_job(runs)
     held = train_runs(
         shard_runs(runs, shard), skip_held=not multi_worker_job, log=log, verbose=verbose
     )
     if held:
-        raise GridUnfinished(_unfinished_message(held))
+        raise GridUnfinished(unfinished_message(held))
     if shard is not None:
         log(
             f"compare: shard {shard[0]}/{shard[1]} is trained; a compare without --shard "
             "evaluates the runs and writes the report."
         )
         return None
-    if not _is_chief(runs):
+    if not is_chief(runs):
         log("compare: every run is trained; the chief evaluates them and writes the report.")
         return None
     report_dir = report_dir or os.path.join(output_dir, REPORT_DIR)
