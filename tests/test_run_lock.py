@@ -133,3 +133,16 @@ def test_a_late_takeover_leaves_the_new_holders_lock(tmp_path, live_process):
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_lock.LOCK_FILE]
     run_lock.remove_stale(str(path), json.loads(path.read_text()))  # the record it holds
     assert not path.exists()
+
+
+def test_an_unreadable_lock_is_held_and_says_how_to_break_it(tmp_path):
+    """An empty lock file (its creator killed between creating and writing it) names no
+    holder to check: held, and the message names the file to delete."""
+    path = tmp_path / run_lock.LOCK_FILE
+    path.write_text("")
+    with pytest.raises(run_lock.LockHeld) as raised:
+        run_lock.acquire(tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path} is locked by an unknown process (its lock file is unreadable): "
+        f"delete {path} if no process uses it."
+    )

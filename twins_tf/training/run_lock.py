@@ -53,7 +53,7 @@ def lock_path(directory, name=LOCK_FILE):
 
 def describe(holder):
     """`pid 123 on host h since 2026-01-01T12:00:00Z`: who holds a lock."""
-    if holder is None:
+    if not holder:
         return "an unknown process (its lock file is unreadable)"
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')}"
 
