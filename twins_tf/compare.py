@@ -19,8 +19,16 @@ A `--methods` entry may be a variant, `METHOD+KEY=VALUE...` with KEY any train f
 interpolation between that variant's init sub-run and its final weights at the alpha best on
 validation (`twins_tf.interpolation.interpolate_runs`), evaluated like every run.
 `--deterministic` is on by default here, so the same command on
-another machine of the same kind trains the same weights.  The work is
-`twins_tf.comparison.compare`; this binary parses flags.
+another machine of the same kind trains the same weights.
+
+Over many machines: `--plan` prints one standalone `python -m twins_tf.train ...` command per
+run (writing nothing), `--shard=K/N` trains the K-th of N slices of the runs; either way a
+`compare` with the same flags (no `--shard`) then finds the runs finished and evaluates and
+reports.  Each run is locked while it trains, so processes sharing `--output_dir` never train
+one run twice: a run another process holds is skipped with a notice, and a compare that
+cannot report because runs are still held elsewhere says which and exits with status 75
+(EX_TEMPFAIL: try again later).  The work is `twins_tf.comparison.compare`; this binary
+parses flags.
 """
 
 import sys
@@ -36,6 +44,9 @@ from twins_tf.training.settings import TRAIN, SetupError
 FLAGS = flags.FLAGS
 # Train flags that compare sets itself, per run.
 PER_RUN_FLAGS = {"method": "--methods", "seed": "--seeds", "model_dir": "--output_dir"}
+# Exit status of a compare that could not report because other processes hold runs
+# (sysexits.h EX_TEMPFAIL: a temporary failure, try again later).
+EXIT_UNFINISHED = 75
 
 
 def define_flags(flag_values):
@@ -106,6 +117,20 @@ def define_flags(flag_values):
         "Validation examples the alpha is chosen on (default: interpolate's).",
         **options,
     )
+    flags.DEFINE_bool(
+        "plan",
+        False,
+        "Print one standalone train command per run (for a scheduler) and exit; writes "
+        "nothing. A compare with the same flags then evaluates and reports.",
+        **options,
+    )
+    flags.DEFINE_string(
+        "shard",
+        None,
+        "K/N: train only the K-th of N slices of the runs (run index mod N = K-1); no "
+        "evaluation or report (a compare without --shard writes it).",
+        **options,
+    )
     own = [
         "methods",
         "seeds",
@@ -119,6 +144,8 @@ def define_flags(flag_values):
         "interpolate_alphas",
         "interpolate_select",
         "interpolate_validation_examples",
+        "plan",
+        "shard",
     ]
     define_run_flags(flag_values, TRAIN)
     flag_values.set_default("deterministic", True)
@@ -141,6 +168,26 @@ def interpolation_args(alphas, select, validation_examples):
     return args
 
 
+def print_plan(base, shard):
+    """Prints one `train` command per run of the grid (of `shard`'s slice); writes nothing."""
+    from twins_tf import comparison
+
+    plan, _ = comparison.plan_grid(
+        base,
+        FLAGS.methods,
+        parse_seeds(FLAGS.seeds),
+        FLAGS.baseline or FLAGS.methods[0],
+        FLAGS.output_dir,
+        FLAGS.interpolate,
+    )
+    for _, _, settings in comparison.shard_runs(comparison.grid_runs(plan), shard):
+        print(comparison.run_command(settings), flush=True)
+    print(
+        "# then this compare without --plan evaluates the runs and writes the report",
+        file=sys.stderr,
+    )
+
+
 def main(argv):
     from twins_tf import comparison
     from twins_tf.training.run_callbacks import DivergenceError
@@ -158,8 +205,12 @@ def main(argv):
             raise SetupError(
                 "--attacks takes clean and pgdK; AutoAttack runs on --autoattack_examples examples."
             )
+        shard = comparison.parse_shard(FLAGS.shard) if FLAGS.shard is not None else None
         base = settings_from_flags(FLAGS, TRAIN)
-        _, table = comparison.compare(
+        if FLAGS.plan:
+            print_plan(base, shard)
+            return
+        reported = comparison.compare(
             base,
             methods=FLAGS.methods,
             seeds=parse_seeds(FLAGS.seeds),
@@ -175,11 +226,16 @@ def main(argv):
                 FLAGS.interpolate_select,
                 FLAGS.interpolate_validation_examples,
             ),
+            shard=shard,
         )
     except (SetupError, DivergenceError) as error:
         sys.exit(f"compare: error: {error}")
-    print(table)
-    print(f"report: {FLAGS.output_dir}/{comparison.REPORT_DIR}/report.html")
+    except comparison.GridUnfinished as unfinished:
+        print(f"compare: {unfinished}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_UNFINISHED)
+    if reported is not None:
+        print(reported[1])
+        print(f"report: {FLAGS.output_dir}/{comparison.REPORT_DIR}/report.html")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ The binary is `python -m twins_tf.compare`; this package holds the logic, one mo
 
     rows.py           methods, variants (`METHOD+KEY=VALUE...`), wise rows, run dirs, `RunResult`
     grid.py           the grid checked, then run: train, evaluate, interpolate; `compare`
+    grid_training.py  the grid's runs trained by many processes at once (run locks)
+    commands.py       the grid for many machines: `--shard=K/N` slices, `--plan` commands
     statistics.py     mean and sd over seeds, paired differences, the printed table
     cards.py          a model card per run
     report.py         the plots, report.json / .txt / .html and the cards on disk
@@ -20,13 +22,17 @@ The binary is `python -m twins_tf.compare`; this package holds the logic, one mo
 """
 
 from twins_tf.comparison.cards import model_card
+from twins_tf.comparison.commands import parse_shard, run_args, run_command, shard_runs
 from twins_tf.comparison.grid import (
     AUTOATTACK_FILE,
     EVALUATION_FILE,
     compare,
+    grid_runs,
+    plan_grid,
     plan_rows,
     run_grid,
 )
+from twins_tf.comparison.grid_training import GridUnfinished, train_runs
 from twins_tf.comparison.report import (
     REPORT_DIR,
     plot_curves,
@@ -58,25 +64,33 @@ __all__ = [
     "AUTOATTACK_FILE",
     "CONFIDENCE",
     "EVALUATION_FILE",
+    "GridUnfinished",
     "REPORT_DIR",
     "RUNS_DIR",
     "RunResult",
     "Variant",
     "compare",
     "format_table",
+    "grid_runs",
     "mean_and_sd",
     "model_card",
     "paired_difference",
+    "parse_shard",
     "parse_variant",
+    "plan_grid",
     "plan_rows",
     "plot_curves",
     "plot_scatter",
     "plot_wings",
     "row_dir_name",
+    "run_args",
+    "run_command",
     "run_dir",
     "run_grid",
     "settings_hash",
+    "shard_runs",
     "summarise",
+    "train_runs",
     "variant_keys",
     "variant_settings",
     "wise_name",

@@ -290,6 +290,9 @@ def _run_init_stage(prepared, verbose):
 def run(settings, *, verbose="auto"):
     """Checks, then trains (or resumes) the run described by `settings`; returns its summary.
 
+    The directory the run writes is locked while it trains (`training.run_lock`): a second
+    process finds it in use and gets `run_lock.LockHeld`, a `SetupError` naming the holder.
+
     Args:
       settings: a `Settings`, or a settings dict with one key per flag of its binary
         (`training.flags.settings_from_flags`).
@@ -297,9 +300,12 @@ def run(settings, *, verbose="auto"):
     Raises:
       SetupError: a problem with the inputs, before anything is trained or written.
     """
+    import contextlib
+
     import keras
 
     from twins_tf.platform import keras_private
+    from twins_tf.training import run_lock
 
     # --mixed_precision sets the global dtype policy and --deterministic TensorFlow's global
     # op determinism: both are put back, so the next run in this process gets only its own.
@@ -307,14 +313,26 @@ def run(settings, *, verbose="auto"):
     deterministic = keras_private.op_determinism_enabled()
     try:
         prepared = prepare(settings)
-        if prepared.state == "finished":
-            print(
-                f"{prepared.output_dir} already holds this finished run; nothing to do (use "
-                "a new --model_dir to train again).",
-                flush=True,
+        lock = contextlib.nullcontext()
+        if prepared.state != "finished":  # one process at a time in the directory it writes
+            lock = run_lock.held(
+                prepared.output_dir,
+                prefix=prepared.settings.binary,
+                log=lambda line: print(line, flush=True),
             )
-            return model_dir_lib.read_summary(prepared.output_dir)
-        return fit(prepared, verbose=verbose)
+        with lock:
+            if prepared.state != "finished":  # another process may have trained it meanwhile
+                prepared.state = model_dir_lib.check_model_dir(
+                    prepared.output_dir, prepared.settings
+                )
+            if prepared.state == "finished":
+                print(
+                    f"{prepared.output_dir} already holds this finished run; nothing to do (use "
+                    "a new --model_dir to train again).",
+                    flush=True,
+                )
+                return model_dir_lib.read_summary(prepared.output_dir)
+            return fit(prepared, verbose=verbose)
     finally:
         keras.config.set_dtype_policy(policy)
         if not deterministic:
