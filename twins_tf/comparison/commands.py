@@ -13,7 +13,7 @@ import shlex
 from twins_tf.training.settings import PATH_KEYS, SCHEDULE_SETTINGS, Settings, SetupError
 
 # Settings keys that are no flag of the run binaries (derived, or how the flags were given).
-NOT_FLAGS = ("binary", "twin", "num_classes", "explicit_schedule")
+NOT_FLAGS = ("binary", "twin", "num_classes", "replicas", "explicit_schedule")
 
 
 def parse_shard(spelling):
