@@ -22,7 +22,9 @@ from twins_tf.training import distribute
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
-EXAMPLES, BATCH = 14, 4  # batches of 4, 4, 4 and 2: a short last batch, uneven shards
+# Batches of 3, 3, 3, 3 and 2: a short last batch and shards of 3 and 2 batches; the tiny
+# model's robust points (in batches 1 and 4) show a merge that puts a batch out of its place.
+EXAMPLES, BATCH = 14, 3
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,46 @@ def test_a_shard_given_its_batch_indices_gets_the_whole_run_s_draws():
     # without its indices the shard draws batch 0's and 1's numbers: other adversarial images
     unindexed = attack.run(bed.keras_model, odd, verbose=0)
     assert not np.array_equal(unindexed.x_adv, whole.x_adv[rows])
+
+
+def test_sharded_run_autoattack_merges_the_whole_run_s_result_where_draws_decide(quick):
+    """`run_autoattack` over two mirrored replicas on the adversarially trained testbed, whose
+    per-example outcome depends on each batch's draws (see the test above)."""
+    import attack_testbed as tb
+    import tensorflow as tf
+
+    from twins_tf.evaluation import autoattack_run, shards
+
+    bed = tb.robust_digits()
+    x, y = bed.x_test[:60], bed.y_test[:60]
+    whole = quick_autoattack.QuickAutoAttack(0.15).run(
+        bed.keras_model, (x, y), batch_size=12, keep_adversarial=False, verbose=0
+    )
+    settings = dict(
+        attack_eps=0.15,
+        autoattack_version="standard",
+        seed=0,
+        batch_size=12,
+        num_classes=10,
+        split="test",
+        weights_sha1="testbed",
+        dataset="digits",
+        image_size=x.shape[1],
+        upsample=None,
+        max_examples=None,
+    )
+    layout = shards.layout_of(distribute.get_strategy("mirrored"))
+    assert layout.count == 2
+    entry = autoattack_run.run_autoattack(
+        bed.keras_model,
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(12),
+        len(x),
+        settings,
+        layout=layout,
+        progress=False,
+    )
+    np.testing.assert_array_equal(entry["broken_by"], whole.broken_by)
+    assert entry["after_each_attack"] == {k: v for k, v in whole.accuracy.items() if k != "clean"}
 
 
 def test_mirrored_shards_equal_the_single_device_run_per_example(source, reference, quick):
@@ -185,7 +227,7 @@ def test_an_interrupted_evaluation_resumes_its_shards_and_sets_aside_a_state_tha
 
     def evaluate(log=lambda _: None):
         return evaluation.evaluate(
-            evaluate_settings(_args(model_dir)),
+            evaluate_settings([*_args(model_dir), "--attacks=autoattack"]),
             log=log,
             progress=False,
             strategy=distribute.get_strategy("mirrored"),
@@ -194,7 +236,7 @@ def test_an_interrupted_evaluation_resumes_its_shards_and_sets_aside_a_state_tha
     monkeypatch.setattr(Quick, "_attack_batch", killed_at_batch_3)
     with pytest.raises(KeyboardInterrupt):
         evaluate()
-    assert calls == [0, 2, 1]  # shard 0: batches 0 and 2; shard 1: batch 1, then killed
+    assert calls == [0, 2, 4, 1]  # shard 0: batches 0, 2, 4; shard 1: batch 1, then killed
     states = sorted(model_dir.glob("autoattack_test_*_shard*of2.npz"))
     assert [p.name[-13:] for p in states] == ["shard0of2.npz", "shard1of2.npz"]
 
@@ -203,7 +245,7 @@ def test_an_interrupted_evaluation_resumes_its_shards_and_sets_aside_a_state_tha
     logged = []
     monkeypatch.setattr(Quick, "_attack_batch", counting)
     resumed = evaluate(log=logged.append)
-    assert calls == [0, 2, 3]  # shard 0 afresh; shard 1 only its missing batch
+    assert calls == [0, 2, 4, 3]  # shard 0 afresh; shard 1 only its missing batch
     aa = resumed["results"]["autoattack"]
     np.testing.assert_array_equal(aa["broken_by"], reference.broken_by)
     assert aa["accuracy"] == reference.robust_accuracy

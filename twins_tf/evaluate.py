@@ -3,6 +3,8 @@ r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a tra
     python -m twins_tf.evaluate --model_dir=runs/dogs --attacks=clean,pgd10,autoattack
     python -m twins_tf.evaluate --weights=robust.weights.h5 --arch=resnet18 --dataset=cifar10 \
         --split=test --attacks=clean,pgd20 --pgd_restarts=5 --output=report.json
+    python -m twins_tf.evaluate --model_dir=runs/dogs --attack_eps=2/255,4/255,8/255 \
+        --strategy=mirrored
 
 The model: with `--model_dir`, the run's `config.json` says what to build and
 `best.weights.h5` (or `--weights`) what to load; without it, `--weights`, `--arch` and
