@@ -3,6 +3,8 @@ r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a tra
     python -m twins_tf.evaluate --model_dir=runs/dogs --attacks=clean,pgd10,autoattack
     python -m twins_tf.evaluate --weights=robust.weights.h5 --arch=resnet18 --dataset=cifar10 \
         --split=test --attacks=clean,pgd20 --pgd_restarts=5 --output=report.json
+    python -m twins_tf.evaluate --model_dir=runs/dogs --attack_eps=2/255,4/255,8/255 \
+        --strategy=mirrored
 
 The model: with `--model_dir`, the run's `config.json` says what to build and
 `best.weights.h5` (or `--weights`) what to load; without it, `--weights`, `--arch` and
@@ -11,7 +13,8 @@ network `export` ships), so every model is evaluated as a plain-BN network in fl
 `--model_dir` whose run has not finished (no summary.json: killed, or still training) is
 refused unless `--allow_unfinished`; the report then says so ("unfinished").
 
-Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--attack_eps`):
+Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--attack_eps`, or
+several radii, comma-separated: one report per radius and a plot of accuracy against radius):
   clean        accuracy on the unperturbed images;
   pgdK         accuracy on PGD-K examples (step `--attack_step`); with `--pgd_restarts=1` no
                random start (spec §7), with R > 1 restarts R random starts and an example
@@ -21,16 +24,22 @@ Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--at
                time; APGD-T and FAB-T target the reference's 9 classes, or every other class
                when the dataset has fewer than 10 (and APGD-T, whose loss needs 4 classes, is
                skipped below 4: the report says so).  The report records what a rerun needs:
-               versions, eps, norm, examples, targets, budgets and seed.  Resumable: progress
-               is kept in `autoattack_<split>_<hash>.npz` beside the report, and a second
-               start with the same weights and data continues from it.
+               versions, eps, norm, examples, targets, budgets and seed, and each example's
+               outcome (`broken_by`).  Resumable: progress is kept in
+               `autoattack_<split>_<hash>_shard<k>of<N>.npz` beside the report (the hash
+               covers everything that changes the result), a second start of the same
+               evaluation continues from it, and the files are removed when it finishes.
+               Under `--strategy=mirrored` or `multi_worker` the batches are shared out over
+               the replicas and workers, with the single-device run's per-example result.
 
 Before the attacks, the sanity checks of `twins_tf.attacks.checks` (randomised model,
 probabilities instead of logits, zero gradients, test-time dynamics) run on the first batch;
 what they find is printed and kept in the report's "checks".
 
-Results go to a printed table and a JSON report (`--output`, by default
-`model_dir/evaluation_<split>.json`).  The split is the test split or the validation split
+Results go to a printed table and a JSON report per radius (`--output`, by default
+`model_dir/evaluation_<split>_eps<radius>_<hash of the other settings>.json`, so a later
+evaluation of other attacks or settings adds a report and never replaces one).  In a
+multi-worker job only the chief writes.  The split is the test split or the validation split
 carved from train (`--split`); `--max_examples` evaluates N examples only, a class-stratified
 subset seeded by the split seed.
 
@@ -42,21 +51,31 @@ import sys
 
 from absl import app, flags
 
-from twins_tf.evaluation import evaluate, format_table, report_path
+from twins_tf.evaluation import evaluate_radii, format_table
 from twins_tf.evaluation.flags import define_flags, settings_from_flags
+from twins_tf.training import distribute
 from twins_tf.training.settings import SetupError
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:  # first: a multi-worker strategy must exist before any other TensorFlow work
+        strategy = distribute.get_strategy(
+            flags.FLAGS.strategy, tpu_address=flags.FLAGS.tpu_address
+        )
+    except (ValueError, RuntimeError) as error:
+        sys.exit(f"evaluate: error: {error}")
     try:
-        report = evaluate(settings_from_flags(flags.FLAGS))
+        evaluation = evaluate_radii(settings_from_flags(flags.FLAGS), strategy=strategy)
     except SetupError as error:
         sys.exit(f"evaluate: error: {error}")
-    print(format_table(report))
-    if report.get("model_dir") or flags.FLAGS.output:
-        print(f"report: {flags.FLAGS.output or report_path(report['model_dir'], report['split'])}")
+    for report, path in zip(evaluation.reports, evaluation.paths):
+        print(format_table(report))
+        if path:
+            print(f"report: {path}")
+    if evaluation.plot:
+        print(f"plot: {evaluation.plot}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ Resuming: `run(..., state_path=p, save_every=n)` writes the per-example results 
 default, the adversarial images) to the .npz file `p` every n batches; called again with the
 same data, settings and path it skips the batches already done.  The random draws of a batch
 depend only on the seed and the batch's index, so a resumed run gives the same numbers as an
-uninterrupted one.
+uninterrupted one, and a shard of an evaluation that passes its batches' indices in the whole
+evaluation (`run(..., batch_indices=...)`) gives each batch the numbers the whole run gives it.
+`state_problem` says why a state file cannot be resumed (a caller sets it aside rather than
+failing) and `read_state` reads a finished one (to merge shards).
 
 It is long because the cascade, its resumable state and its verification are one algorithm
 (the official code keeps them together too).
@@ -53,6 +56,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -458,6 +462,7 @@ class AutoAttack(base.Attack):
         save_every=10,
         keep_adversarial=True,
         verbose=1,
+        batch_indices=None,
     ):
         """Evaluate `model` on a whole test set, resumably, with a progress bar.
 
@@ -472,12 +477,17 @@ class AutoAttack(base.Attack):
           keep_adversarial: keep (and save) the adversarial images; False keeps only the
             per-example results (for large images: 8,580 x 224 x 224 x 3 floats are 5 GB).
           verbose: 1 shows a progress bar, 0 is silent.
+          batch_indices: the index of each batch of `data` in a larger evaluation (default
+            0, 1, 2, ...); a shard of an evaluation passes its batches' indices, so their
+            random draws are the ones the whole evaluation gives them.
 
         Returns:
           An `AutoAttackResult`.
         """
         batches, total = self._batches(data, batch_size)
-        fingerprint = self._fingerprint(batch_size)
+        if batch_indices is not None:
+            batch_indices = [int(i) for i in batch_indices]
+        fingerprint = self._fingerprint(batch_size, batch_indices)
         labels, broken, adversarial, done, self._seconds = [], [], [], 0, {}
         self._zero, self._unconfirmed = [0, 0], [0, 0]
         if state_path and os.path.exists(state_path):
@@ -506,7 +516,13 @@ class AutoAttack(base.Attack):
         remaining = batches.skip(done) if isinstance(batches, tf.data.Dataset) else batches[done:]
         for x, y in remaining:
             x, y = input_checks.check_images_and_labels(x, y, self.who, model=model)  # one-hot: ids
-            x_adv, broken_by = self._attack_batch(model, x, y, batch_index=index)
+            if batch_indices is not None and index >= len(batch_indices):
+                raise ValueError(
+                    f"AutoAttack.run got more batches than the {len(batch_indices)} "
+                    "batch_indices given."
+                )
+            batch_index = index if batch_indices is None else batch_indices[index]
+            x_adv, broken_by = self._attack_batch(model, x, y, batch_index=batch_index)
             labels.append(y.numpy().astype(np.int64))
             broken.append(broken_by)
             if keep_adversarial:
@@ -584,9 +600,48 @@ class AutoAttack(base.Attack):
         ]
         return batches, len(batches)
 
-    def _fingerprint(self, batch_size):
-        """The settings a saved state must match to be resumed."""
-        return json.dumps(dict(self.get_config(), batch_size=batch_size), sort_keys=True)
+    def _fingerprint(self, batch_size, batch_indices=None):
+        """The settings a saved state must match to be resumed (a shard's batches too)."""
+        settings = dict(self.get_config(), batch_size=batch_size)
+        if batch_indices is not None:
+            settings["batch_indices"] = hashlib.sha1(json.dumps(batch_indices).encode()).hexdigest()
+        return json.dumps(settings, sort_keys=True)
+
+    def state_problem(self, path, batch_size, *, keep_adversarial=True, batch_indices=None):
+        """Why the state file `path` cannot be resumed by `run` with these arguments, in a
+        few words, or None when it can (or does not exist)."""
+        if not os.path.exists(path):
+            return None
+        if batch_indices is not None:
+            batch_indices = [int(i) for i in batch_indices]
+        try:
+            with np.load(path) as state:
+                saved = str(state["fingerprint"])
+                done = int(state["batches_done"])
+                has_images = "x_adv" in state.files
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            return f"unreadable: {error}"
+        if saved != self._fingerprint(batch_size, batch_indices):
+            return f"written with other settings: {saved}"
+        if keep_adversarial and done and not has_images:
+            return "it holds no adversarial images"
+        return None
+
+    @staticmethod
+    def read_state(path):
+        """The per-example results a state file holds, as a dict: `labels`, `broken_by`
+        (concatenated over its batches), `batch_sizes`, `batches_done`, `seconds` ({sub-attack:
+        seconds}) and `counts` (zero-gradient examples, DLR-attacked examples, unconfirmed
+        points, points reported fooled)."""
+        with np.load(path) as state:
+            return {
+                "labels": state["labels"],
+                "broken_by": state["broken_by"],
+                "batch_sizes": state["batch_sizes"],
+                "batches_done": int(state["batches_done"]),
+                "seconds": json.loads(str(state["seconds"])) if "seconds" in state.files else {},
+                "counts": [int(v) for v in state["counts"]],
+            }
 
     @staticmethod
     def _save(path, fingerprint, labels, broken, adversarial, batches_done, seconds, counts):

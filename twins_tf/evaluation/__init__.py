@@ -4,18 +4,21 @@ The library side of `python -m twins_tf.evaluate` (which only parses flags and c
 `evaluate`), so a library user or another binary (`compare`, the demo) evaluates without
 importing a binary:
 
-    inputs.py          the attack list, settings resolved from a run's config.json, model, data
-    autoattack_run.py  resumable AutoAttack (state file beside the report), per sub-attack
+    inputs.py          the attack list and radii, settings resolved from a run's config.json,
+                       model, data, where the reports go
+    shards.py          how batches are shared out over a strategy's replicas and workers
+    autoattack_run.py  sharded, resumable AutoAttack (state files beside the report)
     checks.py          the official code's sanity checks on the first batch
-    report.py          the report dict, its JSON file and the printed table
-    runner.py          one evaluation end to end: `evaluate(settings)`
+    report.py          the report dict, its JSON file, the printed table, the radius plot
+    runner.py          one evaluation end to end: `evaluate(settings)` (one radius),
+                       `evaluate_radii(settings)` (one report per radius)
 
 Clean and PGD accuracy over a pipeline (`evaluate_batched`) count with `twins_tf.accuracy`, the
 loop the trainer and the interpolation path use too.
 """
 
 from twins_tf.accuracy import accuracy_counter, evaluate_batched
-from twins_tf.evaluation.autoattack_run import autoattack_state_path, run_autoattack
+from twins_tf.evaluation.autoattack_run import run_autoattack, state_paths
 from twins_tf.evaluation.checks import model_checks
 from twins_tf.evaluation.inputs import (
     AUTOATTACK,
@@ -26,11 +29,13 @@ from twins_tf.evaluation.inputs import (
     load_examples,
     load_model,
     parse_attacks,
-    report_path,
+    parse_radii,
+    report_paths,
     resolve,
 )
-from twins_tf.evaluation.report import build_report, format_table, write_report
-from twins_tf.evaluation.runner import evaluate
+from twins_tf.evaluation.report import build_report, format_table, write_radius_plot, write_report
+from twins_tf.evaluation.runner import Evaluation, evaluate, evaluate_radii
+from twins_tf.evaluation.shards import ShardLayout, layout_of
 
 __all__ = [
     "AUTOATTACK",
@@ -38,18 +43,24 @@ __all__ = [
     "DEFAULTS",
     "REPORT_PREFIX",
     "SPLITS",
+    "Evaluation",
+    "ShardLayout",
     "accuracy_counter",
-    "autoattack_state_path",
     "build_report",
     "evaluate",
     "evaluate_batched",
+    "evaluate_radii",
     "format_table",
+    "layout_of",
     "load_examples",
     "load_model",
     "model_checks",
     "parse_attacks",
-    "report_path",
+    "parse_radii",
+    "report_paths",
     "resolve",
     "run_autoattack",
+    "state_paths",
+    "write_radius_plot",
     "write_report",
 ]

@@ -8,6 +8,7 @@ can reuse it; tests; library users who accept evaluate's flags) parses them the 
 from absl import flags
 
 from twins_tf.evaluation.inputs import DEFAULTS, SPLITS
+from twins_tf.training.distribute import STRATEGIES
 from twins_tf.training.flags import define_data_flags, define_fraction
 
 
@@ -32,21 +33,21 @@ def define_flags(flag_values):
     names += define_data_flags(flag_values, from_run=True)  # as train's, default: the run's
     define("enum", "split", "Split to evaluate on.", enum_values=list(SPLITS))
     define("list", "attacks", "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
-    define_fraction(
+    define(
+        "list",
         "attack_eps",
-        DEFAULTS["attack_eps"],
-        "L-inf radius in [0, 1] pixel units (default: the run's, else 8/255).",
-        flag_values,
-        None,
+        "L-inf radius in [0, 1] pixel units, or several, comma-separated (2/255,4/255,8/255): "
+        "one report per radius and a plot of accuracy against radius (default: the run's, "
+        "else 8/255).",
     )
     define_fraction(
         "attack_step",
         DEFAULTS["attack_step"],
-        "PGD step size (default: the run's, else 2/255).",
+        "PGD step size, the same for every radius (default: the run's, else 2/255).",
         flag_values,
         None,
     )
-    names += ["attack_eps", "attack_step"]
+    names.append("attack_step")
     define("integer", "pgd_restarts", "PGD restarts (> 1 uses random starts).")
     define(
         "enum",
@@ -70,8 +71,18 @@ def define_flags(flag_values):
     define(
         "string",
         "output",
-        "JSON report path (default: model_dir/evaluation_<split>.json; none without --model_dir).",
+        "JSON report path (several radii: <stem>_eps<radius>.json each); default: "
+        "model_dir/evaluation_<split>_eps<radius>_<settings hash>.json, none without "
+        "--model_dir.",
     )
+    define(
+        "enum",
+        "strategy",
+        "tf.distribute strategy AutoAttack's batches are shared out over (mirrored: local "
+        "devices; multi_worker: TF_CONFIG's workers, sharing --model_dir).",
+        enum_values=list(STRATEGIES),
+    )
+    define("string", "tpu_address", "TPU name or grpc://host:port for --strategy=tpu.")
     return names
 
 

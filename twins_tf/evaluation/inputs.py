@@ -6,6 +6,9 @@ value before anything is loaded, so a typo costs a one-line `SetupError`, not a 
 after minutes of data loading.
 """
 
+import fractions
+import hashlib
+import json
 import os
 import re
 
@@ -45,7 +48,22 @@ DEFAULTS = {
     "seed": 0,
     "output": None,
     "allow_unfinished": False,
+    "strategy": "default",
+    "tpu_address": None,
 }
+
+# The settings that do not change an evaluation's numbers, left out of its report's name.
+_NOT_IN_THE_RESULT = (
+    "model_dir",
+    "weights",
+    "data_dir",
+    "tfds_data_dir",
+    "attack_eps",
+    "output",
+    "allow_unfinished",
+    "strategy",
+    "tpu_address",
+)
 
 # Settings an evaluation takes from the run's config.json when its flag is not given.
 _FROM_THE_RUN = (
@@ -77,9 +95,91 @@ def parse_attacks(names):
     return attacks
 
 
-def report_path(model_dir, split):
-    """The default JSON report of an evaluation of `model_dir` on `split`."""
-    return os.path.join(model_dir, f"{REPORT_PREFIX}{split}.json")
+def parse_radii(value, label="--attack_eps"):
+    """The L-inf radii of `--attack_eps` (a comma list such as `2/255,4/255,8/255`, a number,
+    or a list of either) as floats, in the order given.
+
+    Raises:
+      SetupError: an entry that is no number, outside (0, 1], or given twice.
+    """
+    items = value.split(",") if isinstance(value, str) else value
+    items = list(items) if isinstance(items, (list, tuple)) else [items]
+    text = ",".join(str(item) for item in items)
+    if not items or any(isinstance(i, str) and not i.strip() for i in items):
+        raise SetupError(
+            f"{label}={text} has an empty entry; give radii like --attack_eps=2/255,4/255,8/255."
+        )
+    radii = []
+    for item in items:
+        try:
+            radius = float(fractions.Fraction(item.strip()) if isinstance(item, str) else item)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise SetupError(
+                f"{label}: {item!r} is neither a number nor a fraction like 8/255."
+            ) from None
+        if not 0 < radius <= 1:
+            raise SetupError(
+                f"{label}={text}: the radius {item} is outside (0, 1]; radii are L-inf in "
+                f"[0, 1] pixel units (8/255 or 0.0314, not 8)."
+            )
+        if radius_label(radius) in map(radius_label, radii):
+            raise SetupError(f"{label}={text} names the radius {radius_label(radius)} twice.")
+        radii.append(radius)
+    return radii
+
+
+def radius_label(radius):
+    """A radius as file names show it: `8-255` for 8/255, else its 6 significant digits."""
+    in_255ths = radius * 255
+    if abs(in_255ths - round(in_255ths)) < 1e-6:
+        return f"{round(in_255ths)}-255"
+    return f"{radius:.6g}"
+
+
+def report_paths(settings):
+    """Where each radius's report goes (one path per radius, in order), and the radius
+    plot's path (None for one radius); ([None...], None) with neither --output nor
+    --model_dir.
+
+    `--output` is the report's file for one radius; for several, each radius's report is
+    `<output stem>_eps<radius><ext>` and the plot `<output stem>_radii.png`.  By default the
+    reports go into the run's directory, named by the split, the radius and a hash of every
+    other setting that changes the numbers, so an evaluation of another configuration adds
+    a report and never replaces one.
+    """
+    s = settings
+    radii = s["radii"]
+    labels = [radius_label(r) for r in radii]
+    several = len(radii) > 1
+    if s.get("output"):
+        if not several:
+            return [s["output"]], None
+        stem, extension = os.path.splitext(s["output"])
+        paths = [f"{stem}_eps{label}{extension or '.json'}" for label in labels]
+        return paths, f"{stem}_radii.png"
+    if not s.get("model_dir"):
+        return [None] * len(radii), None
+    key = configuration_key(s)
+    stem = os.path.join(s["model_dir"], f"{REPORT_PREFIX}{s['split']}")
+    paths = [f"{stem}_eps{label}_{key}.json" for label in labels]
+    return paths, (f"{stem}_radii_{key}.png" if several else None)
+
+
+def configuration_key(settings):
+    """A hash of the resolved settings that change an evaluation's numbers, but its radius."""
+    kept = {k: v for k, v in settings.items() if k in DEFAULTS and k not in _NOT_IN_THE_RESULT}
+    kept["attacks"] = [name for name, _ in settings["attack_list"]]
+    kept["weights_sha1"] = settings["weights_sha1"]
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def file_sha1(path):
+    """The SHA-1 of a file's bytes (a weights file names the model an evaluation saw)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def unfinished_run(model_dir):
@@ -148,8 +248,6 @@ def resolve(settings):
         for key in _FROM_THE_RUN:
             if s.get(key) is None:
                 s[key] = config.get(key)
-        if s.get("output") is None:
-            s["output"] = report_path(s["model_dir"], s["split"])
         for key in ("data_dir", "tfds_data_dir"):
             if settings.get(key) is None and s.get(key) is not None and not _path_exists(s[key]):
                 raise SetupError(
@@ -189,10 +287,15 @@ def resolve(settings):
     except ValueError as error:
         raise SetupError(str(error)) from None
     s["dataset"], s["image_size"], s["upsample"] = spec.name, spec.image_size, spec.upsample
-    s["attack_eps"] = 8 / 255 if s.get("attack_eps") is None else s["attack_eps"]
+    if s.get("attack_eps") is None:
+        s["radii"] = [8 / 255]
+    elif settings.get("attack_eps") is None:  # the run's
+        s["radii"] = parse_radii(s["attack_eps"], "the run's attack_eps (in its config.json)")
+    else:
+        s["radii"] = parse_radii(s["attack_eps"])
+    s["attack_eps"] = s["radii"][0]  # each radius's evaluation sets its own
     s["attack_step"] = 2 / 255 if s.get("attack_step") is None else s["attack_step"]
-    for name in ("attack_eps", "attack_step"):
-        check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
+    check_pixel_budget(s["attack_step"], "--attack_step", given_as="flag", error=SetupError)
     s["attack_list"] = parse_attacks(s["attacks"])
     if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
         raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
@@ -203,6 +306,7 @@ def resolve(settings):
             f"weights file not found: {s['weights']}"
             + (" (the run has not finished an epoch yet?)" if config else "")
         )
+    s["weights_sha1"] = file_sha1(s["weights"])
     s["num_classes"] = config.get("num_classes")
     return s
 

@@ -6,7 +6,7 @@ users' scripts), so it is built in one place and `format_table` reads only what 
 
 import os
 
-from twins_tf.evaluation.inputs import AUTOATTACK
+from twins_tf.evaluation.inputs import AUTOATTACK, CLEAN
 from twins_tf.training import model_dir as run_files
 
 
@@ -68,3 +68,28 @@ def format_table(report):
     if report.get("unfinished"):  # evaluated with --allow_unfinished
         lines.append(f"warning: {report['unfinished']}")
     return "\n".join(lines)
+
+
+def write_radius_plot(path, reports):
+    """A PNG of accuracy against radius, one line per attack, from one report per radius.
+
+    Clean accuracy does not depend on the radius: it is drawn as a dashed level line.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    radii = [255 * report["epsilon"] for report in reports]
+    figure = Figure(figsize=(5, 3.5), layout="tight")
+    axes = figure.add_subplot()
+    for name in reports[0]["results"]:
+        accuracies = [100 * report["results"][name]["accuracy"] for report in reports]
+        if name == CLEAN:
+            axes.axhline(accuracies[0], color="gray", linestyle="--", label=name)
+        else:
+            axes.plot(radii, accuracies, marker="o", label=name)
+    first = reports[0]
+    axes.set_xlabel("L-inf radius (x/255)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"{first['arch']} on {first['dataset']} ({first['split']})")
+    axes.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=100)
