@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from binaries_testlib import (
     REPO_ROOT,
@@ -18,6 +19,7 @@ from binaries_testlib import (
     binary_command,
     file_snapshot,
     free_ports,
+    read_weights,
     run_binary,
     settings,
     source_run,
@@ -223,16 +225,18 @@ def test_under_multi_worker_every_worker_trains_and_only_the_chief_reports(
     tmp_path_factory, tmp_path
 ):
     """Two workers of one MultiWorkerMirroredStrategy job (TF_CONFIG on 127.0.0.1) run one
-    compare: both train the run (the chief in its model_dir, the other in worker_1), and only
-    the chief evaluates it and writes the report and the model cards."""
+    compare of two runs: both workers train every run (the chief in its model_dir, the other
+    in worker_1) in one strategy, and only the chief evaluates and writes the report and the
+    model cards.  The same compare on a 2-replica MirroredStrategy (one process) splits every
+    batch alike, so it learns the same weights and the same accuracies."""
     pretrained = source_run(tmp_path_factory) / run_files.BEST_WEIGHTS
     output_dir = tmp_path / "out"
     args = [
         f"--flagfile={_flagfile(tmp_path, pretrained)}",
-        "--methods=at",
+        "--methods=at,twins_at",
         "--seeds=0",
         f"--output_dir={output_dir}",
-        "--attacks=clean",
+        "--attacks=clean,pgd1",
         "--eval_max_examples=16",
         "--eval_batch_size=16",
         "--strategy=multi_worker",
@@ -253,18 +257,47 @@ def test_under_multi_worker_every_worker_trains_and_only_the_chief_reports(
     ]
     try:
         (chief_out, chief_err), (worker_out, worker_err) = [
-            worker.communicate(timeout=600) for worker in workers
+            worker.communicate(timeout=900) for worker in workers
         ]
     finally:
         for worker in workers:
             worker.kill()
     assert [w.returncode for w in workers] == [0, 0], (chief_err[-2000:], worker_err[-2000:])
-    run = output_dir / "runs" / "at_seed0"
-    assert chief_out.count(f"starting; {run}\n") == 1
-    assert worker_out.count(f"starting; {run / 'worker_1'}\n") == 1
-    assert (run / "worker_1" / run_files.SUMMARY_FILE).is_file()
+    runs = [output_dir / "runs" / name for name in ("at_seed0", "twins_at_seed0")]
+    for run in runs:
+        assert chief_out.count(f"starting; {run}\n") == 1
+        assert worker_out.count(f"starting; {run / 'worker_1'}\n") == 1
+        assert (run / "worker_1" / run_files.SUMMARY_FILE).is_file()
+        assert (run / comparison.EVALUATION_FILE).is_file()
+        assert not (run / "worker_1" / comparison.EVALUATION_FILE).exists()
     assert "report: " in chief_out and "report: " not in worker_out
     assert "the chief evaluates them and writes the report" in worker_out + worker_err
-    assert (run / comparison.EVALUATION_FILE).is_file()
-    assert not (run / "worker_1" / comparison.EVALUATION_FILE).exists()
-    assert len(list((output_dir / "report" / "model_cards").rglob("*.json"))) == 1
+    assert len(list((output_dir / "report" / "model_cards").rglob("*.json"))) == 2
+
+    mirrored_dir = tmp_path / "mirrored"
+    base = settings("train", [a for a in args if a.startswith("--flagfile")])
+    comparison.compare(
+        {**base, "strategy": "mirrored", "deterministic": True},  # compare's default
+        **_grid(mirrored_dir, ["at", "twins_at"], [0]),
+        log=lambda *_: None,
+    )
+    for run in runs:
+        mirrored = mirrored_dir / "runs" / run.name
+        # The same replicas' batches and reductions in another runtime: float rounding (the
+        # bound of train's two-worker test) ...
+        a, b = (
+            read_weights(run / run_files.BEST_WEIGHTS),
+            read_weights(mirrored / run_files.BEST_WEIGHTS),
+        )
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        # ... so the same 16 examples are classified alike, but for one that rounding moves
+        # across a decision boundary.
+        for attack in ("clean", "pgd1"):
+            accuracies = [
+                json.loads((d / comparison.EVALUATION_FILE).read_text())["results"][attack][
+                    "accuracy"
+                ]
+                for d in (run, mirrored)
+            ]
+            assert abs(accuracies[0] - accuracies[1]) <= 1 / 16 + 1e-9, (run.name, attack)

@@ -7,6 +7,7 @@ run, which split every batch alike), the results must agree to float rounding.
 """
 
 import json
+import shutil
 import subprocess
 
 import keras
@@ -16,7 +17,9 @@ import tensorflow as tf
 from binaries_testlib import (
     FINETUNE_ARGS,
     REPO_ROOT,
+    SOURCE_ARGS,
     binary_command,
+    finetune_run,
     free_ports,
     read_weights,
     settings,
@@ -86,13 +89,17 @@ def _snapshot(model_dir):
     return {p: p.stat().st_mtime_ns for p in model_dir.rglob("*")}
 
 
-def test_a_twin_run_keeps_its_replica_count_a_plain_run_may_change_it(tmp_path, pretrained, capsys):
-    twin_dir = tmp_path / "twin"
-    loop.run(_finetune(pretrained, twin_dir, "--epochs=1"), verbose=0)
+def test_a_twin_run_keeps_its_replica_count_a_plain_run_may_change_it(
+    tmp_path_factory, tmp_path, pretrained, capsys
+):
+    """The finished TWINS-AT run (1 replica) extended on 2 replicas is refused in one line,
+    nothing written; the finished PGD-AT source run (plain BN) extended on 2 continues, with
+    a note."""
+    twin_dir = finetune_run(tmp_path_factory)
     assert json.loads((twin_dir / "config.json").read_text())["replicas"] == 1
     before = _snapshot(twin_dir)
     with pytest.raises(SetupError) as error:
-        loop.run(_finetune(pretrained, twin_dir, "--epochs=2", "--strategy=mirrored"), verbose=0)
+        loop.run(_finetune(pretrained, twin_dir, "--epochs=3", "--strategy=mirrored"), verbose=0)
     message = str(error.value)
     assert "\n" not in message
     assert "trained on 1 replica(s), and this process has 2" in message
@@ -100,16 +107,19 @@ def test_a_twin_run_keeps_its_replica_count_a_plain_run_may_change_it(tmp_path, 
     assert _snapshot(twin_dir) == before
 
     plain_dir = tmp_path / "plain"
-    loop.run(_finetune(pretrained, plain_dir, "--epochs=1", "--method=at"), verbose=0)
+    shutil.copytree(source_run(tmp_path_factory), plain_dir)
     capsys.readouterr()
     summary = loop.run(
-        _finetune(pretrained, plain_dir, "--epochs=2", "--method=at", "--strategy=mirrored"),
+        settings(
+            "pretrain",
+            [*SOURCE_ARGS, f"--model_dir={plain_dir}", "--epochs=3", "--strategy=mirrored"],
+        ),
         verbose=0,
     )
     out = capsys.readouterr().out
     assert "trained on 1 replica(s) and continues on 2" in out
-    assert "resuming after epoch 1" in out
-    assert summary["trained_epochs"] == 2
+    assert "resuming after epoch 2" in out
+    assert summary["trained_epochs"] == 3
 
 
 def _two_workers(args, timeout=600):

@@ -6,6 +6,7 @@ TensorFlow, with no twins_tf attack code.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -92,7 +93,9 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
     assert results["pgd3"]["random_start"] is False
     assert report["epsilon"] == pytest.approx(8 / 255)  # the run's, from config.json
 
-    (written_path,) = source.glob("evaluation_test_eps8-255_*.json")  # the one radius's report
+    # The one radius's report, among the other tests' reports of this shared run (each
+    # configuration has its own file): the newest.
+    written_path = max(source.glob("evaluation_test_eps8-255_*.json"), key=os.path.getmtime)
     written = json.loads(written_path.read_text())
     assert written == json.loads(json.dumps(report))
     assert (written["split"], written["examples"], written["arch"]) == (
@@ -198,6 +201,7 @@ def test_needs_a_model_dir_or_weights_arch_and_dataset(tmp_path):
         evaluation.evaluate(evaluate_settings([f"--model_dir={tmp_path}"]))
 
 
+@pytest.mark.slow  # AutoAttack at the standard budget: ~75 s
 def test_the_binary_prints_each_sub_attack_at_the_full_budget(source, tmp_path):
     """`python -m twins_tf.evaluate --attacks=autoattack`, standard budget, 10 examples."""
     from binaries_testlib import run_binary
