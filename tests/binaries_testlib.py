@@ -127,6 +127,35 @@ def subprocess_env(**extra):
     return env
 
 
+def multi_worker_job(command, *, workers=2, timeout=600, **env):
+    """Runs `command` (a list of words) as the `workers` processes of one
+    MultiWorkerMirroredStrategy job on loopback (TF_CONFIG on 127.0.0.1, free ports) and
+    waits for them; returns [(returncode, stdout, stderr)] by worker index."""
+    import json
+
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            text=True,
+            env=subprocess_env(
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                **env,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(workers)
+    ]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [(process.returncode, out, err) for process, (out, err) in zip(processes, outputs)]
+
+
 def run_binary(module, args, *, timeout=300, **env):
     """Runs `python -m twins_tf.<module> <args>` to completion; returns the CompletedProcess."""
     return subprocess.run(

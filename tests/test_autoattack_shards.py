@@ -9,11 +9,12 @@ are computed whole by every process, so they equal the single-process numbers ex
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import quick_autoattack
-from binaries_testlib import REPO_ROOT, evaluate_settings, free_ports, source_run, subprocess_env
+from binaries_testlib import REPO_ROOT, evaluate_settings, multi_worker_job, source_run
 
 from twins_tf import data as data_lib
 from twins_tf import evaluation
@@ -159,37 +160,20 @@ def test_mirrored_shards_equal_the_single_device_run_per_example(source, referen
     assert mirrored["results"]["pgd2"]["correct"] == single["results"]["pgd2"]["correct"]
 
 
+@pytest.mark.slow  # two worker processes on loopback: ~30 s on top of the mirrored test
 def test_two_workers_on_loopback_equal_the_single_process_run_per_example(
     source, reference, tmp_path
 ):
     """Two processes of one MultiWorkerMirroredStrategy job (TF_CONFIG on 127.0.0.1), each
     attacking every other batch; only the chief writes the report."""
-    import subprocess
-    import sys
-
     model_dir = _copy_of_run(source, tmp_path / "run")
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "tests/quick_autoattack.py"]
-                + _args(model_dir, "--strategy=multi_worker"),
-                cwd=REPO_ROOT,
-                text=True,
-                env=subprocess_env(TF_CONFIG=tf_config, PYTHONPATH=str(REPO_ROOT)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
-    try:
-        outputs = [worker.communicate(timeout=600) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-3000:]
+    job = multi_worker_job(
+        [sys.executable, "tests/quick_autoattack.py", *_args(model_dir, "--strategy=multi_worker")],
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    for returncode, _, err in job:
+        assert returncode == 0, err[-3000:]
+    outputs = [(out, err) for _, out, err in job]
     (path,) = model_dir.glob("evaluation_test_eps8-255_*.json")
     assert f"report: {path}" in outputs[0][0] and "report:" not in outputs[1][0]
     aa = json.loads(path.read_text())["results"]["autoattack"]

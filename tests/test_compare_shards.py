@@ -18,7 +18,7 @@ from binaries_testlib import (
     TINY,
     binary_command,
     file_snapshot,
-    free_ports,
+    multi_worker_job,
     read_weights,
     run_binary,
     settings,
@@ -241,28 +241,10 @@ def test_under_multi_worker_every_worker_trains_and_only_the_chief_reports(
         "--eval_batch_size=16",
         "--strategy=multi_worker",
     ]
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = [
-        subprocess.Popen(
-            binary_command("compare", args),
-            cwd=REPO_ROOT,
-            env=subprocess_env(
-                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-            ),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for i in range(2)
-    ]
-    try:
-        (chief_out, chief_err), (worker_out, worker_err) = [
-            worker.communicate(timeout=900) for worker in workers
-        ]
-    finally:
-        for worker in workers:
-            worker.kill()
-    assert [w.returncode for w in workers] == [0, 0], (chief_err[-2000:], worker_err[-2000:])
+    (chief_rc, chief_out, chief_err), (worker_rc, worker_out, worker_err) = multi_worker_job(
+        binary_command("compare", args), timeout=900
+    )
+    assert [chief_rc, worker_rc] == [0, 0], (chief_err[-2000:], worker_err[-2000:])
     runs = [output_dir / "runs" / name for name in ("at_seed0", "twins_at_seed0")]
     for run in runs:
         assert chief_out.count(f"starting; {run}\n") == 1

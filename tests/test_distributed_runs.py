@@ -6,9 +6,7 @@ same thing (an evaluation in inference mode; a 2-worker job and a 2-replica Mirr
 run, which split every batch alike), the results must agree to float rounding.
 """
 
-import json
 import shutil
-import subprocess
 
 import keras
 import numpy as np
@@ -16,15 +14,12 @@ import pytest
 import tensorflow as tf
 from binaries_testlib import (
     FINETUNE_ARGS,
-    REPO_ROOT,
     SOURCE_ARGS,
     binary_command,
-    finetune_run,
-    free_ports,
+    multi_worker_job,
     read_weights,
     settings,
     source_run,
-    subprocess_env,
 )
 
 from twins_tf import data as data_lib
@@ -34,7 +29,7 @@ from twins_tf.trainer import AdversarialTrainer
 from twins_tf.training import distribute, loop, runs, trainer_setup
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.run_callbacks import read_metrics
-from twins_tf.training.settings import SetupError
+from twins_tf.training.settings import Settings, SetupError
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +87,14 @@ def _snapshot(model_dir):
 def test_a_twin_run_keeps_its_replica_count_a_plain_run_may_change_it(
     tmp_path_factory, tmp_path, pretrained, capsys
 ):
-    """The finished TWINS-AT run (1 replica) extended on 2 replicas is refused in one line,
-    nothing written; the finished PGD-AT source run (plain BN) extended on 2 continues, with
-    a note."""
-    twin_dir = finetune_run(tmp_path_factory)
-    assert json.loads((twin_dir / "config.json").read_text())["replicas"] == 1
+    """A TWINS-AT run started on 1 replica and continued on 2 is refused in one line, nothing
+    written; the finished PGD-AT source run (plain BN) extended on 2 continues, with a note."""
+    twin_dir = tmp_path / "twin"  # a run killed in its first epoch: its config.json only
+    twin = Settings.from_dict(_finetune(pretrained, twin_dir))
+    run_files.write_config(twin_dir, twin.replace(replicas=1, num_classes=5))
     before = _snapshot(twin_dir)
     with pytest.raises(SetupError) as error:
-        loop.run(_finetune(pretrained, twin_dir, "--epochs=3", "--strategy=mirrored"), verbose=0)
+        loop.run(_finetune(pretrained, twin_dir, "--strategy=mirrored"), verbose=0)
     message = str(error.value)
     assert "\n" not in message
     assert "trained on 1 replica(s), and this process has 2" in message
@@ -122,32 +117,6 @@ def test_a_twin_run_keeps_its_replica_count_a_plain_run_may_change_it(
     assert summary["trained_epochs"] == 3
 
 
-def _two_workers(args, timeout=600):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    workers = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(
-            subprocess.Popen(
-                binary_command("train", args),
-                cwd=REPO_ROOT,
-                text=True,
-                env=subprocess_env(TF_CONFIG=tf_config),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
-    try:
-        outputs = [worker.communicate(timeout=timeout) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, (_, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-3000:]
-    return outputs
-
-
 @pytest.mark.slow  # two worker processes through an init stage and a main run: ~2 min
 def test_two_workers_run_the_init_probe_and_an_uneven_validation_like_one_process(
     tmp_path, pretrained
@@ -168,8 +137,9 @@ def test_two_workers_run_the_init_probe_and_an_uneven_validation_like_one_proces
     ]
     model_dir = tmp_path / "multi_worker"
     args = [*FINETUNE_ARGS, f"--pretrained={pretrained}", f"--model_dir={model_dir}", *extra]
-    outputs = _two_workers([*args, "--strategy=multi_worker"])
-    for out, _ in outputs:
+    job = multi_worker_job(binary_command("train", [*args, "--strategy=multi_worker"]))
+    for returncode, out, err in job:
+        assert returncode == 0, err[-3000:]
         assert out.count("2 replica(s)") == 2  # the probe and the main run
     assert (model_dir / "init" / "summary.json").is_file()
     assert (model_dir / "summary.json").is_file()

@@ -23,7 +23,7 @@ from binaries_testlib import (
     binary_command,
     file_snapshot,
     finetune_run,
-    free_ports,
+    multi_worker_job,
     read_weights,
     run_binary,
     settings,
@@ -327,36 +327,15 @@ def test_flagfile_run_and_sigkill_resume_give_the_uninterrupted_weights(tmp_path
 
 
 # --- multi-worker ------------------------------------------------------------------------------
+@pytest.mark.slow  # ~50 s; test_distributed_runs runs the same job with --init
 def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, pretrained):
     """Two local processes of one MultiWorkerMirroredStrategy job (TF_CONFIG on 127.0.0.1)
     train together; the chief writes into model_dir, the other worker into model_dir/worker_1,
     and both end with the same weights, equal to a 2-replica MirroredStrategy run's."""
     model_dir = tmp_path / "multi_worker"
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     args = _args(pretrained, model_dir, "--strategy=multi_worker", "--epochs=1")
-    workers = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        workers.append(
-            subprocess.Popen(
-                binary_command("train", args),
-                cwd=REPO_ROOT,
-                text=True,
-                env=subprocess_env(TF_CONFIG=tf_config),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        )
-    outputs = []
-    try:
-        for worker in workers:
-            outputs.append(worker.communicate(timeout=400))
-    finally:
-        for worker in workers:
-            worker.kill()
-    for worker, (out, err) in zip(workers, outputs):
-        assert worker.returncode == 0, err[-3000:]
+    for returncode, out, err in multi_worker_job(binary_command("train", args), timeout=400):
+        assert returncode == 0, err[-3000:]
         assert "2 replica(s)" in out
     chief_weights = model_dir / "last.weights.h5"
     worker_weights = model_dir / "worker_1" / "last.weights.h5"
