@@ -10,6 +10,10 @@ PIP := $(VENV)/bin/pip
 DEMO_STAMP := $(VENV)/.twins_tf-installed
 TEST_STAMP := $(VENV)/.twins_tf-test-installed
 TEST_FLAGS ?=
+# timm, the reference for the ConvNeXt/ViT backbones, in its own virtualenv (tests/timm_requirements.txt
+# says why): `make test` creates it, the parity tests run it as a subprocess.
+TIMM_VENV ?= .venv-timm
+TIMM_STAMP := $(TIMM_VENV)/.installed
 # This machine keeps the CPU build of torch 2.13.0 as a local wheel (PyPI's newest is CUDA).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
@@ -28,10 +32,15 @@ $(TEST_STAMP): setup.py Makefile | $(VENV)/bin/python
 	$(PIP) install $(FIND_LINKS) -e '.[test]'
 	touch $(DEMO_STAMP) $(TEST_STAMP)
 
+$(TIMM_STAMP): tests/timm_requirements.txt
+	$(PYTHON) -m venv $(TIMM_VENV)
+	$(TIMM_VENV)/bin/pip install -r tests/timm_requirements.txt
+	touch $(TIMM_STAMP)
+
 demo: $(DEMO_STAMP)
 	$(PY) -m twins_tf.demo --output_dir=demo_out
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(TIMM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests $(TEST_FLAGS)
@@ -42,8 +51,8 @@ bench: $(TEST_STAMP)
 # Bazel (Debian's bazel-bootstrap 4.2.3, offline): one target per module, test file and binary.
 # tools/bazel_test.sh apt-installs bazel-bootstrap only when no `bazel` is on PATH.
 BAZEL_FLAGS ?=
-bazel-test: $(TEST_STAMP)
+bazel-test: $(TEST_STAMP) $(TIMM_STAMP)
 	tools/bazel_test.sh $(BAZEL_FLAGS)
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(TIMM_VENV) demo_out .pytest_cache

@@ -7,14 +7,6 @@ we depend on exactly one.  The default is the CPU build; on a GPU machine instal
 
 tensorflow-datasets 4.9.10 imports `importlib_resources` without declaring it, so we do.
 
-The test extra takes timm, the library the robust ConvNeXt and ViT checkpoints are written
-for and the reference the converted backbones are checked against.  timm imports torchvision
-when it is imported, and PyPI's torchvision does not import beside the CPU wheel of torch
-2.13.0 ("operator torchvision::nms does not exist"), so the tests pin the pair torch 2.14.1 /
-torchvision 0.29.1, which import together: a CUDA build that also runs on the CPU, about
-5.5 GB in the virtualenv and 50 s of `pip install` on a machine that keeps the wheels on disk.
-Users who only read checkpoints keep the `torch` extra (the smaller CPU wheel where there is one).
-
 keras-cv is not a dependency: nothing here imports it (README, "Installing", says why), and
 its install pulls keras-core and kagglehub, a network client, into a product that never
 touches the network.
@@ -51,9 +43,7 @@ setup(
         # MadryLab's robustness checkpoints are pickled with it (read with --allow_pickle).
         "torch": ["torch==2.13.0", "safetensors==0.8.0", "dill==0.4.1"],
         "test": [
-            "torch==2.14.1",
-            "torchvision==0.29.1",  # imported by timm
-            "timm==1.0.31",  # the reference for ConvNeXt and ViT (tests/test_timm_parity.py)
+            "torch==2.13.0",
             "safetensors==0.8.0",
             "dill==0.4.1",
             "pytest==9.2.0",

@@ -26,11 +26,11 @@ from torch_resnet import (
 
 from twins_tf.layers import TwinBatchNormalization
 from twins_tf.models import (
-    ARCHITECTURES,
     FoldedConvBatchNormalization,
     build_resnet,
     fold_batch_norm,
 )
+from twins_tf.models.resnet import ARCHITECTURES
 from twins_tf.weights import load_torch_state_dict, read_torch_checkpoint
 
 RELATIVE_TOLERANCE = 1e-4

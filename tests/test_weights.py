@@ -336,10 +336,10 @@ def test_head_true_needs_the_same_number_of_classes(expected):
     np.testing.assert_array_equal(model.get_layer("fc").kernel.numpy(), before[-2])
 
 
-def test_models_not_from_build_resnet_are_refused(expected):
+def test_models_not_from_build_model_are_refused(expected):
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="conv1")(inputs))
-    with pytest.raises(weights.CheckpointError, match="build_resnet") as info:
+    with pytest.raises(weights.CheckpointError, match="build_model") as info:
         weights.load_torch_state_dict(model, expected)
     one_line(info)
 

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.models.registry import ARCHITECTURES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "PyTorch (.ckpt/.pt/.pth), .safetensors or .npz file.")

@@ -232,7 +232,7 @@ def resolve(settings):
       SetupError: a missing or wrong value.
     """
     from twins_tf import data as data_lib
-    from twins_tf.models.resnet import ARCHITECTURES
+    from twins_tf.models.registry import ARCHITECTURES
 
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
@@ -312,17 +312,17 @@ def resolve(settings):
 
 
 def load_model(settings):
-    """A plain-BN `build_resnet` model in float32 carrying the weights (Adaptive wing of twins).
+    """A plain-BN `build_model` model in float32 carrying the weights (Adaptive wing of twins).
 
     Raises:
       SetupError: the weights file is corrupt or of another architecture or head size.
     """
     from twins_tf import weights
-    from twins_tf.models.resnet import build_resnet
+    from twins_tf.models.registry import build_model
     from twins_tf.training import run_callbacks
 
     s = settings
-    model = build_resnet(
+    model = build_model(
         s["arch"],
         s["num_classes"],
         twin=False,

@@ -1,7 +1,16 @@
-"""Model builders: torchvision-layout ResNets (resnet.py) and their BN-folded inference view
-(folding.py)."""
+"""Model builders: one table of architectures (registry.py) over the families that build them
+(resnet.py: torchvision-layout ResNets), and the BN-folded inference view (folding.py)."""
 
 from twins_tf.models.folding import FoldedConvBatchNormalization, fold_batch_norm
-from twins_tf.models.resnet import ARCHITECTURES, build_resnet
+from twins_tf.models.registry import ARCHITECTURES, arch_of, build_model, has_batch_norm
+from twins_tf.models.resnet import build_resnet
 
-__all__ = ["ARCHITECTURES", "FoldedConvBatchNormalization", "build_resnet", "fold_batch_norm"]
+__all__ = [
+    "ARCHITECTURES",
+    "FoldedConvBatchNormalization",
+    "arch_of",
+    "build_model",
+    "build_resnet",
+    "fold_batch_norm",
+    "has_batch_norm",
+]

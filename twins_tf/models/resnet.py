@@ -33,15 +33,11 @@ because the pool follows a ReLU (every value is >= 0 and every window holds at l
 value).  Do not reuse `_stem`'s pooling on inputs that can be negative.
 """
 
-import math
-
 import keras
-from keras import ops
 
 from twins_tf.layers import BatchNormalization, TwinBatchNormalization
+from twins_tf.models.common import ImageNetNormalization, head_initializer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 BN_MOMENTUM = 0.9  # Keras convention; PyTorch's 0.1
 BN_EPSILON = 1e-5
 
@@ -55,38 +51,6 @@ ARCHITECTURES = {
     "wide_resnet50_2": ("bottleneck", (3, 4, 6, 3), 2),
 }
 _EXPANSION = {"basic": 1, "bottleneck": 4}
-
-
-@keras.saving.register_keras_serializable(package="twins_tf")
-class ImageNetNormalization(keras.layers.Layer):
-    """Clamp [0, 1] images to [0, 1], then `(x - mean) / std` with the ImageNet statistics.
-
-    Keras's `Normalization` layer divides by `sqrt(variance)` and has no clamp, so this small
-    layer does both with the exact constants PyTorch uses.
-    """
-
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, **kwargs):
-        super().__init__(**kwargs)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-
-    def call(self, inputs):
-        x = ops.clip(inputs, 0.0, 1.0)
-        mean = ops.convert_to_tensor(self.mean, dtype=x.dtype)
-        std = ops.convert_to_tensor(self.std, dtype=x.dtype)
-        return (x - mean) / std
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "mean": self.mean, "std": self.std}
-
-
-def head_initializer(fan_in):
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear default, for kernel and bias."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(-bound, bound)
 
 
 def build_resnet(

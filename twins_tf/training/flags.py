@@ -28,7 +28,7 @@ from absl import flags
 
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
-from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.models.registry import ARCHITECTURES
 from twins_tf.training.settings import (
     ADDED_SETTINGS,
     BINARIES,

@@ -4,7 +4,7 @@ from twins_tf.training.settings import SetupError, as_settings
 
 
 def build_model(settings, num_replicas=1):
-    """The run's classifier: `build_resnet` (twin for twin methods) with `--pretrained` loaded.
+    """The run's classifier: `twins_tf.models.build_model` (twin for twin methods), `--pretrained` loaded.
 
     A plain-BN model trained on several replicas gets synchronized BatchNormalization: Keras
     BN otherwise keeps per-replica moving statistics that drift apart (and saves replica 0's).
@@ -18,7 +18,7 @@ def build_model(settings, num_replicas=1):
       SetupError: the pre-trained file is missing, corrupt or of another architecture.
     """
     from twins_tf import weights
-    from twins_tf.models.resnet import build_resnet
+    from twins_tf.models.registry import build_model as build_network
 
     s = as_settings(settings)
     if s.num_classes is None:
@@ -26,7 +26,7 @@ def build_model(settings, num_replicas=1):
             "build_model needs settings with num_classes (the run's data sets "
             "it): pass settings.replace(num_classes=...)."
         )
-    model = build_resnet(
+    model = build_network(
         s.arch,
         s.num_classes,
         twin=s.twin,

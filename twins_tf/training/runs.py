@@ -54,7 +54,7 @@ def read_run_config(model_dir):
 def load_run(model_dir, weights="best"):
     """The network of the run in `model_dir` with its best or last weights, as it trained.
 
-    The model is `twins_tf.models.build_resnet` with the run's arch, head, input size and
+    The model is `twins_tf.models.build_model` with the run's arch, head, input size and
     upsampling: a twin model (both wings, as saved) for a twin method's run, a plain-BN one
     otherwise; `twins_tf.untwin` turns a twin model into the plain inference network.  It is
     built under the current Keras dtype policy.  An AutoLoRa run (`lora_rank` > 0) gives its
@@ -78,7 +78,7 @@ def load_run(model_dir, weights="best"):
         hold a NaN or infinity (a diverged run).
     """
     from twins_tf import weights as weights_lib
-    from twins_tf.models.resnet import build_resnet
+    from twins_tf.models.registry import build_model
     from twins_tf.training import run_callbacks
 
     config = read_run_config(model_dir)
@@ -93,7 +93,7 @@ def load_run(model_dir, weights="best"):
             f'No weights file {path}: {hint}; weights= takes "best", "last" or a .weights.h5 path.'
         )
     size, twin = int(config["image_size"]), bool(config["twin"])
-    model = build_resnet(
+    model = build_model(
         config["arch"],
         int(config["num_classes"]),
         twin=twin,

@@ -28,7 +28,7 @@ import os
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
 from twins_tf.input_checks import check_pixel_budget
-from twins_tf.models.resnet import ARCHITECTURES
+from twins_tf.models.registry import ARCHITECTURES
 from twins_tf.training import distribute
 
 TRAIN = "train"

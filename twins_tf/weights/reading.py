@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from twins_tf.models.resnet import IMAGENET_MEAN, IMAGENET_STD
+from twins_tf.models.common import IMAGENET_MEAN, IMAGENET_STD
 from twins_tf.weights.architectures import infer_arch_from_state_dict
 from twins_tf.weights.errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
 

@@ -1,40 +1,41 @@
-"""Putting a torchvision-keyed state dict into a `build_resnet` model.
+"""Putting a PyTorch state dict into a `build_model` model, all or nothing.
 
-The Keras layers of `build_resnet` are named after torchvision's modules with `_` for `.`
-(`layer1_0_bn1` is `layer1.0.bn1`), so each torchvision key names its layer and variable:
-conv kernels go from OIHW to HWIO, the `fc` weight from (out, in) to (in, out), and every BN
-key goes into the BN's variable, in both wings of a twin layer (`twins_tf.bn_wings`).
+Each family's layout module says which Keras variables each of its PyTorch keys fills
+(`resnet_keys`: torchvision's ResNets); this module checks a state dict against that list
+(missing, unexpected and mis-shaped keys are errors that name them) and assigns it whole.
 """
 
-import keras
 import numpy as np
 
-from twins_tf import bn_wings
-from twins_tf.weights.architectures import (
-    infer_arch,
-    infer_arch_from_state_dict,
-    weighted_layers,
-)
+from twins_tf.models import heads, registry
+from twins_tf.weights import resnet_keys
 from twins_tf.weights.errors import CheckpointError
 from twins_tf.weights.reading import to_numpy
 
-_TORCH_BN = ("weight", "bias", "running_mean", "running_var")
+# family -> the module listing its PyTorch keys (torch_keys, HEAD_PREFIX, arch_from_state_dict)
+LAYOUTS = {"resnet": resnet_keys}
 
 
-def _torch_keys(layer):
-    """torchvision key -> (the Keras variables it goes into, transform) for one layer."""
-    prefix = layer.name.replace("_", ".")
-    if isinstance(layer, keras.layers.Conv2D):
-        return {f"{prefix}.weight": ([layer.kernel], lambda w: np.transpose(w, (2, 3, 1, 0)))}
-    if isinstance(layer, keras.layers.Dense):
-        return {
-            f"{prefix}.weight": ([layer.kernel], np.transpose),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    return {  # BatchNormalization (one variable each) and TwinBatchNormalization (both wings)
-        f"{prefix}.{torch_name}": (bn_wings.wing_variables(layer, attribute), None)
-        for torch_name, attribute in zip(_TORCH_BN, bn_wings.PLAIN)
-    }
+def layout_of(arch):
+    """The layout module of `arch`'s family."""
+    return LAYOUTS[registry.family_of(arch)]
+
+
+def model_arch(model):
+    """The arch of a `build_model` model; CheckpointError if it is not one."""
+    try:
+        return registry.arch_of(model)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def arch_from_state_dict(state_dict):
+    """The first arch, over every family, whose PyTorch keys `state_dict` has, or None."""
+    for layout in LAYOUTS.values():
+        arch = layout.arch_from_state_dict(state_dict)
+        if arch:
+            return arch
+    return None
 
 
 def _summarise(keys, limit=6):
@@ -44,20 +45,22 @@ def _summarise(keys, limit=6):
 
 
 def load_torch_state_dict(model, state_dict, *, head=False):
-    """Puts a torchvision-keyed state dict into a `build_resnet` model, all or nothing.
+    """Puts a PyTorch state dict of the model's layout into a `build_model` model, all or nothing.
 
-    Conv kernels go from OIHW to HWIO, the `fc` weight from (out, in) to (in, out); every BN
-    gets gamma/beta/running mean/running variance, in **both** wings of a
-    `TwinBatchNormalization`.  With `head=False` the model keeps its fresh `fc` and any `fc.*`
-    entries are ignored; with `head=True` they are loaded and must fit the model's head.
+    The layout is the one the checkpoints of the model's family are written in (torchvision's
+    for ResNets).  Conv kernels go from OIHW to HWIO, Linear weights from (out, in) to (in, out);
+    every BN gets gamma/beta/running mean/running variance, in **both** wings of a
+    `TwinBatchNormalization`.  With `head=False` the model keeps its fresh head and the
+    checkpoint's head entries (`fc.*` for ResNets) are ignored; with `head=True` they are
+    loaded and must fit the model's head.
 
     Args:
-      model: a model from `twins_tf.models.build_resnet` (twin or plain).
-      state_dict: {torchvision key: array}, e.g. from `read_torch_checkpoint`.
-      head: also load `fc.weight` / `fc.bias`.
+      model: a model from `twins_tf.models.build_model` (twin or plain).
+      state_dict: {PyTorch key: array}, e.g. from `read_torch_checkpoint`.
+      head: also load the head's weight and bias.
 
     Returns:
-      The sorted list of torchvision keys that were loaded.
+      The sorted list of PyTorch keys that were loaded.
 
     Raises:
       CheckpointError: missing or unexpected keys (listed; with the checkpoint's arch when it
@@ -68,15 +71,16 @@ def load_torch_state_dict(model, state_dict, *, head=False):
       >>> model = build_resnet("resnet50", num_classes=10)
       >>> load_torch_state_dict(model, read_torch_checkpoint("resnet50_linf_eps4.0.ckpt"))
     """
-    arch = infer_arch(model)
+    arch = model_arch(model)
+    layout = layout_of(arch)
+    head_prefix = layout.HEAD_PREFIX
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    expected = {}  # torchvision key -> (variables, transform)
-    for layer in weighted_layers(model).values():
-        for key, (variables, transform) in _torch_keys(layer).items():
-            if key.startswith("fc.") and not head:
-                continue
-            expected[key] = (variables, transform)
-    provided = {k for k in state_dict if head or not k.startswith("fc.")}
+    expected = {  # PyTorch key -> (variables, transform)
+        key: entry
+        for key, entry in layout.torch_keys(model).items()
+        if head or not key.startswith(head_prefix)
+    }
+    provided = {k for k in state_dict if head or not k.startswith(head_prefix)}
     missing, unexpected = set(expected) - provided, provided - set(expected)
     if missing or unexpected:
         raise CheckpointError(_key_mismatch_message(arch, state_dict, missing, unexpected))
@@ -90,12 +94,13 @@ def load_torch_state_dict(model, state_dict, *, head=False):
             continue
         assignments.extend((variable, value) for variable in variables)
     if bad_shapes:
-        fc_shape = np.shape(state_dict.get("fc.weight", ()))
-        if head and any(s.startswith("fc.") for s in bad_shapes) and len(fc_shape) == 2:
+        head_shape = np.shape(state_dict.get(f"{head_prefix}weight", ()))
+        if head and any(s.startswith(head_prefix) for s in bad_shapes) and len(head_shape) == 2:
+            layer = heads.head_layer(model)
             raise CheckpointError(
-                f"the checkpoint's head has {fc_shape[0]} classes but the model's fc has "
-                f"{model.get_layer('fc').units}: build the model with num_classes="
-                f"{fc_shape[0]} or load with head=False for a fresh head."
+                f"the checkpoint's head has {head_shape[0]} classes but the model's "
+                f"{layer.name} has {layer.units}: build the model with num_classes="
+                f"{head_shape[0]} or load with head=False for a fresh head."
             )
         raise CheckpointError(
             "checkpoint shapes (after transposing to Keras layout) do not fit the model: "
@@ -107,7 +112,7 @@ def load_torch_state_dict(model, state_dict, *, head=False):
 
 
 def _key_mismatch_message(wanted, state_dict, missing, unexpected):
-    found = infer_arch_from_state_dict(state_dict)
+    found = arch_from_state_dict(state_dict)
     parts = []
     if found and found != wanted:
         parts.append(f"the checkpoint holds a {found} but the model is a {wanted}")
@@ -115,6 +120,7 @@ def _key_mismatch_message(wanted, state_dict, missing, unexpected):
         parts.append(f"missing keys: {_summarise(missing)}")
     if unexpected:
         parts.append(f"unexpected keys: {_summarise(unexpected)}")
-    return f"checkpoint does not fit {wanted} (expected torchvision {wanted} keys): " + "; ".join(
-        parts
+    return (
+        f"checkpoint does not fit {wanted} (expected the PyTorch keys of {wanted}): "
+        + "; ".join(parts)
     )

@@ -1,0 +1,71 @@
+"""Runs timm, the reference for the ConvNeXt and ViT backbones, in its own virtualenv.
+
+Executed by `.venv-timm/bin/python` (tests/timm_requirements.txt says why it is a separate
+environment); the tests call it through `timm_testlib.run`.  One request, one `.npz` answer:
+
+    python tests/timm_reference.py request.json answer.npz
+
+request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
+"seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
+The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
+normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
+(timm initialises LayerScale to 1e-6, which would hide any error in the blocks behind it).
+"""
+
+import json
+import sys
+
+import numpy as np
+import timm
+import torch
+
+
+def randomise(model, seed):
+    """Redraws every parameter and BN buffer: weights ~ N(0, 1/fan_in), 1-d parameters
+    around 1 (norm scales) or 0 (biases, LayerScale), embeddings ~ N(0, 0.5^2)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std):
+        return torch.randn(shape, generator=generator) * std
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            shape = parameter.shape
+            if parameter.ndim == 1 and name.endswith("weight"):
+                parameter.copy_(1.0 + normal(shape, 0.2))
+            elif parameter.ndim == 1:
+                parameter.copy_(normal(shape, 0.2))
+            elif name.endswith(("pos_embed", "cls_token")):
+                parameter.copy_(normal(shape, 0.5))
+            else:
+                fan_in = int(np.prod(shape[1:]))
+                parameter.copy_(normal(shape, fan_in**-0.5))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(normal(buffer.shape, 0.1))
+            elif name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+
+
+def logits(request):
+    model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    randomise(model, int(request["seed"]))
+    model.eval()
+    images = np.load(request["images"]).astype(np.float32)
+    mean = np.asarray(request["mean"], np.float32)
+    std = np.asarray(request["std"], np.float32)
+    x = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        out = model(x).numpy()
+    state = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
+    return {"logits": out, **state}
+
+
+COMMANDS = {"logits": logits}
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    with open(sys.argv[1]) as f:
+        request = json.load(f)
+    answer = COMMANDS[request["command"]](request)
+    np.savez(sys.argv[2], **answer)
