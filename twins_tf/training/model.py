@@ -4,7 +4,7 @@ from twins_tf.training.settings import SetupError, as_settings
 
 
 def build_model(settings, num_replicas=1):
-    """The run's classifier: `twins_tf.models.build_model` (twin for twin methods), `--pretrained` loaded.
+    """The run's classifier: `models.build_model` (twin for twin methods), `--pretrained` loaded.
 
     A plain-BN model trained on several replicas gets synchronized BatchNormalization: Keras
     BN otherwise keeps per-replica moving statistics that drift apart (and saves replica 0's).
