@@ -33,6 +33,13 @@ flags.DEFINE_integer(
     "Expected head size (an error if the checkpoint's differs); the head size to write for a "
     "checkpoint without fc (default 1000).",
 )
+flags.DEFINE_integer(
+    "image_size",
+    224,
+    "Height and width of the images the network will see, after any --upsample of the run. "
+    "Only a ViT depends on it: its position embeddings are resampled to that patch grid. "
+    "ResNets and ConvNeXts fit any size.",
+)
 flags.mark_flags_as_required(["checkpoint", "arch", "output"])
 
 
@@ -40,7 +47,7 @@ def describe(summary):
     """The lines `main` prints about a conversion (see `weights.convert_checkpoint`)."""
     container = f", entry {summary['container']!r}" if summary.get("container") else ""
     lines = [f"format: {summary['format']}{container}"]
-    layout = summary.get("arch") or "not a known ResNet layout"
+    layout = summary.get("arch") or "not a known layout"
     lines.append(f"arch in file: {layout} (from its keys)")
     if "epoch" in summary:
         lines.append(f"epoch: {summary['epoch']}")
@@ -76,6 +83,7 @@ def main(argv):
             FLAGS.output,
             allow_pickle=FLAGS.allow_pickle,
             num_classes=FLAGS.num_classes,
+            image_size=FLAGS.image_size,
         )
     except (weights.CheckpointError, FileNotFoundError, ImportError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
