@@ -6,13 +6,24 @@ which TWINS needs: its two wings are BN's population statistics (Frozen) and bat
 (Adaptive), so a network normalised only by LayerNorm has nothing to twin.
 """
 
+import collections
+
+from twins_tf import methods
 from twins_tf.models import resnet
 
-# family -> (its ARCHITECTURES, its builder, arch -> whether it has BatchNormalization)
+Family = collections.namedtuple(
+    "Family", ["architectures", "build", "has_batch_norm", "input_size_problem"]
+)
+Family.__doc__ = """How a family builds its archs.
+
+`build(arch, num_classes, *, twin, input_shape, upsample, synchronized)`; `has_batch_norm(arch)`;
+`input_size_problem(arch, size)`: None if the network takes `size` x `size` images (after
+upsampling), else a one-line message naming the nearest sizes it takes."""
+
 FAMILIES = {
-    "resnet": (resnet.ARCHITECTURES, resnet.build_resnet, lambda arch: True),
+    "resnet": Family(resnet.ARCHITECTURES, resnet.build_resnet, lambda arch: True, None),
 }
-ARCHITECTURES = {arch: family for family, (archs, _, _) in FAMILIES.items() for arch in archs}
+ARCHITECTURES = {arch: name for name, family in FAMILIES.items() for arch in family.architectures}
 TWIN_SUFFIX = "_twin"
 
 
@@ -27,15 +38,22 @@ def family_of(arch):
 
 def has_batch_norm(arch):
     """Whether `arch` has BatchNormalization layers, the ones a twin model splits in two wings."""
-    return FAMILIES[family_of(arch)][2](arch)
+    return FAMILIES[family_of(arch)].has_batch_norm(arch)
+
+
+def input_size_problem(arch, size):
+    """None if `arch` takes `size` x `size` images (after upsampling), else why not, in a line."""
+    check = FAMILIES[family_of(arch)].input_size_problem
+    return check(arch, size) if check else None
 
 
 def twin_methods_need_batch_norm(arch):
     """The one-line refusal of a twin model of an arch without BatchNormalization."""
+    plain = ", ".join(name for name, method in methods.METHODS.items() if not method.twin)
     return (
         f"{arch} has no BatchNormalization: TWINS needs BN's population statistics (its "
-        "Frozen wing) and batch statistics (its Adaptive wing), so twin methods do not apply; "
-        "use clean, at, trades, l2sp or autolora."
+        "Frozen wing) and batch statistics (its Adaptive wing), so twin methods do not apply "
+        f"to it; use one of {plain}."
     )
 
 
@@ -61,8 +79,7 @@ def build_model(
     family = family_of(arch)
     if twin and not has_batch_norm(arch):
         raise ValueError(twin_methods_need_batch_norm(arch))
-    builder = FAMILIES[family][1]
-    return builder(
+    return FAMILIES[family].build(
         arch,
         num_classes,
         twin=twin,

@@ -28,6 +28,7 @@ import os
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
 from twins_tf.input_checks import check_pixel_budget
+from twins_tf.models import registry
 from twins_tf.models.registry import ARCHITECTURES
 from twins_tf.training import distribute
 
@@ -422,6 +423,15 @@ def _checked_values(settings):
             f"{', '.join(methods)}{hint}."
         )
     s["twin"] = bool(methods_lib.get(s["method"]).twin)
+    if s["twin"] and not registry.has_batch_norm(s["arch"]):
+        raise SetupError(
+            f"--method={s['method']}: {registry.twin_methods_need_batch_norm(s['arch'])}"
+        )
+    size_problem = registry.input_size_problem(s["arch"], s["image_size"] * s["upsample"])
+    if size_problem:
+        raise SetupError(
+            f"--image_size={s['image_size']} --upsample={s['upsample']}: {size_problem}"
+        )
     _resolve_schedule(s)
     for name in ("attack_eps", "attack_step"):
         check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
