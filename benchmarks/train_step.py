@@ -16,9 +16,15 @@ The step is Keras's own compiled train function (`trainer.make_train_function()`
 and `train_on_batch` run) called on one in-memory batch, so no input pipeline is timed.  Its
 first call traces the step (with jit_compile, also XLA-compiles it); that time is reported
 as "first call s" and excluded from the step time, the median of --repeats later calls.
-Models are built with `build_resnet(arch, classes, twin=<twins_* method>)` *after* the dtype
-policy is set, so under "mixed_bfloat16" the network trains in bfloat16; the PGD attack
-stays float32 (the `twins_tf.attacks.PGD` default) unless --pgd_compute_dtype policy.
+Models are built with `twins_tf.models.build_model(arch, classes, twin=<twins_* method>)`
+*after* the dtype policy is set, so under "mixed_bfloat16" the network trains in bfloat16; the
+PGD attack stays float32 (the `twins_tf.attacks.PGD` default) unless --pgd_compute_dtype policy.
+Any arch of `build_model` runs (resnet18, convnext_tiny, vit_s16, ...).  Twin methods need
+BatchNormalization, so for the LayerNorm backbones (ConvNeXt, ViT) their rows are skipped
+(said on stderr) and the breakdown uses the plain model; which archs have BN is asked of the
+registry once, in a subprocess, before any row runs (the driver itself imports no TensorFlow).
+At the default 64 px a ViT-S/16 sees a 4 x 4 patch grid (17 tokens with the class token) and
+a ConvNeXt's last stage a 2 x 2 map: the same pixels for every arch; see vs_pytorch.py.
 
 Every configuration runs in a fresh subprocess (this script re-invoked with a hidden --one
 flag that prints one JSON line), so its peak RSS (`ru_maxrss`) is its own and no dtype policy,
@@ -69,6 +75,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = ("clean", "at", "trades", "l2sp", "twins_at", "twins_trades")
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -96,13 +103,40 @@ def _csv(choices=None):
     return parse
 
 
+# Run by arch_batch_norm in a child process, so that the driver never imports TensorFlow.
+_ASK_REGISTRY = """
+import json, sys
+from twins_tf.models import registry
+try:
+    print(json.dumps({arch: registry.has_batch_norm(arch) for arch in sys.argv[1:]}))
+except ValueError as error:
+    sys.exit(str(error))
+"""
+
+
+def arch_batch_norm(archs, root=ROOT):
+    """{arch: whether it has BatchNormalization} from `twins_tf.models.registry` (of the
+    checkout `root`), asked in a child process; exits with the registry's one-line message
+    for an unknown arch, before any configuration runs."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _ASK_REGISTRY, *archs], capture_output=True, text=True, env=env
+    )
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()] or ["no output"]
+        sys.exit(f"error: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--archs",
         type=_csv(),
         default=["resnet18"],
-        help="comma-separated build_resnet archs, e.g. resnet18,resnet50",
+        help="comma-separated build_model archs, e.g. resnet18,convnext_tiny,vit_s16",
     )
     parser.add_argument(
         "--methods",
@@ -247,14 +281,14 @@ def run_train_step(config):
     import tensorflow as tf
 
     from twins_tf import methods as methods_lib
-    from twins_tf.models import build_resnet
+    from twins_tf.models import build_model
 
     keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy(config["precision"])  # before building the model
     try:
         method = methods_lib.get(config["method"])
         size = config["image_size"]
-        model = build_resnet(
+        model = build_model(
             config["arch"], config["num_classes"], twin=method.twin, input_shape=(size, size, 3)
         )
         x, y = _inputs(tf, config["batch"], size, config["num_classes"])
@@ -286,11 +320,11 @@ def run_breakdown(config):
 
     from twins_tf import methods as methods_lib
     from twins_tf.attacks import PGD
-    from twins_tf.models import build_resnet
+    from twins_tf.models import build_model
 
     keras.utils.set_random_seed(0)
     size, steps = config["image_size"], config["pgd_steps"]
-    model = build_resnet(
+    model = build_model(
         config["arch"], config["num_classes"], twin=config["twin"], input_shape=(size, size, 3)
     )
     x, y = _inputs(tf, config["batch"], size, config["num_classes"])
@@ -436,7 +470,11 @@ class Header:
         self.printed = True
 
 
-def part1(args, common, header):
+def part1(args, common, header, batch_norm):
+    twin = [m for m in args.methods if m.startswith("twins_")]
+    for arch in args.archs:
+        if twin and not batch_norm[arch]:
+            _progress(f"{arch} has no BatchNormalization: {', '.join(twin)} skipped for it")
     configs = [
         dict(
             common,
@@ -450,6 +488,7 @@ def part1(args, common, header):
         for precision in args.precisions
         for jit in args.jit
         for method in args.methods
+        if batch_norm[arch] or method not in twin
     ]
     rows, table_started = [], False
     for index, config in enumerate(configs, 1):
@@ -564,14 +603,19 @@ def print_ratios(args, rows):
                     )
 
 
-def part2(args, common, header):
+def part2(args, common, header, batch_norm):
+    twin = args.breakdown_model == "twin" and batch_norm[args.breakdown_arch]
+    if args.breakdown_model == "twin" and not twin:
+        _progress(
+            f"{args.breakdown_arch} has no BatchNormalization: the breakdown uses the plain model"
+        )
     results = {}
     for jit in (False, True):
         config = dict(
             common,
             kind="breakdown",
             arch=args.breakdown_arch,
-            twin=args.breakdown_model == "twin",
+            twin=twin,
             jit=jit,
         )
         _progress(f"[breakdown] {args.breakdown_arch} jit={_jit(jit)} ...")
@@ -586,8 +630,9 @@ def part2(args, common, header):
 
 def print_part2(args, results):
     k = args.pgd_steps
+    model = next((("twin" if r["twin"] else "plain") for r in results.values()), "?")
     print(
-        f"\nXLA breakdown: {args.breakdown_arch} ({args.breakdown_model} BN), float32, "
+        f"\nXLA breakdown: {args.breakdown_arch} ({model} model), float32, "
         f"{args.image_size} px, batch {args.batch}, k = {k}; each part one tf.function with "
         f"jit_compile off / on; trace = Python tracing, first call = graph optimisation or "
         f"XLA compilation + one run, steady = median of {args.repeats} calls after it\n"
@@ -665,11 +710,14 @@ def main():
     )
     header = Header(args)
     started = time.perf_counter()
+    breakdown = args.xla_breakdown or args.xla_breakdown_only
+    archs = ([] if args.xla_breakdown_only else args.archs) + ([args.breakdown_arch] * breakdown)
+    batch_norm = arch_batch_norm(archs)
     if not args.xla_breakdown_only:
-        rows = part1(args, common, header)
+        rows = part1(args, common, header, batch_norm)
         print_ratios(args, rows)
-    if args.xla_breakdown or args.xla_breakdown_only:
-        print_part2(args, part2(args, common, header))
+    if breakdown:
+        print_part2(args, part2(args, common, header, batch_norm))
     print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
 
 

@@ -2,21 +2,45 @@
 
     python benchmarks/vs_pytorch.py            # 24 processes; see "Cost" below
     python benchmarks/vs_pytorch.py --archs resnet18 --rounds 5
+    python benchmarks/vs_pytorch.py --archs resnet18,convnext_tiny,vit_s16 --methods at --rounds 1
     python benchmarks/vs_pytorch.py --image_size 224 --batch 128 --pgd_steps 10   # spec setting
     python benchmarks/vs_pytorch.py --archs resnet18 --methods twins_at \\
         --tf_variants fused,fold,bf16,inter2            # the levers, each against "fused"
 
-What is compared.  The same network (torchvision-layout ResNet-18 / ResNet-50: `build_resnet`
-in twins_tf, the plain-PyTorch mirror of tests/torch_resnet.py on the torch side, both with the
-[0, 1] clamp and ImageNet normalisation inside), the same input size, batch, number of PGD
-steps (L-inf, eps 8/255, alpha 2/255, random start, model in eval mode), SGD(0.003,
-momentum 0.9, weight decay 1e-5) and the same number of threads.  twins_tf runs its own
+What is compared.  The same network, both sides with the [0, 1] clamp and ImageNet
+normalisation inside (tests/torch_resnet.py's `TorchPixelResNet` front on the torch side):
+twins_tf's `build_model(arch, ...)` against, for the ResNets (torchvision layout), the plain
+PyTorch mirror of tests/torch_resnet.py, and for convnext_tiny and vit_s16 timm's own model
+(`timm.create_model("convnext_tiny" | "vit_small_patch16_224", pretrained=False,
+num_classes=..., img_size=... for the ViT)`, the network twins_tf's families reproduce).  The
+same input size, batch, number of PGD steps (L-inf, eps 8/255, alpha 2/255, random start,
+model in eval mode), SGD(0.003, momentum 0.9, weight decay 1e-5) and the same number of
+threads.  twins_tf runs its own
 `AdversarialTrainer` step (Keras's compiled train function, what `fit` runs) for at, twins_at,
 trades, twins_trades; PyTorch runs the plain loop a user would write: a PGD loop in eval mode,
 then `train()`, forward(s), loss, backward, `optimizer.step()`, for AT (CE on x_adv) and TRADES
 (CE-PGD attack, as the twins_tf trainer uses, then CE(x) + 6 KL(x || x_adv) / B).  twins_tf's
 steps do one more inference forward, over the clean and adversarial batch, for the
 `clean_*` / `adv_*` metrics (about 2/(3k+5) of an AT step with PGD-k); the torch loop does not.
+
+Which PyTorch.  The ResNet rows run under this script's Python (the main virtualenv: torch
+2.13.0, CPU build), as before the LayerNorm backbones came.  timm does not import there, so the
+torch worker of convnext_tiny / vit_s16 runs under the timm environment's Python (--timm_python,
+default $TWINS_TF_TIMM_PYTHON or <repo>/.venv-timm/bin/python, which `make test` creates from
+tests/timm_requirements.txt): torch 2.14.1 with timm 1.0.31.  So the torch rows of the two
+kinds ran different torch builds; the last line of the output names each arch's.  The
+twins_tf rows all run under this script's Python.  ConvNeXt and ViT have no BatchNormalization,
+so twin methods do not apply to them (the registry says so); their twins_* rows are skipped,
+only at and trades run.
+
+Image size.  The default 64 px is kept for every arch, without upsampling: the same pixels and
+PGD budget for all rows, and the few minutes per configuration stay few.  For vit_s16 that is
+a 4 x 4 patch grid (17 tokens with the class token; timm's img_size=64 gives the same): the
+step is then mostly the per-token Dense layers and the attention over 17 tokens is a small
+part, unlike at 224 px (197 tokens).  --upsample N (nearest-neighbour inside both models, as
+`build_model(upsample=N)` and `TorchPixelResNet(upsample=N)` do, timm's img_size = size x N)
+measures the geometry of fine-tuning on upsampled small images instead, at several times the
+cost.  ConvNeXt at 64 px ends at a 2 x 2 map (total stride 32).
 
 How.  Every (framework, arch, method, variant) runs in its own process (this script re-run with
 a hidden --one flag, printing one JSON line), so the peak RSS (`ru_maxrss`) is that step's and
@@ -78,7 +102,7 @@ import subprocess
 import sys
 import time
 
-from train_step import _csv  # the comma-list flag type, shared (benchmarks/ is on sys.path)
+from train_step import _csv, arch_batch_norm  # shared (benchmarks/ is on sys.path)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -108,12 +132,18 @@ VARIANT_ENV = {
 EPSILON, STEP_SIZE = 8 / 255, 2 / 255
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, BETA = 0.003, 0.9, 1e-5, 6.0
 RESULT_PREFIX = "@@vs_pytorch@@ "
+RESNETS = ("resnet18", "resnet34", "resnet50")  # torch side: tests/torch_resnet.py
+# Our arch -> (timm model of the torch side, whether timm's create_model takes img_size).
+TIMM_MODELS = {
+    "convnext_tiny": ("convnext_tiny", False),
+    "vit_s16": ("vit_small_patch16_224", True),
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--archs", type=_csv(("resnet18", "resnet34", "resnet50")), default=["resnet18", "resnet50"]
+        "--archs", type=_csv((*RESNETS, *TIMM_MODELS)), default=["resnet18", "resnet50"]
     )
     parser.add_argument(
         "--methods",
@@ -124,6 +154,9 @@ def parse_args(argv=None):
     parser.add_argument("--tf_variants", type=_csv(TF_VARIANTS), default=["fused"])
     parser.add_argument("--tf_path", help="import twins_tf from this checkout (variant 'base')")
     parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument(
+        "--upsample", type=int, default=1, help="nearest-neighbour factor inside both models"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pgd_steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -139,6 +172,12 @@ def parse_args(argv=None):
         help="OMP_WAIT_POLICY of the workers (PyTorch's OpenMP threads; "
         "TensorFlow's pools ignore it); see the module docstring",
     )
+    parser.add_argument(
+        "--timm_python",
+        default=os.environ.get("TWINS_TF_TIMM_PYTHON")
+        or os.path.join(ROOT, ".venv-timm", "bin", "python"),
+        help="Python of the timm environment, for the torch side of " + ", ".join(TIMM_MODELS),
+    )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,6 +187,15 @@ def parse_args(argv=None):
         parser.error("--rounds, --repeats, --threads must be >= 1 and --pgd_steps >= 0")
     if "base" in args.tf_variants and not args.tf_path:
         parser.error("variant 'base' needs --tf_path (a checkout of the code to compare with)")
+    if args.upsample < 1:
+        parser.error("--upsample must be >= 1")
+    timm_archs = [arch for arch in args.archs if arch in TIMM_MODELS]
+    if timm_archs and not args.one and not os.path.exists(args.timm_python):
+        parser.error(
+            f"no timm environment at {args.timm_python} (the PyTorch side of "
+            f"{', '.join(timm_archs)}): `make test` creates it from tests/timm_requirements.txt, "
+            "or name its python with --timm_python or TWINS_TF_TIMM_PYTHON."
+        )
     return args
 
 
@@ -204,11 +252,23 @@ def run_torch(config):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from torch_resnet import TorchPixelResNet, TorchResNet
 
+    arch, num_classes, upsample = config["arch"], config["num_classes"], config["upsample"]
+    version = f"torch {torch.__version__}"
+    if arch in TIMM_MODELS:
+        import timm  # the timm environment's Python runs this worker (see _launch)
+
+        version += f", timm {timm.__version__}"
     memory = dict(imported=_peak_rss_mib())
     torch.set_num_threads(config["threads"])
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    net = TorchPixelResNet(TorchResNet(config["arch"], config["num_classes"]))
+    if arch in TIMM_MODELS:
+        name, takes_img_size = TIMM_MODELS[arch]
+        kwargs = {"img_size": config["image_size"] * upsample} if takes_img_size else {}
+        network = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        network = TorchResNet(arch, num_classes)
+    net = TorchPixelResNet(network, upsample=upsample)
     optimizer = torch.optim.SGD(
         net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
@@ -253,9 +313,7 @@ def run_torch(config):
     first, times, cpu = _time(step, config["repeats"])
     memory["step"] = _peak_rss_mib()
     memory["resident_at_end"] = _resident_mib()
-    return dict(
-        first_s=first, step_times=times, cpu_times=cpu, version=torch.__version__, memory=memory
-    )
+    return dict(first_s=first, step_times=times, cpu_times=cpu, version=version, memory=memory)
 
 
 def tf_trainer(config):
@@ -279,8 +337,12 @@ def tf_trainer(config):
 
     from twins_tf import methods as methods_lib
     from twins_tf.attacks import PGD
-    from twins_tf.models import build_resnet
     from twins_tf.trainer import AdversarialTrainer
+
+    try:
+        from twins_tf.models import build_model
+    except ImportError:  # a --tf_path checkout older than the registry builds ResNets only
+        from twins_tf.models import build_resnet as build_model
 
     memory = dict(imported=_peak_rss_mib())
     keras.utils.set_random_seed(0)
@@ -288,8 +350,12 @@ def tf_trainer(config):
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     method = methods_lib.get(config["method"])
     size = config["image_size"]
-    model = build_resnet(
-        config["arch"], config["num_classes"], twin=method.twin, input_shape=(size, size, 3)
+    model = build_model(
+        config["arch"],
+        config["num_classes"],
+        twin=method.twin,
+        input_shape=(size, size, 3),
+        upsample=config.get("upsample", 1),
     )
     attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0)
     trainer_class = AdversarialTrainer
@@ -355,10 +421,13 @@ def run_one(config_json):
 
 
 # --- the driver ------------------------------------------------------------------------------
-def _configs(args):
+def _configs(args, batch_norm):
+    """Every configuration, in order; twin methods only for archs with BatchNormalization."""
     common = dict(
         omp_wait_policy=args.omp_wait_policy,
+        timm_python=args.timm_python,
         image_size=args.image_size,
+        upsample=args.upsample,
         batch=args.batch,
         pgd_steps=args.pgd_steps,
         threads=args.threads,
@@ -375,6 +444,8 @@ def _configs(args):
             )
         for variant in args.tf_variants:
             for method in args.methods:
+                if method.startswith("twins_") and not batch_norm[arch]:
+                    continue
                 configs.append(
                     dict(common, framework="tf", arch=arch, method=method, variant=variant)
                 )
@@ -386,7 +457,11 @@ def _launch(config, timeout):
     env.update(VARIANT_ENV.get(config["variant"], {}))
     if config["omp_wait_policy"] != "unset":
         env["OMP_WAIT_POLICY"] = config["omp_wait_policy"]
-    command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(config)]
+    python = sys.executable
+    if config["framework"] == "torch" and config["arch"] in TIMM_MODELS:
+        python = config["timm_python"]  # its own site-packages, not this environment's paths
+        env = {k: v for k, v in env.items() if not k.startswith("PYTHON")}
+    command = [python, os.path.abspath(__file__), "--one", json.dumps(config)]
     try:
         done = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
@@ -415,7 +490,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.one:
         return run_one(args.one)
-    configs = _configs(args)
+    batch_norm = arch_batch_norm(args.archs, args.tf_path or ROOT)
+    for arch in args.archs:
+        twin = [m for m in args.methods if m.startswith("twins_")]
+        if twin and not batch_norm[arch]:
+            print(f"{arch} has no BatchNormalization: {', '.join(twin)} skipped for it")
+    configs = _configs(args, batch_norm)
     wall = time.perf_counter()
     load_start = os.getloadavg()
     print(
@@ -462,10 +542,12 @@ def _summary(runs):
 
 
 def print_tables(args, configs, results, load_start, load_end, wall):
+    upsampled = f" upsampled x{args.upsample} inside" if args.upsample > 1 else ""
     print()
     print(
-        f"Setting: {args.image_size} px, batch {args.batch}, PGD-{args.pgd_steps} (eps 8/255, "
-        f"alpha 2/255, random start), {args.num_classes} classes, SGD(0.003, m 0.9, wd 1e-5), "
+        f"Setting: {args.image_size} px{upsampled}, batch {args.batch}, PGD-{args.pgd_steps} "
+        f"(eps 8/255, alpha 2/255, random start), {args.num_classes} classes, "
+        "SGD(0.003, m 0.9, wd 1e-5), "
         f"{args.threads} threads per process, {args.rounds} interleaved rounds x "
         f"{args.repeats} steps; load average {load_start[0]:.2f} at start, "
         f"{load_end[0]:.2f} at end; wall {wall / 60:.1f} min"
@@ -527,8 +609,12 @@ def print_tables(args, configs, results, load_start, load_end, wall):
                             f"{this['cpu'] / ref['cpu']:.2f} CPU"
                         )
     print_memory(configs, results)
-    versions = sorted({s["version"] for s in summaries.values() if s})
-    print(f"versions: {', '.join(versions)}")
+    versions = {}
+    for (arch, framework, _, _), s in summaries.items():
+        if s:
+            name = f"{arch} torch" if framework == "torch" else "twins_tf"
+            versions[name] = s["version"]
+    print("versions: " + "; ".join(f"{name}: {v}" for name, v in sorted(versions.items())))
 
 
 def print_memory(configs, results):
