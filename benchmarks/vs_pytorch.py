@@ -15,23 +15,25 @@ PyTorch mirror of tests/torch_resnet.py, and for convnext_tiny and vit_s16 timm'
 num_classes=..., img_size=... for the ViT)`, the network twins_tf's families reproduce).  The
 same input size, batch, number of PGD steps (L-inf, eps 8/255, alpha 2/255, random start,
 model in eval mode), SGD(0.003, momentum 0.9, weight decay 1e-5) and the same number of
-threads.  twins_tf runs its own
-`AdversarialTrainer` step (Keras's compiled train function, what `fit` runs) for at, twins_at,
-trades, twins_trades; PyTorch runs the plain loop a user would write: a PGD loop in eval mode,
-then `train()`, forward(s), loss, backward, `optimizer.step()`, for AT (CE on x_adv) and TRADES
-(CE-PGD attack, as the twins_tf trainer uses, then CE(x) + 6 KL(x || x_adv) / B).  twins_tf's
-steps do one more inference forward, over the clean and adversarial batch, for the
-`clean_*` / `adv_*` metrics (about 2/(3k+5) of an AT step with PGD-k); the torch loop does not.
+threads.  twins_tf runs its own `AdversarialTrainer` step (Keras's compiled train function,
+what `fit` runs) for at, twins_at, trades, twins_trades; PyTorch runs the plain loop a user
+would write: a PGD loop in eval mode, then `train()`, forward(s), loss, backward,
+`optimizer.step()`, for AT (CE on x_adv) and TRADES (CE-PGD attack, as the twins_tf trainer
+uses, then CE(x) + 6 KL(x || x_adv) / B).  twins_tf's steps do one more inference forward,
+over the clean and adversarial batch, for the `clean_*` / `adv_*` metrics (about 2/(3k+5) of
+an AT step with PGD-k); the torch loop does not.
 
-Which PyTorch.  The ResNet rows run under this script's Python (the main virtualenv: torch
-2.13.0, CPU build), as before the LayerNorm backbones came.  timm does not import there, so the
-torch worker of convnext_tiny / vit_s16 runs under the timm environment's Python (--timm_python,
-default $TWINS_TF_TIMM_PYTHON or <repo>/.venv-timm/bin/python, which `make test` creates from
-tests/timm_requirements.txt): torch 2.14.1 with timm 1.0.31.  So the torch rows of the two
-kinds ran different torch builds; the last line of the output names each arch's.  The
-twins_tf rows all run under this script's Python.  ConvNeXt and ViT have no BatchNormalization,
-so twin methods do not apply to them (the registry says so); their twins_* rows are skipped,
-only at and trades run.
+Which PyTorch.  The ResNets' torch worker runs under this script's Python (the main
+virtualenv: torch 2.13.0, CPU build), like every twins_tf worker.  timm does not import there,
+so the torch worker of convnext_tiny / vit_s16 runs under the timm environment's Python
+(--timm_python, default $TWINS_TF_TIMM_PYTHON or <repo>/.venv-timm/bin/python, which `make
+test` creates from tests/timm_requirements.txt): torch 2.14.1 (its CUDA build, run on the CPU)
+with timm 1.0.31.  So the torch rows of the two kinds ran different torch builds; the last
+line of the output names each arch's.  Importing that torch and timm leaves the worker at
+about 710 MiB against 230 MiB for the main virtualenv's torch (CUDA libraries mapped, timm's
+modules), so for those archs compare the stages after import in the memory table rather than
+the peak RSS ratio.  ConvNeXt and ViT have no BatchNormalization, so twin methods do not apply
+to them (the registry says so): their twins_* rows are skipped, only at and trades run.
 
 Image size.  The default 64 px is kept for every arch, without upsampling: the same pixels and
 PGD budget for all rows, and the few minutes per configuration stay few.  For vit_s16 that is
