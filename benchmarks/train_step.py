@@ -56,7 +56,9 @@ Cost: at the default sizes most of the wall time is tracing and compiling, which
 shrink with the image size: on 2 cores about 15-45 s per ResNet-18 row (the XLA rows are the
 slower ones) and 70-90 s per ResNet-50 row.  Hence part 1 defaults to ResNet-18 (16 rows,
 about 10 minutes) and ResNet-50 is covered by the breakdown (row (f) is its full step, with
-and without XLA); adding resnet50 to --archs adds roughly 25 minutes.  The whole default
+and without XLA); adding resnet50 to --archs adds roughly 25 minutes.  A convnext_tiny or
+vit_s16 row (no XLA) took 26-58 s at load average 3-5, of which the first call 11-33 s.  The
+whole default
 run should take 15-20 minutes (an estimate from smoke runs, not a measurement).  At the small
 default sizes the step-time ratios are only indicative: rerun at the full setting before
 quoting numbers, and run it alone on the machine.  At tiny sizes (e.g. 32 px, batch 4)

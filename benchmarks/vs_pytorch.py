@@ -90,6 +90,8 @@ measured).  With the attack-alone memory stage (below) each twins_tf worker trac
 one round took 24.1 min at load 10 -> 4; the quiet-machine run for the closing note is
 `OMP_WAIT_POLICY=PASSIVE python benchmarks/vs_pytorch.py --rounds 2`, estimated at about 12
 minutes (docs/benchmarks.md).  For a quick look: --archs resnet18 --methods at,twins_at.
+`--archs resnet18,convnext_tiny,vit_s16 --methods at --rounds 1` (6 workers) took 3.6 min at
+load average 4.2 -> 3.6.
 
 `--tf_path DIR` imports twins_tf from another checkout (e.g. a `git worktree` of an older
 commit) for a before/after measurement of a code change; it is labelled "base".
