@@ -303,6 +303,31 @@ def test_timm_keys_pass_through_the_checkpoint_reader_unchanged(tmp_path):
         np.testing.assert_array_equal(read[key], value)
 
 
+def test_a_224_px_checkpoint_converts_for_32_px_images_and_loads_into_a_fresh_model(tmp_path):
+    """`convert_checkpoint(image_size=32)` of a 224 px timm-layout .pth, then
+    `load_pretrained` into a 32 px model with a fresh head: every backbone variable is the
+    checkpoint's (pos_embed resampled to the 2x2 grid), the head keeps its own."""
+    import torch
+
+    from twins_tf.weights import convert_checkpoint, load_pretrained
+
+    source = build_model("vit_s16_convstem", 1000, input_shape=(224, 224, 3))
+    state = _random_torch_state(source)
+    checkpoint, converted = tmp_path / "vit.pth", tmp_path / "vit.weights.h5"
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, checkpoint)
+    convert_checkpoint(checkpoint, "vit_s16_convstem", converted, image_size=32)
+    model = build_model("vit_s16_convstem", CLASSES, input_shape=(16, 16, 3), upsample=2)
+    fresh_head = model.get_layer("head").kernel.numpy()
+    load_pretrained(model, converted)
+    np.testing.assert_array_equal(model.get_layer("head").kernel.numpy(), fresh_head)
+    for key, (variables, transform) in vit_keys.torch_keys(model).items():
+        if key.startswith(vit_keys.HEAD_PREFIX):
+            continue
+        expected = transform(state[key]) if transform else state[key]
+        np.testing.assert_array_equal(variables[0].numpy(), expected, err_msg=key)
+    assert model.get_layer("embed").pos_embed.shape == (1, 5, 384)
+
+
 # === Keras machinery: AutoLoRa, serialisation, mixed precision ===============================
 def test_autolora_adapts_every_attention_and_mlp_dense_and_keeps_the_custom_layers():
     model = vit.build_vit("vit_s16", CLASSES, input_shape=(32, 32, 3), _depth=2)
