@@ -99,11 +99,18 @@ class _ConvStem(torch.nn.Module):
 
 def _create(request):
     """timm.create_model(model, **kwargs), with the ConvStem in place of the patch
-    projection when request["convstem"], every parameter redrawn (`randomise`)."""
+    projection when request["convstem"], every parameter redrawn (`randomise`), then the
+    parameters whose names start with a key of request["scale"] multiplied by its value
+    (e.g. to feed a LayerNorm inputs of tiny variance, where its epsilon matters)."""
     model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
     if request.get("convstem"):
         model.patch_embed.proj = _ConvStem(model.embed_dim)
     randomise(model, int(request["seed"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            for prefix, factor in request.get("scale", {}).items():
+                if name.startswith(prefix):
+                    parameter.mul_(factor)
     return model.eval()
 
 
