@@ -381,6 +381,30 @@ def test_autolora_adapts_every_attention_and_mlp_dense_and_keeps_the_custom_laye
     assert np.max(np.abs(natural - main)) > 1e-3
     np.testing.assert_array_equal(adapted(x).numpy(), main)  # branch off: the main path
 
+    convstem = vit.build_vit("vit_s16_convstem", CLASSES, input_shape=(32, 32, 3), _depth=1)
+    adapted = lora.add_lora(convstem, rank=2)  # the ConvStem's 3x3 and 1x1 convs but its first
+    assert [b.target for b in lora.lora_branches(adapted)][:4] == [
+        f"patch_embed_proj_stem_{index}" for index in (3, 6, 9, 12)
+    ]
+    np.testing.assert_array_equal(adapted(x).numpy(), convstem(x).numpy())
+
+
+def test_an_autolora_step_trains_the_branch_of_every_attention_and_mlp_dense():
+    """The AutoLoRa step on a LoRA ViT: B starts at zero, and one step gives every branch a
+    gradient through its natural forward (the step's arithmetic is test_autolora's)."""
+    model = vit.build_vit("vit_s16", CLASSES, input_shape=(32, 32, 3), _depth=1)
+    adapted = lora.add_lora(model, rank=2)
+    trainer = AdversarialTrainer(adapted, method="autolora", attack=PGD(8 / 255, 2 / 255, 1))
+    trainer.compile(keras.optimizers.SGD(0.1, momentum=0.9))
+    trainer.autolora_lambda1.assign(0.5)
+    trainer.autolora_lambda2.assign(3.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(size=(4, 32, 32, 3)).astype("float32"), rng.integers(0, CLASSES, 4)
+    logs = trainer.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    for branch in lora.lora_branches(adapted):
+        assert np.max(np.abs(branch.lora_b.numpy())) > 0, branch.name
+
 
 def test_json_and_weights_round_trip(tmp_path):
     model = vit.build_vit("vit_s16_convstem", CLASSES, input_shape=(32, 32, 3), _depth=1)

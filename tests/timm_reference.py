@@ -8,8 +8,10 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
 request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
 "seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
 The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
-normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
-(timm initialises LayerScale to 1e-6, which would hide any error in the blocks behind it).
+normalised images.  The ViT commands (`vit_logits`, `vit_resample`, `vit_at_steps`) take
+the same fields plus their own, said in their docstrings.  Every parameter and BN statistic
+is redrawn at a scale where it matters (timm initialises LayerScale to 1e-6, which would hide
+any error in the blocks behind it).
 """
 
 import json
