@@ -183,7 +183,7 @@ def test_resampling_keeps_a_same_grid_table_and_refuses_a_non_square_one():
 # === an adversarial training step against PyTorch ============================================
 @pytest.mark.parametrize(
     "depth",
-    [2, pytest.param(None, marks=pytest.mark.slow, id="12 blocks, ~65 s")],
+    [2, pytest.param(None, marks=pytest.mark.slow, id="12 blocks")],
     ids=lambda depth: f"{depth} blocks" if depth else None,
 )
 def test_two_at_steps_match_a_pytorch_loop_on_timm(tmp_path, depth):
