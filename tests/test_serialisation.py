@@ -197,6 +197,6 @@ def test_keras_files_in_a_fresh_process_need_import_twins_tf(tmp_path):
     error = next(line for line in out.splitlines() if line.startswith("ERROR:"))
     assert "Could not locate class 'ImageNetNormalization'" in error
     assert "make sure they are all imported" in error
-    assert "'module': 'twins_tf.models.resnet'" in error
+    assert "'module': 'twins_tf.models.common'" in error
     assert "'registered_name': 'twins_tf>ImageNetNormalization'" in error
     assert "LOADED AFTER import twins_tf" in out

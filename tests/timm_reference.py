@@ -8,8 +8,10 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
 request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
 "seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
 The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
-normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
-(timm initialises LayerScale to 1e-6, which would hide any error in the blocks behind it).
+normalised images.  The ViT commands (`vit_logits`, `vit_resample`, `vit_at_steps`) take
+the same fields plus their own, said in their docstrings.  Every parameter and BN statistic
+is redrawn at a scale where it matters (timm initialises LayerScale to 1e-6, which would hide
+any error in the blocks behind it).
 """
 
 import json
@@ -61,7 +63,156 @@ def logits(request):
     return {"logits": out, **state}
 
 
-COMMANDS = {"logits": logits}
+class _ChannelLayerNorm(torch.nn.Module):
+    """LayerNorm over the channels of an NCHW map (Singh et al.'s ConvStem norm), eps 1e-6."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(channels))
+        self.bias = torch.nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-6)
+        return x.permute(0, 3, 1, 2)
+
+
+class _ConvStem(torch.nn.Module):
+    """Singh et al. 2023's ConvStem as their checkpoints name it (`stem.<Sequential index>`):
+    four (3x3 stride-2 conv, channel LayerNorm, GELU) stages 48/96/192/384 wide, then a 1x1
+    conv to the embedding width; written from the paper's layout for this reference."""
+
+    def __init__(self, width):
+        super().__init__()
+        layers, channels = [], 3
+        for out in (48, 96, 192, 384):
+            layers += [
+                torch.nn.Conv2d(channels, out, 3, stride=2, padding=1),
+                _ChannelLayerNorm(out),
+                torch.nn.GELU(),
+            ]
+            channels = out
+        layers.append(torch.nn.Conv2d(channels, width, 1))
+        self.stem = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.stem(x)
+
+
+def _create(request):
+    """timm.create_model(model, **kwargs), with the ConvStem in place of the patch
+    projection when request["convstem"], every parameter redrawn (`randomise`), then the
+    parameters whose names start with a key of request["scale"] multiplied by its value
+    (e.g. to feed a LayerNorm inputs of tiny variance, where its epsilon matters)."""
+    model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    if request.get("convstem"):
+        model.patch_embed.proj = _ConvStem(model.embed_dim)
+    randomise(model, int(request["seed"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            for prefix, factor in request.get("scale", {}).items():
+                if name.startswith(prefix):
+                    parameter.mul_(factor)
+    return model.eval()
+
+
+def _normalised(request, images):
+    mean = np.asarray(request["mean"], np.float32)
+    std = np.asarray(request["std"], np.float32)
+    return torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy())
+
+
+def _state(model, prefix="state/"):
+    return {f"{prefix}{k}": v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def vit_logits(request):
+    """`logits` for a ViT, optionally with the ConvStem (request["convstem"])."""
+    model = _create(request)
+    images = np.load(request["images"]).astype(np.float32)
+    with torch.no_grad():
+        out = model(_normalised(request, images)).numpy()
+    return {"logits": out, **_state(model)}
+
+
+def vit_resample(request):
+    """A ViT at its kwargs' img_size (224) loaded, the way timm loads a checkpoint into a model
+    of another img_size (`checkpoint_filter_fn`, which resamples pos_embed), into one model
+    per entry of request["targets"] ({"img_size": [rows, cols], "images": .npy path}).
+    Returns the source state, and per target i timm's `resample_abs_pos_embed` of the
+    source's pos_embed to that grid (`pos_embed_<i>`) and the target model's logits
+    (`logits_<i>`)."""
+    from timm.layers import resample_abs_pos_embed
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    source = _create(request)
+    state = source.state_dict()
+    answer = _state(source)
+    for index, target_request in enumerate(request["targets"]):
+        rows, cols = target_request["img_size"]
+        kwargs = {**request.get("kwargs", {}), "img_size": [rows, cols]}
+        target = timm.create_model(request["model"], pretrained=False, **kwargs)
+        target.load_state_dict(checkpoint_filter_fn(dict(state), target))
+        target.eval()
+        grid = [rows // 16, cols // 16]
+        resampled = resample_abs_pos_embed(state["pos_embed"], new_size=grid, num_prefix_tokens=1)
+        images = np.load(target_request["images"]).astype(np.float32)
+        with torch.no_grad():
+            answer[f"logits_{index}"] = target(_normalised(request, images)).numpy()
+        answer[f"pos_embed_{index}"] = resampled.numpy()
+    return answer
+
+
+def vit_at_steps(request):
+    """Adversarial training steps of a randomised ViT, a plain PyTorch loop written here:
+    per batch, L-inf PGD from the clean images (no random start; mean cross-entropy, sign
+    step, projection on the eps-ball and [0, 1]), then cross-entropy at x_adv and
+    `torch.optim.SGD(lr, momentum, weight_decay)` (coupled decay on every parameter).  The
+    network sees (x - mean) / std.  Returns the initial state (`state/`), each step's
+    x_adv (`x_adv_<step>`, NHWC) and loss, and the state after each step (`after_<step>/`)."""
+    model = _create(request)
+    mean = torch.tensor(request["mean"], dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(request["std"], dtype=torch.float32).view(1, 3, 1, 1)
+
+    def net(x):
+        return model((x - mean) / std)
+
+    eps, alpha, steps = request["eps"], request["alpha"], int(request["pgd_steps"])
+    answer = _state(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=request["lr"],
+        momentum=request["momentum"],
+        weight_decay=request["weight_decay"],
+    )
+    with np.load(request["batches"]) as batches:
+        images, labels = batches["images"], batches["labels"]
+    for step, (x_nhwc, y_np) in enumerate(zip(images, labels)):
+        x = torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())
+        y = torch.from_numpy(y_np.astype(np.int64))
+        x_adv = x.clone()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(net(x_adv), y)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = x_adv.detach() + alpha * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x_adv), y)
+        loss.backward()
+        optimizer.step()
+        answer[f"x_adv_{step}"] = x_adv.numpy().transpose(0, 2, 3, 1)
+        answer[f"loss_{step}"] = np.float32(loss.item())
+        answer.update(_state(model, f"after_{step}/"))
+    return answer
+
+
+COMMANDS = {
+    "logits": logits,
+    "vit_logits": vit_logits,
+    "vit_resample": vit_resample,
+    "vit_at_steps": vit_at_steps,
+}
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
