@@ -5,7 +5,7 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
 
     python tests/timm_reference.py request.json answer.npz
 
-request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
+request.json: {"command": "logits" (or "convstem_logits", with "stem"), "model": timm name, "kwargs": create_model kwargs,
 "seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
 The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
 normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
@@ -49,6 +49,11 @@ def randomise(model, seed):
 
 def logits(request):
     model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    return _answer(model, request)
+
+
+def _answer(model, request):
+    """Randomised `model`'s eval-mode logits for the request's images, and its state dict."""
     randomise(model, int(request["seed"]))
     model.eval()
     images = np.load(request["images"]).astype(np.float32)
@@ -61,7 +66,36 @@ def logits(request):
     return {"logits": out, **state}
 
 
-COMMANDS = {"logits": logits}
+class ConvStem(torch.nn.Module):
+    """Singh et al. 2023's ConvNeXt stem, from its published layout: per (channels, stride),
+    Conv2d 3x3 (padding 1) -> LayerNorm over channels (eps 1e-6) -> GELU, in one Sequential
+    `stem` (keys stem.stem.0, stem.stem.1, stem.stem.3, ...)."""
+
+    def __init__(self, convs):
+        super().__init__()
+        layers, in_channels = [], 3
+        for channels, stride in convs:
+            layers += [
+                torch.nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1),
+                timm.layers.LayerNorm2d(channels, eps=1e-6),
+                torch.nn.GELU(),
+            ]
+            in_channels = channels
+        self.stem = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.stem(x)
+
+
+def convstem_logits(request):
+    """As `logits`, for a timm ConvNeXt whose stem is replaced by a ConvStem of
+    request["stem"] = [[channels, stride], ...]."""
+    model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    model.stem = ConvStem(request["stem"])
+    return _answer(model, request)
+
+
+COMMANDS = {"logits": logits, "convstem_logits": convstem_logits}
 
 if __name__ == "__main__":
     torch.set_num_threads(2)

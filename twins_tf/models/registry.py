@@ -1,16 +1,18 @@
 """Every architecture twins_tf builds, in one table, and `build_model` over it.
 
-A family module builds its networks (`resnet`: torchvision ResNets with BatchNormalization);
+A family module builds its networks (`resnet`: torchvision ResNets with BatchNormalization;
+`convnext`: timm ConvNeXts and Singh et al.'s ConvStem ConvNeXts, LayerNorm only);
 this table says which family builds an arch and whether that family has BatchNormalization,
 which TWINS needs: its two wings are BN's population statistics (Frozen) and batch statistics
 (Adaptive), so a network normalised only by LayerNorm has nothing to twin.
 """
 
-from twins_tf.models import resnet
+from twins_tf.models import convnext, resnet
 
 # family -> (its ARCHITECTURES, its builder, arch -> whether it has BatchNormalization)
 FAMILIES = {
     "resnet": (resnet.ARCHITECTURES, resnet.build_resnet, lambda arch: True),
+    "convnext": (convnext.ARCHITECTURES, convnext.build_convnext, lambda arch: False),
 }
 ARCHITECTURES = {arch: family for family, (archs, _, _) in FAMILIES.items() for arch in archs}
 TWIN_SUFFIX = "_twin"

@@ -1,19 +1,19 @@
 """Putting a PyTorch state dict into a `build_model` model, all or nothing.
 
 Each family's layout module says which Keras variables each of its PyTorch keys fills
-(`resnet_keys`: torchvision's ResNets); this module checks a state dict against that list
+(`resnet_keys`: torchvision's ResNets, `convnext_keys`: timm's ConvNeXts); this module checks a state dict against that list
 (missing, unexpected and mis-shaped keys are errors that name them) and assigns it whole.
 """
 
 import numpy as np
 
 from twins_tf.models import heads, registry
-from twins_tf.weights import resnet_keys
+from twins_tf.weights import convnext_keys, resnet_keys
 from twins_tf.weights.errors import CheckpointError
 from twins_tf.weights.reading import to_numpy
 
 # family -> the module listing its PyTorch keys (torch_keys, HEAD_PREFIX, arch_from_state_dict)
-LAYOUTS = {"resnet": resnet_keys}
+LAYOUTS = {"resnet": resnet_keys, "convnext": convnext_keys}
 
 
 def layout_of(arch):
