@@ -5,8 +5,9 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
 
     python tests/timm_reference.py request.json answer.npz
 
-request.json: {"command": "logits" (or "convstem_logits", with "stem"), "model": timm name, "kwargs": create_model kwargs,
-"seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
+request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
+"seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]};
+"convstem_logits" takes the same plus "stem": [[channels, stride], ...] (Singh et al.'s stem).
 The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
 normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
 (timm initialises LayerScale to 1e-6, which would hide any error in the blocks behind it).

@@ -57,8 +57,12 @@ pixels with zero gradient, so the (upsampled) input must be a multiple of 32, at
 
 import keras
 
-from twins_tf.models.common import IMAGENET_MEAN, IMAGENET_STD
-from twins_tf.models.common import ImageNetNormalization, head_initializer
+from twins_tf.models.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageNetNormalization,
+    head_initializer,
+)
 
 LN_EPSILON = 1e-6
 LAYER_SCALE_INIT = 1e-6
@@ -251,9 +255,9 @@ def _block(x, channels, name):
         7, padding="same", depthwise_initializer=_trunc_normal(), name=f"{name}_conv_dw"
     )(x)
     y = _layer_norm(f"{name}_norm")(y)
-    y = keras.layers.Dense(4 * channels, kernel_initializer=_trunc_normal(), name=f"{name}_mlp_fc1")(
-        y
-    )
+    y = keras.layers.Dense(
+        4 * channels, kernel_initializer=_trunc_normal(), name=f"{name}_mlp_fc1"
+    )(y)
     y = _gelu(f"{name}_mlp_act")(y)
     y = keras.layers.Dense(channels, kernel_initializer=_trunc_normal(), name=f"{name}_mlp_fc2")(y)
     y = LayerScale(name=f"{name}_gamma")(y)

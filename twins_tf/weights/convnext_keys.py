@@ -13,6 +13,8 @@ import numpy as np
 from twins_tf import bn_wings
 from twins_tf.models.convnext import ARCHITECTURES, LayerScale
 
+# Only the Linear is the head a fine-tuning run replaces: timm's `head.norm` normalises the
+# pooled features the pre-trained backbone produces, so it is loaded with the backbone.
 HEAD_PREFIX = "head.fc."
 _CONV_DW = "conv.dw"
 

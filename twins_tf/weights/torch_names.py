@@ -1,8 +1,9 @@
 """Putting a PyTorch state dict into a `build_model` model, all or nothing.
 
 Each family's layout module says which Keras variables each of its PyTorch keys fills
-(`resnet_keys`: torchvision's ResNets, `convnext_keys`: timm's ConvNeXts); this module checks a state dict against that list
-(missing, unexpected and mis-shaped keys are errors that name them) and assigns it whole.
+(`resnet_keys`: torchvision's ResNets, `convnext_keys`: timm's ConvNeXts); this module checks a
+state dict against that list (missing, unexpected and mis-shaped keys are errors that name
+them) and assigns it whole.
 """
 
 import numpy as np
@@ -48,11 +49,11 @@ def load_torch_state_dict(model, state_dict, *, head=False):
     """Puts a PyTorch state dict of the model's layout into a `build_model` model, all or nothing.
 
     The layout is the one the checkpoints of the model's family are written in (torchvision's
-    for ResNets).  Conv kernels go from OIHW to HWIO, Linear weights from (out, in) to (in, out);
-    every BN gets gamma/beta/running mean/running variance, in **both** wings of a
-    `TwinBatchNormalization`.  With `head=False` the model keeps its fresh head and the
-    checkpoint's head entries (`fc.*` for ResNets) are ignored; with `head=True` they are
-    loaded and must fit the model's head.
+    for ResNets, timm's for ConvNeXts).  Conv kernels go from OIHW to HWIO, Linear weights from
+    (out, in) to (in, out); every BN gets gamma/beta/running mean/running variance, in **both**
+    wings of a `TwinBatchNormalization`.  With `head=False` the model keeps its fresh head and
+    the checkpoint's head entries (`fc.*` for ResNets, `head.fc.*` for ConvNeXts) are ignored;
+    with `head=True` they are loaded and must fit the model's head.
 
     Args:
       model: a model from `twins_tf.models.build_model` (twin or plain).
