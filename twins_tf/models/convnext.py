@@ -42,10 +42,11 @@ ConvStem (Singh et al., github nmndeep/revisiting-at, `ConvBlock1`/`ConvBlock3`)
 LayerNorm normalises over channels exactly as LayerNorm2d.  Tiny and small: 3->48 (stride 2),
 48->96 (stride 2).  Base: 3->64 (s2), 64->96 (s2), 96->128 (s1).  Large: 3->96 (s2), 96->144
 (s2), 144->192 (s1).  Keys `stem.stem.{0,1,3,4,6,7}`.  No BatchNormalization anywhere, so no
-ConvNeXt can be a twin model.  Their published ConvNeXt checkpoints were trained on raw [0, 1]
-pixels (no mean/std normaliser: their training flag `add_normalization` off, and RobustBench
-feeds them raw pixels), so the ConvStem models normalise with mean 0 and std 1 (a clamp to
-[0, 1] only); the patchify ConvNeXts use ImageNet's mean/std as timm's checkpoints do.
+ConvNeXt can be a twin model.  Their ConvStem ConvNeXts were trained on raw [0, 1] pixels
+(their run_train.sh passes `--model.add_normalization 0`, and RobustBench loads them with no
+normaliser in front), so the ConvStem models normalise with mean 0 and std 1 (a clamp to
+[0, 1] only).  The patchify ConvNeXts use ImageNet's mean/std, as timm's checkpoints do; a
+patchify ConvNeXt trained by Singh et al.'s script on raw pixels is not one of these archs.
 
 Stride-2 3x3 convolutions use an explicit ZeroPadding2D(1) + "valid": Keras's "same" pads a
 stride-2 conv of an even input only at the bottom/right, PyTorch's padding=1 on both sides.
