@@ -82,6 +82,21 @@ def test_logits_equal_timm(arch, answers):
     _check_parity(arch, *answers[arch])
 
 
+@pytest.mark.parametrize("arch", DEFAULT)
+def test_every_layer_norm_has_timms_epsilon(arch, answers):
+    """Checked apart from the logits: with activations of unit scale, LayerNorm's epsilon
+    (1e-6 vs 1e-5) moves them by ~1e-6 relative, below the logits' bar."""
+    model = registry.build_model(arch, CLASSES, input_shape=(32, 32, 3))
+    answer = answers[arch][1]
+    timm_eps = {key[len("eps/") :]: float(v) for key, v in answer.items() if key.startswith("eps/")}
+    ours = {
+        layer.name.replace("_", "."): layer.epsilon
+        for layer in model.layers
+        if isinstance(layer, keras.layers.LayerNormalization)
+    }
+    assert ours == timm_eps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", SLOW)
 def test_logits_equal_timm_large_archs(arch, tmp_path):

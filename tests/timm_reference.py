@@ -8,9 +8,10 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
 request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
 "seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]};
 "convstem_logits" takes the same plus "stem": [[channels, stride], ...] (Singh et al.'s stem).
-The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
-normalised images.  Every parameter and BN statistic is redrawn at a scale where it matters
-(timm initialises LayerScale to 1e-6, which would hide any error in the blocks behind it).
+The answer holds the model's state dict (`state/<key>`), its eval-mode `logits` for the
+normalised images and its normalisation modules' epsilons (`eps/<module name>`).  Every
+parameter and BN statistic is redrawn at a scale where it matters (timm initialises
+LayerScale to 1e-6, which would hide any error in the blocks behind it).
 """
 
 import json
@@ -54,7 +55,8 @@ def logits(request):
 
 
 def _answer(model, request):
-    """Randomised `model`'s eval-mode logits for the request's images, and its state dict."""
+    """Randomised `model`'s eval-mode logits for the request's images, its state dict, and the
+    epsilon of every normalisation module (`eps/<module name>`), which the logits barely see."""
     randomise(model, int(request["seed"]))
     model.eval()
     images = np.load(request["images"]).astype(np.float32)
@@ -64,7 +66,12 @@ def _answer(model, request):
     with torch.no_grad():
         out = model(x).numpy()
     state = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
-    return {"logits": out, **state}
+    eps = {
+        f"eps/{name}": np.float64(module.eps)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "eps", None), float)
+    }
+    return {"logits": out, **state, **eps}
 
 
 class ConvStem(torch.nn.Module):
