@@ -6,12 +6,14 @@ environment); the tests call it through `timm_testlib.run`.  One request, one `.
     python tests/timm_reference.py request.json answer.npz
 
 request.json: {"command": "logits", "model": timm name, "kwargs": create_model kwargs,
-"seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]}.
-The answer holds the model's state dict (`state/<key>`) and its eval-mode `logits` for the
-normalised images.  The ViT commands (`vit_logits`, `vit_resample`, `vit_at_steps`) take
-the same fields plus their own, said in their docstrings.  Every parameter and BN statistic
-is redrawn at a scale where it matters (timm initialises LayerScale to 1e-6, which would hide
-any error in the blocks behind it).
+"seed": int, "images": path of an NHWC float32 .npy in [0, 1], "mean": [...], "std": [...]};
+"convstem_logits" takes the same plus "stem": [[channels, stride], ...] (Singh et al.'s
+ConvNeXt stem).  The ViT commands (`vit_logits`, `vit_resample`, `vit_at_steps`) take the same
+fields plus their own, said in their docstrings.  The answer holds the model's state dict
+(`state/<key>`), its eval-mode `logits` for the normalised images and its normalisation
+modules' epsilons (`eps/<module name>`).  Every parameter and BN statistic is redrawn at a
+scale where it matters (timm initialises LayerScale to 1e-6, which would hide any error in the
+blocks behind it).
 """
 
 import json
@@ -51,48 +53,45 @@ def randomise(model, seed):
 
 def logits(request):
     model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    return _answer(model, request)
+
+
+def _answer(model, request):
+    """Randomised `model`'s eval-mode logits for the request's images, its state dict, and the
+    epsilon of every normalisation module (`eps/<module name>`), which the logits barely see."""
     randomise(model, int(request["seed"]))
     model.eval()
     images = np.load(request["images"]).astype(np.float32)
-    mean = np.asarray(request["mean"], np.float32)
-    std = np.asarray(request["std"], np.float32)
-    x = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy())
     with torch.no_grad():
-        out = model(x).numpy()
-    state = {f"state/{k}": v.detach().numpy() for k, v in model.state_dict().items()}
-    return {"logits": out, **state}
+        out = model(_normalised(request, images)).numpy()
+    eps = {
+        f"eps/{name}": np.float64(module.eps)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "eps", None), float)
+    }
+    return {"logits": out, **_state(model), **eps}
 
 
-class _ChannelLayerNorm(torch.nn.Module):
-    """LayerNorm over the channels of an NCHW map (Singh et al.'s ConvStem norm), eps 1e-6."""
+VIT_CONVSTEM = [[48, 2], [96, 2], [192, 2], [384, 2]]
 
-    def __init__(self, channels):
+
+class ConvStem(torch.nn.Module):
+    """Singh et al. 2023's ConvNeXt stem, from its published layout: per (channels, stride),
+    Conv2d 3x3 (padding 1) -> LayerNorm over channels (eps 1e-6) -> GELU, in one Sequential
+    `stem` (keys stem.stem.0, stem.stem.1, stem.stem.3, ...)."""
+
+    def __init__(self, convs, width=None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(channels))
-        self.bias = torch.nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-6)
-        return x.permute(0, 3, 1, 2)
-
-
-class _ConvStem(torch.nn.Module):
-    """Singh et al. 2023's ConvStem as their checkpoints name it (`stem.<Sequential index>`):
-    four (3x3 stride-2 conv, channel LayerNorm, GELU) stages 48/96/192/384 wide, then a 1x1
-    conv to the embedding width; written from the paper's layout for this reference."""
-
-    def __init__(self, width):
-        super().__init__()
-        layers, channels = [], 3
-        for out in (48, 96, 192, 384):
+        layers, in_channels = [], 3
+        for channels, stride in convs:
             layers += [
-                torch.nn.Conv2d(channels, out, 3, stride=2, padding=1),
-                _ChannelLayerNorm(out),
+                torch.nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1),
+                timm.layers.LayerNorm2d(channels, eps=1e-6),
                 torch.nn.GELU(),
             ]
-            channels = out
-        layers.append(torch.nn.Conv2d(channels, width, 1))
+            in_channels = channels
+        if width:  # the ViT's stem ends in a 1x1 conv to the embedding width
+            layers.append(torch.nn.Conv2d(in_channels, width, 1))
         self.stem = torch.nn.Sequential(*layers)
 
     def forward(self, x):
@@ -106,7 +105,8 @@ def _create(request):
     (e.g. to feed a LayerNorm inputs of tiny variance, where its epsilon matters)."""
     model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
     if request.get("convstem"):
-        model.patch_embed.proj = _ConvStem(model.embed_dim)
+        # four stride-2 stages 48/96/192/384 wide, then the 1x1 conv (keys proj.stem.0 ... 12)
+        model.patch_embed.proj = ConvStem(VIT_CONVSTEM, width=model.embed_dim)
     randomise(model, int(request["seed"]))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -207,8 +207,17 @@ def vit_at_steps(request):
     return answer
 
 
+def convstem_logits(request):
+    """As `logits`, for a timm ConvNeXt whose stem is replaced by a ConvStem of
+    request["stem"] = [[channels, stride], ...]."""
+    model = timm.create_model(request["model"], pretrained=False, **request.get("kwargs", {}))
+    model.stem = ConvStem(request["stem"])
+    return _answer(model, request)
+
+
 COMMANDS = {
     "logits": logits,
+    "convstem_logits": convstem_logits,
     "vit_logits": vit_logits,
     "vit_resample": vit_resample,
     "vit_at_steps": vit_at_steps,

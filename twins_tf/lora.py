@@ -150,23 +150,37 @@ class LoRABranch(keras.layers.Layer):
 
 
 def default_targets(model):
-    """The layers AutoLoRa adapts: every Conv2D but the first (the stem) and the downsampling
-    shortcuts, and every Dense but the output layer (the fresh head).
+    """The layers AutoLoRa adapts: the convolutions and Linear layers inside the backbone's
+    residual blocks.  That is every Conv2D but the stem and the downsampling layers, and every
+    Dense but the output layer (the fresh head).
 
-    The shortcuts are left out because the authors' ResNet never runs their branch: a block
-    calls `self.downsample(x)` without `thread=`, and their `ConvLoRA.forward` defaults to the
-    main thread, so the shortcut's natural kernel gets no gradient and stays at B = 0.
-    `build_resnet` names them `<block>_downsample_0` (torchvision's `downsample.0`)."""
+    The stem is the first Conv2D, and every Conv2D named `stem_*` (ConvNeXt's patchify
+    `stem_0`, the ConvStem's `stem_stem_<i>`).  The downsampling layers are the Conv2Ds
+    named `*_downsample_*`:
+    * ResNet's shortcuts `<block>_downsample_0` (torchvision's `downsample.0`), left out
+      because the authors' ResNet never runs their branch: a block calls
+      `self.downsample(x)` without `thread=`, and their `ConvLoRA.forward` defaults to the
+      main thread, so the shortcut's natural kernel gets no gradient and stays at B = 0;
+    * ConvNeXt's `stages_<i>_downsample_1` between stages, which like the stem sit outside
+      the residual blocks the paper adapts.
+    ConvNeXt's depthwise convolutions (`DepthwiseConv2D`, not a Conv2D) are not adapted: in
+    AutoLoRa's (out*k, in*k) factorisation a depthwise kernel is (C*k, k), of rank at most
+    k <= r*k, so its "low-rank" update would be a full one; a ConvNeXt block's branches are
+    its two Linear layers `mlp_fc1` and `mlp_fc2` (timm's pointwise convolutions)."""
     layers = keras_private.flatten_layers(model)
     convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
-    shortcuts = [layer for layer in convs if layer.name.endswith("_downsample_0")]
+    left_out = {id(layer) for layer in convs[:1]} | {
+        id(layer)
+        for layer in convs
+        if layer.name.startswith("stem_") or "_downsample_" in layer.name
+    }
     outputs = set(output_layer_names(model))
     dense = [
         layer
         for layer in layers
         if isinstance(layer, keras.layers.Dense) and layer.name not in outputs
     ]
-    return [layer for layer in convs[1:] if layer not in shortcuts] + dense
+    return [layer for layer in convs if id(layer) not in left_out] + dense
 
 
 def _branch_for(layer, rank):
@@ -189,6 +203,11 @@ def _branch_for(layer, rank):
             layer.dilation_rate,
             target=layer.name,
             name=f"{layer.name}_lora",
+        )
+    if not isinstance(layer, keras.layers.Dense):
+        raise ValueError(
+            f"add_lora: {layer.name} is a {type(layer).__name__}; AutoLoRa branches adapt "
+            "Conv2D and Dense layers only (see lora.default_targets)."
         )
     return LoRABranch("dense", rank, layer.units, target=layer.name, name=f"{layer.name}_lora")
 

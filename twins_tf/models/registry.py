@@ -1,7 +1,8 @@
 """Every architecture twins_tf builds, in one table, and `build_model` over it.
 
 A family module builds its networks (`resnet`: torchvision ResNets with BatchNormalization;
-`vit`: timm Vision Transformers, LayerNorm only);
+`convnext`: timm ConvNeXts and Singh et al.'s ConvStem ConvNeXts, LayerNorm only;
+`vit`: timm Vision Transformers and Singh et al.'s ConvStem ViTs, LayerNorm only);
 this table says which family builds an arch and whether that family has BatchNormalization,
 which TWINS needs: its two wings are BN's population statistics (Frozen) and batch statistics
 (Adaptive), so a network normalised only by LayerNorm has nothing to twin.
@@ -10,7 +11,7 @@ which TWINS needs: its two wings are BN's population statistics (Frozen) and bat
 import collections
 
 from twins_tf import methods
-from twins_tf.models import resnet, vit
+from twins_tf.models import convnext, resnet, vit
 
 Family = collections.namedtuple(
     "Family", ["architectures", "build", "has_batch_norm", "input_size_problem"]
@@ -24,6 +25,12 @@ upsampling), else a one-line message naming the nearest sizes it takes."""
 FAMILIES = {
     "resnet": Family(resnet.ARCHITECTURES, resnet.build_resnet, lambda arch: True, None),
     "vit": Family(vit.ARCHITECTURES, vit.build_vit, lambda arch: False, vit.input_size_problem),
+    "convnext": Family(
+        convnext.ARCHITECTURES,
+        convnext.build_convnext,
+        lambda arch: False,
+        convnext.input_size_problem,
+    ),
 }
 ARCHITECTURES = {arch: name for name, family in FAMILIES.items() for arch in family.architectures}
 TWIN_SUFFIX = "_twin"

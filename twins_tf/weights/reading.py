@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 
 from twins_tf.models.common import IMAGENET_MEAN, IMAGENET_STD
+from twins_tf.weights import convnext_keys
 from twins_tf.weights.architectures import infer_arch_from_state_dict
 from twins_tf.weights.errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
 
@@ -60,7 +61,8 @@ def read_torch_checkpoint(path, *, allow_pickle=False):
     Accepts robustness-library checkpoints ('model' or 'state_dict' entry; `module.`,
     `model.`, `module.model.` prefixes; `attacker.` duplicates dropped; the normaliser checked
     against the ImageNet mean/std with a `CheckpointWarning` if different), plain torchvision
-    state dicts (`.pth`/`.pt`, with or without DataParallel's `module.`), `.safetensors` and
+    state dicts (`.pth`/`.pt`, with or without DataParallel's `module.`), timm state dicts
+    (ConvNeXt; Singh et al. 2023's files with their `base_model.` prefix), `.safetensors` and
     `.npz` files of such dicts.  The format is recognised from the file's content, not its name.
 
     Args:
@@ -107,7 +109,9 @@ def read_checkpoint(path, *, allow_pickle=False):
     for key, value in _scalar_metadata(top_level).items():  # e.g. epoch, best_acc1
         metadata.setdefault("file_arch" if key == "arch" else key, value)
     _add_eps(metadata, top_level, path)
-    metadata["arch"] = infer_arch_from_state_dict(state_dict)
+    metadata["arch"] = infer_arch_from_state_dict(state_dict) or convnext_keys.arch_from_state_dict(
+        state_dict
+    )
     return Checkpoint(state_dict, metadata)
 
 
@@ -271,10 +275,12 @@ def to_numpy(path, key, value):
 
 
 def _normalise_keys(path, raw):
-    """Strips robustness/DataParallel prefixes; returns (state dict, metadata)."""
+    """Strips robustness/DataParallel/`base_model.` prefixes; returns (state dict, metadata)."""
     state_dict, normalizer, dropped, had_model_prefix = {}, {}, 0, False
     for key, value in raw.items():
         name = key[len("module.") :] if key.startswith("module.") else key
+        # Singh et al. 2023's training wraps the timm model as `base_model` of its attack wrapper.
+        name = name[len("base_model.") :] if name.startswith("base_model.") else name
         if name.startswith("attacker.") or name.endswith("num_batches_tracked"):
             dropped += 1
             continue

@@ -1,20 +1,20 @@
 """Putting a PyTorch state dict into a `build_model` model, all or nothing.
 
 Each family's layout module says which Keras variables each of its PyTorch keys fills
-(`resnet_keys`: torchvision's ResNets; `vit_keys`: timm's ViTs); this module checks a state
-dict against that list (missing, unexpected and mis-shaped keys are errors that name them)
-and assigns it whole.
+(`resnet_keys`: torchvision's ResNets; `convnext_keys` and `vit_keys`: timm's ConvNeXts and
+ViTs); this module checks a state dict against that list (missing, unexpected and mis-shaped
+keys are errors that name them) and assigns it whole.
 """
 
 import numpy as np
 
 from twins_tf.models import heads, registry
-from twins_tf.weights import resnet_keys, vit_keys
+from twins_tf.weights import convnext_keys, resnet_keys, vit_keys
 from twins_tf.weights.errors import CheckpointError
 from twins_tf.weights.reading import to_numpy
 
 # family -> the module listing its PyTorch keys (torch_keys, HEAD_PREFIX, arch_from_state_dict)
-LAYOUTS = {"resnet": resnet_keys, "vit": vit_keys}
+LAYOUTS = {"resnet": resnet_keys, "convnext": convnext_keys, "vit": vit_keys}
 
 
 def layout_of(arch):
@@ -49,11 +49,11 @@ def load_torch_state_dict(model, state_dict, *, head=False):
     """Puts a PyTorch state dict of the model's layout into a `build_model` model, all or nothing.
 
     The layout is the one the checkpoints of the model's family are written in (torchvision's
-    for ResNets).  Conv kernels go from OIHW to HWIO, Linear weights from (out, in) to (in, out);
-    every BN gets gamma/beta/running mean/running variance, in **both** wings of a
-    `TwinBatchNormalization`.  With `head=False` the model keeps its fresh head and the
-    checkpoint's head entries (`fc.*` for ResNets) are ignored; with `head=True` they are
-    loaded and must fit the model's head.
+    for ResNets, timm's for ConvNeXts).  Conv kernels go from OIHW to HWIO, Linear weights from
+    (out, in) to (in, out); every BN gets gamma/beta/running mean/running variance, in **both**
+    wings of a `TwinBatchNormalization`.  With `head=False` the model keeps its fresh head and
+    the checkpoint's head entries (`fc.*` for ResNets, `head.fc.*` for ConvNeXts) are ignored;
+    with `head=True` they are loaded and must fit the model's head.
 
     Args:
       model: a model from `twins_tf.models.build_model` (twin or plain).

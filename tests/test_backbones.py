@@ -1,0 +1,98 @@
+"""The LayerNorm backbones through the binaries: refusals before any file, and a ViT from a
+pre-training run to a compare of AT and AT + robust linear probe, evaluated and exported.
+
+The networks themselves are checked against timm in test_vit.py and test_convnext.py; this
+file checks that every run kind takes them.  A ViT-S/16 on 16-pixel digits is one patch and
+a class token, so its runs take seconds.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from binaries_testlib import TINY, run_binary, settings
+
+from twins_tf import comparison, serving
+from twins_tf.training import loop
+from twins_tf.training import model_dir as run_files
+from twins_tf.training.settings import Settings, SetupError
+
+VIT = [arg for arg in TINY if not arg.startswith("--arch=")] + ["--arch=vit_s16"]
+SOURCE = ["--dataset=digits_0_4", *VIT, "--method=at", "--epochs=1", "--lr=0.01"]
+
+
+def test_a_twin_method_on_a_layernorm_backbone_is_one_line_and_writes_nothing(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_binary(
+        "train",
+        ["--dataset=digits_5_9", *VIT, "--method=twins_at", f"--model_dir={model_dir}"],
+        timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "vit_s16 has no BatchNormalization: TWINS needs BN's population statistics" in last
+    assert "use one of clean, at, trades, l2sp, autolora" in last
+    assert "Traceback" not in result.stderr
+    assert not model_dir.exists()
+    for arch in ("convnext_tiny", "vit_b16"):
+        with pytest.raises(SetupError, match=f"{arch} has no BatchNormalization"):
+            Settings.from_dict(
+                settings(
+                    "train",
+                    ["--dataset=digits_5_9", *VIT, f"--arch={arch}", "--method=twins_trades"],
+                )
+            )
+
+
+def test_an_image_size_the_patch_does_not_divide_is_one_line():
+    args = ["--dataset=digits_5_9", *VIT, "--method=at", "--image_size=20"]
+    with pytest.raises(SetupError, match=r"--image_size=20 .*16.*32") as error:
+        Settings.from_dict(settings("train", args))
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def vit_source(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("vit_source") / "run"
+    loop.run(settings("pretrain", [*SOURCE, f"--model_dir={model_dir}"]), verbose=0)
+    return model_dir
+
+
+def test_compare_at_and_robust_linear_probe_on_a_small_vit_then_export(vit_source, tmp_path):
+    pretrained = vit_source / run_files.BEST_WEIGHTS
+    base = settings(
+        "train",
+        ["--dataset=digits_5_9", *VIT, "--epochs=1", "--lr=0.01", f"--pretrained={pretrained}"],
+    )
+    summary, _ = comparison.compare(
+        base,
+        methods=["at", "at+init=robust_linear_probe+init_epochs=1"],
+        seeds=[0],
+        baseline="at",
+        output_dir=tmp_path,
+        attacks=["clean", "pgd2"],
+        max_examples=32,
+        batch_size=16,
+        log=lambda *_: None,
+    )
+    for row in ("at", "at+init=robust_linear_probe+init_epochs=1"):
+        cells = summary["methods"][row]
+        for attack in ("clean", "pgd2"):
+            (accuracy,) = cells[attack]["values"]
+            assert 0.0 <= accuracy <= 1.0
+        assert cells["pgd2"]["values"][0] <= cells["clean"]["values"][0]
+    run = next(p for p in (tmp_path / "runs").iterdir() if "robust_linear_probe" in p.name)
+    config = run_files.read_config(run)
+    assert config["arch"] == "vit_s16" and config["init"] == "robust_linear_probe"
+    assert json.loads((run / "summary.json").read_text())["trained_epochs"] == 1
+
+    exported = tmp_path / "exported"
+    serving.export_run(run, exported)
+    from twins_tf.training.runs import load_run
+
+    model = load_run(run)
+    images = np.random.default_rng(0).random((3, 16, 16, 3)).astype("float32")
+    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    served = signature(images=tf.constant(images))["logits"].numpy()
+    np.testing.assert_allclose(served, model(images, training=False).numpy(), rtol=1e-5, atol=1e-5)
