@@ -30,7 +30,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from vs_pytorch import TF_METHODS, tf_trainer  # noqa: E402  (the one definition of the step)
+from vs_pytorch import (  # noqa: E402  (the one definition of the step, and its archs)
+    RESNETS,
+    TF_METHODS,
+    TIMM_MODELS,
+    tf_trainer,
+)
 
 # Op kind by op type; the first matching rule wins (types are TensorFlow's and oneDNN's
 # rewritten names, e.g. _MklConv2D, _FusedConv2D, _MklFusedBatchNormV3).
@@ -112,7 +117,7 @@ def op_events(logdir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet34", "resnet50"))
+    parser.add_argument("--arch", default="resnet18", choices=(*RESNETS, *TIMM_MODELS))
     parser.add_argument("--method", default="at", choices=TF_METHODS)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
