@@ -200,7 +200,7 @@ def threat_models(results):
 
 
 def threat_model_lines(models):
-    """The table's heading: one line when every row shares a threat model, else one per row."""
+    """The table's last lines: one when every row shares a threat model, else one per row."""
     if not models:
         return []
     if len(set(models.values())) == 1:
@@ -211,7 +211,7 @@ def threat_model_lines(models):
 def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comparison"):
     """Writes report.json, report.txt, the PNGs, report.html and model_cards/; returns the summary.
 
-    The table opens with the threat model (norm and radius) the accuracies are under, and
+    The table ends with the threat model (norm and radius) the accuracies are under, and
     report.json keeps it per row (`threat_models`).  The HTML embeds the PNGs as data URIs, so
     the single file opens offline and can be mailed.
     """
@@ -219,7 +219,7 @@ def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comp
     summary = summarise(results, attacks, baseline)
     models = threat_models(results)
     summary["threat_models"] = models
-    table = "\n".join([*threat_model_lines(models), format_table(summary, attacks)])
+    table = "\n".join([format_table(summary, attacks), *threat_model_lines(models)])
     run_files.write_json(os.path.join(report_dir, "report.json"), summary)
     with open(os.path.join(report_dir, "report.txt"), "w") as f:
         f.write(table + "\n")
