@@ -181,47 +181,56 @@ def test_evaluate_autoattack_l2_equals_the_library_call_per_example(source, quic
     assert "L2 eps 2" in evaluation.format_table(report)
 
 
-def test_l2_and_linf_evaluations_of_one_run_at_one_number_write_separate_reports(l2_run):
-    """Both in the default places, with every other setting equal (so only the norm in the
-    name keeps them apart); the L2 one, in the run's norm, radius and step, is the library's
-    L2 PGD on the same examples."""
+def test_l2_and_linf_evaluations_of_one_run_at_one_number_write_separate_reports(source, tmp_path):
+    """Both in the run's directory, with every other setting equal (so only the norm in the
+    name keeps them apart); each PGD accuracy is the library's PGD in that norm on the same
+    examples."""
+    import shutil
+
     from twins_tf.attacks.pgd import PGD
     from twins_tf.evaluation import inputs
 
-    common = [f"--model_dir={l2_run}", "--attacks=clean,pgd1", "--max_examples=8"]
-    l2 = evaluation.evaluate_radii(evaluate_settings(common), log=lambda *_: None)  # the run's
-    linf = evaluation.evaluate_radii(
-        evaluate_settings(
-            [*common, "--attack_norm=linf", f"--attack_eps={L2_EPS}", f"--attack_step={L2_STEP}"]
-        ),
-        log=lambda *_: None,
-    )
-    (l2_path,), (linf_path,) = l2.paths, linf.paths
-    assert l2_path != linf_path
-    assert f"evaluation_test_l2_eps{L2_EPS:g}_" in l2_path
-    assert f"evaluation_test_linf_eps{L2_EPS:g}_" in linf_path
-    l2_report = json.loads(open(l2_path).read())
-    linf_report = json.loads(open(linf_path).read())
-    assert (l2_report["norm"], l2_report["epsilon"]) == ("l2", L2_EPS)
-    assert (linf_report["norm"], linf_report["epsilon"]) == ("linf", L2_EPS)
-    assert l2_report["results"]["pgd1"]["step_size"] == L2_STEP  # the run's L2 step
-    assert l2_report["results"]["pgd1"]["norm"] == "l2"
-    model = inputs.load_model(inputs.resolve({"model_dir": str(l2_run)}))
-    images, labels = _examples(l2_run, 8)
-    x_adv = PGD(L2_EPS, L2_STEP, 1, norm="l2")(model, images, labels)
-    correct = np.argmax(model.predict(x_adv, verbose=0), axis=-1) == labels
-    assert l2_report["results"]["pgd1"]["accuracy"] == correct.mean()
-    # the L-inf ball of 0.5 holds the L2 one: PGD can only do better there
-    assert linf_report["results"]["pgd1"]["accuracy"] <= l2_report["results"]["pgd1"]["accuracy"]
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (run_files.BEST_WEIGHTS, run_files.SUMMARY_FILE, run_files.CONFIG_FILE):
+        shutil.copy(source / name, run / name)
+    examples, radius = 14, 0.5
+    common = [f"--model_dir={run}", "--attacks=clean,pgd1", f"--max_examples={examples}"]
+    common += [f"--attack_eps={radius}", f"--attack_step={radius}"]
+    paths, reports = {}, {}
+    for norm in ("l2", "linf"):
+        (paths[norm],) = evaluation.evaluate_radii(
+            evaluate_settings([*common, f"--attack_norm={norm}"]), log=lambda *_: None
+        ).paths
+        reports[norm] = json.loads(open(paths[norm]).read())
+    assert paths["l2"] != paths["linf"]
+    assert f"/evaluation_test_l2_eps{radius:g}_" in paths["l2"]
+    assert f"/evaluation_test_linf_eps{radius:g}_" in paths["linf"]
+    assert paths["l2"][-len("12345678.json") :] == paths["linf"][-len("12345678.json") :]
+    model = inputs.load_model(inputs.resolve({"model_dir": str(run)}))
+    images, labels = _examples(run, examples)
+    for norm, report in reports.items():
+        assert (report["norm"], report["epsilon"]) == (norm, radius)
+        assert (report["results"]["pgd1"]["norm"], report["results"]["pgd1"]["step_size"]) == (
+            norm,
+            radius,
+        )
+        x_adv = PGD(radius, radius, 1, norm=norm)(model, images, labels)
+        correct = np.argmax(model.predict(x_adv, verbose=0), axis=-1) == labels
+        assert report["results"]["pgd1"]["accuracy"] == correct.mean(), norm
 
 
-def test_model_card_and_compare_table_carry_the_run_s_norm(l2_run):
+def test_evaluating_an_l2_run_takes_its_norm_and_its_card_and_table_carry_it(l2_run):
     (path,) = evaluation.evaluate_radii(
         evaluate_settings([f"--model_dir={l2_run}", "--attacks=clean,pgd1", "--max_examples=8"]),
         log=lambda *_: None,
     ).paths
+    report = json.loads(open(path).read())
+    assert f"/evaluation_test_l2_eps{L2_EPS:g}_" in path
+    assert (report["norm"], report["epsilon"]) == ("l2", L2_EPS)
+    assert report["results"]["pgd1"]["step_size"] == L2_STEP  # the run's L2 step
     config = run_files.read_config(l2_run)
-    result = RunResult("at", 7, str(l2_run), config, [], json.loads(open(path).read()))
+    result = RunResult("at", 7, str(l2_run), config, [], report)
     card = cards.model_card(result)
     assert cards.card_path(result).split("/")[:3] == ["model_cards", "digits_0_4", "L2"]
     assert card["eps"] == "0.5" and card[cards.EXTRA_KEY]["norm"] == "l2"
@@ -284,7 +293,11 @@ def test_an_l2_radius_of_3_is_a_legal_run():
 def test_evaluate_refuses_a_bad_norm_or_radius_before_writing(source, args, match):
     before = file_snapshot(source)
     with pytest.raises(SetupError, match=match) as error:
-        evaluation.evaluate(evaluate_settings([f"--model_dir={source}", *args]))
+        evaluation.evaluate(  # cheap attacks: were it not refused, it would end soon
+            evaluate_settings(
+                [f"--model_dir={source}", "--attacks=clean,pgd1", "--max_examples=4", *args]
+            )
+        )
     assert "\n" not in str(error.value)
     assert file_snapshot(source) == before
 
