@@ -6,8 +6,11 @@ of them does not fail: it trains or evaluates something else (PGD with epsilon=8
 image by anything, 0-255 images saturate the model).  So every entry point refuses it, and
 this module is the one home of those checks:
 
-  * budgets (`check_pixel_budget`, `check_radius_fits`): the attacks' constructors and calls,
-    the trainer (a user's attack object), and the settings and flags of every binary;
+  * norms and budgets (`check_norm`, `check_pixel_budget`, `check_radius_fits`): the
+    attacks' constructors and calls, the trainer (a user's attack object), and the settings
+    and flags of every binary.  A budget is checked in its norm: an L-inf one is at most 1
+    (more is 0-255 units), an L2 one at most the diagonal of the [0, 1] image box (3.0 is an
+    ordinary L2 radius); `budget_text` and `threat_model_text` print them one way everywhere;
   * images and labels, numpy arrays or eager tensors (`check_images_and_labels`,
     `checked_arrays`): every attack's call, the trainer's numpy inputs, and the pieces of the
     trainer's tf.data checks (`twins_tf.trainer.checks`).  Values are checked where they
