@@ -174,7 +174,7 @@ def test_two_workers_on_loopback_equal_the_single_process_run_per_example(
     for returncode, _, err in job:
         assert returncode == 0, err[-3000:]
     outputs = [(out, err) for _, out, err in job]
-    (path,) = model_dir.glob("evaluation_test_eps8-255_*.json")
+    (path,) = model_dir.glob("evaluation_test_linf_eps8-255_*.json")
     assert f"report: {path}" in outputs[0][0] and "report:" not in outputs[1][0]
     aa = json.loads(path.read_text())["results"]["autoattack"]
     assert aa["shards"] == 2
@@ -254,8 +254,8 @@ def test_several_radii_give_a_report_each_and_a_plot_and_a_later_evaluation_adds
     assert [r["epsilon"] for r in result.reports] == [2 / 255, 8 / 255]
     names = [p.rsplit("/", 1)[1] for p in result.paths]
     key = names[0][-len("12345678.json") : -len(".json")]
-    assert names == [f"evaluation_test_eps{r}-255_{key}.json" for r in (2, 8)]
-    assert result.plot == str(model_dir / f"evaluation_test_radii_{key}.png")
+    assert names == [f"evaluation_test_linf_eps{r}-255_{key}.json" for r in (2, 8)]
+    assert result.plot == str(model_dir / f"evaluation_test_linf_radii_{key}.png")
     with open(result.plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for path, radius, report in zip(result.paths, ("2/255", "8/255"), result.reports):

@@ -23,7 +23,13 @@ import torch
 
 from twins_tf import lora
 from twins_tf.models import convnext, registry
-from twins_tf.weights import read_checkpoint, read_torch_checkpoint, torch_names
+from twins_tf.weights import (
+    convert_checkpoint,
+    load_pretrained,
+    read_checkpoint,
+    read_torch_checkpoint,
+    torch_names,
+)
 from twins_tf.weights.errors import CheckpointError
 
 SIZE = 64  # the smallest multiple of 32 where the last stage's map is more than 1x1
@@ -164,6 +170,39 @@ def test_reading_keeps_timm_keys_and_strips_the_singh_prefix(tmp_path, answers):
         for key, value in state.items():
             np.testing.assert_array_equal(read[key], value)
     assert read_checkpoint(wrapped).metadata["arch"] == "convnext_tiny_convstem"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_convert_then_load_pretrained_gives_timms_logits(tmp_path, answers, suffix):
+    """A timm state dict through `convert` (the binary's work) and `load_pretrained` (what
+    `train --pretrained` runs); another size of the same family is one line naming a key."""
+    from safetensors.numpy import save_file
+
+    images, answer = answers["convnext_tiny"]
+    state = {k: np.ascontiguousarray(v) for k, v in answer["state"].items()}
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **state)
+    else:
+        save_file(state, str(path))
+    output = tmp_path / "converted.weights.h5"
+    summary = convert_checkpoint(path, "convnext_tiny", output)
+    assert summary["arch"] == "convnext_tiny" and summary["num_classes"] == CLASSES
+    assert summary["head_from_checkpoint"]
+    model = registry.build_model("convnext_tiny", CLASSES, input_shape=images.shape[1:])
+    load_pretrained(model, output, head=True)
+    reference = answer["logits"]
+    np.testing.assert_allclose(
+        np.asarray(model(images, training=False)),
+        reference,
+        rtol=0,
+        atol=RELATIVE * np.abs(reference).max(),
+    )
+    other = tmp_path / "small.weights.h5"
+    with pytest.raises(CheckpointError, match="does not fit convnext_small") as error:
+        convert_checkpoint(path, "convnext_small", other)
+    assert "\n" not in str(error.value) and "holds a convnext_tiny" in str(error.value)
+    assert not other.exists()
 
 
 def _randomise_lora(model, seed=0):

@@ -95,7 +95,7 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
 
     # The one radius's report, among the other tests' reports of this shared run (each
     # configuration has its own file): the newest.
-    written_path = max(source.glob("evaluation_test_eps8-255_*.json"), key=os.path.getmtime)
+    written_path = max(source.glob("evaluation_test_linf_eps8-255_*.json"), key=os.path.getmtime)
     written = json.loads(written_path.read_text())
     assert written == json.loads(json.dumps(report))
     assert (written["split"], written["examples"], written["arch"]) == (
@@ -421,6 +421,7 @@ def test_library_call_with_some_settings_is_the_binary_with_its_defaults(source,
         "train_per_class": None,
         "split": "test",
         "attacks": ["clean", "pgd10", "autoattack"],
+        "attack_norm": None,
         "attack_eps": None,
         "attack_step": None,
         "pgd_restarts": 1,

@@ -22,6 +22,7 @@ TRAIN_CONFIG_KEYS = {
     "allow_random_init",
     "arch",
     "attack_eps",
+    "attack_norm",
     "attack_step",
     "attack_steps",
     "batch_size",

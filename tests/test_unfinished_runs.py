@@ -65,7 +65,7 @@ def test_evaluate_refuses_an_unfinished_run_unless_allowed(killed, tmp_path):
         evaluate_settings([*args, "--allow_unfinished"]), log=lambda _: None, progress=False
     )
     assert report["unfinished"] == inputs.unfinished_run(str(killed))
-    (path,) = killed.glob("evaluation_test_eps*.json")  # the one radius's report
+    (path,) = killed.glob("evaluation_test_linf_eps*.json")  # the one radius's report
     written = json.loads(path.read_text())
     assert written["unfinished"] == report["unfinished"]
     assert f"warning: {report['unfinished']}" in evaluation.format_table(report)

@@ -5,6 +5,8 @@ r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a tra
         --split=test --attacks=clean,pgd20 --pgd_restarts=5 --output=report.json
     python -m twins_tf.evaluate --model_dir=runs/dogs --attack_eps=2/255,4/255,8/255 \
         --strategy=mirrored
+    python -m twins_tf.evaluate --model_dir=runs/dogs --attack_norm=l2 --attack_eps=0.5 \
+        --attack_step=0.125
 
 The model: with `--model_dir`, the run's `config.json` says what to build and
 `best.weights.h5` (or `--weights`) what to load; without it, `--weights`, `--arch` and
@@ -13,8 +15,13 @@ network `export` ships), so every model is evaluated as a plain-BN network in fl
 `--model_dir` whose run has not finished (no summary.json: killed, or still training) is
 refused unless `--allow_unfinished`; the report then says so ("unfinished").
 
-Attacks (`--attacks`, comma-separated, in [0, 1] pixel space, L-inf radius `--attack_eps`, or
-several radii, comma-separated: one report per radius and a plot of accuracy against radius):
+The threat model is `--attack_norm` (linf or l2; default: the run's, else linf) with radius
+`--attack_eps` in [0, 1] pixel units: L-inf as 8/255 or 0.0314 (at most 1), L2 as a plain
+number, 0.5 or 3.0 (the L2 length of the perturbation, at most the image box's diagonal).
+Several radii, comma-separated, give one report per radius and a plot of accuracy against
+radius.  The run's radius and step are used when evaluating in the run's norm; in another
+norm `--attack_eps` (and `--attack_step` for PGD) must be given.  Attacks (`--attacks`,
+comma-separated, in [0, 1] pixel space):
   clean        accuracy on the unperturbed images;
   pgdK         accuracy on PGD-K examples (step `--attack_step`); with `--pgd_restarts=1` no
                random start (spec §7), with R > 1 restarts R random starts and an example
@@ -37,8 +44,8 @@ probabilities instead of logits, zero gradients, test-time dynamics) run on the 
 what they find is printed and kept in the report's "checks".
 
 Results go to a printed table and a JSON report per radius (`--output`, by default
-`model_dir/evaluation_<split>_eps<radius>_<hash of the other settings>.json`, so a later
-evaluation of other attacks or settings adds a report and never replaces one).  In a
+`model_dir/evaluation_<split>_<norm>_eps<radius>_<hash of the other settings>.json`, so a
+later evaluation of other attacks, settings or norm adds a report and never replaces one).  In a
 multi-worker job only the chief writes.  The split is the test split or the validation split
 carved from train (`--split`); `--max_examples` evaluates N examples only, a class-stratified
 subset seeded by the split seed.

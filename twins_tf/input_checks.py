@@ -6,8 +6,11 @@ of them does not fail: it trains or evaluates something else (PGD with epsilon=8
 image by anything, 0-255 images saturate the model).  So every entry point refuses it, and
 this module is the one home of those checks:
 
-  * budgets (`check_pixel_budget`, `check_radius_fits`): the attacks' constructors and calls,
-    the trainer (a user's attack object), and the settings and flags of every binary;
+  * norms and budgets (`check_norm`, `check_pixel_budget`, `check_radius_fits`): the
+    attacks' constructors and calls, the trainer (a user's attack object), and the settings
+    and flags of every binary.  A budget is checked in its norm: an L-inf one is at most 1
+    (more is 0-255 units), an L2 one at most the diagonal of the [0, 1] image box (3.0 is an
+    ordinary L2 radius); `budget_text` and `threat_model_text` print them one way everywhere;
   * images and labels, numpy arrays or eager tensors (`check_images_and_labels`,
     `checked_arrays`): every attack's call, the trainer's numpy inputs, and the pieces of the
     trainer's tf.data checks (`twins_tf.trainer.checks`).  Values are checked where they
@@ -23,12 +26,16 @@ import numpy as np
 import tensorflow as tf
 
 # --- budgets -----------------------------------------------------------------------------------
+# The norms the attacks measure perturbations in, and how messages and tables name them.
+NORMS = ("linf", "l2")
+NORM_NAMES = {"linf": "L-inf", "l2": "L2"}
+
 # The wording names the fix for where the value came from: a flag or run setting is written on
 # a command line or in a config, an argument in code, an attribute on a user's attack object.
 _BUDGET_MESSAGES = {
     "flag": (
-        "{label}={value:g} is outside [0, 1]: images are in [0, 1] pixel units, so write e.g. "
-        "8/255 (not 8)."
+        "{label}={value:g} is outside [0, 1]: L-inf images are in [0, 1] pixel units, so "
+        "write e.g. 8/255 (not 8); an L2 radius such as 3.0 needs --attack_norm=l2."
     ),
     "argument": (
         "{label}={value:g} is more than the whole [0, 1] pixel range: give it in [0, 1] units, "
@@ -41,24 +48,73 @@ _BUDGET_MESSAGES = {
 }
 
 
-def check_pixel_budget(value, label, *, norm="linf", given_as="argument", error=ValueError):
+def budget_text(value, norm):
+    """A radius or step as people write it: L-inf `8/255` when it is a whole number of 255ths,
+    else its 6 significant digits (L2 always: `0.5`, `3`)."""
+    in_255ths = value * 255
+    if norm == "linf" and abs(in_255ths - round(in_255ths)) < 1e-6:
+        return f"{round(in_255ths)}/255"
+    return f"{value:.6g}"
+
+
+def threat_model_text(norm, radius):
+    """The threat model as tables and logs print it: `L-inf eps 8/255`, `L2 eps 0.5`."""
+    return f"{NORM_NAMES[norm]} eps {budget_text(radius, norm)}"
+
+
+def check_norm(norm, label, *, error=ValueError):
+    """The canonical norm name, "linf" or "l2", of `norm`; else `error` listing the norms.
+
+    Accepts the reference spellings ("Linf", "L2") and "inf" / float("inf") for L-inf.
+
+    Args:
+      norm: the norm as given.
+      label: how the message names it: "--attack_norm", "PGD norm".
+      error: the exception class (the binaries raise their `SetupError`).
+    """
+    name = str(norm).lower()
+    name = "linf" if name == "inf" else name
+    if name not in NORMS:
+        raise error(f"{label} must be one of {', '.join(NORMS)}, got {norm!r}.")
+    return name
+
+
+def l2_diameter(image_shape):
+    """The L2 length of the diagonal of the [0, 1] box of images of `image_shape` (no batch
+    axis): no perturbation that keeps the image in [0, 1] is longer."""
+    return float(np.sqrt(np.prod(image_shape)))
+
+
+def check_pixel_budget(
+    value, label, *, norm="linf", given_as="argument", error=ValueError, image_shape=None
+):
     """`value`, an attack radius or step in [0, 1] pixel units, as a float; else `error`.
 
     An L-inf budget above 1 is more than the whole pixel range, which only happens when it was
     given in 0-255 units (8 for 8/255).  An L2 budget above 1 is ordinary (ImageNet's L2 threat
-    model is 3.0); `check_radius_fits` checks it once the image size is known.
+    model is 3.0): it is refused only when it is longer than the diagonal of the [0, 1] image
+    box, checked here when `image_shape` is given and by `check_radius_fits` once an attack
+    sees its images.
 
     Args:
       value: the budget.
       label: how the message names it: "--attack_eps", "PGD epsilon", "attack step_size".
-      norm: the threat model's norm ("linf", "Linf", "inf" or float("inf") for L-inf).
-      given_as: "flag" (a flag or run setting: anything outside [0, 1] is refused),
-        "argument" (an attack's constructor argument) or "attribute" (the `epsilon` or
-        `step_size` of a user's attack object); it decides the fix the message names.
+      norm: the threat model's norm ("linf", "Linf", "inf" or float("inf") for L-inf; "l2").
+      given_as: "flag" (a flag or run setting: anything negative is refused, and for L-inf
+        anything above 1), "argument" (an attack's constructor argument) or "attribute" (the
+        `epsilon` or `step_size` of a user's attack object); it decides the fix the message
+        names.
       error: the exception class (the binaries raise their `SetupError`).
+      image_shape: the shape of one image (height, width, channels), when known: an L2
+        budget longer than its diagonal is refused.
     """
     value = float(value)
-    if str(norm).lower() not in ("linf", "inf"):
+    norm = check_norm(norm, label, error=error)
+    if norm == "l2":
+        if given_as == "flag" and value < 0:
+            raise error(f"{label}={value:g} is negative: an L2 radius or step is >= 0.")
+        if image_shape is not None and value > l2_diameter(image_shape):
+            raise error(_too_long(label, value, image_shape))
         return value
     if value > 1 or (given_as == "flag" and value < 0):
         raise error(
@@ -69,17 +125,20 @@ def check_pixel_budget(value, label, *, norm="linf", given_as="argument", error=
     return value
 
 
+def _too_long(label, value, image_shape):
+    return (
+        f"{label}={value:g} is longer than the diagonal of the [0, 1] image box, the longest "
+        f"L2 perturbation ({l2_diameter(image_shape):.4g} for {tuple(image_shape)} images): "
+        "give it in [0, 1] pixel units (a value in 0-255 units divided by 255)."
+    )
+
+
 def check_radius_fits(value, norm, x, who, name):
     """An L2 radius or step longer than the diagonal of the [0, 1] image box means 0-255 units."""
     if norm != "l2" or value is None or not x.shape[1:].is_fully_defined():
         return
-    diameter = float(np.sqrt(np.prod(x.shape[1:])))
-    if value > diameter:
-        raise ValueError(
-            f"{who} L2 {name}={value:g} is longer than the diagonal of the [0, 1] "
-            f"image box ({diameter:.4g} for {tuple(x.shape[1:])} images): give it "
-            f"in [0, 1] pixel units (a value in 0-255 units divided by 255)."
-        )
+    if value > l2_diameter(x.shape[1:]):
+        raise ValueError(_too_long(f"{who} L2 {name}", value, tuple(x.shape[1:])))
 
 
 # --- images and labels ---------------------------------------------------------------------------

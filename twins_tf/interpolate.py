@@ -14,8 +14,9 @@ import sys
 
 from absl import app, flags
 
+from twins_tf.input_checks import threat_model_text
 from twins_tf.interpolation import DEFAULT_ALPHAS, SELECTIONS, interpolate_runs
-from twins_tf.training.flags import define_fraction
+from twins_tf.training.flags import NORM_HELP, RADIUS_HELP, STEP_HELP, define_fraction
 from twins_tf.training.settings import SetupError
 
 
@@ -51,12 +52,21 @@ def define_flags(flag_values):
         **options,
     )
     flags.DEFINE_integer("batch_size", None, "Evaluation batch size (default: run A's).", **options)
-    define_fraction(
-        "attack_eps", None, "Validation PGD radius (default: the runs').", flag_values, None
+    flags.DEFINE_string(
+        "attack_norm",
+        None,
+        f"{NORM_HELP} Validation PGD in it (default: the runs'; another norm needs "
+        "--attack_eps and --attack_step).",
+        **options,
     )
     define_fraction(
-        "attack_step", None, "Validation PGD step (default: the runs').", flag_values, None
+        "attack_eps",
+        None,
+        f"{RADIUS_HELP} (validation PGD; default: the runs').",
+        flag_values,
+        None,
     )
+    define_fraction("attack_step", None, f"{STEP_HELP} (default: the runs').", flag_values, None)
     flags.DEFINE_integer(
         "attack_steps", None, "Validation PGD steps (default: the runs').", **options
     )
@@ -98,11 +108,15 @@ def main(argv, flag_values=flags.FLAGS):
             attack_eps=f.attack_eps,
             attack_step=f.attack_step,
             attack_steps=f.attack_steps,
+            attack_norm=f.attack_norm,
             overwrite=f.overwrite,
             allow_unfinished=f.allow_unfinished,
         )
     except SetupError as error:
         sys.exit(f"interpolate: error: {error}")
+    attack = result.attack
+    threat = threat_model_text(attack.get("attack_norm", "linf"), attack["attack_eps"])
+    print(f"validation PGD-{attack['attack_steps']}, {threat}")
     print(
         f"{'alpha':>6} {'clean':>8} {'pgd':>8}   ({result.validation_examples} validation examples)"
     )

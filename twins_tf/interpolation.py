@@ -7,10 +7,10 @@ WiSE-FT code (mlfoundations/wise-ft, `src/wise_ft.py`) interpolates the whole Py
 `state_dict` key by key with this formula (parameters and buffers alike, no re-estimation of
 the BN statistics), and that is what is followed here.  Each alpha of the grid is evaluated on
 the runs' **validation** split (the one `python -m twins_tf.train` selects its best epoch on,
-never the test split), clean and under the runs' own validation PGD (their `--attack_eps`,
-`--attack_step`, `--attack_steps`, no random start: spec §7), the best alpha is picked on it,
-and that network is written as a run directory the other binaries accept (`twins_tf.load_run`,
-`python -m twins_tf.evaluate`, `python -m twins_tf.export`).
+never the test split), clean and under the runs' own validation PGD (their `--attack_norm`,
+`--attack_eps`, `--attack_step`, `--attack_steps`, no random start: spec §7), the best alpha
+is picked on it, and that network is written as a run directory the other binaries accept
+(`twins_tf.load_run`, `python -m twins_tf.evaluate`, `python -m twins_tf.export`).
 
 Twin and plain runs: a TWINS run's network *as it is evaluated* is its Adaptive wing (spec §2:
 inference uses the Adaptive wing's moving statistics only; the Frozen wing is a training-time
@@ -53,7 +53,7 @@ import os
 import numpy as np
 
 from twins_tf.accuracy import accuracy_counter, count_correct
-from twins_tf.input_checks import check_pixel_budget
+from twins_tf.input_checks import NORM_NAMES, check_norm, check_pixel_budget
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -63,7 +63,7 @@ DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 SELECTIONS = ("robust", "clean")
 # The runs' network and data, which must agree for an interpolation to mean anything.
 _SAME_KEYS = ("arch", "num_classes", "image_size", "upsample", "dataset", "train_per_class")
-_ATTACK_KEYS = ("attack_eps", "attack_step", "attack_steps")
+_ATTACK_KEYS = ("attack_norm", "attack_eps", "attack_step", "attack_steps")
 TIE_RULE = (
     "the highest accuracy of the selected kind (PGD for robust, clean for clean); "
     "ties broken by the other accuracy, then by the smaller alpha (closer to run A)"
@@ -89,6 +89,8 @@ class InterpolationResult:
       select: "robust" or "clean", the selection criterion.
       output_dir: the written run directory.
       validation_examples: how many validation examples each accuracy counts.
+      attack: the validation PGD ({"attack_norm", "attack_eps", "attack_step",
+        "attack_steps", "random_start"}) the PGD accuracies are under.
     """
 
     rows: tuple
@@ -96,6 +98,7 @@ class InterpolationResult:
     select: str
     output_dir: str
     validation_examples: int
+    attack: dict = None
 
     @property
     def best(self):
@@ -210,20 +213,40 @@ def _check_compatible(config_a, config_b, model_dir_a, model_dir_b):
 
 
 def _attack_settings(config_a, config_b, overrides):
+    """The validation PGD that chooses alpha: each of `_ATTACK_KEYS` as given, else the runs'
+    (which must agree).  A run without `attack_norm` (older than it) trained at L-inf; a norm
+    other than the runs' needs its own radius and step, since theirs are in their norm."""
+    runs = [{"attack_norm": "linf", **config} for config in (config_a, config_b)]
     attack = {}
     for key in _ATTACK_KEYS:
         if overrides.get(key) is not None:
             attack[key] = overrides[key]
-        elif config_a.get(key) != config_b.get(key):
+        elif runs[0].get(key) != runs[1].get(key):
             raise SetupError(
-                f"the runs validate with different {key} ({config_a.get(key)!r} "
-                f"and {config_b.get(key)!r}): pass {key}= (--{key}) to say which "
+                f"the runs validate with different {key} ({runs[0].get(key)!r} "
+                f"and {runs[1].get(key)!r}): pass {key}= (--{key}) to say which "
                 "PGD chooses alpha."
             )
         else:
-            attack[key] = config_a[key]
+            attack[key] = runs[0][key]
+    norm = attack["attack_norm"] = check_norm(
+        attack["attack_norm"], "attack_norm", error=SetupError
+    )
+    run_norm = check_norm(runs[0]["attack_norm"], "the runs' attack_norm", error=SetupError)
     for key in ("attack_eps", "attack_step"):
-        check_pixel_budget(attack[key], key, given_as="flag", error=SetupError)
+        if norm != run_norm and overrides.get(key) is None:
+            raise SetupError(
+                f"attack_norm={norm}: the runs' {key} is an {NORM_NAMES[run_norm]} one; pass "
+                f"{key}= (--{key}) in {NORM_NAMES[norm]} units."
+            )
+        check_pixel_budget(
+            attack[key],
+            key,
+            norm=norm,
+            given_as="flag",
+            error=SetupError,
+            image_shape=(config_a["image_size"], config_a["image_size"], 3),
+        )
     if int(attack["attack_steps"]) < 1:
         raise SetupError("attack_steps must be at least 1.")
     return attack
@@ -273,6 +296,7 @@ def _result_from_record(record, output_dir):
         select=record["request"]["select"],
         output_dir=output_dir,
         validation_examples=record["validation"]["examples"],
+        attack=dict(record["attack"]),
     )
 
 
@@ -364,6 +388,7 @@ def interpolate_runs(
     attack_eps=None,
     attack_step=None,
     attack_steps=None,
+    attack_norm=None,
     overwrite=False,
     allow_unfinished=False,
 ):
@@ -382,8 +407,9 @@ def interpolate_runs(
         (all when that is unset).
       batch_size: evaluation batch size; None: run A's.
       verbose: "auto" or 1 (progress bar over the alphas), 2 (one line at the end), 0.
-      attack_eps, attack_step, attack_steps: the validation PGD; None: the runs' (which must
-        then agree).
+      attack_eps, attack_step, attack_steps, attack_norm: the validation PGD; None: the
+        runs' (which must then agree; a norm other than theirs needs attack_eps and
+        attack_step too).
       overwrite: replace an earlier interpolation (a different request) in output_dir.
       allow_unfinished: interpolate a run that has not finished (no summary.json: killed or
         still training), whose best weights are of its first epochs only; refused otherwise.
@@ -422,7 +448,12 @@ def interpolate_runs(
     attack = _attack_settings(
         config_a,
         config_b,
-        dict(attack_eps=attack_eps, attack_step=attack_step, attack_steps=attack_steps),
+        dict(
+            attack_norm=attack_norm,
+            attack_eps=attack_eps,
+            attack_step=attack_step,
+            attack_steps=attack_steps,
+        ),
     )
     request = {
         "run_a": {
@@ -483,6 +514,7 @@ def _run(config_a, config_b, request, output_dir, batch_size, verbose, unfinishe
         attack["attack_eps"],
         attack["attack_step"],
         int(attack["attack_steps"]),
+        norm=attack["attack_norm"],
         random_start=False,
         seed=int(config_a.get("seed") or 0),
     )

@@ -8,7 +8,8 @@ How to make your own robust source model when no robust checkpoint of the archit
 domain you need exists (and what the embedded demo does).  It is `python -m twins_tf.train`
 with plain BatchNorm, no `--pretrained`, and from-scratch defaults: method `at` (also `trades`,
 or `clean` for a non-robust baseline), arch resnet18, 100 epochs, lr 0.1 decayed x0.1 at
-epochs 50 and 75, weight decay 5e-4, PGD-10 at 8/255 with step 2/255.  Every flag of
+epochs 50 and 75, weight decay 5e-4, L-inf PGD-10 at 8/255 with step 2/255 (`--attack_norm=l2`
+with an L2 `--attack_eps` and `--attack_step` trains against L2 PGD instead).  Every flag of
 `train` but `--pretrained`, `--allow_random_init`, `--lambda_twins` and `--l2sp_alpha`
 applies, with the same model_dir contract, resumption, extension by a higher `--epochs`,
 `--validation` protocols and divergence check (see twins_tf.train and twins_tf.training).

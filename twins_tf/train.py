@@ -11,7 +11,8 @@ Flag groups (`--helpfull` lists them by group):
   method        --method --lambda_twins --beta --l2sp_alpha --lora_rank
   init          --init --init_epochs --init_lr --init_weight_decay (the head's start:
                 random, or a linear probe of the frozen backbone first, `training.init_stage`)
-  attack        --attack_eps --attack_step --attack_steps (fractions like 8/255 work)
+  attack        --attack_norm (linf or l2) --attack_eps --attack_step --attack_steps
+                (L-inf: fractions like 8/255 work; L2: plain numbers like 0.5 or 3.0)
   optimisation  --epochs --batch_size --lr --lr_decay_epochs --weight_decay
   run           --model_dir --seed --strategy --tpu_address --jit_compile --mixed_precision
                 --deterministic
@@ -35,9 +36,10 @@ and the weights files keep the last finite epoch.  A twin method without `--pret
 unless `--allow_random_init` says it is meant.
 
 Every input problem (unknown dataset or arch, missing data, a `--pretrained` file of another
-arch or a corrupt one, a batch size that does not split over 2 x replicas, an attack radius
-outside [0, 1], a model_dir holding a different run) stops the binary with a one-line error
-before anything is trained or written.
+arch or a corrupt one, a batch size that does not split over 2 x replicas, an unknown
+`--attack_norm`, an L-inf radius outside [0, 1] or an L2 one longer than the image's
+diagonal, a model_dir holding a different run) stops the binary with a one-line error before
+anything is trained or written.
 
 The console shows the run's own progress and results; TensorFlow's INFO log lines are off
 (its warnings and errors stay), and `--verbosity=1` on the command line brings them back

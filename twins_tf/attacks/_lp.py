@@ -10,18 +10,17 @@ of budgets, images and labels that the trainer and the binaries share live in
 import numpy as np
 import tensorflow as tf
 
+from twins_tf import input_checks
 from twins_tf.input_checks import check_pixel_budget
 
-NORMS = ("linf", "l2")
+NORMS = input_checks.NORMS
 TINY = 1e-12  # guards divisions by a zero gradient or perturbation norm
 
 
 def check_norm(norm, who):
-    """Canonical norm name ("linf" or "l2"); accepts the reference spellings "Linf"/"L2"."""
-    name = str(norm).lower()
-    if name not in NORMS:
-        raise ValueError(f"{who} norm must be one of {NORMS}, got {norm!r}.")
-    return name
+    """Canonical norm name ("linf" or "l2"); accepts the reference spellings "Linf"/"L2"
+    (`input_checks.check_norm`, the one home of the norms)."""
+    return input_checks.check_norm(norm, f"{who} norm")
 
 
 def check_epsilon(epsilon, who, norm="linf", *, name="epsilon", allow_zero=False):

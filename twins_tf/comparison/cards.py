@@ -34,6 +34,7 @@ import re
 
 from twins_tf.comparison.rows import row_dir_name, settings_hash
 from twins_tf.evaluation.inputs import AUTOATTACK, CLEAN
+from twins_tf.input_checks import check_norm
 
 CARDS_DIR = "model_cards"
 EXTRA_KEY = "twins_tf"
@@ -59,10 +60,17 @@ def eps_string(epsilon, norm):
     return f"{epsilon:.6g}"
 
 
+def run_norm(result):
+    """The norm, "linf" or "l2", the run's accuracies are under: its evaluation's (what the
+    card's eps and accuracies measure), else the run's own `attack_norm` (config.json), else
+    L-inf (runs and evaluations older than the norm setting were L-inf)."""
+    norm = result.evaluation.get("norm") or result.settings.get("attack_norm") or "linf"
+    return check_norm(norm, "the run's norm")
+
+
 def threat_model(result):
     """The threat model, "Linf" or "L2", from the norm the run was evaluated under."""
-    norm = str(result.evaluation.get("norm") or result.settings.get("attack_norm") or "linf")
-    return THREAT_MODELS[norm.lower()]
+    return THREAT_MODELS[run_norm(result)]
 
 
 def architecture_name(arch):
@@ -111,7 +119,7 @@ def model_card(result):
       result: a `RunResult` (its settings, evaluation and, for a wise row, interpolation).
     """
     s, e = result.settings, result.evaluation
-    norm = threat_model(result).lower()
+    norm = run_norm(result)
     clean, robust = result.accuracy(CLEAN), result.accuracy(AUTOATTACK)
     messages = _check_messages(e)
     return {

@@ -21,9 +21,10 @@ import os
 import numpy as np
 
 from twins_tf.comparison.cards import EXTRA_KEY as CARD_EXTRA_KEY
-from twins_tf.comparison.cards import card_path, model_card
+from twins_tf.comparison.cards import card_path, model_card, run_norm
 from twins_tf.comparison.statistics import format_table, summarise
 from twins_tf.evaluation.inputs import CLEAN
+from twins_tf.input_checks import threat_model_text
 from twins_tf.training import model_dir as run_files
 
 REPORT_DIR = "report"
@@ -184,14 +185,41 @@ def _png(figure, path):
     return data
 
 
+def threat_models(results):
+    """{row: the threat model its runs were evaluated in, as tables print it ("L-inf eps
+    8/255", "L2 eps 0.5")}: the rows of one comparison may differ (`at+attack_norm=l2`)."""
+    models = {}
+    for result in results:
+        epsilon = result.evaluation.get("epsilon")
+        if epsilon is not None:
+            text = threat_model_text(run_norm(result), epsilon)
+            models.setdefault(result.method, [])
+            if text not in models[result.method]:
+                models[result.method].append(text)
+    return {row: ", ".join(texts) for row, texts in models.items()}
+
+
+def threat_model_lines(models):
+    """The table's last lines: one when every row shares a threat model, else one per row."""
+    if not models:
+        return []
+    if len(set(models.values())) == 1:
+        return [f"threat model: {next(iter(models.values()))}"]
+    return ["threat models:"] + [f"  {row}: {text}" for row, text in models.items()]
+
+
 def write_report(results, attacks, baseline, report_dir, *, title="twins_tf comparison"):
     """Writes report.json, report.txt, the PNGs, report.html and model_cards/; returns the summary.
 
-    The HTML embeds the PNGs as data URIs, so the single file opens offline and can be mailed.
+    The table ends with the threat model (norm and radius) the accuracies are under, and
+    report.json keeps it per row (`threat_models`).  The HTML embeds the PNGs as data URIs, so
+    the single file opens offline and can be mailed.
     """
     os.makedirs(report_dir, exist_ok=True)
     summary = summarise(results, attacks, baseline)
-    table = format_table(summary, attacks)
+    models = threat_models(results)
+    summary["threat_models"] = models
+    table = "\n".join([format_table(summary, attacks), *threat_model_lines(models)])
     run_files.write_json(os.path.join(report_dir, "report.json"), summary)
     with open(os.path.join(report_dir, "report.txt"), "w") as f:
         f.write(table + "\n")

@@ -75,7 +75,10 @@ def run_autoattack(model, batches, examples, settings, *, layout=None, progress=
 
     def new_attack():
         return AutoAttack(
-            s["attack_eps"], norm="linf", version=s["autoattack_version"], seed=s["seed"]
+            s["attack_eps"],
+            norm=s.get("attack_norm", "linf"),  # settings resolved before the norm: L-inf
+            version=s["autoattack_version"],
+            seed=s["seed"],
         )
 
     attack = new_attack()

@@ -9,7 +9,13 @@ from absl import flags
 
 from twins_tf.evaluation.inputs import DEFAULTS, SPLITS
 from twins_tf.training.distribute import STRATEGIES
-from twins_tf.training.flags import define_data_flags, define_fraction
+from twins_tf.training.flags import (
+    NORM_HELP,
+    RADIUS_HELP,
+    STEP_HELP,
+    define_data_flags,
+    define_fraction,
+)
 
 
 def define_flags(flag_values):
@@ -34,16 +40,22 @@ def define_flags(flag_values):
     define("enum", "split", "Split to evaluate on.", enum_values=list(SPLITS))
     define("list", "attacks", "Comma-separated: clean, pgdK (K steps, e.g. pgd10), autoattack.")
     define(
+        "string",
+        "attack_norm",
+        f"{NORM_HELP} PGD and AutoAttack run in it (default: the run's, else linf).",
+    )
+    define(
         "list",
         "attack_eps",
-        "L-inf radius in [0, 1] pixel units, or several, comma-separated (2/255,4/255,8/255): "
-        "one report per radius and a plot of accuracy against radius (default: the run's, "
-        "else 8/255).",
+        f"{RADIUS_HELP}; or several, comma-separated (2/255,4/255,8/255 or 0.25,0.5,1): one "
+        "report per radius and a plot of accuracy against radius (default: the run's when "
+        "evaluating in the run's norm, else L-inf 8/255; required for another norm).",
     )
     define_fraction(
         "attack_step",
         DEFAULTS["attack_step"],
-        "PGD step size, the same for every radius (default: the run's, else 2/255).",
+        f"{STEP_HELP}; the same for every radius (default: the run's when evaluating in the "
+        "run's norm, else L-inf 2/255; required for PGD in another norm).",
         flag_values,
         None,
     )
@@ -72,7 +84,7 @@ def define_flags(flag_values):
         "string",
         "output",
         "JSON report path (several radii: <stem>_eps<radius>.json each); default: "
-        "model_dir/evaluation_<split>_eps<radius>_<settings hash>.json, none without "
+        "model_dir/evaluation_<split>_<norm>_eps<radius>_<settings hash>.json, none without "
         "--model_dir.",
     )
     define(

@@ -12,7 +12,12 @@ import json
 import os
 import re
 
-from twins_tf.input_checks import check_pixel_budget
+from twins_tf.input_checks import (
+    NORM_NAMES,
+    budget_text,
+    check_norm,
+    check_pixel_budget,
+)
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.flags import DATA_FLAGS
 from twins_tf.training.settings import SetupError
@@ -38,6 +43,7 @@ DEFAULTS = {
     "train_per_class": None,
     "split": "test",
     "attacks": [CLEAN, "pgd10", AUTOATTACK],
+    "attack_norm": None,
     "attack_eps": None,
     "attack_step": None,
     "pgd_restarts": 1,
@@ -52,12 +58,14 @@ DEFAULTS = {
     "tpu_address": None,
 }
 
-# The settings that do not change an evaluation's numbers, left out of its report's name.
+# The settings that do not change an evaluation's numbers, left out of the hash in its
+# report's name (the norm and the radius do, and the name spells them out).
 _NOT_IN_THE_RESULT = (
     "model_dir",
     "weights",
     "data_dir",
     "tfds_data_dir",
+    "attack_norm",
     "attack_eps",
     "output",
     "allow_unfinished",
@@ -69,6 +77,7 @@ _NOT_IN_THE_RESULT = (
 _FROM_THE_RUN = (
     "arch",
     *DATA_FLAGS,
+    "attack_norm",
     "attack_eps",
     "attack_step",
 )
@@ -95,19 +104,27 @@ def parse_attacks(names):
     return attacks
 
 
-def parse_radii(value, label="--attack_eps"):
-    """The L-inf radii of `--attack_eps` (a comma list such as `2/255,4/255,8/255`, a number,
-    or a list of either) as floats, in the order given.
+def parse_radii(value, label="--attack_eps", norm="linf", image_shape=None):
+    """The radii of `--attack_eps` in `norm` (a comma list such as `2/255,4/255,8/255` or
+    `0.25,0.5,1`, a number, or a list of either) as floats, in the order given.
+
+    Args:
+      value: the flag's value.
+      label: how messages name it.
+      norm: "linf" (each radius in (0, 1]) or "l2" (each radius positive and at most the
+        diagonal of the [0, 1] box of images of `image_shape`, when given).
+      image_shape: (height, width, channels) of the images.
 
     Raises:
-      SetupError: an entry that is no number, outside (0, 1], or given twice.
+      SetupError: an entry that is no number, outside the norm's range, or given twice.
     """
     items = value.split(",") if isinstance(value, str) else value
     items = list(items) if isinstance(items, (list, tuple)) else [items]
     text = ",".join(str(item) for item in items)
+    example = "0.25,0.5,1" if norm == "l2" else "2/255,4/255,8/255"
     if not items or any(isinstance(i, str) and not i.strip() for i in items):
         raise SetupError(
-            f"{label}={text} has an empty entry; give radii like --attack_eps=2/255,4/255,8/255."
+            f"{label}={text} has an empty entry; give radii like --attack_eps={example}."
         )
     radii = []
     for item in items:
@@ -117,23 +134,36 @@ def parse_radii(value, label="--attack_eps"):
             raise SetupError(
                 f"{label}: {item!r} is neither a number nor a fraction like 8/255."
             ) from None
-        if not 0 < radius <= 1:
-            raise SetupError(
-                f"{label}={text}: the radius {item} is outside (0, 1]; radii are L-inf in "
-                f"[0, 1] pixel units (8/255 or 0.0314, not 8)."
+        if norm == "l2":
+            if not radius > 0:
+                raise SetupError(
+                    f"{label}={text}: the L2 radius {item} is not positive (e.g. 0.5 or 3.0)."
+                )
+            check_pixel_budget(
+                radius,
+                f"{label}={text}: the L2 radius",
+                norm="l2",
+                given_as="flag",
+                error=SetupError,
+                image_shape=image_shape,
             )
-        if radius_label(radius) in map(radius_label, radii):
-            raise SetupError(f"{label}={text} names the radius {radius_label(radius)} twice.")
+        elif not 0 < radius <= 1:
+            raise SetupError(
+                f"{label}={text}: the radius {item} is outside (0, 1]; L-inf radii are in "
+                f"[0, 1] pixel units (8/255 or 0.0314, not 8; an L2 radius such as 3.0 needs "
+                "--attack_norm=l2)."
+            )
+        labels = [radius_label(r, norm) for r in radii]
+        if radius_label(radius, norm) in labels:
+            raise SetupError(f"{label}={text} names the radius {radius_label(radius, norm)} twice.")
         radii.append(radius)
     return radii
 
 
-def radius_label(radius):
-    """A radius as file names show it: `8-255` for 8/255, else its 6 significant digits."""
-    in_255ths = radius * 255
-    if abs(in_255ths - round(in_255ths)) < 1e-6:
-        return f"{round(in_255ths)}-255"
-    return f"{radius:.6g}"
+def radius_label(radius, norm="linf"):
+    """A radius as file names show it: L-inf `8-255` for 8/255, else its 6 significant
+    digits (L2 always: `0.5`, `3`)."""
+    return budget_text(radius, norm).replace("/", "-")
 
 
 def report_paths(settings):
@@ -143,13 +173,15 @@ def report_paths(settings):
 
     `--output` is the report's file for one radius; for several, each radius's report is
     `<output stem>_eps<radius><ext>` and the plot `<output stem>_radii.png`.  By default the
-    reports go into the run's directory, named by the split, the radius and a hash of every
-    other setting that changes the numbers, so an evaluation of another configuration adds
-    a report and never replaces one.
+    reports go into the run's directory, named by the split, the norm, the radius and a hash
+    of every other setting that changes the numbers
+    (`evaluation_<split>_<norm>_eps<radius>_<hash>.json`), so an evaluation of another
+    configuration adds a report and never replaces one, and an L2 and an L-inf evaluation at
+    the same number never share a file.
     """
     s = settings
     radii = s["radii"]
-    labels = [radius_label(r) for r in radii]
+    labels = [radius_label(r, s["attack_norm"]) for r in radii]
     several = len(radii) > 1
     if s.get("output"):
         if not several:
@@ -160,7 +192,7 @@ def report_paths(settings):
     if not s.get("model_dir"):
         return [None] * len(radii), None
     key = configuration_key(s)
-    stem = os.path.join(s["model_dir"], f"{REPORT_PREFIX}{s['split']}")
+    stem = os.path.join(s["model_dir"], f"{REPORT_PREFIX}{s['split']}_{s['attack_norm']}")
     paths = [f"{stem}_eps{label}_{key}.json" for label in labels]
     return paths, (f"{stem}_radii_{key}.png" if several else None)
 
@@ -287,16 +319,8 @@ def resolve(settings):
     except ValueError as error:
         raise SetupError(str(error)) from None
     s["dataset"], s["image_size"], s["upsample"] = spec.name, spec.image_size, spec.upsample
-    if s.get("attack_eps") is None:
-        s["radii"] = [8 / 255]
-    elif settings.get("attack_eps") is None:  # the run's
-        s["radii"] = parse_radii(s["attack_eps"], "the run's attack_eps (in its config.json)")
-    else:
-        s["radii"] = parse_radii(s["attack_eps"])
-    s["attack_eps"] = s["radii"][0]  # each radius's evaluation sets its own
-    s["attack_step"] = 2 / 255 if s.get("attack_step") is None else s["attack_step"]
-    check_pixel_budget(s["attack_step"], "--attack_step", given_as="flag", error=SetupError)
     s["attack_list"] = parse_attacks(s["attacks"])
+    _resolve_attack(s, settings, config)
     if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
         raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
     if s.get("max_examples") is not None and s["max_examples"] < 1:
@@ -309,6 +333,60 @@ def resolve(settings):
     s["weights_sha1"] = file_sha1(s["weights"])
     s["num_classes"] = config.get("num_classes")
     return s
+
+
+def _resolve_attack(s, given, config):
+    """The norm, radii and PGD step of an evaluation: as given, else the run's (when the
+    evaluation is in the run's norm), else L-inf 8/255 with step 2/255.
+
+    A run's radius and step are in its own norm (config.json's `attack_norm`; a run that
+    predates it trained at L-inf), so an evaluation in the other norm must give its own.
+    """
+    run_norm = None
+    if config:
+        run_norm = check_norm(
+            config.get("attack_norm", "linf"), "the run's attack_norm", error=SetupError
+        )
+    norm = check_norm(
+        given.get("attack_norm") or run_norm or "linf", "--attack_norm", error=SetupError
+    )
+    s["attack_norm"] = norm
+    shape = (s["image_size"], s["image_size"], 3)
+    needs_step = any(steps for _, steps in s["attack_list"])
+    for key, needed, example in (
+        ("attack_eps", True, "0.5" if norm == "l2" else "8/255"),
+        ("attack_step", needs_step, "0.125" if norm == "l2" else "2/255"),
+    ):
+        if given.get(key) is None and needed and norm != (run_norm or "linf"):
+            whose = (
+                f"the run's {key} is an {NORM_NAMES[run_norm]} one"
+                if config
+                else "it has no default"
+            )
+            raise SetupError(
+                f"--attack_norm={norm}: {whose}; pass --{key} in {NORM_NAMES[norm]} units "
+                f"(e.g. --{key}={example})."
+            )
+    if given.get("attack_eps") is not None:
+        s["radii"] = parse_radii(s["attack_eps"], norm=norm, image_shape=shape)
+    elif config.get("attack_eps") is not None and norm == run_norm:
+        label = "the run's attack_eps (in its config.json)"
+        s["radii"] = parse_radii(config["attack_eps"], label, norm, shape)
+    else:
+        s["radii"] = [8 / 255]
+    s["attack_eps"] = s["radii"][0]  # each radius's evaluation sets its own
+    step = given.get("attack_step")
+    if step is None and norm == run_norm:
+        step = config.get("attack_step")
+    s["attack_step"] = 2 / 255 if step is None else step
+    check_pixel_budget(
+        s["attack_step"],
+        "--attack_step",
+        norm=norm,
+        given_as="flag",
+        error=SetupError,
+        image_shape=shape,
+    )
 
 
 def load_model(settings):

@@ -7,6 +7,7 @@ users' scripts), so it is built in one place and `format_table` reads only what 
 import os
 
 from twins_tf.evaluation.inputs import AUTOATTACK, CLEAN
+from twins_tf.input_checks import NORM_NAMES, threat_model_text
 from twins_tf.training import model_dir as run_files
 
 
@@ -29,7 +30,7 @@ def build_report(settings, examples, checks, results):
         "split": s["split"],
         "examples": examples,
         "epsilon": s["attack_eps"],
-        "norm": "linf",
+        "norm": s["attack_norm"],
         "seed": s["seed"],
         "checks": checks,
         "results": results,
@@ -46,7 +47,8 @@ def format_table(report):
     """The printed table: one row per attack (accuracy in %, examples)."""
     lines = [
         f"{report['arch']} on {report['dataset']} ({report['split']}, "
-        f"{report['examples']} examples), L-inf eps {report['epsilon'] * 255:.4g}/255",
+        f"{report['examples']} examples), "
+        + threat_model_text(report.get("norm", "linf"), report["epsilon"]),
         f"{'attack':<24}{'accuracy':>10}{'time':>12}",
     ]
     for name, result in report["results"].items():
@@ -77,7 +79,9 @@ def write_radius_plot(path, reports):
     """
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
 
-    radii = [255 * report["epsilon"] for report in reports]
+    norm = reports[0].get("norm", "linf")
+    scale = 255 if norm == "linf" else 1  # L-inf in levels of 255, L2 as it is
+    radii = [scale * report["epsilon"] for report in reports]
     figure = Figure(figsize=(5, 3.5), layout="tight")
     axes = figure.add_subplot()
     for name in reports[0]["results"]:
@@ -87,7 +91,7 @@ def write_radius_plot(path, reports):
         else:
             axes.plot(radii, accuracies, marker="o", label=name)
     first = reports[0]
-    axes.set_xlabel("L-inf radius (x/255)")
+    axes.set_xlabel(f"{NORM_NAMES[norm]} radius" + (" (x/255)" if norm == "linf" else ""))
     axes.set_ylabel("accuracy (%)")
     axes.set_title(f"{first['arch']} on {first['dataset']} ({first['split']})")
     axes.legend()

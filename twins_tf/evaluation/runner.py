@@ -100,13 +100,18 @@ def _pgd_result(model, batches, s, steps):
         s["attack_eps"],
         s["attack_step"],
         steps,
+        norm=s["attack_norm"],
         random_start=restarts > 1,
         restarts=restarts,
         seed=s["seed"],
     )
     result = accuracy.evaluate_batched(model, batches, pgd)
     result.update(
-        steps=steps, step_size=s["attack_step"], restarts=restarts, random_start=restarts > 1
+        steps=steps,
+        step_size=s["attack_step"],
+        norm=s["attack_norm"],
+        restarts=restarts,
+        random_start=restarts > 1,
     )
     return result
 
@@ -140,7 +145,8 @@ def _evaluate(s, layout, log, progress):
                 results[name] = _pgd_result(model, batches, settings, steps)
             if name != inputs.CLEAN:
                 results[name]["seconds"] = round(time.time() - started, 2)
-            at = f" at {inputs.radius_label(radius).replace('-', '/')}" if several else ""
+            shown = inputs.radius_label(radius, s["attack_norm"]).replace("-", "/")
+            at = f" at {shown}" if several else ""
             log(
                 f"{name}{at}: {100 * results[name]['accuracy']:.2f}% of {results[name]['examples']}"
             )

@@ -46,3 +46,31 @@ def head_initializer(fan_in):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear default, for kernel and bias."""
     bound = 1.0 / math.sqrt(fan_in)
     return keras.initializers.RandomUniform(-bound, bound)
+
+
+def check_build_arguments(arch, architectures, num_classes, upsample, input_shape):
+    """The checks every family's builder makes; returns `input_shape` as a tuple.
+
+    Raises:
+      ValueError: an arch the family does not build, num_classes or upsample not a positive
+        integer, or an input shape that is not (height, width, 3).
+    """
+    if arch not in architectures:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(architectures)}.")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if int(upsample) != upsample or upsample < 1:
+        raise ValueError(f"upsample must be a positive integer factor, got {upsample!r}.")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3 or input_shape[-1] != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, 3) for RGB NHWC images, got {input_shape}."
+        )
+    return input_shape
+
+
+def no_twin(arch):
+    """The refusal of twin=True for an arch without BatchNormalization."""
+    return ValueError(
+        f"{arch} has no BatchNormalization, so it has no twin model: build it with twin=False."
+    )

@@ -36,7 +36,11 @@ value).  Do not reuse `_stem`'s pooling on inputs that can be negative.
 import keras
 
 from twins_tf.layers import BatchNormalization, TwinBatchNormalization
-from twins_tf.models.common import ImageNetNormalization, head_initializer
+from twins_tf.models.common import (
+    ImageNetNormalization,
+    check_build_arguments,
+    head_initializer,
+)
 
 BN_MOMENTUM = 0.9  # Keras convention; PyTorch's 0.1
 BN_EPSILON = 1e-5
@@ -90,17 +94,7 @@ def build_resnet(
       >>> model(keras.ops.zeros((2, 32, 32, 3))).shape
       (2, 10)
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHITECTURES)}.")
-    if int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    if int(upsample) != upsample or upsample < 1:
-        raise ValueError(f"upsample must be a positive integer factor, got {upsample!r}.")
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(
-            f"input_shape must be (height, width, 3) for RGB NHWC images, got {input_shape}."
-        )
+    input_shape = check_build_arguments(arch, ARCHITECTURES, num_classes, upsample, input_shape)
     kind, depths, width_factor = ARCHITECTURES[arch]
     norm = _norm_factory(twin, synchronized)
 

@@ -50,7 +50,9 @@ from twins_tf.models.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageNetNormalization,
+    check_build_arguments,
     head_initializer,
+    no_twin,
 )
 
 LN_EPSILON = 1e-6
@@ -207,21 +209,9 @@ def build_vit(
       (2, 10)
     """
     del synchronized  # no BatchNormalization to synchronise
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}: expected one of {sorted(ARCHITECTURES)}.")
+    input_shape = check_build_arguments(arch, ARCHITECTURES, num_classes, upsample, input_shape)
     if twin:
-        raise ValueError(
-            f"{arch} has no BatchNormalization, so it has no twin; build it with twin=False."
-        )
-    if int(num_classes) != num_classes or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    if int(upsample) != upsample or upsample < 1:
-        raise ValueError(f"upsample must be a positive integer factor, got {upsample!r}.")
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3 or input_shape[-1] != 3:
-        raise ValueError(
-            f"input_shape must be (height, width, 3) for RGB NHWC images, got {input_shape}."
-        )
+        raise no_twin(arch)
     width, depth, heads, convstem, mean, std = ARCHITECTURES[arch]
     depth = depth if _depth is None else int(_depth)
     for axis, size in zip(("height", "width"), input_shape[:2]):

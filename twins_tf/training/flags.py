@@ -43,6 +43,22 @@ from twins_tf.training.settings import (
     TRAIN,
 )
 
+# How the attack flags of every binary (train, pretrain, evaluate, compare, interpolate)
+# explain the threat model: the norm, and the radius and step in its units.
+NORM_HELP = (
+    "Threat model: linf (L-inf, the default) or l2 (L2, e.g. the robust ImageNet models of "
+    "Salman et al. 2020, eps 3)."
+)
+RADIUS_HELP = (
+    "Attack radius in [0, 1] pixel units, in --attack_norm: L-inf as a fraction of 255 or a "
+    "number (8/255 or 0.0314), at most 1; L2 as a plain number (0.5, 3.0), the L2 length of "
+    "the perturbation over all pixels and channels, at most the diagonal of the image box"
+)
+STEP_HELP = (
+    "PGD step size in [0, 1] pixel units, in --attack_norm: L-inf per pixel (2/255), L2 the "
+    "L2 length of each step (e.g. eps/4 = 0.125 for eps 0.5)"
+)
+
 # The flags `define_data_flags` defines, in order.
 DATA_FLAGS = (
     "dataset",
@@ -309,16 +325,26 @@ def define_flags(flag_values, binary):
             "init",
         )
     # attack
+    define(
+        "string",
+        "attack_norm",
+        "linf",
+        f"{NORM_HELP} Training and validation PGD attack in it.",
+        "attack",
+    )
     define_fraction(
         "attack_eps",
         8 / 255,
-        "L-inf radius in [0, 1] pixel units (8/255 or "
-        "0.0314 both work), training and validation PGD.",
+        f"{RADIUS_HELP} (training and validation PGD).",
         flag_values,
         group("attack"),
     )
     define_fraction(
-        "attack_step", 2 / 255, "PGD step size in [0, 1] pixel units.", flag_values, group("attack")
+        "attack_step",
+        2 / 255,
+        f"{STEP_HELP}.",
+        flag_values,
+        group("attack"),
     )
     names += ["attack_eps", "attack_step"]
     define("integer", "attack_steps", 10, "PGD steps (training and validation).", "attack")

@@ -12,6 +12,7 @@ demo, a notebook) gets only its own settings.
 import dataclasses
 import os
 
+from twins_tf.input_checks import budget_text, threat_model_text
 from twins_tf.training import backup, init_stage
 from twins_tf.training import model_dir as model_dir_lib
 from twins_tf.training.model import build_model
@@ -240,7 +241,10 @@ def fit(prepared, *, verbose="auto"):
         f"({prepared.steps_per_epoch} steps/epoch, {s.epochs} epochs, "
         f"{prepared.strategy.num_replicas_in_sync} replica(s)); "
         + (f"resuming after epoch {start_epoch}" if start_epoch else "starting")
-        + f"; {out}\n{s.binary}: schedule: {format_schedule(run_schedule(s, []))}",
+        + f"; {out}\n{s.binary}: schedule: {format_schedule(run_schedule(s, []))}"
+        + f"\n{s.binary}: attack: PGD-{s.attack_steps}, "
+        + f"{threat_model_text(s.attack_norm, s.attack_eps)}, "
+        + f"step {budget_text(s.attack_step, s.attack_norm)}",
         flush=True,
     )
     with multi_worker.keras_fixes_for(prepared.strategy):
@@ -263,6 +267,13 @@ def fit(prepared, *, verbose="auto"):
         "validation": s.validation,
         "best_epoch": best["epoch"] if best else None,
         "best_val_adv_acc": best["value"] if best else None,
+        # the threat model the adversarial metrics (and best_val_adv_acc) were measured in
+        "attack": {
+            "norm": s.attack_norm,
+            "epsilon": s.attack_eps,
+            "step_size": s.attack_step,
+            "steps": s.attack_steps,
+        },
         "final": final,
         # what the optimiser ran: the flags' or the method's published schedule, and
         # AutoLoRa's automated halvings (training.schedule.run_schedule)

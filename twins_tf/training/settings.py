@@ -27,7 +27,7 @@ import os
 
 from twins_tf import data as data_lib
 from twins_tf import methods as methods_lib
-from twins_tf.input_checks import check_pixel_budget
+from twins_tf.input_checks import check_norm, check_pixel_budget
 from twins_tf.models import registry
 from twins_tf.models.registry import ARCHITECTURES
 from twins_tf.training import distribute
@@ -65,6 +65,7 @@ ADDED_SETTINGS = {
     "init_weight_decay": 1e-3,
     "stage": "main",
     "lora_rank": 0,
+    "attack_norm": "linf",
 }
 # Settings only `train` has: a pretrain run's config.json leaves them out.
 TRAIN_ONLY = (
@@ -153,7 +154,8 @@ class Settings:
     init_lr: float = 0.1
     init_weight_decay: float = 1e-3
     stage: str = "main"
-    # attack
+    # attack: the threat model's norm, and the radius and step in it ([0, 1] pixel units)
+    attack_norm: str = "linf"
     attack_eps: float = 8 / 255
     attack_step: float = 2 / 255
     attack_steps: int = 10
@@ -387,6 +389,22 @@ def _check_lora(s):
         )
 
 
+def _check_attack(s):
+    """The norm, then the radius and step in it: an L-inf budget is at most 1 (the whole pixel
+    range), an L2 one at most the diagonal of the run's [0, 1] image box (3.0 is ordinary)."""
+    s["attack_norm"] = check_norm(s["attack_norm"], "--attack_norm", error=SetupError)
+    shape = (s["image_size"], s["image_size"], 3)
+    for name in ("attack_eps", "attack_step"):
+        check_pixel_budget(
+            s[name],
+            f"--{name}",
+            norm=s["attack_norm"],
+            given_as="flag",
+            error=SetupError,
+            image_shape=shape,
+        )
+
+
 def _checked_values(settings):
     """The resolved field values of `settings`, checked in the order of the flags' help."""
     s = {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
@@ -433,8 +451,7 @@ def _checked_values(settings):
             f"--image_size={s['image_size']} --upsample={s['upsample']}: {size_problem}"
         )
     _resolve_schedule(s)
-    for name in ("attack_eps", "attack_step"):
-        check_pixel_budget(s[name], f"--{name}", given_as="flag", error=SetupError)
+    _check_attack(s)
     _require(s["attack_steps"] >= 0, "--attack_steps must be >= 0.")
     _require(s["epochs"] >= 1, "--epochs must be at least 1.")
     _require(s["batch_size"] >= 1, "--batch_size must be at least 1.")

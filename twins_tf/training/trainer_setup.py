@@ -8,8 +8,8 @@ from twins_tf.training.settings import as_settings
 def make_trainer(model, settings, steps_per_epoch):
     """The `AdversarialTrainer` of a run, compiled with SGD(momentum 0.9) and the schedule.
 
-    Training PGD starts at a random point in the eps-ball; validation PGD starts at the
-    clean image (spec §7: no random start at evaluation).  The init stage of `--init`
+    Training PGD (in `--attack_norm`) starts at a random point in the eps-ball; validation PGD
+    starts at the clean image (spec §7: no random start at evaluation).  The init stage of `--init`
     (`settings.stage == "init"`) trains only the head: the rest of `model` is frozen here
     (`init_stage.freeze_backbone`), and its schedule is the cosine decay over its steps.
     """
@@ -26,7 +26,13 @@ def make_trainer(model, settings, steps_per_epoch):
         schedule = cosine_schedule(s.lr, s.epochs * steps_per_epoch)
     else:
         schedule = learning_rate_schedule(s.lr, s.lr_decay_epochs, steps_per_epoch)
-    pgd = dict(epsilon=s.attack_eps, step_size=s.attack_step, steps=s.attack_steps, seed=s.seed)
+    pgd = dict(
+        epsilon=s.attack_eps,
+        step_size=s.attack_step,
+        steps=s.attack_steps,
+        norm=s.attack_norm,
+        seed=s.seed,
+    )
     trainer = AdversarialTrainer(
         model,
         method=s.method,

@@ -7,11 +7,11 @@ kernels from (C, 1, kh, kw) to (kh, kw, C, 1), Linear weights from (out, in) to 
 LayerNorm weight/bias to gamma/beta, and a block's LayerScale `gamma` is the key itself.
 """
 
-import keras
 import numpy as np
 
 from twins_tf import bn_wings
 from twins_tf.models.convnext import ARCHITECTURES, LayerScale
+from twins_tf.weights import timm_layers
 
 # Only the Linear is the head a fine-tuning run replaces: timm's `head.norm` normalises the
 # pooled features the pre-trained backbone produces, so it is loaded with the backbone.
@@ -60,36 +60,11 @@ def _torch_prefix(layer_name):
     return layer_name.replace("_", ".").replace(_CONV_DW, "conv_dw")
 
 
-def _conv_kernel(w):
-    return np.transpose(w, (2, 3, 1, 0))  # (O, I, kh, kw) -> (kh, kw, I, O)
-
-
-def _depthwise_kernel(w):
-    return np.transpose(w, (2, 3, 0, 1))  # (C, 1, kh, kw) -> (kh, kw, C, 1)
-
-
 def _layer_keys(layer):
     prefix = _torch_prefix(layer.name)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return {
-            f"{prefix}.weight": ([layer.kernel], _depthwise_kernel),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    if isinstance(layer, keras.layers.Conv2D):
-        return {
-            f"{prefix}.weight": ([layer.kernel], _conv_kernel),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    if isinstance(layer, keras.layers.Dense):
-        return {
-            f"{prefix}.weight": ([layer.kernel], np.transpose),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    if isinstance(layer, keras.layers.LayerNormalization):
-        return {
-            f"{prefix}.weight": ([layer.gamma], None),
-            f"{prefix}.bias": ([layer.beta], None),
-        }
+    shared = timm_layers.layer_keys(layer, prefix)
+    if shared is not None:
+        return shared
     if isinstance(layer, LayerScale):
         return {prefix: ([layer.gamma], None)}
     return {}

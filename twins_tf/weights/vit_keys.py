@@ -22,11 +22,11 @@ computation in numpy (float64, returned as float32).
 import math
 import re
 
-import keras
 import numpy as np
 
 from twins_tf import bn_wings
 from twins_tf.models import vit
+from twins_tf.weights import timm_layers
 from twins_tf.weights.errors import CheckpointError
 
 HEAD_PREFIX = "head."
@@ -76,10 +76,6 @@ def _module_path(name):
     raise ValueError(f"layer {name!r} is not a build_vit layer with timm weights.")
 
 
-def _conv_kernel(weight):
-    return np.transpose(weight, (2, 3, 1, 0))
-
-
 def _layer_keys(layer):
     if isinstance(layer, vit.ClassTokenPositionEmbedding):
         grid = layer.grid
@@ -91,18 +87,9 @@ def _layer_keys(layer):
             ),
         }
     prefix = _module_path(layer.name)
-    if isinstance(layer, keras.layers.Conv2D):
-        return {
-            f"{prefix}.weight": ([layer.kernel], _conv_kernel),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    if isinstance(layer, keras.layers.Dense):
-        return {
-            f"{prefix}.weight": ([layer.kernel], np.transpose),
-            f"{prefix}.bias": ([layer.bias], None),
-        }
-    if isinstance(layer, keras.layers.LayerNormalization):
-        return {f"{prefix}.weight": ([layer.gamma], None), f"{prefix}.bias": ([layer.beta], None)}
+    shared = timm_layers.layer_keys(layer, prefix)
+    if shared is not None:
+        return shared
     raise ValueError(f"layer {layer.name!r} ({type(layer).__name__}) has no timm layout.")
 
 
