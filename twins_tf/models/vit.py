@@ -145,7 +145,7 @@ class SelfAttention(keras.layers.Layer):
         head_dim = width // self.num_heads
         qkv = ops.reshape(qkv, (batch, tokens, 3, self.num_heads, head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, batch, heads, N, head_dim)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = ops.unstack(qkv, 3, axis=0)  # one gradient (a stack), not three padded slices
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * (head_dim**-0.5)
         weights = ops.softmax(scores, axis=-1)
         out = ops.transpose(ops.matmul(weights, v), (0, 2, 1, 3))  # (batch, N, heads, hd)
