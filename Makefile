@@ -43,7 +43,7 @@ demo: $(DEMO_STAMP)
 test: $(TEST_STAMP) $(TIMM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest tests $(TEST_FLAGS)
+	TWINS_TF_TIMM_PYTHON=$(abspath $(TIMM_VENV))/bin/python $(PY) -m pytest tests $(TEST_FLAGS)
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/train_step.py

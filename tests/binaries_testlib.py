@@ -97,6 +97,18 @@ def finetune_run(tmp_path_factory):
     return _CACHE["finetune"]
 
 
+def evaluated_examples(model_dir, count):
+    """The --max_examples subset `evaluate` takes of a run's test split (class-stratified,
+    in split order), as (images, labels) arrays."""
+    from twins_tf import data as data_lib
+
+    config = run_files.read_config(model_dir)
+    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in data_lib.load_splits(spec).test])
+    rows = data_lib.stratified_indices(np.array(labels), count)
+    return np.stack(images)[rows], np.array(labels)[rows]
+
+
 def read_weights(path):
     """{h5 dataset path: array} of a `.weights.h5` file, read with h5py (not Keras)."""
     arrays = {}

@@ -14,9 +14,14 @@ import sys
 import numpy as np
 import pytest
 import quick_autoattack
-from binaries_testlib import REPO_ROOT, evaluate_settings, multi_worker_job, source_run
+from binaries_testlib import (
+    REPO_ROOT,
+    evaluate_settings,
+    evaluated_examples,
+    multi_worker_job,
+    source_run,
+)
 
-from twins_tf import data as data_lib
 from twins_tf import evaluation
 from twins_tf.attacks import autoattack
 from twins_tf.training import distribute
@@ -38,22 +43,13 @@ def quick(monkeypatch):
     monkeypatch.setattr(autoattack, "AutoAttack", quick_autoattack.QuickAutoAttack)
 
 
-def _examples(model_dir, count):
-    """The --max_examples subset `evaluate` takes (class-stratified, in split order)."""
-    config = run_files.read_config(model_dir)
-    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in data_lib.load_splits(spec).test])
-    rows = data_lib.stratified_indices(np.array(labels), count)
-    return np.stack(images)[rows], np.array(labels)[rows]
-
-
 @pytest.fixture(scope="module")
 def reference(source):
     """The single-device AutoAttack of the same examples, batches and budgets."""
     from twins_tf.evaluation import inputs
 
     model = inputs.load_model(inputs.resolve({"model_dir": str(source)}))
-    images, labels = _examples(source, EXAMPLES)
+    images, labels = evaluated_examples(source, EXAMPLES)
     attack = quick_autoattack.QuickAutoAttack(8 / 255)
     return attack.run(model, (images, labels), batch_size=BATCH, keep_adversarial=False, verbose=0)
 

@@ -15,12 +15,12 @@ import quick_autoattack
 from binaries_testlib import (
     SOURCE_ARGS,
     evaluate_settings,
+    evaluated_examples,
     file_snapshot,
     settings,
     source_run,
 )
 
-from twins_tf import data as data_lib
 from twins_tf import evaluation, interpolation
 from twins_tf.attacks import autoattack
 from twins_tf.comparison import cards
@@ -132,15 +132,6 @@ def test_an_l2_run_records_its_norm_and_is_another_run_than_the_linf_one(l2_run)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-def _examples(model_dir, count):
-    """The --max_examples subset `evaluate` takes (class-stratified, in split order)."""
-    config = run_files.read_config(model_dir)
-    spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in data_lib.load_splits(spec).test])
-    rows = data_lib.stratified_indices(np.array(labels), count)
-    return np.stack(images)[rows], np.array(labels)[rows]
-
-
 @pytest.mark.slow  # about 45 s: two AutoAttack runs, each tracing its four sub-attacks
 def test_evaluate_autoattack_l2_equals_the_library_call_per_example(source, quick, tmp_path):
     """`evaluate --attack_norm=l2` on an L-inf run: AutoAttack's per-example outcome is the
@@ -165,7 +156,7 @@ def test_evaluate_autoattack_l2_equals_the_library_call_per_example(source, quic
         log=lambda *_: None,
     )
     model = inputs.load_model(inputs.resolve({"model_dir": str(source)}))
-    images, labels = _examples(source, examples)
+    images, labels = evaluated_examples(source, examples)
     # the library call (with the tests' lowered budget: QuickAutoAttack, as evaluate runs here)
     reference = quick_autoattack.QuickAutoAttack(epsilon, norm="l2").run(
         model, (images, labels), batch_size=batch, keep_adversarial=False, verbose=0
@@ -208,7 +199,7 @@ def test_l2_and_linf_evaluations_of_one_run_at_one_number_write_separate_reports
     assert f"/evaluation_test_linf_eps{radius:g}_" in paths["linf"]
     assert paths["l2"][-len("12345678.json") :] == paths["linf"][-len("12345678.json") :]
     model = inputs.load_model(inputs.resolve({"model_dir": str(run)}))
-    images, labels = _examples(run, examples)
+    images, labels = evaluated_examples(run, examples)
     for norm, report in reports.items():
         assert (report["norm"], report["epsilon"]) == (norm, radius)
         assert (report["results"]["pgd1"]["norm"], report["results"]["pgd1"]["step_size"]) == (

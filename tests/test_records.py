@@ -284,7 +284,7 @@ def test_an_interrupted_headless_conversion_never_loads_as_a_trained_head(
         output = directory / output_name
         if label is not None and not output.exists():
             return
-        with pytest.raises(weights.CheckpointError, match="without an fc head"):
+        with pytest.raises(weights.CheckpointError, match="without a head"):
             weights.load_pretrained(model, output, head=True)
         with h5py.File(output, "r") as f:
             assert f.attrs[weights.HEAD_ATTRIBUTE] == False  # noqa: E712 (numpy bool)

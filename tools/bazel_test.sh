@@ -6,7 +6,8 @@
 #   tools/bazel_test.sh --test_arg=-k --test_arg=ema //:test_layers   # flags pass through
 #
 # Installs bazel-bootstrap with apt-get when no `bazel` is on PATH. Needs the virtualenv that
-# `make venv` builds: its interpreter is the Python toolchain (see WORKSPACE).
+# `make venv` builds (its interpreter is the Python toolchain, see WORKSPACE) and, for the
+# ConvNeXt/ViT parity tests, the timm environment `make test` builds (.venv-timm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +37,6 @@ for arg in "${args[@]}"; do
 done
 (( has_target )) || args+=("//...")
 
-exec bazel test "${args[@]}"
+# The timm parity tests run timm in its own virtualenv (`make test` builds it; see
+# tests/timm_requirements.txt); the sandbox does not see the repository's .venv-timm by path.
+exec bazel test --test_env=TWINS_TF_TIMM_PYTHON="$PWD/.venv-timm/bin/python" "${args[@]}"

@@ -5,10 +5,10 @@ r"""`python -m twins_tf.convert`: a robust PyTorch checkpoint to a Keras weights
 
 reads the checkpoint safely (`torch.load(weights_only=True)`; `--allow_pickle` lifts that for
 files you trust, since unpickling runs code), loads every tensor into
-`build_resnet(arch, <head size>, twin=False)` and writes its `save_weights` file, which
-`python -m twins_tf.train --pretrained=...` and `twins_tf.weights.load_pretrained` read into
-twin or plain models with a fresh head.  The work is `twins_tf.weights.convert_checkpoint`;
-this binary parses flags and prints what it read.
+`twins_tf.models.build_model(arch, <head size>, twin=False)` and writes its `save_weights`
+file, which `python -m twins_tf.train --pretrained=...` and `twins_tf.weights.load_pretrained`
+read into twin or plain models with a fresh head.  The work is
+`twins_tf.weights.convert_checkpoint`; this binary parses flags and prints what it read.
 """
 
 import sys
@@ -31,7 +31,7 @@ flags.DEFINE_integer(
     "num_classes",
     None,
     "Expected head size (an error if the checkpoint's differs); the head size to write for a "
-    "checkpoint without fc (default 1000).",
+    "checkpoint without a head (default 1000).",
 )
 flags.DEFINE_integer(
     "image_size",
@@ -63,7 +63,7 @@ def describe(summary):
         f"tensors: {summary['tensors']} loaded, {summary['dropped_keys']} dropped "
         "(attacker duplicates, num_batches_tracked)"
     )
-    head = "from the checkpoint" if summary["head_from_checkpoint"] else "fresh (no fc in file)"
+    head = "from the checkpoint" if summary["head_from_checkpoint"] else "fresh (no head in file)"
     lines.append(f"head: {summary['num_classes']} classes, {head}")
     return lines
 

@@ -109,7 +109,7 @@ def check_pixel_budget(
         budget longer than its diagonal is refused.
     """
     value = float(value)
-    norm = check_norm(norm, label, error=error)
+    norm = check_norm(norm, f"the norm of {label}", error=error)
     if norm == "l2":
         if given_as == "flag" and value < 0:
             raise error(f"{label}={value:g} is negative: an L2 radius or step is >= 0.")

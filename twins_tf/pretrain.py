@@ -15,7 +15,7 @@ applies, with the same model_dir contract, resumption, extension by a higher `--
 `--validation` protocols and divergence check (see twins_tf.train and twins_tf.training).
 
 `model_dir/best.weights.h5` (best validation PGD accuracy) and `last.weights.h5` are
-`model.save_weights` files of a `build_resnet` model, which `train --pretrained` (through
+`model.save_weights` files of a `build_model` model, which `train --pretrained` (through
 `twins_tf.weights.load_pretrained`) loads into a twin or plain model with a fresh head.  This
 file makes the one call `twins_tf.training.loop.run(settings)` with pretrain's settings
 (`training.flags.settings_from_args("pretrain", args)` for library code).

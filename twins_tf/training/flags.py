@@ -284,8 +284,9 @@ def define_flags(flag_values, binary):
             "lora_rank",
             0,
             "AutoLoRa (--method=autolora, required there, refused elsewhere): rank r of "
-            "the low-rank branch on every convolution inside the residual blocks (the "
-            "paper: 8). AutoLoRa runs the paper's schedule (lr 0.01, weight decay 1e-4, no "
+            "the low-rank branch on every convolution and Linear layer inside the residual "
+            "blocks (the paper: 8; docs/backbones.md for ConvNeXt and ViT). AutoLoRa runs "
+            "the paper's schedule (lr 0.01, weight decay 1e-4, no "
             "step decay) for each of --lr, --weight_decay, --lr_decay_epochs not set on the "
             "command line, and halves the lr automatically on the validation robust "
             "accuracy (so --validation=none is refused).",

@@ -448,7 +448,9 @@ def _checked_values(settings):
     size_problem = registry.input_size_problem(s["arch"], s["image_size"] * s["upsample"])
     if size_problem:
         raise SetupError(
-            f"--image_size={s['image_size']} --upsample={s['upsample']}: {size_problem}"
+            f"--image_size={s['image_size']} --upsample={s['upsample']} (the network sees "
+            f"{s['image_size'] * s['upsample']} px): {size_problem} (sizes inside the network, "
+            "after upsampling)"
         )
     _resolve_schedule(s)
     _check_attack(s)

@@ -11,10 +11,10 @@ one module a job:
   * `reading`: `read_checkpoint` / `read_torch_checkpoint`, a file (robustness checkpoint,
     torchvision `.pth`/`.pt`, `.safetensors`, `.npz`) to {torchvision key: numpy array}, and
     the safety rules for pickles;
-  * `torch_names`: `load_torch_state_dict`, such a dict into a `twins_tf.models.build_resnet`
+  * `torch_names`: `load_torch_state_dict`, such a dict into a `twins_tf.models.build_model`
     model (OIHW to HWIO, (out, in) to (in, out), BN statistics into both wings of a twin);
   * `keras_files`: `load_pretrained`, a Keras `.weights.h5` file written by
-    `python -m twins_tf.convert` or by `model.save_weights` of a `build_resnet` model, into a
+    `python -m twins_tf.convert` or by `model.save_weights` of a `build_model` model, into a
     freshly built model of the same arch, twin or plain, with a fresh head by default;
   * `conversion`: `convert_checkpoint`, a checkpoint file to such a Keras file;
   * `architectures`: which ResNet a state dict or a model holds; `errors`: what they raise.

@@ -30,7 +30,8 @@ def infer_arch_from_state_dict(state_dict):
 
 
 def infer_arch(model):
-    """The `ARCHITECTURES` name of a `build_resnet` model, from its layer names.
+    """The `ARCHITECTURES` name of a `build_resnet` model, from its layer names (ResNets only:
+    the other families are told by `twins_tf.models.arch_of`).
 
     Raises:
       CheckpointError: the model is not a torchvision-layout ResNet from `build_resnet`.

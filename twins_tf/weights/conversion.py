@@ -57,8 +57,11 @@ def convert_checkpoint(
             f"{checkpoint} has a {classes}-class head, not the {num_classes} classes asked for; "
             "drop --num_classes to keep the checkpoint's head."
         )
-    size = None if registry.family_of(arch) == "resnet" else int(image_size)
-    model = registry.build_model(arch, classes, twin=False, input_shape=(size, size, 3))
+    size = int(image_size) if registry.family_of(arch) == "vit" else None  # only ViTs need it
+    try:
+        model = registry.build_model(arch, classes, twin=False, input_shape=(size, size, 3))
+    except ValueError as error:  # an image size the ViT's patches do not tile
+        raise CheckpointError(f"--image_size: {error}") from None
     loaded = load_torch_state_dict(model, read.state_dict, head=has_head)
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)

@@ -106,13 +106,15 @@ def load_pretrained(model, path, *, head=False):
     if head:
         if head_from_checkpoint is not None and not bool(head_from_checkpoint):
             raise CheckpointError(
-                f"{path} was converted from a checkpoint without an fc head, so it has no "
+                f"{path} was converted from a checkpoint without a head (no fc), so it has no "
                 "trained head to load: use head=False."
             )
-        units = heads_lib.head_layer(model).units
+        head_layer = heads_lib.head_layer(model)
+        units = head_layer.units
         if units != source_classes:
             raise CheckpointError(
-                f"{path} has a {source_classes}-class head but the model's fc has {units}: "
+                f"{path} has a {source_classes}-class head but the model's {head_layer.name} "
+                f"has {units}: "
                 f"build the model with num_classes={source_classes} or use head=False."
             )
     _copy_weights(template, model, head=head)
