@@ -25,6 +25,7 @@ from twins_tf import lora
 from twins_tf.models import convnext, registry
 from twins_tf.weights import (
     convert_checkpoint,
+    layouts,
     load_pretrained,
     read_checkpoint,
     read_torch_checkpoint,
@@ -74,7 +75,7 @@ def answers(tmp_path_factory):
 
 def _check_parity(arch, images, answer):
     model = registry.build_model(arch, CLASSES, input_shape=images.shape[1:])
-    assert torch_names.arch_from_state_dict(answer["state"]) == arch
+    assert layouts.arch_from_state_dict(answer["state"]) == arch
     torch_names.load_torch_state_dict(model, answer["state"], head=True)
     ours = np.asarray(model(images, training=False))
     reference = answer["logits"]

@@ -50,6 +50,12 @@ def has_batch_norm(arch):
     return FAMILIES[family_of(arch)].has_batch_norm(arch)
 
 
+def weights_depend_on_image_size(arch):
+    """Whether `arch`'s weights have the shape of its images: a ViT's position embeddings are
+    one per patch; convolutions, Dense and norm layers fit any size."""
+    return family_of(arch) == "vit"
+
+
 def input_size_problem(arch, size):
     """None if `arch` takes `size` x `size` images (after upsampling), else why not, in a line."""
     check = FAMILIES[family_of(arch)].input_size_problem

@@ -9,7 +9,7 @@ plus 'epoch' and optimiser entries.  Nothing in Keras reads such files, and torc
 one module a job:
 
   * `reading`: `read_checkpoint` / `read_torch_checkpoint`, a file (robustness checkpoint,
-    torchvision `.pth`/`.pt`, `.safetensors`, `.npz`) to {torchvision key: numpy array}, and
+    torchvision `.pth`/`.pt`, `.safetensors`, `.npz`) to {PyTorch key: numpy array}, and
     the safety rules for pickles;
   * `torch_names`: `load_torch_state_dict`, such a dict into a `twins_tf.models.build_model`
     model (OIHW to HWIO, (out, in) to (in, out), BN statistics into both wings of a twin);
@@ -17,6 +17,8 @@ one module a job:
     `python -m twins_tf.convert` or by `model.save_weights` of a `build_model` model, into a
     freshly built model of the same arch, twin or plain, with a fresh head by default;
   * `conversion`: `convert_checkpoint`, a checkpoint file to such a Keras file;
+  * `layouts`: each family's PyTorch layout (`resnet_keys`: torchvision's; `convnext_keys`,
+    `vit_keys`, sharing `timm_layers`: timm's) and which arch a state dict holds;
   * `architectures`: which ResNet a state dict or a model holds; `errors`: what they raise.
 
 Which BN weight goes into which wing of a twin layer is `twins_tf.bn_wings`, shared with

@@ -6,8 +6,9 @@ from twins_tf.models import registry
 from twins_tf.platform import atomic_files
 from twins_tf.weights.errors import CheckpointError
 from twins_tf.weights.keras_files import ARCH_ATTRIBUTE, HEAD_ATTRIBUTE
+from twins_tf.weights.layouts import layout_of
 from twins_tf.weights.reading import read_checkpoint
-from twins_tf.weights.torch_names import arch_from_state_dict, layout_of, load_torch_state_dict
+from twins_tf.weights.torch_names import load_torch_state_dict
 
 
 def convert_checkpoint(
@@ -57,7 +58,7 @@ def convert_checkpoint(
             f"{checkpoint} has a {classes}-class head, not the {num_classes} classes asked for; "
             "drop --num_classes to keep the checkpoint's head."
         )
-    size = int(image_size) if registry.family_of(arch) == "vit" else None  # only ViTs need it
+    size = int(image_size) if registry.weights_depend_on_image_size(arch) else None
     try:
         model = registry.build_model(arch, classes, twin=False, input_shape=(size, size, 3))
     except ValueError as error:  # an image size the ViT's patches do not tile
@@ -70,7 +71,6 @@ def convert_checkpoint(
     atomic_files.save_weights(model, output, {HEAD_ATTRIBUTE: has_head, ARCH_ATTRIBUTE: arch})
     return {
         **read.metadata,
-        "arch": arch_from_state_dict(read.state_dict),
         "tensors": len(loaded),
         "num_classes": classes,
         "head_from_checkpoint": has_head,

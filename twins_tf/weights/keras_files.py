@@ -114,8 +114,8 @@ def load_pretrained(model, path, *, head=False):
         if units != source_classes:
             raise CheckpointError(
                 f"{path} has a {source_classes}-class head but the model's {head_layer.name} "
-                f"has {units}: "
-                f"build the model with num_classes={source_classes} or use head=False."
+                f"has {units}: build the model with num_classes={source_classes} or use "
+                "head=False."
             )
     _copy_weights(template, model, head=head)
     return {
@@ -141,7 +141,7 @@ def _geometry(model, arch):
     A ResNet's or ConvNeXt's weights fit any image size; a ViT's position embeddings fit one
     patch grid, so its template sees the images `model` sees.
     """
-    if registry.family_of(arch) == "resnet":
+    if not registry.weights_depend_on_image_size(arch):
         return {"input_shape": (None, None, 3)}
     upsample = next((layer.size[0] for layer in model.layers if layer.name == "upsample"), 1)
     return {"input_shape": tuple(model.input_shape[1:]), "upsample": int(upsample)}

@@ -25,9 +25,8 @@ import zipfile
 import numpy as np
 
 from twins_tf.models.common import IMAGENET_MEAN, IMAGENET_STD
-from twins_tf.weights import convnext_keys
-from twins_tf.weights.architectures import infer_arch_from_state_dict
 from twins_tf.weights.errors import CheckpointError, CheckpointWarning, UnsafeCheckpointError
+from twins_tf.weights.layouts import arch_from_state_dict
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -62,7 +61,7 @@ def read_torch_checkpoint(path, *, allow_pickle=False):
     `model.`, `module.model.` prefixes; `attacker.` duplicates dropped; the normaliser checked
     against the ImageNet mean/std with a `CheckpointWarning` if different), plain torchvision
     state dicts (`.pth`/`.pt`, with or without DataParallel's `module.`), timm state dicts
-    (ConvNeXt; Singh et al. 2023's files with their `base_model.` prefix), `.safetensors` and
+    (ConvNeXt, ViT; Singh et al. 2023's files with their `base_model.` prefix), `.safetensors` and
     `.npz` files of such dicts.  The format is recognised from the file's content, not its name.
 
     Args:
@@ -109,9 +108,7 @@ def read_checkpoint(path, *, allow_pickle=False):
     for key, value in _scalar_metadata(top_level).items():  # e.g. epoch, best_acc1
         metadata.setdefault("file_arch" if key == "arch" else key, value)
     _add_eps(metadata, top_level, path)
-    metadata["arch"] = infer_arch_from_state_dict(state_dict) or convnext_keys.arch_from_state_dict(
-        state_dict
-    )
+    metadata["arch"] = arch_from_state_dict(state_dict)
     return Checkpoint(state_dict, metadata)
 
 

@@ -1,25 +1,16 @@
 """Putting a PyTorch state dict into a `build_model` model, all or nothing.
 
-Each family's layout module says which Keras variables each of its PyTorch keys fills
-(`resnet_keys`: torchvision's ResNets; `convnext_keys` and `vit_keys`: timm's ConvNeXts and
-ViTs); this module checks a state dict against that list (missing, unexpected and mis-shaped
+Each family's layout module (`weights.layouts`) says which Keras variables each of its PyTorch
+keys fills; this module checks a state dict against that list (missing, unexpected and mis-shaped
 keys are errors that name them) and assigns it whole.
 """
 
 import numpy as np
 
 from twins_tf.models import heads, registry
-from twins_tf.weights import convnext_keys, resnet_keys, vit_keys
 from twins_tf.weights.errors import CheckpointError
+from twins_tf.weights.layouts import arch_from_state_dict, layout_of
 from twins_tf.weights.reading import to_numpy
-
-# family -> the module listing its PyTorch keys (torch_keys, HEAD_PREFIX, arch_from_state_dict)
-LAYOUTS = {"resnet": resnet_keys, "convnext": convnext_keys, "vit": vit_keys}
-
-
-def layout_of(arch):
-    """The layout module of `arch`'s family."""
-    return LAYOUTS[registry.family_of(arch)]
 
 
 def model_arch(model):
@@ -28,15 +19,6 @@ def model_arch(model):
         return registry.arch_of(model)
     except ValueError as error:
         raise CheckpointError(str(error)) from None
-
-
-def arch_from_state_dict(state_dict):
-    """The first arch, over every family, whose PyTorch keys `state_dict` has, or None."""
-    for layout in LAYOUTS.values():
-        arch = layout.arch_from_state_dict(state_dict)
-        if arch:
-            return arch
-    return None
 
 
 def _summarise(keys, limit=6):
