@@ -5,10 +5,15 @@
         --fab_steps 100 --square_queries 5000        # AutoAttack's standard budget (hours)
 
 One run prints, per sub-attack (APGD-CE, APGD-T, FAB-T, Square) and for the standard cascade,
-the seconds of twins_tf and of the official code on the same model and images, their ratio
+the seconds of twins_tf and of the official code on the same model and images, the batch each
+side attacked at once (the official code's `batch_size` / `bs` and ours), their ratio
 (ours / official: below 1 we are faster), and our seconds scaled to the standard budget
 (100 steps, 9 targets, 5000 queries) per 100 examples.  That scaling is linear and exact up to
-noise here because nothing is broken, so every iteration does the same work.
+noise here because nothing is broken, so every iteration does the same work.  It ends with one
+`SUMMARY` line per sub-attack and for the cascade (benchmarks/machine.py): the ratio, both
+sides' seconds and batches, the CPU (with the flags that pick oneDNN's and PyTorch's kernels)
+and the 1-minute load average at the start and end; when the load at the start exceeds 1.5
+the ratio is withheld (the table still prints, labelled as loaded) unless --allow_load.
 
 Fair by construction:
   * the same network: a torchvision-layout ResNet-18 with random weights and random BN
@@ -18,6 +23,11 @@ Fair by construction:
     same function with every BN folded into its convolution, up to float32 rounding; not the
     default, because `evaluate` does not fold and the default must measure the product);
   * the same images, [0, 1], labelled with the network's own predictions (all correct);
+  * the same batch: every sub-attack gets all --examples images in one call on both sides
+    (the official `perturb(x, y)`, the cascade's `batch_size=len(x)`; ours likewise, one
+    batch), and neither splits it further (both attack the still-robust examples of the batch
+    together), so the kernels see the same batch size; the table prints what each side was
+    handed, as each worker recorded it;
   * each framework in its own process (one after the other, never both at once), with the
     same number of threads (--threads: PyTorch `set_num_threads`, TensorFlow intra- and
     inter-op pools);
@@ -38,6 +48,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (shared with the other benchmarks)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -76,6 +89,7 @@ def parse_args(argv=None):
         "function with every conv + BN folded (inference-mode lever); "
         "0: the model as built",
     )
+    machine.add_allow_load_flag(parser)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,17 +179,22 @@ def run_official(args):
             **common,
         ),
     }
-    seconds = {}
+    seconds, batch = {}, {}
     for name in ATTACKS:
         attacks[name].perturb(x_t, y_t)  # warm-up
         seconds[name] = timed(lambda name=name: attacks[name].perturb(x_t, y_t))
+        batch[name] = int(x_t.shape[0])  # perturb attacks all of x at once
     aa = AutoAttack(
         module, norm=norm, eps=eps, seed=0, version="custom", attacks=list(ATTACKS), device="cpu"
     )
     aa.apgd, aa.apgd_targeted, aa.fab, aa.square = (attacks[name] for name in ATTACKS)
-    seconds["cascade"] = timed(lambda: aa.run_standard_evaluation(x_t, y_t, batch_size=len(x)))
+    batch["cascade"] = len(x)
+    seconds["cascade"] = timed(
+        lambda: aa.run_standard_evaluation(x_t, y_t, batch_size=batch["cascade"])
+    )
     return dict(
         seconds=seconds,
+        batch=batch,
         version=f"pyautoattack {__import__('pyautoattack').__version__}, torch {torch.__version__}",
     )
 
@@ -215,13 +234,18 @@ def run_twins(args):
         n_target_classes=args.n_target_classes,
     )
     attacks = dict(zip(aa.attack_names, aa.sub_attacks(model)))
-    seconds = {}
+    seconds, batch = {}, {}
     for name in ATTACKS:
         attacks[name](model, x, y, seed=0)  # warm-up: traces the graphs
         seconds[name] = timed(lambda name=name: attacks[name](model, x, y, seed=0))
-    seconds["cascade"] = timed(lambda: aa(model, x, y))
+        batch[name] = int(x.shape[0])
+    seconds["cascade"] = timed(lambda: aa(model, x, y))  # one batch: all of x
+    batch["cascade"] = int(x.shape[0])
     return dict(
-        seconds=seconds, version=f"twins_tf, TF {tf.__version__}", label_agreement=float(agree)
+        seconds=seconds,
+        batch=batch,
+        version=f"twins_tf, TF {tf.__version__}",
+        label_agreement=float(agree),
     )
 
 
@@ -234,6 +258,8 @@ def main(argv=None):
             json.dump(result, f)
         return
     forwarded = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    run = machine.Run(allow_load=args.allow_load)
+    print(run.machine_line(), file=sys.stderr, flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         for worker in WORKERS:
@@ -253,19 +279,25 @@ def main(argv=None):
             with open(os.path.join(workdir, f"{worker}.json")) as f:
                 results[worker] = json.load(f)
             print(f"{worker}: {time.perf_counter() - start:.0f} s wall (process)", file=sys.stderr)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    run.finish()
+    report(args, results, run)
+
+
+def report(args, results, run):
+    """The table and the summary lines of `results` ({worker: its JSON})."""
+    print(run.machine_line())
     print(
         f"ResNet-18 (random weights and BN statistics), {args.image_size} px "
         f"(x{args.upsample} inside the model), "
-        f"{args.num_classes} classes, {args.examples} images in one batch, {args.norm}, "
+        f"{args.num_classes} classes, {args.examples} images, {args.norm}, "
         f"epsilon {args.epsilon:g} (nothing broken: every budget spent); {args.threads} "
-        f"threads per framework, {os.cpu_count()} CPU cores; "
+        f"threads per framework; "
         f"{results['twins_tf']['version']}"
         f"{' (BN folded into the convolutions)' if args.fold_batch_norm else ''}; "
         f"{results['official']['version']}; "
         f"Keras and PyTorch predictions agree on "
         f"{results['twins_tf']['label_agreement']:.0%} of the images; load average "
-        f"{load:.1f} at the end"
+        f"{run.load_start:.2f} at the start, {run.load_end:.2f} at the end{run.table_label()}"
     )
     budget = {
         "apgd-ce": f"{args.apgd_steps} steps",
@@ -282,21 +314,34 @@ def main(argv=None):
         "square": 5000 / args.square_queries,
     }
     print(
-        "| attack | budget | twins_tf s | official s | twins_tf / official "
-        "| twins_tf s, standard budget, per 100 examples |"
+        "| attack | budget | twins_tf batch | official bs | twins_tf s | official s "
+        "| twins_tf / official | twins_tf s, standard budget, per 100 examples |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     standard_total = 0.0
+    ours, theirs = results["twins_tf"], results["official"]
     for name in (*ATTACKS, "cascade"):
-        ours, theirs = (results[w]["seconds"][name] for w in ("twins_tf", "official"))
         if name == "cascade":
             standard = standard_total
         else:
-            standard = ours * scale[name] * 100 / args.examples
+            standard = ours["seconds"][name] * scale[name] * 100 / args.examples
             standard_total += standard
         print(
-            f"| {name} | {budget[name]} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} "
+            f"| {name} | {budget[name]} | {ours['batch'][name]} | {theirs['batch'][name]} "
+            f"| {ours['seconds'][name]:.1f} | {theirs['seconds'][name]:.1f} "
+            f"| {ours['seconds'][name] / theirs['seconds'][name]:.2f} "
             f"| {standard:,.0f}{' (sum)' if name == 'cascade' else ''} |"
+        )
+    print()
+    for name in (*ATTACKS, "cascade"):
+        print(
+            run.summary(
+                f"autoattack {name} ({budget[name]}) twins_tf vs official",
+                machine.Side("twins_tf", ours["seconds"][name], f"(batch {ours['batch'][name]})"),
+                machine.Side("official", theirs["seconds"][name], f"(bs {theirs['batch'][name]})"),
+                unit="s",
+                digits=1,
+            )
         )
 
 

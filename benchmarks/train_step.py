@@ -34,7 +34,11 @@ tracing/compiling and running the step add.  (On CPU,
 `tf.config.experimental.get_memory_info("CPU:0")` returns zeros, so RSS is the only measure.)
 From the same run the script then prints the ratios: TWINS-AT, TRADES and TWINS-TRADES step
 time over AT's, XLA over no XLA, and bfloat16 over float32.  Rows are printed as they finish,
-so an interrupted run keeps what it measured.
+so an interrupted run keeps what it measured.  The run ends with one `SUMMARY` line per ratio
+(benchmarks/machine.py): both step times, the CPU with the flags that pick oneDNN's kernels,
+and the 1-minute load average at the start and end; when the load at the start exceeds 1.5
+the ratio is withheld and the tables are labelled as loaded (--allow_load: shown, marked
+LOADED).
 
 Part 2, the XLA breakdown (on by default; --no_xla_breakdown skips it).  XLA was measured
 3.6-5.5x slower than plain graph mode for a ResNet-50 PGD step on a CPU.  To tell compile
@@ -75,6 +79,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  (shared with the other benchmarks)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +205,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--timeout", type=float, default=3600, help="seconds allowed per subprocess"
     )
+    machine.add_allow_load_flag(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration, JSON
     args = parser.parse_args(argv)
     if args.batch % 2:
@@ -452,15 +460,16 @@ def _jit(flag):
 class Header:
     """Prints the machine line once, with the versions the first subprocess reports."""
 
-    def __init__(self, args):
-        self.args, self.printed = args, False
+    def __init__(self, args, run):
+        self.args, self.run, self.printed = args, run, False
 
     def __call__(self, result):
         if self.printed:
             return
         a = self.args
+        print(self.run.machine_line())
         print(
-            f"Machine: {os.cpu_count()} CPU cores, TF {result.get('tf_version', '?')}, Keras "
+            f"Software: TF {result.get('tf_version', '?')}, Keras "
             f"{result.get('keras_version', '?')}, TF_ENABLE_ONEDNN_OPTS="
             f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; image {a.image_size} px, "
             f"batch {a.batch}, PGD-{a.pgd_steps} (eps 8/255, alpha 2/255, random start, "
@@ -539,7 +548,17 @@ def _row_line(args, r):
     )
 
 
-def print_ratios(args, rows):
+def _step_times(rows):
+    """{(arch, method, precision, jit): median step seconds, None for a failed row}."""
+    return {
+        (r["arch"], r["method"], r["precision"], r["jit"]): r.get("step_s")
+        for r in rows
+        if "error" in r or r.get("step_s") is not None
+    }
+
+
+def print_ratios(args, rows, run):
+    print(f"\nRatios of this run{run.table_label()}")
     step = {
         (r["arch"], r["method"], r["precision"], r["jit"]): r["step_s"]
         for r in rows
@@ -696,11 +715,64 @@ def print_part2(args, results):
     line("peak RSS MiB of the process", lambda j: f"{results[j]['peak_rss_mib']:.0f}")
 
 
-def main():
-    args = parse_args()
+def summary_lines(args, rows, run):
+    """One SUMMARY line (machine.Run.summary) per ratio print_ratios prints: each method
+    against AT and TWINS-TRADES against TRADES (same arch, precision, jit), XLA against no
+    XLA, bfloat16 against float32; a pair is skipped when one of its rows was not configured
+    (a twin method on an arch without BatchNormalization)."""
+    step = _step_times(rows)
+    lines = []
+
+    def add(comparison, first, second):
+        if first[1] in step and second[1] in step:
+            lines.append(
+                run.summary(
+                    f"train_step {comparison}",
+                    machine.Side(
+                        first[0], None if step[first[1]] is None else 1e3 * step[first[1]]
+                    ),
+                    machine.Side(
+                        second[0], None if step[second[1]] is None else 1e3 * step[second[1]]
+                    ),
+                    unit="ms",
+                    per="per step",
+                )
+            )
+
+    jits = [j == "on" for j in args.jit]
+    pairs = [(m, "at") for m in ("twins_at", "trades", "twins_trades")]
+    pairs.append(("twins_trades", "trades"))
+    for arch in args.archs:
+        for precision in args.precisions:
+            for jit in jits:
+                for a, b in pairs:
+                    add(
+                        f"{arch} {a} vs {b} ({precision}, jit {_jit(jit)})",
+                        (a, (arch, a, precision, jit)),
+                        (b, (arch, b, precision, jit)),
+                    )
+        for method in args.methods:
+            for precision in args.precisions:
+                add(
+                    f"{arch} {method} jit on vs off ({precision})",
+                    ("jit on", (arch, method, precision, True)),
+                    ("jit off", (arch, method, precision, False)),
+                )
+            for jit in jits:
+                add(
+                    f"{arch} {method} mixed_bfloat16 vs float32 (jit {_jit(jit)})",
+                    ("mixed_bfloat16", (arch, method, "mixed_bfloat16", jit)),
+                    ("float32", (arch, method, "float32", jit)),
+                )
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.one:
         run_one(args.one)
         return
+    run = machine.Run(allow_load=args.allow_load)
     common = dict(
         image_size=args.image_size,
         batch=args.batch,
@@ -710,17 +782,21 @@ def main():
         weight_decay=args.weight_decay,
         pgd_compute_dtype=args.pgd_compute_dtype,
     )
-    header = Header(args)
+    header = Header(args, run)
     started = time.perf_counter()
     breakdown = args.xla_breakdown or args.xla_breakdown_only
     archs = ([] if args.xla_breakdown_only else args.archs) + ([args.breakdown_arch] * breakdown)
     batch_norm = arch_batch_norm(archs)
+    rows = []
     if not args.xla_breakdown_only:
         rows = part1(args, common, header, batch_norm)
-        print_ratios(args, rows)
+        print_ratios(args, rows, run)
     if breakdown:
         print_part2(args, part2(args, common, header, batch_norm))
-    print(f"\n(total wall time {time.perf_counter() - started:.0f} s)")
+    run.finish()
+    print(f"\n(total wall time {time.perf_counter() - started:.0f} s)\n")
+    for line in summary_lines(args, rows, run):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
     python benchmarks/vs_pytorch.py --image_size 224 --batch 128 --pgd_steps 10   # spec setting
     python benchmarks/vs_pytorch.py --archs resnet18 --methods twins_at \\
         --tf_variants fused,fold,bf16,inter2            # the levers, each against "fused"
+    python benchmarks/vs_pytorch.py --archs resnet18 --methods at,twins_at \\
+        --tf_variants fused,bf16_attack --torch_variants fp32,bf16   # bfloat16 on both sides
 
 What is compared.  The same network, both sides with the [0, 1] clamp and ImageNet
 normalisation inside (tests/torch_resnet.py's `TorchPixelResNet` front on the torch side):
@@ -50,11 +52,16 @@ no thread pool, allocator or graph cache is shared.  A process times --repeats s
 one untimed first step (the trace / warm-up) and reports their median.  --rounds rounds run
 every configuration once each, in an order rotated every round, so slow phases of a shared
 machine hit every configuration alike; the table gives the median over rounds and the spread
-(min-max of the rounds' medians).  Ratios are taken from the medians of the same run.  The load
-average (1 min) is printed at the start and end: on a shared machine read the ratios, not the
-absolute times, and the CPU time per step (`time.process_time` of the worker during the step)
-beside the wall time: it counts the work done, not the time spent waiting for a core, so it
-is the steadier measure under load (spinning threads count as work, hence the next point).
+(min-max of the rounds' medians).  Ratios are taken from the medians of the same run.  The CPU
+(model, family, the AVX2 / AVX-512 / BF16 / AMX flags that pick oneDNN's kernels) and the load
+average (1 min) at the start and end are printed, and the run ends with one `SUMMARY` line per
+comparison (benchmarks/machine.py): each twins_tf row against its torch counterpart, each
+variant against fused, twins_at/at and twins_trades/trades, torch bf16 against fp32.  If the
+load at the start exceeds 1.5 those lines withhold the ratio and the tables are labelled as
+loaded; --allow_load prints the ratios marked LOADED.  On a loaded machine read the CPU time
+per step (`time.process_time` of the worker during the step) beside the wall time: it counts
+the work done, not the time spent waiting for a core, so it is the steadier measure under
+load (spinning threads count as work, hence the next point).
 OMP_WAIT_POLICY=PASSIVE (the default of --omp_wait_policy) stops PyTorch's OpenMP threads from
 spin-waiting: with more runnable threads than cores a spinning thread burns the slice the
 other thread needs (docs/benchmarks.md measured 2-9 s against 0.35 s for one torch pass under
@@ -68,6 +75,9 @@ the library as it is):
             library's trainer does not call it yet);
   bf16      Keras mixed_bfloat16 policy for the training forward/backward (the attack stays
             float32, the PGD default);
+  bf16_attack  mixed_bfloat16 for the whole step: the training forward/backward and the PGD
+            attack in the model's policy (`PGD(..., compute_dtype=None)`); the head stays
+            float32 (Keras keeps the logits' layer float32), the rest runs in bfloat16;
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
   onednn1   TF_ENABLE_ONEDNN_OPTS=1 (oneDNN's kernels also where TensorFlow would not pick
@@ -76,6 +86,17 @@ the library as it is):
   arena2    MALLOC_ARENA_MAX=2 (glibc: fewer per-thread heaps, a memory lever);
   mmap      MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 128 KiB (glibc: large blocks
             mapped and returned to the system when freed, a memory lever).
+Variants of the PyTorch step (--torch_variants, default fp32):
+  fp32      the plain float32 loop above;
+  bf16      the attack's forwards and the training forward(s) under
+            `torch.autocast("cpu", dtype=torch.bfloat16)`, as a PyTorch user writes mixed
+            precision on a CPU; the logits are cast to float32 and the losses computed outside
+            autocast (autocast computes them in float32 anyway).  No GradScaler: bfloat16 has
+            float32's exponent range.
+twins_tf's bf16_attack is compared with torch bf16 (both whole steps in bfloat16), every other
+twins_tf variant with torch fp32.  A worker reports what it computed in (the "computed in"
+line): for twins_tf the dtypes of the convolutions and matrix products in the traced attack
+graph and the training policy, for torch the dtype of the logits in the attack and training.
 Memory: besides the peak RSS, each worker records its peak after importing the framework,
 after building the model, trainer and optimizer, after running the attack alone once (its
 own trace), and after the timed steps, and its resident anonymous / file-mapped memory at the
@@ -106,7 +127,8 @@ import subprocess
 import sys
 import time
 
-from train_step import _csv, arch_batch_norm  # shared (benchmarks/ is on sys.path)
+import machine  # shared (benchmarks/ is on sys.path)
+from train_step import _csv, arch_batch_norm
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -118,6 +140,7 @@ TF_VARIANTS = (
     "fused",
     "fold",
     "bf16",
+    "bf16_attack",
     "inter2",
     "onednn0",
     "onednn1",
@@ -126,6 +149,10 @@ TF_VARIANTS = (
     "mmap",
     "base",
 )
+TORCH_VARIANTS = ("fp32", "bf16")
+# The torch variant a twins_tf variant is compared with: the same precision of the whole step
+# (attack included); every twins_tf variant not named runs its attack in float32.
+TORCH_COUNTERPART = {"bf16_attack": "bf16"}
 # Environment of a variant's worker process (read by glibc / TensorFlow at start-up).
 VARIANT_ENV = {
     "onednn0": {"TF_ENABLE_ONEDNN_OPTS": "0"},
@@ -156,6 +183,14 @@ def parse_args(argv=None):
         help="twins_tf methods; torch runs AT (and TRADES if a TRADES method is listed)",
     )
     parser.add_argument("--tf_variants", type=_csv(TF_VARIANTS), default=["fused"])
+    parser.add_argument(
+        "--torch_variants",
+        type=_csv(TORCH_VARIANTS),
+        default=["fp32"],
+        help="PyTorch steps: fp32, and bf16 (the attack's and the training forwards under "
+        "torch.autocast('cpu', dtype=torch.bfloat16)); twins_tf's bf16_attack is compared "
+        "with torch bf16, every other twins_tf variant with torch fp32",
+    )
     parser.add_argument("--tf_path", help="import twins_tf from this checkout (variant 'base')")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument(
@@ -183,6 +218,7 @@ def parse_args(argv=None):
         help="Python of the timm environment, for the torch side of " + ", ".join(TIMM_MODELS),
     )
     parser.add_argument("--timeout", type=float, default=1800)
+    machine.add_allow_load_flag(parser)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch % 2:
@@ -281,13 +317,30 @@ def run_torch(config):
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(y_np).long()
     eps, alpha, k = EPSILON, STEP_SIZE, config["pgd_steps"]
+    if config["variant"] not in TORCH_VARIANTS:
+        raise ValueError(f"torch variant {config['variant']!r}: choose from {TORCH_VARIANTS}")
+    bf16 = config["variant"] == "bf16"
+    logits_dtypes = {}  # the dtype the network's forwards computed in, for the report
+
+    def forward(inputs, phase):
+        """The network's forward as a PyTorch user writes it: under bfloat16 autocast for the
+        bf16 variant, the logits cast back to float32 so that the loss, outside autocast, is
+        float32 as autocast would make it anyway."""
+        if not bf16:
+            logits = net(inputs)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(inputs)
+        logits_dtypes[phase] = str(logits.dtype).replace("torch.", "")
+        return logits.float()
 
     def pgd():
         net.eval()
         x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0.0, 1.0)
         for _ in range(k):
             x_adv.requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(net(x_adv), y), x_adv)
+            loss = F.cross_entropy(forward(x_adv, "attack"), y)
+            (grad,) = torch.autograd.grad(loss, x_adv)
             x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), x - eps), x + eps)
             x_adv = x_adv.clamp(0.0, 1.0)
         return x_adv.detach()
@@ -300,10 +353,10 @@ def run_torch(config):
         x_adv = pgd()
         net.train()
         if config["method"] == "at":
-            loss = F.cross_entropy(net(x_adv), y)
+            loss = F.cross_entropy(forward(x_adv, "train"), y)
         else:
-            logits_adv = net(x_adv)
-            logits_nat = net(x)
+            logits_adv = forward(x_adv, "train")
+            logits_nat = forward(x, "train")
             kl = (
                 F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_nat, 1), reduction="sum")
                 / x.shape[0]
@@ -312,12 +365,19 @@ def run_torch(config):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     first, times, cpu = _time(step, config["repeats"])
     memory["step"] = _peak_rss_mib()
     memory["resident_at_end"] = _resident_mib()
-    return dict(first_s=first, step_times=times, cpu_times=cpu, version=version, memory=memory)
+    return dict(
+        first_s=first,
+        step_times=times,
+        cpu_times=cpu,
+        version=version,
+        memory=memory,
+        compute_dtypes=logits_dtypes,
+    )
 
 
 def tf_trainer(config):
@@ -350,8 +410,8 @@ def tf_trainer(config):
 
     memory = dict(imported=_peak_rss_mib())
     keras.utils.set_random_seed(0)
-    if variant == "bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    if variant in ("bf16", "bf16_attack"):
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")  # before building the model
     method = methods_lib.get(config["method"])
     size = config["image_size"]
     model = build_model(
@@ -361,7 +421,10 @@ def tf_trainer(config):
         input_shape=(size, size, 3),
         upsample=config.get("upsample", 1),
     )
-    attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0)
+    # The library's PGD attacks in float32 under any policy; bf16_attack lets it run in the
+    # model's policy, as PyTorch's autocast runs the torch side's attack in bfloat16.
+    attack_dtype = {"compute_dtype": None} if variant == "bf16_attack" else {}
+    attack = PGD(EPSILON, STEP_SIZE, config["pgd_steps"], random_start=True, seed=0, **attack_dtype)
     trainer_class = AdversarialTrainer
     if variant == "fold":
         from twins_tf.models import fold_batch_norm
@@ -399,11 +462,15 @@ def run_tf(config):
 
     import twins_tf
 
-    trainer, attack, x, y, memory = (built[k] for k in ("trainer", "attack", "x", "y", "memory"))
+    trainer, model, attack, x, y, memory = (
+        built[k] for k in ("trainer", "model", "attack", "x", "y", "memory")
+    )
     # The attack alone, traced and run once as the step runs it (its own tf.function: the
     # step's graph is traced afterwards, so what the step adds on top shows separately).
-    tf.function(lambda: trainer._run_attack(attack, x, y, None))()
+    attack_alone = tf.function(lambda: trainer._run_attack(attack, x, y, None))
+    attack_alone()
     memory["attack"] = _peak_rss_mib()
+    graph = attack_alone.get_concrete_function().graph.as_graph_def()
     first, times, cpu = _time(built["step"], config["repeats"])
     memory["step"] = _peak_rss_mib()
     memory["resident_at_end"] = _resident_mib()
@@ -414,7 +481,26 @@ def run_tf(config):
         version=f"TF {tf.__version__}",
         twins_tf_file=twins_tf.__file__,
         memory=memory,
+        compute_dtypes={"attack": _matmul_dtypes(graph), "train": model.dtype_policy.compute_dtype},
     )
+
+
+def _matmul_dtypes(graph_def):
+    """The dtypes the convolutions and matrix products of a traced graph compute in (the
+    while loop's body is a function of the graph's library), joined by "+": what the attack
+    really ran in, whatever the policy and the attack's compute_dtype say."""
+    import tensorflow as tf
+
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    kinds = ("Conv2D", "MatMul", "BatchMatMul")
+    dtypes = {
+        tf.dtypes.as_dtype(node.attr["T"].type).name
+        for node in nodes
+        if any(kind in node.op for kind in kinds) and "T" in node.attr
+    }
+    return "+".join(sorted(dtypes))
 
 
 def run_one(config_json):
@@ -442,10 +528,11 @@ def _configs(args, batch_norm):
     torch_methods = ["at"] + (["trades"] if any("trades" in m for m in args.methods) else [])
     configs = []
     for arch in args.archs:
-        for method in torch_methods:
-            configs.append(
-                dict(common, framework="torch", arch=arch, method=method, variant="torch")
-            )
+        for variant in args.torch_variants:
+            for method in torch_methods:
+                configs.append(
+                    dict(common, framework="torch", arch=arch, method=method, variant=variant)
+                )
         for variant in args.tf_variants:
             for method in args.methods:
                 if method.startswith("twins_") and not batch_norm[arch]:
@@ -485,9 +572,19 @@ def _key(config):
 
 def _label(key):
     arch, framework, method, variant = key
-    if framework == "torch":
-        return f"{arch} | torch | {method} |"
-    return f"{arch} | twins_tf | {method} | {variant}"
+    return f"{arch} | {'torch' if framework == 'torch' else 'twins_tf'} | {method} | {variant}"
+
+
+def _torch_method(method):
+    """The torch step a twins_tf method is compared with: TRADES for the TRADES methods."""
+    return "trades" if "trades" in method else "at"
+
+
+def _torch_counterpart(variant, torch_variants):
+    """The torch variant a twins_tf variant is compared with (TORCH_COUNTERPART), fp32 when
+    that one was not run (the summary line names the one used)."""
+    wanted = TORCH_COUNTERPART.get(variant, "fp32")
+    return wanted if wanted in torch_variants else "fp32"
 
 
 def main(argv=None):
@@ -501,12 +598,8 @@ def main(argv=None):
             print(f"{arch} has no BatchNormalization: {', '.join(twin)} skipped for it")
     configs = _configs(args, batch_norm)
     wall = time.perf_counter()
-    load_start = os.getloadavg()
-    print(
-        f"load average at start (1/5/15 min): {load_start[0]:.2f} / {load_start[1]:.2f} / "
-        f"{load_start[2]:.2f} on {os.cpu_count()} CPUs",
-        flush=True,
-    )
+    run = machine.Run(allow_load=args.allow_load)
+    print(run.machine_line(), flush=True)
     print(f"{len(configs)} configurations x {args.rounds} rounds, one process each", flush=True)
     results = {}
     for round_index in range(args.rounds):
@@ -525,8 +618,11 @@ def main(argv=None):
                     f"{result['peak_rss_mib']:.0f} MiB)",
                     flush=True,
                 )
-    load_end = os.getloadavg()
-    print_tables(args, configs, results, load_start, load_end, time.perf_counter() - wall)
+    run.finish()
+    summaries = print_tables(args, configs, results, run, time.perf_counter() - wall)
+    print()
+    for line in summary_lines(args, summaries, run):
+        print(line)
 
 
 def _summary(runs):
@@ -542,10 +638,12 @@ def _summary(runs):
         rss=max(r["peak_rss_mib"] for r in runs if "error" not in r),
         n=len(medians),
         version=next(r["version"] for r in runs if "error" not in r),
+        compute_dtypes=next(r.get("compute_dtypes") for r in runs if "error" not in r),
     )
 
 
-def print_tables(args, configs, results, load_start, load_end, wall):
+def print_tables(args, configs, results, run, wall):
+    """The step-time table and the memory table; returns {key: _summary} for the summaries."""
     upsampled = f" upsampled x{args.upsample} inside" if args.upsample > 1 else ""
     print()
     print(
@@ -553,8 +651,14 @@ def print_tables(args, configs, results, load_start, load_end, wall):
         f"(eps 8/255, alpha 2/255, random start), {args.num_classes} classes, "
         "SGD(0.003, m 0.9, wd 1e-5), "
         f"{args.threads} threads per process, {args.rounds} interleaved rounds x "
-        f"{args.repeats} steps; load average {load_start[0]:.2f} at start, "
-        f"{load_end[0]:.2f} at end; wall {wall / 60:.1f} min"
+        f"{args.repeats} steps; load average {run.load_start:.2f} at start, "
+        f"{run.load_end:.2f} at end; wall {wall / 60:.1f} min{run.table_label()}"
+    )
+    print(f"CPU: {run.cpu}")
+    print(
+        "Ratios against torch: a twins_tf row against torch's step in the same precision "
+        "(bf16_attack against torch bf16 when it ran, every other variant against torch "
+        "fp32); a torch row against torch fp32."
     )
     print()
     print(
@@ -570,11 +674,12 @@ def print_tables(args, configs, results, load_start, load_end, wall):
         if s is None:
             print(f"| {_label(key)} | failed | | | | | | | |")
             continue
-        arch, framework, method, _ = key
-        torch_at = summaries.get((arch, "torch", "at", "torch"))
-        torch_same = summaries.get(
-            (arch, "torch", "trades" if "trades" in method else "at", "torch")
+        arch, framework, method, variant = key
+        torch_variant = (
+            "fp32" if framework == "torch" else _torch_counterpart(variant, args.torch_variants)
         )
+        torch_at = summaries.get((arch, "torch", "at", torch_variant))
+        torch_same = summaries.get((arch, "torch", _torch_method(method), torch_variant))
         ratio_at = f"{s['median'] / torch_at['median']:.2f}" if torch_at else ""
         ratio_same = f"{s['median'] / torch_same['median']:.2f}" if torch_same else ""
         rss_ratio = f"{s['rss'] / torch_same['rss']:.2f}" if torch_same else ""
@@ -584,41 +689,89 @@ def print_tables(args, configs, results, load_start, load_end, wall):
             f"{1000 * s['high']:.0f} | {ratio_at} | {ratio_same} | {1000 * s['cpu']:.0f} | "
             f"{cpu_ratio} | {s['rss']:.0f} | {rss_ratio} |"
         )
-    print()
-    print(
-        "Ratios within twins_tf (same arch and variant): twins_at/at, twins_trades/trades; "
-        "variants against 'fused' (same arch and method):"
-    )
-    for arch in args.archs:
-        for variant in args.tf_variants:
-            pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_at", "at")]
-            if all(pair):
-                print(
-                    f"  {arch} {variant}: twins_at/at = {pair[0]['median'] / pair[1]['median']:.2f}"
-                )
-            pair = [summaries.get((arch, "tf", m, variant)) for m in ("twins_trades", "trades")]
-            if all(pair):
-                print(
-                    f"  {arch} {variant}: twins_trades/trades = "
-                    f"{pair[0]['median'] / pair[1]['median']:.2f}"
-                )
-            if variant != "fused":
-                for method in args.methods:
-                    this = summaries.get((arch, "tf", method, variant))
-                    ref = summaries.get((arch, "tf", method, "fused"))
-                    if this and ref:
-                        print(
-                            f"  {arch} {method}: {variant}/fused = "
-                            f"{this['median'] / ref['median']:.2f} wall, "
-                            f"{this['cpu'] / ref['cpu']:.2f} CPU"
-                        )
     print_memory(configs, results)
-    versions = {}
-    for (arch, framework, _, _), s in summaries.items():
+    versions, dtypes = {}, {}
+    for (arch, framework, _, variant), s in summaries.items():
         if s:
             name = f"{arch} torch" if framework == "torch" else "twins_tf"
             versions[name] = s["version"]
+            if s["compute_dtypes"]:
+                attack, train = s["compute_dtypes"]["attack"], s["compute_dtypes"]["train"]
+                dtypes[f"{arch} {framework} {variant}"] = f"attack {attack}, training {train}"
     print("versions: " + "; ".join(f"{name}: {v}" for name, v in sorted(versions.items())))
+    if dtypes:
+        print(
+            "computed in (twins_tf: the attack's convolutions and matrix products as traced, "
+            "the training policy; torch: the logits' dtype): "
+            + "; ".join(f"{name}: {d}" for name, d in sorted(dtypes.items()))
+        )
+    return summaries
+
+
+def summary_lines(args, summaries, run):
+    """One SUMMARY line per comparison of the run (machine.Run.summary), in this order: each
+    twins_tf row against its torch counterpart (same method family and precision), each
+    twins_tf variant against fused, twins_at/at and twins_trades/trades within a variant, and
+    torch bf16 against torch fp32."""
+
+    def ms(key):
+        s = summaries.get(key)
+        return None if s is None else 1000 * s["median"]
+
+    def line(comparison, first, second):
+        return run.summary(comparison, first, second, unit="ms", per="per step")
+
+    torch_methods = sorted({m for (_, f, m, _) in summaries if f == "torch"})
+    lines = []
+    for arch in args.archs:
+        for variant in args.tf_variants:
+            torch_variant = _torch_counterpart(variant, args.torch_variants)
+            for method in args.methods:
+                key = (arch, "tf", method, variant)
+                if key not in summaries:
+                    continue
+                torch_method = _torch_method(method)
+                lines.append(
+                    line(
+                        f"{arch} {method} {variant} vs torch {torch_method} {torch_variant}",
+                        machine.Side("twins_tf", ms(key)),
+                        machine.Side("torch", ms((arch, "torch", torch_method, torch_variant))),
+                    )
+                )
+        for variant in args.tf_variants:
+            if variant == "fused":
+                continue
+            for method in args.methods:
+                key, fused = (arch, "tf", method, variant), (arch, "tf", method, "fused")
+                if key in summaries and fused in summaries:
+                    lines.append(
+                        line(
+                            f"{arch} twins_tf {method} {variant} vs fused",
+                            machine.Side(f"twins_tf {variant}", ms(key)),
+                            machine.Side("twins_tf fused", ms(fused)),
+                        )
+                    )
+        for variant in args.tf_variants:
+            for twin, plain in (("twins_at", "at"), ("twins_trades", "trades")):
+                pair = [(arch, "tf", m, variant) for m in (twin, plain)]
+                if all(key in summaries for key in pair):
+                    lines.append(
+                        line(
+                            f"{arch} twins_tf {twin} vs {plain} ({variant})",
+                            machine.Side(twin, ms(pair[0])),
+                            machine.Side(plain, ms(pair[1])),
+                        )
+                    )
+        if "bf16" in args.torch_variants and "fp32" in args.torch_variants:
+            for method in torch_methods:
+                lines.append(
+                    line(
+                        f"{arch} torch {method} bf16 vs fp32",
+                        machine.Side("torch bf16", ms((arch, "torch", method, "bf16"))),
+                        machine.Side("torch fp32", ms((arch, "torch", method, "fp32"))),
+                    )
+                )
+    return lines
 
 
 def print_memory(configs, results):
