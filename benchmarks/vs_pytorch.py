@@ -76,8 +76,9 @@ the library as it is):
   bf16      Keras mixed_bfloat16 policy for the training forward/backward (the attack stays
             float32, the PGD default);
   bf16_attack  mixed_bfloat16 for the whole step: the training forward/backward and the PGD
-            attack in the model's policy (`PGD(..., compute_dtype=None)`); the head stays
-            float32 (Keras keeps the logits' layer float32), the rest runs in bfloat16;
+            attack in the model's policy (`PGD(..., compute_dtype=None)`); the models keep
+            their head (and ViT its attention) in float32, as Keras's mixed-precision guide
+            advises for the logits, so the rest runs in bfloat16;
   inter2    TensorFlow inter-op threads = --threads instead of 1;
   onednn0   TF_ENABLE_ONEDNN_OPTS=0 (TensorFlow's own CPU kernels instead of oneDNN's);
   onednn1   TF_ENABLE_ONEDNN_OPTS=1 (oneDNN's kernels also where TensorFlow would not pick

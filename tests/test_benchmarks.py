@@ -371,6 +371,6 @@ def test_torch_bf16_variant_runs_attack_and_training_under_autocast(variant, dty
 
 
 def test_tf_bf16_attack_variant_attacks_in_bfloat16():
-    """The attack's convolutions run in bfloat16 (the float32 head is Keras's rule for the
-    logits' layer) and the training step in the mixed_bfloat16 policy."""
+    """The attack's convolutions run in bfloat16 (the models' head stays float32, hence the
+    float32 matrix products) and the training step in the mixed_bfloat16 policy."""
     assert _worker("tf", "bf16_attack") == {"attack": "bfloat16+float32", "train": "bfloat16"}
