@@ -141,6 +141,7 @@ def tf_kind(op_name, op_type, layers):
 
 
 def run_tensorflow(args):
+    sys.path.insert(0, ROOT)  # this checkout's twins_tf, whichever one is installed
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
 
     # isort: split

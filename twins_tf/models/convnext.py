@@ -49,7 +49,8 @@ normaliser in front), so the ConvStem models normalise with mean 0 and std 1 (a 
 patchify ConvNeXt trained by Singh et al.'s script on raw pixels is not one of these archs.
 
 Stride-2 3x3 convolutions use an explicit ZeroPadding2D(1) + "valid": Keras's "same" pads a
-stride-2 conv of an even input only at the bottom/right, PyTorch's padding=1 on both sides.
+stride-2 conv of an even input only at the bottom/right, PyTorch's padding=1 on both sides
+(stride-1 ones use "same", which is PyTorch's padding there).
 
 Sizes: the network downsamples by 32 (stem 4 or ConvStem 4, then three 2x2 stride-2 convs);
 PyTorch and Keras both drop the rows a strided "valid" conv does not reach, which would leave
@@ -219,14 +220,17 @@ def _trunc_normal():
 
 
 def _conv(x, filters, kernel_size, stride, padding, name):
-    """PyTorch Conv2d(padding=padding, bias=True): explicit zero pad + valid conv."""
-    if padding:
+    """PyTorch Conv2d(padding=padding, bias=True); stride 1 with k // 2 as Keras's "same" (the
+    same zeros, and an input gradient at the input's size: models/resnet.py's `_conv`),
+    strided ones as an explicit zero pad + "valid"."""
+    same = stride == 1 and padding == kernel_size // 2 and kernel_size % 2 == 1
+    if padding and not same:
         x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
     return keras.layers.Conv2D(
         filters,
         kernel_size,
         strides=stride,
-        padding="valid",
+        padding="same" if same else "valid",
         kernel_initializer=_trunc_normal(),
         name=name,
     )(x)

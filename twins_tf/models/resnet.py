@@ -137,15 +137,25 @@ def _norm_factory(twin, synchronized):
 
 
 def _conv(x, filters, kernel_size, stride, name):
-    """PyTorch Conv2d(padding=kernel_size // 2, bias=False): explicit zero pad + valid conv."""
+    """PyTorch Conv2d(padding=kernel_size // 2, bias=False).
+
+    With stride 1, Keras's "same" is that padding exactly (k // 2 zeros on every side of an odd
+    kernel), and its input gradient is computed at the input's size.  A strided convolution
+    gets an explicit ZeroPadding2D + "valid" instead, because Keras's "same" pads a stride-2
+    convolution of an even input at the bottom/right only.  The explicit pad is not used for
+    every convolution on purpose: oneDNN fuses it into the forward convolution, but the
+    gradient w.r.t. the padded input then covers the border too (1.27x the pixels of a 16x16
+    map, 4x of a 2x2 one) before the pad's gradient slices it away, and every attack step
+    takes that gradient (docs/benchmarks.md, "one attack iteration by layer kind").
+    """
     pad = kernel_size // 2
-    if pad:
+    if pad and stride != 1:
         x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
     return keras.layers.Conv2D(
         filters,
         kernel_size,
         strides=stride,
-        padding="valid",
+        padding="same" if stride == 1 else "valid",
         use_bias=False,
         kernel_initializer=keras.initializers.VarianceScaling(
             2.0, mode="fan_out", distribution="untruncated_normal"
