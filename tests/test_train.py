@@ -199,6 +199,9 @@ def test_location_and_execution_flags_may_change_between_restarts():
     now = {"lr": 0.1, "data_dir": "/b", "strategy": "mirrored", "jit_compile": "false"}
     assert run_files.differing_keys(stored, now) == []
     assert run_files.differing_keys(stored, {**now, "lr": 0.2}) == ["lr"]
+    # --precision changes what is trained (the attack's numerics too): part of the run
+    stored, now = {**stored, "precision": "float32"}, {**now, "precision": "float32"}
+    assert run_files.differing_keys(stored, {**now, "precision": "bfloat16"}) == ["precision"]
 
 
 def test_command_line_error_is_one_line_and_nonzero(tmp_path):
@@ -354,20 +357,17 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, pretrained
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
-def test_mixed_bfloat16_run_keeps_float32_weights_and_restores_the_policy(tmp_path, pretrained):
+def test_bfloat16_run_keeps_float32_weights_and_restores_the_policy(tmp_path, pretrained):
     import keras
 
     model_dir = tmp_path / "bf16"
     summary = loop.run(
-        settings(
-            "train", _args(pretrained, model_dir, "--epochs=1", "--mixed_precision=mixed_bfloat16")
-        ),
+        settings("train", _args(pretrained, model_dir, "--epochs=1", "--precision=bfloat16")),
         verbose=0,
     )
     assert keras.config.dtype_policy().name == "float32"
-    assert json.loads((model_dir / "config.json").read_text())["mixed_precision"] == (
-        "mixed_bfloat16"
-    )
+    assert json.loads((model_dir / "config.json").read_text())["precision"] == "bfloat16"
+    assert json.loads((model_dir / "summary.json").read_text())["precision"] == "bfloat16"
     assert np.isfinite(summary["final"]["loss"]) and summary["best_epoch"] == 1
     saved = read_weights(model_dir / "best.weights.h5")
     assert {v.dtype for v in saved.values()} == {np.dtype("float32")}

@@ -14,7 +14,7 @@ Flag groups (`--helpfull` lists them by group):
   attack        --attack_norm (linf or l2) --attack_eps --attack_step --attack_steps
                 (L-inf: fractions like 8/255 work; L2: plain numbers like 0.5 or 3.0)
   optimisation  --epochs --batch_size --lr --lr_decay_epochs --weight_decay
-  run           --model_dir --seed --strategy --tpu_address --jit_compile --mixed_precision
+  run           --model_dir --seed --strategy --tpu_address --jit_compile --precision
                 --deterministic
 
 The run: SGD (momentum 0.9) with the learning rate multiplied by 0.1 at each of

@@ -35,7 +35,7 @@ from twins_tf.training.settings import (
     DEFAULTS,
     INIT_CHOICES,
     JIT_CHOICES,
-    MIXED_PRECISION,
+    PRECISIONS,
     PRETRAIN,
     PRETRAIN_METHODS,
     SCHEDULE_SETTINGS,
@@ -414,11 +414,14 @@ def define_flags(flag_values, binary):
     )
     define(
         "enum",
-        "mixed_precision",
-        "none",
-        "Keras dtype policy of the model.",
+        "precision",
+        "float32",
+        "Numerics of training: float32; bfloat16 (Keras mixed_bfloat16 policy for the train "
+        "step and the training attack); mixed_bfloat16 or mixed_float16 (that policy for the "
+        "train step, the training attack in float32).  Variables, BatchNorm statistics, loss "
+        "and the validation attack stay float32.",
         "run",
-        enum_values=list(MIXED_PRECISION),
+        enum_values=list(PRECISIONS),
     )
     define(
         "bool",

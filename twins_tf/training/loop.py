@@ -4,7 +4,7 @@
 what `compare` and the demo call once per run: check the settings, the data, the weights and
 the model_dir (`prepare`, nothing written), then train or resume (`fit`), or find the run
 finished and return its summary.  Process-global state a run sets (the Keras dtype policy of
-`--mixed_precision`, TensorFlow's op determinism of `--deterministic`, the multi-worker fixes
+`--precision`, TensorFlow's op determinism of `--deterministic`, the multi-worker fixes
 of Keras's trainer) is put back when it returns, so the next run in the process (compare, the
 demo, a notebook) gets only its own settings.
 """
@@ -138,9 +138,7 @@ def prepare(settings):
     if state == "finished":
         return prepared
     seed_everything(s.seed)
-    keras.mixed_precision.set_dtype_policy(
-        "float32" if s.mixed_precision == "none" else s.mixed_precision
-    )
+    keras.mixed_precision.set_dtype_policy(s.dtype_policy)
     with strategy.scope():
         prepared.model = build_model(s, strategy.num_replicas_in_sync)
     _check_batch_norm_batch(prepared)
@@ -274,6 +272,8 @@ def fit(prepared, *, verbose="auto"):
             "step_size": s.attack_step,
             "steps": s.attack_steps,
         },
+        # the numerics of the training step and attack (validation attacks in float32)
+        "precision": s.precision,
         "final": final,
         # what the optimiser ran: the flags' or the method's published schedule, and
         # AutoLoRa's automated halvings (training.schedule.run_schedule)
@@ -318,7 +318,7 @@ def run(settings, *, verbose="auto"):
     from twins_tf.platform import keras_private
     from twins_tf.training import run_lock
 
-    # --mixed_precision sets the global dtype policy and --deterministic TensorFlow's global
+    # --precision sets the global dtype policy and --deterministic TensorFlow's global
     # op determinism: both are put back, so the next run in this process gets only its own.
     policy = keras.config.dtype_policy()
     deterministic = keras_private.op_determinism_enabled()

@@ -39,7 +39,18 @@ BINARIES = (TRAIN, PRETRAIN)
 PRETRAIN_METHODS = ("at", "trades", "clean")
 STRATEGIES = distribute.STRATEGIES
 JIT_CHOICES = ("auto", "true", "false")
-MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+# --precision: the Keras dtype policy of the training step, and the dtype the training attack
+# computes in.  "bfloat16" runs both in bfloat16 (the attack with the model's own policy);
+# "mixed_bfloat16" and "mixed_float16" run the step in that policy and the attack in float32,
+# whose gradient signs the low-precision formats round away (twins_tf.attacks.pgd).
+# Variables, BatchNorm statistics and the loss stay float32 under every one.
+PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
+_DTYPE_POLICIES = {
+    "float32": "float32",
+    "bfloat16": "mixed_bfloat16",
+    "mixed_bfloat16": "mixed_bfloat16",
+    "mixed_float16": "mixed_float16",
+}
 # --init: how the fresh head starts (training.init_stage).  A probe is a sub-run in
 # <model_dir>/init/ training the head alone with this method; `stage` says which run it is.
 INIT_METHODS = {"linear_probe": "clean", "robust_linear_probe": "at"}
@@ -175,7 +186,7 @@ class Settings:
     strategy: str = "default"
     tpu_address: str = None
     jit_compile: str = "auto"
-    mixed_precision: str = "none"
+    precision: str = "float32"
     deterministic: bool = False
     # derived
     twin: bool = None
@@ -237,6 +248,17 @@ class Settings:
         """The `compile(jit_compile=...)` value of `--jit_compile`."""
         return jit_compile_value(self.jit_compile)
 
+    @property
+    def dtype_policy(self):
+        """The Keras dtype policy `--precision` builds and trains the model in."""
+        return _DTYPE_POLICIES[self.precision]
+
+    @property
+    def attack_compute_dtype(self):
+        """The training PGD's `compute_dtype` under `--precision`: None (the model's own
+        policy) for bfloat16, else float32."""
+        return None if self.precision == "bfloat16" else "float32"
+
 
 def jit_compile_value(setting):
     """The `compile(jit_compile=...)` value of a `--jit_compile` setting."""
@@ -283,7 +305,7 @@ _CHOICES = {
     "validation": data_lib.VALIDATION_PROTOCOLS,
     "strategy": STRATEGIES,
     "jit_compile": JIT_CHOICES,
-    "mixed_precision": MIXED_PRECISION,
+    "precision": PRECISIONS,
     "init": INIT_CHOICES,
     "stage": STAGES,
 }

@@ -9,9 +9,12 @@ def make_trainer(model, settings, steps_per_epoch):
     """The `AdversarialTrainer` of a run, compiled with SGD(momentum 0.9) and the schedule.
 
     Training PGD (in `--attack_norm`) starts at a random point in the eps-ball; validation PGD
-    starts at the clean image (spec §7: no random start at evaluation).  The init stage of `--init`
-    (`settings.stage == "init"`) trains only the head: the rest of `model` is frozen here
-    (`init_stage.freeze_backbone`), and its schedule is the cosine decay over its steps.
+    starts at the clean image (spec §7: no random start at evaluation).  The training PGD
+    computes in `--precision`'s dtype (`Settings.attack_compute_dtype`), validation PGD in
+    float32 always, so val_adv_acc and the best epoch are measured alike under every
+    precision.  The init stage of `--init` (`settings.stage == "init"`) trains only the head:
+    the rest of `model` is frozen here (`init_stage.freeze_backbone`), and its schedule is the
+    cosine decay over its steps.
     """
     import keras
 
@@ -36,7 +39,11 @@ def make_trainer(model, settings, steps_per_epoch):
     trainer = AdversarialTrainer(
         model,
         method=s.method,
-        attack=PGD(**pgd, random_start=True) if method.adversarial else None,
+        attack=(
+            PGD(**pgd, random_start=True, compute_dtype=s.attack_compute_dtype)
+            if method.adversarial
+            else None
+        ),
         eval_attack=PGD(**pgd, random_start=False),
         lambda_twins=s.lambda_twins,
         beta=s.beta,
