@@ -11,7 +11,9 @@ r"""`python -m twins_tf.evaluate`: clean, PGD-k and AutoAttack accuracy of a tra
 The model: with `--model_dir`, the run's `config.json` says what to build and
 `best.weights.h5` (or `--weights`) what to load; without it, `--weights`, `--arch` and
 `--dataset` do.  Twin weights are evaluated through their Adaptive wing (inference mode, the
-network `export` ships), so every model is evaluated as a plain-BN network in float32.  A
+network `export` ships), so every model is evaluated as a plain-BN network, in float32 unless
+`--precision=bfloat16` (clean and PGD in Keras's mixed_bfloat16 policy, the attack computing in
+it too: what a bfloat16 attack costs; AutoAttack is float32 only, and refused with it).  A
 `--model_dir` whose run has not finished (no summary.json: killed, or still training) is
 refused unless `--allow_unfinished`; the report then says so ("unfinished").
 

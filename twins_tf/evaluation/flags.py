@@ -7,7 +7,7 @@ can reuse it; tests; library users who accept evaluate's flags) parses them the 
 
 from absl import flags
 
-from twins_tf.evaluation.inputs import DEFAULTS, SPLITS
+from twins_tf.evaluation.inputs import DEFAULTS, PRECISIONS, SPLITS
 from twins_tf.training.distribute import STRATEGIES
 from twins_tf.training.flags import (
     NORM_HELP,
@@ -74,6 +74,14 @@ def define_flags(flag_values):
         "Evaluate only N examples of the split, stratified by class (seeded).",
     )
     define("integer", "seed", "Seed of random starts and AutoAttack.")
+    define(
+        "enum",
+        "precision",
+        "Numerics of clean and PGD: float32, or bfloat16 (the model in Keras's mixed_bfloat16 "
+        "policy, PGD computing in it: what a bfloat16 attack costs).  AutoAttack is float32 "
+        "only: bfloat16 with autoattack in --attacks is refused.",
+        enum_values=list(PRECISIONS),
+    )
     define(
         "bool",
         "allow_unfinished",

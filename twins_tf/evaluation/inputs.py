@@ -26,6 +26,10 @@ SPLITS = ("test", "validation")
 CLEAN = "clean"
 AUTOATTACK = "autoattack"
 REPORT_PREFIX = "evaluation_"
+# --precision of an evaluation: float32, or bfloat16 (clean and PGD with the model in Keras's
+# mixed_bfloat16 policy and PGD computing in it, to measure what a bfloat16 attack costs).
+# AutoAttack is float32 only: it is the reference measurement.
+PRECISIONS = ("float32", "bfloat16")
 _PGD_NAME = re.compile(r"pgd(\d+)$")
 
 # Every evaluation setting (one per flag of `python -m twins_tf.evaluate`) and its default.
@@ -52,6 +56,7 @@ DEFAULTS = {
     "max_examples": None,
     "skip_bad_images": None,
     "seed": 0,
+    "precision": "float32",
     "output": None,
     "allow_unfinished": False,
     "strategy": "default",
@@ -320,6 +325,7 @@ def resolve(settings):
         raise SetupError(str(error)) from None
     s["dataset"], s["image_size"], s["upsample"] = spec.name, spec.image_size, spec.upsample
     s["attack_list"] = parse_attacks(s["attacks"])
+    _check_precision(s)
     _resolve_attack(s, settings, config)
     if s["pgd_restarts"] < 1 or s["batch_size"] < 1:
         raise SetupError("--pgd_restarts and --batch_size must be at least 1.")
@@ -333,6 +339,19 @@ def resolve(settings):
     s["weights_sha1"] = file_sha1(s["weights"])
     s["num_classes"] = config.get("num_classes")
     return s
+
+
+def _check_precision(s):
+    """--precision: one of `PRECISIONS`; bfloat16 only for clean and PGD (AutoAttack is the
+    float32 reference measurement)."""
+    if s["precision"] not in PRECISIONS:
+        raise SetupError(f"--precision={s['precision']!r} is not one of {', '.join(PRECISIONS)}.")
+    if s["precision"] == "bfloat16" and any(name == AUTOATTACK for name, _ in s["attack_list"]):
+        raise SetupError(
+            "--precision=bfloat16 runs clean and PGD in bfloat16 but AutoAttack only in "
+            "float32: drop autoattack from --attacks (e.g. --attacks=clean,pgd10) or evaluate "
+            "it in a float32 run."
+        )
 
 
 def _resolve_attack(s, given, config):
@@ -390,7 +409,8 @@ def _resolve_attack(s, given, config):
 
 
 def load_model(settings):
-    """A plain-BN `build_model` model in float32 carrying the weights (Adaptive wing of twins).
+    """A plain-BN `build_model` model carrying the weights (Adaptive wing of twins), in the
+    global dtype policy (the evaluation's: float32, or mixed_bfloat16 for --precision=bfloat16).
 
     Raises:
       SetupError: the weights file is corrupt or of another architecture or head size.

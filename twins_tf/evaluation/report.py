@@ -32,6 +32,8 @@ def build_report(settings, examples, checks, results):
         "epsilon": s["attack_eps"],
         "norm": s["attack_norm"],
         "seed": s["seed"],
+        # the numerics of clean and PGD (AutoAttack is always float32)
+        "precision": s.get("precision", "float32"),
         "checks": checks,
         "results": results,
     }
@@ -48,7 +50,8 @@ def format_table(report):
     lines = [
         f"{report['arch']} on {report['dataset']} ({report['split']}, "
         f"{report['examples']} examples), "
-        + threat_model_text(report.get("norm", "linf"), report["epsilon"]),
+        + threat_model_text(report.get("norm", "linf"), report["epsilon"])
+        + (", in bfloat16" if report.get("precision") == "bfloat16" else ""),
         f"{'attack':<24}{'accuracy':>10}{'time':>12}",
     ]
     for name, result in report["results"].items():

@@ -38,7 +38,8 @@ def evaluate(settings, *, log=print, progress=True, strategy=None):
     """Runs the requested attacks at one radius; returns the report dict (and writes it).
 
     The model is evaluated in float32 whatever the global dtype policy (a mixed-precision
-    training run's policy would otherwise leak into the attack's gradients); the policy is
+    training run's policy would otherwise leak into the attack's gradients), or with
+    `precision="bfloat16"` in the mixed_bfloat16 policy, PGD computing in it; the policy is
     restored afterwards. `progress` shows AutoAttack's progress bar.
 
     Raises:
@@ -85,11 +86,15 @@ def evaluate_radii(settings, *, log=print, progress=True, strategy=None, single=
             "workers share their results through files beside the report."
         )
     policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")
+    keras.config.set_dtype_policy(_DTYPE_POLICIES[s["precision"]])  # before the model is built
     try:
         return _evaluate(s, layout, log, progress)
     finally:
         keras.config.set_dtype_policy(policy)
+
+
+# The Keras dtype policy of each evaluation --precision (inputs.PRECISIONS).
+_DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 def _pgd_result(model, batches, s, steps):
@@ -104,6 +109,7 @@ def _pgd_result(model, batches, s, steps):
         random_start=restarts > 1,
         restarts=restarts,
         seed=s["seed"],
+        compute_dtype=None if s["precision"] == "bfloat16" else "float32",
     )
     result = accuracy.evaluate_batched(model, batches, pgd)
     result.update(
