@@ -44,10 +44,10 @@ def float32_policy():
 
 
 # --- training ----------------------------------------------------------------------------------
-def _dtypes_seen_in_a_train_step(precision):
+def _dtypes_seen_in_a_train_step(precision, model_dir):
     """{("attack" or "step", dtype name)} the first convolution's input has while one AT train
-    step of a tiny ResNet-18 built as the run builds it is traced and run."""
-    from twins_tf.training.model import build_model
+    step of a tiny ResNet-18, prepared as a run prepares it, is traced and run."""
+    from twins_tf.training import loop
     from twins_tf.training.trainer_setup import make_trainer
 
     s = Settings(
@@ -58,13 +58,12 @@ def _dtypes_seen_in_a_train_step(precision):
         batch_size=8,
         attack_steps=1,
         epochs=1,
-        num_classes=5,
-        model_dir="unused",
+        model_dir=str(model_dir),
         precision=precision,
     )
-    keras.config.set_dtype_policy(s.dtype_policy)  # as training.loop.prepare does
-    model = build_model(s)
-    trainer = make_trainer(model, s, steps_per_epoch=1)
+    prepared = loop.prepare(s)  # sets the dtype policy and builds the model in it
+    model = prepared.model
+    trainer = make_trainer(model, prepared.settings, steps_per_epoch=1)
     conv = model.get_layer("conv1")
     seen, where = set(), ["step"]
     conv_call, attack_call = conv.call, trainer.attack._attack
@@ -95,9 +94,10 @@ def _dtypes_seen_in_a_train_step(precision):
     ],
 )
 def test_the_training_attack_computes_in_the_dtype_of_the_precision(
-    precision, attack, step, float32_policy
+    precision, attack, step, tmp_path, float32_policy
 ):
-    assert _dtypes_seen_in_a_train_step(precision) == {("attack", attack), ("step", step)}
+    seen = _dtypes_seen_in_a_train_step(precision, tmp_path / "run")
+    assert seen == {("attack", attack), ("step", step)}
 
 
 def test_bad_precision_values_and_the_old_flag_are_refused(tmp_path):
@@ -199,7 +199,7 @@ def _evaluate(model_dir, *extra):
         patch.setattr(inputs, "load_model", spied_model)
         report = evaluation.evaluate(
             evaluate_settings(
-                [f"--model_dir={model_dir}", "--attacks=clean,pgd10", f"--max_examples={EXAMPLES}"]
+                [f"--model_dir={model_dir}", "--attacks=clean,pgd3", f"--max_examples={EXAMPLES}"]
                 + list(extra)
             ),
             log=lambda _: None,
@@ -216,8 +216,8 @@ def test_evaluate_in_bfloat16_is_the_library_pgd_under_mixed_bfloat16(run_copy, 
         (bf16, "mixed_bfloat16", None),
         (fp32, "float32", "float32"),
     ):
-        got = (report["results"]["clean"]["correct"], report["results"]["pgd10"]["correct"])
-        assert got == _library_accuracies(run_copy, policy, compute_dtype, 10), policy
+        got = (report["results"]["clean"]["correct"], report["results"]["pgd3"]["correct"])
+        assert got == _library_accuracies(run_copy, policy, compute_dtype, 3), policy
     assert (bf16["precision"], fp32["precision"]) == ("bfloat16", "float32")
     # each has its own report file in the run, recording its precision
     reports = {
