@@ -12,6 +12,10 @@ really compute in bfloat16 (PyTorch's autocast; twins_tf's attack in the model's
 three scripts: the summary lines carry the ratio, both sides, the CPU and the loads, pair
 twins_tf's bf16_attack with torch bf16, and withhold the ratio when the load at the start is
 high -- with the load read from a replaced `machine.load_average`, never by loading the machine.
+
+benchmarks/bfloat16_cost.py: its paired statistics on a case computed by hand, and one run of
+the whole script at a tiny size (its runs are trained in the precision asked, its numbers are
+its outcomes').
 """
 
 import json
@@ -29,6 +33,7 @@ from twins_tf.models import build_model
 
 sys.path.insert(0, str(timm_testlib.REPO / "benchmarks"))
 import autoattack as autoattack_bench  # noqa: E402
+import bfloat16_cost  # noqa: E402
 import machine  # noqa: E402
 import train_step  # noqa: E402
 import vs_pytorch  # noqa: E402
@@ -374,3 +379,53 @@ def test_tf_bf16_attack_variant_attacks_in_bfloat16():
     """The attack's convolutions run in bfloat16 (the models' head stays float32, hence the
     float32 matrix products) and the training step in the mixed_bfloat16 policy."""
     assert _worker("tf", "bf16_attack") == {"attack": "bfloat16+float32", "train": "bfloat16"}
+
+
+# --- benchmarks/bfloat16_cost.py ---------------------------------------------------------------
+
+
+def test_bfloat16_cost_statistics_of_a_hand_computed_case():
+    """Ten examples: the float32 attack leaves the first five correct, the bfloat16 one none."""
+    fp32, bf16 = [1] * 5 + [0] * 5, [0] * 10
+    stats = bfloat16_cost.paired_examples(fp32, bf16, resamples=2000)
+    assert (stats["robust_accuracy_float32"], stats["robust_accuracy_bfloat16"]) == (0.5, 0.0)
+    assert stats["difference"] == -0.5
+    assert (stats["robust_only_to_float32"], stats["robust_only_to_bfloat16"]) == (5, 0)
+    # exact McNemar: 5 discordant examples all one way, two-sided 2 * (1/2)^5
+    assert stats["mcnemar_exact_p"] == pytest.approx(2 * 0.5**5)
+    low, high = stats["interval_95"]
+    # a resample's difference is minus its share of the first five: in [-1, 0], around -0.5
+    assert -1 <= low < -0.5 < high <= 0
+
+
+def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
+    import json
+
+    result = bfloat16_cost.main(
+        [
+            "--seeds=1",
+            "--epochs=1",
+            "--batch_size=16",
+            "--max_train_examples=16",
+            "--train_attack_steps=1",
+            "--eval_steps=1",
+            "--max_examples=10",
+            "--bootstrap=100",
+            f"--workdir={tmp_path}",
+            f"--output={tmp_path / 'cost.json'}",
+        ]
+    )
+    assert json.loads((tmp_path / "cost.json").read_text()) == json.loads(json.dumps(result))
+    attack, training = result["attack"], result["training"]
+    assert attack["examples"] == 20  # 10 test + 10 validation
+    for precision in ("float32", "bfloat16"):
+        outcomes = attack["outcomes"][precision]
+        assert len(outcomes) == 20
+        assert attack[f"robust_accuracy_{precision}"] == pytest.approx(np.mean(outcomes))
+        (run,) = training["runs"][precision]
+        config = json.loads((tmp_path / f"{precision}_seed0" / "config.json").read_text())
+        assert (config["precision"], config["method"], config["seed"]) == (precision, "at", 0)
+        assert run["examples"] == 10
+        assert 0 <= run["robust"] <= 1 and 0 <= run["clean"] <= 1
+    assert attack["model_dir"] == str(tmp_path / "float32_seed0")
+    assert training["metrics"]["robust"]["interval_95"] is None  # one seed: no interval

@@ -230,20 +230,22 @@ def test_evaluate_in_bfloat16_is_the_library_pgd_under_mixed_bfloat16(run_copy, 
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (
-            ["--precision=bfloat16"],  # the default --attacks include autoattack
-            "--precision=bfloat16 runs clean and PGD in bfloat16 but AutoAttack only in "
-            "float32: drop autoattack from --attacks (e.g. --attacks=clean,pgd10) or evaluate "
-            "it in a float32 run.",
-        ),
-    ],
+    "attacks",
+    [[], ["--attacks=pgd5,autoattack"]],  # [] : the default --attacks include autoattack
 )
-def test_evaluate_refuses_bfloat16_autoattack(run_copy, args, message):
+def test_evaluate_refuses_bfloat16_autoattack(run_copy, attacks):
     with pytest.raises(SetupError) as error:
-        evaluation.evaluate(evaluate_settings([f"--model_dir={run_copy}", *args]))
-    assert str(error.value) == message
+        evaluation.evaluate(
+            evaluate_settings(
+                [f"--model_dir={run_copy}", "--precision=bfloat16", "--max_examples=4", *attacks]
+            ),
+            progress=False,
+        )
+    assert str(error.value) == (
+        "--precision=bfloat16 runs clean and PGD in bfloat16 but AutoAttack only in "
+        "float32: drop autoattack from --attacks (e.g. --attacks=clean,pgd10) or evaluate "
+        "it in a float32 run."
+    )
 
 
 def test_evaluate_refuses_an_unknown_precision_from_the_library(run_copy):
