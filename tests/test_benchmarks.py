@@ -398,6 +398,7 @@ def test_bfloat16_cost_statistics_of_a_hand_computed_case():
     assert -1 <= low < -0.5 < high <= 0
 
 
+@pytest.mark.slow  # ~50 s on a loaded 2-core machine: two training runs and ten evaluations
 def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
     import json
 
@@ -405,6 +406,7 @@ def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
         [
             "--seeds=1",
             "--epochs=1",
+            "--lr_decay_epochs=",
             "--batch_size=16",
             "--max_train_examples=16",
             "--train_attack_steps=1",
