@@ -398,7 +398,7 @@ def test_bfloat16_cost_statistics_of_a_hand_computed_case():
     assert -1 <= low < -0.5 < high <= 0
 
 
-@pytest.mark.slow  # ~50 s on a loaded 2-core machine: two training runs and ten evaluations
+@pytest.mark.slow  # 40-50 s on 2 cores: two training runs and ten evaluations
 def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
     import json
 
