@@ -61,6 +61,7 @@ KINDS = (
     "input normalisation and clamp",
     "average pool, head and loss",
     "attack arithmetic (sign, projection)",
+    "dtype casts",
     "other",
 )
 
@@ -73,6 +74,13 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timed", type=int, default=10, help="unprofiled iterations timed")
     parser.add_argument("--profiled", type=int, default=5, help="iterations under the profiler")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="bfloat16: twins_tf's --precision=bfloat16 attack (the mixed_bfloat16 policy, PGD "
+        "computing in it) against the same iteration under torch.autocast(bfloat16)",
+    )
     machine.add_allow_load_flag(parser)
     parser.add_argument("--worker", choices=("tensorflow", "torch"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -128,6 +136,8 @@ def tf_kind(op_name, op_type, layers):
     """(kind, "forward" or "backward") of one op of the traced iteration; `layers` maps
     layer names to kinds (`tf_layer_kinds`)."""
     direction = "backward" if "gradient_tape/" in op_name or "Grad" in op_type else "forward"
+    if op_type == "Cast":
+        return "dtype casts", direction
     for part in op_name.split("/"):
         base = part.rsplit("_", 1)[0] if part.rsplit("_", 1)[-1].isdigit() else part
         kind = layers.get(part) or layers.get(base)
@@ -156,9 +166,14 @@ def run_tensorflow(args):
     import keras
 
     keras.utils.set_random_seed(0)
+    bfloat16 = args.precision == "bfloat16"
+    if bfloat16:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     size = args.image_size
     model = build_model(args.arch, 10, input_shape=(size, size, 3))
-    attack = PGD(EPSILON, STEP_SIZE, 1, random_start=False)
+    attack = PGD(
+        EPSILON, STEP_SIZE, 1, random_start=False, compute_dtype=None if bfloat16 else "float32"
+    )
     x, y = (tf.constant(a) for a in _data(args.batch, size))
     y = tf.cast(y, tf.int32)
     iteration = tf.function(lambda: attack(model, x, y))
@@ -191,6 +206,8 @@ def torch_kind(name, shapes, in_model):
     """The kind of one PyTorch op by its name and input shapes, or None if it tells nothing
     (an autograd node or a dispatcher wrapper, attributed through its children)."""
     lower = name.lower()
+    if lower in ("aten::to", "aten::_to_copy", "aten::copy_") and len(shapes) >= 1:
+        return "dtype casts"
     if (
         "conv" in lower
     ):  # forward: (input, weight, ...); convolution_backward: (grad, input, weight, ...)
@@ -232,11 +249,13 @@ def run_torch(args):
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(y_np)
 
+    autocast = dict(dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
+
     def run():
         x_adv = x.clone().requires_grad_(True)
-        with torch.profiler.record_function("model"):
+        with torch.profiler.record_function("model"), torch.autocast("cpu", **autocast):
             logits = net(x_adv)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_adv)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits.float(), y), x_adv)
         x_adv = torch.min(
             torch.max(x_adv.detach() + STEP_SIZE * grad.sign(), x - EPSILON), x + EPSILON
         )
@@ -278,7 +297,7 @@ def run_torch(args):
 # --- the comparison -----------------------------------------------------------------------
 def _launch(args, worker):
     command = [sys.executable, os.path.abspath(__file__), "--worker", worker]
-    for name in ("arch", "image_size", "batch", "threads", "timed", "profiled"):
+    for name in ("arch", "image_size", "batch", "threads", "timed", "profiled", "precision"):
         command += [f"--{name}", str(getattr(args, name))]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     for line in out.stdout.splitlines():
@@ -299,7 +318,8 @@ def main(argv=None):
     print(run.machine_line())
     print(
         f"{args.arch}, {args.image_size} px, batch {args.batch}, one PGD iteration (forward in "
-        f"inference mode + input gradient + sign step + projection), {args.threads} threads; "
+        f"inference mode + input gradient + sign step + projection) in {args.precision}, "
+        f"{args.threads} threads; "
         f"{results['tensorflow']['version']}, {results['torch']['version']}{run.table_label()}"
     )
     print()
@@ -334,7 +354,8 @@ def main(argv=None):
     print()
     print(
         run.summary(
-            f"{args.arch} one attack iteration (forward + input gradient), twins_tf vs torch fp32",
+            f"{args.arch} one attack iteration (forward + input gradient), twins_tf vs torch, "
+            f"{args.precision}",
             machine.Side("twins_tf", walls["tensorflow"]),
             machine.Side("torch", walls["torch"]),
             unit="ms",

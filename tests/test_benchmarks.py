@@ -35,6 +35,7 @@ sys.path.insert(0, str(timm_testlib.REPO / "benchmarks"))
 import autoattack as autoattack_bench  # noqa: E402
 import bfloat16_cost  # noqa: E402
 import machine  # noqa: E402
+import profile_attack  # noqa: E402
 import train_step  # noqa: E402
 import vs_pytorch  # noqa: E402
 
@@ -379,6 +380,32 @@ def test_tf_bf16_attack_variant_attacks_in_bfloat16():
     """The attack's convolutions run in bfloat16 (the models' head stays float32, hence the
     float32 matrix products) and the training step in the mixed_bfloat16 policy."""
     assert _worker("tf", "bf16_attack") == {"attack": "bfloat16+float32", "train": "bfloat16"}
+
+
+# --- benchmarks/profile_attack.py ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("worker", ["tensorflow", "torch"])
+def test_profile_attack_puts_the_time_in_the_layers_it_was_spent_in(worker):
+    """One attack iteration at a tiny size, profiled: the op times are attributed to layer
+    kinds, not left in "other" (a profiler layout or naming change would leave them there),
+    every kind that runs in a ResNet-18's forward and input gradient gets time, and the
+    profiled op time is of the order of the unprofiled wall time."""
+    args = profile_attack.parse_args(
+        ["--image_size", "32", "--batch", "2", "--timed", "1", "--profiled", "1"]
+    )
+    result = profile_attack._launch(args, worker)
+    times = result["times"]
+    total = sum(times.values())
+    by_kind = {kind: 0.0 for kind in profile_attack.KINDS}
+    for key, seconds in times.items():
+        by_kind[key.split("|")[0]] += seconds
+    assert by_kind["other"] < 0.2 * total, times
+    for kind in ("stem 7x7 conv", "3x3 convs", "batch norm", "relu", "max pool"):
+        assert by_kind[kind] > 0, kind
+    for direction in ("forward", "backward"):
+        assert times.get(f"3x3 convs|{direction}", 0) > 0, direction
+    assert 0.2 * result["wall"] < total < 20 * result["wall"]
 
 
 # --- benchmarks/bfloat16_cost.py ---------------------------------------------------------------
