@@ -10,6 +10,8 @@ PIP := $(VENV)/bin/pip
 DEMO_STAMP := $(VENV)/.twins_tf-installed
 TEST_STAMP := $(VENV)/.twins_tf-test-installed
 TEST_FLAGS ?=
+# pytest-xdist workers of `make test` (tests are handed out one at a time, idle workers steal).
+TEST_WORKERS ?= 2
 # timm, the reference for the ConvNeXt/ViT backbones, in its own virtualenv (tests/timm_requirements.txt
 # says why): `make test` creates it, the parity tests run it as a subprocess.
 TIMM_VENV ?= .venv-timm
@@ -43,7 +45,7 @@ demo: $(DEMO_STAMP)
 test: $(TEST_STAMP) $(TIMM_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	TWINS_TF_TIMM_PYTHON=$(abspath $(TIMM_VENV))/bin/python $(PY) -m pytest tests $(TEST_FLAGS)
+	TWINS_TF_TIMM_PYTHON=$(abspath $(TIMM_VENV))/bin/python $(PY) -m pytest tests -n $(TEST_WORKERS) --dist worksteal $(TEST_FLAGS)
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/train_step.py

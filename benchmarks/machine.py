@@ -5,10 +5,11 @@ sides of a comparison see different loads and the ratio moves by up to 2x betwee
 (docs/benchmarks.md).  So each script (vs_pytorch.py, autoattack.py, train_step.py,
 profile_attack.py) opens a `Run` before measuring, which reads the CPU and the 1-minute load
 average, and ends with one `SUMMARY` line per comparison: the ratio, both sides' values and
-units, the CPU and the load at the start and end of the run.  When the load at the start exceeds `LOAD_LIMIT` the summary
-lines withhold the ratio (the tables still print, labelled as loaded); `--allow_load` shows it
-anyway, and every line then says LOADED.  The load at the end is printed but not gated on: a
-benchmark running its two threads on a 2-core machine brings the load near 2 by itself.
+units, the CPU and the load at the start and end of the run.  When the load at the start
+exceeds `LOAD_LIMIT` the summary lines withhold the ratio (the tables still print, labelled as
+loaded); `--allow_load` shows it anyway, and every line then says LOADED.  The load at the end
+is printed but not gated on: a benchmark running its two threads on a 2-core machine brings
+the load near 2 by itself.
 
 The CPU is named with the instruction-set flags that decide which oneDNN kernels TensorFlow
 and PyTorch run (AVX2 against AVX-512 roughly halves a convolution's time; AVX512_BF16 and AMX

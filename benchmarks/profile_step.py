@@ -37,6 +37,10 @@ from vs_pytorch import (  # noqa: E402  (the one definition of the step, and its
     tf_trainer,
 )
 
+# vs_pytorch's twins_tf variants that change the step inside the process (not its environment
+# or checkout): the library as it is, and the bfloat16 steps.
+VARIANTS = ("fused", "bf16", "bf16_attack")
+
 # Op kind by op type; the first matching rule wins (types are TensorFlow's and oneDNN's
 # rewritten names, e.g. _MklConv2D, _FusedConv2D, _MklFusedBatchNormV3).
 KINDS = (
@@ -54,6 +58,7 @@ KINDS = (
     ("optimizer update", ("ResourceApply", "AssignVariable", "AssignAdd", "AssignSub")),
     ("variable reads", ("ReadVariableOp",)),
     ("loss / softmax", ("Softmax", "Xent", "LogSoftmax")),
+    ("dtype casts (mixed precision)", ("Cast",)),
 )
 
 
@@ -124,6 +129,13 @@ def main(argv=None):
     parser.add_argument("--pgd_steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps")
+    parser.add_argument(
+        "--variant",
+        default="fused",
+        choices=VARIANTS,
+        help="vs_pytorch's twins_tf variant: fused (float32), bf16 (--precision=mixed_bfloat16), "
+        "bf16_attack (--precision=bfloat16)",
+    )
     args = parser.parse_args(argv)
     import twins_tf  # noqa: F401  first: its oneDNN setting needs TensorFlow not yet imported
 
@@ -138,7 +150,7 @@ def main(argv=None):
         pgd_steps=args.pgd_steps,
         threads=args.threads,
         num_classes=10,
-        variant="fused",
+        variant=args.variant,
     )
     step = tf_trainer(config)["step"]
     step(), step()
@@ -156,7 +168,7 @@ def main(argv=None):
         by_kind[op_kind(op_type, op_name)] += seconds / args.steps
     in_ops = sum(by_phase.values())
     print(
-        f"{args.arch} {args.method}, {args.image_size} px, batch {args.batch}, "
+        f"{args.arch} {args.method} ({args.variant}), {args.image_size} px, batch {args.batch}, "
         f"PGD-{args.pgd_steps}, {args.threads} intra-op threads, 1 inter-op thread; "
         f"{args.steps} profiled steps; load average {os.getloadavg()[0]:.2f}; "
         f"step {1000 * wall:.0f} ms wall under the profiler, {1000 * in_ops:.0f} ms in ops"
