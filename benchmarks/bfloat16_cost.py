@@ -1,6 +1,6 @@
 r"""What `--precision=bfloat16` costs in robustness, measured on scikit-learn's digits.
 
-    python benchmarks/bfloat16_cost.py   # 3 seeds per precision, 10 epochs: ~10-20 min, 2 cores
+    python benchmarks/bfloat16_cost.py   # 3 seeds per precision, 10 epochs: ~10 min, 2 cores
     python benchmarks/bfloat16_cost.py --seeds 5 --workdir runs/bf16_cost --output cost.json
 
 Two questions, each answered with a paired comparison and a 95 % interval:
@@ -28,8 +28,8 @@ Two questions, each answered with a paired comparison and a 95 % interval:
     against `evaluate`'s reports for the same settings, so they are its numbers.
 
 Everything runs at a small size (16 px, ResNet-18, PGD-AT with a 5-step attack, 10 epochs
-with the learning rate divided by 10 at epochs 7 and 9) so the script takes minutes: one
-4-epoch run took 60-80 s on a loaded 2-core machine, whence the estimate above.  Finished
+with the learning rate divided by 10 at epochs 7 and 9) so the script takes minutes: on a
+quiet 2-core Zen 4 machine each run took 74-86 s and the whole script 590 s.  Finished
 runs in --workdir are reused (a second invocation only evaluates).
 """
 

@@ -26,7 +26,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_b
 
 
 def load_average():
-    """The 1-minute load average.  The one source of load in the benchmarks: tests replace it
+    """The 1-minute load average.  The one source of load of the comparing scripts (the others,
+    bfloat16_cost.py and profile_step.py, only print it): tests replace it
     (monkeypatch `machine.load_average`) rather than loading the machine."""
     return os.getloadavg()[0]
 

@@ -10,23 +10,25 @@ same ResNet on the same images in both frameworks (each in its own process, the 
 one inter-op thread) and profiles it with each framework's own profiler, then sums the op
 times by the layer they belong to:
 
-    stem 7x7 conv, 3x3 convs, 1x1 shortcut convs, batch norm, relu, max pool, zero padding,
-    residual add, input normalisation and clamp, average pool + head + loss, the attack's
-    own arithmetic (sign, projection), other
+    stem 7x7 conv, 3x3 convs, 1x1 convs (shortcuts, bottlenecks), batch norm, relu, max pool,
+    zero padding, residual add, input normalisation and clamp, average pool + head + loss, the
+    attack's own arithmetic (sign, projection), dtype casts, other
 
 each split into the forward pass and the backward pass (the input gradient).  The twins_tf side
-is `twins_tf.attacks.PGD` with one step and no random start on `build_model`'s network, as the
-trainer calls it (the attack's `float32_compute`, `training=False`); the PyTorch side is the
-same iteration written as a PyTorch user writes it (tests/torch_resnet.py's torchvision-layout
-ResNet behind the same clamp and normalisation, NCHW, eval mode).
+is `twins_tf.attacks.PGD` with one step on `build_model`'s network, called as the trainer
+calls it (`training=False`; float32, or with `--precision bfloat16` the mixed_bfloat16 policy
+and `compute_dtype=None`, what `train --precision=bfloat16` runs), without the random start so
+both sides start from the same images; the PyTorch side is the same iteration written as a
+PyTorch user writes it (tests/torch_resnet.py's torchvision-layout ResNet behind the same clamp
+and normalisation, NCHW, eval mode; the forward under `torch.autocast` for bfloat16).
 
 Attribution.  TensorFlow: a Keras layer's ops carry its name in their op names (forward
 `<model>/<layer>/...`, backward `gradient_tape/<model>/<layer>/...`), read from the trace as in
 profile_step.py.  PyTorch: `torch.profiler` with input shapes; a convolution is told by its
 weight's shape (7x7 on 3 channels, 3x3, 1x1), other ops by name, and an autograd node's own
-time goes to the op it runs.  Both columns count the time *inside* ops; "not in an op" is the
-rest of the iteration's wall time (the executor, Python, the dispatcher, waiting).  The
-profilers add overhead of their own, so the unprofiled median wall time is printed beside.
+time goes to the op it runs.  Both sides count the time *inside* ops ("in ops"); the rest of
+an iteration's wall time is the executor, Python, the dispatcher, waiting.  The profilers add
+overhead of their own, so the unprofiled median wall time is printed beside.
 """
 
 import argparse

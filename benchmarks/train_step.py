@@ -760,7 +760,9 @@ def summary_lines(args, rows, run):
                 )
             for jit in jits:
                 add(
-                    f"{arch} {method} mixed_bfloat16 vs float32 (jit {_jit(jit)})",
+                    f"{arch} {method} mixed_bfloat16 (attack in "
+                    f"{'bfloat16' if args.pgd_compute_dtype == 'policy' else 'float32'}) vs "
+                    f"float32 (jit {_jit(jit)})",
                     ("mixed_bfloat16", (arch, method, "mixed_bfloat16", jit)),
                     ("float32", (arch, method, "float32", jit)),
                 )

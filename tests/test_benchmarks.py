@@ -8,10 +8,11 @@ environment's Python (timm does not import in the main one) and the ResNets' und
 missing timm environment is a one-line error, the torch worker's timm model has exactly the
 parameters of twins_tf's `build_model` model of the same arch and input size (a wrong timm
 name, width or position-embedding length would change the count), and the bfloat16 variants
-really compute in bfloat16 (PyTorch's autocast; twins_tf's attack in the model's policy).  All
-three scripts: the summary lines carry the ratio, both sides, the CPU and the loads, pair
-twins_tf's bf16_attack with torch bf16, and withhold the ratio when the load at the start is
-high -- with the load read from a replaced `machine.load_average`, never by loading the machine.
+really compute in bfloat16 (PyTorch's autocast; twins_tf's attack in the model's policy), and
+vs_pytorch pairs twins_tf's bf16_attack with torch bf16.  The comparing scripts: the summary
+lines carry the ratio, both sides, the CPU and the loads, and withhold the ratio when the load
+at the start is high -- with the load read from a replaced `machine.load_average`, never by
+loading the machine.  profile_attack.py: its op times land in the layer kinds they ran for.
 
 benchmarks/bfloat16_cost.py: its paired statistics on a case computed by hand, and one run of
 the whole script at a tiny size (its runs are trained in the precision asked, its numbers are
@@ -118,15 +119,14 @@ def test_worker_python(monkeypatch, arch, framework, expected):
     assert ("PYTHONPATH" in seen["env"]) == (expected == "main")
 
 
-@pytest.mark.parametrize("arch", ["vit_s16", "convnext_tiny"])
-def test_torch_worker_builds_the_same_network(arch):
-    """One tiny step of the torch worker under the timm Python: it runs, and its network has
-    as many parameters as twins_tf's (32 px: a 2 x 2 ViT grid, 5 position embeddings)."""
+def _run_worker(framework, variant, method="at", *, arch="resnet18", python=None, env=None):
+    """The result of one vs_pytorch.py worker process at 32 px, batch 2, PGD-1, one timed
+    step (`python` and `env`: the interpreter and environment to run it with)."""
     config = dict(
-        framework="torch",
+        framework=framework,
         arch=arch,
-        method="at",
-        variant="fp32",
+        method=method,
+        variant=variant,
         image_size=32,
         upsample=1,
         batch=2,
@@ -135,19 +135,27 @@ def test_torch_worker_builds_the_same_network(arch):
         repeats=1,
         num_classes=7,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     done = subprocess.run(
-        [timm_testlib.timm_python(), vs_pytorch.__file__, "--one", json.dumps(config)],
+        [python or sys.executable, vs_pytorch.__file__, "--one", json.dumps(config)],
         capture_output=True,
         text=True,
-        env=dict(env, CUDA_VISIBLE_DEVICES=""),
+        env=dict(os.environ if env is None else env, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
         timeout=600,
     )
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(vs_pytorch.RESULT_PREFIX)]
     assert lines, done.stderr[-2000:]
     result = json.loads(lines[0][len(vs_pytorch.RESULT_PREFIX) :])
-    assert "timm" in result["version"]
     assert np.isfinite(result["step_times"]).all()
+    return result
+
+
+@pytest.mark.parametrize("arch", ["vit_s16", "convnext_tiny"])
+def test_torch_worker_builds_the_same_network(arch):
+    """One tiny step of the torch worker under the timm Python: it runs, and its network has
+    as many parameters as twins_tf's (32 px: a 2 x 2 ViT grid, 5 position embeddings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    result = _run_worker("torch", "fp32", arch=arch, python=timm_testlib.timm_python(), env=env)
+    assert "timm" in result["version"]
     model = build_model(arch, 7, input_shape=(32, 32, 3))
     ours = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     assert round(result["memory"]["parameters_mib"] * 2**20 / 4) == ours
@@ -333,53 +341,32 @@ def test_train_step_summaries_cover_its_ratios(monkeypatch):
         f"760 ms, at 800 ms per step; CPU: {CPU}; load 0.20 -> 1.10)",
         "SUMMARY train_step resnet18 twins_at vs at (mixed_bfloat16, jit off): no ratio "
         f"(twins_at failed) (twins_at failed, at 600 ms per step; CPU: {CPU}; load 0.20 -> 1.10)",
-        "SUMMARY train_step resnet18 at mixed_bfloat16 vs float32 (jit off): ratio 0.75 "
+        "SUMMARY train_step resnet18 at mixed_bfloat16 (attack in float32) vs float32 (jit off): "
+        "ratio 0.75 "
         f"(mixed_bfloat16 600 ms, float32 800 ms per step; CPU: {CPU}; load 0.20 -> 1.10)",
-        "SUMMARY train_step resnet18 twins_at mixed_bfloat16 vs float32 (jit off): no ratio "
+        "SUMMARY train_step resnet18 twins_at mixed_bfloat16 (attack in float32) vs float32 "
+        "(jit off): no ratio "
         "(mixed_bfloat16 failed) (mixed_bfloat16 failed, float32 760 ms per step; CPU: "
         f"{CPU}; load 0.20 -> 1.10)",
     ]
 
 
 # --- the bfloat16 variants, run for real at a tiny size ----------------------------------------
-def _worker(framework, variant, method="at"):
-    """One worker process of vs_pytorch.py at 32 px, batch 2, PGD-1, one timed step."""
-    config = dict(
-        framework=framework,
-        arch="resnet18",
-        method=method,
-        variant=variant,
-        image_size=32,
-        upsample=1,
-        batch=2,
-        pgd_steps=1,
-        threads=1,
-        repeats=1,
-        num_classes=7,
-    )
-    done = subprocess.run(
-        [sys.executable, vs_pytorch.__file__, "--one", json.dumps(config)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
-        timeout=600,
-    )
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(vs_pytorch.RESULT_PREFIX)]
-    assert lines, done.stderr[-2000:]
-    result = json.loads(lines[0][len(vs_pytorch.RESULT_PREFIX) :])
-    assert np.isfinite(result["step_times"]).all()
-    return result["compute_dtypes"]
-
-
 @pytest.mark.parametrize("variant, dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
 def test_torch_bf16_variant_runs_attack_and_training_under_autocast(variant, dtype):
-    assert _worker("torch", variant, "trades") == {"attack": dtype, "train": dtype}
+    assert _run_worker("torch", variant, "trades")["compute_dtypes"] == {
+        "attack": dtype,
+        "train": dtype,
+    }
 
 
 def test_tf_bf16_attack_variant_attacks_in_bfloat16():
     """The attack's convolutions run in bfloat16 (the models' head stays float32, hence the
     float32 matrix products) and the training step in the mixed_bfloat16 policy."""
-    assert _worker("tf", "bf16_attack") == {"attack": "bfloat16+float32", "train": "bfloat16"}
+    assert _run_worker("tf", "bf16_attack")["compute_dtypes"] == {
+        "attack": "bfloat16+float32",
+        "train": "bfloat16",
+    }
 
 
 # --- benchmarks/profile_attack.py ---------------------------------------------------------------
@@ -425,10 +412,12 @@ def test_bfloat16_cost_statistics_of_a_hand_computed_case():
     assert -1 <= low < -0.5 < high <= 0
 
 
-@pytest.mark.slow  # 40-50 s on 2 cores: two training runs and ten evaluations
+@pytest.mark.slow  # 40-50 s on 2 cores: two training runs and six evaluations
 def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
-    import json
-
+    """The script end to end at a tiny size: each precision's run is trained in it (its
+    config.json), both attacks see the test and validation examples, and the JSON it writes is
+    what it returns (the per-example outcomes are checked against evaluate's reports inside
+    the script, which raises on a mismatch)."""
     result = bfloat16_cost.main(
         [
             "--seeds=1",
@@ -450,11 +439,9 @@ def test_bfloat16_cost_runs_at_a_tiny_size(tmp_path):
     for precision in ("float32", "bfloat16"):
         outcomes = attack["outcomes"][precision]
         assert len(outcomes) == 20
-        assert attack[f"robust_accuracy_{precision}"] == pytest.approx(np.mean(outcomes))
         (run,) = training["runs"][precision]
         config = json.loads((tmp_path / f"{precision}_seed0" / "config.json").read_text())
         assert (config["precision"], config["method"], config["seed"]) == (precision, "at", 0)
         assert run["examples"] == 10
-        assert 0 <= run["robust"] <= 1 and 0 <= run["clean"] <= 1
     assert attack["model_dir"] == str(tmp_path / "float32_seed0")
     assert training["metrics"]["robust"]["interval_95"] is None  # one seed: no interval

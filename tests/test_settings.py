@@ -158,7 +158,8 @@ def test_config_json_round_trip_keeps_the_old_format(tmp_path):
 
 
 def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_values(tmp_path):
-    """A run from before --validation, --allow_random_init, --skip_bad_images and --init."""
+    """A run from before --validation, --allow_random_init, --skip_bad_images and --init, and
+    from when --precision was --mixed_precision (none = float32)."""
     old = {
         "arch": "resnet18",
         "attack_eps": 0.03137254901960784,
@@ -180,7 +181,7 @@ def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_va
         "max_train_examples": 64,
         "max_validation_examples": 32,
         "method": "twins_at",
-        "precision": "float32",
+        "mixed_precision": "none",  # the flag's earlier name and value (now --precision)
         "model_dir": str(tmp_path),
         "num_classes": 5,
         "pretrained": "/src/best.weights.h5",
@@ -198,6 +199,7 @@ def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_va
     assert (s.validation, s.allow_random_init, s.skip_bad_images) == ("carve", False, False)
     assert (s.init, s.stage) == ("random", "main")
     assert (s.method, s.num_classes, s.lr_decay_epochs, s.attack_steps) == ("twins_at", 5, (), 1)
+    assert s.precision == "float32"
     # and the run is the one these flags describe: it resumes
     now = settings(
         "train", [*FINETUNE_ARGS, "--pretrained=/src/best.weights.h5", f"--model_dir={tmp_path}"]
@@ -205,6 +207,9 @@ def test_a_config_json_written_before_the_newer_settings_reads_with_their_old_va
     assert model_dir_lib.check_model_dir(
         str(tmp_path), Settings.from_dict(now).replace(num_classes=5)
     ) == ("resume")
+    # a bfloat16 run of then is a mixed_bfloat16 run now (the step in bfloat16, attack float32)
+    (tmp_path / "config.json").write_text(json.dumps({**old, "mixed_precision": "mixed_bfloat16"}))
+    assert model_dir_lib.read_settings(str(tmp_path)).precision == "mixed_bfloat16"
 
 
 def test_data_flags_for_evaluate_default_to_the_run(tmp_path):

@@ -205,6 +205,8 @@ def report_paths(settings):
 def configuration_key(settings):
     """A hash of the resolved settings that change an evaluation's numbers, but its radius."""
     kept = {k: v for k, v in settings.items() if k in DEFAULTS and k not in _NOT_IN_THE_RESULT}
+    if kept.get("precision") == "float32":  # the hash of evaluations from before --precision
+        del kept["precision"]
     kept["attacks"] = [name for name, _ in settings["attack_list"]]
     kept["weights_sha1"] = settings["weights_sha1"]
     return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:8]

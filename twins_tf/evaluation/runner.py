@@ -15,7 +15,7 @@ import time
 
 from twins_tf import accuracy
 from twins_tf.evaluation import autoattack_run, checks, inputs, report, shards
-from twins_tf.training.settings import SetupError
+from twins_tf.training.settings import DTYPE_POLICIES, SetupError
 
 
 @dataclasses.dataclass
@@ -86,15 +86,11 @@ def evaluate_radii(settings, *, log=print, progress=True, strategy=None, single=
             "workers share their results through files beside the report."
         )
     policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(_DTYPE_POLICIES[s["precision"]])  # before the model is built
+    keras.config.set_dtype_policy(DTYPE_POLICIES[s["precision"]])  # before the model is built
     try:
         return _evaluate(s, layout, log, progress)
     finally:
         keras.config.set_dtype_policy(policy)
-
-
-# The Keras dtype policy of each evaluation --precision (inputs.PRECISIONS).
-_DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 def _pgd_result(model, batches, s, steps):

@@ -4,8 +4,9 @@ The robust pre-trained models TWINS starts from (Salman et al. 2020) are torchvi
 v1.5 (a downsampling bottleneck strides on its 3x3 conv, not its first 1x1), symmetric zero
 padding, BN epsilon 1e-5.  `keras.applications.ResNet50` is v1 and keras-hub's ResNet differs in
 names and padding, and Keras's `padding="same"` pads asymmetrically at stride 2, so none of them
-can take these weights exactly.  This module builds the network layer by layer with explicit
-`ZeroPadding2D` + `padding="valid"` convolutions, which gives PyTorch's numbers.
+can take these weights exactly.  This module builds the network layer by layer: strided
+convolutions (and the max pool) as an explicit `ZeroPadding2D` + `padding="valid"`, stride-1
+ones with `padding="same"` (the same symmetric zeros there), which gives PyTorch's numbers.
 
 Layer names follow torchvision's module paths with "." replaced by "_" (Keras layer names
 cannot contain "."), so the weight mapping is mechanical:

@@ -37,7 +37,13 @@ import os
 
 from twins_tf.platform import atomic_files
 from twins_tf.training.backup import BACKUP_DIR, has_backup, resume_epoch
-from twins_tf.training.settings import ADDED_SETTINGS, UNCOMPARED_KEYS, Settings, SetupError
+from twins_tf.training.settings import (
+    ADDED_SETTINGS,
+    UNCOMPARED_KEYS,
+    Settings,
+    SetupError,
+    with_current_names,
+)
 
 CONFIG_FILE = "config.json"
 BEST_WEIGHTS = "best.weights.h5"
@@ -58,7 +64,8 @@ WEIGHTS_RECORD_ATTRIBUTE = "twins_tf_record"
 
 
 def read_config(model_dir):
-    """The settings stored in `model_dir/config.json`, as the JSON dict it holds.
+    """The settings stored in `model_dir/config.json`, as the JSON dict it holds (settings
+    stored under an earlier name read under their current one).
 
     Raises:
       SetupError: no config.json there, or it is not valid JSON.
@@ -70,7 +77,7 @@ def read_config(model_dir):
         )
     try:
         with open(path) as f:
-            return json.load(f)
+            return with_current_names(json.load(f))
     except (OSError, json.JSONDecodeError) as error:
         raise SetupError(
             f"{path} is unreadable ({error}); it was not written by twins_tf."

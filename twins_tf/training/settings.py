@@ -17,7 +17,8 @@ flagfile's recipe for the TWINS methods does not replace the paper's schedule of
 config.json holds `to_dict()`: the same keys and JSON values the untyped settings dict of
 earlier versions had, so runs written before `Settings` existed resume, and `evaluate` and
 `export` read them as before.  Settings added since (`ADDED_SETTINGS`) take, for a run that
-predates them, the value those runs had.
+predates them, the value those runs had; renamed ones (`RENAMED_SETTINGS`) are read under
+their current names.
 
 It is long because every rule a run's settings obey is here, so they can be read in one place.
 """
@@ -45,7 +46,9 @@ JIT_CHOICES = ("auto", "true", "false")
 # whose gradient signs the low-precision formats round away (twins_tf.attacks.pgd).
 # Variables, BatchNorm statistics and the loss stay float32 under every one.
 PRECISIONS = ("float32", "bfloat16", "mixed_bfloat16", "mixed_float16")
-_DTYPE_POLICIES = {
+# The Keras dtype policy of each precision, for train and for evaluate (which takes float32 and
+# bfloat16).
+DTYPE_POLICIES = {
     "float32": "float32",
     "bfloat16": "mixed_bfloat16",
     "mixed_bfloat16": "mixed_bfloat16",
@@ -78,6 +81,21 @@ ADDED_SETTINGS = {
     "lora_rank": 0,
     "attack_norm": "linf",
 }
+# Settings stored under an earlier name: old name -> (name, {old value: value}).
+RENAMED_SETTINGS = {"mixed_precision": ("precision", {"none": "float32"})}
+
+
+def with_current_names(values):
+    """A stored settings dict with every `RENAMED_SETTINGS` key under its current name and
+    value, so a run written before the rename reads, resumes and compares as its own."""
+    values = dict(values)
+    for old, (new, value_map) in RENAMED_SETTINGS.items():
+        if old in values and new not in values:
+            value = values.pop(old)
+            values[new] = value_map.get(value, value)
+    return values
+
+
 # Settings only `train` has: a pretrain run's config.json leaves them out.
 TRAIN_ONLY = (
     "allow_random_init",
@@ -204,11 +222,13 @@ class Settings:
         """The checked `Settings` of a settings dict: flags' values or a config.json.
 
         Keys a config.json written before a setting existed lacks take `ADDED_SETTINGS`'
-        values; a stored `twin` is recomputed from the method.
+        values, renamed ones their current names (`RENAMED_SETTINGS`); a stored `twin` is
+        recomputed from the method.
 
         Raises:
           SetupError: an unknown key, or a wrong value.
         """
+        values = with_current_names(values)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -251,7 +271,7 @@ class Settings:
     @property
     def dtype_policy(self):
         """The Keras dtype policy `--precision` builds and trains the model in."""
-        return _DTYPE_POLICIES[self.precision]
+        return DTYPE_POLICIES[self.precision]
 
     @property
     def attack_compute_dtype(self):
