@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,9 +46,14 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import machine  # noqa: E402  (benchmarks/machine.py: the CPU, the load gate, summary lines)
+from vs_pytorch import (  # noqa: E402  (the same archs, attack budget, images and timer)
+    EPSILON,
+    RESNETS,
+    STEP_SIZE,
+    _data,
+    _time,
+)
 
-RESNETS = ("resnet18", "resnet34", "resnet50")
-EPSILON, STEP_SIZE = 8 / 255, 2 / 255
 RESULT_PREFIX = "@@profile_attack@@ "
 KINDS = (
     "stem 7x7 conv",
@@ -88,22 +92,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _data(batch, size):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0.0, 1.0, (batch, size, size, 3)).astype(np.float32)
-    y = rng.integers(0, 10, batch).astype(np.int64)
-    return x, y
-
-
-def _time(run, repeats):
-    run(), run()  # traces / warms up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+def _median_wall(run, repeats):
+    """The median wall time of `repeats` calls of `run` after two untimed ones (the trace or
+    warm-up, and one more)."""
+    run()
+    _, times, _ = _time(run, repeats)  # vs_pytorch's: one untimed call, then the timed ones
     return statistics.median(times)
 
 
@@ -176,14 +169,13 @@ def run_tensorflow(args):
     attack = PGD(
         EPSILON, STEP_SIZE, 1, random_start=False, compute_dtype=None if bfloat16 else "float32"
     )
-    x, y = (tf.constant(a) for a in _data(args.batch, size))
-    y = tf.cast(y, tf.int32)
+    x, y = (tf.constant(a) for a in _data(args.batch, size, 10))
     iteration = tf.function(lambda: attack(model, x, y))
 
     def run():
         iteration().numpy()
 
-    wall = _time(run, args.timed)
+    wall = _median_wall(run, args.timed)
     logdir = tempfile.mkdtemp(prefix="profile_attack_")
     tf.profiler.experimental.start(logdir)
     for _ in range(args.profiled):
@@ -247,9 +239,9 @@ def run_torch(args):
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     net = TorchPixelResNet(TorchResNet(args.arch, 10)).eval()
-    x_np, y_np = _data(args.batch, args.image_size)
+    x_np, y_np = _data(args.batch, args.image_size, 10)
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-    y = torch.from_numpy(y_np)
+    y = torch.from_numpy(y_np).long()
 
     autocast = dict(dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
 
@@ -263,7 +255,7 @@ def run_torch(args):
         )
         return x_adv.clamp(0.0, 1.0)
 
-    wall = _time(run, args.timed)
+    wall = _median_wall(run, args.timed)
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
     ) as prof:

@@ -109,6 +109,22 @@ def evaluated_examples(model_dir, count):
     return np.stack(images)[rows], np.array(labels)[rows]
 
 
+def model_of_run(model_dir, *, twin=False):
+    """(the run's config.json settings, its `build_model` network with the best weights),
+    built in the global dtype policy."""
+    from twins_tf.models import build_model
+
+    config = run_files.read_config(model_dir)
+    model = build_model(
+        config["arch"],
+        config["num_classes"],
+        twin=twin,
+        input_shape=(config["image_size"], config["image_size"], 3),
+    )
+    model.load_weights(pathlib.Path(model_dir) / run_files.BEST_WEIGHTS)
+    return config, model
+
+
 def read_weights(path):
     """{h5 dataset path: array} of a `.weights.h5` file, read with h5py (not Keras)."""
     arrays = {}

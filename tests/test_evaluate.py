@@ -11,11 +11,10 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from binaries_testlib import evaluate_settings, finetune_run, source_run
+from binaries_testlib import evaluate_settings, finetune_run, model_of_run, source_run
 
 from twins_tf import data as data_lib
 from twins_tf import evaluation
-from twins_tf.models.resnet import build_resnet
 from twins_tf.training import model_dir as run_files
 from twins_tf.training.settings import SetupError
 
@@ -56,18 +55,6 @@ def _reference_accuracies(model, images, labels, eps, step, steps):
     return clean, robust
 
 
-def _model_of_run(model_dir, *, twin):
-    config = run_files.read_config(model_dir)
-    model = build_resnet(
-        config["arch"],
-        config["num_classes"],
-        twin=twin,
-        input_shape=(config["image_size"], config["image_size"], 3),
-    )
-    model.load_weights(model_dir / run_files.BEST_WEIGHTS)
-    return config, model
-
-
 def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
     report = evaluation.evaluate(
         evaluate_settings(
@@ -80,7 +67,7 @@ def test_matches_a_reference_evaluation_and_writes_the_report(source, capsys):
             ]
         )
     )
-    config, model = _model_of_run(source, twin=False)
+    config, model = model_of_run(source, twin=False)
     images, labels = _test_examples(config, EXAMPLES)
     clean, robust = _reference_accuracies(model, images, labels, 8 / 255, 2 / 255, 3)
     results = report["results"]
@@ -121,7 +108,7 @@ def test_twin_runs_are_evaluated_through_the_adaptive_wing(tmp_path_factory, tmp
         ),
         log=lambda _: None,
     )
-    config, twin_model = _model_of_run(finetuned, twin=True)
+    config, twin_model = model_of_run(finetuned, twin=True)
     spec = data_lib.get_dataset_spec(config["dataset"], image_size=config["image_size"])
     validation = data_lib.load_splits(spec).validation
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in validation])

@@ -24,6 +24,7 @@ from binaries_testlib import (
     FINETUNE_ARGS,
     evaluate_settings,
     evaluated_examples,
+    model_of_run,
     settings,
     source_run,
 )
@@ -148,19 +149,11 @@ def _library_accuracies(model_dir, policy, compute_dtype, steps):
     with the model built under `policy` and `twins_tf.attacks.PGD` called directly (in one
     traced function, as evaluate's counter runs it: graph-mode kernels on both sides)."""
     from twins_tf.attacks.pgd import PGD
-    from twins_tf.models.registry import build_model
 
-    config = run_files.read_config(model_dir)
     images, labels = evaluated_examples(model_dir, EXAMPLES)
     keras.config.set_dtype_policy(policy)
     try:
-        model = build_model(
-            config["arch"],
-            config["num_classes"],
-            twin=False,
-            input_shape=(config["image_size"], config["image_size"], 3),
-        )
-        model.load_weights(model_dir / run_files.BEST_WEIGHTS)
+        config, model = model_of_run(model_dir)
     finally:
         keras.config.set_dtype_policy("float32")
     pgd = PGD(

@@ -15,7 +15,7 @@ import time
 
 from twins_tf import accuracy
 from twins_tf.evaluation import autoattack_run, checks, inputs, report, shards
-from twins_tf.training.settings import DTYPE_POLICIES, SetupError
+from twins_tf.training.settings import DTYPE_POLICIES, SetupError, attack_compute_dtype
 
 
 @dataclasses.dataclass
@@ -105,7 +105,7 @@ def _pgd_result(model, batches, s, steps):
         random_start=restarts > 1,
         restarts=restarts,
         seed=s["seed"],
-        compute_dtype=None if s["precision"] == "bfloat16" else "float32",
+        compute_dtype=attack_compute_dtype(s["precision"]),
     )
     result = accuracy.evaluate_batched(model, batches, pgd)
     result.update(

@@ -54,6 +54,14 @@ DTYPE_POLICIES = {
     "mixed_bfloat16": "mixed_bfloat16",
     "mixed_float16": "mixed_float16",
 }
+
+
+def attack_compute_dtype(precision):
+    """The `compute_dtype` of a PGD attack under a `--precision` (train's or evaluate's): None
+    (the model's own policy) for bfloat16, else float32."""
+    return None if precision == "bfloat16" else "float32"
+
+
 # --init: how the fresh head starts (training.init_stage).  A probe is a sub-run in
 # <model_dir>/init/ training the head alone with this method; `stage` says which run it is.
 INIT_METHODS = {"linear_probe": "clean", "robust_linear_probe": "at"}
@@ -222,13 +230,12 @@ class Settings:
         """The checked `Settings` of a settings dict: flags' values or a config.json.
 
         Keys a config.json written before a setting existed lacks take `ADDED_SETTINGS`'
-        values, renamed ones their current names (`RENAMED_SETTINGS`); a stored `twin` is
-        recomputed from the method.
+        values (renamed ones are renamed by `model_dir.read_config`, which reads every stored
+        config); a stored `twin` is recomputed from the method.
 
         Raises:
           SetupError: an unknown key, or a wrong value.
         """
-        values = with_current_names(values)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -275,9 +282,8 @@ class Settings:
 
     @property
     def attack_compute_dtype(self):
-        """The training PGD's `compute_dtype` under `--precision`: None (the model's own
-        policy) for bfloat16, else float32."""
-        return None if self.precision == "bfloat16" else "float32"
+        """The training PGD's `compute_dtype` under `--precision`."""
+        return attack_compute_dtype(self.precision)
 
 
 def jit_compile_value(setting):
